@@ -1,0 +1,124 @@
+// weir's typed errors: an error_code enum for Asio completion signatures and a thin exception on top.
+#pragma once
+
+#include <boost/system/error_code.hpp>
+#include <boost/system/system_error.hpp>
+#include <fmt/format.h>
+
+#include <chrono>
+#include <exception>
+#include <optional>
+#include <string>
+#include <type_traits>
+
+namespace weir {
+
+using boost::system::error_code;
+
+// Every way a weir policy can refuse or give up on a request.
+enum class error {
+  rate_limited = 1,       // a limiter (local or the server's) refused; see retry_after
+  circuit_open,           // the circuit breaker rejects calls until its break ends
+  queue_full,             // the request queue is at max_queued
+  retries_exhausted,      // every allowed attempt failed; the last failure is attached
+  no_provider_available,  // the router found no provider that can take the request
+  timeout,                // a deadline passed before the operation completed
+  budget_exhausted,       // the shared retry budget allows no more retries right now
+  invalid_argument,       // a policy was configured or called with values that make no sense
+  shut_down,              // the policy was shut down while the request waited
+};
+
+namespace detail {
+
+class error_category_impl final : public boost::system::error_category {
+ public:
+  constexpr error_category_impl() noexcept : boost::system::error_category(0x77656972'6572726full) {}
+
+  const char* name() const noexcept override { return "weir"; }
+
+  std::string message(int value) const override { return describe(value); }
+
+  char const* message(int value, char* buffer, std::size_t size) const noexcept override {
+    // Every message is a string literal, so the buffer is never needed.
+    (void)buffer;
+    (void)size;
+    return describe(value);
+  }
+
+  static const char* describe(int value) noexcept {
+    switch (static_cast<error>(value)) {
+      case error::rate_limited: return "rate limited";
+      case error::circuit_open: return "circuit breaker is open";
+      case error::queue_full: return "request queue is full";
+      case error::retries_exhausted: return "all retry attempts failed";
+      case error::no_provider_available: return "no provider available";
+      case error::timeout: return "operation timed out";
+      case error::budget_exhausted: return "retry budget exhausted";
+      case error::invalid_argument: return "invalid argument";
+      case error::shut_down: return "policy was shut down";
+    }
+    return "unknown weir error";
+  }
+};
+
+}  // namespace detail
+
+// The category of every weir::error; compare codes with `ec == weir::error::timeout`.
+inline const boost::system::error_category& error_category() noexcept {
+  static constexpr detail::error_category_impl instance;
+  return instance;
+}
+
+inline error_code make_error_code(error e) noexcept {
+  return error_code(static_cast<int>(e), error_category());
+}
+
+// An exception for callers that prefer them to error codes. Besides the code it carries what
+// the server said about when to come back, how many attempts were made, and the last
+// underlying failure (an exception_ptr, which may itself hold a weir::exception).
+class exception : public boost::system::system_error {
+ public:
+  explicit exception(error_code code, std::string detail = {},
+                     std::optional<std::chrono::nanoseconds> retry_after = {},
+                     std::exception_ptr cause = {}, unsigned attempts = 0)
+      : boost::system::system_error(code, detail),
+        retry_after_(retry_after),
+        cause_(std::move(cause)),
+        attempts_(attempts) {}
+
+  explicit exception(error e, std::string detail = {},
+                     std::optional<std::chrono::nanoseconds> retry_after = {},
+                     std::exception_ptr cause = {}, unsigned attempts = 0)
+      : exception(make_error_code(e), std::move(detail), retry_after, std::move(cause), attempts) {}
+
+  // How long the server (or a local limiter) asked to wait before trying again, if it said.
+  std::optional<std::chrono::nanoseconds> retry_after() const noexcept { return retry_after_; }
+
+  // The failure that led to this one, e.g. the last attempt's error for retries_exhausted.
+  const std::exception_ptr& cause() const noexcept { return cause_; }
+
+  // The number of attempts made before giving up (0 when not applicable).
+  unsigned attempts() const noexcept { return attempts_; }
+
+ private:
+  std::optional<std::chrono::nanoseconds> retry_after_;
+  std::exception_ptr cause_;
+  unsigned attempts_;
+};
+
+}  // namespace weir
+
+template <>
+struct boost::system::is_error_code_enum<weir::error> : std::true_type {};
+
+template <>
+struct std::is_error_code_enum<weir::error> : std::true_type {};
+
+template <>
+struct fmt::formatter<weir::error> : fmt::formatter<fmt::string_view> {
+  template <class FormatContext>
+  auto format(weir::error e, FormatContext& ctx) const {
+    return fmt::formatter<fmt::string_view>::format(
+        weir::detail::error_category_impl::describe(static_cast<int>(e)), ctx);
+  }
+};

@@ -1,0 +1,186 @@
+// The vocabulary that lets policies judge a call without knowing HTTP: an outcome (value, error
+// code or exception), the server's rate-limit hint, and the classifier's verdict.
+#pragma once
+
+#include <weir/error.hpp>
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/error.hpp>
+#include <boost/system/system_error.hpp>
+
+#include <chrono>
+#include <concepts>
+#include <cstdint>
+#include <exception>
+#include <optional>
+#include <type_traits>
+#include <utility>
+#include <variant>
+
+namespace weir {
+
+// One dimension of a server's limit as it reported it (e.g. requests or tokens per minute).
+struct limit_snapshot {
+  std::optional<std::int64_t> limit;
+  std::optional<std::int64_t> remaining;
+  std::optional<std::chrono::nanoseconds> reset_after;  // until the window is full again
+
+  bool empty() const noexcept { return !limit && !remaining && !reset_after; }
+  friend bool operator==(const limit_snapshot&, const limit_snapshot&) = default;
+};
+
+// Everything a response said about when to come back and how much room is left.
+struct rate_limit_hint {
+  std::optional<std::chrono::nanoseconds> retry_after;
+  limit_snapshot requests;
+  limit_snapshot tokens;
+  limit_snapshot input_tokens;
+  limit_snapshot output_tokens;
+
+  bool empty() const noexcept {
+    return !retry_after && requests.empty() && tokens.empty() && input_tokens.empty() &&
+           output_tokens.empty();
+  }
+  friend bool operator==(const rate_limit_hint&, const rate_limit_hint&) = default;
+};
+
+// What a classifier decided about one outcome.
+enum class verdict {
+  success,       // done; hand the value to the caller
+  retryable,     // a transient failure; trying again may succeed
+  rate_limited,  // the server (or a limiter) asked us to slow down; the hint says how long
+  fatal,         // trying again cannot help (bad request, cancellation, ...)
+};
+
+struct classification {
+  verdict kind = verdict::success;
+  rate_limit_hint hint;
+
+  bool is_success() const noexcept { return kind == verdict::success; }
+  bool is_failure() const noexcept { return kind != verdict::success; }
+};
+
+// What came back from one call: a value, an error_code or an exception. `outcome<void>` holds
+// std::monostate in place of a value.
+template <class T>
+class outcome {
+ public:
+  using value_type = std::conditional_t<std::is_void_v<T>, std::monostate, T>;
+
+  static outcome from_value(value_type value) { return outcome(std::in_place_index<0>, std::move(value)); }
+  static outcome from_error(error_code ec) { return outcome(std::in_place_index<1>, ec); }
+  static outcome from_exception(std::exception_ptr e) { return outcome(std::in_place_index<2>, std::move(e)); }
+
+  bool has_value() const noexcept { return state_.index() == 0; }
+  bool has_error() const noexcept { return state_.index() == 1; }
+  bool has_exception() const noexcept { return state_.index() == 2; }
+
+  value_type& value() & { return std::get<0>(state_); }
+  const value_type& value() const& { return std::get<0>(state_); }
+  const error_code& error() const { return std::get<1>(state_); }
+  const std::exception_ptr& exception() const { return std::get<2>(state_); }
+
+  // The value, or the failure thrown: the exception as it was, an error_code as a system_error.
+  value_type get() && {
+    if (has_error()) throw boost::system::system_error(error());
+    if (has_exception()) std::rethrow_exception(exception());
+    return std::move(value());
+  }
+
+  // The failure as an exception_ptr (empty for a value), for attaching as a cause.
+  std::exception_ptr failure() const {
+    if (has_exception()) return exception();
+    if (has_error()) return std::make_exception_ptr(boost::system::system_error(error()));
+    return {};
+  }
+
+ private:
+  template <std::size_t I, class Arg>
+  outcome(std::in_place_index_t<I> index, Arg&& arg) : state_(index, std::forward<Arg>(arg)) {}
+
+  std::variant<value_type, error_code, std::exception_ptr> state_;
+};
+
+// A classifier turns an outcome into a verdict, like Polly's ShouldHandle predicate.
+template <class C, class T>
+concept classifier_for = requires(const C& c, const outcome<T>& o) {
+  { c(o) } -> std::convertible_to<classification>;
+};
+
+// The classifier used when none is given: values succeed; cancellation and weir's own
+// rejections (queue full, budget spent, ...) are fatal, since repeating them only adds load;
+// a weir::rate_limited or circuit_open failure is rate-limited with its retry_after; any other
+// error or exception is retryable. HTTP-aware classifiers live in weir/http.
+struct default_classifier {
+  template <class T>
+  classification operator()(const outcome<T>& o) const {
+    if (o.has_value()) return {};
+    if (o.has_error()) return classify(o.error(), std::nullopt);
+    return classify(o.exception());
+  }
+
+  static classification classify(const error_code& ec,
+                                 std::optional<std::chrono::nanoseconds> retry_after) {
+    classification c;
+    c.hint.retry_after = retry_after;
+    if (ec == boost::asio::error::operation_aborted ||
+        ec == boost::system::errc::operation_canceled) {
+      c.kind = verdict::fatal;
+    } else if (ec.category() == error_category()) {
+      switch (static_cast<error>(ec.value())) {
+        case error::rate_limited:
+        case error::circuit_open: c.kind = verdict::rate_limited; break;
+        case error::timeout: c.kind = verdict::retryable; break;
+        default: c.kind = verdict::fatal; break;
+      }
+    } else {
+      c.kind = verdict::retryable;
+    }
+    return c;
+  }
+
+  static classification classify(const std::exception_ptr& e) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const weir::exception& x) {
+      return classify(x.code(), x.retry_after());
+    } catch (const boost::system::system_error& x) {
+      return classify(x.code(), std::nullopt);
+    } catch (...) {
+      return {verdict::retryable, {}};
+    }
+  }
+};
+
+static_assert(classifier_for<default_classifier, int>);
+static_assert(classifier_for<default_classifier, void>);
+
+namespace detail {
+template <class T>
+struct awaitable_value;
+template <class T, class Executor>
+struct awaitable_value<boost::asio::awaitable<T, Executor>> {
+  using type = T;
+};
+}  // namespace detail
+
+// The T of an asio::awaitable<T>.
+template <class Awaitable>
+using awaitable_value_t = typename detail::awaitable_value<std::remove_cvref_t<Awaitable>>::type;
+
+// Awaits `op` and captures whatever it produced, value or exception, as an outcome.
+template <class T, class Executor>
+boost::asio::awaitable<outcome<T>, Executor> capture(boost::asio::awaitable<T, Executor> op) {
+  try {
+    if constexpr (std::is_void_v<T>) {
+      co_await std::move(op);
+      co_return outcome<T>::from_value({});
+    } else {
+      co_return outcome<T>::from_value(co_await std::move(op));
+    }
+  } catch (...) {
+    co_return outcome<T>::from_exception(std::current_exception());
+  }
+}
+
+}  // namespace weir

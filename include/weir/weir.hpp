@@ -1,0 +1,6 @@
+// weir: keeps programs calling rate-limited HTTP APIs running at full speed without failing.
+// The umbrella header; each concept also has a header of its own.
+#pragma once
+
+#include <weir/error.hpp>
+#include <weir/outcome.hpp>

@@ -1,0 +1,37 @@
+# Shared by scripts/demo and scripts/test: install what is missing, then configure and build.
+# Sourced, not run.
+
+# Debian 12 packages weir needs to build its tests, examples and benchmarks.
+WEIR_PACKAGES=(g++ cmake ninja-build pkg-config libboost1.81-dev catch2 libfmt-dev libbenchmark-dev)
+
+weir_missing_packages() {
+  local missing=() p
+  for p in "${WEIR_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  echo "${missing[@]}"
+}
+
+# Installs only the missing packages; quiet when everything is there.
+weir_ensure_packages() {
+  local missing
+  missing=$(weir_missing_packages)
+  [ -z "$missing" ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "weir needs these Debian packages, which are not installed: $missing" >&2
+    echo "Install them as root:  apt-get install -y $missing" >&2
+    exit 1
+  fi
+  echo "Installing: $missing"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # shellcheck disable=SC2086
+  apt-get install -y -qq --no-install-recommends $missing >/dev/null
+}
+
+# Configures and builds one CMake preset with two jobs.
+weir_build() {
+  local preset=$1
+  cmake --preset "$preset" >/dev/null
+  cmake --build --preset "$preset"
+}
