@@ -1,0 +1,60 @@
+// GCRA arithmetic shared by token_bucket and rate_limits. A limiter's state is its theoretical
+// arrival time (TAT): the moment at which it would be empty again if nothing more were admitted.
+// Admitting `n` units moves TAT by n emission intervals; a request fits when the new TAT is at
+// most `tolerance` (burst × interval) ahead of now. Times are int64 nanoseconds of the clock.
+#pragma once
+
+#include <weir/error.hpp>
+#include <weir/rate.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace weir::detail {
+
+using nanos = std::int64_t;
+
+template <class TimePoint>
+constexpr nanos to_nanos(TimePoint t) noexcept {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+}
+
+template <class Clock>
+constexpr typename Clock::time_point from_nanos(nanos ns) noexcept {
+  return typename Clock::time_point(
+      std::chrono::duration_cast<typename Clock::duration>(std::chrono::nanoseconds(ns)));
+}
+
+// Rates slower than one unit in ~3 years or faster than 10⁹/s are refused: the former is a
+// misconfiguration, the latter cannot be told apart at nanosecond resolution.
+inline constexpr double max_interval_ns = 1e17;
+
+// Nanoseconds per unit at `r`; a clear invalid_argument for a rate that is not positive.
+inline nanos emission_interval(rate r) {
+  if (!(r.per_second > 0) || !std::isfinite(r.per_second) || 1e9 / r.per_second > max_interval_ns)
+    throw weir::exception(error::invalid_argument, "rate must be positive, finite and at least 1 per 10^8 s");
+  return std::max<nanos>(1, std::llround(1e9 / r.per_second));
+}
+
+// interval × burst, refusing a burst of zero or one so large the product cannot be represented.
+inline nanos tolerance(nanos interval, std::uint64_t burst) {
+  if (burst == 0) throw weir::exception(error::invalid_argument, "burst must be at least 1");
+  if (burst > static_cast<std::uint64_t>(std::numeric_limits<nanos>::max() / 4 / interval))
+    throw weir::exception(error::invalid_argument, "burst × interval overflows");
+  return interval * static_cast<nanos>(burst);
+}
+
+struct reservation_time {
+  nanos new_tat;  // TAT after admitting the units
+  nanos wait;     // how long from now until the units are there (≤ 0: now)
+};
+
+constexpr reservation_time reserve(nanos tat, nanos now, nanos increment, nanos tolerance) noexcept {
+  const nanos new_tat = std::max(tat, now) + increment;
+  return {new_tat, new_tat - tolerance - now};
+}
+
+}  // namespace weir::detail

@@ -1,0 +1,166 @@
+// The slow path shared by token_bucket and rate_limits: an acquisition that has already reserved
+// its units and waits on a timer until the reservation becomes valid. Waiters reserve in arrival
+// order, so they complete in FIFO order and a large request is never starved by small ones.
+// Cancelling one gives its units back and moves every later waiter earlier by what it held.
+//
+// A limiter's shared state provides:
+//   std::mutex mutex;                       guards the waiter list and every waiter's timer
+//   waiter_list<waiter<R>> waiters;         in reservation order
+//   void withdraw(waiter<R>&);              under mutex: unlink it, refund its units, and shift
+//                                           later waiters (update ready_at, call rearm())
+#pragma once
+
+#include <weir/detail/gcra.hpp>
+#include <weir/error.hpp>
+
+#include <boost/asio/append.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/basic_waitable_timer.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/post.hpp>
+
+#include <chrono>
+#include <memory>
+#include <mutex>
+
+namespace weir::detail {
+
+template <class Reservation>
+struct waiter {
+  Reservation reservation{};
+  nanos ready_at = 0;  // when the reservation becomes valid, in the clock's nanoseconds
+  waiter* prev = nullptr;
+  waiter* next = nullptr;
+  bool linked = false;
+
+  // ready_at moved earlier; re-arm the timer. Called with the owner's mutex held.
+  virtual void rearm() = 0;
+
+ protected:
+  ~waiter() = default;
+};
+
+// An intrusive FIFO: no allocation, O(1) removal from the middle on cancellation.
+template <class Waiter>
+class waiter_list {
+ public:
+  bool empty() const noexcept { return head_ == nullptr; }
+
+  void push_back(Waiter& w) noexcept {
+    w.prev = tail_;
+    w.next = nullptr;
+    (tail_ ? tail_->next : head_) = &w;
+    tail_ = &w;
+    w.linked = true;
+  }
+
+  void erase(Waiter& w) noexcept {
+    (w.prev ? w.prev->next : head_) = w.next;
+    (w.next ? w.next->prev : tail_) = w.prev;
+    w.prev = w.next = nullptr;
+    w.linked = false;
+  }
+
+  template <class F>
+  void for_each_from(Waiter* first, F f) {
+    for (auto* w = first; w; w = static_cast<Waiter*>(w->next)) f(static_cast<Waiter&>(*w));
+  }
+
+ private:
+  Waiter* head_ = nullptr;
+  Waiter* tail_ = nullptr;
+};
+
+// Completes `handler` with (ec, waited) through its associated executor, never inline.
+template <class Handler, class Executor>
+void post_completion(const Executor& ex, Handler&& handler, error_code ec, std::chrono::nanoseconds waited) {
+  boost::asio::post(ex, boost::asio::append(std::forward<Handler>(handler), ec, waited));
+}
+
+template <class Clock, class State, class Handler>
+class pending_acquire final : public waiter<typename State::reservation_type>,
+                              public std::enable_shared_from_this<pending_acquire<Clock, State, Handler>> {
+ public:
+  using timer_type = boost::asio::basic_waitable_timer<Clock>;
+  using handler_executor =
+      boost::asio::associated_executor_t<Handler, typename State::executor_type>;
+
+  pending_acquire(std::shared_ptr<State> state, Handler handler, nanos started_at)
+      : state_(std::move(state)),
+        timer_(state_->executor),
+        handler_(std::move(handler)),
+        work_(boost::asio::get_associated_executor(handler_, state_->executor)),
+        started_at_(started_at) {}
+
+  ~pending_acquire() {
+    // Only reached unlinked, unless the io_context was destroyed with the wait pending: then the
+    // units go back so that no reservation outlives its request.
+    if (this->linked) {
+      std::lock_guard lock(state_->mutex);
+      if (this->linked) state_->withdraw(*this);
+    }
+  }
+
+  // Called with the owner's mutex held, right after the reservation was taken and linked.
+  void start() {
+    auto slot = boost::asio::get_associated_cancellation_slot(handler_);
+    if (slot.is_connected()) slot.template emplace<cancel_handler>(this->weak_from_this());
+    timer_.expires_at(from_nanos<Clock>(this->ready_at));
+    wait();
+  }
+
+  void rearm() override { timer_.expires_at(from_nanos<Clock>(this->ready_at)); }
+
+ private:
+  struct cancel_handler {
+    std::weak_ptr<pending_acquire> op;
+    void operator()(boost::asio::cancellation_type type) const {
+      if ((type & boost::asio::cancellation_type::all) == boost::asio::cancellation_type::none) return;
+      if (auto self = op.lock()) self->cancel();
+    }
+  };
+
+  void wait() {
+    timer_.async_wait([self = this->shared_from_this()](error_code ec) { self->on_timer(ec); });
+  }
+
+  void cancel() {
+    std::lock_guard lock(state_->mutex);
+    if (cancelled_ || !this->linked) return;
+    cancelled_ = true;
+    state_->withdraw(*this);
+    timer_.cancel();
+  }
+
+  void on_timer(error_code ec) {
+    {
+      std::lock_guard lock(state_->mutex);
+      if (!cancelled_ && ec == boost::asio::error::operation_aborted) {
+        wait();  // rearm() moved the deadline; wait for the new one
+        return;
+      }
+      if (this->linked) state_->waiters.erase(*this);
+    }
+    complete(cancelled_ ? error_code(boost::asio::error::operation_aborted) : error_code());
+  }
+
+  void complete(error_code ec) {
+    auto slot = boost::asio::get_associated_cancellation_slot(handler_);
+    if (slot.is_connected()) slot.clear();
+    auto waited = std::chrono::nanoseconds(ec ? 0 : to_nanos(Clock::now()) - started_at_);
+    auto work = std::move(work_);
+    boost::asio::dispatch(work.get_executor(),
+                          boost::asio::append(std::move(handler_), ec, waited));
+  }
+
+  std::shared_ptr<State> state_;
+  timer_type timer_;
+  Handler handler_;
+  boost::asio::executor_work_guard<handler_executor> work_;
+  nanos started_at_;
+  bool cancelled_ = false;
+};
+
+}  // namespace weir::detail

@@ -1,0 +1,231 @@
+// A lock-free token bucket (GCRA): `rate` units per second with room for `burst` at once.
+//
+//     weir::token_bucket<> bucket(io.get_executor(), {.rate = weir::per_minute(500), .burst = 20});
+//     if (bucket.try_acquire()) send();                       // never blocks
+//     co_await bucket.async_acquire(1, asio::use_awaitable);  // waits its turn, FIFO
+#pragma once
+
+#include <weir/detail/gcra.hpp>
+#include <weir/detail/pending_acquire.hpp>
+#include <weir/error.hpp>
+#include <weir/rate.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/async_result.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+
+namespace weir {
+
+struct token_bucket_options {
+  weir::rate rate;          // sustained refill rate
+  std::uint64_t burst = 1;  // units available at once when the bucket is full
+};
+
+// Copies share one bucket. The acquire path is one clock read and a compare-exchange loop on a
+// single atomic; only waiting (async_acquire when the tokens are not there) takes a mutex.
+template <class Clock = std::chrono::steady_clock>
+class token_bucket {
+ public:
+  using clock_type = Clock;
+  using time_point = typename Clock::time_point;
+  using executor_type = boost::asio::any_io_executor;
+  // Completion: (error, waited). On rate_limited, `waited` is the wait that max_wait refused.
+  using acquire_signature = void(error_code, std::chrono::nanoseconds);
+
+  // Throws weir::exception(invalid_argument) for a rate ≤ 0 or a burst of 0.
+  token_bucket(executor_type ex, token_bucket_options options)
+      : state_(std::make_shared<state>(std::move(ex), options)) {}
+
+  // Takes `n` units if they are there now; never blocks. n > burst is invalid_argument.
+  bool try_acquire(std::uint64_t n = 1) { return try_acquire(n, Clock::now()); }
+  bool try_acquire(std::uint64_t n, time_point now) { return state_->try_acquire(n, detail::to_nanos(now)); }
+
+  // How long until `n` units are available (zero if they are there now).
+  std::chrono::nanoseconds time_until(std::uint64_t n = 1) const { return time_until(n, Clock::now()); }
+  std::chrono::nanoseconds time_until(std::uint64_t n, time_point now) const {
+    return std::chrono::nanoseconds(state_->time_until(n, detail::to_nanos(now)));
+  }
+
+  // Waits until `n` units are available and takes them. Waiters are served in arrival order.
+  // Fails at once with error::rate_limited (and the expected wait) if that wait exceeds max_wait;
+  // with invalid_argument if n > burst. Cancellation completes with operation_aborted and gives
+  // the reserved units back to the waiters behind.
+  template <class CompletionToken>
+  auto async_acquire(std::uint64_t n, std::chrono::nanoseconds max_wait, CompletionToken&& token) {
+    return boost::asio::async_initiate<CompletionToken, acquire_signature>(
+        [](auto handler, std::shared_ptr<state> s, std::uint64_t n, std::chrono::nanoseconds max_wait) {
+          s->initiate_acquire(s, std::move(handler), n, max_wait);
+        },
+        token, state_, n, max_wait);
+  }
+
+  template <class CompletionToken>
+  auto async_acquire(std::uint64_t n, CompletionToken&& token) {
+    return async_acquire(n, std::chrono::nanoseconds::max(), std::forward<CompletionToken>(token));
+  }
+
+  // Re-sizes the bucket at run time (e.g. from the server's reported limits). Waiters already
+  // holding a reservation keep their place; new requests see the new rate at once.
+  void set_rate(weir::rate r) { state_->set_rate(r); }
+  void set_burst(std::uint64_t burst) { state_->set_burst(burst); }
+
+  weir::rate rate() const noexcept { return per_second(1e9 / state_->interval.load(std::memory_order_relaxed)); }
+  std::uint64_t burst() const noexcept { return state_->burst.load(std::memory_order_relaxed); }
+
+  // Units that could be taken at once now (0 while waiters hold the bucket's future).
+  std::uint64_t available(time_point now = Clock::now()) const { return state_->available(detail::to_nanos(now)); }
+
+  // Pushes the bucket's next free moment to at least `until` (e.g. the server said the window
+  // resets then). Does not refill a bucket that is already emptier.
+  void pause_until(time_point until) { state_->pause_until(detail::to_nanos(until)); }
+
+  const executor_type& get_executor() const noexcept { return state_->executor; }
+
+ private:
+  struct state {
+    using executor_type = token_bucket::executor_type;
+    using reservation_type = detail::nanos;  // the TAT increment it holds
+    using waiter_type = detail::waiter<reservation_type>;
+
+    state(executor_type ex, token_bucket_options o) : executor(std::move(ex)) {
+      const auto i = detail::emission_interval(o.rate);
+      detail::tolerance(i, o.burst);  // validates
+      interval.store(i, std::memory_order_relaxed);
+      burst.store(o.burst, std::memory_order_relaxed);
+    }
+
+    detail::nanos increment_for(std::uint64_t n, detail::nanos i, std::uint64_t b) const {
+      if (n > b) throw weir::exception(error::invalid_argument, "cost exceeds the bucket's burst");
+      return i * static_cast<detail::nanos>(n);
+    }
+
+    bool try_acquire(std::uint64_t n, detail::nanos now) {
+      const auto i = interval.load(std::memory_order_relaxed);
+      const auto b = burst.load(std::memory_order_relaxed);
+      const auto inc = increment_for(n, i, b);
+      const auto tol = i * static_cast<detail::nanos>(b);
+      auto tat = tat_.load(std::memory_order_relaxed);
+      bool reread = false;
+      for (;;) {
+        const auto r = detail::reserve(tat, now, inc, tol);
+        if (r.wait > 0) {
+          // The thread may have been descheduled since it read the clock: look again before
+          // refusing, or a busy machine would see false refusals.
+          if (reread) return false;
+          reread = true;
+          now = detail::to_nanos(Clock::now());
+          continue;
+        }
+        if (tat_.compare_exchange_weak(tat, r.new_tat, std::memory_order_acq_rel, std::memory_order_relaxed))
+          return true;
+      }
+    }
+
+    detail::nanos time_until(std::uint64_t n, detail::nanos now) const {
+      const auto i = interval.load(std::memory_order_relaxed);
+      const auto b = burst.load(std::memory_order_relaxed);
+      const auto r = detail::reserve(tat_.load(std::memory_order_acquire), now, increment_for(n, i, b),
+                                     i * static_cast<detail::nanos>(b));
+      return std::max<detail::nanos>(0, r.wait);
+    }
+
+    std::uint64_t available(detail::nanos now) const {
+      const auto i = interval.load(std::memory_order_relaxed);
+      const auto b = burst.load(std::memory_order_relaxed);
+      const auto room = now + i * static_cast<detail::nanos>(b) - std::max(tat_.load(std::memory_order_acquire), now);
+      return room <= 0 ? 0 : static_cast<std::uint64_t>(room / i);
+    }
+
+    template <class Handler>
+    void initiate_acquire(const std::shared_ptr<state>& self, Handler handler, std::uint64_t n,
+                          std::chrono::nanoseconds max_wait) {
+      const auto now = detail::to_nanos(Clock::now());
+      const auto i = interval.load(std::memory_order_relaxed);
+      const auto b = burst.load(std::memory_order_relaxed);
+      if (n > b) {
+        detail::post_completion(executor, std::move(handler), error::invalid_argument, {});
+        return;
+      }
+      const auto inc = i * static_cast<detail::nanos>(n);
+      const auto tol = i * static_cast<detail::nanos>(b);
+
+      // Reserve and link under the mutex so that the list order is the reservation order.
+      std::unique_lock lock(mutex);
+      auto tat = tat_.load(std::memory_order_relaxed);
+      detail::reservation_time r;
+      do {
+        r = detail::reserve(tat, now, inc, tol);
+        if (r.wait > max_wait.count()) {
+          lock.unlock();
+          detail::post_completion(executor, std::move(handler), error::rate_limited,
+                                  std::chrono::nanoseconds(r.wait));
+          return;
+        }
+      } while (!tat_.compare_exchange_weak(tat, r.new_tat, std::memory_order_acq_rel, std::memory_order_relaxed));
+
+      if (r.wait <= 0) {
+        lock.unlock();
+        detail::post_completion(executor, std::move(handler), {}, {});
+        return;
+      }
+      using op_type = detail::pending_acquire<Clock, state, Handler>;
+      auto op = std::make_shared<op_type>(self, std::move(handler), now);
+      op->reservation = inc;
+      op->ready_at = now + r.wait;
+      waiters.push_back(*op);
+      op->start();
+    }
+
+    // Under mutex: `w` leaves the queue, its units return to the bucket, and every waiter that
+    // reserved after it can now go `w.reservation` earlier.
+    void withdraw(waiter_type& w) {
+      auto* first_later = w.next;
+      waiters.erase(w);
+      const auto inc = w.reservation;
+      tat_.fetch_sub(inc, std::memory_order_acq_rel);
+      waiters.for_each_from(first_later, [inc](waiter_type& later) {
+        later.ready_at -= inc;
+        later.rearm();
+      });
+    }
+
+    void set_rate(weir::rate r) {
+      const auto i = detail::emission_interval(r);
+      detail::tolerance(i, burst.load(std::memory_order_relaxed));
+      interval.store(i, std::memory_order_relaxed);
+    }
+
+    void set_burst(std::uint64_t b) {
+      detail::tolerance(interval.load(std::memory_order_relaxed), b);
+      burst.store(b, std::memory_order_relaxed);
+    }
+
+    void pause_until(detail::nanos until) {
+      // TAT - tolerance is the moment the next unit frees up; push it to `until`.
+      const auto target = until + interval.load(std::memory_order_relaxed) *
+                                      static_cast<detail::nanos>(burst.load(std::memory_order_relaxed)) -
+                          interval.load(std::memory_order_relaxed);
+      auto tat = tat_.load(std::memory_order_relaxed);
+      while (tat < target && !tat_.compare_exchange_weak(tat, target, std::memory_order_acq_rel)) {
+      }
+    }
+
+    executor_type executor;
+    std::atomic<detail::nanos> interval{1};
+    std::atomic<std::uint64_t> burst{1};
+    std::mutex mutex;
+    detail::waiter_list<waiter_type> waiters;
+
+   private:
+    std::atomic<detail::nanos> tat_{0};
+  };
+
+  std::shared_ptr<state> state_;
+};
+
+}  // namespace weir
