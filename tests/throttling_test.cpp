@@ -1,5 +1,6 @@
 // Specifications for the throttling policies, on virtual time.
 #include <weir/testing/manual_clock.hpp>
+#include <weir/rate_limits.hpp>
 #include <weir/token_bucket.hpp>
 
 #include <boost/asio.hpp>
@@ -226,4 +227,108 @@ TEST_CASE("a 4-thread io_context hammering one bucket admits exactly the allowed
   stop = true;
   for (auto& t : threads) t.join();
   CHECK(admitted.load() == 1100);
+}
+
+// ---- rate_limits ----------------------------------------------------------------------------
+
+using limits_type = weir::rate_limits<clock_type>;
+
+TEST_CASE("request and token limits are reserved together or not at all") {
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit::per_minute(600, 10),
+                                         .tokens = weir::limit::per_minute(6000, 1000)});
+  CHECK(limits.try_acquire({.requests = 1, .tokens = 900}));
+  // Requests have room, tokens do not: nothing is taken from either.
+  CHECK_FALSE(limits.try_acquire({.requests = 1, .tokens = 200}));
+  for (int i = 0; i < 9; ++i) CHECK(limits.try_acquire({.requests = 1, .tokens = 10}));
+  CHECK_FALSE(limits.try_acquire({.requests = 1, .tokens = 0}));  // requests exhausted now
+  // 990 of 1000 tokens are used and they refill at 100/s: 200 more fit after 1.9 s.
+  CHECK(limits.time_until({.requests = 1, .tokens = 200}) == 1900ms);
+}
+
+TEST_CASE("separate input and output token limits bind independently") {
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.input_tokens = weir::limit::per_minute(60'000, 1000),
+                                         .output_tokens = weir::limit::per_minute(6'000, 100)});
+  CHECK(limits.try_acquire({.requests = 1, .input_tokens = 1000, .output_tokens = 10}));
+  CHECK_FALSE(limits.try_acquire({.requests = 1, .input_tokens = 0, .output_tokens = 100}));
+  CHECK(limits.time_until({.requests = 1, .input_tokens = 0, .output_tokens = 100}) == 100ms);
+}
+
+TEST_CASE("settle refunds an overestimate and charges an underestimate exactly") {
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.tokens = weir::limit::per_minute(60'000, 1000)});
+  const weir::usage estimate{.requests = 1, .tokens = 800};
+  REQUIRE(limits.try_acquire(estimate));
+  CHECK(limits.time_until({.requests = 0, .tokens = 1000}) == 800ms);
+
+  limits.settle(estimate, {.requests = 1, .tokens = 300});  // used less: 500 come back
+  CHECK(limits.time_until({.requests = 0, .tokens = 1000}) == 300ms);
+
+  clock_type::advance(300ms);
+  REQUIRE(limits.try_acquire(estimate));
+  limits.settle(estimate, {.requests = 1, .tokens = 1200});  // used more: 400 more are charged
+  CHECK(limits.time_until({.requests = 0, .tokens = 1000}) == 1200ms);
+}
+
+TEST_CASE("a refund goes to the waiter at the head of the queue") {
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.tokens = weir::limit::per_minute(60'000, 1000)});
+  const weir::usage estimate{.requests = 1, .tokens = 1000};
+  REQUIRE(limits.try_acquire(estimate));
+  acquisition waiting;
+  limits.async_acquire({.requests = 1, .tokens = 500}, waiting.handler());
+  run_ready(io);
+  CHECK_FALSE(waiting.result);
+  limits.settle(estimate, {.requests = 1, .tokens = 400});  // 600 come back at once
+  run_ready(io);
+  REQUIRE(waiting.result);
+  CHECK_FALSE(*waiting.result);
+  CHECK(waiting.waited == 0s);
+}
+
+TEST_CASE("rate_limits waiters are FIFO, cancellable and bounded by max_wait") {
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit::per_minute(60, 1),
+                                         .tokens = weir::limit::per_minute(6000, 100)});
+  REQUIRE(limits.try_acquire({.requests = 1, .tokens = 100}));
+  asio::cancellation_signal cancel;
+  acquisition a, b, c, refused;
+  limits.async_acquire({.requests = 1, .tokens = 100}, asio::bind_cancellation_slot(cancel.slot(), a.handler()));
+  limits.async_acquire({.requests = 1, .tokens = 50}, b.handler());
+  limits.async_acquire({.requests = 1, .tokens = 10}, 2s, refused.handler());
+  run_ready(io);
+  REQUIRE(refused.result);
+  CHECK(*refused.result == weir::error::rate_limited);
+  CHECK(refused.waited == 3s);
+
+  cancel.emit(asio::cancellation_type::terminal);
+  run_ready(io);
+  CHECK(*a.result == asio::error::operation_aborted);
+  // b moves into a's place: one request per second, so it is served at 1 s.
+  advance<clock_type>(io, 999ms);
+  CHECK_FALSE(b.result);
+  advance<clock_type>(io, 1ms);
+  REQUIRE(b.result);
+  CHECK_FALSE(*b.result);
+
+  limits.async_acquire({.requests = 1, .tokens = 100}, c.handler());
+  advance<clock_type>(io, 10s);
+  REQUIRE(c.result);
+  CHECK(c.waited == 1s);
+}
+
+TEST_CASE("a cost above a limit's burst is invalid_argument") {
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.tokens = weir::limit::per_minute(6000, 100)});
+  CHECK_THROWS_AS(limits.try_acquire({.requests = 1, .tokens = 101}), weir::exception);
+  acquisition a;
+  limits.async_acquire({.requests = 1, .tokens = 101}, a.handler());
+  run_ready(io);
+  CHECK(a.result == weir::error_code(weir::error::invalid_argument));
 }

@@ -22,7 +22,7 @@
 namespace weir {
 
 struct token_bucket_options {
-  weir::rate rate;          // sustained refill rate
+  weir::rate rate{};        // sustained refill rate
   std::uint64_t burst = 1;  // units available at once when the bucket is full
 };
 
@@ -89,7 +89,7 @@ class token_bucket {
  private:
   struct state {
     using executor_type = token_bucket::executor_type;
-    using reservation_type = detail::nanos;  // the TAT increment it holds
+    using reservation_type = detail::reservation<1>;
     using waiter_type = detail::waiter<reservation_type>;
 
     state(executor_type ex, token_bucket_options o) : executor(std::move(ex)) {
@@ -175,23 +175,19 @@ class token_bucket {
       }
       using op_type = detail::pending_acquire<Clock, state, Handler>;
       auto op = std::make_shared<op_type>(self, std::move(handler), now);
-      op->reservation = inc;
+      op->reservation = {{inc}, {r.new_tat}, now};
       op->ready_at = now + r.wait;
       waiters.push_back(*op);
       op->start();
     }
 
     // Under mutex: `w` leaves the queue, its units return to the bucket, and every waiter that
-    // reserved after it can now go `w.reservation` earlier.
+    // reserved after it moves up.
     void withdraw(waiter_type& w) {
-      auto* first_later = w.next;
-      waiters.erase(w);
-      const auto inc = w.reservation;
-      tat_.fetch_sub(inc, std::memory_order_acq_rel);
-      waiters.for_each_from(first_later, [inc](waiter_type& later) {
-        later.ready_at -= inc;
-        later.rearm();
-      });
+      const auto tol = interval.load(std::memory_order_relaxed) *
+                       static_cast<detail::nanos>(burst.load(std::memory_order_relaxed));
+      const auto shift = detail::withdraw(waiters, w, {tol});
+      tat_.fetch_sub(shift[0], std::memory_order_acq_rel);
     }
 
     void set_rate(weir::rate r) {
@@ -206,10 +202,9 @@ class token_bucket {
     }
 
     void pause_until(detail::nanos until) {
-      // TAT - tolerance is the moment the next unit frees up; push it to `until`.
-      const auto target = until + interval.load(std::memory_order_relaxed) *
-                                      static_cast<detail::nanos>(burst.load(std::memory_order_relaxed)) -
-                          interval.load(std::memory_order_relaxed);
+      const auto i = interval.load(std::memory_order_relaxed);
+      const auto target =
+          detail::tat_paused_until(until, i, i * static_cast<detail::nanos>(burst.load(std::memory_order_relaxed)));
       auto tat = tat_.load(std::memory_order_relaxed);
       while (tat < target && !tat_.compare_exchange_weak(tat, target, std::memory_order_acq_rel)) {
       }

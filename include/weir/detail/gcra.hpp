@@ -57,4 +57,9 @@ constexpr reservation_time reserve(nanos tat, nanos now, nanos increment, nanos 
   return {new_tat, new_tat - tolerance - now};
 }
 
+// The smallest TAT at which nothing can be admitted before `until`.
+constexpr nanos tat_paused_until(nanos until, nanos interval, nanos tolerance) noexcept {
+  return until + tolerance - interval;
+}
+
 }  // namespace weir::detail

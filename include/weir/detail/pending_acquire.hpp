@@ -21,6 +21,7 @@
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/post.hpp>
 
+#include <array>
 #include <chrono>
 #include <memory>
 #include <mutex>
@@ -47,6 +48,7 @@ template <class Waiter>
 class waiter_list {
  public:
   bool empty() const noexcept { return head_ == nullptr; }
+  Waiter* front() const noexcept { return head_; }
 
   void push_back(Waiter& w) noexcept {
     w.prev = tail_;
@@ -72,6 +74,53 @@ class waiter_list {
   Waiter* head_ = nullptr;
   Waiter* tail_ = nullptr;
 };
+
+// What a waiter holds on each of a limiter's dimensions, and when it arrived. Reservations
+// stack: each one's end is the limiter's TAT right after it was taken.
+template <std::size_t Dims>
+struct reservation {
+  std::array<nanos, Dims> increment{};  // units × interval
+  std::array<nanos, Dims> end{};        // TAT right after this reservation
+  nanos arrived = 0;
+};
+
+// Under the owner's mutex: re-stacks the waiters from `first` on, as if the end of whatever stood
+// before them were `prev_end`, moving each one earlier (never before what GCRA allows at its
+// arrival) and re-arming it. Returns how far the last end moved back, per dimension: the owner
+// moves its TAT back by as much.
+template <std::size_t Dims>
+std::array<nanos, Dims> restack(waiter<reservation<Dims>>* first, std::array<nanos, Dims> prev_end,
+                                const std::array<nanos, Dims>& tolerance) {
+  std::array<nanos, Dims> shift{};
+  for (auto* w = first; w; w = w->next) {
+    auto& r = w->reservation;
+    nanos ready = r.arrived;
+    for (std::size_t d = 0; d < Dims; ++d) {
+      const nanos end = std::max(prev_end[d], r.arrived) + r.increment[d];
+      shift[d] = r.end[d] - end;
+      r.end[d] = prev_end[d] = end;
+      if (r.increment[d] > 0) ready = std::max(ready, end - tolerance[d]);
+    }
+    if (ready != w->ready_at) {
+      w->ready_at = ready;
+      w->rearm();
+    }
+  }
+  return shift;
+}
+
+// Under the owner's mutex: unlinks `w` and re-stacks the waiters behind it as if it had never
+// reserved. Returns how far the owner's TAT moves back, per dimension.
+template <std::size_t Dims>
+std::array<nanos, Dims> withdraw(waiter_list<waiter<reservation<Dims>>>& list,
+                                 waiter<reservation<Dims>>& w, const std::array<nanos, Dims>& tolerance) {
+  auto* first_later = w.next;
+  list.erase(w);
+  std::array<nanos, Dims> prev_end;
+  for (std::size_t d = 0; d < Dims; ++d) prev_end[d] = w.reservation.end[d] - w.reservation.increment[d];
+  if (!first_later) return w.reservation.increment;
+  return restack(first_later, prev_end, tolerance);
+}
 
 // Completes `handler` with (ec, waited) through its associated executor, never inline.
 template <class Handler, class Executor>

@@ -1,0 +1,270 @@
+// Several limits at once — requests/min and tokens/min, and separate input/output token limits
+// as Anthropic has — reserved together or not at all.
+//
+//     weir::rate_limits<> limits(ex, {.requests = weir::limit::per_minute(500),
+//                                     .tokens = weir::limit::per_minute(30'000)});
+//     weir::usage estimate{.requests = 1, .tokens = 1200};
+//     co_await limits.async_acquire(estimate, asio::use_awaitable);
+//     auto reply = co_await call();
+//     limits.settle(estimate, {.requests = 1, .tokens = reply.usage.total});  // refund or charge
+#pragma once
+
+#include <weir/detail/gcra.hpp>
+#include <weir/detail/pending_acquire.hpp>
+#include <weir/error.hpp>
+#include <weir/rate.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/async_result.hpp>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+
+namespace weir {
+
+// One limit: a sustained rate and how much of it may be used at once.
+struct limit {
+  weir::rate rate{};
+  std::uint64_t burst = 1;
+
+  // n per minute with a burst of a tenth of that (six seconds' worth): close to the quota
+  // without the minute-start spike that strict server windows refuse.
+  static limit per_minute(double n) {
+    return {weir::per_minute(n), static_cast<std::uint64_t>(std::max(1.0, n / 10))};
+  }
+  static limit per_minute(double n, std::uint64_t burst) { return {weir::per_minute(n), burst}; }
+};
+
+// What one call costs (or, after settle, cost) on each dimension.
+struct usage {
+  std::uint64_t requests = 1;
+  std::uint64_t tokens = 0;         // input + output
+  std::uint64_t input_tokens = 0;
+  std::uint64_t output_tokens = 0;
+
+  friend bool operator==(const usage&, const usage&) = default;
+};
+
+// Absent limits are not enforced.
+struct rate_limits_options {
+  std::optional<limit> requests{};
+  std::optional<limit> tokens{};
+  std::optional<limit> input_tokens{};
+  std::optional<limit> output_tokens{};
+};
+
+enum class dimension : std::size_t { requests, tokens, input_tokens, output_tokens };
+
+// Copies share the same limits. Every operation takes one short mutex: the dimensions must move
+// together, which one atomic cannot do.
+template <class Clock = std::chrono::steady_clock>
+class rate_limits {
+ public:
+  static constexpr std::size_t dims = 4;
+  using clock_type = Clock;
+  using time_point = typename Clock::time_point;
+  using executor_type = boost::asio::any_io_executor;
+  using acquire_signature = void(error_code, std::chrono::nanoseconds);
+
+  // Throws weir::exception(invalid_argument) for a limit with rate ≤ 0 or burst 0.
+  rate_limits(executor_type ex, rate_limits_options options)
+      : state_(std::make_shared<state>(std::move(ex))) {
+    const std::optional<limit>* given[dims] = {&options.requests, &options.tokens,
+                                               &options.input_tokens, &options.output_tokens};
+    for (std::size_t d = 0; d < dims; ++d)
+      if (*given[d]) state_->configure(d, **given[d]);
+  }
+
+  // Takes `cost` on every dimension if all have room now; otherwise takes nothing.
+  bool try_acquire(const usage& cost, time_point now = Clock::now()) {
+    return state_->try_acquire(cost, detail::to_nanos(now));
+  }
+
+  // How long until `cost` fits on every dimension.
+  std::chrono::nanoseconds time_until(const usage& cost, time_point now = Clock::now()) const {
+    return std::chrono::nanoseconds(state_->time_until(cost, detail::to_nanos(now)));
+  }
+
+  // Waits until `cost` fits on every dimension and takes it, in FIFO order. Fails at once with
+  // rate_limited (and the expected wait) when that wait exceeds max_wait, with invalid_argument
+  // when the cost exceeds a burst. Cancellation gives back every dimension.
+  template <class CompletionToken>
+  auto async_acquire(const usage& cost, std::chrono::nanoseconds max_wait, CompletionToken&& token) {
+    return boost::asio::async_initiate<CompletionToken, acquire_signature>(
+        [](auto handler, std::shared_ptr<state> s, usage cost, std::chrono::nanoseconds max_wait) {
+          s->initiate_acquire(s, std::move(handler), cost, max_wait);
+        },
+        token, state_, cost, max_wait);
+  }
+
+  template <class CompletionToken>
+  auto async_acquire(const usage& cost, CompletionToken&& token) {
+    return async_acquire(cost, std::chrono::nanoseconds::max(), std::forward<CompletionToken>(token));
+  }
+
+  // After the response: charges what was used beyond the estimate and refunds what was not, so
+  // estimates never drift the budget. Refunds go to waiters first.
+  void settle(const usage& estimated, const usage& actual, time_point now = Clock::now()) {
+    state_->settle(estimated, actual, detail::to_nanos(now));
+  }
+
+  // Re-sizes one dimension at run time, or enables it if it was absent.
+  void set_limit(dimension d, limit l) {
+    std::lock_guard lock(state_->mutex);
+    state_->configure(static_cast<std::size_t>(d), l);
+  }
+
+  std::optional<limit> get_limit(dimension d) const {
+    std::lock_guard lock(state_->mutex);
+    return state_->limits[static_cast<std::size_t>(d)];
+  }
+
+  // Holds a dimension empty until `until` (the server said it has nothing left before then).
+  void pause_until(dimension d, time_point until) {
+    state_->pause_until(static_cast<std::size_t>(d), detail::to_nanos(until));
+  }
+
+  const executor_type& get_executor() const noexcept { return state_->executor; }
+
+ private:
+  struct state {
+    using executor_type = rate_limits::executor_type;
+    using reservation_type = detail::reservation<dims>;
+    using waiter_type = detail::waiter<reservation_type>;
+
+    explicit state(executor_type ex) : executor(std::move(ex)) {}
+
+    static std::array<std::uint64_t, dims> units(const usage& u) {
+      return {u.requests, u.tokens, u.input_tokens, u.output_tokens};
+    }
+
+    void configure(std::size_t d, limit l) {
+      const auto i = detail::emission_interval(l.rate);
+      tolerance[d] = detail::tolerance(i, l.burst);
+      interval[d] = i;
+      limits[d] = l;
+    }
+
+    // What reserving `cost` now would do, without doing it. Throws for a cost above a burst.
+    std::pair<reservation_type, detail::nanos> plan(const usage& cost, detail::nanos now) const {
+      reservation_type r{{}, tat, now};
+      detail::nanos wait = 0;
+      const auto n = units(cost);
+      for (std::size_t d = 0; d < dims; ++d) {
+        if (!limits[d] || n[d] == 0) continue;
+        if (n[d] > limits[d]->burst)
+          throw weir::exception(error::invalid_argument, "cost exceeds a limit's burst");
+        r.increment[d] = interval[d] * static_cast<detail::nanos>(n[d]);
+        const auto t = detail::reserve(tat[d], now, r.increment[d], tolerance[d]);
+        r.end[d] = t.new_tat;
+        wait = std::max(wait, t.wait);
+      }
+      return {r, wait};
+    }
+
+    bool try_acquire(const usage& cost, detail::nanos now) {
+      std::lock_guard lock(mutex);
+      auto [r, wait] = plan(cost, now);
+      if (wait > 0) return false;
+      tat = r.end;
+      return true;
+    }
+
+    detail::nanos time_until(const usage& cost, detail::nanos now) const {
+      std::lock_guard lock(mutex);
+      return plan(cost, now).second;
+    }
+
+    template <class Handler>
+    void initiate_acquire(const std::shared_ptr<state>& self, Handler handler, const usage& cost,
+                          std::chrono::nanoseconds max_wait) {
+      const auto now = detail::to_nanos(Clock::now());
+      std::unique_lock lock(mutex);
+      reservation_type r;
+      detail::nanos wait;
+      try {
+        std::tie(r, wait) = plan(cost, now);
+      } catch (const weir::exception& e) {
+        lock.unlock();
+        detail::post_completion(executor, std::move(handler), e.code(), {});
+        return;
+      }
+      if (wait > max_wait.count()) {
+        lock.unlock();
+        detail::post_completion(executor, std::move(handler), error::rate_limited,
+                                std::chrono::nanoseconds(wait));
+        return;
+      }
+      tat = r.end;
+      if (wait <= 0) {
+        lock.unlock();
+        detail::post_completion(executor, std::move(handler), {}, {});
+        return;
+      }
+      auto op = std::make_shared<detail::pending_acquire<Clock, state, Handler>>(self, std::move(handler), now);
+      op->reservation = r;
+      op->ready_at = now + wait;
+      waiters.push_back(*op);
+      op->start();
+    }
+
+    void withdraw(waiter_type& w) {
+      const auto shift = detail::withdraw(waiters, w, tolerance);
+      for (std::size_t d = 0; d < dims; ++d) tat[d] -= shift[d];
+    }
+
+    void settle(const usage& estimated, const usage& actual, detail::nanos now) {
+      const auto est = units(estimated);
+      const auto got = units(actual);
+      std::lock_guard lock(mutex);
+      std::array<detail::nanos, dims> refund{};
+      bool any_refund = false;
+      for (std::size_t d = 0; d < dims; ++d) {
+        if (!limits[d] || est[d] == got[d]) continue;
+        if (got[d] > est[d]) {
+          // Charged even past the burst: the server counted it, so the limiter must too.
+          tat[d] = std::max(tat[d], now) + interval[d] * static_cast<detail::nanos>(got[d] - est[d]);
+        } else {
+          refund[d] = interval[d] * static_cast<detail::nanos>(est[d] - got[d]);
+          any_refund = true;
+        }
+      }
+      if (!any_refund) return;
+      if (waiters.empty()) {
+        for (std::size_t d = 0; d < dims; ++d) tat[d] -= refund[d];
+        return;
+      }
+      // The refund goes to the waiters: re-stack them as if the first one had found that much
+      // more room when it arrived.
+      auto* head = waiters.front();
+      std::array<detail::nanos, dims> before_head;
+      for (std::size_t d = 0; d < dims; ++d)
+        before_head[d] = head->reservation.end[d] - head->reservation.increment[d] - refund[d];
+      const auto shift = detail::restack(head, before_head, tolerance);
+      for (std::size_t d = 0; d < dims; ++d) tat[d] -= shift[d];
+    }
+
+    void pause_until(std::size_t d, detail::nanos until) {
+      std::lock_guard lock(mutex);
+      if (!limits[d]) return;
+      tat[d] = std::max(tat[d], detail::tat_paused_until(until, interval[d], tolerance[d]));
+    }
+
+    executor_type executor;
+    mutable std::mutex mutex;
+    detail::waiter_list<waiter_type> waiters;
+    std::array<std::optional<limit>, dims> limits{};
+    std::array<detail::nanos, dims> interval{};
+    std::array<detail::nanos, dims> tolerance{};
+    std::array<detail::nanos, dims> tat{};
+  };
+
+  std::shared_ptr<state> state_;
+};
+
+}  // namespace weir
