@@ -1,0 +1,200 @@
+// A sliding window of requests, tokens, errors and rate-limit hits: fixed memory, O(1) record, and
+// queries that cost one pass over a fixed number of buckets however high the rate.
+//
+//     weir::usage_monitor<> monitor({.window = 60s, .buckets = 60,
+//                                    .requests_limit = weir::per_minute(500)});
+//     monitor.record({.tokens = 1200});
+//     if (monitor.utilization() > 0.8) ...
+#pragma once
+
+#include <weir/detail/gcra.hpp>
+#include <weir/error.hpp>
+#include <weir/rate.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+
+namespace weir {
+
+struct usage_monitor_options {
+  std::chrono::nanoseconds window = std::chrono::seconds(60);
+  std::uint32_t buckets = 60;                 // resolution: window / buckets
+  std::optional<weir::rate> requests_limit{};  // for utilization()
+  std::optional<weir::rate> tokens_limit{};
+  double slow_down_above = 0.8;  // utilization where pacing_delay() starts to grow
+};
+
+// One finished (or failed) call.
+struct usage_event {
+  std::uint64_t requests = 1;
+  std::uint64_t tokens = 0;
+  bool error = false;
+  bool rate_limited = false;  // the server answered 429 (or equivalent)
+};
+
+struct usage_totals {
+  std::uint64_t requests = 0;
+  std::uint64_t tokens = 0;
+  std::uint64_t errors = 0;
+  std::uint64_t rate_limited = 0;
+
+  friend bool operator==(const usage_totals&, const usage_totals&) = default;
+};
+
+// Counts events in the current bucket and the buckets-1 before it. Copies share the same window.
+// Each counter carries its bucket's epoch in its top bits, so a bucket is reused without a reset
+// step that could race with writers: a stale counter is simply seen as zero.
+template <class Clock = std::chrono::steady_clock>
+class usage_monitor {
+ public:
+  using clock_type = Clock;
+  using time_point = typename Clock::time_point;
+
+  // Throws weir::exception(invalid_argument) for a window ≤ 0, zero buckets, a window shorter than
+  // its bucket count in nanoseconds, limits ≤ 0, or a threshold outside [0, 1).
+  explicit usage_monitor(usage_monitor_options options = {})
+      : state_(std::make_shared<state>(options)) {}
+
+  void record(const usage_event& e, time_point now = Clock::now()) {
+    state_->record(e, detail::to_nanos(now));
+  }
+
+  usage_totals totals(time_point now = Clock::now()) const { return state_->totals(detail::to_nanos(now)); }
+
+  // Events per minute over the window.
+  double requests_per_minute(time_point now = Clock::now()) const {
+    return per_minute(static_cast<double>(totals(now).requests));
+  }
+  double tokens_per_minute(time_point now = Clock::now()) const {
+    return per_minute(static_cast<double>(totals(now).tokens));
+  }
+
+  // The larger of requests and tokens used over the window against the configured limits
+  // (0 when no limit is configured); 1.0 means the window used the whole quota.
+  double utilization(time_point now = Clock::now()) const {
+    return utilization_of(totals(now));
+  }
+
+  // Pre-emptive slow-down: zero below `slow_down_above`, then growing smoothly to one emission
+  // interval of the binding limit at full utilization, so that the pace eases into the limit
+  // instead of hitting it.
+  std::chrono::nanoseconds pacing_delay(time_point now = Clock::now()) const {
+    const auto& o = state_->options;
+    const auto t = totals(now);
+    const double u = utilization_of(t);
+    if (u <= o.slow_down_above) return std::chrono::nanoseconds(0);
+    const double f = std::min(1.0, (u - o.slow_down_above) / (1.0 - o.slow_down_above));
+    // One request's share of the binding limit: 1/rate for requests, the average request's
+    // tokens/rate for tokens.
+    double interval_ns = 0;
+    if (o.requests_limit) interval_ns = 1e9 / o.requests_limit->per_second;
+    if (o.tokens_limit && t.requests > 0) {
+      const double tokens_per_request = static_cast<double>(t.tokens) / static_cast<double>(t.requests);
+      interval_ns = std::max(interval_ns, tokens_per_request * 1e9 / o.tokens_limit->per_second);
+    }
+    return std::chrono::nanoseconds(static_cast<std::int64_t>(f * f * interval_ns));
+  }
+
+  const usage_monitor_options& options() const noexcept { return state_->options; }
+
+ private:
+  double per_minute(double count) const {
+    return count * 60e9 / static_cast<double>(state_->options.window.count());
+  }
+
+  double utilization_of(const usage_totals& t) const {
+    const auto& o = state_->options;
+    const double window_s = static_cast<double>(o.window.count()) / 1e9;
+    double u = 0;
+    if (o.requests_limit) u = std::max(u, static_cast<double>(t.requests) / (o.requests_limit->per_second * window_s));
+    if (o.tokens_limit) u = std::max(u, static_cast<double>(t.tokens) / (o.tokens_limit->per_second * window_s));
+    return u;
+  }
+
+  struct state {
+    static constexpr int tag_bits = 24;  // a bucket idle for 2^24 bucket lengths could alias
+    static constexpr int count_bits = 64 - tag_bits;
+    static constexpr std::uint64_t count_mask = (std::uint64_t{1} << count_bits) - 1;
+
+    struct bucket {
+      std::atomic<std::uint64_t> counters[4] = {0, 0, 0, 0};  // requests, tokens, errors, 429s
+    };
+
+    explicit state(const usage_monitor_options& o)
+        : options(o), bucket_ns(o.buckets ? o.window.count() / o.buckets : 0) {
+      if (o.window.count() <= 0 || o.buckets == 0 || bucket_ns <= 0)
+        throw weir::exception(error::invalid_argument, "usage_monitor needs a positive window and bucket count");
+      if ((o.requests_limit && !(o.requests_limit->per_second > 0)) ||
+          (o.tokens_limit && !(o.tokens_limit->per_second > 0)))
+        throw weir::exception(error::invalid_argument, "usage_monitor limits must be positive");
+      if (!(o.slow_down_above >= 0 && o.slow_down_above < 1))
+        throw weir::exception(error::invalid_argument, "slow_down_above must be in [0, 1)");
+      ring = std::make_unique<bucket[]>(o.buckets);
+    }
+
+    static std::uint64_t tag_of(std::uint64_t epoch) { return (epoch & ((1u << tag_bits) - 1)) << count_bits; }
+
+    // Whether tag `a` is a later epoch than tag `b`, modulo the tag width.
+    static bool is_newer(std::uint64_t a, std::uint64_t b) {
+      const auto diff = ((a - b) >> count_bits) & ((1u << tag_bits) - 1);
+      return diff != 0 && diff < (1u << (tag_bits - 1));
+    }
+
+    void add(std::atomic<std::uint64_t>& c, std::uint64_t tag, std::uint64_t n) {
+      if (n == 0) return;
+      auto v = c.load(std::memory_order_relaxed);
+      // Common case: the bucket is current and one fetch_add does it.
+      if ((v & ~count_mask) == tag) {
+        c.fetch_add(std::min(n, count_mask - (v & count_mask)), std::memory_order_relaxed);
+        return;
+      }
+      std::uint64_t next;
+      do {
+        if ((v & ~count_mask) == tag) {
+          next = v + std::min(n, count_mask - (v & count_mask));
+        } else if (is_newer(v & ~count_mask, tag)) {
+          return;  // the bucket already holds a later epoch: this event left the window
+        } else {
+          next = tag | std::min(n, count_mask);
+        }
+      } while (!c.compare_exchange_weak(v, next, std::memory_order_relaxed));
+    }
+
+    void record(const usage_event& e, detail::nanos now) {
+      const auto epoch = static_cast<std::uint64_t>(now / bucket_ns);
+      auto& b = ring[epoch % options.buckets];
+      const auto tag = tag_of(epoch);
+      add(b.counters[0], tag, e.requests);
+      add(b.counters[1], tag, e.tokens);
+      add(b.counters[2], tag, e.error ? 1 : 0);
+      add(b.counters[3], tag, e.rate_limited ? 1 : 0);
+    }
+
+    usage_totals totals(detail::nanos now) const {
+      const auto current = static_cast<std::uint64_t>(now / bucket_ns);
+      std::uint64_t sum[4] = {0, 0, 0, 0};
+      for (std::uint64_t age = 0; age < options.buckets && age <= current; ++age) {
+        const auto epoch = current - age;
+        const auto tag = tag_of(epoch);
+        const auto& b = ring[epoch % options.buckets];
+        for (int k = 0; k < 4; ++k) {
+          const auto v = b.counters[k].load(std::memory_order_relaxed);
+          if ((v & ~count_mask) == tag) sum[k] += v & count_mask;
+        }
+      }
+      return {sum[0], sum[1], sum[2], sum[3]};
+    }
+
+    usage_monitor_options options;
+    detail::nanos bucket_ns;
+    std::unique_ptr<bucket[]> ring;
+  };
+
+  std::shared_ptr<state> state_;
+};
+
+}  // namespace weir
