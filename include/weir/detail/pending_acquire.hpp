@@ -11,6 +11,7 @@
 #pragma once
 
 #include <weir/detail/gcra.hpp>
+#include <weir/detail/waiter_list.hpp>
 #include <weir/error.hpp>
 
 #include <boost/asio/append.hpp>
@@ -41,38 +42,6 @@ struct waiter {
 
  protected:
   ~waiter() = default;
-};
-
-// An intrusive FIFO: no allocation, O(1) removal from the middle on cancellation.
-template <class Waiter>
-class waiter_list {
- public:
-  bool empty() const noexcept { return head_ == nullptr; }
-  Waiter* front() const noexcept { return head_; }
-
-  void push_back(Waiter& w) noexcept {
-    w.prev = tail_;
-    w.next = nullptr;
-    (tail_ ? tail_->next : head_) = &w;
-    tail_ = &w;
-    w.linked = true;
-  }
-
-  void erase(Waiter& w) noexcept {
-    (w.prev ? w.prev->next : head_) = w.next;
-    (w.next ? w.next->prev : tail_) = w.prev;
-    w.prev = w.next = nullptr;
-    w.linked = false;
-  }
-
-  template <class F>
-  void for_each_from(Waiter* first, F f) {
-    for (auto* w = first; w; w = static_cast<Waiter*>(w->next)) f(static_cast<Waiter&>(*w));
-  }
-
- private:
-  Waiter* head_ = nullptr;
-  Waiter* tail_ = nullptr;
 };
 
 // What a waiter holds on each of a limiter's dimensions, and when it arrived. Reservations

@@ -1,0 +1,262 @@
+// A bulkhead: at most `max_concurrent` requests in flight, at most `max_queued` waiting for a
+// slot, and a clear queue_full rejection beyond that.
+//
+//     weir::request_queue queue(ex, {.max_concurrent = 8, .max_queued = 64});
+//     auto permit = co_await queue.async_admit(weir::priority::interactive, asio::use_awaitable);
+//     co_await call();   // the slot returns when `permit` is destroyed, however the call ends
+#pragma once
+
+#include <weir/detail/waiter_list.hpp>
+#include <weir/error.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/append.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/post.hpp>
+
+#include <array>
+#include <cstddef>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace weir {
+
+// Waiters of a higher priority are admitted first; within one priority, in arrival order.
+enum class priority { interactive = 0, normal = 1, batch = 2 };
+
+struct request_queue_options {
+  std::size_t max_concurrent = 8;
+  std::size_t max_queued = 64;
+};
+
+class request_queue;
+
+namespace detail {
+struct request_queue_state;
+}
+
+// The right to have one request in flight. Returns its slot when destroyed or released, so a slot
+// comes back on success, exception and cancellation alike.
+class permit {
+ public:
+  permit() = default;
+  permit(permit&& other) noexcept : state_(std::move(other.state_)) {}
+  permit& operator=(permit&& other) noexcept {
+    if (this != &other) {
+      release();
+      state_ = std::move(other.state_);
+    }
+    return *this;
+  }
+  ~permit() { release(); }
+
+  explicit operator bool() const noexcept { return state_ != nullptr; }
+  inline void release() noexcept;
+
+ private:
+  friend struct detail::request_queue_state;
+  explicit permit(std::shared_ptr<detail::request_queue_state> s) : state_(std::move(s)) {}
+  std::shared_ptr<detail::request_queue_state> state_;
+};
+
+namespace detail {
+
+struct queue_waiter {
+  queue_waiter* prev = nullptr;
+  queue_waiter* next = nullptr;
+  bool linked = false;
+  std::size_t level = 0;  // which priority queue holds it
+  // Completes the admission: with a permit (ec empty) or with the error. Called without the lock.
+  virtual void complete(error_code ec, permit p) = 0;
+
+ protected:
+  ~queue_waiter() = default;
+};
+
+struct request_queue_state : std::enable_shared_from_this<request_queue_state> {
+  request_queue_state(boost::asio::any_io_executor ex, request_queue_options o)
+      : executor(std::move(ex)), options(o) {
+    if (o.max_concurrent == 0)
+      throw weir::exception(error::invalid_argument, "request_queue needs max_concurrent ≥ 1");
+  }
+
+  permit make_permit() { return permit(shared_from_this()); }
+
+  // Hands the slot to the first waiter, or gives it back.
+  void release() noexcept {
+    queue_waiter* next = nullptr;
+    {
+      std::lock_guard lock(mutex);
+      for (auto& q : queues)
+        if (!q.empty()) {
+          next = q.front();
+          q.erase(*next);
+          --queued;
+          break;
+        }
+      if (!next) --in_flight;
+    }
+    if (next) next->complete({}, make_permit());
+  }
+
+  boost::asio::any_io_executor executor;
+  request_queue_options options;
+  std::mutex mutex;
+  std::size_t in_flight = 0;
+  std::size_t queued = 0;
+  bool shut_down = false;
+  std::array<waiter_list<queue_waiter>, 3> queues;
+};
+
+template <class Handler>
+class queue_admission final : public queue_waiter,
+                              public std::enable_shared_from_this<queue_admission<Handler>> {
+ public:
+  using handler_executor = boost::asio::associated_executor_t<Handler, boost::asio::any_io_executor>;
+
+  queue_admission(std::shared_ptr<request_queue_state> s, Handler h)
+      : state_(std::move(s)),
+        handler_(std::move(h)),
+        work_(boost::asio::get_associated_executor(handler_, state_->executor)) {}
+
+  // With the state's mutex held, after linking: keeps itself alive until completed.
+  void start() {
+    self_ = this->shared_from_this();
+    auto slot = boost::asio::get_associated_cancellation_slot(handler_);
+    if (slot.is_connected()) slot.template emplace<cancel_handler>(this);
+  }
+
+  void complete(error_code ec, permit p) override {
+    auto slot = boost::asio::get_associated_cancellation_slot(handler_);
+    if (slot.is_connected()) slot.clear();
+    auto keep = std::move(self_);
+    auto work = std::move(work_);
+    boost::asio::dispatch(work.get_executor(), boost::asio::append(std::move(handler_), ec, std::move(p)));
+  }
+
+ private:
+  struct cancel_handler {
+    queue_admission* op;
+    void operator()(boost::asio::cancellation_type type) const {
+      if ((type & boost::asio::cancellation_type::all) == boost::asio::cancellation_type::none) return;
+      op->cancel();
+    }
+  };
+
+  void cancel() {
+    {
+      std::lock_guard lock(state_->mutex);
+      if (!linked) return;  // already admitted or completed
+      state_->queues[level].erase(*this);
+      --state_->queued;
+    }
+    complete(boost::asio::error::operation_aborted, permit());
+  }
+
+  std::shared_ptr<request_queue_state> state_;
+  Handler handler_;
+  boost::asio::executor_work_guard<handler_executor> work_;
+  std::shared_ptr<queue_admission> self_;
+};
+
+}  // namespace detail
+
+void permit::release() noexcept {
+  if (auto s = std::move(state_)) s->release();
+}
+
+// Copies share one queue.
+class request_queue {
+ public:
+  using executor_type = boost::asio::any_io_executor;
+  using admit_signature = void(error_code, permit);
+
+  // Throws weir::exception(invalid_argument) for max_concurrent == 0.
+  request_queue(executor_type ex, request_queue_options options)
+      : state_(std::make_shared<detail::request_queue_state>(std::move(ex), options)) {}
+
+  // A permit if a slot is free now and nobody is waiting; an empty permit otherwise.
+  permit try_admit() {
+    std::lock_guard lock(state_->mutex);
+    if (state_->shut_down || state_->queued > 0 || state_->in_flight >= state_->options.max_concurrent)
+      return {};
+    ++state_->in_flight;
+    return state_->make_permit();
+  }
+
+  // Completes with a permit when a slot is free. Fails at once with queue_full when max_queued
+  // requests already wait, with shut_down after shutdown(); cancellation completes with
+  // operation_aborted and leaves the queue as if the request had never come.
+  template <class CompletionToken>
+  auto async_admit(priority p, CompletionToken&& token) {
+    return boost::asio::async_initiate<CompletionToken, admit_signature>(
+        [](auto handler, std::shared_ptr<detail::request_queue_state> s, priority p) {
+          initiate(std::move(s), std::move(handler), p);
+        },
+        token, state_, p);
+  }
+
+  template <class CompletionToken>
+  auto async_admit(CompletionToken&& token) {
+    return async_admit(priority::normal, std::forward<CompletionToken>(token));
+  }
+
+  // Completes every waiter with shut_down and refuses later admissions. Permits already given
+  // stay valid until released.
+  void shutdown() {
+    std::vector<detail::queue_waiter*> waiting;
+    {
+      std::lock_guard lock(state_->mutex);
+      state_->shut_down = true;
+      for (auto& q : state_->queues)
+        while (auto* w = q.front()) {
+          q.erase(*w);
+          waiting.push_back(w);
+        }
+      state_->queued = 0;
+    }
+    for (auto* w : waiting) w->complete(error::shut_down, permit());
+  }
+
+  std::size_t in_flight() const {
+    std::lock_guard lock(state_->mutex);
+    return state_->in_flight;
+  }
+  std::size_t queued() const {
+    std::lock_guard lock(state_->mutex);
+    return state_->queued;
+  }
+
+  const executor_type& get_executor() const noexcept { return state_->executor; }
+
+ private:
+  template <class Handler>
+  static void initiate(std::shared_ptr<detail::request_queue_state> s, Handler handler, priority p) {
+    auto fail = [&](error_code ec) {
+      boost::asio::post(s->executor, boost::asio::append(std::move(handler), ec, permit()));
+    };
+    std::unique_lock lock(s->mutex);
+    if (s->shut_down) return lock.unlock(), fail(error::shut_down);
+    if (s->queued == 0 && s->in_flight < s->options.max_concurrent) {
+      ++s->in_flight;
+      lock.unlock();
+      boost::asio::post(s->executor, boost::asio::append(std::move(handler), error_code(), s->make_permit()));
+      return;
+    }
+    if (s->queued >= s->options.max_queued) return lock.unlock(), fail(error::queue_full);
+    auto op = std::make_shared<detail::queue_admission<Handler>>(s, std::move(handler));
+    op->level = static_cast<std::size_t>(p);
+    s->queues[op->level].push_back(*op);
+    ++s->queued;
+    op->start();
+  }
+
+  std::shared_ptr<detail::request_queue_state> state_;
+};
+
+}  // namespace weir
