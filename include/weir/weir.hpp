@@ -4,3 +4,8 @@
 
 #include <weir/error.hpp>
 #include <weir/outcome.hpp>
+#include <weir/rate.hpp>
+#include <weir/rate_limits.hpp>
+#include <weir/request_queue.hpp>
+#include <weir/token_bucket.hpp>
+#include <weir/usage_monitor.hpp>

@@ -1,0 +1,55 @@
+// weir_bench: each policy's hot path against the floor it cannot beat. The README quotes a run.
+#include <weir/request_queue.hpp>
+#include <weir/token_bucket.hpp>
+#include <weir/usage_monitor.hpp>
+
+#include <benchmark/benchmark.h>
+#include <boost/asio/io_context.hpp>
+
+#include <atomic>
+#include <chrono>
+
+namespace {
+
+using steady = std::chrono::steady_clock;
+
+// One clock read plus one uncontended compare-exchange: what any time-based limiter must pay.
+void floor_clock_now_plus_cas(benchmark::State& state) {
+  std::atomic<std::int64_t> word{0};
+  for (auto _ : state) {
+    auto now = steady::now().time_since_epoch().count();
+    auto expected = word.load(std::memory_order_relaxed);
+    word.compare_exchange_strong(expected, now, std::memory_order_acq_rel);
+    benchmark::DoNotOptimize(expected);
+  }
+}
+BENCHMARK(floor_clock_now_plus_cas)->Name("floor/clock_now_plus_cas");
+
+// A bucket so large it always admits: the benchmark measures the admit path, not refusals.
+boost::asio::io_context bench_io;
+weir::token_bucket<> always_open(bench_io.get_executor(), {.rate = weir::per_second(1e9), .burst = 1'000'000});
+
+void token_bucket_try_acquire(benchmark::State& state) {
+  for (auto _ : state) benchmark::DoNotOptimize(always_open.try_acquire());
+}
+BENCHMARK(token_bucket_try_acquire)->Name("token_bucket/try_acquire");
+BENCHMARK(token_bucket_try_acquire)->Name("token_bucket/try_acquire")->Threads(2);
+
+void usage_monitor_record(benchmark::State& state) {
+  weir::usage_monitor<> monitor({.window = std::chrono::seconds(60), .buckets = 60});
+  for (auto _ : state) monitor.record({.tokens = 100});
+}
+BENCHMARK(usage_monitor_record)->Name("usage_monitor/record");
+
+void request_queue_admit_release(benchmark::State& state) {
+  weir::request_queue queue(bench_io.get_executor(), {.max_concurrent = 8, .max_queued = 8});
+  for (auto _ : state) {
+    auto p = queue.try_admit();
+    benchmark::DoNotOptimize(p);
+  }
+}
+BENCHMARK(request_queue_admit_release)->Name("request_queue/admit_release");
+
+}  // namespace
+
+BENCHMARK_MAIN();
