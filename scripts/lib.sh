@@ -29,9 +29,11 @@ weir_ensure_packages() {
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
 }
 
-# Configures and builds one CMake preset with two jobs.
+# Configures and builds one CMake preset with two jobs; extra arguments go to the build
+# (e.g. --target weir-demo).
 weir_build() {
   local preset=$1
+  shift
   cmake --preset "$preset" >/dev/null
-  cmake --build --preset "$preset"
+  cmake --build --preset "$preset" "$@"
 }

@@ -404,18 +404,24 @@ TEST_CASE("utilization compares the window with the configured limits") {
   CHECK(monitor.utilization() == Approx(0.9));
 }
 
-TEST_CASE("pacing_delay is zero below the threshold and grows smoothly to one interval at the limit") {
+TEST_CASE("pacing_delay is zero below the threshold, grows smoothly, and holds a full window") {
   clock_type::reset();
   monitor_type monitor({.window = 60s, .buckets = 60, .requests_limit = weir::per_minute(100)});
   std::chrono::nanoseconds previous{0};
-  for (int used = 1; used <= 100; ++used) {
+  for (int used = 1; used <= 99; ++used) {
     monitor.record({});
     const auto delay = monitor.pacing_delay();
     if (used <= 80) CHECK(delay == 0ns);
     CHECK(delay >= previous);
+    CHECK(delay <= 600ms);  // one request's interval at 100/min
     previous = delay;
   }
-  CHECK(previous == 600ms);  // one request's interval at 100/min
+  CHECK(previous.count() == Approx(600e6 * 0.95 * 0.95).epsilon(0.001));  // u = 0.99
+  // The 100th fills the window: the next request waits until the first bucket slides out.
+  monitor.record({});
+  CHECK(monitor.pacing_delay() == 60s);
+  clock_type::advance(59s + 500ms);
+  CHECK(monitor.pacing_delay() == 500ms);
 }
 
 TEST_CASE("usage_monitor rejects a misconfiguration") {
@@ -575,4 +581,20 @@ TEST_CASE("request_queue never exceeds max_concurrent on a 4-thread io_context",
   CHECK(done == 400);
   CHECK(most <= 3);
   CHECK(queue.in_flight() == 0);
+}
+
+TEST_CASE("a sender that honours pacing_delay eases into the limit without crossing it") {
+  clock_type::reset();
+  monitor_type monitor({.window = 60s, .buckets = 60, .requests_limit = weir::per_minute(100)});
+  std::uint64_t most_in_window = 0, sent = 0;
+  const auto end = clock_type::now() + 10min;
+  while (clock_type::now() < end) {
+    // Unpaced, this sender would send every 50 ms: 12 times the limit.
+    clock_type::advance(std::max<std::chrono::nanoseconds>(50ms, monitor.pacing_delay()));
+    monitor.record({});
+    ++sent;
+    most_in_window = std::max(most_in_window, monitor.totals().requests);
+  }
+  CHECK(most_in_window <= 100);
+  CHECK(sent >= 900);  // ≥ 90% of the 1000 the limit allows in 10 minutes
 }

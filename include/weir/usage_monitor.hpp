@@ -79,23 +79,35 @@ class usage_monitor {
     return utilization_of(totals(now));
   }
 
-  // Pre-emptive slow-down: zero below `slow_down_above`, then growing smoothly to one emission
-  // interval of the binding limit at full utilization, so that the pace eases into the limit
-  // instead of hitting it.
+  // Pre-emptive slow-down: how long to wait before the next request. Zero below
+  // `slow_down_above`; then growing smoothly (quadratically) to one request's interval of the
+  // binding limit at full utilization; and once another request would cross a limit, exactly
+  // until enough of the window has slid out for it to fit.
   std::chrono::nanoseconds pacing_delay(time_point now = Clock::now()) const {
     const auto& o = state_->options;
-    const auto t = totals(now);
+    const auto at = detail::to_nanos(now);
+    const auto t = state_->totals(at);
     const double u = utilization_of(t);
     if (u <= o.slow_down_above) return std::chrono::nanoseconds(0);
-    const double f = std::min(1.0, (u - o.slow_down_above) / (1.0 - o.slow_down_above));
-    // One request's share of the binding limit: 1/rate for requests, the average request's
-    // tokens/rate for tokens.
-    double interval_ns = 0;
-    if (o.requests_limit) interval_ns = 1e9 / o.requests_limit->per_second;
-    if (o.tokens_limit && t.requests > 0) {
-      const double tokens_per_request = static_cast<double>(t.tokens) / static_cast<double>(t.requests);
+
+    const double window_s = static_cast<double>(o.window.count()) / 1e9;
+    const double tokens_per_request =
+        t.requests ? static_cast<double>(t.tokens) / static_cast<double>(t.requests) : 0;
+    detail::nanos until_room = 0;
+    double interval_ns = 0;  // one request's share of the binding limit
+    if (o.requests_limit) {
+      const auto allowed = static_cast<std::uint64_t>(o.requests_limit->per_second * window_s);
+      if (t.requests + 1 > allowed) until_room = state_->time_until_expired(at, 0, t.requests + 1 - allowed);
+      interval_ns = 1e9 / o.requests_limit->per_second;
+    }
+    if (o.tokens_limit) {
+      const auto allowed = static_cast<std::uint64_t>(o.tokens_limit->per_second * window_s);
+      const auto next = t.tokens + static_cast<std::uint64_t>(tokens_per_request);
+      if (next > allowed) until_room = std::max(until_room, state_->time_until_expired(at, 1, next - allowed));
       interval_ns = std::max(interval_ns, tokens_per_request * 1e9 / o.tokens_limit->per_second);
     }
+    if (until_room > 0) return std::chrono::nanoseconds(until_room);
+    const double f = std::min(1.0, (u - o.slow_down_above) / (1.0 - o.slow_down_above));
     return std::chrono::nanoseconds(static_cast<std::int64_t>(f * f * interval_ns));
   }
 
@@ -187,6 +199,21 @@ class usage_monitor {
         }
       }
       return {sum[0], sum[1], sum[2], sum[3]};
+    }
+
+    // How long until at least `amount` of counter `k` has slid out of the window.
+    detail::nanos time_until_expired(detail::nanos now, int k, std::uint64_t amount) const {
+      const auto current = static_cast<std::uint64_t>(now / bucket_ns);
+      std::uint64_t expired = 0;
+      for (std::uint64_t age = options.buckets; age-- > 0;) {
+        if (age > current) continue;
+        const auto epoch = current - age;
+        const auto v = ring[epoch % options.buckets].counters[k].load(std::memory_order_relaxed);
+        if ((v & ~count_mask) == tag_of(epoch)) expired += v & count_mask;
+        if (expired >= amount)
+          return static_cast<detail::nanos>(epoch + options.buckets) * bucket_ns - now;
+      }
+      return options.window.count();  // more than the window holds: wait a whole window
     }
 
     usage_monitor_options options;
