@@ -145,6 +145,22 @@ TEST_CASE("a cancelled waiter's tokens go to the next one") {
   CHECK(bucket.time_until(1) == 1s);  // nothing more is held
 }
 
+TEST_CASE("destroying the io_context with waiters pending leaves nothing behind") {
+  clock_type::reset();
+  int completions = 0;
+  std::optional<bucket_type> survivor;
+  {
+    asio::io_context io;
+    bucket_type bucket(io.get_executor(), {.rate = weir::per_second(1), .burst = 1});
+    REQUIRE(bucket.try_acquire());
+    for (int i = 0; i < 3; ++i) bucket.async_acquire(1, [&](weir::error_code, auto) { ++completions; });
+    run_ready(io);
+    survivor.emplace(bucket);
+  }
+  CHECK(completions == 0);  // handlers are destroyed, never called, as Asio does
+  CHECK(survivor->available(clock_type::now() + 10s) >= 1);
+}
+
 TEST_CASE("max_wait refuses at once with rate_limited and the expected wait") {
   clock_type::reset();
   asio::io_context io;

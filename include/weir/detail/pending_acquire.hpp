@@ -113,12 +113,10 @@ class pending_acquire final : public waiter<typename State::reservation_type>,
         started_at_(started_at) {}
 
   ~pending_acquire() {
-    // Only reached unlinked, unless the io_context was destroyed with the wait pending: then the
-    // units go back so that no reservation outlives its request.
-    if (this->linked) {
-      std::lock_guard lock(state_->mutex);
-      if (this->linked) state_->withdraw(*this);
-    }
+    // Only reached linked when the io_context was destroyed with the wait pending. Its timers are
+    // being torn down, so the waiters behind are not re-armed: this one just leaves the queue.
+    std::lock_guard lock(state_->mutex);
+    if (this->linked) state_->waiters.erase(*this);
   }
 
   // Called with the owner's mutex held, right after the reservation was taken and linked.
