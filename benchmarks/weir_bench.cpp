@@ -27,7 +27,8 @@ BENCHMARK(floor_clock_now_plus_cas)->Name("floor/clock_now_plus_cas");
 
 // A bucket so large it always admits: the benchmark measures the admit path, not refusals.
 boost::asio::io_context bench_io;
-weir::token_bucket<> always_open(bench_io.get_executor(), {.rate = weir::per_second(1e9), .burst = 1'000'000});
+weir::token_bucket<> always_open(bench_io.get_executor(),
+                                 {.rate = weir::per_second(1e9), .burst = 1'000'000});
 
 void token_bucket_try_acquire(benchmark::State& state) {
   for (auto _ : state) benchmark::DoNotOptimize(always_open.try_acquire());

@@ -6,8 +6,8 @@
 //     weir-demo [--requests N] [--concurrency N]
 #include <weir/weir.hpp>
 
-#include <boost/asio.hpp>
 #include <fmt/core.h>
+#include <boost/asio.hpp>
 
 #include <charconv>
 #include <chrono>
@@ -35,7 +35,8 @@ struct tally {
 // The provider: refuses with 429 whatever its own limiter refuses.
 class provider {
  public:
-  explicit provider(asio::any_io_executor ex) : server_limit_(ex, {.rate = weir::per_second(20), .burst = 5}) {}
+  explicit provider(asio::any_io_executor ex)
+      : server_limit_(ex, {.rate = weir::per_second(20), .burst = 5}) {}
 
   asio::awaitable<int> call() {
     const int status = server_limit_.try_acquire() ? 200 : 429;
@@ -64,8 +65,9 @@ asio::awaitable<void> naive_worker(provider& p, int& next, const settings& s, ta
 }
 
 // The weir client: admitted by the queue, paced by the limits, so the provider never says no.
-asio::awaitable<void> weir_worker(provider& p, weir::request_queue& queue, weir::rate_limits<>& limits,
-                                  int& next, const settings& s, tally& t) {
+asio::awaitable<void> weir_worker(provider& p, weir::request_queue& queue,
+                                  weir::rate_limits<>& limits, int& next, const settings& s,
+                                  tally& t) {
   while (next < s.requests) {
     ++next;
     auto permit = co_await queue.async_admit(asio::use_awaitable);
@@ -78,8 +80,9 @@ asio::awaitable<void> weir_worker(provider& p, weir::request_queue& queue, weir:
 tally run(bool with_weir, const settings& s) {
   asio::io_context io;
   provider p(io.get_executor());
-  weir::request_queue queue(io.get_executor(), {.max_concurrent = static_cast<std::size_t>(s.concurrency),
-                                                .max_queued = static_cast<std::size_t>(s.requests)});
+  weir::request_queue queue(io.get_executor(),
+                            {.max_concurrent = static_cast<std::size_t>(s.concurrency),
+                             .max_queued = static_cast<std::size_t>(s.requests)});
   // A little under the provider's limit: a strict limiter punishes overshoot, not undershoot.
   weir::rate_limits<> limits(io.get_executor(), {.requests = weir::limit{weir::per_second(19), 5}});
   tally t;
@@ -96,8 +99,8 @@ tally run(bool with_weir, const settings& s) {
     progress.expires_after(500ms);
     progress.async_wait([&](weir::error_code ec) {
       if (ec || t.completed == s.requests) return;
-      fmt::print("  {:5} {:>4}/{} done, {:>3} × 429\n", with_weir ? "weir" : "naive", t.completed, s.requests,
-                 t.rejected_429);
+      fmt::print("  {:5} {:>4}/{} done, {:>3} × 429\n", with_weir ? "weir" : "naive", t.completed,
+                 s.requests, t.rejected_429);
       tick();
     });
   };
@@ -128,20 +131,23 @@ int main(int argc, char** argv) {
       fmt::print("usage: weir-demo [--requests N] [--concurrency N]\n");
       return 0;
     }
-    if (arg == "--requests") s.requests = parse_positive(arg, i + 1 < argc ? argv[++i] : nullptr);
-    else if (arg == "--concurrency") s.concurrency = parse_positive(arg, i + 1 < argc ? argv[++i] : nullptr);
+    if (arg == "--requests")
+      s.requests = parse_positive(arg, i + 1 < argc ? argv[++i] : nullptr);
+    else if (arg == "--concurrency")
+      s.concurrency = parse_positive(arg, i + 1 < argc ? argv[++i] : nullptr);
     else {
       fmt::print(stderr, "weir-demo: unknown flag '{}' (try --help)\n", arg);
       return 2;
     }
   }
-  fmt::print("{} requests at concurrency {} against a provider allowing 20/s (burst 5)\n", s.requests,
-             s.concurrency);
+  fmt::print("{} requests at concurrency {} against a provider allowing 20/s (burst 5)\n",
+             s.requests, s.concurrency);
   const auto naive = run(false, s);
   const auto guarded = run(true, s);
   auto seconds = [](steady::duration d) { return std::chrono::duration<double>(d).count(); };
   fmt::print("\n{:<8} {:>10} {:>8} {:>12}\n", "client", "completed", "429s", "time");
-  fmt::print("{:<8} {:>10} {:>8} {:>11.2f}s\n", "naive", naive.completed, naive.rejected_429, seconds(naive.elapsed));
+  fmt::print("{:<8} {:>10} {:>8} {:>11.2f}s\n", "naive", naive.completed, naive.rejected_429,
+             seconds(naive.elapsed));
   fmt::print("{:<8} {:>10} {:>8} {:>11.2f}s\n", "weir", guarded.completed, guarded.rejected_429,
              seconds(guarded.elapsed));
   return guarded.completed == s.requests && guarded.rejected_429 == 0 ? 0 : 1;

@@ -27,7 +27,8 @@ TEST_CASE("linear and constant backoff") {
 
 TEST_CASE("no backoff overflows or goes negative at attempt 10 000") {
   std::mt19937_64 rng(7);
-  for (auto j : {weir::jitter::none, weir::jitter::full, weir::jitter::equal, weir::jitter::decorrelated}) {
+  for (auto j :
+       {weir::jitter::none, weir::jitter::full, weir::jitter::equal, weir::jitter::decorrelated}) {
     for (auto b : {weir::backoff::exponential(1ms, 10.0, 1h), weir::backoff::linear(1ms, 1h, 2h),
                    weir::backoff::constant(5s)}) {
       auto d = b.with(j).delay(10'000, b.max_delay(), rng);

@@ -2,9 +2,9 @@
 #include <weir/testing/manual_clock.hpp>
 #include <weir/weir.hpp>
 
+#include <fmt/format.h>
 #include <boost/asio.hpp>
 #include <catch2/catch.hpp>
-#include <fmt/format.h>
 
 #include <chrono>
 #include <stdexcept>
@@ -30,7 +30,8 @@ TEST_CASE("weir error codes compare with their enum and read well") {
 
 TEST_CASE("every weir error has its own message") {
   std::vector<std::string> seen;
-  for (int e = static_cast<int>(weir::error::rate_limited); e <= static_cast<int>(weir::error::shut_down); ++e) {
+  for (int e = static_cast<int>(weir::error::rate_limited);
+       e <= static_cast<int>(weir::error::shut_down); ++e) {
     auto message = weir::make_error_code(static_cast<weir::error>(e)).message();
     CHECK(message != "unknown weir error");
     CHECK(std::find(seen.begin(), seen.end(), message) == seen.end());
@@ -99,11 +100,18 @@ TEST_CASE("a user classifier is any callable from outcome to classification") {
 TEST_CASE("capture turns an awaitable's value or exception into an outcome") {
   asio::io_context io;
   std::optional<weir::outcome<int>> good, bad;
-  auto keep = [](asio::awaitable<int> op, std::optional<weir::outcome<int>>& into) -> asio::awaitable<void> {
+  auto keep = [](asio::awaitable<int> op,
+                 std::optional<weir::outcome<int>>& into) -> asio::awaitable<void> {
     into = co_await weir::capture(std::move(op));
   };
   asio::co_spawn(io, keep([]() -> asio::awaitable<int> { co_return 5; }(), good), asio::detached);
-  asio::co_spawn(io, keep([]() -> asio::awaitable<int> { throw std::runtime_error("boom"); co_return 0; }(), bad),
+  asio::co_spawn(io,
+                 keep(
+                     []() -> asio::awaitable<int> {
+                       throw std::runtime_error("boom");
+                       co_return 0;
+                     }(),
+                     bad),
                  asio::detached);
   io.run();
   REQUIRE(good);

@@ -1,7 +1,7 @@
 // Specifications for the throttling policies, on virtual time.
-#include <weir/testing/manual_clock.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
+#include <weir/testing/manual_clock.hpp>
 #include <weir/token_bucket.hpp>
 #include <weir/usage_monitor.hpp>
 
@@ -65,7 +65,9 @@ TEST_CASE("try_acquire takes weighted costs and time_until says when they fit") 
 TEST_CASE("misconfigured buckets and oversized costs are invalid_argument errors") {
   asio::io_context io;
   auto ex = io.get_executor();
-  auto is_invalid = [](const weir::exception& e) { return e.code() == weir::error::invalid_argument; };
+  auto is_invalid = [](const weir::exception& e) {
+    return e.code() == weir::error::invalid_argument;
+  };
   using weir::exception;
   CHECK_THROWS_MATCHES(bucket_type(ex, {.rate = weir::per_second(0), .burst = 1}), exception,
                        Catch::Predicate<exception>(is_invalid));
@@ -73,11 +75,12 @@ TEST_CASE("misconfigured buckets and oversized costs are invalid_argument errors
                        Catch::Predicate<exception>(is_invalid));
   CHECK_THROWS_MATCHES(bucket_type(ex, {.rate = weir::per_second(5), .burst = 0}), exception,
                        Catch::Predicate<exception>(is_invalid));
-  CHECK_THROWS_MATCHES(bucket_type(ex, {.rate = weir::per_second(std::nan("")), .burst = 1}), exception,
-                       Catch::Predicate<exception>(is_invalid));
+  CHECK_THROWS_MATCHES(bucket_type(ex, {.rate = weir::per_second(std::nan("")), .burst = 1}),
+                       exception, Catch::Predicate<exception>(is_invalid));
   bucket_type bucket(ex, {.rate = weir::per_second(5), .burst = 3});
   CHECK_THROWS_MATCHES(bucket.try_acquire(4), exception, Catch::Predicate<exception>(is_invalid));
-  CHECK_THROWS_MATCHES(bucket.set_rate(weir::per_second(0)), exception, Catch::Predicate<exception>(is_invalid));
+  CHECK_THROWS_MATCHES(bucket.set_rate(weir::per_second(0)), exception,
+                       Catch::Predicate<exception>(is_invalid));
 
   acquisition a;
   bucket.async_acquire(4, a.handler());
@@ -153,7 +156,8 @@ TEST_CASE("destroying the io_context with waiters pending leaves nothing behind"
     asio::io_context io;
     bucket_type bucket(io.get_executor(), {.rate = weir::per_second(1), .burst = 1});
     REQUIRE(bucket.try_acquire());
-    for (int i = 0; i < 3; ++i) bucket.async_acquire(1, [&](weir::error_code, auto) { ++completions; });
+    for (int i = 0; i < 3; ++i)
+      bucket.async_acquire(1, [&](weir::error_code, auto) { ++completions; });
     run_ready(io);
     survivor.emplace(bucket);
   }
@@ -318,7 +322,8 @@ TEST_CASE("rate_limits waiters are FIFO, cancellable and bounded by max_wait") {
   REQUIRE(limits.try_acquire({.requests = 1, .tokens = 100}));
   asio::cancellation_signal cancel;
   acquisition a, b, c, refused;
-  limits.async_acquire({.requests = 1, .tokens = 100}, asio::bind_cancellation_slot(cancel.slot(), a.handler()));
+  limits.async_acquire({.requests = 1, .tokens = 100},
+                       asio::bind_cancellation_slot(cancel.slot(), a.handler()));
   limits.async_acquire({.requests = 1, .tokens = 50}, b.handler());
   limits.async_acquire({.requests = 1, .tokens = 10}, 2s, refused.handler());
   run_ready(io);
@@ -368,7 +373,9 @@ TEST_CASE("usage_monitor matches a brute-force reference over a randomized event
   std::mt19937_64 rng(42);
   for (int i = 0; i < 20'000; ++i) {
     clock_type::advance(std::chrono::microseconds(rng() % 20'000));
-    weir::usage_event e{.requests = 1 + rng() % 3, .tokens = rng() % 5000, .error = rng() % 7 == 0,
+    weir::usage_event e{.requests = 1 + rng() % 3,
+                        .tokens = rng() % 5000,
+                        .error = rng() % 7 == 0,
                         .rate_limited = rng() % 11 == 0};
     monitor.record(e);
     all.push_back({clock_type::now(), e});

@@ -39,9 +39,11 @@ class backoff {
   }
 
   // initial, initial·multiplier, initial·multiplier², … up to cap.
-  static backoff exponential(duration initial, double multiplier = 2.0, duration cap = std::chrono::seconds(30)) {
+  static backoff exponential(duration initial, double multiplier = 2.0,
+                             duration cap = std::chrono::seconds(30)) {
     if (!(multiplier >= 1.0) || !std::isfinite(multiplier))
-      throw weir::exception(error::invalid_argument, "backoff multiplier must be finite and at least 1");
+      throw weir::exception(error::invalid_argument,
+                            "backoff multiplier must be finite and at least 1");
     return backoff(shape::exponential, initial, multiplier, cap);
   }
 
@@ -83,7 +85,9 @@ class backoff {
       : shape_(s), initial_(initial), factor_(factor), cap_(cap) {
     if (initial.count() < 0 || cap.count() < 0 || factor < 0)
       throw weir::exception(error::invalid_argument, "backoff durations must not be negative");
-    if (cap < initial) throw weir::exception(error::invalid_argument, "backoff cap must be at least the initial delay");
+    if (cap < initial)
+      throw weir::exception(error::invalid_argument,
+                            "backoff cap must be at least the initial delay");
   }
 
   double cap() const { return static_cast<double>(cap_.count()); }

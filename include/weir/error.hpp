@@ -1,9 +1,10 @@
-// weir's typed errors: an error_code enum for Asio completion signatures and a thin exception on top.
+// weir's typed errors: an error_code enum for Asio completion signatures and a thin exception on
+// top.
 #pragma once
 
+#include <fmt/format.h>
 #include <boost/system/error_code.hpp>
 #include <boost/system/system_error.hpp>
-#include <fmt/format.h>
 
 #include <chrono>
 #include <exception>
@@ -32,7 +33,8 @@ namespace detail {
 
 class error_category_impl final : public boost::system::error_category {
  public:
-  constexpr error_category_impl() noexcept : boost::system::error_category(0x77656972'6572726full) {}
+  constexpr error_category_impl() noexcept
+      : boost::system::error_category(0x77656972'6572726full) {}
 
   const char* name() const noexcept override { return "weir"; }
 

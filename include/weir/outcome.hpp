@@ -67,9 +67,13 @@ class outcome {
  public:
   using value_type = std::conditional_t<std::is_void_v<T>, std::monostate, T>;
 
-  static outcome from_value(value_type value) { return outcome(std::in_place_index<0>, std::move(value)); }
+  static outcome from_value(value_type value) {
+    return outcome(std::in_place_index<0>, std::move(value));
+  }
   static outcome from_error(error_code ec) { return outcome(std::in_place_index<1>, ec); }
-  static outcome from_exception(std::exception_ptr e) { return outcome(std::in_place_index<2>, std::move(e)); }
+  static outcome from_exception(std::exception_ptr e) {
+    return outcome(std::in_place_index<2>, std::move(e));
+  }
 
   bool has_value() const noexcept { return state_.index() == 0; }
   bool has_error() const noexcept { return state_.index() == 1; }

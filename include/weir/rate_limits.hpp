@@ -43,7 +43,7 @@ struct limit {
 // What one call costs (or, after settle, cost) on each dimension.
 struct usage {
   std::uint64_t requests = 1;
-  std::uint64_t tokens = 0;         // input + output
+  std::uint64_t tokens = 0;  // input + output
   std::uint64_t input_tokens = 0;
   std::uint64_t output_tokens = 0;
 
@@ -94,7 +94,8 @@ class rate_limits {
   // rate_limited (and the expected wait) when that wait exceeds max_wait, with invalid_argument
   // when the cost exceeds a burst. Cancellation gives back every dimension.
   template <class CompletionToken>
-  auto async_acquire(const usage& cost, std::chrono::nanoseconds max_wait, CompletionToken&& token) {
+  auto async_acquire(const usage& cost, std::chrono::nanoseconds max_wait,
+                     CompletionToken&& token) {
     return boost::asio::async_initiate<CompletionToken, acquire_signature>(
         [](auto handler, std::shared_ptr<state> s, usage cost, std::chrono::nanoseconds max_wait) {
           s->initiate_acquire(s, std::move(handler), cost, max_wait);
@@ -104,7 +105,8 @@ class rate_limits {
 
   template <class CompletionToken>
   auto async_acquire(const usage& cost, CompletionToken&& token) {
-    return async_acquire(cost, std::chrono::nanoseconds::max(), std::forward<CompletionToken>(token));
+    return async_acquire(cost, std::chrono::nanoseconds::max(),
+                         std::forward<CompletionToken>(token));
   }
 
   // After the response: charges what was used beyond the estimate and refunds what was not, so
@@ -206,7 +208,8 @@ class rate_limits {
         detail::post_completion(executor, std::move(handler), {}, {});
         return;
       }
-      auto op = std::make_shared<detail::pending_acquire<Clock, state, Handler>>(self, std::move(handler), now);
+      auto op = std::make_shared<detail::pending_acquire<Clock, state, Handler>>(
+          self, std::move(handler), now);
       op->reservation = r;
       op->ready_at = now + wait;
       waiters.push_back(*op);
@@ -228,7 +231,8 @@ class rate_limits {
         if (!limits[d] || est[d] == got[d]) continue;
         if (got[d] > est[d]) {
           // Charged even past the burst: the server counted it, so the limiter must too.
-          tat[d] = std::max(tat[d], now) + interval[d] * static_cast<detail::nanos>(got[d] - est[d]);
+          tat[d] =
+              std::max(tat[d], now) + interval[d] * static_cast<detail::nanos>(got[d] - est[d]);
         } else {
           refund[d] = interval[d] * static_cast<detail::nanos>(est[d] - got[d]);
           any_refund = true;

@@ -117,7 +117,8 @@ template <class Handler>
 class queue_admission final : public queue_waiter,
                               public std::enable_shared_from_this<queue_admission<Handler>> {
  public:
-  using handler_executor = boost::asio::associated_executor_t<Handler, boost::asio::any_io_executor>;
+  using handler_executor =
+      boost::asio::associated_executor_t<Handler, boost::asio::any_io_executor>;
 
   queue_admission(std::shared_ptr<request_queue_state> s, Handler h)
       : state_(std::move(s)),
@@ -136,14 +137,16 @@ class queue_admission final : public queue_waiter,
     if (slot.is_connected()) slot.clear();
     auto keep = std::move(self_);
     auto work = std::move(work_);
-    boost::asio::dispatch(work.get_executor(), boost::asio::append(std::move(handler_), ec, std::move(p)));
+    boost::asio::dispatch(work.get_executor(),
+                          boost::asio::append(std::move(handler_), ec, std::move(p)));
   }
 
  private:
   struct cancel_handler {
     queue_admission* op;
     void operator()(boost::asio::cancellation_type type) const {
-      if ((type & boost::asio::cancellation_type::all) == boost::asio::cancellation_type::none) return;
+      if ((type & boost::asio::cancellation_type::all) == boost::asio::cancellation_type::none)
+        return;
       op->cancel();
     }
   };
@@ -183,7 +186,8 @@ class request_queue {
   // A permit if a slot is free now and nobody is waiting; an empty permit otherwise.
   permit try_admit() {
     std::lock_guard lock(state_->mutex);
-    if (state_->shut_down || state_->queued > 0 || state_->in_flight >= state_->options.max_concurrent)
+    if (state_->shut_down || state_->queued > 0 ||
+        state_->in_flight >= state_->options.max_concurrent)
       return {};
     ++state_->in_flight;
     return state_->make_permit();
@@ -236,7 +240,8 @@ class request_queue {
 
  private:
   template <class Handler>
-  static void initiate(std::shared_ptr<detail::request_queue_state> s, Handler handler, priority p) {
+  static void initiate(std::shared_ptr<detail::request_queue_state> s, Handler handler,
+                       priority p) {
     auto fail = [&](error_code ec) {
       boost::asio::post(s->executor, boost::asio::append(std::move(handler), ec, permit()));
     };
@@ -245,7 +250,8 @@ class request_queue {
     if (s->queued == 0 && s->in_flight < s->options.max_concurrent) {
       ++s->in_flight;
       lock.unlock();
-      boost::asio::post(s->executor, boost::asio::append(std::move(handler), error_code(), s->make_permit()));
+      boost::asio::post(s->executor,
+                        boost::asio::append(std::move(handler), error_code(), s->make_permit()));
       return;
     }
     if (s->queued >= s->options.max_queued) return lock.unlock(), fail(error::queue_full);

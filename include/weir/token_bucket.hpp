@@ -43,10 +43,14 @@ class token_bucket {
 
   // Takes `n` units if they are there now; never blocks. n > burst is invalid_argument.
   bool try_acquire(std::uint64_t n = 1) { return try_acquire(n, Clock::now()); }
-  bool try_acquire(std::uint64_t n, time_point now) { return state_->try_acquire(n, detail::to_nanos(now)); }
+  bool try_acquire(std::uint64_t n, time_point now) {
+    return state_->try_acquire(n, detail::to_nanos(now));
+  }
 
   // How long until `n` units are available (zero if they are there now).
-  std::chrono::nanoseconds time_until(std::uint64_t n = 1) const { return time_until(n, Clock::now()); }
+  std::chrono::nanoseconds time_until(std::uint64_t n = 1) const {
+    return time_until(n, Clock::now());
+  }
   std::chrono::nanoseconds time_until(std::uint64_t n, time_point now) const {
     return std::chrono::nanoseconds(state_->time_until(n, detail::to_nanos(now)));
   }
@@ -58,7 +62,8 @@ class token_bucket {
   template <class CompletionToken>
   auto async_acquire(std::uint64_t n, std::chrono::nanoseconds max_wait, CompletionToken&& token) {
     return boost::asio::async_initiate<CompletionToken, acquire_signature>(
-        [](auto handler, std::shared_ptr<state> s, std::uint64_t n, std::chrono::nanoseconds max_wait) {
+        [](auto handler, std::shared_ptr<state> s, std::uint64_t n,
+           std::chrono::nanoseconds max_wait) {
           s->initiate_acquire(s, std::move(handler), n, max_wait);
         },
         token, state_, n, max_wait);
@@ -74,11 +79,15 @@ class token_bucket {
   void set_rate(weir::rate r) { state_->set_rate(r); }
   void set_burst(std::uint64_t burst) { state_->set_burst(burst); }
 
-  weir::rate rate() const noexcept { return per_second(1e9 / state_->interval.load(std::memory_order_relaxed)); }
+  weir::rate rate() const noexcept {
+    return per_second(1e9 / state_->interval.load(std::memory_order_relaxed));
+  }
   std::uint64_t burst() const noexcept { return state_->burst.load(std::memory_order_relaxed); }
 
   // Units that could be taken at once now (0 while waiters hold the bucket's future).
-  std::uint64_t available(time_point now = Clock::now()) const { return state_->available(detail::to_nanos(now)); }
+  std::uint64_t available(time_point now = Clock::now()) const {
+    return state_->available(detail::to_nanos(now));
+  }
 
   // Pushes the bucket's next free moment to at least `until` (e.g. the server said the window
   // resets then). Does not refill a bucket that is already emptier.
@@ -121,7 +130,8 @@ class token_bucket {
           now = detail::to_nanos(Clock::now());
           continue;
         }
-        if (tat_.compare_exchange_weak(tat, r.new_tat, std::memory_order_acq_rel, std::memory_order_relaxed))
+        if (tat_.compare_exchange_weak(tat, r.new_tat, std::memory_order_acq_rel,
+                                       std::memory_order_relaxed))
           return true;
       }
     }
@@ -129,15 +139,16 @@ class token_bucket {
     detail::nanos time_until(std::uint64_t n, detail::nanos now) const {
       const auto i = interval.load(std::memory_order_relaxed);
       const auto b = burst.load(std::memory_order_relaxed);
-      const auto r = detail::reserve(tat_.load(std::memory_order_acquire), now, increment_for(n, i, b),
-                                     i * static_cast<detail::nanos>(b));
+      const auto r = detail::reserve(tat_.load(std::memory_order_acquire), now,
+                                     increment_for(n, i, b), i * static_cast<detail::nanos>(b));
       return std::max<detail::nanos>(0, r.wait);
     }
 
     std::uint64_t available(detail::nanos now) const {
       const auto i = interval.load(std::memory_order_relaxed);
       const auto b = burst.load(std::memory_order_relaxed);
-      const auto room = now + i * static_cast<detail::nanos>(b) - std::max(tat_.load(std::memory_order_acquire), now);
+      const auto room = now + i * static_cast<detail::nanos>(b) -
+                        std::max(tat_.load(std::memory_order_acquire), now);
       return room <= 0 ? 0 : static_cast<std::uint64_t>(room / i);
     }
 
@@ -166,7 +177,8 @@ class token_bucket {
                                   std::chrono::nanoseconds(r.wait));
           return;
         }
-      } while (!tat_.compare_exchange_weak(tat, r.new_tat, std::memory_order_acq_rel, std::memory_order_relaxed));
+      } while (!tat_.compare_exchange_weak(tat, r.new_tat, std::memory_order_acq_rel,
+                                           std::memory_order_relaxed));
 
       if (r.wait <= 0) {
         lock.unlock();
@@ -203,8 +215,8 @@ class token_bucket {
 
     void pause_until(detail::nanos until) {
       const auto i = interval.load(std::memory_order_relaxed);
-      const auto target =
-          detail::tat_paused_until(until, i, i * static_cast<detail::nanos>(burst.load(std::memory_order_relaxed)));
+      const auto target = detail::tat_paused_until(
+          until, i, i * static_cast<detail::nanos>(burst.load(std::memory_order_relaxed)));
       auto tat = tat_.load(std::memory_order_relaxed);
       while (tat < target && !tat_.compare_exchange_weak(tat, target, std::memory_order_acq_rel)) {
       }

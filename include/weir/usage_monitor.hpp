@@ -22,7 +22,7 @@ namespace weir {
 
 struct usage_monitor_options {
   std::chrono::nanoseconds window = std::chrono::seconds(60);
-  std::uint32_t buckets = 60;                 // resolution: window / buckets
+  std::uint32_t buckets = 60;                  // resolution: window / buckets
   std::optional<weir::rate> requests_limit{};  // for utilization()
   std::optional<weir::rate> tokens_limit{};
   double slow_down_above = 0.8;  // utilization where pacing_delay() starts to grow
@@ -63,7 +63,9 @@ class usage_monitor {
     state_->record(e, detail::to_nanos(now));
   }
 
-  usage_totals totals(time_point now = Clock::now()) const { return state_->totals(detail::to_nanos(now)); }
+  usage_totals totals(time_point now = Clock::now()) const {
+    return state_->totals(detail::to_nanos(now));
+  }
 
   // Events per minute over the window.
   double requests_per_minute(time_point now = Clock::now()) const {
@@ -75,9 +77,7 @@ class usage_monitor {
 
   // The larger of requests and tokens used over the window against the configured limits
   // (0 when no limit is configured); 1.0 means the window used the whole quota.
-  double utilization(time_point now = Clock::now()) const {
-    return utilization_of(totals(now));
-  }
+  double utilization(time_point now = Clock::now()) const { return utilization_of(totals(now)); }
 
   // Pre-emptive slow-down: how long to wait before the next request. Zero below
   // `slow_down_above`; then growing smoothly (quadratically) to one request's interval of the
@@ -97,13 +97,15 @@ class usage_monitor {
     double interval_ns = 0;  // one request's share of the binding limit
     if (o.requests_limit) {
       const auto allowed = static_cast<std::uint64_t>(o.requests_limit->per_second * window_s);
-      if (t.requests + 1 > allowed) until_room = state_->time_until_expired(at, 0, t.requests + 1 - allowed);
+      if (t.requests + 1 > allowed)
+        until_room = state_->time_until_expired(at, 0, t.requests + 1 - allowed);
       interval_ns = 1e9 / o.requests_limit->per_second;
     }
     if (o.tokens_limit) {
       const auto allowed = static_cast<std::uint64_t>(o.tokens_limit->per_second * window_s);
       const auto next = t.tokens + static_cast<std::uint64_t>(tokens_per_request);
-      if (next > allowed) until_room = std::max(until_room, state_->time_until_expired(at, 1, next - allowed));
+      if (next > allowed)
+        until_room = std::max(until_room, state_->time_until_expired(at, 1, next - allowed));
       interval_ns = std::max(interval_ns, tokens_per_request * 1e9 / o.tokens_limit->per_second);
     }
     if (until_room > 0) return std::chrono::nanoseconds(until_room);
@@ -122,8 +124,10 @@ class usage_monitor {
     const auto& o = state_->options;
     const double window_s = static_cast<double>(o.window.count()) / 1e9;
     double u = 0;
-    if (o.requests_limit) u = std::max(u, static_cast<double>(t.requests) / (o.requests_limit->per_second * window_s));
-    if (o.tokens_limit) u = std::max(u, static_cast<double>(t.tokens) / (o.tokens_limit->per_second * window_s));
+    if (o.requests_limit)
+      u = std::max(u, static_cast<double>(t.requests) / (o.requests_limit->per_second * window_s));
+    if (o.tokens_limit)
+      u = std::max(u, static_cast<double>(t.tokens) / (o.tokens_limit->per_second * window_s));
     return u;
   }
 
@@ -139,7 +143,8 @@ class usage_monitor {
     explicit state(const usage_monitor_options& o)
         : options(o), bucket_ns(o.buckets ? o.window.count() / o.buckets : 0) {
       if (o.window.count() <= 0 || o.buckets == 0 || bucket_ns <= 0)
-        throw weir::exception(error::invalid_argument, "usage_monitor needs a positive window and bucket count");
+        throw weir::exception(error::invalid_argument,
+                              "usage_monitor needs a positive window and bucket count");
       if ((o.requests_limit && !(o.requests_limit->per_second > 0)) ||
           (o.tokens_limit && !(o.tokens_limit->per_second > 0)))
         throw weir::exception(error::invalid_argument, "usage_monitor limits must be positive");
@@ -148,7 +153,9 @@ class usage_monitor {
       ring = std::make_unique<bucket[]>(o.buckets);
     }
 
-    static std::uint64_t tag_of(std::uint64_t epoch) { return (epoch & ((1u << tag_bits) - 1)) << count_bits; }
+    static std::uint64_t tag_of(std::uint64_t epoch) {
+      return (epoch & ((1u << tag_bits) - 1)) << count_bits;
+    }
 
     // Whether tag `a` is a later epoch than tag `b`, modulo the tag width.
     static bool is_newer(std::uint64_t a, std::uint64_t b) {

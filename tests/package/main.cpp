@@ -1,8 +1,8 @@
 // A consumer of the installed package: it only needs find_package(weir) and weir::weir.
 #include <weir/weir.hpp>
 
-#include <boost/asio/io_context.hpp>
 #include <fmt/core.h>
+#include <boost/asio/io_context.hpp>
 
 int main() {
   boost::asio::io_context io;

@@ -35,7 +35,8 @@ inline constexpr double max_interval_ns = 1e17;
 // Nanoseconds per unit at `r`; a clear invalid_argument for a rate that is not positive.
 inline nanos emission_interval(rate r) {
   if (!(r.per_second > 0) || !std::isfinite(r.per_second) || 1e9 / r.per_second > max_interval_ns)
-    throw weir::exception(error::invalid_argument, "rate must be positive, finite and at least 1 per 10^8 s");
+    throw weir::exception(error::invalid_argument,
+                          "rate must be positive, finite and at least 1 per 10^8 s");
   return std::max<nanos>(1, std::llround(1e9 / r.per_second));
 }
 
@@ -52,7 +53,8 @@ struct reservation_time {
   nanos wait;     // how long from now until the units are there (≤ 0: now)
 };
 
-constexpr reservation_time reserve(nanos tat, nanos now, nanos increment, nanos tolerance) noexcept {
+constexpr reservation_time reserve(nanos tat, nanos now, nanos increment,
+                                   nanos tolerance) noexcept {
   const nanos new_tat = std::max(tat, now) + increment;
   return {new_tat, new_tat - tolerance - now};
 }

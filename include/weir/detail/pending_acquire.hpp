@@ -82,24 +82,28 @@ std::array<nanos, Dims> restack(waiter<reservation<Dims>>* first, std::array<nan
 // reserved. Returns how far the owner's TAT moves back, per dimension.
 template <std::size_t Dims>
 std::array<nanos, Dims> withdraw(waiter_list<waiter<reservation<Dims>>>& list,
-                                 waiter<reservation<Dims>>& w, const std::array<nanos, Dims>& tolerance) {
+                                 waiter<reservation<Dims>>& w,
+                                 const std::array<nanos, Dims>& tolerance) {
   auto* first_later = w.next;
   list.erase(w);
   std::array<nanos, Dims> prev_end;
-  for (std::size_t d = 0; d < Dims; ++d) prev_end[d] = w.reservation.end[d] - w.reservation.increment[d];
+  for (std::size_t d = 0; d < Dims; ++d)
+    prev_end[d] = w.reservation.end[d] - w.reservation.increment[d];
   if (!first_later) return w.reservation.increment;
   return restack(first_later, prev_end, tolerance);
 }
 
 // Completes `handler` with (ec, waited) through its associated executor, never inline.
 template <class Handler, class Executor>
-void post_completion(const Executor& ex, Handler&& handler, error_code ec, std::chrono::nanoseconds waited) {
+void post_completion(const Executor& ex, Handler&& handler, error_code ec,
+                     std::chrono::nanoseconds waited) {
   boost::asio::post(ex, boost::asio::append(std::forward<Handler>(handler), ec, waited));
 }
 
 template <class Clock, class State, class Handler>
-class pending_acquire final : public waiter<typename State::reservation_type>,
-                              public std::enable_shared_from_this<pending_acquire<Clock, State, Handler>> {
+class pending_acquire final
+    : public waiter<typename State::reservation_type>,
+      public std::enable_shared_from_this<pending_acquire<Clock, State, Handler>> {
  public:
   using timer_type = boost::asio::basic_waitable_timer<Clock>;
   using handler_executor =
@@ -133,7 +137,8 @@ class pending_acquire final : public waiter<typename State::reservation_type>,
   struct cancel_handler {
     std::weak_ptr<pending_acquire> op;
     void operator()(boost::asio::cancellation_type type) const {
-      if ((type & boost::asio::cancellation_type::all) == boost::asio::cancellation_type::none) return;
+      if ((type & boost::asio::cancellation_type::all) == boost::asio::cancellation_type::none)
+        return;
       if (auto self = op.lock()) self->cancel();
     }
   };

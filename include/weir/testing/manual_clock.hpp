@@ -37,7 +37,9 @@ class basic_manual_clock {
   // that real steady_clock values would not produce either.
   static constexpr time_point start_time{std::chrono::hours(1000)};
 
-  static time_point now() noexcept { return time_point(duration(now_ns_.load(std::memory_order_acquire))); }
+  static time_point now() noexcept {
+    return time_point(duration(now_ns_.load(std::memory_order_acquire)));
+  }
 
   // Moves time forward by `d` without running anything.
   static void advance(duration d) {
@@ -45,7 +47,9 @@ class basic_manual_clock {
     now_ns_.fetch_add(d.count(), std::memory_order_acq_rel);
   }
 
-  static void set(time_point t) { now_ns_.store(t.time_since_epoch().count(), std::memory_order_release); }
+  static void set(time_point t) {
+    now_ns_.store(t.time_since_epoch().count(), std::memory_order_release);
+  }
 
   // Back to start_time, with no deadline remembered; call at the start of each test.
   static void reset() noexcept {
@@ -57,11 +61,14 @@ class basic_manual_clock {
   static void note_deadline(time_point t) noexcept {
     auto ns = t.time_since_epoch().count();
     auto seen = next_deadline_ns_.load(std::memory_order_relaxed);
-    while (ns < seen && !next_deadline_ns_.compare_exchange_weak(seen, ns, std::memory_order_relaxed)) {
+    while (ns < seen &&
+           !next_deadline_ns_.compare_exchange_weak(seen, ns, std::memory_order_relaxed)) {
     }
   }
 
-  static void forget_deadline() noexcept { next_deadline_ns_.store(no_deadline, std::memory_order_relaxed); }
+  static void forget_deadline() noexcept {
+    next_deadline_ns_.store(no_deadline, std::memory_order_relaxed);
+  }
 
   // The earliest timer deadline Asio reported since forget_deadline(), if any.
   static std::optional<time_point> next_deadline() noexcept {
