@@ -108,16 +108,27 @@ class token_bucket {
       burst.store(o.burst, std::memory_order_relaxed);
     }
 
-    detail::nanos increment_for(std::uint64_t n, detail::nanos i, std::uint64_t b) const {
-      if (n > b) throw weir::exception(error::invalid_argument, "cost exceeds the bucket's burst");
-      return i * static_cast<detail::nanos>(n);
+    // The bucket's size as one value: interval and burst change only through set_rate/set_burst.
+    struct shape {
+      detail::nanos interval;
+      std::uint64_t burst;
+
+      detail::nanos tolerance() const { return interval * static_cast<detail::nanos>(burst); }
+      detail::nanos increment(std::uint64_t n) const {
+        if (n > burst)
+          throw weir::exception(error::invalid_argument, "cost exceeds the bucket's burst");
+        return interval * static_cast<detail::nanos>(n);
+      }
+    };
+
+    shape current() const {
+      return {interval.load(std::memory_order_relaxed), burst.load(std::memory_order_relaxed)};
     }
 
     bool try_acquire(std::uint64_t n, detail::nanos now) {
-      const auto i = interval.load(std::memory_order_relaxed);
-      const auto b = burst.load(std::memory_order_relaxed);
-      const auto inc = increment_for(n, i, b);
-      const auto tol = i * static_cast<detail::nanos>(b);
+      const auto sh = current();
+      const auto inc = sh.increment(n);
+      const auto tol = sh.tolerance();
       auto tat = tat_.load(std::memory_order_relaxed);
       bool reread = false;
       for (;;) {
@@ -137,33 +148,29 @@ class token_bucket {
     }
 
     detail::nanos time_until(std::uint64_t n, detail::nanos now) const {
-      const auto i = interval.load(std::memory_order_relaxed);
-      const auto b = burst.load(std::memory_order_relaxed);
-      const auto r = detail::reserve(tat_.load(std::memory_order_acquire), now,
-                                     increment_for(n, i, b), i * static_cast<detail::nanos>(b));
+      const auto sh = current();
+      const auto r = detail::reserve(tat_.load(std::memory_order_acquire), now, sh.increment(n),
+                                     sh.tolerance());
       return std::max<detail::nanos>(0, r.wait);
     }
 
     std::uint64_t available(detail::nanos now) const {
-      const auto i = interval.load(std::memory_order_relaxed);
-      const auto b = burst.load(std::memory_order_relaxed);
-      const auto room = now + i * static_cast<detail::nanos>(b) -
-                        std::max(tat_.load(std::memory_order_acquire), now);
-      return room <= 0 ? 0 : static_cast<std::uint64_t>(room / i);
+      const auto sh = current();
+      const auto room = now + sh.tolerance() - std::max(tat_.load(std::memory_order_acquire), now);
+      return room <= 0 ? 0 : static_cast<std::uint64_t>(room / sh.interval);
     }
 
     template <class Handler>
     void initiate_acquire(const std::shared_ptr<state>& self, Handler handler, std::uint64_t n,
                           std::chrono::nanoseconds max_wait) {
       const auto now = detail::to_nanos(Clock::now());
-      const auto i = interval.load(std::memory_order_relaxed);
-      const auto b = burst.load(std::memory_order_relaxed);
-      if (n > b) {
+      const auto sh = current();
+      if (n > sh.burst) {
         detail::post_completion(executor, std::move(handler), error::invalid_argument, {});
         return;
       }
-      const auto inc = i * static_cast<detail::nanos>(n);
-      const auto tol = i * static_cast<detail::nanos>(b);
+      const auto inc = sh.increment(n);
+      const auto tol = sh.tolerance();
 
       // Reserve and link under the mutex so that the list order is the reservation order.
       std::unique_lock lock(mutex);
@@ -196,9 +203,7 @@ class token_bucket {
     // Under mutex: `w` leaves the queue, its units return to the bucket, and every waiter that
     // reserved after it moves up.
     void withdraw(waiter_type& w) {
-      const auto tol = interval.load(std::memory_order_relaxed) *
-                       static_cast<detail::nanos>(burst.load(std::memory_order_relaxed));
-      const auto shift = detail::withdraw(waiters, w, {tol});
+      const auto shift = detail::withdraw(waiters, w, {current().tolerance()});
       tat_.fetch_sub(shift[0], std::memory_order_acq_rel);
     }
 
@@ -214,9 +219,8 @@ class token_bucket {
     }
 
     void pause_until(detail::nanos until) {
-      const auto i = interval.load(std::memory_order_relaxed);
-      const auto target = detail::tat_paused_until(
-          until, i, i * static_cast<detail::nanos>(burst.load(std::memory_order_relaxed)));
+      const auto sh = current();
+      const auto target = detail::tat_paused_until(until, sh.interval, sh.tolerance());
       auto tat = tat_.load(std::memory_order_relaxed);
       while (tat < target && !tat_.compare_exchange_weak(tat, target, std::memory_order_acq_rel)) {
       }
