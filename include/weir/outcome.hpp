@@ -21,9 +21,9 @@ namespace weir {
 
 // One dimension of a server's limit as it reported it (e.g. requests or tokens per minute).
 struct limit_snapshot {
-  std::optional<std::int64_t> limit;
-  std::optional<std::int64_t> remaining;
-  std::optional<std::chrono::nanoseconds> reset_after;  // until the window is full again
+  std::optional<std::int64_t> limit{};
+  std::optional<std::int64_t> remaining{};
+  std::optional<std::chrono::nanoseconds> reset_after{};  // until the window is full again
 
   bool empty() const noexcept { return !limit && !remaining && !reset_after; }
   friend bool operator==(const limit_snapshot&, const limit_snapshot&) = default;
@@ -31,11 +31,11 @@ struct limit_snapshot {
 
 // Everything a response said about when to come back and how much room is left.
 struct rate_limit_hint {
-  std::optional<std::chrono::nanoseconds> retry_after;
-  limit_snapshot requests;
-  limit_snapshot tokens;
-  limit_snapshot input_tokens;
-  limit_snapshot output_tokens;
+  std::optional<std::chrono::nanoseconds> retry_after{};
+  limit_snapshot requests{};
+  limit_snapshot tokens{};
+  limit_snapshot input_tokens{};
+  limit_snapshot output_tokens{};
 
   bool empty() const noexcept {
     return !retry_after && requests.empty() && tokens.empty() && input_tokens.empty() &&
@@ -54,7 +54,7 @@ enum class verdict {
 
 struct classification {
   verdict kind = verdict::success;
-  rate_limit_hint hint;
+  rate_limit_hint hint{};
 
   bool is_success() const noexcept { return kind == verdict::success; }
   bool is_failure() const noexcept { return kind != verdict::success; }

@@ -1,0 +1,303 @@
+// A circuit breaker: stops calling a provider that keeps failing, and probes it again after a break.
+//
+//     weir::circuit_breaker<> breaker({.consecutive_failures = 5, .break_duration = 30s});
+//     auto reply = co_await breaker([&] { return client.async_post(req, asio::use_awaitable); });
+//
+// closed ──(failures)──► open ──(break over)──► half-open ──(probes succeed)──► closed
+//                          ▲                        │
+//                          └────(a probe fails)─────┘
+#pragma once
+
+#include <weir/detail/gcra.hpp>
+#include <weir/error.hpp>
+#include <weir/outcome.hpp>
+#include <weir/usage_monitor.hpp>
+
+#include <boost/asio/awaitable.hpp>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace weir {
+
+enum class breaker_state { closed, open, half_open, isolated };
+
+// Trip on the failure rate over a sliding window instead of on consecutive failures.
+struct failure_rate_window {
+  double threshold = 0.5;            // open when failures / calls ≥ this ...
+  std::uint32_t minimum_throughput = 10;  // ... over at least this many calls in the window
+  std::uint32_t calls = 0;           // count-based: the last `calls` calls; 0: time-based
+  std::chrono::nanoseconds duration = std::chrono::seconds(60);  // time-based window
+  std::uint32_t buckets = 10;        // time-based resolution
+};
+
+struct circuit_breaker_options {
+  std::uint32_t consecutive_failures = 5;       // used when failure_rate is absent
+  std::optional<failure_rate_window> failure_rate{};
+  // Calls slower than this count as failures even when they succeed.
+  std::optional<std::chrono::nanoseconds> slow_call_threshold{};
+  std::chrono::nanoseconds break_duration = std::chrono::seconds(30);
+  double break_growth = 1.0;  // each re-open without a close in between multiplies the break
+  std::chrono::nanoseconds max_break_duration = std::chrono::minutes(5);
+  std::uint32_t half_open_permits = 1;   // probes let through while half-open
+  std::uint32_t successes_to_close = 1;  // probe successes that close the breaker
+  std::function<void(breaker_state from, breaker_state to)> on_state_change{};
+};
+
+// Copies share one breaker. The closed-state check is one atomic load; state changes take a mutex.
+template <class Clock = std::chrono::steady_clock, class Classifier = default_classifier>
+class circuit_breaker {
+ public:
+  using clock_type = Clock;
+  using time_point = typename Clock::time_point;
+
+  // Admission to one call: whether it may go, and which breaker generation it belongs to, so a
+  // late result from before a state change cannot move the new state.
+  struct ticket {
+    bool admitted = false;
+    bool probe = false;
+    std::uint64_t generation = 0;
+    std::chrono::nanoseconds retry_after{0};  // when rejected: until the breaker half-opens
+  };
+
+  // Throws weir::exception(invalid_argument) for zero thresholds, permits, or a negative break.
+  explicit circuit_breaker(circuit_breaker_options options = {}, Classifier classifier = {})
+      : state_(std::make_shared<shared>(std::move(options), std::move(classifier))) {}
+
+  // Runs `op` if the breaker admits it; otherwise throws weir::exception(circuit_open) with the
+  // time until half-open as retry_after. The outcome is judged by the classifier: retryable and
+  // rate-limited outcomes (and slow calls) are failures; fatal ones, like a 400, are not the
+  // provider's fault and count as successes.
+  template <class Operation>
+  auto operator()(Operation op) const {
+    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
+    return run<value>(state_, std::move(op));
+  }
+
+  // The synchronous halves of operator(), for callers that make the call themselves.
+  ticket try_admit(time_point now = Clock::now()) { return state_->admit(now); }
+  void record(const ticket& t, bool failed, time_point now = Clock::now()) {
+    state_->record(t, failed, now);
+  }
+
+  breaker_state state() const noexcept { return state_->current.load(std::memory_order_acquire); }
+
+  // Forces the breaker open until reset(), e.g. for maintenance.
+  void isolate() { state_->transition_to(breaker_state::isolated, Clock::now()); }
+  // Closes the breaker and forgets every failure.
+  void reset() { state_->transition_to(breaker_state::closed, Clock::now()); }
+
+ private:
+  struct shared {
+    shared(circuit_breaker_options o, Classifier c) : options(std::move(o)), classify(std::move(c)) {
+      if (options.consecutive_failures == 0 || options.half_open_permits == 0 ||
+          options.successes_to_close == 0 || options.successes_to_close > options.half_open_permits)
+        throw weir::exception(error::invalid_argument,
+                              "circuit_breaker needs failures, permits ≥ successes_to_close ≥ 1");
+      if (options.break_duration.count() < 0 || options.max_break_duration < options.break_duration ||
+          !(options.break_growth >= 1.0))
+        throw weir::exception(error::invalid_argument,
+                              "circuit_breaker break must be ≥ 0, ≤ max, and grow by ≥ 1");
+      if (auto& w = options.failure_rate) {
+        if (!(w->threshold > 0 && w->threshold <= 1) || w->minimum_throughput == 0)
+          throw weir::exception(error::invalid_argument,
+                                "failure_rate needs a threshold in (0, 1] and a minimum throughput");
+        if (w->calls > 0)
+          recent.assign(w->calls, 0);
+        else
+          window.emplace(usage_monitor_options{.window = w->duration, .buckets = w->buckets});
+      }
+      next_break = options.break_duration;
+    }
+
+    ticket admit(time_point now) {
+      if (current.load(std::memory_order_acquire) == breaker_state::closed)
+        return {true, false, generation.load(std::memory_order_acquire), {}};
+      std::lock_guard lock(mutex);
+      const auto s = current.load(std::memory_order_relaxed);
+      if (s == breaker_state::closed) return {true, false, generation.load(std::memory_order_relaxed), {}};
+      if (s == breaker_state::isolated) return {false, false, 0, std::chrono::nanoseconds::max()};
+      if (s == breaker_state::open) {
+        if (now < open_until) return {false, false, 0, open_until - now};
+        move_to(breaker_state::half_open, now);
+      }
+      if (probes_issued < options.half_open_permits) {
+        ++probes_issued;
+        return {true, true, generation.load(std::memory_order_relaxed), {}};
+      }
+      // Every probe is out; their results will decide. Come back after a fraction of the break.
+      return {false, false, 0, std::max<std::chrono::nanoseconds>(options.break_duration / 10, std::chrono::milliseconds(1))};
+    }
+
+    void record(const ticket& t, bool failed, time_point now) {
+      if (!t.admitted) return;
+      if (!t.probe && current.load(std::memory_order_acquire) == breaker_state::closed &&
+          !options.failure_rate) {
+        // Consecutive-failure mode, closed: a success writes only when there is a streak to end.
+        if (!failed) {
+          if (consecutive.load(std::memory_order_relaxed) != 0)
+            consecutive.store(0, std::memory_order_relaxed);
+          return;
+        }
+        if (consecutive.fetch_add(1, std::memory_order_relaxed) + 1 < options.consecutive_failures)
+          return;
+      }
+      std::lock_guard lock(mutex);
+      if (t.generation != generation.load(std::memory_order_relaxed)) return;  // from before a change
+      switch (current.load(std::memory_order_relaxed)) {
+        case breaker_state::closed:
+          if (trips(failed, now)) open(now);
+          break;
+        case breaker_state::half_open:
+          if (!t.probe) break;
+          if (failed) {
+            open(now);
+          } else if (++probe_successes >= options.successes_to_close) {
+            move_to(breaker_state::closed, now);
+          }
+          break;
+        default: break;
+      }
+    }
+
+    // Under mutex, closed: whether this result trips the breaker.
+    bool trips(bool failed, time_point now) {
+      if (!options.failure_rate) return failed && consecutive.load(std::memory_order_relaxed) >= options.consecutive_failures;
+      const auto& w = *options.failure_rate;
+      std::uint64_t calls = 0, failures = 0;
+      if (window) {
+        window->record({.requests = 1, .error = failed}, now);
+        const auto t = window->totals(now);
+        calls = t.requests;
+        failures = t.errors;
+      } else {
+        recent[recent_next] = failed ? 2 : 1;  // 0: no call yet
+        recent_next = (recent_next + 1) % recent.size();
+        for (auto r : recent) {
+          calls += r != 0;
+          failures += r == 2;
+        }
+      }
+      return calls >= w.minimum_throughput &&
+             static_cast<double>(failures) >= w.threshold * static_cast<double>(calls);
+    }
+
+    // Under mutex.
+    void open(time_point now) {
+      open_until = now + std::chrono::duration_cast<typename Clock::duration>(next_break);
+      const double grown = static_cast<double>(next_break.count()) * options.break_growth;
+      next_break = grown >= static_cast<double>(options.max_break_duration.count())
+                       ? options.max_break_duration
+                       : std::chrono::nanoseconds(static_cast<std::int64_t>(grown));
+      move_to(breaker_state::open, now);
+    }
+
+    // Under mutex: every change starts a new generation and clears what the old state counted.
+    void move_to(breaker_state to, time_point) {
+      const auto from = current.load(std::memory_order_relaxed);
+      if (to == breaker_state::closed) {
+        next_break = options.break_duration;
+        if (window) {
+          const auto fresh = window->options();
+          window.emplace(fresh);
+        }
+        std::fill(recent.begin(), recent.end(), 0);
+      }
+      consecutive.store(0, std::memory_order_relaxed);
+      probes_issued = probe_successes = 0;
+      generation.fetch_add(1, std::memory_order_acq_rel);
+      current.store(to, std::memory_order_release);
+      if (from != to && options.on_state_change) options.on_state_change(from, to);
+    }
+
+    void transition_to(breaker_state to, time_point now) {
+      std::lock_guard lock(mutex);
+      move_to(to, now);
+    }
+
+    circuit_breaker_options options;
+    Classifier classify;
+    std::atomic<breaker_state> current{breaker_state::closed};
+    std::atomic<std::uint64_t> generation{0};
+    std::atomic<std::uint32_t> consecutive{0};
+    std::mutex mutex;
+    time_point open_until{};
+    std::chrono::nanoseconds next_break{};
+    std::uint32_t probes_issued = 0;
+    std::uint32_t probe_successes = 0;
+    std::optional<usage_monitor<Clock>> window;  // time-based failure rate
+    std::vector<std::uint8_t> recent;            // count-based failure rate: 0 none, 1 ok, 2 failed
+    std::size_t recent_next = 0;
+  };
+
+  template <class T, class Operation>
+  static boost::asio::awaitable<T> run(std::shared_ptr<shared> s, Operation op) {
+    const auto t = s->admit(Clock::now());
+    if (!t.admitted)
+      throw weir::exception(error::circuit_open, "the provider's circuit is open", t.retry_after);
+    const bool timed = s->options.slow_call_threshold.has_value();
+    const auto started = timed ? Clock::now() : time_point{};
+
+    std::optional<outcome<T>> result;
+    try {
+      if constexpr (std::is_void_v<T>) {
+        co_await op();
+        result.emplace(outcome<T>::from_value({}));
+      } else {
+        result.emplace(outcome<T>::from_value(co_await op()));
+      }
+    } catch (...) {
+      result.emplace(outcome<T>::from_exception(std::current_exception()));
+    }
+
+    const auto kind = s->classify(std::as_const(*result)).kind;
+    bool failed = kind == verdict::retryable || kind == verdict::rate_limited;
+    // A cancelled call says nothing about the provider.
+    const bool cancelled = result->has_exception() && is_cancellation(result->exception());
+    if (!cancelled) {
+      // The clock is read only when something needs it: a slow-call check, a failure, a probe,
+      // or a time-based window. A plain success through a closed breaker does not pay for it.
+      const bool needs_now = timed || failed || t.probe || s->options.failure_rate.has_value();
+      const auto now = needs_now ? Clock::now() : time_point{};
+      if (timed) failed = failed || now - started > *s->options.slow_call_threshold;
+      s->record(t, failed, now);
+    }
+    if constexpr (std::is_void_v<T>) {
+      std::move(*result).get();
+    } else {
+      co_return std::move(*result).get();
+    }
+  }
+
+  static bool is_cancellation(const std::exception_ptr& e) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const boost::system::system_error& x) {
+      return x.code() == boost::asio::error::operation_aborted;
+    } catch (...) {
+      return false;
+    }
+  }
+
+  std::shared_ptr<shared> state_;
+};
+
+}  // namespace weir
+
+template <>
+struct fmt::formatter<weir::breaker_state> : fmt::formatter<fmt::string_view> {
+  template <class FormatContext>
+  auto format(weir::breaker_state s, FormatContext& ctx) const {
+    constexpr const char* names[] = {"closed", "open", "half-open", "isolated"};
+    return fmt::formatter<fmt::string_view>::format(names[static_cast<int>(s)], ctx);
+  }
+};
