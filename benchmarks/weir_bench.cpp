@@ -1,9 +1,13 @@
 // weir_bench: each policy's hot path against the floor it cannot beat. The README quotes a run.
+#include <weir/circuit_breaker.hpp>
 #include <weir/request_queue.hpp>
+#include <weir/retry.hpp>
 #include <weir/token_bucket.hpp>
 #include <weir/usage_monitor.hpp>
 
 #include <benchmark/benchmark.h>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
 
 #include <atomic>
@@ -50,6 +54,39 @@ void request_queue_admit_release(benchmark::State& state) {
   }
 }
 BENCHMARK(request_queue_admit_release)->Name("request_queue/admit_release");
+
+// Runs the benchmark loop inside one coroutine, as a caller's agent code would.
+template <class Call>
+void in_coroutine(benchmark::State& state, Call call) {
+  boost::asio::io_context io;
+  boost::asio::co_spawn(
+      io,
+      [&]() -> boost::asio::awaitable<void> {
+        for (auto _ : state) benchmark::DoNotOptimize(co_await call());
+      },
+      boost::asio::detached);
+  io.run();
+}
+
+boost::asio::awaitable<int> answer_at_once() { co_return 42; }
+
+// co_await of an awaitable that returns at once: what any coroutine policy must pay.
+void floor_awaitable_call(benchmark::State& state) {
+  in_coroutine(state, [] { return answer_at_once(); });
+}
+BENCHMARK(floor_awaitable_call)->Name("floor/awaitable_call");
+
+void retry_first_success(benchmark::State& state) {
+  weir::retry<> retry;
+  in_coroutine(state, [&] { return retry([] { return answer_at_once(); }); });
+}
+BENCHMARK(retry_first_success)->Name("retry/first_success");
+
+void circuit_breaker_closed_call(benchmark::State& state) {
+  weir::circuit_breaker<> breaker({.consecutive_failures = 5});
+  in_coroutine(state, [&] { return breaker([] { return answer_at_once(); }); });
+}
+BENCHMARK(circuit_breaker_closed_call)->Name("circuit_breaker/closed_call");
 
 }  // namespace
 

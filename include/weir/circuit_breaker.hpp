@@ -73,18 +73,19 @@ class circuit_breaker {
   explicit circuit_breaker(circuit_breaker_options options = {}, Classifier classifier = {})
       : state_(std::make_shared<shared>(std::move(options), std::move(classifier))) {}
 
-  // Runs `op` if the breaker admits it; otherwise throws weir::exception(circuit_open) with the
+  // Runs `op` if the breaker admits it (the breaker must outlive the call, as an Asio I/O object
+  // outlives its operations); otherwise throws weir::exception(circuit_open) with the
   // time until half-open as retry_after. The outcome is judged by the classifier: retryable and
   // rate-limited outcomes (and slow calls) are failures; fatal ones, like a 400, are not the
   // provider's fault and count as successes.
   template <class Operation>
   auto operator()(Operation op) const {
     using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
-    return run<value>(state_, std::move(op));
+    return run<value>(state_.get(), std::move(op));
   }
 
   // The synchronous halves of operator(), for callers that make the call themselves.
-  ticket try_admit(time_point now = Clock::now()) { return state_->admit(now); }
+  ticket try_admit() { return state_->admit(); }
   void record(const ticket& t, bool failed, time_point now = Clock::now()) {
     state_->record(t, failed, now);
   }
@@ -119,9 +120,11 @@ class circuit_breaker {
       next_break = options.break_duration;
     }
 
-    ticket admit(time_point now) {
+    // The clock is read only when the breaker is not closed.
+    ticket admit() {
       if (current.load(std::memory_order_acquire) == breaker_state::closed)
         return {true, false, generation.load(std::memory_order_acquire), {}};
+      const auto now = Clock::now();
       std::lock_guard lock(mutex);
       const auto s = current.load(std::memory_order_relaxed);
       if (s == breaker_state::closed) return {true, false, generation.load(std::memory_order_relaxed), {}};
@@ -239,9 +242,10 @@ class circuit_breaker {
     std::size_t recent_next = 0;
   };
 
+  // `s` is the breaker's state: like an Asio I/O object, the breaker must outlive its calls.
   template <class T, class Operation>
-  static boost::asio::awaitable<T> run(std::shared_ptr<shared> s, Operation op) {
-    const auto t = s->admit(Clock::now());
+  static boost::asio::awaitable<T> run(shared* s, Operation op) {
+    const auto t = s->admit();
     if (!t.admitted)
       throw weir::exception(error::circuit_open, "the provider's circuit is open", t.retry_after);
     const bool timed = s->options.slow_call_threshold.has_value();

@@ -71,7 +71,7 @@ class retry {
   template <class Operation>
   auto operator()(Operation op) const {
     using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
-    return run<value>(state_, std::move(op));
+    return run<value>(state_.get(), std::move(op));
   }
 
   const retry_options& options() const noexcept { return state_->options; }
@@ -97,8 +97,9 @@ class retry {
     std::mt19937_64 random;
   };
 
+  // Like an Asio I/O object, the retry must outlive the calls made through it.
   template <class T, class Operation>
-  static boost::asio::awaitable<T> run(std::shared_ptr<state> s, Operation op) {
+  static boost::asio::awaitable<T> run(state* s, Operation op) {
     const auto& o = s->options;
     const bool has_deadline = o.max_elapsed != std::chrono::nanoseconds::max();
     const auto started = has_deadline ? Clock::now() : typename Clock::time_point{};
