@@ -137,7 +137,8 @@ struct finished {
 
 // An operation whose attempts fail as scripted, recording when each one started.
 struct scripted {
-  std::vector<std::exception_ptr> failures{};  // attempt i fails with failures[i] while there is one
+  std::vector<std::exception_ptr>
+      failures{};  // attempt i fails with failures[i] while there is one
   std::vector<ns> started{};
   clock_type::time_point t0 = clock_type::now();
 
@@ -243,7 +244,8 @@ TEST_CASE("fatal failures are not retried and reach the caller as they were") {
   clock_type::reset();
   asio::io_context io;
   retry_type retry({.max_attempts = 5});
-  scripted op{.failures = {std::make_exception_ptr(weir::exception(weir::error::invalid_argument))}};
+  scripted op{
+      .failures = {std::make_exception_ptr(weir::exception(weir::error::invalid_argument))}};
   finished<int> f;
   f.start(io, retry(op()));
   advance<clock_type>(io, 1min);
@@ -331,10 +333,10 @@ TEST_CASE("1 000 concurrent failing calls with a 10% budget cause at most the bu
   std::vector<finished<int>> calls(1000);
   for (auto& c : calls)
     c.start(io, retry([&]() -> asio::awaitable<int> {
-      ++attempts;
-      throw boost::system::system_error(asio::error::connection_refused);
-      co_return 0;
-    }));
+              ++attempts;
+              throw boost::system::system_error(asio::error::connection_refused);
+              co_return 0;
+            }));
   advance<clock_type>(io, 1min);
   int budget_exhausted = 0, retries_exhausted = 0;
   for (auto& c : calls) {
@@ -376,15 +378,18 @@ weir::error_code call_through(asio::io_context& io, breaker_type& breaker, bool 
 }
 }  // namespace
 
-TEST_CASE("a breaker opens after 5 consecutive failures, rejects for the whole break, lets exactly "
-          "one probe through, and closes on its success") {
+TEST_CASE(
+    "a breaker opens after 5 consecutive failures, rejects for the whole break, lets exactly "
+    "one probe through, and closes on its success") {
   clock_type::reset();
   asio::io_context io;
   std::vector<std::pair<weir::breaker_state, weir::breaker_state>> changes;
-  breaker_type breaker({.consecutive_failures = 5,
-                        .break_duration = 30s,
-                        .on_state_change = [&](auto from, auto to) { changes.emplace_back(from, to); }});
-  for (int i = 0; i < 4; ++i) CHECK(call_through(io, breaker, true) == asio::error::connection_refused);
+  breaker_type breaker(
+      {.consecutive_failures = 5,
+       .break_duration = 30s,
+       .on_state_change = [&](auto from, auto to) { changes.emplace_back(from, to); }});
+  for (int i = 0; i < 4; ++i)
+    CHECK(call_through(io, breaker, true) == asio::error::connection_refused);
   CHECK(breaker.state() == weir::breaker_state::closed);
   CHECK(call_through(io, breaker, true) == asio::error::connection_refused);
   CHECK(breaker.state() == weir::breaker_state::open);
@@ -404,9 +409,9 @@ TEST_CASE("a breaker opens after 5 consecutive failures, rejects for the whole b
   asio::basic_waitable_timer<clock_type> slow_reply(io, 1s);
   finished<int> probe;
   probe.start(io, breaker([&]() -> asio::awaitable<int> {
-    co_await slow_reply.async_wait(asio::use_awaitable);
-    co_return 1;
-  }));
+                co_await slow_reply.async_wait(asio::use_awaitable);
+                co_return 1;
+              }));
   run_ready(io);
   CHECK(breaker.state() == weir::breaker_state::half_open);
   CHECK(call_through(io, breaker, false) == weir::error::circuit_open);
@@ -414,13 +419,16 @@ TEST_CASE("a breaker opens after 5 consecutive failures, rejects for the whole b
   CHECK(probe.value == 1);
   CHECK(breaker.state() == weir::breaker_state::closed);
   using s = weir::breaker_state;
-  CHECK(changes == std::vector<std::pair<s, s>>{{s::closed, s::open}, {s::open, s::half_open}, {s::half_open, s::closed}});
+  CHECK(changes == std::vector<std::pair<s, s>>{
+                       {s::closed, s::open}, {s::open, s::half_open}, {s::half_open, s::closed}});
 }
 
 TEST_CASE("a failed probe re-opens the breaker for a growing break") {
   clock_type::reset();
   asio::io_context io;
-  breaker_type breaker({.consecutive_failures = 1, .break_duration = 10s, .break_growth = 2.0,
+  breaker_type breaker({.consecutive_failures = 1,
+                        .break_duration = 10s,
+                        .break_growth = 2.0,
                         .max_break_duration = 25s});
   call_through(io, breaker, true);
   clock_type::advance(10s);
@@ -453,7 +461,8 @@ TEST_CASE("failure-rate mode trips only past the threshold with the minimum thro
   clock_type::reset();
   asio::io_context io;
   SECTION("count-based window") {
-    breaker_type breaker({.failure_rate = weir::failure_rate_window{.threshold = 0.5, .minimum_throughput = 10, .calls = 10}});
+    breaker_type breaker({.failure_rate = weir::failure_rate_window{
+                              .threshold = 0.5, .minimum_throughput = 10, .calls = 10}});
     for (int i = 0; i < 4; ++i) call_through(io, breaker, true);
     CHECK(breaker.state() == weir::breaker_state::closed);  // 4 of 4, but fewer than 10 calls
     for (int i = 0; i < 5; ++i) call_through(io, breaker, false);
@@ -462,8 +471,9 @@ TEST_CASE("failure-rate mode trips only past the threshold with the minimum thro
     CHECK(breaker.state() == weir::breaker_state::open);  // 5 of 10
   }
   SECTION("time-based window forgets old failures") {
-    breaker_type breaker({.failure_rate = weir::failure_rate_window{
-                              .threshold = 0.5, .minimum_throughput = 4, .duration = 10s, .buckets = 10}});
+    breaker_type breaker(
+        {.failure_rate = weir::failure_rate_window{
+             .threshold = 0.5, .minimum_throughput = 4, .duration = 10s, .buckets = 10}});
     call_through(io, breaker, true);
     call_through(io, breaker, true);
     call_through(io, breaker, true);
@@ -483,10 +493,10 @@ TEST_CASE("slow calls count as failures") {
   for (int i = 0; i < 2; ++i) {
     finished<int> f;
     f.start(io, breaker([&]() -> asio::awaitable<int> {
-      asio::basic_waitable_timer<clock_type> t(co_await asio::this_coro::executor, 3s);
-      co_await t.async_wait(asio::use_awaitable);
-      co_return 1;
-    }));
+              asio::basic_waitable_timer<clock_type> t(co_await asio::this_coro::executor, 3s);
+              co_await t.async_wait(asio::use_awaitable);
+              co_return 1;
+            }));
     advance<clock_type>(io, 3s);
     CHECK(f.value == 1);  // the caller still gets its answer
   }
@@ -524,7 +534,8 @@ TEST_CASE("misconfigured breakers are invalid_argument") {
   CHECK_THROWS_AS(breaker_type({.consecutive_failures = 0}), weir::exception);
   CHECK_THROWS_AS(breaker_type({.half_open_permits = 1, .successes_to_close = 2}), weir::exception);
   CHECK_THROWS_AS(breaker_type({.break_duration = -1s}), weir::exception);
-  CHECK_THROWS_AS(breaker_type({.failure_rate = weir::failure_rate_window{.threshold = 0}}), weir::exception);
+  CHECK_THROWS_AS(breaker_type({.failure_rate = weir::failure_rate_window{.threshold = 0}}),
+                  weir::exception);
 }
 
 TEST_CASE("a closed breaker shared by four threads stays consistent", "[concurrency]") {
@@ -534,9 +545,10 @@ TEST_CASE("a closed breaker shared by four threads stays consistent", "[concurre
   std::atomic<int> ok{0};
   for (int i = 0; i < 4000; ++i)
     asio::co_spawn(io, breaker([i]() -> asio::awaitable<int> {
-      if (i % 3 == 0) throw std::runtime_error("flaky");
-      co_return i;
-    }), [&](std::exception_ptr e, int) { ok += e == nullptr; });
+                     if (i % 3 == 0) throw std::runtime_error("flaky");
+                     co_return i;
+                   }),
+                   [&](std::exception_ptr e, int) { ok += e == nullptr; });
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) threads.emplace_back([&] { io.run(); });
   for (auto& t : threads) t.join();
@@ -553,11 +565,11 @@ TEST_CASE("a timed-out attempt's operation is really cancelled") {
   std::optional<weir::error_code> inner;
   finished<int> f;
   f.start(io, limit([&]() -> asio::awaitable<int> {
-    asio::basic_waitable_timer<clock_type> slow(co_await asio::this_coro::executor, 10s);
-    auto [ec] = co_await slow.async_wait(asio::as_tuple(asio::use_awaitable));
-    inner = ec;
-    co_return 1;
-  }));
+            asio::basic_waitable_timer<clock_type> slow(co_await asio::this_coro::executor, 10s);
+            auto [ec] = co_await slow.async_wait(asio::as_tuple(asio::use_awaitable));
+            inner = ec;
+            co_return 1;
+          }));
   advance<clock_type>(io, 1s - 1ns);
   CHECK_FALSE(f.done);
   advance<clock_type>(io, 1ns);
@@ -586,14 +598,14 @@ TEST_CASE("a timeout inside a retry bounds each attempt, and the retry tries aga
   int calls = 0;
   finished<int> f;
   f.start(io, retry([&] {
-    return per_attempt([&]() -> asio::awaitable<int> {
-      if (++calls < 3) {  // the first two hang
-        asio::basic_waitable_timer<clock_type> hang(co_await asio::this_coro::executor, 1h);
-        co_await hang.async_wait(asio::use_awaitable);
-      }
-      co_return calls;
-    });
-  }));
+            return per_attempt([&]() -> asio::awaitable<int> {
+              if (++calls < 3) {  // the first two hang
+                asio::basic_waitable_timer<clock_type> hang(co_await asio::this_coro::executor, 1h);
+                co_await hang.async_wait(asio::use_awaitable);
+              }
+              co_return calls;
+            });
+          }));
   advance<clock_type>(io, 1min);
   CHECK(f.value == 3);
 }

@@ -1,4 +1,5 @@
-// A circuit breaker: stops calling a provider that keeps failing, and probes it again after a break.
+// A circuit breaker: stops calling a provider that keeps failing, and probes it again after a
+// break.
 //
 //     weir::circuit_breaker<> breaker({.consecutive_failures = 5, .break_duration = 30s});
 //     auto reply = co_await breaker([&] { return client.async_post(req, asio::use_awaitable); });
@@ -13,8 +14,8 @@
 #include <weir/outcome.hpp>
 #include <weir/usage_monitor.hpp>
 
-#include <boost/asio/awaitable.hpp>
 #include <fmt/format.h>
+#include <boost/asio/awaitable.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -33,15 +34,15 @@ enum class breaker_state { closed, open, half_open, isolated };
 
 // Trip on the failure rate over a sliding window instead of on consecutive failures.
 struct failure_rate_window {
-  double threshold = 0.5;            // open when failures / calls ≥ this ...
+  double threshold = 0.5;                 // open when failures / calls ≥ this ...
   std::uint32_t minimum_throughput = 10;  // ... over at least this many calls in the window
-  std::uint32_t calls = 0;           // count-based: the last `calls` calls; 0: time-based
+  std::uint32_t calls = 0;                // count-based: the last `calls` calls; 0: time-based
   std::chrono::nanoseconds duration = std::chrono::seconds(60);  // time-based window
-  std::uint32_t buckets = 10;        // time-based resolution
+  std::uint32_t buckets = 10;                                    // time-based resolution
 };
 
 struct circuit_breaker_options {
-  std::uint32_t consecutive_failures = 5;       // used when failure_rate is absent
+  std::uint32_t consecutive_failures = 5;  // used when failure_rate is absent
   std::optional<failure_rate_window> failure_rate{};
   // Calls slower than this count as failures even when they succeed.
   std::optional<std::chrono::nanoseconds> slow_call_threshold{};
@@ -67,6 +68,7 @@ class circuit_breaker {
     bool probe = false;
     std::uint64_t generation = 0;
     std::chrono::nanoseconds retry_after{0};  // when rejected: until the breaker half-opens
+    time_point started{};                     // when admitted, if slow calls are watched
   };
 
   // Throws weir::exception(invalid_argument) for zero thresholds, permits, or a negative break.
@@ -84,11 +86,10 @@ class circuit_breaker {
     return run<value>(state_.get(), std::move(op));
   }
 
-  // The synchronous halves of operator(), for callers that make the call themselves.
+  // The synchronous halves of operator(), for callers that make the call themselves (and for a
+  // pipeline running several policies in one coroutine): admit, call, then record the result.
   ticket try_admit() { return state_->admit(); }
-  void record(const ticket& t, bool failed, time_point now = Clock::now()) {
-    state_->record(t, failed, now);
-  }
+  void record(const ticket& t, bool failed) { state_->finish(t, failed); }
 
   breaker_state state() const noexcept { return state_->current.load(std::memory_order_acquire); }
 
@@ -99,19 +100,21 @@ class circuit_breaker {
 
  private:
   struct shared {
-    shared(circuit_breaker_options o, Classifier c) : options(std::move(o)), classify(std::move(c)) {
+    shared(circuit_breaker_options o, Classifier c)
+        : options(std::move(o)), classify(std::move(c)) {
       if (options.consecutive_failures == 0 || options.half_open_permits == 0 ||
           options.successes_to_close == 0 || options.successes_to_close > options.half_open_permits)
         throw weir::exception(error::invalid_argument,
                               "circuit_breaker needs failures, permits ≥ successes_to_close ≥ 1");
-      if (options.break_duration.count() < 0 || options.max_break_duration < options.break_duration ||
-          !(options.break_growth >= 1.0))
+      if (options.break_duration.count() < 0 ||
+          options.max_break_duration < options.break_duration || !(options.break_growth >= 1.0))
         throw weir::exception(error::invalid_argument,
                               "circuit_breaker break must be ≥ 0, ≤ max, and grow by ≥ 1");
       if (auto& w = options.failure_rate) {
         if (!(w->threshold > 0 && w->threshold <= 1) || w->minimum_throughput == 0)
-          throw weir::exception(error::invalid_argument,
-                                "failure_rate needs a threshold in (0, 1] and a minimum throughput");
+          throw weir::exception(
+              error::invalid_argument,
+              "failure_rate needs a threshold in (0, 1] and a minimum throughput");
         if (w->calls > 0)
           recent.assign(w->calls, 0);
         else
@@ -123,11 +126,16 @@ class circuit_breaker {
     // The clock is read only when the breaker is not closed.
     ticket admit() {
       if (current.load(std::memory_order_acquire) == breaker_state::closed)
-        return {true, false, generation.load(std::memory_order_acquire), {}};
+        return {true,
+                false,
+                generation.load(std::memory_order_acquire),
+                {},
+                options.slow_call_threshold ? Clock::now() : time_point{}};
       const auto now = Clock::now();
       std::lock_guard lock(mutex);
       const auto s = current.load(std::memory_order_relaxed);
-      if (s == breaker_state::closed) return {true, false, generation.load(std::memory_order_relaxed), {}};
+      if (s == breaker_state::closed)
+        return {true, false, generation.load(std::memory_order_relaxed), {}, now};
       if (s == breaker_state::isolated) return {false, false, 0, std::chrono::nanoseconds::max()};
       if (s == breaker_state::open) {
         if (now < open_until) return {false, false, 0, open_until - now};
@@ -135,10 +143,12 @@ class circuit_breaker {
       }
       if (probes_issued < options.half_open_permits) {
         ++probes_issued;
-        return {true, true, generation.load(std::memory_order_relaxed), {}};
+        return {true, true, generation.load(std::memory_order_relaxed), {}, now};
       }
       // Every probe is out; their results will decide. Come back after a fraction of the break.
-      return {false, false, 0, std::max<std::chrono::nanoseconds>(options.break_duration / 10, std::chrono::milliseconds(1))};
+      return {false, false, 0,
+              std::max<std::chrono::nanoseconds>(options.break_duration / 10,
+                                                 std::chrono::milliseconds(1))};
     }
 
     void record(const ticket& t, bool failed, time_point now) {
@@ -155,7 +165,8 @@ class circuit_breaker {
           return;
       }
       std::lock_guard lock(mutex);
-      if (t.generation != generation.load(std::memory_order_relaxed)) return;  // from before a change
+      if (t.generation != generation.load(std::memory_order_relaxed))
+        return;  // from before a change
       switch (current.load(std::memory_order_relaxed)) {
         case breaker_state::closed:
           if (trips(failed, now)) open(now);
@@ -172,9 +183,28 @@ class circuit_breaker {
       }
     }
 
+    // A call admitted by `t` ended. The clock is read only when something needs it: a slow-call
+    // check, a failure, a probe, or a time-based window; a plain success through a closed
+    // breaker does not pay for it.
+    void finish(const ticket& t, bool failed) {
+      if (!failed && !t.probe && plain) {
+        // The hot path: a success in consecutive-failure mode writes only to end a streak.
+        if (consecutive.load(std::memory_order_relaxed) != 0)
+          consecutive.store(0, std::memory_order_relaxed);
+        return;
+      }
+      const bool timed = options.slow_call_threshold.has_value();
+      const bool needs_now = timed || failed || t.probe || options.failure_rate.has_value();
+      const auto now = needs_now ? Clock::now() : time_point{};
+      if (timed) failed = failed || now - t.started > *options.slow_call_threshold;
+      record(t, failed, now);
+    }
+
     // Under mutex, closed: whether this result trips the breaker.
     bool trips(bool failed, time_point now) {
-      if (!options.failure_rate) return failed && consecutive.load(std::memory_order_relaxed) >= options.consecutive_failures;
+      if (!options.failure_rate)
+        return failed &&
+               consecutive.load(std::memory_order_relaxed) >= options.consecutive_failures;
       const auto& w = *options.failure_rate;
       std::uint64_t calls = 0, failures = 0;
       if (window) {
@@ -229,6 +259,8 @@ class circuit_breaker {
 
     circuit_breaker_options options;
     Classifier classify;
+    // Consecutive-failure mode without a slow-call watch: successes need no clock and no lock.
+    const bool plain = !options.failure_rate && !options.slow_call_threshold;
     std::atomic<breaker_state> current{breaker_state::closed};
     std::atomic<std::uint64_t> generation{0};
     std::atomic<std::uint32_t> consecutive{0};
@@ -248,14 +280,19 @@ class circuit_breaker {
     const auto t = s->admit();
     if (!t.admitted)
       throw weir::exception(error::circuit_open, "the provider's circuit is open", t.retry_after);
-    const bool timed = s->options.slow_call_threshold.has_value();
-    const auto started = timed ? Clock::now() : time_point{};
-
     std::optional<outcome<T>> result;
     try {
       if constexpr (std::is_void_v<T>) {
         co_await op();
+        if constexpr (every_value_succeeds<Classifier>) {
+          s->finish(t, false);
+          co_return;
+        }
         result.emplace(outcome<T>::from_value({}));
+      } else if constexpr (every_value_succeeds<Classifier>) {
+        auto value = co_await op();
+        s->finish(t, false);
+        co_return value;
       } else {
         result.emplace(outcome<T>::from_value(co_await op()));
       }
@@ -264,17 +301,9 @@ class circuit_breaker {
     }
 
     const auto kind = s->classify(std::as_const(*result)).kind;
-    bool failed = kind == verdict::retryable || kind == verdict::rate_limited;
     // A cancelled call says nothing about the provider.
-    const bool cancelled = result->has_exception() && is_cancellation(result->exception());
-    if (!cancelled) {
-      // The clock is read only when something needs it: a slow-call check, a failure, a probe,
-      // or a time-based window. A plain success through a closed breaker does not pay for it.
-      const bool needs_now = timed || failed || t.probe || s->options.failure_rate.has_value();
-      const auto now = needs_now ? Clock::now() : time_point{};
-      if (timed) failed = failed || now - started > *s->options.slow_call_threshold;
-      s->record(t, failed, now);
-    }
+    if (!(result->has_exception() && is_cancellation(result->exception())))
+      s->finish(t, kind == verdict::retryable || kind == verdict::rate_limited);
     if constexpr (std::is_void_v<T>) {
       std::move(*result).get();
     } else {

@@ -29,19 +29,19 @@ namespace weir {
 
 // What on_retry sees before each wait.
 struct retry_attempt {
-  unsigned attempt = 0;                   // the attempt that failed, from 1
-  std::chrono::nanoseconds delay{0};      // the wait before the next attempt
-  classification cause;                   // why it failed, with the server's hint
-  std::exception_ptr error;               // the failure, when it was an error (not a value)
+  unsigned attempt = 0;               // the attempt that failed, from 1
+  std::chrono::nanoseconds delay{0};  // the wait before the next attempt
+  classification cause;               // why it failed, with the server's hint
+  std::exception_ptr error;           // the failure, when it was an error (not a value)
 };
 
 struct retry_options {
   unsigned max_attempts = 3;  // attempts in all, the first included
   // The whole call, waits included, must end within this; a wait that would pass it is not made.
   std::chrono::nanoseconds max_elapsed = std::chrono::nanoseconds::max();
-  weir::backoff backoff = weir::backoff::exponential(std::chrono::milliseconds(500), 2.0,
-                                                     std::chrono::seconds(8))
-                              .with(weir::jitter::full);
+  weir::backoff backoff =
+      weir::backoff::exponential(std::chrono::milliseconds(500), 2.0, std::chrono::seconds(8))
+          .with(weir::jitter::full);
   // A server hint longer than this fails at once with rate_limited instead of sleeping on it.
   std::chrono::nanoseconds max_retry_after = std::chrono::seconds(60);
   std::optional<retry_budget> budget{};                  // shared across calls; none: unlimited
@@ -111,7 +111,10 @@ class retry {
       try {
         if constexpr (std::is_void_v<T>) {
           co_await op();
+          if constexpr (every_value_succeeds<Classifier>) co_return;
           result.emplace(outcome<T>::from_value({}));
+        } else if constexpr (every_value_succeeds<Classifier>) {
+          co_return co_await op();
         } else {
           result.emplace(outcome<T>::from_value(co_await op()));
         }

@@ -14,8 +14,8 @@
 namespace weir {
 
 struct retry_budget_options {
-  double ratio = 0.1;          // retries allowed per call made
-  std::uint32_t reserve = 10;  // retries available before any call has deposited
+  double ratio = 0.1;            // retries allowed per call made
+  std::uint32_t reserve = 10;    // retries available before any call has deposited
   std::uint32_t capacity = 100;  // the most retries that can be saved up by a quiet period
 };
 

@@ -6,7 +6,8 @@
 // the whole call, waits included.
 //
 //     weir::timeout<> per_attempt(10s);
-//     auto reply = co_await per_attempt([&] { return client.async_post(req, asio::use_awaitable); });
+//     auto reply = co_await per_attempt([&] { return client.async_post(req, asio::use_awaitable);
+//     });
 #pragma once
 
 #include <weir/error.hpp>
@@ -31,7 +32,8 @@ class timeout {
 
   // Throws weir::exception(invalid_argument) for a limit ≤ 0.
   explicit timeout(std::chrono::nanoseconds limit) : limit_(limit) {
-    if (limit.count() <= 0) throw weir::exception(error::invalid_argument, "timeout must be positive");
+    if (limit.count() <= 0)
+      throw weir::exception(error::invalid_argument, "timeout must be positive");
   }
 
   template <class Operation>

@@ -2,10 +2,15 @@
 // The umbrella header; each concept also has a header of its own.
 #pragma once
 
+#include <weir/backoff.hpp>
+#include <weir/circuit_breaker.hpp>
 #include <weir/error.hpp>
 #include <weir/outcome.hpp>
 #include <weir/rate.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
+#include <weir/retry.hpp>
+#include <weir/retry_budget.hpp>
+#include <weir/timeout.hpp>
 #include <weir/token_bucket.hpp>
 #include <weir/usage_monitor.hpp>
