@@ -13,6 +13,7 @@
 #include <optional>
 #include <random>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 namespace asio = boost::asio;
@@ -608,4 +609,28 @@ TEST_CASE("a timeout inside a retry bounds each attempt, and the retry tries aga
           }));
   advance<clock_type>(io, 1min);
   CHECK(f.value == 3);
+}
+
+TEST_CASE("one retry and budget shared by four threads count every attempt exactly",
+          "[concurrency]") {
+  asio::io_context io(4);
+  weir::retry_budget budget({.ratio = 0.5, .reserve = 0, .capacity = 10'000});
+  weir::retry<> retry({.max_attempts = 2,
+                       .backoff = weir::backoff::constant(0ns).with(weir::jitter::full),
+                       .budget = budget});
+  std::atomic<int> attempts{0}, succeeded{0}, refused{0};
+  for (int i = 0; i < 2000; ++i)
+    asio::co_spawn(io, retry([&, first = std::make_shared<bool>(true)]() -> asio::awaitable<int> {
+                     ++attempts;
+                     if (std::exchange(*first, false)) throw std::runtime_error("transient");
+                     co_return 1;
+                   }),
+                   [&](std::exception_ptr e, int) { (e ? refused : succeeded) += 1; });
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) threads.emplace_back([&] { io.run(); });
+  for (auto& t : threads) t.join();
+  CHECK(succeeded + refused == 2000);
+  CHECK(attempts == 2000 + succeeded);  // every success took exactly one retry
+  CHECK(succeeded <= 1000);             // at most half a retry per call
+  CHECK(budget.available() == Approx(1000.0 - succeeded));
 }
