@@ -45,8 +45,9 @@ struct response_classifier {
       const beast_http::response<Body, Fields>& res,
       std::chrono::system_clock::time_point now = std::chrono::system_clock::now()) const {
     const unsigned status = res.result_int();
-    if (status < 400) return {};
+    // Successes carry hints too (limits, remaining): that is how the limiter stops before a 429.
     const auto parsed = read_hints(res.base(), now);
+    if (status < 400) return {verdict::success, parsed.hint()};
     classification c{verdict::fatal, parsed.hint()};
     if constexpr (std::is_same_v<Body, beast_http::string_body>) {
       if (status == 429 && !c.hint.retry_after)
