@@ -5,14 +5,14 @@
 // learns 600/min from the first answer, and stops when the server says nothing is left.
 //
 //     beast-exchange [--requests N]
-#include <weir/weir.hpp>
 #include <weir/http/adaptation.hpp>
 #include <weir/http/beast.hpp>
+#include <weir/weir.hpp>
 
+#include <fmt/core.h>
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
-#include <fmt/core.h>
 
 #include <charconv>
 #include <chrono>
@@ -36,7 +36,8 @@ asio::awaitable<void> serve(tcp::socket socket, weir::token_bucket<>& quota, int
   beast::flat_buffer buffer;
   for (;;) {
     http::request<http::string_body> req;
-    auto [ec, n] = co_await http::async_read(stream, buffer, req, asio::as_tuple(asio::use_awaitable));
+    auto [ec, n] =
+        co_await http::async_read(stream, buffer, req, asio::as_tuple(asio::use_awaitable));
     if (ec) co_return;  // the client closed the connection
     const bool admitted = quota.try_acquire();
     response res{admitted ? http::status::ok : http::status::too_many_requests, req.version()};
@@ -49,7 +50,8 @@ asio::awaitable<void> serve(tcp::socket socket, weir::token_bucket<>& quota, int
       ++refused;
       res.set(http::field::retry_after, "1");
     }
-    res.body() = admitted ? R"({"choices":[{"message":{"content":"ok"}}]})" : R"({"error":"rate limited"})";
+    res.body() =
+        admitted ? R"({"choices":[{"message":{"content":"ok"}}]})" : R"({"error":"rate limited"})";
     res.keep_alive(true);
     res.prepare_payload();
     co_await http::async_write(stream, res, asio::use_awaitable);
@@ -60,14 +62,16 @@ asio::awaitable<void> accept(tcp::acceptor& acceptor, weir::token_bucket<>& quot
   for (;;) {
     auto [ec, socket] = co_await acceptor.async_accept(asio::as_tuple(asio::use_awaitable));
     if (ec) co_return;
-    asio::co_spawn(acceptor.get_executor(), serve(std::move(socket), quota, refused), asio::detached);
+    asio::co_spawn(acceptor.get_executor(), serve(std::move(socket), quota, refused),
+                   asio::detached);
   }
 }
 
 // ---- the client: one keep-alive connection, every exchange through weir ----------------------
 
 // One request and its response, exactly as a program without weir would write it.
-asio::awaitable<response> round_trip(beast::tcp_stream& stream, const http::request<http::string_body>& req) {
+asio::awaitable<response> round_trip(beast::tcp_stream& stream,
+                                     const http::request<http::string_body>& req) {
   co_await http::async_write(stream, req, asio::use_awaitable);
   beast::flat_buffer buffer;
   response res;
@@ -86,11 +90,13 @@ asio::awaitable<void> client(tcp::endpoint server, int requests, tcp::acceptor& 
   weir::circuit_breaker<std::chrono::steady_clock, weir::http::response_classifier> breaker(
       {.consecutive_failures = 5, .break_duration = 5s}, classify);
   weir::retry<std::chrono::steady_clock, weir::http::response_classifier> retry(
-      {.max_attempts = 4, .backoff = weir::backoff::exponential(100ms, 2.0, 2s).with(weir::jitter::full),
-       .on_retry = [](const weir::retry_attempt& a) {
-         fmt::print("  retry after attempt {} in {} ms\n", a.attempt,
-                    std::chrono::duration_cast<std::chrono::milliseconds>(a.delay).count());
-       }},
+      {.max_attempts = 4,
+       .backoff = weir::backoff::exponential(100ms, 2.0, 2s).with(weir::jitter::full),
+       .on_retry =
+           [](const weir::retry_attempt& a) {
+             fmt::print("  retry after attempt {} in {} ms\n", a.attempt,
+                        std::chrono::duration_cast<std::chrono::milliseconds>(a.delay).count());
+           }},
       classify);
 
   http::request<http::string_body> req{http::verb::post, "/v1/chat/completions", 11};
@@ -143,15 +149,16 @@ int main(int argc, char** argv) {
   int refused = 0;
   asio::co_spawn(io, accept(acceptor, quota, refused), asio::detached);
   bool failed = false;
-  asio::co_spawn(io, client(acceptor.local_endpoint(), requests, acceptor), [&](std::exception_ptr e) {
-    if (!e) return;
-    failed = true;
-    try {
-      std::rethrow_exception(e);
-    } catch (const std::exception& x) {
-      fmt::print(stderr, "beast-exchange: {}\n", x.what());
-    }
-  });
+  asio::co_spawn(io, client(acceptor.local_endpoint(), requests, acceptor),
+                 [&](std::exception_ptr e) {
+                   if (!e) return;
+                   failed = true;
+                   try {
+                     std::rethrow_exception(e);
+                   } catch (const std::exception& x) {
+                     fmt::print(stderr, "beast-exchange: {}\n", x.what());
+                   }
+                 });
   io.run();
   fmt::print("the server refused {} request(s) with 429\n", refused);
   return failed ? 1 : 0;

@@ -353,3 +353,11 @@ TEST_CASE("adaptation options out of range are invalid_argument") {
   CHECK_THROWS_AS(weir::http::server_adaptation<clock_type>(limits, {.window = 0s}),
                   weir::exception);
 }
+
+TEST_CASE("dates and epoch resets far outside any real reset cannot overflow") {
+  using namespace weir::http;
+  CHECK(parse_retry_after("Sat, 28 Nov 9999 12:00:30 GMT", noon) == std::nullopt);
+  CHECK(parse_rfc3339("9999-12-31T23:59:59Z") == std::nullopt);
+  CHECK(parse_rfc3339("0001-01-01T00:00:00Z") == std::nullopt);
+  CHECK(hints({{"X-RateLimit-Reset", "9007199254740992"}}).requests.reset_after == max_hint);
+}

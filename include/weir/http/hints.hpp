@@ -239,10 +239,10 @@ class hint_parser {
     } else if (iequals(field, "reset")) {
       if (auto n = parse_count(value)) {
         constexpr std::int64_t epoch_threshold = 1'000'000'000;  // 2001: no delta is that long
-        s.reset_after =
-            *n >= epoch_threshold
-                ? until(std::chrono::sys_time<std::chrono::nanoseconds>(std::chrono::seconds(*n)))
-                : std::optional(detail::clamp_seconds(static_cast<double>(*n)));
+        // Seconds since the epoch are compared in floating point: a hostile 2^53 must not overflow.
+        const double now_s = std::chrono::duration<double>(now_.time_since_epoch()).count();
+        const double seconds = static_cast<double>(*n);
+        s.reset_after = detail::clamp_seconds(*n >= epoch_threshold ? seconds - now_s : seconds);
       } else if (auto date = parse_http_date(value)) {
         s.reset_after = until(std::chrono::sys_time<std::chrono::nanoseconds>(*date));
       }

@@ -66,9 +66,12 @@ inline std::optional<int> digits(std::string_view s, std::size_t pos, std::size_
   return v;
 }
 
+// Years outside [1900, 2200] are refused: far outside any real reset, and past 2262 a time in
+// nanoseconds would overflow.
 inline std::optional<std::chrono::sys_seconds> make_time(int y, int mo, int d, int h, int mi,
                                                          int sec) {
   using namespace std::chrono;
+  if (y < 1900 || y > 2200) return std::nullopt;
   const year_month_day ymd{year{y}, month{static_cast<unsigned>(mo)},
                            day{static_cast<unsigned>(d)}};
   if (!ymd.ok() || h > 23 || mi > 59 || sec > 60) return std::nullopt;
