@@ -91,7 +91,10 @@ class circuit_breaker {
   ticket try_admit() { return state_->admit(); }
   void record(const ticket& t, bool failed) { state_->finish(t, failed); }
 
+  const Classifier& classifier() const noexcept { return state_->classify; }
+
   breaker_state state() const noexcept { return state_->current.load(std::memory_order_acquire); }
+
 
   // Forces the breaker open until reset(), e.g. for maintenance.
   void isolate() { state_->transition_to(breaker_state::isolated, Clock::now()); }

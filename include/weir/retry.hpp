@@ -76,6 +76,32 @@ class retry {
 
   const retry_options& options() const noexcept { return state_->options; }
 
+  // ---- the synchronous halves, for a caller (or pipeline) running its own attempt loop ----
+
+  // Where one call stands between attempts.
+  struct progress {
+    unsigned attempt = 1;                  // the attempt under way, from 1
+    std::chrono::nanoseconds previous{0};  // the last wait
+    typename Clock::time_point started{};  // set when max_elapsed is bounded
+  };
+
+  // What to do after a failed attempt: wait `delay` and try again, or give up (`error` set).
+  struct decision {
+    std::chrono::nanoseconds delay{0};
+    std::exception_ptr error;
+  };
+
+  // A call begins: it earns its share of the retry budget.
+  progress begin() const { return state_->begin(); }
+
+  // Attempt `p.attempt` failed as `c` says (with `failure`, empty for a failing value). On a
+  // decision to retry, `p` moves to the next attempt and on_retry has been called.
+  decision next(progress& p, const classification& c, std::exception_ptr failure) const {
+    return state_->next(p, c, std::move(failure));
+  }
+
+  const Classifier& classifier() const noexcept { return state_->classify; }
+
  private:
   struct state {
     state(retry_options o, Classifier c) : options(std::move(o)), classify(std::move(c)) {
@@ -91,6 +117,41 @@ class retry {
       return options.backoff.delay(attempt, previous, random);
     }
 
+    progress begin() {
+      if (options.budget) options.budget->deposit();
+      return {1,
+              {},
+              options.max_elapsed != std::chrono::nanoseconds::max()
+                  ? Clock::now()
+                  : typename Clock::time_point{}};
+    }
+
+    decision next(progress& p, const classification& c, std::exception_ptr failure) {
+      auto give_up = [&](error e, const char* why) {
+        return decision{{},
+                        std::make_exception_ptr(
+                            weir::exception(e, why, c.hint.retry_after, failure, p.attempt))};
+      };
+      if (p.attempt >= options.max_attempts)
+        return give_up(error::retries_exhausted, "no attempts left");
+      auto delay = backoff_delay(p.attempt - 1, p.previous);
+      if (c.hint.retry_after) {
+        if (*c.hint.retry_after > options.max_retry_after)
+          return give_up(error::rate_limited, "server asked to wait longer than max_retry_after");
+        delay = std::max(delay, *c.hint.retry_after);
+      }
+      if (options.max_elapsed != std::chrono::nanoseconds::max() &&
+          Clock::now() - p.started + delay > options.max_elapsed)
+        return give_up(c.hint.retry_after ? error::rate_limited : error::retries_exhausted,
+                       "the next wait would pass max_elapsed");
+      if (options.budget && !options.budget->try_withdraw())
+        return give_up(error::budget_exhausted, "the retry budget is spent");
+      if (options.on_retry) options.on_retry(retry_attempt{p.attempt, delay, c, failure});
+      ++p.attempt;
+      p.previous = delay;
+      return {delay, {}};
+    }
+
     retry_options options;
     Classifier classify;
     std::mutex random_mutex;
@@ -100,13 +161,8 @@ class retry {
   // Like an Asio I/O object, the retry must outlive the calls made through it.
   template <class T, class Operation>
   static boost::asio::awaitable<T> run(state* s, Operation op) {
-    const auto& o = s->options;
-    const bool has_deadline = o.max_elapsed != std::chrono::nanoseconds::max();
-    const auto started = has_deadline ? Clock::now() : typename Clock::time_point{};
-    if (o.budget) o.budget->deposit();
-
-    std::chrono::nanoseconds previous{0};
-    for (unsigned attempt = 1;; ++attempt) {
+    auto p = s->begin();
+    for (;;) {
       std::optional<outcome<T>> result;
       try {
         if constexpr (std::is_void_v<T>) {
@@ -131,28 +187,11 @@ class retry {
           co_return std::move(*result).get();
         }
       }
-
-      auto give_up = [&](error e, const char* why) {
-        throw weir::exception(e, why, c.hint.retry_after, result->failure(), attempt);
-      };
-      if (attempt >= o.max_attempts) give_up(error::retries_exhausted, "no attempts left");
-      auto delay = s->backoff_delay(attempt - 1, previous);
-      if (c.hint.retry_after) {
-        if (*c.hint.retry_after > o.max_retry_after)
-          give_up(error::rate_limited, "server asked to wait longer than max_retry_after");
-        delay = std::max(delay, *c.hint.retry_after);
-      }
-      if (has_deadline && Clock::now() - started + delay > o.max_elapsed)
-        give_up(c.hint.retry_after ? error::rate_limited : error::retries_exhausted,
-                "the next wait would pass max_elapsed");
-      if (o.budget && !o.budget->try_withdraw())
-        give_up(error::budget_exhausted, "the retry budget is spent");
-      if (o.on_retry) o.on_retry(retry_attempt{attempt, delay, c, result->failure()});
-
+      const auto d = s->next(p, c, result->failure());
+      if (d.error) std::rethrow_exception(d.error);
       boost::asio::basic_waitable_timer<Clock> wait(co_await boost::asio::this_coro::executor,
-                                                    delay);
+                                                    d.delay);
       co_await wait.async_wait(boost::asio::use_awaitable);
-      previous = delay;
     }
   }
 

@@ -1,0 +1,159 @@
+// Everything a pipeline does, as typed events for one observer. With no observer attached a
+// pipeline builds no event and reads no clock for one.
+//
+//     pipeline.observe([](const weir::event& e) { fmt::print("{}\n", e); });
+#pragma once
+
+#include <weir/circuit_breaker.hpp>
+#include <weir/outcome.hpp>
+
+#include <fmt/format.h>
+
+#include <chrono>
+#include <functional>
+#include <optional>
+#include <string_view>
+#include <variant>
+
+namespace weir {
+
+// Why a policy refused a call without trying it.
+enum class rejection { queue_full, circuit_open, budget_exhausted, rate_limited, shut_down };
+
+struct attempt_started {
+  std::string_view operation;
+  unsigned attempt = 1;
+};
+struct attempt_succeeded {
+  std::string_view operation;
+  unsigned attempt = 1;
+  std::chrono::nanoseconds latency{0};
+};
+struct attempt_failed {
+  std::string_view operation;
+  unsigned attempt = 1;
+  std::chrono::nanoseconds latency{0};
+  verdict kind = verdict::retryable;
+};
+struct retry_scheduled {
+  std::string_view operation;
+  unsigned attempt = 1;  // the attempt that failed
+  std::chrono::nanoseconds delay{0};
+  verdict cause = verdict::retryable;
+};
+struct throttled {
+  std::string_view operation;
+  std::chrono::nanoseconds wait{0};  // how long a limiter or the queue held the call
+};
+struct rejected {
+  std::string_view operation;
+  rejection reason = rejection::queue_full;
+  std::optional<std::chrono::nanoseconds> retry_after{};
+};
+struct server_rate_limited {
+  std::string_view operation;
+  rate_limit_hint hint{};
+};
+struct breaker_changed {
+  std::string_view operation;
+  breaker_state from = breaker_state::closed;
+  breaker_state to = breaker_state::open;
+};
+
+using event = std::variant<attempt_started, attempt_succeeded, attempt_failed, retry_scheduled,
+                           throttled, rejected, server_rate_limited, breaker_changed>;
+
+// Any callable taking the event; empty means nobody is listening.
+using observer = std::function<void(const event&)>;
+
+// One observer that hands every event to each of `observers` in turn.
+template <class... Observers>
+observer fan_out(Observers... observers) {
+  return [... o = std::move(observers)](const event& e) { (o(e), ...); };
+}
+
+namespace detail {
+inline double milliseconds(std::chrono::nanoseconds d) {
+  return std::chrono::duration<double, std::milli>(d).count();
+}
+inline const char* name_of(verdict v) {
+  switch (v) {
+    case verdict::success: return "success";
+    case verdict::retryable: return "retryable";
+    case verdict::rate_limited: return "rate-limited";
+    case verdict::fatal: return "fatal";
+  }
+  return "?";
+}
+inline const char* name_of(rejection r) {
+  switch (r) {
+    case rejection::queue_full: return "queue full";
+    case rejection::circuit_open: return "circuit open";
+    case rejection::budget_exhausted: return "retry budget exhausted";
+    case rejection::rate_limited: return "rate limited";
+    case rejection::shut_down: return "shut down";
+  }
+  return "?";
+}
+inline std::string_view operation_or_call(std::string_view op) { return op.empty() ? "call" : op; }
+}  // namespace detail
+
+}  // namespace weir
+
+template <>
+struct fmt::formatter<weir::verdict> : fmt::formatter<fmt::string_view> {
+  auto format(weir::verdict v, format_context& ctx) const {
+    return fmt::formatter<fmt::string_view>::format(weir::detail::name_of(v), ctx);
+  }
+};
+
+template <>
+struct fmt::formatter<weir::rejection> : fmt::formatter<fmt::string_view> {
+  auto format(weir::rejection r, format_context& ctx) const {
+    return fmt::formatter<fmt::string_view>::format(weir::detail::name_of(r), ctx);
+  }
+};
+
+// One readable line per event, e.g. "chat: retry 2 scheduled in 1500.0 ms (rate-limited)".
+template <>
+struct fmt::formatter<weir::event> {
+  constexpr auto parse(format_parse_context& ctx) { return ctx.begin(); }
+
+  auto format(const weir::event& e, format_context& ctx) const {
+    using namespace weir;  // the event types
+    return std::visit(
+        [&](const auto& v) {
+          using T = std::decay_t<decltype(v)>;
+          const auto op = weir::detail::operation_or_call(v.operation);
+          if constexpr (std::is_same_v<T, attempt_started>) {
+            return fmt::format_to(ctx.out(), "{}: attempt {} started", op, v.attempt);
+          } else if constexpr (std::is_same_v<T, attempt_succeeded>) {
+            return fmt::format_to(ctx.out(), "{}: attempt {} succeeded in {:.1f} ms", op, v.attempt,
+                                  weir::detail::milliseconds(v.latency));
+          } else if constexpr (std::is_same_v<T, attempt_failed>) {
+            return fmt::format_to(ctx.out(), "{}: attempt {} failed ({}) in {:.1f} ms", op,
+                                  v.attempt, v.kind, weir::detail::milliseconds(v.latency));
+          } else if constexpr (std::is_same_v<T, retry_scheduled>) {
+            return fmt::format_to(ctx.out(), "{}: retry {} scheduled in {:.1f} ms ({})", op,
+                                  v.attempt + 1, weir::detail::milliseconds(v.delay), v.cause);
+          } else if constexpr (std::is_same_v<T, throttled>) {
+            return fmt::format_to(ctx.out(), "{}: throttled for {:.1f} ms", op,
+                                  weir::detail::milliseconds(v.wait));
+          } else if constexpr (std::is_same_v<T, rejected>) {
+            if (v.retry_after)
+              return fmt::format_to(ctx.out(), "{}: rejected ({}), retry after {:.1f} ms", op,
+                                    v.reason, weir::detail::milliseconds(*v.retry_after));
+            return fmt::format_to(ctx.out(), "{}: rejected ({})", op, v.reason);
+          } else if constexpr (std::is_same_v<T, server_rate_limited>) {
+            if (v.hint.retry_after)
+              return fmt::format_to(ctx.out(),
+                                    "{}: rate limited by the server, retry after {:.1f} ms", op,
+                                    weir::detail::milliseconds(*v.hint.retry_after));
+            return fmt::format_to(ctx.out(), "{}: rate limited by the server", op);
+          } else {
+            return fmt::format_to(ctx.out(), "{}: circuit breaker {} -> {}", op, v.from, v.to);
+          }
+        },
+        e);
+  }
+};

@@ -1,0 +1,540 @@
+// Policies composed around a call, outermost first, in the order written:
+//
+//     auto guarded = weir::pipeline(retry, breaker, limits, monitor, queue);
+//     weir::call_context ctx{.tokens = 1200, .operation = "chat"};
+//     auto reply = co_await guarded(ctx, [&] { return client.async_post(req, asio::use_awaitable);
+//     });
+//
+// What the order means:
+//   retry outside a limiter or the queue   every attempt waits for (and takes) its own permit
+//   retry inside them                      all attempts share the one permit taken first
+//   retry outside the breaker              an open circuit is a rate-limited failure: the retry
+//                                          waits exactly until half-open (if max_retry_after
+//                                          allows)
+//   retry inside the breaker               the breaker sees one result per call, after the retries
+//   monitor inside the retry               records every attempt; outside, one record per call
+//
+// The known policies (request_queue, token_bucket, rate_limits, circuit_breaker, retry,
+// usage_monitor) run as hooks inside one coroutine: a call through five of them costs one
+// coroutine frame, not five. Anything else callable as `policy(op)` — timeout, a nested
+// pipeline, your own decorator — wraps the policies after it, as a decorator does.
+//
+// Policies are held by copy, and copies of a weir policy share its state: one provider's bucket
+// can sit in many pipelines used from many threads.
+#pragma once
+
+#include <weir/circuit_breaker.hpp>
+#include <weir/error.hpp>
+#include <weir/events.hpp>
+#include <weir/outcome.hpp>
+#include <weir/rate_limits.hpp>
+#include <weir/request_queue.hpp>
+#include <weir/retry.hpp>
+#include <weir/token_bucket.hpp>
+#include <weir/usage_monitor.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/basic_waitable_timer.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace weir {
+
+// What the policies read about one call.
+template <class Clock = std::chrono::steady_clock>
+struct basic_call_context {
+  std::uint64_t tokens = 0;  // estimated tokens: rate_limits take them, usage_monitor counts them
+  // The real usage, if the call learns it (e.g. from the response): rate_limits settle the
+  // estimate against it and usage_monitor counts it instead.
+  std::optional<std::uint64_t> actual_tokens{};
+  weir::priority priority = weir::priority::normal;  // for request_queue
+  // A limiter or queue wait that would end past it fails at once with rate_limited.
+  std::optional<typename Clock::time_point> deadline{};
+  std::string_view operation{};  // named in events; never a request body or a key
+};
+using call_context = basic_call_context<>;
+
+namespace detail {
+
+// What a stage's exit decided.
+struct exit_action {
+  std::optional<std::chrono::nanoseconds> retry_after{};  // re-run the stages inside this one
+  std::exception_ptr replace{};                           // the call now fails with this
+};
+
+template <class Clock>
+struct stage_env {
+  basic_call_context<Clock>& ctx;
+  const observer* watch;  // null when nobody listens
+  unsigned attempt;
+
+  void emit(event e) const {
+    if (watch) (*watch)(e);
+  }
+  std::optional<std::chrono::nanoseconds> max_wait(typename Clock::time_point now) const {
+    if (!ctx.deadline) return std::nullopt;
+    return std::max<std::chrono::nanoseconds>(std::chrono::nanoseconds(0), *ctx.deadline - now);
+  }
+};
+
+inline std::optional<error_code> weir_code(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const boost::system::system_error& x) {
+    return x.code();
+  } catch (...) {
+    return std::nullopt;
+  }
+}
+
+inline std::optional<rejection> rejection_of(const error_code& ec) {
+  if (ec == error::queue_full) return rejection::queue_full;
+  if (ec == error::circuit_open) return rejection::circuit_open;
+  if (ec == error::budget_exhausted) return rejection::budget_exhausted;
+  if (ec == error::rate_limited) return rejection::rate_limited;
+  if (ec == error::shut_down) return rejection::shut_down;
+  return std::nullopt;
+}
+
+// ---- stages: the hooks of each known policy ------------------------------------------------
+
+struct queue_stage {
+  request_queue queue;
+  struct slot {
+    permit held;
+  };
+  static constexpr bool has_classifier = false;
+
+  template <class Clock>
+  bool try_enter(slot& s, stage_env<Clock>&) {
+    s.held = queue.try_admit();
+    return static_cast<bool>(s.held);
+  }
+  template <class Clock>
+  boost::asio::awaitable<void> wait_enter(slot& s, stage_env<Clock>& env) {
+    s.held = co_await queue.async_admit(env.ctx.priority, boost::asio::use_awaitable);
+  }
+  template <class Clock, class T>
+  exit_action exit(slot& s, stage_env<Clock>&, const outcome<T>&) {
+    s.held.release();
+    return {};
+  }
+};
+
+template <class Clock>
+struct bucket_stage {
+  token_bucket<Clock> bucket;
+  struct slot {};
+  static constexpr bool has_classifier = false;
+
+  bool try_enter(slot&, stage_env<Clock>&) { return bucket.try_acquire(1); }
+  boost::asio::awaitable<void> wait_enter(slot&, stage_env<Clock>& env) {
+    const auto max_wait = env.max_wait(Clock::now()).value_or(std::chrono::nanoseconds::max());
+    auto [ec, waited] = co_await bucket.async_acquire(
+        1, max_wait, boost::asio::as_tuple(boost::asio::use_awaitable));
+    if (ec)
+      throw weir::exception(ec, "token bucket",
+                            ec == error::rate_limited ? std::optional(waited) : std::nullopt);
+  }
+  template <class T>
+  exit_action exit(slot&, stage_env<Clock>&, const outcome<T>&) {
+    return {};
+  }
+};
+
+template <class Clock>
+struct limits_stage {
+  rate_limits<Clock> limits;
+  struct slot {
+    usage taken{};
+  };
+  static constexpr bool has_classifier = false;
+
+  bool try_enter(slot& s, stage_env<Clock>& env) {
+    s.taken = {.requests = 1, .tokens = env.ctx.tokens};
+    return limits.try_acquire(s.taken);
+  }
+  boost::asio::awaitable<void> wait_enter(slot& s, stage_env<Clock>& env) {
+    const auto max_wait = env.max_wait(Clock::now()).value_or(std::chrono::nanoseconds::max());
+    auto [ec, waited] = co_await limits.async_acquire(
+        s.taken, max_wait, boost::asio::as_tuple(boost::asio::use_awaitable));
+    if (ec)
+      throw weir::exception(ec, "rate limits",
+                            ec == error::rate_limited ? std::optional(waited) : std::nullopt);
+  }
+  template <class T>
+  exit_action exit(slot& s, stage_env<Clock>& env, const outcome<T>&) {
+    if (env.ctx.actual_tokens && *env.ctx.actual_tokens != s.taken.tokens)
+      limits.settle(s.taken, {.requests = 1, .tokens = *env.ctx.actual_tokens});
+    return {};
+  }
+};
+
+template <class Clock, class Classifier>
+struct breaker_stage {
+  circuit_breaker<Clock, Classifier> breaker;
+  struct slot {
+    typename circuit_breaker<Clock, Classifier>::ticket ticket{};
+  };
+  static constexpr bool has_classifier = true;
+
+  bool try_enter(slot& s, stage_env<Clock>& env) {
+    s.ticket = breaker.try_admit();
+    if (s.ticket.admitted) return true;
+    env.emit(rejected{env.ctx.operation, rejection::circuit_open, s.ticket.retry_after});
+    throw weir::exception(error::circuit_open, "the provider's circuit is open",
+                          s.ticket.retry_after);
+  }
+  boost::asio::awaitable<void> wait_enter(slot&, stage_env<Clock>&) { co_return; }
+  template <class T>
+  exit_action exit(slot& s, stage_env<Clock>& env, const outcome<T>& o) {
+    const auto before = breaker.state();
+    if (o.has_exception() && is_cancellation(o.exception())) return {};
+    const auto kind = breaker.classifier()(o).kind;
+    breaker.record(s.ticket, kind == verdict::retryable || kind == verdict::rate_limited);
+    if (env.watch) {
+      const auto after = breaker.state();
+      if (after != before) env.emit(breaker_changed{env.ctx.operation, before, after});
+    }
+    return {};
+  }
+  static bool is_cancellation(const std::exception_ptr& e) {
+    auto ec = weir_code(e);
+    return ec && *ec == boost::asio::error::operation_aborted;
+  }
+};
+
+template <class Clock, class Classifier>
+struct retry_stage {
+  retry<Clock, Classifier> policy;
+  struct slot {
+    typename retry<Clock, Classifier>::progress progress{};
+    bool begun = false;
+  };
+  static constexpr bool has_classifier = true;
+
+  bool try_enter(slot& s, stage_env<Clock>&) {
+    if (!s.begun) {
+      s.progress = policy.begin();
+      s.begun = true;
+    }
+    return true;
+  }
+  boost::asio::awaitable<void> wait_enter(slot&, stage_env<Clock>&) { co_return; }
+  template <class T>
+  exit_action exit(slot& s, stage_env<Clock>& env, const outcome<T>& o) {
+    const classification c = policy.classifier()(o);
+    if (c.kind == verdict::success || c.kind == verdict::fatal) return {};
+    const unsigned failed_attempt = s.progress.attempt;
+    auto d = policy.next(s.progress, c, o.failure());
+    if (d.error) {
+      if (auto ec = weir_code(d.error); ec && *ec == error::budget_exhausted)
+        env.emit(rejected{env.ctx.operation, rejection::budget_exhausted, {}});
+      return {std::nullopt, d.error};
+    }
+    env.emit(retry_scheduled{env.ctx.operation, failed_attempt, d.delay, c.kind});
+    return {d.delay, {}};
+  }
+};
+
+template <class Clock>
+struct monitor_stage {
+  usage_monitor<Clock> monitor;
+  struct slot {};
+  static constexpr bool has_classifier = false;
+
+  bool try_enter(slot&, stage_env<Clock>&) { return true; }
+  boost::asio::awaitable<void> wait_enter(slot&, stage_env<Clock>&) { co_return; }
+  // The verdict comes from the pipeline's classifier, handed in by the driver.
+  void record(stage_env<Clock>& env, verdict kind) {
+    monitor.record({.requests = 1,
+                    .tokens = env.ctx.actual_tokens.value_or(env.ctx.tokens),
+                    .error = kind != verdict::success,
+                    .rate_limited = kind == verdict::rate_limited});
+  }
+  template <class T>
+  exit_action exit(slot&, stage_env<Clock>&, const outcome<T>&) {
+    return {};
+  }
+};
+
+// Anything else with operator()(op): it wraps the stages after it.
+template <class Policy>
+struct decorator_stage {
+  Policy policy;
+  struct slot {};
+};
+
+template <class P>
+struct is_monitor : std::false_type {};
+template <class C>
+struct is_monitor<monitor_stage<C>> : std::true_type {};
+
+template <class P>
+struct is_decorator : std::false_type {};
+template <class P>
+struct is_decorator<decorator_stage<P>> : std::true_type {};
+
+inline queue_stage make_stage(const request_queue& q) { return {q}; }
+template <class C>
+bucket_stage<C> make_stage(const token_bucket<C>& b) {
+  return {b};
+}
+template <class C>
+limits_stage<C> make_stage(const rate_limits<C>& l) {
+  return {l};
+}
+template <class C, class K>
+breaker_stage<C, K> make_stage(const circuit_breaker<C, K>& b) {
+  return {b};
+}
+template <class C, class K>
+retry_stage<C, K> make_stage(const retry<C, K>& r) {
+  return {r};
+}
+template <class C>
+monitor_stage<C> make_stage(const usage_monitor<C>& m) {
+  return {m};
+}
+template <class P>
+decorator_stage<P> make_stage(const P& p) {
+  return {p};
+}
+
+}  // namespace detail
+
+// See the top of this header. Build one with weir::pipeline(policies...).
+template <class Clock, class Classifier, class... Stages>
+class basic_pipeline {
+ public:
+  using clock_type = Clock;
+  using context_type = basic_call_context<Clock>;
+
+  basic_pipeline(Classifier classifier, Stages... stages)
+      : shared_(std::make_shared<shared>(std::move(classifier), std::move(stages)...)) {}
+
+  // Runs `op` (a callable returning asio::awaitable<T>) through every policy. `ctx` must live
+  // until the call completes; `op` may set ctx.actual_tokens once it knows them.
+  template <class Operation>
+  auto operator()(context_type& ctx, Operation op) const {
+    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
+    return run<value, 0>(shared_.get(), &ctx, std::move(op), 1);
+  }
+
+  // The same with a default context; also what makes a pipeline usable as a policy (it nests).
+  template <class Operation>
+  auto operator()(Operation op) const {
+    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
+    return run<value, 0>(shared_.get(), nullptr, std::move(op), 1);
+  }
+
+  // For code not written with coroutines: completes `token` with (exception_ptr, T) — or
+  // (exception_ptr) for void — so deferred, use_future and plain callbacks work.
+  template <class Operation, class CompletionToken>
+  auto async_execute(boost::asio::any_io_executor ex, Operation op, CompletionToken&& token) const {
+    return boost::asio::co_spawn(std::move(ex), (*this)(std::move(op)),
+                                 std::forward<CompletionToken>(token));
+  }
+
+  // Sends every event of every call to `o`; an empty observer turns events off. Set it before
+  // calls start: it is read, not locked, on each call.
+  void observe(observer o) { shared_->watch = std::move(o); }
+
+ private:
+  static constexpr std::size_t stage_count = sizeof...(Stages);
+  static constexpr bool is_decorator_at[stage_count + 1] = {detail::is_decorator<Stages>::value...,
+                                                            true};
+
+  // The first decorator at or after `begin` (stage_count when there is none).
+  static constexpr std::size_t hooks_end(std::size_t begin) {
+    while (begin < stage_count && !is_decorator_at[begin]) ++begin;
+    return begin;
+  }
+
+  struct shared {
+    shared(Classifier c, Stages... s) : classify(std::move(c)), stages(std::move(s)...) {}
+    Classifier classify;
+    std::tuple<Stages...> stages;
+    observer watch;
+  };
+
+  // Calls f(stage, index) for the stage at run-time index i in [Begin, End).
+  template <std::size_t Begin, std::size_t End, class F>
+  static void at(shared* s, std::size_t i, F&& f) {
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      ((i == Begin + I
+            ? (f(std::get<Begin + I>(s->stages), std::integral_constant<std::size_t, Begin + I>{}),
+               0)
+            : 0),
+       ...);
+    }
+    (std::make_index_sequence<End - Begin>{});
+  }
+
+  // The driver, one coroutine frame for all hook stages: enters the stages from Begin in order,
+  // runs what is inside them (the call, or the next decorator around the rest), then exits them
+  // innermost first. A retry stage's exit may send it back, after the wait, to the stages inside.
+  template <class T, std::size_t Begin, class Operation>
+  static boost::asio::awaitable<T> run(shared* s, context_type* given, Operation op,
+                                       unsigned attempt) {
+    constexpr std::size_t End = hooks_end(Begin);
+    context_type local;
+    context_type& ctx = given ? *given : local;
+    std::tuple<typename Stages::slot...> slots{};
+    const observer* watch = s->watch ? &s->watch : nullptr;
+    detail::stage_env<Clock> env{ctx, watch, attempt};
+
+    std::size_t next = Begin;  // the next stage to enter
+    for (;;) {
+      std::optional<outcome<T>> result;
+      std::size_t depth = next;  // stages [Begin, depth) are entered
+      typename Clock::time_point started{};
+      try {
+        for (; depth < End; ++depth) {
+          bool entered = true;
+          at<Begin, End>(s, depth, [&](auto& stage, auto index) {
+            entered = stage.try_enter(std::get<decltype(index)::value>(slots), env);
+          });
+          if (entered) continue;
+          // The slow path: wait for the queue or a limiter.
+          const auto waited_from = Clock::now();
+          std::optional<boost::asio::awaitable<void>> wait;
+          at<Begin, End>(s, depth, [&](auto& stage, auto index) {
+            wait.emplace(stage.wait_enter(std::get<decltype(index)::value>(slots), env));
+          });
+          co_await std::move(*wait);
+          if (watch) env.emit(throttled{ctx.operation, Clock::now() - waited_from});
+        }
+        if (watch) {
+          started = Clock::now();
+          env.emit(attempt_started{ctx.operation, env.attempt});
+        }
+        if constexpr (End < stage_count) {
+          // The next decorator wraps the stages after it.
+          auto& decorator = std::get<End>(s->stages).policy;
+          auto rest = [s, &ctx, &op, a = env.attempt] { return run<T, End + 1>(s, &ctx, op, a); };
+          if constexpr (std::is_void_v<T>) {
+            co_await decorator(rest);
+            result.emplace(outcome<T>::from_value({}));
+          } else {
+            result.emplace(outcome<T>::from_value(co_await decorator(rest)));
+          }
+        } else if constexpr (std::is_void_v<T>) {
+          co_await op();
+          result.emplace(outcome<T>::from_value({}));
+        } else {
+          result.emplace(outcome<T>::from_value(co_await op()));
+        }
+        if (watch) report(s, env, *result, started);
+      } catch (...) {
+        auto failure = std::current_exception();
+        result.emplace(outcome<T>::from_exception(failure));
+        if (watch) {
+          if (depth == End) {
+            report(s, env, *result, started);
+          } else if (auto ec = detail::weir_code(failure)) {
+            // Refused on the way in. (The breaker reports its own refusals, with retry_after.)
+            if (auto why = detail::rejection_of(*ec); why && *why != rejection::circuit_open)
+              env.emit(rejected{ctx.operation, *why, {}});
+          }
+        }
+      }
+
+      // Exits, innermost first.
+      std::optional<std::chrono::nanoseconds> again;
+      while (depth > Begin && !again) {
+        --depth;
+        at<Begin, End>(s, depth, [&](auto& stage, auto index) {
+          using stage_type = std::decay_t<decltype(stage)>;
+          if constexpr (detail::is_monitor<stage_type>::value) {
+            stage.record(env, s->classify(std::as_const(*result)).kind);
+          } else {
+            auto action =
+                stage.exit(std::get<decltype(index)::value>(slots), env, std::as_const(*result));
+            if (action.replace) result.emplace(outcome<T>::from_exception(action.replace));
+            again = action.retry_after;
+          }
+        });
+      }
+      if (!again) {
+        if constexpr (std::is_void_v<T>) {
+          std::move(*result).get();
+          co_return;
+        } else {
+          co_return std::move(*result).get();
+        }
+      }
+      boost::asio::basic_waitable_timer<Clock> backoff(co_await boost::asio::this_coro::executor,
+                                                       *again);
+      co_await backoff.async_wait(boost::asio::use_awaitable);
+      next = depth + 1;  // back into the stages inside the retry
+      ++env.attempt;
+    }
+  }
+
+  // Attempt events, when someone listens.
+  template <class T>
+  static void report(shared* s, detail::stage_env<Clock>& env, const outcome<T>& result,
+                     typename Clock::time_point started) {
+    const auto c = s->classify(result);
+    const auto latency = Clock::now() - started;
+    if (c.kind == verdict::success) {
+      env.emit(attempt_succeeded{env.ctx.operation, env.attempt, latency});
+      return;
+    }
+    env.emit(attempt_failed{env.ctx.operation, env.attempt, latency, c.kind});
+    if (c.kind == verdict::rate_limited && !c.hint.empty())
+      env.emit(server_rate_limited{env.ctx.operation, c.hint});
+  }
+
+  std::shared_ptr<shared> shared_;
+};
+
+namespace detail {
+template <class P, class = void>
+struct clock_of {
+  using type = void;
+};
+template <class P>
+struct clock_of<P, std::void_t<typename P::clock_type>> {
+  using type = typename P::clock_type;
+};
+template <class... Ps>
+struct first_clock {
+  using type = std::chrono::steady_clock;
+};
+template <class P, class... Ps>
+struct first_clock<P, Ps...> {
+  using type = std::conditional_t<std::is_void_v<typename clock_of<P>::type>,
+                                  typename first_clock<Ps...>::type, typename clock_of<P>::type>;
+};
+}  // namespace detail
+
+// Composes `policies` outermost first; outcomes are judged (for the monitor and events) by
+// `classifier`. The clock is the first policy's that has one.
+template <class Classifier, class... Policies>
+requires classifier_for<Classifier, int>
+auto pipeline_with(Classifier classifier, const Policies&... policies) {
+  using clock = typename detail::first_clock<Policies...>::type;
+  return basic_pipeline<clock, Classifier, decltype(detail::make_stage(policies))...>(
+      std::move(classifier), detail::make_stage(policies)...);
+}
+
+template <class... Policies>
+auto pipeline(const Policies&... policies) {
+  return pipeline_with(default_classifier{}, policies...);
+}
+
+}  // namespace weir
