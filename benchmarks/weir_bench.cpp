@@ -1,5 +1,10 @@
 // weir_bench: each policy's hot path against the floor it cannot beat. The README quotes a run.
+
+// The replaced operator new/delete below pair malloc with free on purpose; gcc cannot see that
+// through inlining and warns.
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 #include <weir/circuit_breaker.hpp>
+#include <weir/pipeline.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/retry.hpp>
 #include <weir/token_bucket.hpp>
@@ -12,6 +17,20 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
+#include <new>
+
+// Every heap allocation in the process is counted, so a benchmark can report allocations per call.
+namespace {
+std::atomic<std::uint64_t> allocations{0};
+}
+void* operator new(std::size_t n) {
+  allocations.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -107,6 +126,43 @@ void circuit_breaker_closed_call_decorator(benchmark::State& state) {
   in_coroutine(state, [&] { return breaker([] { return answer_at_once(); }); });
 }
 BENCHMARK(circuit_breaker_closed_call_decorator)->Name("circuit_breaker/closed_call/decorator");
+
+// Runs `call` inside one coroutine and reports heap allocations per call in steady state.
+template <class Call>
+void per_call_allocations(benchmark::State& state, Call call) {
+  boost::asio::io_context io;
+  boost::asio::co_spawn(
+      io,
+      [&]() -> boost::asio::awaitable<void> {
+        for (int warm = 0; warm < 1000; ++warm) co_await call();
+        const auto before = allocations.load(std::memory_order_relaxed);
+        for (auto _ : state) benchmark::DoNotOptimize(co_await call());
+        state.counters["allocs_per_call"] =
+            static_cast<double>(allocations.load(std::memory_order_relaxed) - before) /
+            static_cast<double>(state.iterations());
+      },
+      boost::asio::detached);
+  io.run();
+}
+
+void pipeline_bare_call(benchmark::State& state) {
+  per_call_allocations(state, [] { return answer_at_once(); });
+}
+BENCHMARK(pipeline_bare_call)->Name("pipeline/bare_call");
+
+// retry + circuit breaker + token bucket + usage monitor + request queue around a call that
+// returns at once.
+void pipeline_full_success(benchmark::State& state) {
+  boost::asio::io_context policies_io;
+  weir::retry<> retry;
+  weir::circuit_breaker<> breaker;
+  weir::token_bucket<> bucket(policies_io.get_executor(), {.rate = weir::per_second(1e9), .burst = 1'000'000});
+  weir::usage_monitor<> monitor;
+  weir::request_queue queue(policies_io.get_executor(), {.max_concurrent = 64, .max_queued = 64});
+  auto guarded = weir::pipeline(retry, breaker, bucket, monitor, queue);
+  per_call_allocations(state, [&] { return guarded([] { return answer_at_once(); }); });
+}
+BENCHMARK(pipeline_full_success)->Name("pipeline/full_success");
 
 }  // namespace
 
