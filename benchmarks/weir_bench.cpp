@@ -156,7 +156,8 @@ void pipeline_full_success(benchmark::State& state) {
   boost::asio::io_context policies_io;
   weir::retry<> retry;
   weir::circuit_breaker<> breaker;
-  weir::token_bucket<> bucket(policies_io.get_executor(), {.rate = weir::per_second(1e9), .burst = 1'000'000});
+  weir::token_bucket<> bucket(policies_io.get_executor(),
+                              {.rate = weir::per_second(1e9), .burst = 1'000'000});
   weir::usage_monitor<> monitor;
   weir::request_queue queue(policies_io.get_executor(), {.max_concurrent = 64, .max_queued = 64});
   auto guarded = weir::pipeline(retry, breaker, bucket, monitor, queue);

@@ -80,6 +80,7 @@ struct stage_env {
   basic_call_context<Clock>& ctx;
   const observer* watch;  // null when nobody listens
   unsigned attempt;
+  typename Clock::time_point now{};  // read once per attempt, for the stages that need a clock
 
   void emit(event e) const {
     if (watch) (*watch)(e);
@@ -140,7 +141,8 @@ struct bucket_stage {
   struct slot {};
   static constexpr bool has_classifier = false;
 
-  bool try_enter(slot&, stage_env<Clock>&) { return bucket.try_acquire(1); }
+  static constexpr bool reads_clock = true;
+  bool try_enter(slot&, stage_env<Clock>& env) { return bucket.try_acquire(1, env.now); }
   boost::asio::awaitable<void> wait_enter(slot&, stage_env<Clock>& env) {
     const auto max_wait = env.max_wait(Clock::now()).value_or(std::chrono::nanoseconds::max());
     auto [ec, waited] = co_await bucket.async_acquire(
@@ -201,6 +203,12 @@ struct breaker_stage {
   boost::asio::awaitable<void> wait_enter(slot&, stage_env<Clock>&) { co_return; }
   template <class T>
   exit_action exit(slot& s, stage_env<Clock>& env, const outcome<T>& o) {
+    if constexpr (every_value_succeeds<Classifier>) {
+      if (o.has_value() && !env.watch) {
+        breaker.record(s.ticket, false);
+        return {};
+      }
+    }
     const auto before = breaker.state();
     if (o.has_exception() && is_cancellation(o.exception())) return {};
     const auto kind = breaker.classifier()(o).kind;
@@ -236,6 +244,9 @@ struct retry_stage {
   boost::asio::awaitable<void> wait_enter(slot&, stage_env<Clock>&) { co_return; }
   template <class T>
   exit_action exit(slot& s, stage_env<Clock>& env, const outcome<T>& o) {
+    if constexpr (every_value_succeeds<Classifier>) {
+      if (o.has_value()) return {};
+    }
     const classification c = policy.classifier()(o);
     if (c.kind == verdict::success || c.kind == verdict::fatal) return {};
     const unsigned failed_attempt = s.progress.attempt;
@@ -258,12 +269,15 @@ struct monitor_stage {
 
   bool try_enter(slot&, stage_env<Clock>&) { return true; }
   boost::asio::awaitable<void> wait_enter(slot&, stage_env<Clock>&) { co_return; }
-  // The verdict comes from the pipeline's classifier, handed in by the driver.
+  static constexpr bool reads_clock = true;
+  // The verdict comes from the pipeline's classifier, handed in by the driver. An attempt is
+  // recorded at its start, as a provider counts a request when it arrives.
   void record(stage_env<Clock>& env, verdict kind) {
     monitor.record({.requests = 1,
                     .tokens = env.ctx.actual_tokens.value_or(env.ctx.tokens),
                     .error = kind != verdict::success,
-                    .rate_limited = kind == verdict::rate_limited});
+                    .rate_limited = kind == verdict::rate_limited},
+                   env.now);
   }
   template <class T>
   exit_action exit(slot&, stage_env<Clock>&, const outcome<T>&) {
@@ -282,6 +296,12 @@ template <class P>
 struct is_monitor : std::false_type {};
 template <class C>
 struct is_monitor<monitor_stage<C>> : std::true_type {};
+
+template <class P, class = void>
+struct reads_clock : std::false_type {};
+template <class P>
+struct reads_clock<P, std::void_t<decltype(P::reads_clock)>> : std::bool_constant<P::reads_clock> {
+};
 
 template <class P>
 struct is_decorator : std::false_type {};
@@ -371,7 +391,18 @@ class basic_pipeline {
     observer watch;
   };
 
-  // Calls f(stage, index) for the stage at run-time index i in [Begin, End).
+  using slots_type = std::tuple<typename Stages::slot...>;
+
+  template <std::size_t Begin, std::size_t End>
+  static constexpr bool reads_clock() {
+    return []<std::size_t... I>(std::index_sequence<I...>) {
+      return (detail::reads_clock<std::tuple_element_t<Begin + I, std::tuple<Stages...>>>::value ||
+              ... || false);
+    }
+    (std::make_index_sequence<End - Begin>{});
+  }
+
+  // Calls f(stage, index) for the stage at run-time index i in [Begin, End): the slow path only.
   template <std::size_t Begin, std::size_t End, class F>
   static void at(shared* s, std::size_t i, F&& f) {
     [&]<std::size_t... I>(std::index_sequence<I...>) {
@@ -384,6 +415,59 @@ class basic_pipeline {
     (std::make_index_sequence<End - Begin>{});
   }
 
+  // Enters the stages from `depth` on, in order, until one must wait (or throws a refusal);
+  // `depth` ends at the first stage not entered. Unrolled at compile time: the fast path.
+  template <std::size_t Begin, std::size_t End>
+  static void enter(shared* s, slots_type& slots, detail::stage_env<Clock>& env,
+                    std::size_t& depth) {
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      [[maybe_unused]] bool blocked = false;
+      (
+          [&] {
+            constexpr std::size_t at = Begin + I;
+            if (blocked || at < depth) return;
+            if (std::get<at>(s->stages).try_enter(std::get<at>(slots), env))
+              depth = at + 1;
+            else
+              blocked = true;
+          }(),
+          ...);
+    }
+    (std::make_index_sequence<End - Begin>{});
+  }
+
+  // Exits the entered stages, innermost first, until a retry stage asks to go again (its wait is
+  // returned and `depth` is left at it).
+  template <std::size_t Begin, std::size_t End, class T>
+  static std::optional<std::chrono::nanoseconds> exit(shared* s, slots_type& slots,
+                                                      detail::stage_env<Clock>& env,
+                                                      std::optional<outcome<T>>& result,
+                                                      std::size_t& depth) {
+    std::optional<std::chrono::nanoseconds> again;
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      (
+          [&] {
+            constexpr std::size_t at = End - 1 - I;
+            if (again || at >= depth) return;
+            depth = at;
+            auto& stage = std::get<at>(s->stages);
+            using stage_type = std::decay_t<decltype(stage)>;
+            if constexpr (detail::is_monitor<stage_type>::value) {
+              const bool plain_success = every_value_succeeds<Classifier> && result->has_value();
+              stage.record(
+                  env, plain_success ? verdict::success : s->classify(std::as_const(*result)).kind);
+            } else {
+              auto action = stage.exit(std::get<at>(slots), env, std::as_const(*result));
+              if (action.replace) result.emplace(outcome<T>::from_exception(action.replace));
+              again = action.retry_after;
+            }
+          }(),
+          ...);
+    }
+    (std::make_index_sequence<End - Begin>{});
+    return again;
+  }
+
   // The driver, one coroutine frame for all hook stages: enters the stages from Begin in order,
   // runs what is inside them (the call, or the next decorator around the rest), then exits them
   // innermost first. A retry stage's exit may send it back, after the wait, to the stages inside.
@@ -393,7 +477,7 @@ class basic_pipeline {
     constexpr std::size_t End = hooks_end(Begin);
     context_type local;
     context_type& ctx = given ? *given : local;
-    std::tuple<typename Stages::slot...> slots{};
+    slots_type slots{};
     const observer* watch = s->watch ? &s->watch : nullptr;
     detail::stage_env<Clock> env{ctx, watch, attempt};
 
@@ -402,14 +486,12 @@ class basic_pipeline {
       std::optional<outcome<T>> result;
       std::size_t depth = next;  // stages [Begin, depth) are entered
       typename Clock::time_point started{};
+      if constexpr (reads_clock<Begin, End>()) env.now = Clock::now();
       try {
-        for (; depth < End; ++depth) {
-          bool entered = true;
-          at<Begin, End>(s, depth, [&](auto& stage, auto index) {
-            entered = stage.try_enter(std::get<decltype(index)::value>(slots), env);
-          });
-          if (entered) continue;
-          // The slow path: wait for the queue or a limiter.
+        for (;;) {
+          enter<Begin, End>(s, slots, env, depth);
+          if (depth == End) break;
+          // The slow path: wait for the queue or a limiter, then go on with the next stage.
           const auto waited_from = Clock::now();
           std::optional<boost::asio::awaitable<void>> wait;
           at<Begin, End>(s, depth, [&](auto& stage, auto index) {
@@ -417,6 +499,7 @@ class basic_pipeline {
           });
           co_await std::move(*wait);
           if (watch) env.emit(throttled{ctx.operation, Clock::now() - waited_from});
+          ++depth;
         }
         if (watch) {
           started = Clock::now();
@@ -453,22 +536,7 @@ class basic_pipeline {
         }
       }
 
-      // Exits, innermost first.
-      std::optional<std::chrono::nanoseconds> again;
-      while (depth > Begin && !again) {
-        --depth;
-        at<Begin, End>(s, depth, [&](auto& stage, auto index) {
-          using stage_type = std::decay_t<decltype(stage)>;
-          if constexpr (detail::is_monitor<stage_type>::value) {
-            stage.record(env, s->classify(std::as_const(*result)).kind);
-          } else {
-            auto action =
-                stage.exit(std::get<decltype(index)::value>(slots), env, std::as_const(*result));
-            if (action.replace) result.emplace(outcome<T>::from_exception(action.replace));
-            again = action.retry_after;
-          }
-        });
-      }
+      const auto again = exit<Begin, End>(s, slots, env, result, depth);
       if (!again) {
         if constexpr (std::is_void_v<T>) {
           std::move(*result).get();

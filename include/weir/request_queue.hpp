@@ -19,6 +19,7 @@
 #include <boost/asio/post.hpp>
 
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <memory>
 #include <mutex>
@@ -60,6 +61,7 @@ class permit {
 
  private:
   friend struct detail::request_queue_state;
+  friend class request_queue;
   explicit permit(std::shared_ptr<detail::request_queue_state> s) : state_(std::move(s)) {}
   std::shared_ptr<detail::request_queue_state> state_;
 };
@@ -78,38 +80,79 @@ struct queue_waiter {
   ~queue_waiter() = default;
 };
 
-struct request_queue_state : std::enable_shared_from_this<request_queue_state> {
+// The fast path (a free slot, nobody waiting) is two atomics and no lock: admitting CASes
+// in_flight up, releasing takes it down. Waiters are linked under the mutex; whoever frees a slot
+// and whoever starts to wait each look at the other's counter afterwards (sequentially consistent),
+// so a slot is never left free while someone waits for it.
+struct request_queue_state {
   request_queue_state(boost::asio::any_io_executor ex, request_queue_options o)
       : executor(std::move(ex)), options(o) {
     if (o.max_concurrent == 0)
       throw weir::exception(error::invalid_argument, "request_queue needs max_concurrent ≥ 1");
   }
 
-  permit make_permit() { return permit(shared_from_this()); }
+  // Takes a slot if one is free and nobody waits for it.
+  bool try_take() noexcept {
+    if (queued.load() != 0 || shut_down.load(std::memory_order_relaxed)) return false;
+    return take_slot();
+  }
 
-  // Hands the slot to the first waiter, or gives it back.
-  void release() noexcept {
-    queue_waiter* next = nullptr;
-    {
-      std::lock_guard lock(mutex);
-      for (auto& q : queues)
-        if (!q.empty()) {
-          next = q.front();
-          q.erase(*next);
-          --queued;
-          break;
-        }
-      if (!next) --in_flight;
+  bool take_slot() noexcept {
+    auto n = in_flight.load(std::memory_order_relaxed);
+    while (n < options.max_concurrent)
+      if (in_flight.compare_exchange_weak(n, n + 1)) return true;
+    return false;
+  }
+
+  // A permit's slot comes back: straight to the first waiter if there is one (the permit's
+  // reference to the state moves with it), else to the pool.
+  void release(std::shared_ptr<request_queue_state> self) noexcept {
+    if (queued.load() == 0) {
+      in_flight.fetch_sub(1);
+      if (queued.load() == 0) return;
+      // Someone started waiting meanwhile and may have seen no free slot.
+      std::unique_lock lock(mutex);
+      hand_out(lock, self);
+      return;
     }
-    if (next) next->complete({}, make_permit());
+    std::unique_lock lock(mutex);
+    if (auto* next = pop()) {
+      lock.unlock();
+      next->complete({}, permit(std::move(self)));
+      return;
+    }
+    in_flight.fetch_sub(1);
+  }
+
+  // Under `lock`, which it releases: gives free slots to waiters, by priority then arrival.
+  void hand_out(std::unique_lock<std::mutex>& lock,
+                const std::shared_ptr<request_queue_state>& self) {
+    std::vector<std::pair<queue_waiter*, permit>> ready;
+    while (queued.load() != 0 && take_slot()) {
+      auto* w = pop();
+      ready.emplace_back(w, permit(self));
+    }
+    lock.unlock();
+    for (auto& [w, p] : ready) w->complete({}, std::move(p));
+  }
+
+  // Under the mutex: the first waiter, unlinked.
+  queue_waiter* pop() {
+    for (auto& q : queues)
+      if (auto* w = q.front()) {
+        q.erase(*w);
+        queued.fetch_sub(1);
+        return w;
+      }
+    return nullptr;
   }
 
   boost::asio::any_io_executor executor;
   request_queue_options options;
+  std::atomic<std::size_t> in_flight{0};
+  std::atomic<std::size_t> queued{0};
+  std::atomic<bool> shut_down{false};
   std::mutex mutex;
-  std::size_t in_flight = 0;
-  std::size_t queued = 0;
-  bool shut_down = false;
   std::array<waiter_list<queue_waiter>, 3> queues;
 };
 
@@ -156,7 +199,7 @@ class queue_admission final : public queue_waiter,
       std::lock_guard lock(state_->mutex);
       if (!linked) return;  // already admitted or completed
       state_->queues[level].erase(*this);
-      --state_->queued;
+      state_->queued.fetch_sub(1);
     }
     complete(boost::asio::error::operation_aborted, permit());
   }
@@ -170,7 +213,10 @@ class queue_admission final : public queue_waiter,
 }  // namespace detail
 
 void permit::release() noexcept {
-  if (auto s = std::move(state_)) s->release();
+  if (state_) {
+    auto* s = state_.get();
+    s->release(std::move(state_));
+  }
 }
 
 // Copies share one queue.
@@ -185,12 +231,8 @@ class request_queue {
 
   // A permit if a slot is free now and nobody is waiting; an empty permit otherwise.
   permit try_admit() {
-    std::lock_guard lock(state_->mutex);
-    if (state_->shut_down || state_->queued > 0 ||
-        state_->in_flight >= state_->options.max_concurrent)
-      return {};
-    ++state_->in_flight;
-    return state_->make_permit();
+    if (!state_->try_take()) return {};
+    return permit(state_);
   }
 
   // Completes with a permit when a slot is free. Fails at once with queue_full when max_queued
@@ -217,24 +259,13 @@ class request_queue {
     {
       std::lock_guard lock(state_->mutex);
       state_->shut_down = true;
-      for (auto& q : state_->queues)
-        while (auto* w = q.front()) {
-          q.erase(*w);
-          waiting.push_back(w);
-        }
-      state_->queued = 0;
+      while (auto* w = state_->pop()) waiting.push_back(w);
     }
     for (auto* w : waiting) w->complete(error::shut_down, permit());
   }
 
-  std::size_t in_flight() const {
-    std::lock_guard lock(state_->mutex);
-    return state_->in_flight;
-  }
-  std::size_t queued() const {
-    std::lock_guard lock(state_->mutex);
-    return state_->queued;
-  }
+  std::size_t in_flight() const { return state_->in_flight.load(); }
+  std::size_t queued() const { return state_->queued.load(); }
 
   const executor_type& get_executor() const noexcept { return state_->executor; }
 
@@ -245,21 +276,21 @@ class request_queue {
     auto fail = [&](error_code ec) {
       boost::asio::post(s->executor, boost::asio::append(std::move(handler), ec, permit()));
     };
-    std::unique_lock lock(s->mutex);
-    if (s->shut_down) return lock.unlock(), fail(error::shut_down);
-    if (s->queued == 0 && s->in_flight < s->options.max_concurrent) {
-      ++s->in_flight;
-      lock.unlock();
+    if (s->try_take()) {
       boost::asio::post(s->executor,
-                        boost::asio::append(std::move(handler), error_code(), s->make_permit()));
+                        boost::asio::append(std::move(handler), error_code(), permit(s)));
       return;
     }
-    if (s->queued >= s->options.max_queued) return lock.unlock(), fail(error::queue_full);
+    std::unique_lock lock(s->mutex);
+    if (s->shut_down) return lock.unlock(), fail(error::shut_down);
+    if (s->queued.load() >= s->options.max_queued) return lock.unlock(), fail(error::queue_full);
     auto op = std::make_shared<detail::queue_admission<Handler>>(s, std::move(handler));
     op->level = static_cast<std::size_t>(p);
     s->queues[op->level].push_back(*op);
-    ++s->queued;
+    s->queued.fetch_add(1);
     op->start();
+    // A slot may have come free between try_take and linking: hand it out now.
+    s->hand_out(lock, s);
   }
 
   std::shared_ptr<detail::request_queue_state> state_;
