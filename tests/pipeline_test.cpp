@@ -264,3 +264,116 @@ TEST_CASE("a pipeline shared by four threads keeps every count exact", "[concurr
   CHECK(monitor.totals().errors == 1000);
   CHECK(queue.in_flight() == 0);
 }
+
+// ---- metrics and alerts ---------------------------------------------------------------------
+
+#include <weir/alerts.hpp>
+#include <weir/metrics.hpp>
+
+#include <map>
+#include <sstream>
+
+namespace {
+// Parses the exposition format back: "name{labels}" -> value, checking each line's shape.
+std::map<std::string, double> parse_prometheus(const std::string& text) {
+  std::map<std::string, double> samples;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("# HELP ", 0) == 0 || line.rfind("# TYPE ", 0) == 0) continue;
+    const auto space = line.rfind(' ');
+    REQUIRE(space != std::string::npos);
+    REQUIRE(line.find('{') < space);
+    REQUIRE(line[space - 1] == '}');
+    samples[line.substr(0, space)] = std::stod(line.substr(space + 1));
+  }
+  return samples;
+}
+}  // namespace
+
+TEST_CASE("metrics count a pipeline's events and read back from Prometheus text") {
+  clock_type::reset();
+  asio::io_context io;
+  weir::retry<clock_type> retry({.max_attempts = 3, .backoff = weir::backoff::constant(1s)});
+  weir::request_queue queue(io.get_executor(), {.max_concurrent = 1, .max_queued = 0});
+  auto guarded = weir::pipeline(retry, queue);
+  weir::metrics chat("chat \"primary\"");
+  guarded.observe(chat.observer());
+  flaky op{.failures = 1};
+  CHECK(run_to_end(io, guarded(op())) == 2);
+  auto held = queue.try_admit();
+  std::exception_ptr refused;
+  run_to_end(io, weir::pipeline(queue)(op()), &refused);  // no observer: not counted
+  (void)guarded(op());                                    // never started: nothing counted
+  flaky full;
+  run_to_end(io, guarded(full()), &refused, 0s);  // the queue is full: a rejection, not retried
+
+  const auto m = chat.read();
+  CHECK(m.attempts == 2);
+  CHECK(m.successes == 1);
+  CHECK(m.failures == 1);
+  CHECK(m.retries == 1);
+  CHECK(m.rejections[static_cast<std::size_t>(weir::rejection::queue_full)] == 1);
+
+  weir::metrics other("other");
+  std::string page;
+  weir::write_prometheus(page, {&chat, &other});
+  const auto samples = parse_prometheus(page);
+  const std::string chat_label = R"({pipeline="chat \"primary\""})";
+  CHECK(samples.at("weir_attempts_total" + chat_label) == 2);
+  CHECK(samples.at("weir_retries_total" + chat_label) == 1);
+  CHECK(samples.at("weir_attempts_total{pipeline=\"other\"}") == 0);
+  CHECK(samples.at(R"(weir_rejections_total{pipeline="chat \"primary\"",reason="queue_full"})") ==
+        1);
+  CHECK(samples.at("weir_breaker_state" + chat_label) == 0);
+  CHECK(page.find("# TYPE weir_attempts_total counter\n") != std::string::npos);
+}
+
+TEST_CASE("a 429-ratio alert fires once when it starts and once when it clears, without flapping") {
+  clock_type::reset();
+  weir::usage_monitor<clock_type> monitor({.window = 60s, .buckets = 60});
+  std::vector<std::pair<std::string, bool>> changes;
+  weir::alerts<clock_type> alerts(
+      [&](const weir::alert& a) { changes.emplace_back(a.name, a.firing); });
+  alerts.rate_limited_above("openai 429s", monitor, 0.05, 20);
+
+  auto second = [&](int requests, int limited) {
+    for (int i = 0; i < requests; ++i) monitor.record({.rate_limited = i < limited});
+    clock_type::advance(1s);
+    alerts.evaluate();
+  };
+  for (int s = 0; s < 10; ++s) second(10, 0);  // healthy
+  CHECK(changes.empty());
+  for (int s = 0; s < 10; ++s) second(10, 2);  // 20% of these are 429s: the ratio climbs past 5%
+  for (int s = 0; s < 30; ++s) second(10, s % 2);  // hovering near 5%: still firing, no flapping
+  CHECK(changes == std::vector<std::pair<std::string, bool>>{{"openai 429s", true}});
+  for (int s = 0; s < 120; ++s) second(10, 0);  // the bad minute slides out
+  CHECK(changes ==
+        std::vector<std::pair<std::string, bool>>{{"openai 429s", true}, {"openai 429s", false}});
+}
+
+TEST_CASE("a breaker-open alert fires after 30 s open and clears when it closes") {
+  clock_type::reset();
+  weir::circuit_breaker<clock_type> breaker({.consecutive_failures = 1, .break_duration = 10s});
+  std::vector<std::pair<bool, double>> changes;
+  weir::alerts<clock_type> alerts(
+      [&](const weir::alert& a) { changes.emplace_back(a.firing, a.value); });
+  alerts.breaker_open_longer("openai down", breaker, 30s);
+  breaker.isolate();
+  for (int s = 0; s <= 30; ++s) {
+    alerts.evaluate();
+    clock_type::advance(1s);
+  }
+  CHECK(changes.empty());  // open exactly 30 s: not longer
+  alerts.evaluate();
+  REQUIRE(changes.size() == 1);
+  CHECK(changes[0].first);
+  CHECK(alerts.firing() == std::vector<std::string>{"openai down"});
+  breaker.reset();
+  alerts.evaluate();
+  alerts.evaluate();
+  REQUIRE(changes.size() == 2);
+  CHECK_FALSE(changes[1].first);
+  CHECK_THROWS_AS(alerts.rate_limited_above("bad", weir::usage_monitor<clock_type>(), 1.5),
+                  weir::exception);
+}

@@ -95,7 +95,6 @@ class circuit_breaker {
 
   breaker_state state() const noexcept { return state_->current.load(std::memory_order_acquire); }
 
-
   // Forces the breaker open until reset(), e.g. for maintenance.
   void isolate() { state_->transition_to(breaker_state::isolated, Clock::now()); }
   // Closes the breaker and forgets every failure.

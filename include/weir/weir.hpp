@@ -2,10 +2,14 @@
 // The umbrella header; each concept also has a header of its own.
 #pragma once
 
+#include <weir/alerts.hpp>
 #include <weir/backoff.hpp>
 #include <weir/circuit_breaker.hpp>
 #include <weir/error.hpp>
+#include <weir/events.hpp>
+#include <weir/metrics.hpp>
 #include <weir/outcome.hpp>
+#include <weir/pipeline.hpp>
 #include <weir/rate.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>

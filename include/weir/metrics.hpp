@@ -1,0 +1,187 @@
+// Counters and gauges for one pipeline or provider, fed by its events, readable from code and
+// written in the Prometheus text exposition format.
+//
+//     weir::metrics openai("openai");
+//     pipeline.observe(openai.observer());
+//     std::string page;
+//     weir::write_prometheus(page, {&openai, &anthropic});
+#pragma once
+
+#include <weir/events.hpp>
+
+#include <fmt/format.h>
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <string>
+#include <string_view>
+
+namespace weir {
+
+struct metrics_snapshot {
+  std::uint64_t attempts = 0;
+  std::uint64_t successes = 0;
+  std::uint64_t failures = 0;
+  std::uint64_t retries = 0;
+  std::uint64_t throttled = 0;
+  double throttled_seconds = 0;
+  std::array<std::uint64_t, 5> rejections{};  // by weir::rejection
+  std::uint64_t server_rate_limited = 0;
+  double latency_seconds = 0;  // sum over finished attempts (successes + failures)
+  breaker_state breaker = breaker_state::closed;
+};
+
+// Copies share the counters. Recording is a few relaxed atomic adds: safe from any thread.
+class metrics {
+ public:
+  explicit metrics(std::string name) : state_(std::make_shared<state>(std::move(name))) {}
+
+  // The observer to attach to a pipeline (or to fan_out with others).
+  weir::observer observer() const {
+    return [s = state_](const event& e) { s->record(e); };
+  }
+
+  metrics_snapshot read() const { return state_->read(); }
+  const std::string& name() const noexcept { return state_->name; }
+
+ private:
+  struct state {
+    explicit state(std::string n) : name(std::move(n)) {}
+
+    static void add(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) {
+      c.fetch_add(n, std::memory_order_relaxed);
+    }
+
+    void record(const event& e) {
+      std::visit(
+          [&](const auto& v) {
+            using T = std::decay_t<decltype(v)>;
+            if constexpr (std::is_same_v<T, attempt_started>) {
+              add(attempts);
+            } else if constexpr (std::is_same_v<T, attempt_succeeded>) {
+              add(successes);
+              add(latency_ns, static_cast<std::uint64_t>(v.latency.count()));
+            } else if constexpr (std::is_same_v<T, attempt_failed>) {
+              add(failures);
+              add(latency_ns, static_cast<std::uint64_t>(v.latency.count()));
+            } else if constexpr (std::is_same_v<T, retry_scheduled>) {
+              add(retries);
+            } else if constexpr (std::is_same_v<T, throttled>) {
+              add(throttled_count);
+              add(throttled_ns, static_cast<std::uint64_t>(v.wait.count()));
+            } else if constexpr (std::is_same_v<T, rejected>) {
+              add(rejections[static_cast<std::size_t>(v.reason)]);
+            } else if constexpr (std::is_same_v<T, weir::server_rate_limited>) {
+              add(server_rate_limited_count);
+            } else {
+              breaker.store(v.to, std::memory_order_relaxed);
+            }
+          },
+          e);
+    }
+
+    metrics_snapshot read() const {
+      auto get = [](const std::atomic<std::uint64_t>& c) {
+        return c.load(std::memory_order_relaxed);
+      };
+      metrics_snapshot s;
+      s.attempts = get(attempts);
+      s.successes = get(successes);
+      s.failures = get(failures);
+      s.retries = get(retries);
+      s.throttled = get(throttled_count);
+      s.throttled_seconds = static_cast<double>(get(throttled_ns)) / 1e9;
+      for (std::size_t i = 0; i < s.rejections.size(); ++i) s.rejections[i] = get(rejections[i]);
+      s.server_rate_limited = get(server_rate_limited_count);
+      s.latency_seconds = static_cast<double>(get(latency_ns)) / 1e9;
+      s.breaker = breaker.load(std::memory_order_relaxed);
+      return s;
+    }
+
+    std::string name;
+    std::atomic<std::uint64_t> attempts{0}, successes{0}, failures{0}, retries{0};
+    std::atomic<std::uint64_t> throttled_count{0}, throttled_ns{0}, server_rate_limited_count{0};
+    std::atomic<std::uint64_t> latency_ns{0};
+    std::array<std::atomic<std::uint64_t>, 5> rejections{};
+    std::atomic<breaker_state> breaker{breaker_state::closed};
+  };
+
+  std::shared_ptr<state> state_;
+};
+
+namespace detail {
+// A label value in the exposition format: backslash, double quote and newline escaped.
+inline std::string prometheus_label(std::string_view v) {
+  std::string out;
+  out.reserve(v.size());
+  for (char c : v) {
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '"')
+      out += "\\\"";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
+  }
+  return out;
+}
+}  // namespace detail
+
+// Appends every family of `sources` to `out` in the Prometheus text format (version 0.0.4), one
+// HELP and TYPE line per family and one sample per source, labelled pipeline="<name>".
+inline void write_prometheus(std::string& out, std::initializer_list<const metrics*> sources) {
+  struct family {
+    const char* name;
+    const char* type;
+    const char* help;
+    double (*value)(const metrics_snapshot&);
+  };
+  static constexpr family families[] = {
+      {"weir_attempts_total", "counter", "Attempts started.",
+       [](const metrics_snapshot& s) { return double(s.attempts); }},
+      {"weir_successes_total", "counter", "Attempts that succeeded.",
+       [](const metrics_snapshot& s) { return double(s.successes); }},
+      {"weir_failures_total", "counter", "Attempts that failed.",
+       [](const metrics_snapshot& s) { return double(s.failures); }},
+      {"weir_retries_total", "counter", "Retries scheduled.",
+       [](const metrics_snapshot& s) { return double(s.retries); }},
+      {"weir_throttled_total", "counter", "Calls held by a limiter or the queue.",
+       [](const metrics_snapshot& s) { return double(s.throttled); }},
+      {"weir_throttled_seconds_total", "counter",
+       "Time calls spent held by a limiter or the queue.",
+       [](const metrics_snapshot& s) { return s.throttled_seconds; }},
+      {"weir_server_rate_limited_total", "counter", "Attempts the server refused as rate limited.",
+       [](const metrics_snapshot& s) { return double(s.server_rate_limited); }},
+      {"weir_attempt_latency_seconds_total", "counter", "Time spent in finished attempts.",
+       [](const metrics_snapshot& s) { return s.latency_seconds; }},
+      {"weir_breaker_state", "gauge", "Circuit breaker: 0 closed, 1 open, 2 half-open, 3 isolated.",
+       [](const metrics_snapshot& s) { return double(static_cast<int>(s.breaker)); }},
+  };
+  constexpr const char* reasons[] = {"queue_full", "circuit_open", "budget_exhausted",
+                                     "rate_limited", "shut_down"};
+  std::vector<std::pair<std::string, metrics_snapshot>> read;
+  for (const auto* m : sources) read.emplace_back(detail::prometheus_label(m->name()), m->read());
+
+  for (const auto& f : families) {
+    fmt::format_to(std::back_inserter(out), "# HELP {} {}\n# TYPE {} {}\n", f.name, f.help, f.name,
+                   f.type);
+    for (const auto& [name, s] : read)
+      fmt::format_to(std::back_inserter(out), "{}{{pipeline=\"{}\"}} {}\n", f.name, name,
+                     f.value(s));
+  }
+  out +=
+      "# HELP weir_rejections_total Calls refused without being tried.\n"
+      "# TYPE weir_rejections_total counter\n";
+  for (const auto& [name, s] : read)
+    for (std::size_t r = 0; r < s.rejections.size(); ++r)
+      fmt::format_to(std::back_inserter(out),
+                     "weir_rejections_total{{pipeline=\"{}\",reason=\"{}\"}} {}\n", name,
+                     reasons[r], s.rejections[r]);
+}
+
+}  // namespace weir
