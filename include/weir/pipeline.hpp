@@ -115,22 +115,24 @@ inline std::optional<rejection> rejection_of(const error_code& ec) {
 struct queue_stage {
   request_queue queue;
   struct slot {
-    permit held;
+    bool held = false;
   };
   static constexpr bool has_classifier = false;
 
   template <class Clock>
   bool try_enter(slot& s, stage_env<Clock>&) {
-    s.held = queue.try_admit();
-    return static_cast<bool>(s.held);
+    return s.held = queue.try_take();
   }
   template <class Clock>
   boost::asio::awaitable<void> wait_enter(slot& s, stage_env<Clock>& env) {
-    s.held = co_await queue.async_admit(env.ctx.priority, boost::asio::use_awaitable);
+    auto p = co_await queue.async_admit(env.ctx.priority, boost::asio::use_awaitable);
+    // The slot now belongs to this call; it goes back in exit(), like a fast-path one.
+    p.detach();
+    s.held = true;
   }
   template <class Clock, class T>
   exit_action exit(slot& s, stage_env<Clock>&, const outcome<T>&) {
-    s.held.release();
+    if (std::exchange(s.held, false)) queue.give_back();
     return {};
   }
 };
@@ -347,25 +349,40 @@ class basic_pipeline {
       : shared_(std::make_shared<shared>(std::move(classifier), std::move(stages)...)) {}
 
   // Runs `op` (a callable returning asio::awaitable<T>) through every policy. `ctx` must live
-  // until the call completes; `op` may set ctx.actual_tokens once it knows them.
+  // until the call completes; `op` may set ctx.actual_tokens once it knows them. Like an Asio I/O
+  // object, a named pipeline must outlive its calls; a temporary one (`pipeline(a, b)(op)`) is
+  // kept alive by the call itself.
   template <class Operation>
-  auto operator()(context_type& ctx, Operation op) const {
+  auto operator()(context_type& ctx, Operation op) const& {
     using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
-    return run<value, 0>(shared_.get(), &ctx, std::move(op), 1);
+    return run<value, 0>(shared_.get(), {}, &ctx, std::move(op), 1);
+  }
+  template <class Operation>
+  auto operator()(context_type& ctx, Operation op) && {
+    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
+    auto* s = shared_.get();  // before shared_ is moved from
+    return run<value, 0>(s, std::move(shared_), &ctx, std::move(op), 1);
   }
 
   // The same with a default context; also what makes a pipeline usable as a policy (it nests).
   template <class Operation>
-  auto operator()(Operation op) const {
+  auto operator()(Operation op) const& {
     using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
-    return run<value, 0>(shared_.get(), nullptr, std::move(op), 1);
+    return run<value, 0>(shared_.get(), {}, nullptr, std::move(op), 1);
+  }
+  template <class Operation>
+  auto operator()(Operation op) && {
+    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
+    auto* s = shared_.get();  // before shared_ is moved from
+    return run<value, 0>(s, std::move(shared_), nullptr, std::move(op), 1);
   }
 
   // For code not written with coroutines: completes `token` with (exception_ptr, T) — or
   // (exception_ptr) for void — so deferred, use_future and plain callbacks work.
   template <class Operation, class CompletionToken>
   auto async_execute(boost::asio::any_io_executor ex, Operation op, CompletionToken&& token) const {
-    return boost::asio::co_spawn(std::move(ex), (*this)(std::move(op)),
+    auto keep = *this;  // the call keeps the pipeline alive, whatever becomes of this object
+    return boost::asio::co_spawn(std::move(ex), std::move(keep)(std::move(op)),
                                  std::forward<CompletionToken>(token));
   }
 
@@ -471,9 +488,11 @@ class basic_pipeline {
   // The driver, one coroutine frame for all hook stages: enters the stages from Begin in order,
   // runs what is inside them (the call, or the next decorator around the rest), then exits them
   // innermost first. A retry stage's exit may send it back, after the wait, to the stages inside.
+  // `keep` owns the state when the pipeline was a temporary; otherwise it is empty and costs
+  // nothing.
   template <class T, std::size_t Begin, class Operation>
-  static boost::asio::awaitable<T> run(shared* s, context_type* given, Operation op,
-                                       unsigned attempt) {
+  static boost::asio::awaitable<T> run(shared* s, [[maybe_unused]] std::shared_ptr<shared> keep,
+                                       context_type* given, Operation op, unsigned attempt) {
     constexpr std::size_t End = hooks_end(Begin);
     context_type local;
     context_type& ctx = given ? *given : local;
@@ -508,7 +527,9 @@ class basic_pipeline {
         if constexpr (End < stage_count) {
           // The next decorator wraps the stages after it.
           auto& decorator = std::get<End>(s->stages).policy;
-          auto rest = [s, &ctx, &op, a = env.attempt] { return run<T, End + 1>(s, &ctx, op, a); };
+          auto rest = [s, &ctx, &op, a = env.attempt] {
+            return run<T, End + 1>(s, {}, &ctx, op, a);
+          };
           if constexpr (std::is_void_v<T>) {
             co_await decorator(rest);
             result.emplace(outcome<T>::from_value({}));

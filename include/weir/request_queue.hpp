@@ -58,6 +58,8 @@ class permit {
 
   explicit operator bool() const noexcept { return state_ != nullptr; }
   inline void release() noexcept;
+  // Forgets the slot without returning it: the caller now owes the queue one give_back().
+  void detach() noexcept { state_.reset(); }
 
  private:
   friend struct detail::request_queue_state;
@@ -104,9 +106,9 @@ struct request_queue_state {
     return false;
   }
 
-  // A permit's slot comes back: straight to the first waiter if there is one (the permit's
-  // reference to the state moves with it), else to the pool.
-  void release(std::shared_ptr<request_queue_state> self) noexcept {
+  // A slot comes back: straight to the first waiter if there is one, else to the pool. `self`
+  // is copied only to make the waiter's permit.
+  void release(const std::shared_ptr<request_queue_state>& self) noexcept {
     if (queued.load() == 0) {
       in_flight.fetch_sub(1);
       if (queued.load() == 0) return;
@@ -118,7 +120,7 @@ struct request_queue_state {
     std::unique_lock lock(mutex);
     if (auto* next = pop()) {
       lock.unlock();
-      next->complete({}, permit(std::move(self)));
+      next->complete({}, permit(self));
       return;
     }
     in_flight.fetch_sub(1);
@@ -213,10 +215,7 @@ class queue_admission final : public queue_waiter,
 }  // namespace detail
 
 void permit::release() noexcept {
-  if (state_) {
-    auto* s = state_.get();
-    s->release(std::move(state_));
-  }
+  if (auto s = std::move(state_)) s->release(s);
 }
 
 // Copies share one queue.
@@ -263,6 +262,11 @@ class request_queue {
     }
     for (auto* w : waiting) w->complete(error::shut_down, permit());
   }
+
+  // The synchronous halves without a permit object, for a pipeline that tracks its slot itself:
+  // each successful try_take() is matched by exactly one give_back().
+  bool try_take() noexcept { return state_->try_take(); }
+  void give_back() noexcept { state_->release(state_); }
 
   std::size_t in_flight() const { return state_->in_flight.load(); }
   std::size_t queued() const { return state_->queued.load(); }
