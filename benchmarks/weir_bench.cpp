@@ -74,14 +74,20 @@ void request_queue_admit_release(benchmark::State& state) {
 }
 BENCHMARK(request_queue_admit_release)->Name("request_queue/admit_release");
 
-// Runs the benchmark loop inside one coroutine, as a caller's agent code would.
+// Runs the benchmark loop inside one coroutine, as a caller's agent code would, and reports heap
+// allocations per call in steady state (after a warm-up that fills Asio's frame caches).
 template <class Call>
 void in_coroutine(benchmark::State& state, Call call) {
   boost::asio::io_context io;
   boost::asio::co_spawn(
       io,
       [&]() -> boost::asio::awaitable<void> {
+        for (int warm = 0; warm < 1000; ++warm) co_await call();
+        const auto before = allocations.load(std::memory_order_relaxed);
         for (auto _ : state) benchmark::DoNotOptimize(co_await call());
+        state.counters["allocs_per_call"] =
+            static_cast<double>(allocations.load(std::memory_order_relaxed) - before) /
+            static_cast<double>(state.iterations());
       },
       boost::asio::detached);
   io.run();
@@ -127,26 +133,8 @@ void circuit_breaker_closed_call_decorator(benchmark::State& state) {
 }
 BENCHMARK(circuit_breaker_closed_call_decorator)->Name("circuit_breaker/closed_call/decorator");
 
-// Runs `call` inside one coroutine and reports heap allocations per call in steady state.
-template <class Call>
-void per_call_allocations(benchmark::State& state, Call call) {
-  boost::asio::io_context io;
-  boost::asio::co_spawn(
-      io,
-      [&]() -> boost::asio::awaitable<void> {
-        for (int warm = 0; warm < 1000; ++warm) co_await call();
-        const auto before = allocations.load(std::memory_order_relaxed);
-        for (auto _ : state) benchmark::DoNotOptimize(co_await call());
-        state.counters["allocs_per_call"] =
-            static_cast<double>(allocations.load(std::memory_order_relaxed) - before) /
-            static_cast<double>(state.iterations());
-      },
-      boost::asio::detached);
-  io.run();
-}
-
 void pipeline_bare_call(benchmark::State& state) {
-  per_call_allocations(state, [] { return answer_at_once(); });
+  in_coroutine(state, [] { return answer_at_once(); });
 }
 BENCHMARK(pipeline_bare_call)->Name("pipeline/bare_call");
 
@@ -161,7 +149,7 @@ void pipeline_full_success(benchmark::State& state) {
   weir::usage_monitor<> monitor;
   weir::request_queue queue(policies_io.get_executor(), {.max_concurrent = 64, .max_queued = 64});
   auto guarded = weir::pipeline(retry, breaker, bucket, monitor, queue);
-  per_call_allocations(state, [&] { return guarded([] { return answer_at_once(); }); });
+  in_coroutine(state, [&] { return guarded([] { return answer_at_once(); }); });
 }
 BENCHMARK(pipeline_full_success)->Name("pipeline/full_success");
 
