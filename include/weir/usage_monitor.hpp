@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -150,7 +151,9 @@ class usage_monitor {
         throw weir::exception(error::invalid_argument, "usage_monitor limits must be positive");
       if (!(o.slow_down_above >= 0 && o.slow_down_above < 1))
         throw weir::exception(error::invalid_argument, "slow_down_above must be in [0, 1)");
-      ring = std::make_unique<bucket[]>(o.buckets);
+      // A power-of-two ring, so a slot is a mask, not a division; only the last `buckets` count.
+      mask = std::bit_ceil(std::uint64_t{o.buckets}) - 1;
+      ring = std::make_unique<bucket[]>(mask + 1);
     }
 
     static std::uint64_t tag_of(std::uint64_t epoch) {
@@ -184,8 +187,8 @@ class usage_monitor {
     }
 
     void record(const usage_event& e, detail::nanos now) {
-      const auto epoch = static_cast<std::uint64_t>(now / bucket_ns);
-      auto& b = ring[epoch % options.buckets];
+      const auto epoch = epoch_of(now);
+      auto& b = ring[epoch & mask];
       const auto tag = tag_of(epoch);
       add(b.counters[0], tag, e.requests);
       add(b.counters[1], tag, e.tokens);
@@ -199,7 +202,7 @@ class usage_monitor {
       for (std::uint64_t age = 0; age < options.buckets && age <= current; ++age) {
         const auto epoch = current - age;
         const auto tag = tag_of(epoch);
-        const auto& b = ring[epoch % options.buckets];
+        const auto& b = ring[epoch & mask];
         for (int k = 0; k < 4; ++k) {
           const auto v = b.counters[k].load(std::memory_order_relaxed);
           if ((v & ~count_mask) == tag) sum[k] += v & count_mask;
@@ -215,7 +218,7 @@ class usage_monitor {
       for (std::uint64_t age = options.buckets; age-- > 0;) {
         if (age > current) continue;
         const auto epoch = current - age;
-        const auto v = ring[epoch % options.buckets].counters[k].load(std::memory_order_relaxed);
+        const auto v = ring[epoch & mask].counters[k].load(std::memory_order_relaxed);
         if ((v & ~count_mask) == tag_of(epoch)) expired += v & count_mask;
         if (expired >= amount)
           return static_cast<detail::nanos>(epoch + options.buckets) * bucket_ns - now;
@@ -223,9 +226,22 @@ class usage_monitor {
       return options.window.count();  // more than the window holds: wait a whole window
     }
 
+    // now / bucket_ns, without the division while `now` stays in the bucket last computed: a
+    // record on the hot path then costs a load and a compare.
+    std::uint64_t epoch_of(detail::nanos now) {
+      const auto cached = last_epoch.load(std::memory_order_relaxed);
+      const auto start = static_cast<detail::nanos>(cached) * bucket_ns;
+      if (now >= start && now - start < bucket_ns) return cached;
+      const auto epoch = static_cast<std::uint64_t>(now / bucket_ns);
+      last_epoch.store(epoch, std::memory_order_relaxed);
+      return epoch;
+    }
+
     usage_monitor_options options;
     detail::nanos bucket_ns;
+    std::uint64_t mask = 0;
     std::unique_ptr<bucket[]> ring;
+    std::atomic<std::uint64_t> last_epoch{0};
   };
 
   std::shared_ptr<state> state_;
