@@ -100,7 +100,9 @@ struct request_queue_state {
   }
 
   bool take_slot() noexcept {
-    auto n = in_flight.load(std::memory_order_relaxed);
+    // Sequentially consistent, like the counters' updates: a waiter that has just linked itself
+    // must see a slot freed by a releaser that did not yet see the waiter.
+    auto n = in_flight.load();
     while (n < options.max_concurrent)
       if (in_flight.compare_exchange_weak(n, n + 1)) return true;
     return false;
