@@ -95,6 +95,17 @@ class circuit_breaker {
 
   breaker_state state() const noexcept { return state_->current.load(std::memory_order_acquire); }
 
+  // How long until the breaker lets a call through: zero when closed or half-open, the rest of
+  // the break when open, nanoseconds::max() when isolated. Changes no state.
+  std::chrono::nanoseconds time_until_admit(time_point now = Clock::now()) const {
+    const auto s = state();
+    if (s == breaker_state::closed || s == breaker_state::half_open) return {};
+    if (s == breaker_state::isolated) return std::chrono::nanoseconds::max();
+    std::lock_guard lock(state_->mutex);
+    return std::max(std::chrono::nanoseconds::zero(),
+                    std::chrono::duration_cast<std::chrono::nanoseconds>(state_->open_until - now));
+  }
+
   // Forces the breaker open until reset(), e.g. for maintenance.
   void isolate() { state_->transition_to(breaker_state::isolated, Clock::now()); }
   // Closes the breaker and forgets every failure.

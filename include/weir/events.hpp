@@ -60,8 +60,32 @@ struct breaker_changed {
   breaker_state to = breaker_state::open;
 };
 
+// The router sent (or is about to send) attempt `attempt` of a request to this model.
+struct route_chosen {
+  std::string_view operation;
+  std::string_view provider;
+  std::string_view model;
+  unsigned attempt = 1;
+  double estimated_cost = 0;  // USD, at the request's token estimates
+};
+// The router stops sending to a provider for `duration`, as the server asked.
+struct provider_cooling {
+  std::string_view operation;
+  std::string_view provider;
+  std::chrono::nanoseconds duration{0};
+};
+// An attempt on this model failed and the router moves on to another candidate.
+struct route_fallback {
+  std::string_view operation;
+  std::string_view provider;
+  std::string_view model;
+  verdict cause = verdict::retryable;
+  bool context_exceeded = false;  // the request did not fit; a larger context window is needed
+};
+
 using event = std::variant<attempt_started, attempt_succeeded, attempt_failed, retry_scheduled,
-                           throttled, rejected, server_rate_limited, breaker_changed>;
+                           throttled, rejected, server_rate_limited, breaker_changed, route_chosen,
+                           provider_cooling, route_fallback>;
 
 // Any callable taking the event; empty means nobody is listening.
 using observer = std::function<void(const event&)>;
@@ -150,8 +174,22 @@ struct fmt::formatter<weir::event> {
                                     "{}: rate limited by the server, retry after {:.1f} ms", op,
                                     weir::detail::milliseconds(*v.hint.retry_after));
             return fmt::format_to(ctx.out(), "{}: rate limited by the server", op);
-          } else {
+          } else if constexpr (std::is_same_v<T, breaker_changed>) {
             return fmt::format_to(ctx.out(), "{}: circuit breaker {} -> {}", op, v.from, v.to);
+          } else if constexpr (std::is_same_v<T, route_chosen>) {
+            return fmt::format_to(ctx.out(), "{}: attempt {} routed to {}/{} (est. ${:.6f})", op,
+                                  v.attempt, v.provider, v.model, v.estimated_cost);
+          } else if constexpr (std::is_same_v<T, provider_cooling>) {
+            return fmt::format_to(ctx.out(), "{}: provider {} cooling down for {:.1f} ms", op,
+                                  v.provider, weir::detail::milliseconds(v.duration));
+          } else {
+            static_assert(std::is_same_v<T, route_fallback>);
+            if (v.context_exceeded)
+              return fmt::format_to(ctx.out(),
+                                    "{}: {}/{} context window too small, trying a larger one", op,
+                                    v.provider, v.model);
+            return fmt::format_to(ctx.out(), "{}: {}/{} failed ({}), falling back", op, v.provider,
+                                  v.model, v.cause);
           }
         },
         e);

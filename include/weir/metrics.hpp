@@ -33,6 +33,9 @@ struct metrics_snapshot {
   std::uint64_t server_rate_limited = 0;
   double latency_seconds = 0;  // sum over finished attempts (successes + failures)
   breaker_state breaker = breaker_state::closed;
+  std::uint64_t routed = 0;     // router attempts sent to a model
+  std::uint64_t fallbacks = 0;  // router attempts that failed over to another candidate
+  std::uint64_t cooldowns = 0;  // providers the router cooled down on the server's word
 };
 
 // Copies share the counters. Recording is a few relaxed atomic adds: safe from any thread.
@@ -77,8 +80,15 @@ class metrics {
               add(rejections[static_cast<std::size_t>(v.reason)]);
             } else if constexpr (std::is_same_v<T, weir::server_rate_limited>) {
               add(server_rate_limited_count);
-            } else {
+            } else if constexpr (std::is_same_v<T, breaker_changed>) {
               breaker.store(v.to, std::memory_order_relaxed);
+            } else if constexpr (std::is_same_v<T, route_chosen>) {
+              add(routed);
+            } else if constexpr (std::is_same_v<T, route_fallback>) {
+              add(fallbacks);
+            } else {
+              static_assert(std::is_same_v<T, provider_cooling>);
+              add(cooldowns);
             }
           },
           e);
@@ -99,6 +109,9 @@ class metrics {
       s.server_rate_limited = get(server_rate_limited_count);
       s.latency_seconds = static_cast<double>(get(latency_ns)) / 1e9;
       s.breaker = breaker.load(std::memory_order_relaxed);
+      s.routed = get(routed);
+      s.fallbacks = get(fallbacks);
+      s.cooldowns = get(cooldowns);
       return s;
     }
 
@@ -106,6 +119,7 @@ class metrics {
     std::atomic<std::uint64_t> attempts{0}, successes{0}, failures{0}, retries{0};
     std::atomic<std::uint64_t> throttled_count{0}, throttled_ns{0}, server_rate_limited_count{0};
     std::atomic<std::uint64_t> latency_ns{0};
+    std::atomic<std::uint64_t> routed{0}, fallbacks{0}, cooldowns{0};
     std::array<std::atomic<std::uint64_t>, 5> rejections{};
     std::atomic<breaker_state> breaker{breaker_state::closed};
   };
@@ -161,6 +175,12 @@ inline void write_prometheus(std::string& out, std::initializer_list<const metri
        [](const metrics_snapshot& s) { return s.latency_seconds; }},
       {"weir_breaker_state", "gauge", "Circuit breaker: 0 closed, 1 open, 2 half-open, 3 isolated.",
        [](const metrics_snapshot& s) { return double(static_cast<int>(s.breaker)); }},
+      {"weir_routed_total", "counter", "Router attempts sent to a model.",
+       [](const metrics_snapshot& s) { return double(s.routed); }},
+      {"weir_fallbacks_total", "counter", "Router attempts that failed over to another model.",
+       [](const metrics_snapshot& s) { return double(s.fallbacks); }},
+      {"weir_cooldowns_total", "counter", "Provider cooldowns ordered by a server.",
+       [](const metrics_snapshot& s) { return double(s.cooldowns); }},
   };
   constexpr const char* reasons[] = {"queue_full", "circuit_open", "budget_exhausted",
                                      "rate_limited", "shut_down"};

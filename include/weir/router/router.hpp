@@ -1,0 +1,562 @@
+// Sends each request to the best model that can serve it now: capable enough, big enough, within
+// price, with room in its limits, its provider's circuit closed and not cooling down. On a 429 it
+// cools that provider down exactly as long as the server said and falls back; when nothing has
+// room it waits for the first model that will (within the deadline) or says when that will be.
+//
+//     weir::router<my_request, my_response> router(io.get_executor(), catalog);
+//     router.connect("openai", [&](const weir::model_spec& m, const my_request& r) {
+//       return openai_client.complete(m.id, r);  // an asio::awaitable<my_response>
+//     });
+//     auto [response, route] = co_await router.route(request, {.input_tokens = 900,
+//                                                             .output_tokens = 300,
+//                                                             .min_capability = 7});
+#pragma once
+
+#include <weir/circuit_breaker.hpp>
+#include <weir/error.hpp>
+#include <weir/events.hpp>
+#include <weir/http/adaptation.hpp>
+#include <weir/outcome.hpp>
+#include <weir/rate_limits.hpp>
+#include <weir/request_queue.hpp>
+#include <weir/router/catalog.hpp>
+#include <weir/router/strategy.hpp>
+#include <weir/usage_monitor.hpp>
+
+#include <fmt/format.h>
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/basic_waitable_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace weir {
+
+// What the caller asks of a route. Token counts are estimates; the router settles them against
+// the real usage when the response tells it (router_options::usage_of).
+template <class Clock = std::chrono::steady_clock>
+struct basic_route_constraints {
+  std::uint64_t input_tokens = 0;
+  std::uint64_t output_tokens = 0;  // e.g. max_tokens
+  double min_capability = 0;
+  std::uint64_t min_context = 0;  // context window needed; at least input + output tokens
+  std::vector<std::string_view> allowed_providers{};  // empty: any
+  std::vector<std::string_view> excluded_providers{};
+  std::optional<double> max_cost{};  // USD for this request at the estimates
+  // batch requests also hold back near a model's limit (usage_monitor::pacing_delay), leaving
+  // the last of the quota to interactive and normal ones.
+  weir::priority priority = weir::priority::normal;
+  std::optional<typename Clock::time_point> deadline{};  // no wait may end past it
+  bool wait_for_capacity = true;  // false: fail at once when no model has room now
+  std::string_view operation{};   // named in events; never a request body or a key
+};
+using route_constraints = basic_route_constraints<>;
+
+// Tokens a response says it used.
+struct token_usage {
+  std::uint64_t input_tokens = 0;
+  std::uint64_t output_tokens = 0;
+};
+
+// One attempt of a route.
+struct route_step {
+  std::string provider;
+  std::string model;
+  verdict result = verdict::success;
+  std::chrono::nanoseconds latency{0};
+};
+
+// How a request was served.
+struct route_record {
+  std::string provider;  // the model that answered
+  std::string model;
+  unsigned attempts = 0;
+  std::vector<route_step> steps;       // every attempt, in order
+  std::chrono::nanoseconds waited{0};  // time spent waiting for a model to have room
+  std::uint64_t estimated_tokens = 0;
+  std::uint64_t settled_tokens = 0;  // what the response reported, or the estimate
+  double cost = 0;                   // USD at the settled tokens
+};
+
+template <class Response>
+struct routed {
+  Response response;
+  route_record route;
+};
+
+template <class Response, class Clock = std::chrono::steady_clock>
+struct basic_router_options {
+  basic_strategy<Clock> strategy = strategies::cheapest<Clock>();
+  unsigned max_attempts = 4;  // attempts per request, over all models
+  observer watch{};           // router and breaker events; empty: none built
+  // The tokens a response reports; without it the estimates are kept.
+  std::function<std::optional<token_usage>(const Response&)> usage_of{};
+  // Whether a fatal outcome means "the request does not fit this model's context": such a
+  // request is retried on a model with a larger context window instead of failing.
+  std::function<bool(const outcome<Response>&)> context_exceeded{};
+  double latency_smoothing = 0.2;  // weight of the newest sample in the latency average
+  std::chrono::nanoseconds usage_window = std::chrono::minutes(1);
+  double slow_down_above = 0.8;  // utilization where batch requests start to hold back
+};
+
+// A model's state as the router sees it now, for dashboards.
+struct model_status {
+  std::string_view provider;
+  std::string_view model;
+  double requests_per_minute = 0;  // in the last usage window
+  double tokens_per_minute = 0;
+  double utilization = 0;  // of the model's own limits, 0..1+
+  std::uint64_t rate_limited = 0;
+  std::uint64_t errors = 0;
+  breaker_state breaker = breaker_state::closed;
+  std::chrono::nanoseconds cooling{0};  // left of the provider's cooldown
+  std::chrono::nanoseconds latency{0};
+};
+
+// Copies share one router. The router must outlive the routes it runs (as an Asio I/O object).
+// Classifier judges the providers' responses (weir::http::response_classifier for Beast).
+template <class Request, class Response, class Clock = std::chrono::steady_clock,
+          class Classifier = default_classifier>
+class router {
+  static_assert(!std::is_void_v<Response>, "a router returns the provider's response");
+
+ public:
+  using clock_type = Clock;
+  using time_point = typename Clock::time_point;
+  using executor_type = boost::asio::any_io_executor;
+  using constraints = basic_route_constraints<Clock>;
+  using options_type = basic_router_options<Response, Clock>;
+  // Sends `request` to `model` (of this provider) and returns the response.
+  using provider_call =
+      std::function<boost::asio::awaitable<Response>(const model_spec&, const Request&)>;
+
+  // Throws weir::exception(invalid_argument) for an empty catalog or bad options.
+  router(executor_type ex, catalog models, options_type options = {}, Classifier classify = {})
+      : state_(std::make_shared<state>(std::move(ex), std::move(models), std::move(options),
+                                       std::move(classify))) {}
+
+  // The callable that sends requests to one of the catalog's providers.
+  void connect(std::string_view provider, provider_call call) {
+    for (auto& p : state_->providers)
+      if (p->spec->name == provider) {
+        p->call = std::move(call);
+        return;
+      }
+    throw weir::exception(error::invalid_argument,
+                          fmt::format("router: no provider {} in the catalog", provider));
+  }
+
+  // Routes one request. Returns the response with its route record; a fatal response (e.g. an
+  // HTTP 400 that is not a context overflow) is returned as it is. Throws weir::exception:
+  //  - no_provider_available when no model meets the constraints, or none has room and waiting
+  //    is not allowed or would pass the deadline; retry_after says when the first one frees up;
+  //  - retries_exhausted when every attempt failed (cause: the last failure);
+  //  - invalid_argument when the chosen provider was never connected;
+  // and rethrows a fatal failure (cancellation among them) as it is.
+  boost::asio::awaitable<routed<Response>> route(Request request, constraints c) {
+    return run(state_, std::move(request), std::move(c));
+  }
+
+  // Which model route() would choose now, without reserving anything (nullopt: none has room).
+  std::optional<std::size_t> select(const constraints& c, time_point now = Clock::now()) const {
+    std::vector<char> tried(state_->models.size(), 0);
+    return state_->pick(c, state_->fitting_context(c), tried, now, false).model;
+  }
+
+  const catalog& models() const noexcept { return state_->catalog_; }
+
+  std::vector<model_status> status(time_point now = Clock::now()) const {
+    std::vector<model_status> out;
+    for (const auto& m : state_->models) {
+      const auto& p = *state_->providers[m->provider];
+      const auto totals = m->monitor.totals(now);
+      model_status s{.provider = m->spec->provider, .model = m->spec->id};
+      s.requests_per_minute = m->monitor.requests_per_minute(now);
+      s.tokens_per_minute = m->monitor.tokens_per_minute(now);
+      s.utilization = m->monitor.utilization(now);
+      s.rate_limited = totals.rate_limited;
+      s.errors = totals.errors;
+      s.breaker = p.breaker.state();
+      s.cooling = std::max(std::chrono::nanoseconds::zero(), p.cooling_until(now));
+      s.latency = std::chrono::nanoseconds(m->latency_ns.load(std::memory_order_relaxed));
+      out.push_back(s);
+    }
+    return out;
+  }
+
+ private:
+  using nanos = std::chrono::nanoseconds;
+
+  struct provider_entry {
+    provider_entry(const provider_spec& s, circuit_breaker_options breaker_options)
+        : spec(&s), breaker(std::move(breaker_options)) {}
+
+    nanos cooling_until(time_point now) const {
+      return nanos(cooldown_ns.load(std::memory_order_acquire)) -
+             std::chrono::duration_cast<nanos>(now.time_since_epoch());
+    }
+    void cool_until(time_point until) {
+      const auto ns = std::chrono::duration_cast<nanos>(until.time_since_epoch()).count();
+      auto seen = cooldown_ns.load(std::memory_order_relaxed);
+      while (ns > seen && !cooldown_ns.compare_exchange_weak(seen, ns, std::memory_order_acq_rel)) {
+      }
+    }
+
+    const provider_spec* spec;
+    circuit_breaker<Clock> breaker;
+    std::atomic<std::int64_t> cooldown_ns{0};  // clock epoch: long past
+    provider_call call;
+  };
+
+  struct model_entry {
+    model_entry(const model_spec& s, std::size_t p, const executor_type& ex, const options_type& o)
+        : spec(&s),
+          provider(p),
+          monitor(usage_monitor_options{
+              .window = o.usage_window,
+              .buckets = 60,
+              .requests_limit = s.requests_per_minute > 0
+                                    ? std::optional(weir::per_minute(s.requests_per_minute))
+                                    : std::nullopt,
+              .tokens_limit = s.tokens_per_minute > 0
+                                  ? std::optional(weir::per_minute(s.tokens_per_minute))
+                                  : std::nullopt,
+              .slow_down_above = o.slow_down_above}) {
+      if (s.requests_per_minute <= 0 && s.tokens_per_minute <= 0) return;
+      rate_limits_options lo;
+      if (s.requests_per_minute > 0) lo.requests = limit::per_minute(s.requests_per_minute);
+      if (s.tokens_per_minute > 0) {
+        // A quarter of a minute's tokens at once: room for one large request, not for a
+        // minute-start spike. Larger requests are not routed here (the limiter cannot admit them).
+        token_burst = static_cast<std::uint64_t>(std::max(1.0, s.tokens_per_minute / 4));
+        lo.tokens = limit{weir::per_minute(s.tokens_per_minute), token_burst};
+      }
+      limits.emplace(ex, lo);
+      adapt.emplace(*limits);
+    }
+
+    const model_spec* spec;
+    std::size_t provider;
+    std::optional<rate_limits<Clock>> limits;
+    std::optional<http::server_adaptation<Clock>> adapt;
+    usage_monitor<Clock> monitor;
+    std::uint64_t token_burst = std::numeric_limits<std::uint64_t>::max();
+    std::atomic<std::int64_t> latency_ns{0};
+  };
+
+  struct pick_result {
+    std::optional<std::size_t> model;
+    nanos earliest = nanos::max();  // when none has room: the shortest wait among the capable
+    bool any_capable = false;
+  };
+
+  struct state {
+    state(executor_type ex, catalog c, options_type o, Classifier cl)
+        : executor(std::move(ex)),
+          catalog_(std::move(c)),
+          options(std::move(o)),
+          classify(std::move(cl)) {
+      if (catalog_.models().empty())
+        throw weir::exception(error::invalid_argument, "router: the catalog has no model");
+      if (!options.strategy || options.max_attempts == 0 ||
+          !(options.latency_smoothing > 0 && options.latency_smoothing <= 1))
+        throw weir::exception(error::invalid_argument, "router: options out of range");
+      for (const auto& p : catalog_.providers()) {
+        auto breaker_options = p.breaker;
+        breaker_options.on_state_change = [this, name = std::string_view(p.name),
+                                           user = p.breaker.on_state_change](breaker_state from,
+                                                                             breaker_state to) {
+          if (user) user(from, to);
+          emit(breaker_changed{name, from, to});
+        };
+        providers.push_back(std::make_unique<provider_entry>(p, std::move(breaker_options)));
+      }
+      for (const auto& m : catalog_.models()) {
+        std::size_t p = 0;
+        while (providers[p]->spec->name != m.provider) ++p;
+        models.push_back(std::make_unique<model_entry>(m, p, executor, options));
+      }
+    }
+
+    template <class Event>
+    void emit(const Event& e) const {
+      if (options.watch) options.watch(event(e));
+    }
+
+    std::uint64_t fitting_context(const constraints& c) const {
+      return std::max(c.min_context, c.input_tokens + c.output_tokens);
+    }
+
+    static bool listed(const std::vector<std::string_view>& names, std::string_view name) {
+      return std::find(names.begin(), names.end(), name) != names.end();
+    }
+
+    // Whether the model could ever take this request, whatever its load.
+    bool fits(const model_entry& m, const constraints& c, std::uint64_t min_context) const {
+      const auto& s = *m.spec;
+      if (s.capability < c.min_capability) return false;
+      if (s.context_window != 0 && s.context_window < min_context) return false;
+      if (!c.allowed_providers.empty() && !listed(c.allowed_providers, s.provider)) return false;
+      if (listed(c.excluded_providers, s.provider)) return false;
+      if (c.max_cost && s.cost(c.input_tokens, c.output_tokens) > *c.max_cost) return false;
+      return c.input_tokens + c.output_tokens <= m.token_burst;
+    }
+
+    // How long before the model may be tried, limits aside: cooldown, breaker, batch pacing.
+    nanos blocked_for(const model_entry& m, const constraints& c, time_point now) const {
+      const auto& p = *providers[m.provider];
+      nanos wait = std::max(nanos::zero(), p.cooling_until(now));
+      if (p.breaker.state() != breaker_state::closed)
+        wait = std::max(wait, p.breaker.time_until_admit(now));
+      if (c.priority == weir::priority::batch) wait = std::max(wait, m.monitor.pacing_delay(now));
+      return wait;
+    }
+
+    static usage cost_of(const constraints& c) {
+      return {.requests = 1, .tokens = c.input_tokens + c.output_tokens};
+    }
+
+    // The best model with room now; with `reserve`, its limits are charged for the request.
+    pick_result pick(const constraints& c, std::uint64_t min_context,
+                     const std::vector<char>& tried, time_point now, bool reserve) {
+      pick_result r;
+      const auto n = models.size();
+      constexpr double unranked = std::numeric_limits<double>::infinity();
+      std::vector<double> score(n, unranked);
+      for (std::size_t i = 0; i < n; ++i) {
+        const auto& m = *models[i];
+        if (tried[i] || !fits(m, c, min_context)) continue;
+        r.any_capable = true;
+        if (auto wait = blocked_for(m, c, now); wait > nanos::zero()) {
+          r.earliest = std::min(r.earliest, wait);
+          continue;
+        }
+        const basic_candidate<Clock> candidate{
+            .model = *m.spec,
+            .estimated_cost = m.spec->cost(c.input_tokens, c.output_tokens),
+            .latency = nanos(m.latency_ns.load(std::memory_order_relaxed)),
+            .monitor = &m.monitor,
+            .now = now};
+        score[i] = options.strategy(candidate);
+        if (std::isnan(score[i])) score[i] = unranked;
+      }
+      const auto cost = cost_of(c);
+      for (;;) {
+        const auto best = std::min_element(score.begin(), score.end());
+        if (best == score.end() || *best == unranked) return r;
+        const auto i = static_cast<std::size_t>(best - score.begin());
+        auto& m = *models[i];
+        if (!m.limits || (reserve ? m.limits->try_acquire(cost, now)
+                                  : m.limits->time_until(cost, now) == nanos::zero())) {
+          r.model = i;
+          return r;
+        }
+        r.earliest = std::min(r.earliest, m.limits->time_until(cost, now));
+        *best = unranked;
+      }
+    }
+
+    void note_latency(model_entry& m, nanos sample) const {
+      auto seen = m.latency_ns.load(std::memory_order_relaxed);
+      for (;;) {
+        const double next =
+            seen == 0 ? static_cast<double>(sample.count())
+                      : static_cast<double>(seen) +
+                            options.latency_smoothing * static_cast<double>(sample.count() - seen);
+        const auto value = std::max<std::int64_t>(1, static_cast<std::int64_t>(next));
+        if (m.latency_ns.compare_exchange_weak(seen, value, std::memory_order_relaxed)) return;
+      }
+    }
+
+    // How long a refusal keeps the provider away: what the server said, else the provider's
+    // default cooldown.
+    nanos cooldown_for(const classification& verdict, const provider_spec& p) const {
+      if (verdict.hint.retry_after) return *verdict.hint.retry_after;
+      nanos reset = nanos::zero();
+      for (const auto* s : {&verdict.hint.requests, &verdict.hint.tokens,
+                            &verdict.hint.input_tokens, &verdict.hint.output_tokens})
+        if (s->remaining && *s->remaining == 0 && s->reset_after)
+          reset = std::max(reset, *s->reset_after);
+      return reset > nanos::zero() ? reset : p.default_cooldown;
+    }
+
+    executor_type executor;
+    catalog catalog_;
+    options_type options;
+    Classifier classify;
+    std::vector<std::unique_ptr<provider_entry>> providers;
+    std::vector<std::unique_ptr<model_entry>> models;
+  };
+
+  static bool is_cancellation(const outcome<Response>& o) {
+    if (o.has_error()) return o.error() == boost::asio::error::operation_aborted;
+    if (!o.has_exception()) return false;
+    try {
+      std::rethrow_exception(o.exception());
+    } catch (const boost::system::system_error& e) {
+      return e.code() == boost::asio::error::operation_aborted;
+    } catch (...) {
+      return false;
+    }
+  }
+
+  static std::exception_ptr failure_of(const outcome<Response>& o, const model_spec& m,
+                                       const classification& v) {
+    if (auto f = o.failure()) return f;
+    if (v.kind == verdict::rate_limited)
+      return std::make_exception_ptr(weir::exception(
+          error::rate_limited, fmt::format("{}/{} refused the request", m.provider, m.id),
+          v.hint.retry_after));
+    return std::make_exception_ptr(std::runtime_error(
+        fmt::format("{}/{} answered with a {} failure", m.provider, m.id, v.kind)));
+  }
+
+  static boost::asio::awaitable<routed<Response>> run(std::shared_ptr<state> s, Request request,
+                                                      constraints c) {
+    const auto n = s->models.size();
+    std::vector<char> tried(n, 0);
+    auto min_context = s->fitting_context(c);
+    const auto estimate = state::cost_of(c);
+    route_record record;
+    record.estimated_tokens = estimate.tokens;
+    std::exception_ptr last_failure;
+    boost::asio::basic_waitable_timer<Clock> timer(co_await boost::asio::this_coro::executor);
+
+    for (;;) {
+      auto now = Clock::now();
+      if (record.attempts == s->options.max_attempts)
+        throw weir::exception(error::retries_exhausted,
+                              fmt::format("router: {} attempts failed", record.attempts), {},
+                              last_failure, record.attempts);
+      const auto pick = s->pick(c, min_context, tried, now, true);
+      if (!pick.model) {
+        if (!pick.any_capable) {
+          if (record.attempts == 0 && !last_failure)
+            throw weir::exception(error::no_provider_available,
+                                  "router: no model meets the request's constraints");
+          throw weir::exception(error::retries_exhausted,
+                                "router: every capable model failed this request", {}, last_failure,
+                                record.attempts);
+        }
+        const auto wait = pick.earliest;
+        const bool never = wait == nanos::max();
+        if (never || !c.wait_for_capacity || (c.deadline && now + wait > *c.deadline)) {
+          if (s->options.watch)
+            s->emit(rejected{c.operation, rejection::rate_limited,
+                             never ? std::nullopt : std::optional(wait)});
+          throw weir::exception(error::no_provider_available,
+                                never ? "router: every capable provider is isolated"
+                                      : "router: no capable model has room before the deadline",
+                                never ? std::nullopt : std::optional(wait), last_failure,
+                                record.attempts);
+        }
+        s->emit(throttled{c.operation, wait});
+        timer.expires_after(std::chrono::duration_cast<typename Clock::duration>(wait));
+        co_await timer.async_wait(boost::asio::use_awaitable);
+        record.waited += std::chrono::duration_cast<nanos>(Clock::now() - now);
+        continue;
+      }
+
+      const auto i = *pick.model;
+      auto& m = *s->models[i];
+      auto& p = *s->providers[m.provider];
+      const auto& spec = *m.spec;
+      if (!p.call) {
+        if (m.limits) m.limits->settle(estimate, usage{.requests = 0}, now);
+        throw weir::exception(error::invalid_argument,
+                              fmt::format("router: provider {} is not connected", spec.provider));
+      }
+      const auto ticket = p.breaker.try_admit();
+      if (!ticket.admitted) {  // another request took the last half-open probe
+        if (m.limits) m.limits->settle(estimate, usage{.requests = 0}, now);
+        tried[i] = 1;
+        continue;
+      }
+
+      ++record.attempts;
+      s->emit(route_chosen{c.operation, spec.provider, spec.id, record.attempts,
+                           spec.cost(c.input_tokens, c.output_tokens)});
+      const auto started = Clock::now();
+      auto result = co_await capture(p.call(spec, std::as_const(request)));
+      const auto finished = Clock::now();
+      const auto latency = std::chrono::duration_cast<nanos>(finished - started);
+      const auto verdict_ = s->classify(std::as_const(result));
+      const bool cancelled = is_cancellation(result);
+      // A refusal is the cooldown's business, not the breaker's: only real failures count.
+      p.breaker.record(ticket, verdict_.kind == verdict::retryable && !cancelled);
+      if (m.adapt && !cancelled) m.adapt->observe(verdict_, finished);
+      record.steps.push_back({spec.provider, spec.id, verdict_.kind, latency});
+
+      std::optional<token_usage> used;
+      if (verdict_.is_success() && s->options.usage_of) used = s->options.usage_of(result.value());
+      const std::uint64_t tokens_used =
+          used ? used->input_tokens + used->output_tokens
+               : (verdict_.is_success() ? estimate.tokens : std::uint64_t{0});
+      m.monitor.record({.requests = 1,
+                        .tokens = tokens_used,
+                        .error = verdict_.kind == verdict::retryable,
+                        .rate_limited = verdict_.kind == verdict::rate_limited},
+                       started);
+      if (m.limits)
+        m.limits->settle(estimate, usage{.requests = 1, .tokens = tokens_used}, finished);
+
+      switch (verdict_.kind) {
+        case verdict::success: {
+          s->note_latency(m, latency);
+          record.provider = spec.provider;
+          record.model = spec.id;
+          record.settled_tokens = tokens_used;
+          record.cost = used ? spec.cost(used->input_tokens, used->output_tokens)
+                             : spec.cost(c.input_tokens, c.output_tokens);
+          co_return routed<Response>{std::move(result.value()), std::move(record)};
+        }
+        case verdict::rate_limited: {
+          const auto cool = s->cooldown_for(verdict_, *p.spec);
+          p.cool_until(finished + std::chrono::duration_cast<typename Clock::duration>(cool));
+          if (s->options.watch) {
+            s->emit(server_rate_limited{c.operation, verdict_.hint});
+            s->emit(provider_cooling{c.operation, spec.provider, cool});
+            s->emit(route_fallback{c.operation, spec.provider, spec.id, verdict_.kind});
+          }
+          last_failure = failure_of(result, spec, verdict_);
+          break;
+        }
+        case verdict::retryable:
+          tried[i] = 1;
+          s->emit(route_fallback{c.operation, spec.provider, spec.id, verdict_.kind});
+          last_failure = failure_of(result, spec, verdict_);
+          break;
+        case verdict::fatal:
+          if (!cancelled && s->options.context_exceeded && s->options.context_exceeded(result)) {
+            tried[i] = 1;
+            if (spec.context_window != 0)
+              min_context = std::max(min_context, spec.context_window + 1);
+            s->emit(route_fallback{c.operation, spec.provider, spec.id, verdict_.kind, true});
+            last_failure = failure_of(result, spec, verdict_);
+            break;
+          }
+          record.provider = spec.provider;
+          record.model = spec.id;
+          co_return routed<Response>{std::move(result).get(), std::move(record)};
+      }
+    }
+  }
+
+  std::shared_ptr<state> state_;
+};
+
+}  // namespace weir

@@ -1,0 +1,105 @@
+// A scripted provider for router tests: answers each call as its script says, after a latency
+// spent on the (virtual) clock, and counts what it answered.
+//
+//     weir::testing::fake_provider<clock> a;
+//     a.script = [](const weir::model_spec&, clock::time_point) { return fake_response::ok(); };
+//     router.connect("a", a.call<my_request>());
+#pragma once
+
+#include <weir/outcome.hpp>
+#include <weir/router/catalog.hpp>
+#include <weir/router/router.hpp>
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/basic_waitable_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+
+namespace weir::testing {
+
+// A provider's answer, reduced to what routing looks at.
+struct fake_response {
+  unsigned status = 200;
+  rate_limit_hint hint{};
+  token_usage usage{};
+  std::string model{};  // filled in with the model that answered
+  bool context_overflow = false;
+
+  static fake_response ok(token_usage used = {}) { return {.status = 200, .usage = used}; }
+  static fake_response too_many(std::chrono::nanoseconds retry_after) {
+    fake_response r{.status = 429};
+    r.hint.retry_after = retry_after;
+    return r;
+  }
+  static fake_response server_error() { return {.status = 500}; }
+};
+
+// 2xx success, 429 rate-limited, 5xx retryable, other 4xx fatal; hints kept.
+struct fake_classifier {
+  classification operator()(const outcome<fake_response>& o) const {
+    if (!o.has_value()) return default_classifier{}(o);
+    const auto& r = o.value();
+    verdict kind = verdict::fatal;
+    if (r.status < 400)
+      kind = verdict::success;
+    else if (r.status == 429)
+      kind = verdict::rate_limited;
+    else if (r.status >= 500)
+      kind = verdict::retryable;
+    return {kind, r.hint};
+  }
+};
+
+template <class Clock>
+class fake_provider {
+ public:
+  using time_point = typename Clock::time_point;
+
+  // Decides each answer from the model asked and the time of the call.
+  std::function<fake_response(const model_spec&, time_point)> script =
+      [](const model_spec&, time_point) { return fake_response::ok(); };
+  std::chrono::nanoseconds latency{0};
+
+  // A provider_call for a router whose requests are of type Request (the fake ignores them).
+  template <class Request>
+  auto call() {
+    return [this](const model_spec& m, const Request&) { return respond(m); };
+  }
+
+  unsigned calls() const { return calls_.load(); }
+  unsigned answered(unsigned status) const {
+    std::lock_guard lock(mutex_);
+    auto it = by_status_.find(status);
+    return it == by_status_.end() ? 0 : it->second;
+  }
+
+ private:
+  boost::asio::awaitable<fake_response> respond(const model_spec& m) {
+    ++calls_;
+    auto answer = script(m, Clock::now());
+    answer.model = m.id;
+    if (latency.count() > 0) {
+      boost::asio::basic_waitable_timer<Clock> timer(co_await boost::asio::this_coro::executor);
+      timer.expires_after(std::chrono::duration_cast<typename Clock::duration>(latency));
+      co_await timer.async_wait(boost::asio::use_awaitable);
+    }
+    {
+      std::lock_guard lock(mutex_);
+      ++by_status_[answer.status];
+    }
+    co_return answer;
+  }
+
+  std::atomic<unsigned> calls_{0};
+  mutable std::mutex mutex_;
+  std::map<unsigned, unsigned> by_status_;
+};
+
+}  // namespace weir::testing
