@@ -7,6 +7,7 @@
 #include <weir/pipeline.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/retry.hpp>
+#include <weir/router/router.hpp>
 #include <weir/token_bucket.hpp>
 #include <weir/usage_monitor.hpp>
 
@@ -152,6 +153,32 @@ void pipeline_full_success(benchmark::State& state) {
   in_coroutine(state, [&] { return guarded([] { return answer_at_once(); }); });
 }
 BENCHMARK(pipeline_full_success)->Name("pipeline/full_success");
+
+// Choosing among 20 models from 4 providers, each with request and token limits far from full:
+// every filter, every cooldown and breaker check, the strategy on each, and the winner's limiter.
+void router_select(benchmark::State& state) {
+  boost::asio::io_context io;
+  weir::catalog models;
+  const int count = static_cast<int>(state.range(0));
+  for (int i = 0; i < count; ++i)
+    models.add(weir::model_spec{.provider = fmt::format("provider-{}", i % 4),
+                                .id = fmt::format("model-{}", i),
+                                .input_price = 0.1 * (count - i),
+                                .output_price = 0.4 * (count - i),
+                                .capability = static_cast<double>(i % 10),
+                                .context_window = 128'000,
+                                .requests_per_minute = 1e9,
+                                .tokens_per_minute = 1e12});
+  weir::router<int, int> router(io.get_executor(), std::move(models));
+  const weir::route_constraints wanted{
+      .input_tokens = 1'000, .output_tokens = 500, .min_capability = 3};
+  const auto before = allocations.load(std::memory_order_relaxed);
+  for (auto _ : state) benchmark::DoNotOptimize(router.select(wanted));
+  state.counters["allocs_per_call"] =
+      static_cast<double>(allocations.load(std::memory_order_relaxed) - before) /
+      static_cast<double>(state.iterations());
+}
+BENCHMARK(router_select)->Name("router/select")->ArgName("models")->Arg(20);
 
 }  // namespace
 

@@ -31,6 +31,7 @@
 #include <boost/asio/use_awaitable.hpp>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -39,12 +40,39 @@
 #include <limits>
 #include <memory>
 #include <optional>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 #include <vector>
 
 namespace weir {
+
+namespace detail {
+// N elements inline, more on the heap: selection among a usual catalog allocates nothing.
+template <class T, std::size_t N>
+class small_buffer {
+ public:
+  small_buffer(std::size_t n, T value) {
+    if (n <= N) {
+      std::fill_n(inline_.begin(), n, value);
+      view_ = {inline_.data(), n};
+    } else {
+      heap_.assign(n, value);
+      view_ = heap_;
+    }
+  }
+  small_buffer(const small_buffer&) = delete;
+  small_buffer& operator=(const small_buffer&) = delete;
+
+  std::span<T> span() const noexcept { return view_; }
+
+ private:
+  std::array<T, N> inline_;
+  std::vector<T> heap_;
+  std::span<T> view_;
+};
+}  // namespace detail
 
 // What the caller asks of a route. Token counts are estimates; the router settles them against
 // the real usage when the response tells it (router_options::usage_of).
@@ -173,8 +201,8 @@ class router {
 
   // Which model route() would choose now, without reserving anything (nullopt: none has room).
   std::optional<std::size_t> select(const constraints& c, time_point now = Clock::now()) const {
-    std::vector<char> tried(state_->models.size(), 0);
-    return state_->pick(c, state_->fitting_context(c), tried, now, false).model;
+    detail::small_buffer<char, 32> tried(state_->models.size(), 0);
+    return state_->pick(c, state_->fitting_context(c), tried.span(), now, false).model;
   }
 
   const catalog& models() const noexcept { return state_->catalog_; }
@@ -331,12 +359,13 @@ class router {
     }
 
     // The best model with room now; with `reserve`, its limits are charged for the request.
-    pick_result pick(const constraints& c, std::uint64_t min_context,
-                     const std::vector<char>& tried, time_point now, bool reserve) {
+    pick_result pick(const constraints& c, std::uint64_t min_context, std::span<const char> tried,
+                     time_point now, bool reserve) {
       pick_result r;
       const auto n = models.size();
       constexpr double unranked = std::numeric_limits<double>::infinity();
-      std::vector<double> score(n, unranked);
+      detail::small_buffer<double, 32> scores(n, unranked);
+      const auto score = scores.span();
       for (std::size_t i = 0; i < n; ++i) {
         const auto& m = *models[i];
         if (tried[i] || !fits(m, c, min_context)) continue;
@@ -428,7 +457,8 @@ class router {
   static boost::asio::awaitable<routed<Response>> run(std::shared_ptr<state> s, Request request,
                                                       constraints c) {
     const auto n = s->models.size();
-    std::vector<char> tried(n, 0);
+    detail::small_buffer<char, 32> flags(n, 0);
+    const auto tried = flags.span();
     auto min_context = s->fitting_context(c);
     const auto estimate = state::cost_of(c);
     route_record record;
