@@ -1,154 +1,399 @@
-// weir-demo (first cut): the same burst of requests sent to a provider that allows 20 requests/s
-// with a burst of 5, once the naive way (fire, and back off exponentially on every 429) and once
-// through weir (a request_queue and rate_limits in front of the call). The provider is simulated
-// in-process with its own token bucket; each answer takes 50 ms.
+// weir-demo: an agent workload against three local providers that enforce real limits (OpenAI and
+// Anthropic dialects, real rate-limit headers, faults and an outage), routed by weir — with a live
+// dashboard, a summary, and an SVG timeline. `--compare` first runs the naive way (fire; on a 429
+// sleep 1, 2, 4 ... s) on fresh providers, and puts the two side by side.
 //
-//     weir-demo [--requests N] [--concurrency N]
-#include <weir/weir.hpp>
+//     weir-demo [--requests N] [--concurrency N] [--seed N] [--compare] [--svg PATH] [--plain]
+//     weir-demo --base-url https://api.example.com/v1 --api-key-env MY_KEY --model NAME
+//               [--rpm N] [--tpm N]
+#include "demo/workload.hpp"
 
-#include <fmt/core.h>
-#include <boost/asio.hpp>
+#include <fmt/format.h>
+
+#include <unistd.h>
 
 #include <charconv>
-#include <chrono>
+#include <cstdio>
 #include <cstdlib>
-#include <functional>
+#include <fstream>
+#include <future>
+#include <string>
 #include <string_view>
-
-namespace asio = boost::asio;
-using namespace std::chrono_literals;
-using steady = std::chrono::steady_clock;
+#include <vector>
 
 namespace {
 
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+
+constexpr const char* usage_text =
+    R"(weir-demo: routes an agent workload through weir against rate-limited providers.
+
+Usage: weir-demo [options]
+
+  --requests N      requests in the workload (default 300; 10 against --base-url)
+  --concurrency N   requests in flight at once (default 32)
+  --seed N          workload and fault seed (default 7)
+  --compare         run the naive way first, then weir, and compare them
+  --svg PATH        where to write the timeline (default weir-demo-timeline.svg)
+  --plain           log lines instead of the live dashboard (the default when not a terminal)
+  --base-url URL    an OpenAI-compatible endpoint to use instead of the local mocks
+  --api-key-env VAR the environment variable holding its API key (never printed)
+  --model NAME      the model to ask for at --base-url (required with it)
+  --rpm N, --tpm N  its limits (default 60 and 60000; lowered to what its headers report)
+  --help            this text
+)";
+
 struct settings {
-  int requests = 60;
-  int concurrency = 8;
+  std::size_t requests = 300;
+  std::size_t concurrency = 32;
+  std::uint64_t seed = 7;
+  bool compare = false;
+  bool plain = false;
+  std::string svg = "weir-demo-timeline.svg";
+  std::string base_url, api_key_env, model;
+  double rpm = 60, tpm = 60'000;
+  bool requests_given = false;
 };
 
-struct tally {
-  int completed = 0;
-  int rejected_429 = 0;
-  steady::duration elapsed{};
-};
+[[noreturn]] void bad_usage(const std::string& why) {
+  fmt::print(stderr, "weir-demo: {}\nRun weir-demo --help for the options.\n", why);
+  std::exit(2);
+}
 
-// The provider: refuses with 429 whatever its own limiter refuses.
-class provider {
- public:
-  explicit provider(asio::any_io_executor ex)
-      : server_limit_(ex, {.rate = weir::per_second(20), .burst = 5}) {}
+template <class Number>
+Number number_flag(std::string_view flag, std::string_view text, Number low, Number high) {
+  Number value{};
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size() || value < low || value > high)
+    bad_usage(fmt::format("{} wants a number from {} to {}, not '{}'", flag, low, high, text));
+  return value;
+}
 
-  asio::awaitable<int> call() {
-    const int status = server_limit_.try_acquire() ? 200 : 429;
-    asio::steady_timer latency(co_await asio::this_coro::executor, 50ms);
-    co_await latency.async_wait(asio::use_awaitable);
-    co_return status;
-  }
-
- private:
-  weir::token_bucket<> server_limit_;
-};
-
-// The naive client from countless blog posts: fire, and on a 429 sleep 100 ms × 2^attempt.
-asio::awaitable<void> naive_worker(provider& p, int& next, const settings& s, tally& t) {
-  asio::steady_timer backoff(co_await asio::this_coro::executor);
-  while (next < s.requests) {
-    ++next;
-    for (int attempt = 0;; ++attempt) {
-      if (co_await p.call() == 200) break;
-      ++t.rejected_429;
-      backoff.expires_after(100ms * (1 << std::min(attempt, 6)));
-      co_await backoff.async_wait(asio::use_awaitable);
+settings parse(int argc, char** argv) {
+  settings s;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view flag = argv[i];
+    const auto value = [&]() -> std::string_view {
+      if (i + 1 >= argc) bad_usage(fmt::format("{} needs a value", flag));
+      return argv[++i];
+    };
+    if (flag == "--help" || flag == "-h") {
+      fmt::print("{}", usage_text);
+      std::exit(0);
+    } else if (flag == "--requests") {
+      s.requests = number_flag<std::size_t>(flag, value(), 1, 100'000);
+      s.requests_given = true;
+    } else if (flag == "--concurrency") {
+      s.concurrency = number_flag<std::size_t>(flag, value(), 1, 1'000);
+    } else if (flag == "--seed") {
+      s.seed = number_flag<std::uint64_t>(flag, value(), 0, ~0ull);
+    } else if (flag == "--compare") {
+      s.compare = true;
+    } else if (flag == "--plain") {
+      s.plain = true;
+    } else if (flag == "--svg") {
+      s.svg = value();
+    } else if (flag == "--base-url") {
+      s.base_url = value();
+    } else if (flag == "--api-key-env") {
+      s.api_key_env = value();
+    } else if (flag == "--model") {
+      s.model = value();
+    } else if (flag == "--rpm") {
+      s.rpm = number_flag<double>(flag, value(), 1, 1e7);
+    } else if (flag == "--tpm") {
+      s.tpm = number_flag<double>(flag, value(), 1, 1e10);
+    } else {
+      bad_usage(fmt::format("unknown option '{}'", flag));
     }
-    ++t.completed;
   }
+  if (!s.base_url.empty()) {
+    if (s.model.empty()) bad_usage("--base-url needs --model");
+    if (s.compare) bad_usage("--compare runs against the local mocks only");
+    try {
+      demo::url::parse(s.base_url);
+    } catch (const std::exception& e) {
+      bad_usage(fmt::format("--base-url: {}", e.what()));
+    }
+    if (!s.requests_given) s.requests = 10;
+  } else if (!s.api_key_env.empty() || !s.model.empty()) {
+    bad_usage("--api-key-env and --model go with --base-url");
+  }
+  return s;
 }
 
-// The weir client: admitted by the queue, paced by the limits, so the provider never says no.
-asio::awaitable<void> weir_worker(provider& p, weir::request_queue& queue,
-                                  weir::rate_limits<>& limits, int& next, const settings& s,
-                                  tally& t) {
-  while (next < s.requests) {
-    ++next;
-    auto permit = co_await queue.async_admit(asio::use_awaitable);
-    co_await limits.async_acquire({.requests = 1}, asio::use_awaitable);
-    if (co_await p.call() != 200) ++t.rejected_429;
-    ++t.completed;
-  }
+// ---- the live view ---------------------------------------------------------------------------
+
+std::string bar(double fraction, int width) {
+  const int full = static_cast<int>(std::clamp(fraction, 0.0, 1.0) * width);
+  return std::string(static_cast<std::size_t>(full), '#') +
+         std::string(static_cast<std::size_t>(width - full), '.');
 }
 
-tally run(bool with_weir, const settings& s) {
-  asio::io_context io;
-  provider p(io.get_executor());
-  weir::request_queue queue(io.get_executor(),
-                            {.max_concurrent = static_cast<std::size_t>(s.concurrency),
-                             .max_queued = static_cast<std::size_t>(s.requests)});
-  // A little under the provider's limit: a strict limiter punishes overshoot, not undershoot.
-  weir::rate_limits<> limits(io.get_executor(), {.requests = weir::limit{weir::per_second(19), 5}});
-  tally t;
-  int next = 0;
-  const auto start = steady::now();
-  for (int w = 0; w < s.concurrency; ++w) {
-    if (with_weir)
-      asio::co_spawn(io, weir_worker(p, queue, limits, next, s, t), asio::detached);
-    else
-      asio::co_spawn(io, naive_worker(p, next, s, t), asio::detached);
+const char* breaker_name(weir::breaker_state s) {
+  switch (s) {
+    case weir::breaker_state::closed: return "closed";
+    case weir::breaker_state::open: return "OPEN";
+    case weir::breaker_state::half_open: return "half-open";
+    case weir::breaker_state::isolated: return "isolated";
   }
-  asio::steady_timer progress(io);
-  std::function<void()> tick = [&] {
-    progress.expires_after(500ms);
-    progress.async_wait([&](weir::error_code ec) {
-      if (ec || t.completed == s.requests) return;
-      fmt::print("  {:5} {:>4}/{} done, {:>3} × 429\n", with_weir ? "weir" : "naive", t.completed,
-                 s.requests, t.rejected_429);
-      tick();
-    });
+  return "?";
+}
+
+// Lines describing a run in progress: the progress bar, then one line per provider.
+std::vector<std::string> view(const std::string& mode, const demo::progress& live,
+                              std::size_t total, double seconds, const demo::run_report& so_far,
+                              const demo::status_source& status) {
+  std::vector<std::string> lines;
+  const auto done = live.done.load() + live.failed.load();
+  const double fraction = static_cast<double>(done) / static_cast<double>(total);
+  const double eta =
+      done ? seconds / static_cast<double>(done) * static_cast<double>(total - done) : 0;
+  lines.push_back(
+      fmt::format("{:<5} [{}] {:>4}/{} {:5.1f} s  ETA {:4.1f} s  failed {}  429s {}  "
+                  "retries {}",
+                  mode, bar(fraction, 30), done, total, seconds, eta, live.failed.load(),
+                  live.rate_limited.load(), live.retries.load()));
+  std::map<std::string, std::pair<weir::breaker_state, double>> breakers;
+  if (status)
+    for (const auto& m : status()) {
+      auto& b = breakers[std::string(m.provider)];
+      if (m.breaker != weir::breaker_state::closed) b.first = m.breaker;
+      b.second = std::max(b.second, std::chrono::duration<double>(m.cooling).count());
+    }
+  const int now = static_cast<int>(seconds);
+  for (const auto& [name, t] : so_far.providers) {
+    // The rate over the last three whole seconds.
+    double sent = 0;
+    for (int s = now - 3; s < now; ++s)
+      if (auto it = t.sent_per_second.find(s); it != t.sent_per_second.end()) sent += it->second;
+    const double rate = sent / 3;
+    const double use = t.limit_per_second > 0 ? rate / t.limit_per_second : 0;
+    std::string state = "-";
+    if (auto it = breakers.find(name); it != breakers.end()) {
+      state = breaker_name(it->second.first);
+      if (it->second.second > 0) state += fmt::format(", cooling {:.1f} s", it->second.second);
+    }
+    lines.push_back(
+        fmt::format("  {:<10} {:5.1f}/s of {:5.1f}/s [{}] {:3.0f}%  sent {:>4}  "
+                    "429s {:>3}  failed {:>3}  breaker {}",
+                    name, rate, t.limit_per_second, bar(use, 20), use * 100, t.sent, t.rate_limited,
+                    t.failed, state));
+  }
+  return lines;
+}
+
+// Runs one workload, redrawing the view in place on a terminal or logging once a second.
+template <class Run>
+demo::run_report drive(const std::string& mode, Run& run, asio::io_context& io,
+                       demo::progress& live, const std::vector<demo::job>& jobs, bool live_view,
+                       const demo::status_source& status) {
+  std::promise<void> finished;
+  auto done = finished.get_future();
+  run.start(jobs, [&] { finished.set_value(); });
+  std::thread client([&] { io.run(); });
+  const auto start = demo::steady::now();
+  std::size_t drawn = 0;
+  for (;;) {
+    const bool over = done.wait_for(live_view ? 250ms : 1s) == std::future_status::ready;
+    const double seconds = std::chrono::duration<double>(demo::steady::now() - start).count();
+    const auto lines = view(mode, live, jobs.size(), seconds, run.peek(), status);
+    if (live_view) {
+      if (drawn) fmt::print("\x1b[{}A", drawn);
+      for (const auto& l : lines) fmt::print("\x1b[2K{}\n", l);
+      drawn = lines.size();
+    } else {
+      fmt::print("{}\n", lines.front());
+    }
+    std::fflush(stdout);
+    if (over) break;
+  }
+  client.join();
+  return run.report(jobs.size());
+}
+
+// ---- the summary and the timeline ------------------------------------------------------------
+
+void summary(const std::vector<demo::run_report>& runs) {
+  fmt::print("\n{:<28}", "");
+  for (const auto& r : runs) fmt::print("{:>14}", r.mode);
+  fmt::print("\n");
+  const auto row = [&](const char* name, auto value) {
+    fmt::print("{:<28}", name);
+    for (const auto& r : runs) fmt::print("{:>14}", value(r));
+    fmt::print("\n");
   };
-  tick();
-  io.run();  // ends when every worker is done and the progress timer has stopped
-  t.elapsed = steady::now() - start;
-  return t;
+  row("completed", [](const auto& r) { return fmt::format("{}/{}", r.completed, r.requests); });
+  row("failed", [](const auto& r) { return fmt::format("{}", r.failed); });
+  row("time", [](const auto& r) { return fmt::format("{:.1f} s", r.seconds); });
+  row("429s seen", [](const auto& r) { return fmt::format("{}", r.rate_limited); });
+  row("retries and fallbacks", [](const auto& r) { return fmt::format("{}", r.retries); });
+  row("goodput", [](const auto& r) { return fmt::format("{:.1f}/s", r.goodput()); });
+  // What the providers' limits allowed over the run: the sustained rate, plus the 10 s of it
+  // each mock's bucket holds at the start.
+  row("  of what the limits allow", [](const auto& r) {
+    const double allowed = r.limit_per_second * (r.seconds + 10);
+    return fmt::format("{:.0f}%", 100 * static_cast<double>(r.completed) / allowed);
+  });
+  row("cost", [](const auto& r) {
+    double total = 0;
+    for (const auto& [name, t] : r.providers) total += t.cost;
+    return fmt::format("${:.4f}", total);
+  });
+  for (const auto& [name, t] : runs.front().providers) {
+    fmt::print("{:<28}", fmt::format("  {}: done / 429 / cost", name));
+    for (const auto& r : runs) {
+      const auto& p = r.providers.at(name);
+      fmt::print("{:>14}", fmt::format("{}/{}/${:.3f}", p.succeeded, p.rate_limited, p.cost));
+    }
+    fmt::print("\n");
+  }
+  for (const auto& r : runs)
+    for (const auto& [why, n] : r.failures) fmt::print("{} failure: {} × {}\n", r.mode, why, n);
 }
 
-int parse_positive(std::string_view flag, const char* value) {
-  int n = 0;
-  std::string_view text = value ? value : "";
-  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), n);
-  if (ec != std::errc() || end != text.data() + text.size() || n <= 0) {
-    fmt::print(stderr, "weir-demo: {} needs a positive whole number, got '{}'\n", flag, text);
-    std::exit(2);
+// One panel per provider and run: requests sent per second against the limit (dashed), 429s as
+// red ticks, breaker-open spans shaded.
+std::string timeline_svg(const std::vector<demo::run_report>& runs) {
+  double seconds = 1;
+  for (const auto& r : runs) seconds = std::max(seconds, r.seconds);
+  const double width = 900, panel = 110, left = 150, right = 20, top = 30;
+  std::size_t panels = 0;
+  for (const auto& r : runs) panels += r.providers.size();
+  const double height = top + panel * static_cast<double>(panels) + 30;
+  const double x_scale = (width - left - right) / std::ceil(seconds);
+  std::string svg = fmt::format(
+      R"(<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="11">)"
+      "\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+      R"(<text x="{}" y="18" font-size="14">requests/s per provider against its limit (dashed); red: 429; grey: breaker open</text>)"
+      "\n",
+      width, height, left);
+  double y0 = top;
+  for (const auto& r : runs)
+    for (const auto& [name, t] : r.providers) {
+      double peak = t.limit_per_second * 1.3;
+      for (const auto& [s, n] : t.sent_per_second) peak = std::max(peak, static_cast<double>(n));
+      const double plot = panel - 25;
+      const auto y = [&](double v) { return y0 + plot - v / peak * plot; };
+      svg += fmt::format(R"(<text x="8" y="{}">{} ({})</text>)"
+                         "\n",
+                         y0 + plot / 2, name, r.mode);
+      for (const auto& [from, to] : t.breaker_open)
+        svg += fmt::format(
+            R"(<rect x="{:.1f}" y="{:.1f}" width="{:.1f}" height="{:.1f}" fill="#ddd"/>)"
+            "\n",
+            left + from * x_scale, y0, std::max(1.0, (to - from) * x_scale), plot);
+      svg += fmt::format(R"(<line x1="{}" y1="{:.1f}" x2="{}" y2="{:.1f}" stroke="#888"/>)"
+                         "\n",
+                         left, y0 + plot, width - right, y0 + plot);
+      svg += fmt::format(
+          R"(<line x1="{}" y1="{:.1f}" x2="{}" y2="{:.1f}" stroke="#2a7" stroke-dasharray="5,4"/>)"
+          "\n",
+          left, y(t.limit_per_second), width - right, y(t.limit_per_second));
+      std::string points;
+      for (int s = 0; s < static_cast<int>(std::ceil(seconds)); ++s) {
+        const auto it = t.sent_per_second.find(s);
+        const double v = it == t.sent_per_second.end() ? 0 : static_cast<double>(it->second);
+        points += fmt::format("{:.1f},{:.1f} ", left + (s + 0.5) * x_scale, y(v));
+      }
+      svg += fmt::format(R"(<polyline points="{}" fill="none" stroke="#36c" stroke-width="1.5"/>)"
+                         "\n",
+                         points);
+      for (const auto& [s, n] : t.limited_per_second)
+        svg += fmt::format(
+            R"(<line x1="{0:.1f}" y1="{1:.1f}" x2="{0:.1f}" y2="{2:.1f}" stroke="#d22" stroke-width="2"><title>{3} × 429</title></line>)"
+            "\n",
+            left + (s + 0.5) * x_scale, y0 + plot, y0 + plot - std::min(plot, 4.0 + 2.0 * n), n);
+      y0 += panel;
+    }
+  for (int s = 0; s <= static_cast<int>(seconds); s += 5)
+    svg += fmt::format(R"(<text x="{:.1f}" y="{:.1f}">{} s</text>)"
+                       "\n",
+                       left + s * x_scale, height - 10, s);
+  svg += "</svg>\n";
+  return svg;
+}
+
+template <class Run>
+demo::run_report run_once(const std::string& mode, std::vector<demo::provider_setup> fleet,
+                          const settings& s, const std::vector<demo::job>& jobs, bool live_view) {
+  std::optional<demo::mock_fleet> mocks;
+  if (s.base_url.empty()) mocks.emplace(fleet, s.seed);
+  asio::io_context io(1);
+  demo::progress live;
+  Run run(io, fleet, {.concurrency = s.concurrency}, live);
+  demo::status_source status;
+  if constexpr (requires { run.status(); }) status = run.status();
+  auto report = drive(mode, run, io, live, jobs, live_view, status);
+  if (mocks) {
+    // The servers' own count, to compare with the client's.
+    std::uint64_t served_429 = 0;
+    for (const auto& p : fleet)
+      if (const auto* server = mocks->find(p.name)) served_429 += server->stats().status(429);
+    fmt::print("{}: the providers answered 429 {} times; the client saw {}\n", mode, served_429,
+               report.rate_limited);
   }
-  return n;
+  return report;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  settings s;
-  for (int i = 1; i < argc; ++i) {
-    std::string_view arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      fmt::print("usage: weir-demo [--requests N] [--concurrency N]\n");
-      return 0;
+  const auto s = parse(argc, argv);
+  const bool live_view = !s.plain && ::isatty(STDOUT_FILENO);
+
+  std::vector<demo::provider_setup> fleet;
+  auto jobs = demo::make_workload(s.requests, s.seed);
+  if (s.base_url.empty()) {
+    fleet = demo::default_fleet();
+    fmt::print("weir-demo: {} requests at concurrency {} against three local providers:\n",
+               s.requests, s.concurrency);
+    for (const auto& p : fleet)
+      for (const auto& m : p.models)
+        fmt::print(
+            "  {:<10} {:<14} capability {:.0f}  ${:>5.2f}/${:>5.2f} per M tokens  "
+            "{:>4.0f} req/min {:>7.0f} tokens/min\n",
+            p.name, m.id, m.capability, m.input_price, m.output_price, m.requests_per_minute,
+            m.tokens_per_minute);
+  } else {
+    std::string key;
+    if (!s.api_key_env.empty()) {
+      const char* value = std::getenv(s.api_key_env.c_str());
+      if (!value || !*value) bad_usage(fmt::format("${} is not set", s.api_key_env));
+      key = value;
     }
-    if (arg == "--requests")
-      s.requests = parse_positive(arg, i + 1 < argc ? argv[++i] : nullptr);
-    else if (arg == "--concurrency")
-      s.concurrency = parse_positive(arg, i + 1 < argc ? argv[++i] : nullptr);
-    else {
-      fmt::print(stderr, "weir-demo: unknown flag '{}' (try --help)\n", arg);
-      return 2;
+    demo::provider_setup remote;  // assigned field by field: gcc 12 misreads the aggregate form
+    remote.name = "remote";
+    remote.models.push_back({s.model, 5, 0, 0, s.rpm, s.tpm, 0});
+    remote.base_url = s.base_url;
+    remote.api_key = key;
+    fleet.push_back(std::move(remote));
+    for (auto& j : jobs) {  // small and cheap: this costs real money
+      j.prompt.resize(std::min<std::size_t>(j.prompt.size(), 200));
+      j.max_tokens = 16;
+      j.min_capability = 0;
     }
+    fmt::print("weir-demo: {} requests to {} ({}), key {}\n", s.requests, s.base_url, s.model,
+               key.empty() ? "none" : "from $" + s.api_key_env);
   }
-  fmt::print("{} requests at concurrency {} against a provider allowing 20/s (burst 5)\n",
-             s.requests, s.concurrency);
-  const auto naive = run(false, s);
-  const auto guarded = run(true, s);
-  auto seconds = [](steady::duration d) { return std::chrono::duration<double>(d).count(); };
-  fmt::print("\n{:<8} {:>10} {:>8} {:>12}\n", "client", "completed", "429s", "time");
-  fmt::print("{:<8} {:>10} {:>8} {:>11.2f}s\n", "naive", naive.completed, naive.rejected_429,
-             seconds(naive.elapsed));
-  fmt::print("{:<8} {:>10} {:>8} {:>11.2f}s\n", "weir", guarded.completed, guarded.rejected_429,
-             seconds(guarded.elapsed));
-  return guarded.completed == s.requests && guarded.rejected_429 == 0 ? 0 : 1;
+
+  std::vector<demo::run_report> runs;
+  try {
+    if (s.compare) runs.push_back(run_once<demo::naive_run>("naive", fleet, s, jobs, live_view));
+    runs.push_back(run_once<demo::weir_run>("weir", fleet, s, jobs, live_view));
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "weir-demo: {}\n", e.what());
+    return 1;
+  }
+  summary(runs);
+  std::ofstream out(s.svg);
+  out << timeline_svg(runs);
+  if (!out) {
+    fmt::print(stderr, "weir-demo: cannot write {}\n", s.svg);
+    return 1;
+  }
+  fmt::print("\ntimeline: {}\n", s.svg);
+  const auto& weir_run = runs.back();
+  return weir_run.completed + weir_run.failed == weir_run.requests ? 0 : 1;
 }

@@ -2,7 +2,8 @@
 # Sourced, not run.
 
 # Debian 12 packages weir needs to build its tests, examples and benchmarks.
-WEIR_PACKAGES=(g++ cmake ninja-build pkg-config libboost1.81-dev catch2 libfmt-dev libbenchmark-dev)
+WEIR_PACKAGES=(g++ cmake ninja-build pkg-config libboost1.81-dev catch2 libfmt-dev libbenchmark-dev
+  libssl-dev)
 
 weir_missing_packages() {
   local missing=() p

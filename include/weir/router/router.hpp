@@ -268,9 +268,10 @@ class router {
       rate_limits_options lo;
       if (s.requests_per_minute > 0) lo.requests = limit::per_minute(s.requests_per_minute);
       if (s.tokens_per_minute > 0) {
-        // A quarter of a minute's tokens at once: room for one large request, not for a
-        // minute-start spike. Larger requests are not routed here (the limiter cannot admit them).
-        token_burst = static_cast<std::uint64_t>(std::max(1.0, s.tokens_per_minute / 4));
+        // Six seconds' worth at once, as for requests (limit::per_minute): strict servers refuse
+        // a minute-start spike. Larger requests are not routed here (the limiter cannot admit
+        // them).
+        token_burst = static_cast<std::uint64_t>(std::max(1.0, s.tokens_per_minute / 10));
         lo.tokens = limit{weir::per_minute(s.tokens_per_minute), token_burst};
       }
       limits.emplace(ex, lo);

@@ -1,0 +1,562 @@
+// The demo's world: a fleet of local mock providers, an agent workload, and two ways to run it —
+// weir's router, and the naive loop that fires and sleeps on a 429. weir-demo drives it, and the
+// demo test runs it in-process.
+#pragma once
+
+#include "http_client.hpp"
+
+#include <weir/http/beast.hpp>
+#include <weir/pipeline.hpp>
+#include <weir/request_queue.hpp>
+#include <weir/router/router.hpp>
+#include <weir/testing/mock_provider.hpp>
+#include <weir/timeout.hpp>
+
+#include <fmt/format.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace demo {
+
+using steady = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+enum class dialect { openai, anthropic };
+
+struct model_setup {
+  std::string id;
+  double capability = 5;
+  double input_price = 0;   // USD per million tokens
+  double output_price = 0;  // USD per million tokens
+  double requests_per_minute = 600;
+  double tokens_per_minute = 600'000;
+  std::uint64_t context_window = 0;
+};
+
+struct provider_setup {
+  std::string name;
+  dialect speaks = dialect::openai;
+  std::vector<model_setup> models;
+  weir::testing::fault_profile faults{};
+  std::chrono::microseconds base_latency{40'000};
+  std::chrono::microseconds per_output_token{40};
+  double burst_seconds = 10;  // how much of a minute's limit the mock lets through at once
+  std::string base_url{};     // empty: a local mock; otherwise a real endpoint
+  std::string api_key{};      // sent as a header, never printed
+};
+
+// Three providers with the limits, prices and temperaments of the real ones, scaled so that the
+// default workload takes a quarter of a minute.
+inline std::vector<provider_setup> default_fleet() {
+  std::vector<provider_setup> fleet;
+  fleet.push_back({.name = "openai",
+                   .speaks = dialect::openai,
+                   .models = {{"gpt-mini", 6, 0.15, 0.60, 240, 240'000, 128'000},
+                              {"gpt-large", 9, 2.50, 10.00, 90, 120'000, 128'000}},
+                   .faults = {.server_errors = 0.02}});
+  fleet.push_back({.name = "anthropic",
+                   .speaks = dialect::anthropic,
+                   .models = {{"claude-haiku", 7, 0.80, 4.00, 180, 200'000, 200'000},
+                              {"claude-sonnet", 9, 3.00, 15.00, 90, 120'000, 200'000}},
+                   .faults = {.overloaded = 0.04}});
+  // The cheapest, with the tightest limits and a stretch of outage in the middle of the run.
+  fleet.push_back({.name = "groq",
+                   .speaks = dialect::openai,
+                   .models = {{"llama-8b", 5, 0.05, 0.08, 180, 150'000, 8'000},
+                              {"llama-70b", 7, 0.59, 0.79, 120, 150'000, 32'000}},
+                   .faults = {.resets = 0.02, .outages = {{5'000ms, 11'000ms}}}});
+  return fleet;
+}
+
+// One request of the agent workload.
+struct job {
+  std::string prompt;  // ~4 characters per token
+  unsigned max_tokens = 256;
+  double min_capability = 5;
+  weir::priority priority = weir::priority::normal;
+
+  std::uint64_t input_tokens() const { return std::max<std::uint64_t>(1, prompt.size() / 4); }
+};
+
+// Varied sizes and needs: mostly small and undemanding, some long, some needing the best model.
+inline std::vector<job> make_workload(std::size_t n, std::uint64_t seed) {
+  std::mt19937_64 random(seed);
+  std::vector<job> jobs;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double kind = std::uniform_real_distribution<>(0, 1)(random);
+    const auto tokens = kind < 0.1 ? std::uniform_int_distribution<>(4'000, 12'000)(random)
+                                   : std::uniform_int_distribution<>(100, 1'200)(random);
+    job j;
+    j.prompt.assign(static_cast<std::size_t>(tokens) * 4, 'x');
+    j.max_tokens = static_cast<unsigned>(std::uniform_int_distribution<>(50, 500)(random));
+    j.min_capability = kind < 0.6 ? 5 : kind < 0.9 ? 7 : 9;
+    j.priority = i % 4 == 0 ? weir::priority::batch : weir::priority::normal;
+    jobs.push_back(std::move(j));
+  }
+  return jobs;
+}
+
+// The body each dialect expects. The prompt is the only content.
+inline std::string request_body(dialect d, std::string_view model, const job& j) {
+  if (d == dialect::anthropic)
+    return fmt::format(
+        R"({{"model":"{}","max_tokens":{},"messages":[{{"role":"user","content":"{}"}}]}})", model,
+        j.max_tokens, j.prompt);
+  return fmt::format(
+      R"({{"model":"{}","messages":[{{"role":"user","content":"{}"}}],"max_tokens":{}}})", model,
+      j.prompt, j.max_tokens);
+}
+
+inline std::string endpoint_of(dialect d) {
+  return d == dialect::anthropic ? "/v1/messages" : "/v1/chat/completions";
+}
+
+inline std::vector<std::pair<std::string, std::string>> auth_headers(const provider_setup& p) {
+  if (p.api_key.empty()) return {};
+  if (p.speaks == dialect::anthropic)
+    return {{"x-api-key", p.api_key}, {"anthropic-version", "2023-06-01"}};
+  return {{"authorization", "Bearer " + p.api_key}};
+}
+
+// The usage a response reports, in either dialect.
+inline std::optional<weir::token_usage> usage_of(const response& res) {
+  if (res.result_int() != 200) return std::nullopt;
+  const auto& body = res.body();
+  using weir::testing::detail::mock::json_number;
+  if (auto in = json_number(body, "prompt_tokens"))
+    return weir::token_usage{*in, json_number(body, "completion_tokens").value_or(0)};
+  if (auto in = json_number(body, "input_tokens"))
+    return weir::token_usage{*in, json_number(body, "output_tokens").value_or(0)};
+  return std::nullopt;
+}
+
+// The mock providers of a fleet, serving on their own thread.
+class mock_fleet {
+ public:
+  explicit mock_fleet(std::vector<provider_setup>& setups, std::uint64_t seed) {
+    for (auto& p : setups) {
+      if (!p.base_url.empty()) continue;
+      weir::testing::mock_provider_options o{.name = p.name,
+                                             .burst_seconds = p.burst_seconds,
+                                             .base_latency = p.base_latency,
+                                             .per_output_token = p.per_output_token,
+                                             .faults = p.faults,
+                                             .seed = seed + servers_.size()};
+      for (const auto& m : p.models)
+        o.models.push_back({m.id, m.requests_per_minute, m.tokens_per_minute, m.context_window});
+      servers_.push_back(
+          std::make_unique<weir::testing::mock_provider>(io_.get_executor(), std::move(o)));
+      servers_.back()->start();
+      p.base_url = servers_.back()->base_url();
+    }
+    thread_ = std::thread([this] { io_.run(); });
+  }
+  ~mock_fleet() {
+    for (auto& s : servers_) s->stop();
+    work_.reset();
+    thread_.join();
+  }
+  mock_fleet(const mock_fleet&) = delete;
+  mock_fleet& operator=(const mock_fleet&) = delete;
+
+  const weir::testing::mock_provider* find(std::string_view name) const {
+    for (const auto& s : servers_)
+      if (s->options().name == name) return s.get();
+    return nullptr;
+  }
+
+ private:
+  asio::io_context io_{1};
+  asio::executor_work_guard<asio::io_context::executor_type> work_{io_.get_executor()};
+  std::vector<std::unique_ptr<weir::testing::mock_provider>> servers_;
+  std::thread thread_;
+};
+
+// What one run saw, from the client's side.
+struct provider_tally {
+  std::uint64_t sent = 0;
+  std::uint64_t succeeded = 0;
+  std::uint64_t rate_limited = 0;  // 429 answers
+  std::uint64_t failed = 0;        // 5xx, resets, timeouts
+  double cost = 0;
+  std::map<int, std::uint64_t> sent_per_second;
+  std::map<int, std::uint64_t> limited_per_second;
+  std::vector<std::pair<double, double>> breaker_open;  // [from, to) seconds since the start
+  double limit_per_second = 0;                          // the sum of its models' request limits
+};
+
+struct run_report {
+  std::string mode;
+  double seconds = 0;
+  std::size_t requests = 0;
+  std::uint64_t completed = 0;
+  std::uint64_t failed = 0;
+  std::uint64_t rate_limited = 0;                 // 429 answers seen
+  std::uint64_t retries = 0;                      // attempts beyond the first
+  std::map<std::string, std::uint64_t> failures;  // by error message
+  std::map<std::string, provider_tally> providers;
+  double limit_per_second = 0;  // of the whole fleet
+
+  // Completed requests per second as a share of what the fleet's limits allow.
+  double goodput() const { return seconds > 0 ? completed / seconds : 0; }
+};
+
+// Live counters a dashboard reads while a run goes on.
+struct progress {
+  std::atomic<std::uint64_t> done{0}, failed{0}, in_flight{0}, rate_limited{0}, retries{0};
+};
+
+// The thread-safe log of one run, fed by router events or the naive loop.
+class recorder {
+ public:
+  recorder(const std::vector<provider_setup>& fleet, progress& live)
+      : start_(steady::now()), live_(live) {
+    for (const auto& p : fleet) {
+      auto& t = report_.providers[p.name];
+      for (const auto& m : p.models) t.limit_per_second += m.requests_per_minute / 60;
+      report_.limit_per_second += t.limit_per_second;
+    }
+  }
+
+  double now() const { return std::chrono::duration<double>(steady::now() - start_).count(); }
+
+  void sent(std::string_view provider, bool retry) {
+    std::lock_guard lock(mutex_);
+    auto& t = tally(provider);
+    ++t.sent;
+    ++t.sent_per_second[static_cast<int>(now())];
+    if (retry) {
+      ++report_.retries;
+      ++live_.retries;
+    }
+  }
+  void answered(std::string_view provider, unsigned status, double cost) {
+    std::lock_guard lock(mutex_);
+    auto& t = tally(provider);
+    if (status == 200) {
+      ++t.succeeded;
+      t.cost += cost;
+    } else if (status == 429) {
+      ++t.rate_limited;
+      ++report_.rate_limited;
+      ++live_.rate_limited;
+      ++t.limited_per_second[static_cast<int>(now())];
+    } else if (status >= 500 || status == 0) {
+      ++t.failed;
+    }
+  }
+  void breaker(std::string_view provider, bool open) {
+    std::lock_guard lock(mutex_);
+    auto& spans = tally(provider).breaker_open;
+    if (open && (spans.empty() || spans.back().second >= 0)) spans.emplace_back(now(), -1.0);
+    if (!open && !spans.empty() && spans.back().second < 0) spans.back().second = now();
+  }
+  void finished(bool ok, const std::string& why = {}) {
+    std::lock_guard lock(mutex_);
+    if (ok) {
+      ++report_.completed;
+      ++live_.done;
+    } else {
+      ++report_.failed;
+      ++live_.failed;
+      ++report_.failures[why];
+    }
+  }
+
+  run_report snapshot() {
+    std::lock_guard lock(mutex_);
+    return report_;
+  }
+
+  run_report take(std::string mode, std::size_t requests) {
+    std::lock_guard lock(mutex_);
+    report_.mode = std::move(mode);
+    report_.requests = requests;
+    report_.seconds = now();
+    for (auto& [name, t] : report_.providers)
+      for (auto& span : t.breaker_open)
+        if (span.second < 0) span.second = report_.seconds;
+    return report_;
+  }
+
+ private:
+  provider_tally& tally(std::string_view provider) {
+    return report_.providers[std::string(provider)];
+  }
+
+  steady::time_point start_;
+  progress& live_;
+  std::mutex mutex_;
+  run_report report_;
+};
+
+struct run_options {
+  std::size_t concurrency = 32;
+  std::chrono::milliseconds attempt_timeout{5'000};
+  std::size_t connections_per_provider = 16;
+  std::chrono::milliseconds naive_backoff{1'000};  // the naive loop's first sleep, then doubled
+};
+
+// What a status line needs of a running router.
+using status_source = std::function<std::vector<weir::model_status>()>;
+
+// Runs copies of a worker coroutine and calls `on_done` once, when the last one ends.
+class worker_group {
+ public:
+  template <class MakeWorker>
+  void start(asio::io_context& io, std::size_t count, MakeWorker make,
+             std::function<void()> on_done) {
+    left_ = count;
+    on_done_ = std::move(on_done);
+    for (std::size_t w = 0; w < count; ++w)
+      asio::co_spawn(io, make(), [this](std::exception_ptr) {
+        if (--left_ == 0) on_done_();
+      });
+  }
+
+ private:
+  std::atomic<std::size_t> left_{0};
+  std::function<void()> on_done_;
+};
+
+// ---- weir's way ----------------------------------------------------------------------------
+
+struct chat {
+  const job* work = nullptr;
+};
+
+class weir_run {
+ public:
+  using router_type = weir::router<chat, response, steady, weir::http::response_classifier>;
+
+  weir_run(asio::io_context& io, std::vector<provider_setup> fleet, run_options options,
+           progress& live)
+      : io_(io), fleet_(std::move(fleet)), options_(options), log_(fleet_, live) {
+    weir::catalog models;
+    for (const auto& p : fleet_) {
+      models.add(weir::provider_spec{.name = p.name,
+                                     .breaker = {.consecutive_failures = 4,
+                                                 .break_duration = 2s,
+                                                 .break_growth = 2,
+                                                 .max_break_duration = 8s},
+                                     .default_cooldown = 1s});
+      for (const auto& m : p.models)
+        models.add(weir::model_spec{.provider = p.name,
+                                    .id = m.id,
+                                    .input_price = m.input_price,
+                                    .output_price = m.output_price,
+                                    .capability = m.capability,
+                                    .context_window = m.context_window,
+                                    .requests_per_minute = m.requests_per_minute,
+                                    .tokens_per_minute = m.tokens_per_minute});
+    }
+    router_type::options_type ro;
+    ro.max_attempts = 6;
+    ro.usage_of = [](const response& r) { return demo::usage_of(r); };
+    ro.context_exceeded = [](const weir::outcome<response>& o) {
+      return o.has_value() && weir::http::context_length_exceeded(o.value());
+    };
+    ro.watch = [this](const weir::event& e) { observe(e); };
+    router_.emplace(io.get_executor(), std::move(models), std::move(ro));
+
+    for (const auto& p : fleet_) {
+      auto& conn = connections_.emplace_back(std::make_unique<connection>(
+          io.get_executor(), url::parse(p.base_url), tls(), p, options_));
+      router_->connect(p.name, [c = conn.get()](const weir::model_spec& m, const chat& request) {
+        return c->send(m, *request.work);
+      });
+    }
+  }
+
+  // Starts `concurrency` workers over `jobs` (which must outlive the run); `on_done` is called
+  // once, on an io thread, when every job has ended.
+  void start(const std::vector<job>& jobs, std::function<void()> on_done) {
+    workers_.start(io_, options_.concurrency, [&] { return worker(jobs); }, std::move(on_done));
+  }
+
+  run_report report(std::size_t requests) { return log_.take("weir", requests); }
+  run_report peek() { return log_.snapshot(); }
+  status_source status() {
+    return [this] { return router_->status(); };
+  }
+
+ private:
+  // One provider's HTTP client, wrapped in weir: at most `connections_per_provider` exchanges at
+  // once (the rest queue), and a deadline on each so a stalled server cannot hold a worker.
+  struct connection {
+    connection(asio::any_io_executor ex, url where, asio::ssl::context* tls,
+               const provider_setup& p, const run_options& o)
+        : client(ex, std::move(where), tls),
+          setup(p),
+          queue(ex, {.max_concurrent = o.connections_per_provider, .max_queued = 10'000}),
+          deadline(o.attempt_timeout) {}
+
+    asio::awaitable<response> send(const weir::model_spec& m, const job& j) {
+      return weir::pipeline(queue, deadline)([this, &m, &j] {
+        return client.post(endpoint_of(setup.speaks), request_body(setup.speaks, m.id, j),
+                           auth_headers(setup), 2 * deadline.limit());
+      });
+    }
+
+    http_client client;
+    const provider_setup& setup;
+    weir::request_queue queue;
+    weir::timeout<steady> deadline;
+  };
+
+  asio::awaitable<void> worker(const std::vector<job>& jobs) {
+    for (;;) {
+      const auto i = next_++;
+      if (i >= jobs.size()) co_return;
+      const auto& j = jobs[i];
+      try {
+        auto [res, route] = co_await router_->route(chat{&j}, {.input_tokens = j.input_tokens(),
+                                                               .output_tokens = j.max_tokens,
+                                                               .min_capability = j.min_capability,
+                                                               .priority = j.priority,
+                                                               .deadline = steady::now() + 60s,
+                                                               .operation = "chat"});
+        const auto status = res.result_int();
+        log_.answered(route.provider, status, route.cost);
+        log_.finished(status == 200, status == 200 ? "" : fmt::format("HTTP {}", status));
+      } catch (const weir::exception& e) {
+        log_.finished(false, e.code().message());
+      } catch (const std::exception&) {
+        log_.finished(false, "unexpected failure");
+      }
+    }
+  }
+
+  void observe(const weir::event& e) {
+    if (auto* c = std::get_if<weir::route_chosen>(&e)) {
+      log_.sent(c->provider, c->attempt > 1);
+    } else if (auto* f = std::get_if<weir::route_fallback>(&e)) {
+      const unsigned status = f->cause == weir::verdict::rate_limited ? 429
+                              : f->context_exceeded                   ? 400
+                                                                      : 500;
+      log_.answered(f->provider, status, 0);
+    } else if (auto* b = std::get_if<weir::breaker_changed>(&e)) {
+      log_.breaker(b->operation, b->to == weir::breaker_state::open);
+    }
+  }
+
+  asio::ssl::context* tls() {
+    if (!tls_) {
+      tls_.emplace(asio::ssl::context::tls_client);
+      tls_->set_default_verify_paths();
+      tls_->set_verify_mode(asio::ssl::verify_peer);
+    }
+    return &*tls_;
+  }
+
+  asio::io_context& io_;
+  std::vector<provider_setup> fleet_;
+  run_options options_;
+  recorder log_;
+  std::optional<asio::ssl::context> tls_;
+  std::vector<std::unique_ptr<connection>> connections_;
+  std::optional<router_type> router_;
+  std::atomic<std::size_t> next_{0};
+  worker_group workers_;
+};
+
+// ---- the naive way --------------------------------------------------------------------------
+
+// What the article's sketch does: the cheapest model that is capable (and, to be fair, whose
+// context fits), fire, and on a 429 or a failure sleep 1 s, 2 s, 4 s ... and try the same model
+// again, ignoring what the server said; five retries, then give up.
+class naive_run {
+ public:
+  naive_run(asio::io_context& io, std::vector<provider_setup> fleet, run_options options,
+            progress& live)
+      : io_(io), fleet_(std::move(fleet)), options_(options), log_(fleet_, live) {
+    for (const auto& p : fleet_) clients_.emplace_back(io.get_executor(), url::parse(p.base_url));
+  }
+
+  void start(const std::vector<job>& jobs, std::function<void()> on_done) {
+    workers_.start(io_, options_.concurrency, [&] { return worker(jobs); }, std::move(on_done));
+  }
+
+  run_report report(std::size_t requests) { return log_.take("naive", requests); }
+  run_report peek() { return log_.snapshot(); }
+
+ private:
+  struct choice {
+    std::size_t provider = 0;
+    const model_setup* model = nullptr;
+  };
+
+  std::optional<choice> cheapest(const job& j) const {
+    std::optional<choice> best;
+    for (std::size_t p = 0; p < fleet_.size(); ++p)
+      for (const auto& m : fleet_[p].models) {
+        if (m.capability < j.min_capability) continue;
+        if (m.context_window && j.input_tokens() + j.max_tokens > m.context_window) continue;
+        if (!best || m.input_price < best->model->input_price) best = choice{p, &m};
+      }
+    return best;
+  }
+
+  asio::awaitable<void> worker(const std::vector<job>& jobs) {
+    asio::steady_timer sleep(co_await asio::this_coro::executor);
+    for (;;) {
+      const auto i = next_++;
+      if (i >= jobs.size()) co_return;
+      const auto& j = jobs[i];
+      const auto target = cheapest(j);
+      if (!target) {
+        log_.finished(false, "no capable model");
+        continue;
+      }
+      const auto& p = fleet_[target->provider];
+      bool ok = false;
+      for (int attempt = 0; attempt < 6 && !ok; ++attempt) {
+        if (attempt > 0) {
+          sleep.expires_after(options_.naive_backoff * (1 << (attempt - 1)));
+          co_await sleep.async_wait(asio::use_awaitable);
+        }
+        log_.sent(p.name, attempt > 0);
+        unsigned status = 0;
+        try {
+          auto res = co_await clients_[target->provider].post(
+              endpoint_of(p.speaks), request_body(p.speaks, target->model->id, j), auth_headers(p),
+              options_.attempt_timeout);
+          status = res.result_int();
+          const auto used = usage_of(res);
+          const double cost = used ? (used->input_tokens * target->model->input_price +
+                                      used->output_tokens * target->model->output_price) /
+                                         1e6
+                                   : 0;
+          log_.answered(p.name, status, cost);
+        } catch (const std::exception&) {
+          log_.answered(p.name, 0, 0);
+        }
+        ok = status == 200;
+        if (status >= 400 && status < 500 && status != 429) break;  // hopeless
+      }
+      log_.finished(ok, ok ? "" : "gave up after retries");
+    }
+  }
+
+  asio::io_context& io_;
+  std::vector<provider_setup> fleet_;
+  run_options options_;
+  recorder log_;
+  std::deque<http_client> clients_;
+  std::atomic<std::size_t> next_{0};
+  worker_group workers_;
+};
+
+}  // namespace demo

@@ -1,0 +1,454 @@
+// A local LLM provider for tests and demos: Beast on 127.0.0.1, speaking OpenAI's
+// `POST /v1/chat/completions` and Anthropic's `POST /v1/messages`. It enforces requests and tokens
+// per minute per model with a continuously refilled bucket, answers with each dialect's real
+// rate-limit headers and Retry-After on a 429, takes time in proportion to the tokens it writes,
+// and injects faults from a seeded generator or a schedule. It counts every answer it gave.
+//
+//     weir::testing::mock_provider server(io.get_executor(), {
+//         .name = "openai", .models = {{.id = "gpt-mini", .requests_per_minute = 300}},
+//         .faults = {.server_errors = 0.05}});
+//     server.start();  // then POST to server.base_url() + "/v1/chat/completions"
+#pragma once
+
+#include <fmt/chrono.h>
+#include <fmt/format.h>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/http.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace weir::testing {
+
+struct mock_model {
+  std::string id;
+  double requests_per_minute = 600;
+  double tokens_per_minute = 600'000;
+  std::uint64_t context_window = 0;  // prompt + max_tokens above it: 400; 0: no check
+};
+
+// A stretch of the server's life (from its start) during which it answers every request 503.
+struct outage {
+  std::chrono::milliseconds from{0};
+  std::chrono::milliseconds to{0};
+};
+
+// Chances per request, drawn from the seeded generator, in this order.
+struct fault_profile {
+  double resets = 0;         // close the connection without an answer
+  double stalls = 0;         // wait `stall` before answering
+  double server_errors = 0;  // 500
+  double overloaded = 0;     // 529 (Anthropic's "overloaded_error"; OpenAI dialect too)
+  double random_429 = 0;     // a 429 the limits did not call for, Retry-After 1 to 5 s
+  std::chrono::milliseconds stall{10'000};
+  std::vector<outage> outages{};
+};
+
+struct mock_provider_options {
+  std::string name = "mock";
+  std::vector<mock_model> models{};
+  // The bucket holds this much of a minute's limit: how much may come at once.
+  double burst_seconds = 10;
+  std::chrono::microseconds base_latency{20'000};
+  std::chrono::microseconds per_output_token{20};
+  fault_profile faults{};
+  std::uint64_t seed = 1;
+};
+
+// What the server answered, by kind. Every request read ends in exactly one of: a status, a
+// reset.
+struct mock_stats {
+  std::uint64_t requests = 0;
+  std::map<unsigned, std::uint64_t> by_status{};
+  std::uint64_t resets = 0;
+  std::uint64_t stalls = 0;
+  std::uint64_t input_tokens = 0;   // of successful answers
+  std::uint64_t output_tokens = 0;  // of successful answers
+
+  std::uint64_t status(unsigned s) const {
+    auto it = by_status.find(s);
+    return it == by_status.end() ? 0 : it->second;
+  }
+};
+
+namespace detail::mock {
+
+// The number after "key": in a JSON text, without a JSON library: the mock reads only its own
+// clients' requests, and a tolerant scan keeps this header free of one.
+inline std::optional<std::uint64_t> json_number(std::string_view body, std::string_view key) {
+  const auto quoted = fmt::format("\"{}\"", key);
+  auto at = body.find(quoted);
+  if (at == std::string_view::npos) return std::nullopt;
+  at = body.find(':', at + quoted.size());
+  if (at == std::string_view::npos) return std::nullopt;
+  ++at;
+  while (at < body.size() && body[at] == ' ') ++at;
+  std::uint64_t n = 0;
+  bool any = false;
+  while (at < body.size() && body[at] >= '0' && body[at] <= '9' && n < (1ull << 40)) {
+    n = n * 10 + static_cast<std::uint64_t>(body[at++] - '0');
+    any = true;
+  }
+  return any ? std::optional(n) : std::nullopt;
+}
+
+inline std::optional<std::string> json_string(std::string_view body, std::string_view key) {
+  const auto quoted = fmt::format("\"{}\"", key);
+  auto at = body.find(quoted);
+  if (at == std::string_view::npos) return std::nullopt;
+  at = body.find('"', body.find(':', at + quoted.size()));
+  if (at == std::string_view::npos) return std::nullopt;
+  const auto end = body.find('"', at + 1);
+  if (end == std::string_view::npos) return std::nullopt;
+  return std::string(body.substr(at + 1, end - at - 1));
+}
+
+// A continuously refilled bucket, in doubles: not weir's GCRA, so the mock is an independent
+// judge of whether a client keeps to the limit.
+struct bucket {
+  double capacity = 1;
+  double per_second = 1;
+  double level = 1;
+  std::chrono::steady_clock::time_point at{};
+
+  void refill(std::chrono::steady_clock::time_point now) {
+    level =
+        std::min(capacity, level + per_second * std::chrono::duration<double>(now - at).count());
+    at = now;
+  }
+  double seconds_until(double n) const { return n <= level ? 0.0 : (n - level) / per_second; }
+  double seconds_to_full() const { return (capacity - level) / per_second; }
+};
+
+}  // namespace detail::mock
+
+class mock_provider {
+ public:
+  using clock = std::chrono::steady_clock;
+
+  mock_provider(boost::asio::any_io_executor ex, mock_provider_options options)
+      : state_(std::make_shared<state>(std::move(ex), std::move(options))) {}
+  ~mock_provider() { stop(); }
+  mock_provider(const mock_provider&) = delete;
+  mock_provider& operator=(const mock_provider&) = delete;
+
+  // Listens on 127.0.0.1 on a free port and returns it. Time for outages starts now.
+  unsigned short start() {
+    namespace ip = boost::asio::ip;
+    auto& s = *state_;
+    s.acceptor.open(ip::tcp::v4());
+    s.acceptor.set_option(ip::tcp::acceptor::reuse_address(true));
+    s.acceptor.bind({ip::make_address_v4("127.0.0.1"), 0});
+    s.acceptor.listen();
+    s.started = clock::now();
+    for (auto& [id, l] : s.buckets) l.requests.at = l.tokens.at = s.started;
+    s.port = s.acceptor.local_endpoint().port();
+    boost::asio::co_spawn(s.executor, accept(state_), boost::asio::detached);
+    return s.port;
+  }
+
+  // Stops accepting and closes every open connection (on the server's strand, so it is safe
+  // from any thread while the server runs).
+  void stop() {
+    boost::asio::post(state_->executor, [s = state_] {
+      boost::system::error_code ignored;
+      s->acceptor.close(ignored);
+      std::lock_guard lock(s->mutex);
+      for (auto& weak : s->sessions)
+        if (auto stream = weak.lock()) stream->socket().close(ignored);
+      s->sessions.clear();
+    });
+  }
+
+  unsigned short port() const { return state_->port; }
+  std::string base_url() const { return fmt::format("http://127.0.0.1:{}", port()); }
+  const mock_provider_options& options() const { return state_->options; }
+
+  mock_stats stats() const {
+    std::lock_guard lock(state_->mutex);
+    return state_->stats;
+  }
+
+ private:
+  using request_type = boost::beast::http::request<boost::beast::http::string_body>;
+  using response_type = boost::beast::http::response<boost::beast::http::string_body>;
+  using stream_type = boost::beast::tcp_stream;
+
+  struct limits {
+    detail::mock::bucket requests, tokens;
+    std::uint64_t context_window = 0;
+  };
+
+  // What to do with one request, decided at once under the lock; the waiting happens outside.
+  struct plan {
+    bool reset = false;
+    std::chrono::microseconds delay{0};
+    response_type response{};
+  };
+
+  enum class dialect { openai, anthropic };
+
+  struct state {
+    state(boost::asio::any_io_executor ex, mock_provider_options o)
+        : executor(boost::asio::make_strand(ex)),
+          acceptor(executor),
+          options(std::move(o)),
+          random(options.seed) {
+      for (const auto& m : options.models) {
+        const auto make = [&](double per_minute) {
+          detail::mock::bucket b;
+          b.per_second = per_minute / 60.0;
+          b.capacity = std::max(1.0, per_minute * options.burst_seconds / 60.0);
+          b.level = b.capacity;
+          return b;
+        };
+        buckets.emplace(
+            m.id, limits{make(m.requests_per_minute), make(m.tokens_per_minute), m.context_window});
+      }
+    }
+
+    bool chance(double p) { return p > 0 && std::uniform_real_distribution<>(0, 1)(random) < p; }
+
+    static void set_error(response_type& res, unsigned status, dialect d, std::string_view type,
+                          std::string_view message) {
+      res.result(status);
+      res.body() = d == dialect::anthropic
+                       ? fmt::format(R"({{"type":"error","error":{{"type":"{}","message":"{}"}}}})",
+                                     type, message)
+                       : fmt::format(R"({{"error":{{"message":"{}","type":"{}","code":"{}"}}}})",
+                                     message, type, type);
+    }
+
+    void set_limit_headers(response_type& res, dialect d, const limits& l,
+                           std::chrono::system_clock::time_point wall) const {
+      const auto remaining = [](const detail::mock::bucket& b) {
+        return static_cast<std::uint64_t>(std::floor(b.level));
+      };
+      const auto per_minute = [](const detail::mock::bucket& b) {
+        return static_cast<std::uint64_t>(std::llround(b.per_second * 60));
+      };
+      const auto ms = [](double seconds) {
+        return static_cast<std::int64_t>(std::ceil(seconds * 1000));
+      };
+      if (d == dialect::openai) {
+        res.set("x-ratelimit-limit-requests", std::to_string(per_minute(l.requests)));
+        res.set("x-ratelimit-remaining-requests", std::to_string(remaining(l.requests)));
+        res.set("x-ratelimit-reset-requests",
+                fmt::format("{}ms", ms(l.requests.seconds_to_full())));
+        res.set("x-ratelimit-limit-tokens", std::to_string(per_minute(l.tokens)));
+        res.set("x-ratelimit-remaining-tokens", std::to_string(remaining(l.tokens)));
+        res.set("x-ratelimit-reset-tokens", fmt::format("{}ms", ms(l.tokens.seconds_to_full())));
+        return;
+      }
+      const auto at = [&](double seconds) {
+        const auto t = std::chrono::time_point_cast<std::chrono::seconds>(
+            wall + std::chrono::milliseconds(ms(seconds)) + std::chrono::seconds(1));
+        return fmt::format("{:%Y-%m-%dT%H:%M:%S}Z", t);
+      };
+      res.set("anthropic-ratelimit-requests-limit", std::to_string(per_minute(l.requests)));
+      res.set("anthropic-ratelimit-requests-remaining", std::to_string(remaining(l.requests)));
+      res.set("anthropic-ratelimit-requests-reset", at(l.requests.seconds_to_full()));
+      res.set("anthropic-ratelimit-tokens-limit", std::to_string(per_minute(l.tokens)));
+      res.set("anthropic-ratelimit-tokens-remaining", std::to_string(remaining(l.tokens)));
+      res.set("anthropic-ratelimit-tokens-reset", at(l.tokens.seconds_to_full()));
+    }
+
+    static void set_retry_after(response_type& res, dialect d, double seconds) {
+      const auto whole = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(seconds)));
+      res.set(boost::beast::http::field::retry_after, std::to_string(whole));
+      if (d == dialect::openai)
+        res.set("retry-after-ms", std::to_string(std::max<std::int64_t>(
+                                      1, static_cast<std::int64_t>(std::ceil(seconds * 1000)))));
+    }
+
+    plan decide(const request_type& req) {
+      namespace http = boost::beast::http;
+      plan p;
+      auto& res = p.response;
+      res.version(req.version());
+      res.keep_alive(req.keep_alive());
+      res.set(http::field::content_type, "application/json");
+      res.set(http::field::server, "weir-mock");
+
+      std::lock_guard lock(mutex);
+      ++stats.requests;
+      const auto now = clock::now();
+      const auto wall = std::chrono::system_clock::now();
+      const auto since_start = now - started;
+      const std::string_view target = req.target();
+      const dialect d = target == "/v1/messages" ? dialect::anthropic : dialect::openai;
+
+      const auto finish = [&](unsigned status) {
+        ++stats.by_status[status];
+        res.prepare_payload();
+        return std::move(p);
+      };
+      if (req.method() != http::verb::post ||
+          (target != "/v1/messages" && target != "/v1/chat/completions")) {
+        set_error(res, 404, d, "not_found_error", "no such endpoint");
+        return finish(404);
+      }
+      const auto model = detail::mock::json_string(req.body(), "model");
+      auto found = model ? buckets.find(*model) : buckets.end();
+      if (found == buckets.end()) {
+        set_error(res, 404, d, "not_found_error", "no such model");
+        return finish(404);
+      }
+      auto& l = found->second;
+      const auto content = detail::mock::json_string(req.body(), "content").value_or("");
+      const std::uint64_t input = std::max<std::uint64_t>(1, content.size() / 4);
+      const std::uint64_t max_tokens = std::max<std::uint64_t>(
+          1, detail::mock::json_number(req.body(), "max_tokens").value_or(256));
+
+      const auto& f = options.faults;
+      for (const auto& o : f.outages)
+        if (since_start >= o.from && since_start < o.to) {
+          set_error(res, 503, d, "api_error", "service unavailable");
+          return finish(503);
+        }
+      if (chance(f.resets)) {
+        ++stats.resets;
+        p.reset = true;
+        return p;
+      }
+      if (chance(f.stalls)) {
+        ++stats.stalls;
+        p.delay += f.stall;
+      }
+      if (chance(f.server_errors)) {
+        set_error(res, 500, d, "api_error", "internal server error");
+        return finish(500);
+      }
+      if (chance(f.overloaded)) {
+        set_error(res, 529, d, "overloaded_error", "Overloaded");
+        return finish(529);
+      }
+      if (chance(f.random_429)) {
+        set_error(res, 429, d, "rate_limit_error", "rate limited");
+        set_retry_after(res, d, std::uniform_int_distribution<int>(1, 5)(random));
+        return finish(429);
+      }
+      if (l.context_window && input + max_tokens > l.context_window) {
+        set_error(res, 400, d,
+                  d == dialect::openai ? "context_length_exceeded" : "invalid_request_error",
+                  d == dialect::openai ? "maximum context length exceeded" : "prompt is too long");
+        return finish(400);
+      }
+
+      // Like OpenAI, the request is charged its prompt plus max_tokens when it arrives.
+      l.requests.refill(now);
+      l.tokens.refill(now);
+      const double cost = static_cast<double>(input + max_tokens);
+      if (l.requests.level < 1 || l.tokens.level < cost) {
+        set_limit_headers(res, d, l, wall);
+        set_error(res, 429, d, "rate_limit_error",
+                  l.requests.level < 1 ? "rate limit reached for requests"
+                                       : "rate limit reached for tokens");
+        const double wait = cost > l.tokens.capacity ? 60.0
+                                                     : std::max(l.requests.seconds_until(1),
+                                                                l.tokens.seconds_until(cost));
+        set_retry_after(res, d, wait);
+        return finish(429);
+      }
+      l.requests.level -= 1;
+      l.tokens.level -= cost;
+      set_limit_headers(res, d, l, wall);
+
+      const auto output = std::uniform_int_distribution<std::uint64_t>(
+          std::max<std::uint64_t>(1, max_tokens / 4), max_tokens)(random);
+      p.delay += options.base_latency + options.per_output_token * static_cast<long>(output);
+      stats.input_tokens += input;
+      stats.output_tokens += output;
+      const auto id = stats.requests;
+      res.body() =
+          d == dialect::anthropic
+              ? fmt::format(R"({{"id":"msg_{}","type":"message","role":"assistant","model":"{}",)"
+                            R"("content":[{{"type":"text","text":"ok"}}],"stop_reason":"end_turn",)"
+                            R"("usage":{{"input_tokens":{},"output_tokens":{}}}}})",
+                            id, *model, input, output)
+              : fmt::format(
+                    R"({{"id":"chatcmpl-{}","object":"chat.completion","model":"{}",)"
+                    R"("choices":[{{"index":0,"message":{{"role":"assistant","content":"ok"}},)"
+                    R"("finish_reason":"stop"}}],)"
+                    R"("usage":{{"prompt_tokens":{},"completion_tokens":{},"total_tokens":{}}}}})",
+                    id, *model, input, output, input + output);
+      return finish(200);
+    }
+
+    boost::asio::strand<boost::asio::any_io_executor> executor;
+    boost::asio::ip::tcp::acceptor acceptor;
+    mock_provider_options options;
+    mutable std::mutex mutex;
+    std::mt19937_64 random;
+    std::map<std::string, limits, std::less<>> buckets;
+    mock_stats stats;
+    clock::time_point started{};
+    unsigned short port = 0;
+    std::vector<std::weak_ptr<stream_type>> sessions;
+  };
+
+  static boost::asio::awaitable<void> accept(std::shared_ptr<state> s) {
+    for (;;) {
+      auto [ec, socket] =
+          co_await s->acceptor.async_accept(boost::asio::as_tuple(boost::asio::use_awaitable));
+      if (ec) co_return;  // stopped
+      auto stream = std::make_shared<stream_type>(std::move(socket));
+      {
+        std::lock_guard lock(s->mutex);
+        std::erase_if(s->sessions, [](const auto& w) { return w.expired(); });
+        s->sessions.push_back(stream);
+      }
+      boost::asio::co_spawn(s->executor, session(s, std::move(stream)), boost::asio::detached);
+    }
+  }
+
+  static boost::asio::awaitable<void> session(std::shared_ptr<state> s,
+                                              std::shared_ptr<stream_type> stream) {
+    namespace http = boost::beast::http;
+    using boost::asio::as_tuple;
+    using boost::asio::use_awaitable;
+    boost::beast::flat_buffer buffer;
+    for (;;) {
+      request_type req;
+      auto [ec, n] = co_await http::async_read(*stream, buffer, req, as_tuple(use_awaitable));
+      if (ec) co_return;
+      auto p = s->decide(req);
+      if (p.delay.count() > 0) {
+        boost::asio::steady_timer timer(s->executor, p.delay);
+        co_await timer.async_wait(as_tuple(use_awaitable));
+      }
+      if (p.reset) {
+        boost::system::error_code ignored;
+        stream->socket().set_option(boost::asio::socket_base::linger(true, 0), ignored);
+        stream->socket().close(ignored);  // a linger of zero makes the close a reset
+        co_return;
+      }
+      auto [wec, w] = co_await http::async_write(*stream, p.response, as_tuple(use_awaitable));
+      if (wec || !p.response.keep_alive()) co_return;
+    }
+  }
+
+  std::shared_ptr<state> state_;
+};
+
+}  // namespace weir::testing

@@ -1,0 +1,131 @@
+// The demo's workload, in-process, against the mock providers on loopback: real sockets and real
+// (short) time, as weir-demo runs it.
+#include "demo/workload.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <future>
+#include <thread>
+
+namespace {
+
+// A small fleet whose limits the workload overruns: bursts of a few requests, a few per second.
+std::vector<demo::provider_setup> tight_fleet() {
+  std::vector<demo::provider_setup> fleet;
+  fleet.push_back({.name = "openai",
+                   .speaks = demo::dialect::openai,
+                   .models = {{"gpt-mini", 5, 0.15, 0.60, 240, 1'000'000, 0},
+                              {"gpt-large", 9, 2.50, 10.00, 120, 1'000'000, 0}},
+                   .base_latency = std::chrono::microseconds(2'000),
+                   .per_output_token = std::chrono::microseconds(0),
+                   .burst_seconds = 6});
+  fleet.push_back({.name = "anthropic",
+                   .speaks = demo::dialect::anthropic,
+                   .models = {{"claude-haiku", 7, 0.80, 4.00, 180, 1'000'000, 0}},
+                   .base_latency = std::chrono::microseconds(2'000),
+                   .per_output_token = std::chrono::microseconds(0),
+                   .burst_seconds = 6});
+  return fleet;
+}
+
+template <class Run>
+demo::run_report run(std::vector<demo::provider_setup> fleet, const std::vector<demo::job>& jobs,
+                     demo::mock_fleet*& servers_out, std::unique_ptr<demo::mock_fleet>& holder) {
+  holder = std::make_unique<demo::mock_fleet>(fleet, 11);
+  servers_out = holder.get();
+  demo::asio::io_context io(1);
+  demo::progress live;
+  Run r(io, fleet, {.concurrency = 16, .naive_backoff = std::chrono::milliseconds(100)}, live);
+  std::promise<void> finished;
+  r.start(jobs, [&] { finished.set_value(); });
+  io.run();
+  REQUIRE(finished.get_future().wait_for(std::chrono::seconds(0)) == std::future_status::ready);
+  return r.report(jobs.size());
+}
+
+std::uint64_t served(const demo::mock_fleet& servers, unsigned status) {
+  std::uint64_t n = 0;
+  for (const char* name : {"openai", "anthropic"}) n += servers.find(name)->stats().status(status);
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("the demo workload: every request accounted for, weir far below naive on 429s") {
+  auto jobs = demo::make_workload(80, 3);
+  for (auto& j : jobs) j.prompt.resize(std::min<std::size_t>(j.prompt.size(), 2'000));
+
+  demo::mock_fleet* servers = nullptr;
+  std::unique_ptr<demo::mock_fleet> holder;
+
+  const auto naive = run<demo::naive_run>(tight_fleet(), jobs, servers, holder);
+  CHECK(naive.completed + naive.failed == jobs.size());
+  CHECK(served(*servers, 429) == naive.rate_limited);  // the client saw every 429 the servers sent
+  CHECK(served(*servers, 200) == naive.completed);
+  holder.reset();
+
+  const auto weir = run<demo::weir_run>(tight_fleet(), jobs, servers, holder);
+  CHECK(weir.completed + weir.failed == jobs.size());
+  CHECK(weir.failed == 0);
+  CHECK(served(*servers, 429) == weir.rate_limited);
+  CHECK(served(*servers, 200) == weir.completed);
+  std::uint64_t sent = 0;
+  for (const auto& [name, t] : weir.providers) sent += t.sent;
+  CHECK(servers->find("openai")->stats().requests + servers->find("anthropic")->stats().requests ==
+        sent);
+
+  INFO("naive saw " << naive.rate_limited << " 429s, weir " << weir.rate_limited);
+  CHECK(naive.rate_limited >= 20);
+  CHECK(weir.rate_limited * 10 <= naive.rate_limited);
+}
+
+TEST_CASE("the mock provider speaks both dialects with their rate-limit headers") {
+  demo::asio::io_context io(1);
+  weir::testing::mock_provider server(
+      io.get_executor(), {.name = "m",
+                          .models = {{"small", 60, 10'000, 100}},
+                          .burst_seconds = 2,  // two requests at once, then one per second
+                          .base_latency = std::chrono::microseconds(0)});
+  server.start();
+  demo::http_client client(io.get_executor(), demo::url::parse(server.base_url()));
+  std::vector<demo::response> answers;
+  demo::asio::co_spawn(
+      io,
+      [&]() -> demo::asio::awaitable<void> {
+        const demo::job small{.prompt = std::string(40, 'x'), .max_tokens = 10};
+        for (auto d : {demo::dialect::openai, demo::dialect::anthropic, demo::dialect::openai})
+          answers.push_back(co_await client.post(demo::endpoint_of(d),
+                                                 demo::request_body(d, "small", small), {},
+                                                 std::chrono::seconds(5)));
+        const demo::job large{.prompt = std::string(400, 'x'), .max_tokens = 10};
+        answers.push_back(
+            co_await client.post(demo::endpoint_of(demo::dialect::openai),
+                                 demo::request_body(demo::dialect::openai, "small", large), {},
+                                 std::chrono::seconds(5)));
+        server.stop();
+      },
+      demo::asio::detached);
+  io.run();
+  REQUIRE(answers.size() == 4);
+  CHECK(answers[0].result_int() == 200);
+  CHECK(answers[0]["x-ratelimit-limit-requests"] == "60");
+  CHECK(answers[0]["x-ratelimit-remaining-requests"] == "1");
+  CHECK(demo::usage_of(answers[0])->input_tokens == 10);
+  CHECK(answers[1].result_int() == 200);
+  CHECK(answers[1]["anthropic-ratelimit-requests-remaining"] == "0");
+  CHECK(demo::usage_of(answers[1])->input_tokens == 10);
+  CHECK(answers[2].result_int() == 429);
+  CHECK(answers[2][boost::beast::http::field::retry_after] == "1");
+  const auto judged = weir::http::response_classifier{}.judge(answers[2]);
+  CHECK(judged.kind == weir::verdict::rate_limited);
+  REQUIRE(judged.hint.retry_after);
+  CHECK(*judged.hint.retry_after > std::chrono::milliseconds(900));
+  CHECK(*judged.hint.retry_after <= std::chrono::seconds(1));
+  CHECK(answers[3].result_int() == 400);  // 100 + 10 tokens do not fit a 100-token window
+  CHECK(weir::http::context_length_exceeded(answers[3]));
+  const auto stats = server.stats();
+  CHECK(stats.requests == 4);
+  CHECK(stats.status(200) == 2);
+  CHECK(stats.status(429) == 1);
+  CHECK(stats.status(400) == 1);
+}
