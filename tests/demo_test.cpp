@@ -129,3 +129,67 @@ TEST_CASE("the mock provider speaks both dialects with their rate-limit headers"
   CHECK(stats.status(429) == 1);
   CHECK(stats.status(400) == 1);
 }
+
+TEST_CASE("chaos: faults everywhere and an outage; every request ends once, typed, honestly") {
+  using namespace std::chrono_literals;
+  // 20% 500s, 10% 429s with a random Retry-After, resets, stalls longer than the client's
+  // deadline, and "anthropic" down from 1 s to 3 s.
+  const weir::testing::fault_profile chaos{.resets = 0.03,
+                                           .stalls = 0.03,
+                                           .server_errors = 0.2,
+                                           .random_429 = 0.1,
+                                           .random_429_min = 100ms,
+                                           .random_429_max = 800ms,
+                                           .stall = 3'000ms};
+  auto fleet = tight_fleet();
+  for (auto& p : fleet) {
+    p.faults = chaos;
+    for (auto& m : p.models) m.requests_per_minute *= 2;
+  }
+  fleet[1].faults.outages = {{1'000ms, 3'000ms}};
+  auto jobs = demo::make_workload(240, 5);
+  for (auto& j : jobs) j.prompt.resize(std::min<std::size_t>(j.prompt.size(), 2'000));
+
+  demo::mock_fleet servers(fleet, 21);
+  demo::asio::io_context io(1);
+  demo::progress live;
+  const std::size_t reserve = 20;
+  demo::weir_run run(io, fleet,
+                     {.concurrency = 16,
+                      .breaker = {.consecutive_failures = 4, .break_duration = 500ms},
+                      .fallback_budget = weir::retry_budget_options{.ratio = 1.0,
+                                                                    .reserve = reserve},
+                      .attempt_timeout = 400ms},
+                     live);
+  run.start(jobs, [] {});
+  io.run();
+  const auto report = run.report(jobs.size());
+
+  // Every request ended exactly once, in a success or a typed error.
+  CHECK(report.completed + report.failed == jobs.size());
+  REQUIRE(report.endings.size() == jobs.size());
+  for (const auto& [id, times] : report.endings) CHECK(times == 1);
+  for (const auto& [why, n] : report.failures) {
+    INFO(why << " × " << n);
+    CHECK(why != "unexpected failure");
+  }
+  // No request the servers saw succeed is reported failed.
+  for (const char* name : {"openai", "anthropic"})
+    for (const auto& id : servers.find(name)->stats().succeeded_requests)
+      CHECK(report.succeeded.count(std::stoul(id)) == 1);
+  // Fallbacks stayed within the budget: one per route made, plus the reserve.
+  CHECK(report.retries <= jobs.size() + reserve);
+  // The dead provider's breaker opened during the outage and closed once it was back.
+  const auto& spans = report.providers.at("anthropic").breaker_open;
+  const bool opened_in_outage = std::any_of(spans.begin(), spans.end(), [](const auto& s) {
+    return s.first >= 0.9 && s.first <= 3.2;
+  });
+  const auto& closed = report.providers.at("anthropic").breaker_closed;
+  const bool closed_after =
+      std::any_of(closed.begin(), closed.end(), [](double t) { return t >= 3.0; });
+  INFO("anthropic's breaker was open " << spans.size() << " times; the run took "
+                                       << report.seconds << " s");
+  CHECK(opened_in_outage);
+  CHECK(closed_after);
+  CHECK(report.completed >= jobs.size() * 8 / 10);
+}

@@ -24,6 +24,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -82,6 +83,7 @@ inline std::vector<provider_setup> default_fleet() {
 
 // One request of the agent workload.
 struct job {
+  std::size_t id = 0;  // sent as x-weir-request, so a server's log can be matched to the client's
   std::string prompt;  // ~4 characters per token
   unsigned max_tokens = 256;
   double min_capability = 5;
@@ -99,6 +101,7 @@ inline std::vector<job> make_workload(std::size_t n, std::uint64_t seed) {
     const auto tokens = kind < 0.1 ? std::uniform_int_distribution<>(4'000, 12'000)(random)
                                    : std::uniform_int_distribution<>(100, 1'200)(random);
     job j;
+    j.id = i;
     j.prompt.assign(static_cast<std::size_t>(tokens) * 4, 'x');
     j.max_tokens = static_cast<unsigned>(std::uniform_int_distribution<>(50, 500)(random));
     j.min_capability = kind < 0.6 ? 5 : kind < 0.9 ? 7 : 9;
@@ -194,6 +197,7 @@ struct provider_tally {
   std::map<int, std::uint64_t> sent_per_second;
   std::map<int, std::uint64_t> limited_per_second;
   std::vector<std::pair<double, double>> breaker_open;  // [from, to) seconds since the start
+  std::vector<double> breaker_closed;                   // when it closed again
   double limit_per_second = 0;                          // the sum of its models' request limits
 };
 
@@ -207,7 +211,9 @@ struct run_report {
   std::uint64_t retries = 0;                      // attempts beyond the first
   std::map<std::string, std::uint64_t> failures;  // by error message
   std::map<std::string, provider_tally> providers;
-  double limit_per_second = 0;  // of the whole fleet
+  std::map<std::size_t, unsigned> endings;  // by job id: how many times it ended (must be 1)
+  std::set<std::size_t> succeeded;          // job ids reported successful
+  double limit_per_second = 0;              // of the whole fleet
 
   // Completed requests per second as a share of what the fleet's limits allow.
   double goodput() const { return seconds > 0 ? completed / seconds : 0; }
@@ -257,14 +263,18 @@ class recorder {
       ++t.failed;
     }
   }
-  void breaker(std::string_view provider, bool open) {
+  void breaker(std::string_view provider, weir::breaker_state to) {
     std::lock_guard lock(mutex_);
+    const bool open = to == weir::breaker_state::open;
+    if (to == weir::breaker_state::closed) tally(provider).breaker_closed.push_back(now());
     auto& spans = tally(provider).breaker_open;
     if (open && (spans.empty() || spans.back().second >= 0)) spans.emplace_back(now(), -1.0);
     if (!open && !spans.empty() && spans.back().second < 0) spans.back().second = now();
   }
-  void finished(bool ok, const std::string& why = {}) {
+  void finished(std::size_t job, bool ok, const std::string& why = {}) {
     std::lock_guard lock(mutex_);
+    ++report_.endings[job];
+    if (ok) report_.succeeded.insert(job);
     if (ok) {
       ++report_.completed;
       ++live_.done;
@@ -304,6 +314,9 @@ class recorder {
 
 struct run_options {
   std::size_t concurrency = 32;
+  weir::circuit_breaker_options breaker{
+      .consecutive_failures = 4, .break_duration = 2s, .break_growth = 2, .max_break_duration = 8s};
+  std::optional<weir::retry_budget_options> fallback_budget{};
   std::chrono::milliseconds attempt_timeout{5'000};
   std::size_t connections_per_provider = 16;
   std::chrono::milliseconds naive_backoff{1'000};  // the naive loop's first sleep, then doubled
@@ -346,12 +359,8 @@ class weir_run {
       : io_(io), fleet_(std::move(fleet)), options_(options), log_(fleet_, live) {
     weir::catalog models;
     for (const auto& p : fleet_) {
-      models.add(weir::provider_spec{.name = p.name,
-                                     .breaker = {.consecutive_failures = 4,
-                                                 .break_duration = 2s,
-                                                 .break_growth = 2,
-                                                 .max_break_duration = 8s},
-                                     .default_cooldown = 1s});
+      models.add(
+          weir::provider_spec{.name = p.name, .breaker = options_.breaker, .default_cooldown = 1s});
       for (const auto& m : p.models)
         models.add(weir::model_spec{.provider = p.name,
                                     .id = m.id,
@@ -364,6 +373,7 @@ class weir_run {
     }
     router_type::options_type ro;
     ro.max_attempts = 6;
+    if (options_.fallback_budget) ro.fallback_budget.emplace(*options_.fallback_budget);
     ro.usage_of = [](const response& r) { return demo::usage_of(r); };
     ro.context_exceeded = [](const weir::outcome<response>& o) {
       return o.has_value() && weir::http::context_length_exceeded(o.value());
@@ -383,7 +393,8 @@ class weir_run {
   // Starts `concurrency` workers over `jobs` (which must outlive the run); `on_done` is called
   // once, on an io thread, when every job has ended.
   void start(const std::vector<job>& jobs, std::function<void()> on_done) {
-    workers_.start(io_, options_.concurrency, [&] { return worker(jobs); }, std::move(on_done));
+    workers_.start(
+        io_, options_.concurrency, [&] { return worker(jobs); }, std::move(on_done));
   }
 
   run_report report(std::size_t requests) { return log_.take("weir", requests); }
@@ -405,8 +416,10 @@ class weir_run {
 
     asio::awaitable<response> send(const weir::model_spec& m, const job& j) {
       return weir::pipeline(queue, deadline)([this, &m, &j] {
+        auto headers = auth_headers(setup);
+        headers.emplace_back("x-weir-request", std::to_string(j.id));
         return client.post(endpoint_of(setup.speaks), request_body(setup.speaks, m.id, j),
-                           auth_headers(setup), 2 * deadline.limit());
+                           std::move(headers), 2 * deadline.limit());
       });
     }
 
@@ -422,19 +435,22 @@ class weir_run {
       if (i >= jobs.size()) co_return;
       const auto& j = jobs[i];
       try {
-        auto [res, route] = co_await router_->route(chat{&j}, {.input_tokens = j.input_tokens(),
-                                                               .output_tokens = j.max_tokens,
-                                                               .min_capability = j.min_capability,
-                                                               .priority = j.priority,
-                                                               .deadline = steady::now() + 60s,
-                                                               .operation = "chat"});
+        // The awaitable is made before the co_await: g++ 12 can free a temporary with a
+        // destructor twice when it sits inside a co_await expression.
+        auto op = router_->route(chat{&j}, {.input_tokens = j.input_tokens(),
+                                            .output_tokens = j.max_tokens,
+                                            .min_capability = j.min_capability,
+                                            .priority = j.priority,
+                                            .deadline = steady::now() + 60s,
+                                            .operation = "chat"});
+        auto [res, route] = co_await std::move(op);
         const auto status = res.result_int();
         log_.answered(route.provider, status, route.cost);
-        log_.finished(status == 200, status == 200 ? "" : fmt::format("HTTP {}", status));
+        log_.finished(j.id, status == 200, status == 200 ? "" : fmt::format("HTTP {}", status));
       } catch (const weir::exception& e) {
-        log_.finished(false, e.code().message());
+        log_.finished(j.id, false, e.code().message());
       } catch (const std::exception&) {
-        log_.finished(false, "unexpected failure");
+        log_.finished(j.id, false, "unexpected failure");
       }
     }
   }
@@ -448,7 +464,7 @@ class weir_run {
                                                                       : 500;
       log_.answered(f->provider, status, 0);
     } else if (auto* b = std::get_if<weir::breaker_changed>(&e)) {
-      log_.breaker(b->operation, b->to == weir::breaker_state::open);
+      log_.breaker(b->operation, b->to);
     }
   }
 
@@ -486,7 +502,8 @@ class naive_run {
   }
 
   void start(const std::vector<job>& jobs, std::function<void()> on_done) {
-    workers_.start(io_, options_.concurrency, [&] { return worker(jobs); }, std::move(on_done));
+    workers_.start(
+        io_, options_.concurrency, [&] { return worker(jobs); }, std::move(on_done));
   }
 
   run_report report(std::size_t requests) { return log_.take("naive", requests); }
@@ -517,7 +534,7 @@ class naive_run {
       const auto& j = jobs[i];
       const auto target = cheapest(j);
       if (!target) {
-        log_.finished(false, "no capable model");
+        log_.finished(j.id, false, "no capable model");
         continue;
       }
       const auto& p = fleet_[target->provider];
@@ -546,7 +563,7 @@ class naive_run {
         ok = status == 200;
         if (status >= 400 && status < 500 && status != 429) break;  // hopeless
       }
-      log_.finished(ok, ok ? "" : "gave up after retries");
+      log_.finished(j.id, ok, ok ? "" : "gave up after retries");
     }
   }
 

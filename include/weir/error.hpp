@@ -27,6 +27,7 @@ enum class error {
   budget_exhausted,       // the shared retry budget allows no more retries right now
   invalid_argument,       // a policy was configured or called with values that make no sense
   shut_down,              // the policy was shut down while the request waited
+  unavailable,            // a shared store (e.g. Redis) the policy needs cannot be reached
 };
 
 namespace detail {
@@ -58,6 +59,7 @@ class error_category_impl final : public boost::system::error_category {
       case error::budget_exhausted: return "retry budget exhausted";
       case error::invalid_argument: return "invalid argument";
       case error::shut_down: return "policy was shut down";
+      case error::unavailable: return "shared limiter unavailable";
     }
     return "unknown weir error";
   }

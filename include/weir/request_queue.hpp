@@ -15,8 +15,11 @@
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/dispatch.hpp>
+#include <boost/asio/execution/context.hpp>
+#include <boost/asio/execution_context.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/query.hpp>
 
 #include <array>
 #include <atomic>
@@ -77,6 +80,9 @@ struct queue_waiter {
   std::size_t level = 0;  // which priority queue holds it
   // Completes the admission: with a permit (ec empty) or with the error. Called without the lock.
   virtual void complete(error_code ec, permit p) = 0;
+  // Drops the admission without completing it: its handler is destroyed, not called, as Asio
+  // does with pending operations when their execution context goes away.
+  virtual void abandon() = 0;
 
  protected:
   ~queue_waiter() = default;
@@ -160,6 +166,48 @@ struct request_queue_state {
   std::array<waiter_list<queue_waiter>, 3> queues;
 };
 
+// A request_queue's waiters wait on the queue, not on Asio's reactor, so destroying an io_context
+// would not reach them: this service does for them what Asio does for its own pending
+// operations, destroying their handlers (and with them the coroutines awaiting admission) when
+// the context shuts down.
+class request_queue_service : public boost::asio::execution_context::service {
+ public:
+  using key_type = request_queue_service;
+  static inline boost::asio::execution_context::id id;
+
+  explicit request_queue_service(boost::asio::execution_context& context) : service(context) {}
+
+  void track(const std::shared_ptr<request_queue_state>& queue) {
+    std::lock_guard lock(mutex_);
+    std::erase_if(queues_, [](const auto& q) { return q.expired(); });
+    queues_.push_back(queue);
+  }
+
+ private:
+  void shutdown() override {
+    std::vector<std::shared_ptr<request_queue_state>> live;
+    {
+      std::lock_guard lock(mutex_);
+      for (const auto& q : queues_)
+        if (auto s = q.lock()) live.push_back(std::move(s));
+      queues_.clear();
+    }
+    for (const auto& s : live) {
+      std::vector<queue_waiter*> waiting;
+      {
+        std::lock_guard lock(s->mutex);
+        s->shut_down = true;
+        while (auto* w = s->pop()) waiting.push_back(w);
+      }
+      // Outside the lock: a destroyed coroutine may release a permit of this very queue.
+      for (auto* w : waiting) w->abandon();
+    }
+  }
+
+  std::mutex mutex_;
+  std::vector<std::weak_ptr<request_queue_state>> queues_;
+};
+
 template <class Handler>
 class queue_admission final : public queue_waiter,
                               public std::enable_shared_from_this<queue_admission<Handler>> {
@@ -186,6 +234,12 @@ class queue_admission final : public queue_waiter,
     auto work = std::move(work_);
     boost::asio::dispatch(work.get_executor(),
                           boost::asio::append(std::move(handler_), ec, std::move(p)));
+  }
+
+  void abandon() override {
+    auto slot = boost::asio::get_associated_cancellation_slot(handler_);
+    if (slot.is_connected()) slot.clear();
+    auto last = std::move(self_);  // destroys this admission, its handler and its work guard
   }
 
  private:
@@ -228,7 +282,10 @@ class request_queue {
 
   // Throws weir::exception(invalid_argument) for max_concurrent == 0.
   request_queue(executor_type ex, request_queue_options options)
-      : state_(std::make_shared<detail::request_queue_state>(std::move(ex), options)) {}
+      : state_(std::make_shared<detail::request_queue_state>(std::move(ex), options)) {
+    auto& context = boost::asio::query(state_->executor, boost::asio::execution::context);
+    boost::asio::use_service<detail::request_queue_service>(context).track(state_);
+  }
 
   // A permit if a slot is free now and nobody is waiting; an empty permit otherwise.
   permit try_admit() {

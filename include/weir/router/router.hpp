@@ -7,9 +7,9 @@
 //     router.connect("openai", [&](const weir::model_spec& m, const my_request& r) {
 //       return openai_client.complete(m.id, r);  // an asio::awaitable<my_response>
 //     });
-//     auto [response, route] = co_await router.route(request, {.input_tokens = 900,
-//                                                             .output_tokens = 300,
-//                                                             .min_capability = 7});
+//     auto op = router.route(request, {.input_tokens = 900, .output_tokens = 300,
+//                                      .min_capability = 7});
+//     auto [response, route] = co_await std::move(op);  // (see route() on g++ 12)
 #pragma once
 
 #include <weir/circuit_breaker.hpp>
@@ -19,6 +19,7 @@
 #include <weir/outcome.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
+#include <weir/retry_budget.hpp>
 #include <weir/router/catalog.hpp>
 #include <weir/router/strategy.hpp>
 #include <weir/usage_monitor.hpp>
@@ -136,6 +137,10 @@ struct basic_router_options {
   // Whether a fatal outcome means "the request does not fit this model's context": such a
   // request is retried on a model with a larger context window instead of failing.
   std::function<bool(const outcome<Response>&)> context_exceeded{};
+  // Shared across routes (and routers, if you like): every route deposits, every attempt after
+  // a route's first withdraws; an empty budget ends the route with budget_exhausted. Bounds what
+  // fallbacks add when everything fails.
+  std::optional<retry_budget> fallback_budget{};
   double latency_smoothing = 0.2;  // weight of the newest sample in the latency average
   std::chrono::nanoseconds usage_window = std::chrono::minutes(1);
   double slow_down_above = 0.8;  // utilization where batch requests start to hold back
@@ -195,6 +200,10 @@ class router {
   //  - retries_exhausted when every attempt failed (cause: the last failure);
   //  - invalid_argument when the chosen provider was never connected;
   // and rethrows a fatal failure (cancellation among them) as it is.
+  //
+  // With g++ 12, make the awaitable before awaiting it when an argument is a temporary with a
+  // destructor (`auto op = router.route(request{...}, {...}); co_await std::move(op);`): g++ 12
+  // can free such temporaries twice when they sit inside the co_await expression itself.
   boost::asio::awaitable<routed<Response>> route(Request request, constraints c) {
     return run(state_, std::move(request), std::move(c));
   }
@@ -466,6 +475,8 @@ class router {
     record.estimated_tokens = estimate.tokens;
     std::exception_ptr last_failure;
     boost::asio::basic_waitable_timer<Clock> timer(co_await boost::asio::this_coro::executor);
+    const auto& budget = s->options.fallback_budget;
+    if (budget) budget->deposit();
 
     for (;;) {
       auto now = Clock::now();
@@ -510,6 +521,12 @@ class router {
         if (m.limits) m.limits->settle(estimate, usage{.requests = 0}, now);
         throw weir::exception(error::invalid_argument,
                               fmt::format("router: provider {} is not connected", spec.provider));
+      }
+      if (record.attempts > 0 && budget && !budget->try_withdraw()) {
+        if (m.limits) m.limits->settle(estimate, usage{.requests = 0}, now);
+        s->emit(rejected{c.operation, rejection::budget_exhausted});
+        throw weir::exception(error::budget_exhausted, "router: the fallback budget is spent", {},
+                              last_failure, record.attempts);
       }
       const auto ticket = p.breaker.try_admit();
       if (!ticket.admitted) {  // another request took the last half-open probe

@@ -34,6 +34,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -59,7 +60,9 @@ struct fault_profile {
   double stalls = 0;         // wait `stall` before answering
   double server_errors = 0;  // 500
   double overloaded = 0;     // 529 (Anthropic's "overloaded_error"; OpenAI dialect too)
-  double random_429 = 0;     // a 429 the limits did not call for, Retry-After 1 to 5 s
+  double random_429 = 0;     // a 429 the limits did not call for, with a random Retry-After:
+  std::chrono::milliseconds random_429_min{1'000};  // ... from this
+  std::chrono::milliseconds random_429_max{5'000};  // ... to this
   std::chrono::milliseconds stall{10'000};
   std::vector<outage> outages{};
 };
@@ -84,6 +87,9 @@ struct mock_stats {
   std::uint64_t stalls = 0;
   std::uint64_t input_tokens = 0;   // of successful answers
   std::uint64_t output_tokens = 0;  // of successful answers
+  // The x-weir-request header of every 200 answered without a stall (one the client may have
+  // given up on is left out), for matching the server's view of a request to the client's.
+  std::set<std::string> succeeded_requests{};
 
   std::uint64_t status(unsigned s) const {
     auto it = by_status.find(s);
@@ -331,9 +337,11 @@ class mock_provider {
         p.reset = true;
         return p;
       }
+      bool stalled = false;
       if (chance(f.stalls)) {
         ++stats.stalls;
         p.delay += f.stall;
+        stalled = true;
       }
       if (chance(f.server_errors)) {
         set_error(res, 500, d, "api_error", "internal server error");
@@ -345,7 +353,9 @@ class mock_provider {
       }
       if (chance(f.random_429)) {
         set_error(res, 429, d, "rate_limit_error", "rate limited");
-        set_retry_after(res, d, std::uniform_int_distribution<int>(1, 5)(random));
+        const auto ms = std::uniform_int_distribution<std::int64_t>(
+            f.random_429_min.count(), std::max(f.random_429_min, f.random_429_max).count())(random);
+        set_retry_after(res, d, static_cast<double>(ms) / 1000);
         return finish(429);
       }
       if (l.context_window && input + max_tokens > l.context_window) {
@@ -379,6 +389,8 @@ class mock_provider {
       p.delay += options.base_latency + options.per_output_token * static_cast<long>(output);
       stats.input_tokens += input;
       stats.output_tokens += output;
+      if (auto tag = req.find("x-weir-request"); tag != req.end() && !stalled)
+        stats.succeeded_requests.emplace(tag->value());
       const auto id = stats.requests;
       res.body() =
           d == dialect::anthropic

@@ -1,0 +1,265 @@
+// A small Redis client for weir's shared limiter: hiredis speaks the protocol, Asio drives the
+// socket, so no thread ever blocks on Redis. Every command completes exactly once — with the
+// reply, or with an error when the connection fails or is down. A lost connection is reopened on
+// the next command, no sooner than a backoff that grows while Redis stays away.
+//
+// Part of the optional weir::redis target (links hiredis).
+#pragma once
+
+#include <weir/error.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/append.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace weir::redis {
+
+// A reply, copied out of hiredis (whose replies live only for the callback).
+struct reply {
+  enum class kind { nil, integer, string, status, error, array } type = kind::nil;
+  std::int64_t integer = 0;
+  std::string text;  // string, status or error
+  std::vector<reply> elements;
+
+  bool is_error() const noexcept { return type == kind::error; }
+
+  static reply from(const redisReply* r) {
+    reply out;
+    if (!r) return out;
+    switch (r->type) {
+      case REDIS_REPLY_INTEGER:
+        out.type = kind::integer;
+        out.integer = r->integer;
+        break;
+      case REDIS_REPLY_STRING:
+        out.type = kind::string;
+        out.text.assign(r->str, r->len);
+        break;
+      case REDIS_REPLY_STATUS:
+        out.type = kind::status;
+        out.text.assign(r->str, r->len);
+        break;
+      case REDIS_REPLY_ERROR:
+        out.type = kind::error;
+        out.text.assign(r->str, r->len);
+        break;
+      case REDIS_REPLY_ARRAY:
+        out.type = kind::array;
+        for (std::size_t i = 0; i < r->elements; ++i) out.elements.push_back(from(r->element[i]));
+        break;
+      default: break;
+    }
+    return out;
+  }
+};
+
+struct client_options {
+  std::string host = "127.0.0.1";
+  int port = 6379;
+  std::chrono::milliseconds reconnect_min{100};  // first wait after a failure, doubled ...
+  std::chrono::milliseconds reconnect_max{5'000};  // ... up to this
+  // Called (on the client's strand) when the connection comes up (true) or goes down (false).
+  std::function<void(bool)> on_connection{};
+};
+
+// Copies share one connection. Commands may be issued from any thread; they run on the client's
+// strand.
+class client {
+ public:
+  using signature = void(error_code, reply);
+
+  client(boost::asio::any_io_executor ex, client_options options)
+      : state_(std::make_shared<state>(std::move(ex), std::move(options))) {}
+
+  // Sends one command (its words as given, binary-safe). Completes with the reply (which may be
+  // a Redis error reply) or with boost::asio::error::not_connected / connection_reset.
+  template <class CompletionToken = boost::asio::use_awaitable_t<>>
+  auto async_command(std::vector<std::string> words, CompletionToken&& token = {}) {
+    return boost::asio::async_initiate<CompletionToken, signature>(
+        [](auto handler, std::shared_ptr<state> s, std::vector<std::string> w) {
+          // Completions run on the handler's executor, never inside hiredis's callback.
+          auto shared = std::make_shared<decltype(handler)>(std::move(handler));
+          completion done = [shared, strand = s->strand](error_code ec, reply r) {
+            auto ex = boost::asio::get_associated_executor(*shared, strand);
+            boost::asio::post(ex, boost::asio::append(std::move(*shared), ec, std::move(r)));
+          };
+          auto strand = s->strand;
+          boost::asio::dispatch(strand, [s = std::move(s), w = std::move(w),
+                                         done = std::move(done)]() mutable {
+            s->send(s, std::move(w), std::move(done));
+          });
+        },
+        token, state_, std::move(words));
+  }
+
+  // Closes the connection; commands in flight complete with connection_reset.
+  void close() {
+    boost::asio::dispatch(state_->strand, [s = state_] { s->disconnect(); });
+  }
+
+  bool connected() const noexcept { return state_->up.load(); }
+
+ private:
+  using completion = std::function<void(error_code, reply)>;
+
+  // hiredis's event hooks, on an Asio descriptor that does not own the socket (hiredis does).
+  struct state {
+    state(boost::asio::any_io_executor ex, client_options o)
+        : strand(boost::asio::make_strand(ex)), options(std::move(o)), socket(strand) {}
+
+    ~state() { disconnect(); }
+
+    void send(const std::shared_ptr<state>& self, std::vector<std::string> words, completion done) {
+      if (!context && !connect(self)) {
+        done(boost::asio::error::not_connected, {});
+        return;
+      }
+      std::vector<const char*> argv;
+      std::vector<std::size_t> lengths;
+      for (const auto& w : words) {
+        argv.push_back(w.data());
+        lengths.push_back(w.size());
+      }
+      auto* pending = new completion(std::move(done));
+      if (redisAsyncCommandArgv(context, &state::on_reply, pending, static_cast<int>(argv.size()),
+                                argv.data(), lengths.data()) != REDIS_OK) {
+        std::unique_ptr<completion> lost(pending);
+        (*lost)(boost::asio::error::connection_reset, {});
+      }
+    }
+
+    // Starts a connection unless the backoff forbids it yet. On the strand.
+    bool connect(const std::shared_ptr<state>& self) {
+      const auto now = std::chrono::steady_clock::now();
+      if (now < retry_at) return false;
+      context = redisAsyncConnect(options.host.c_str(), options.port);
+      if (!context || context->err) {
+        if (context) redisAsyncFree(context);
+        context = nullptr;
+        failed(now);
+        return false;
+      }
+      context->data = this;
+      weak = self;
+      boost::system::error_code ec;
+      socket.assign(context->c.fd, ec);
+      context->ev.data = this;
+      context->ev.addRead = [](void* p) { static_cast<state*>(p)->want(true, true); };
+      context->ev.delRead = [](void* p) { static_cast<state*>(p)->want(true, false); };
+      context->ev.addWrite = [](void* p) { static_cast<state*>(p)->want(false, true); };
+      context->ev.delWrite = [](void* p) { static_cast<state*>(p)->want(false, false); };
+      context->ev.cleanup = [](void* p) { static_cast<state*>(p)->cleanup(); };
+      redisAsyncSetConnectCallback(context, &state::on_connect);
+      redisAsyncSetDisconnectCallback(context, &state::on_disconnect);
+      return true;
+    }
+
+    void failed(std::chrono::steady_clock::time_point now) {
+      backoff = backoff.count() == 0 ? options.reconnect_min
+                                     : std::min(options.reconnect_max, backoff * 2);
+      retry_at = now + backoff;
+    }
+
+    void want(bool read, bool on) {
+      (read ? reading : writing) = on;
+      if (on) arm(read);
+    }
+
+    void arm(bool read) {
+      bool& pending = read ? read_armed : write_armed;
+      if (pending || !context) return;
+      pending = true;
+      socket.async_wait(read ? boost::asio::posix::stream_descriptor::wait_read
+                             : boost::asio::posix::stream_descriptor::wait_write,
+                        [self = weak.lock(), read](boost::system::error_code ec) {
+                          if (!self) return;
+                          (read ? self->read_armed : self->write_armed) = false;
+                          if (ec || !self->context) return;
+                          if (read && self->reading)
+                            redisAsyncHandleRead(self->context);
+                          else if (!read && self->writing)
+                            redisAsyncHandleWrite(self->context);
+                          // The context may be gone now (a disconnect frees it).
+                          if (self->context && (read ? self->reading : self->writing))
+                            self->arm(read);
+                        });
+    }
+
+    // hiredis is done with the socket: forget it without closing it (hiredis closes it).
+    void cleanup() {
+      reading = writing = false;
+      boost::system::error_code ec;
+      socket.cancel(ec);
+      if (socket.is_open()) socket.release();
+    }
+
+    // Frees the connection at once: commands in flight complete with connection_reset.
+    void disconnect() {
+      if (auto* c = std::exchange(context, nullptr)) redisAsyncFree(c);
+    }
+
+    static void on_reply(redisAsyncContext*, void* r, void* privdata) {
+      std::unique_ptr<completion> done(static_cast<completion*>(privdata));
+      if (!r) {
+        (*done)(boost::asio::error::connection_reset, {});
+        return;
+      }
+      (*done)({}, reply::from(static_cast<redisReply*>(r)));
+    }
+
+    static void on_connect(const redisAsyncContext* c, int status) {
+      auto* s = static_cast<state*>(c->data);
+      if (status != REDIS_OK) {
+        s->context = nullptr;  // hiredis frees it after this callback
+        s->failed(std::chrono::steady_clock::now());
+        return;
+      }
+      s->backoff = {};
+      s->up = true;
+      if (s->options.on_connection) s->options.on_connection(true);
+    }
+
+    static void on_disconnect(const redisAsyncContext* c, int status) {
+      auto* s = static_cast<state*>(c->data);
+      s->context = nullptr;
+      const bool was_up = s->up.exchange(false);
+      if (status != REDIS_OK) s->failed(std::chrono::steady_clock::now());
+      if (was_up && s->options.on_connection) s->options.on_connection(false);
+    }
+
+    boost::asio::strand<boost::asio::any_io_executor> strand;
+    client_options options;
+    boost::asio::posix::stream_descriptor socket;
+    redisAsyncContext* context = nullptr;
+    std::weak_ptr<state> weak;
+    bool reading = false, writing = false, read_armed = false, write_armed = false;
+    std::atomic<bool> up{false};
+    std::chrono::milliseconds backoff{0};
+    std::chrono::steady_clock::time_point retry_at{};
+  };
+
+  std::shared_ptr<state> state_;
+};
+
+}  // namespace weir::redis

@@ -1,0 +1,386 @@
+// Limits shared by every process that uses the same Redis: ten workers on three hosts with one
+// API key stay under the key's quota together, as one process would.
+//
+//     weir::redis::client redis(ex, {.port = 6379});
+//     weir::redis::rate_limiter<> shared(ex, redis, {.name = "openai-prod",
+//                                                    .requests = weir::limit::per_minute(500),
+//                                                    .tokens = weir::limit::per_minute(200'000)});
+//     co_await shared.async_acquire({.requests = 1, .tokens = 1200}, asio::use_awaitable);
+//
+// The state is one GCRA arrival time per dimension, in Redis, moved by a Lua script (EVALSHA,
+// loaded once and again after NOSCRIPT) that checks every dimension and charges all or none, on
+// Redis's own clock. Keys expire once their bucket is full again, so idle limiters leave nothing.
+//
+// Part of the optional weir::redis target (links hiredis).
+#pragma once
+
+#include <weir/error.hpp>
+#include <weir/rate_limits.hpp>
+#include <weir/redis/client.hpp>
+
+#include <boost/asio/basic_waitable_timer.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace weir::redis {
+
+// Where admission decisions come from right now.
+enum class limiter_mode {
+  shared,  // Redis
+  local,   // Redis is unreachable: a local bucket at a fraction of the quota
+  closed,  // Redis is unreachable and the policy is to fail closed
+};
+
+enum class when_unreachable { fail_closed, use_local };
+
+struct rate_limiter_options {
+  // Names the quota (a provider, an API key's label — never the key itself); the Redis keys are
+  // "weir:{name}:requests" and "weir:{name}:tokens".
+  std::string name = "default";
+  std::optional<limit> requests{};
+  std::optional<limit> tokens{};
+  when_unreachable fallback = when_unreachable::fail_closed;
+  double local_fraction = 0.25;  // with use_local: the share of the quota this process may use
+  // While on the fallback, how often to look whether Redis is back.
+  std::chrono::milliseconds probe_every{250};
+  // Leases (request-only acquisitions): take up to `max_lease` requests from Redis in one round
+  // trip, sized to what this process used in the last `lease_horizon`, and hand them out
+  // locally; what is left when the lease expires goes back. 1 disables leases.
+  std::uint32_t max_lease = 1;
+  std::chrono::milliseconds lease_horizon{100};
+  std::function<void(limiter_mode from, limiter_mode to)> on_mode_change{};
+};
+
+namespace detail {
+
+// ARGV: now is Redis's; per dimension: emission interval (µs), tolerance (µs), cost.
+// Returns {1, 0} when admitted (every dimension charged) or {0, µs to wait} (nothing charged).
+inline constexpr const char* acquire_script = R"lua(
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local wait = 0
+local next = {}
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[3 * i - 2])
+  local tolerance = tonumber(ARGV[3 * i - 1])
+  local cost = tonumber(ARGV[3 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  next[i] = tat + interval * cost
+  local w = next[i] - tolerance - now
+  if w > wait then wait = w end
+end
+if wait > 0 then return {0, math.ceil(wait)} end
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], string.format('%.0f', next[i]), 'PX', math.ceil((next[i] - now) / 1000) + 1)
+end
+return {1, 0}
+)lua";
+
+// ARGV per dimension: emission interval (µs), units to add (negative: give back). Unconditional.
+inline constexpr const char* settle_script = R"lua(
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local delta = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  tat = tat + interval * delta
+  if tat <= now then
+    redis.call('DEL', KEYS[i])
+  else
+    redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+  end
+end
+return 1
+)lua";
+
+}  // namespace detail
+
+// Copies share one limiter. Safe from any thread.
+template <class Clock = std::chrono::steady_clock>
+class rate_limiter {
+ public:
+  using time_point = typename Clock::time_point;
+
+  // Throws weir::exception(invalid_argument) for no limit, a bad rate or burst, a fraction outside
+  // (0, 1] or max_lease 0.
+  rate_limiter(boost::asio::any_io_executor ex, client redis, rate_limiter_options options)
+      : state_(std::make_shared<state>(std::move(ex), std::move(redis), std::move(options))) {}
+
+  // Waits until `cost` is admitted. Throws weir::exception(unavailable) when Redis cannot be
+  // reached and the policy is fail_closed, or (invalid_argument) for a cost above a burst;
+  // cancellation (through the token's slot) ends the wait with operation_aborted and charges
+  // nothing.
+  template <class CompletionToken>
+  auto async_acquire(usage cost, CompletionToken&& token) {
+    return boost::asio::co_spawn(state_->executor, acquire(state_, cost),
+                                 std::forward<CompletionToken>(token));
+  }
+
+  // One attempt, no waiting: whether `cost` was admitted now.
+  boost::asio::awaitable<bool> try_acquire(usage cost) {
+    co_return co_await state_->attempt(state_, cost, nullptr);
+  }
+
+  // Charges what a call used beyond its estimate, or gives back what it did not use.
+  boost::asio::awaitable<void> settle(usage estimated, usage actual) {
+    co_await state_->settle(state_, estimated, actual);
+  }
+
+  limiter_mode mode() const noexcept { return state_->mode.load(); }
+
+ private:
+  struct state {
+    state(boost::asio::any_io_executor ex, client c, rate_limiter_options o)
+        : executor(std::move(ex)), redis(std::move(c)), options(std::move(o)) {
+      if (!options.requests && !options.tokens)
+        throw weir::exception(error::invalid_argument, "redis rate_limiter: no limit given");
+      if (!(options.local_fraction > 0 && options.local_fraction <= 1) || options.max_lease == 0)
+        throw weir::exception(error::invalid_argument, "redis rate_limiter: options out of range");
+      for (const auto* l : {&options.requests, &options.tokens})
+        if (*l && (!((*l)->rate.per_second > 0) || (*l)->burst == 0))
+          throw weir::exception(error::invalid_argument, "redis rate_limiter: bad limit");
+      if (options.requests) dims.push_back({"requests", *options.requests});
+      if (options.tokens) dims.push_back({"tokens", *options.tokens});
+      rate_limits_options local;
+      const auto scaled = [&](const limit& l) {
+        return limit{weir::per_second(l.rate.per_second * options.local_fraction),
+                     std::max<std::uint64_t>(
+                         1, static_cast<std::uint64_t>(static_cast<double>(l.burst) *
+                                                       options.local_fraction))};
+      };
+      if (options.requests) local.requests = scaled(*options.requests);
+      if (options.tokens) local.tokens = scaled(*options.tokens);
+      fallback_limits.emplace(executor, local);
+    }
+
+    struct dimension_spec {
+      std::string suffix;
+      limit l;
+      double interval_us() const { return 1e6 / l.rate.per_second; }
+    };
+
+    std::vector<std::uint64_t> units(const usage& u) const {
+      std::vector<std::uint64_t> out;
+      for (const auto& d : dims) out.push_back(d.suffix == "requests" ? u.requests : u.tokens);
+      return out;
+    }
+
+    std::vector<std::string> keys() const {
+      std::vector<std::string> out;
+      for (const auto& d : dims) out.push_back(fmt::format("weir:{}:{}", options.name, d.suffix));
+      return out;
+    }
+
+    // EVALSHA with the script, loading it first (or again after NOSCRIPT).
+    boost::asio::awaitable<std::optional<reply>> eval(std::string& sha, const char* script,
+                                                      std::vector<std::string> args) {
+      for (int round = 0; round < 2; ++round) {
+        if (sha.empty()) {
+          auto [ec, loaded] = co_await redis.async_command({"SCRIPT", "LOAD", script},
+                                                           boost::asio::as_tuple(boost::asio::use_awaitable));
+          if (ec || loaded.type != reply::kind::string) co_return std::nullopt;
+          sha = loaded.text;
+        }
+        std::vector<std::string> words{"EVALSHA", sha, std::to_string(dims.size())};
+        for (auto& k : keys()) words.push_back(std::move(k));
+        for (auto& a : args) words.push_back(a);
+        auto [ec, r] = co_await redis.async_command(std::move(words),
+                                                    boost::asio::as_tuple(boost::asio::use_awaitable));
+        if (ec) co_return std::nullopt;
+        if (r.is_error() && r.text.starts_with("NOSCRIPT")) {
+          sha.clear();
+          continue;
+        }
+        if (r.is_error())
+          throw weir::exception(error::invalid_argument, "redis rate_limiter: script failed");
+        co_return r;
+      }
+      co_return std::nullopt;
+    }
+
+    void switch_to(limiter_mode to) {
+      const auto from = mode.exchange(to);
+      if (from != to && options.on_mode_change) options.on_mode_change(from, to);
+    }
+
+    limiter_mode unreachable_mode() const {
+      return options.fallback == when_unreachable::use_local ? limiter_mode::local
+                                                             : limiter_mode::closed;
+    }
+
+    // One decision: admitted, or how long until it might be (through `wait`, when given).
+    // Returns nullopt-as-false when the decision came from Redis and was "no".
+    boost::asio::awaitable<bool> attempt(const std::shared_ptr<state>& self, const usage& cost,
+                                         std::chrono::microseconds* wait) {
+      const auto n = units(cost);
+      for (std::size_t i = 0; i < dims.size(); ++i)
+        if (n[i] > dims[i].l.burst)
+          throw weir::exception(error::invalid_argument, "cost exceeds a limit's burst");
+      if (mode.load() != limiter_mode::shared && Clock::now() < next_probe.load()) {
+        co_return local_attempt(cost, wait);
+      }
+      if (lease_hit(cost)) co_return true;
+      const auto take = lease_size(cost);
+      std::vector<std::string> args;
+      for (std::size_t i = 0; i < dims.size(); ++i) {
+        args.push_back(fmt::format("{:.3f}", dims[i].interval_us()));
+        args.push_back(std::to_string(
+            static_cast<std::int64_t>(dims[i].interval_us() * static_cast<double>(dims[i].l.burst))));
+        args.push_back(std::to_string(i == 0 && take > 1 ? take : n[i]));
+      }
+      auto r = co_await eval(acquire_sha, detail::acquire_script, std::move(args));
+      if (!r || r->type != reply::kind::array || r->elements.size() != 2) {
+        next_probe = Clock::now() + options.probe_every;
+        switch_to(unreachable_mode());
+        co_return local_attempt(cost, wait);
+      }
+      switch_to(limiter_mode::shared);
+      const bool admitted = r->elements[0].integer == 1;
+      if (admitted && take > 1) open_lease(take - 1);
+      if (!admitted && take > 1) {
+        // The batch did not fit: ask for this request alone.
+        lease_rate_reset();
+        co_return co_await attempt(self, cost, wait);
+      }
+      if (admitted) note_use();
+      if (!admitted && wait) *wait = std::chrono::microseconds(r->elements[1].integer);
+      co_return admitted;
+    }
+
+    bool local_attempt(const usage& cost, std::chrono::microseconds* wait) {
+      if (mode.load() == limiter_mode::closed)
+        throw weir::exception(error::unavailable, "the shared rate limiter is unreachable");
+      if (fallback_limits->try_acquire(cost)) return true;
+      if (wait)
+        *wait = std::chrono::duration_cast<std::chrono::microseconds>(
+            fallback_limits->time_until(cost));
+      return false;
+    }
+
+    // ---- leases: request-only costs, first dimension "requests" ----
+    bool leasable(const usage& cost) const {
+      return options.max_lease > 1 && options.requests && cost.tokens == 0 && cost.requests == 1;
+    }
+    bool lease_hit(const usage& cost) {
+      if (!leasable(cost)) return false;
+      std::lock_guard lock(lease_mutex);
+      if (leased == 0 || Clock::now() >= lease_expiry) return false;
+      --leased;
+      note_use_locked();
+      return true;
+    }
+    std::uint64_t lease_size(const usage& cost) {
+      if (!leasable(cost)) return 1;
+      std::lock_guard lock(lease_mutex);
+      const double horizon = std::chrono::duration<double>(options.lease_horizon).count();
+      const auto want = static_cast<std::uint64_t>(std::ceil(recent_rate * horizon));
+      return std::clamp<std::uint64_t>(want, 1,
+                                       std::min<std::uint64_t>(options.max_lease,
+                                                               options.requests->burst));
+    }
+    void open_lease(std::uint64_t n) {
+      std::lock_guard lock(lease_mutex);
+      leased += n;
+      lease_expiry = Clock::now() + options.lease_horizon;
+      note_use_locked();
+    }
+    void lease_rate_reset() {
+      std::lock_guard lock(lease_mutex);
+      recent_rate = 0;
+    }
+    void note_use() {
+      std::lock_guard lock(lease_mutex);
+      note_use_locked();
+    }
+    // An exponentially decaying count of acquisitions per second.
+    void note_use_locked() {
+      const auto now = Clock::now();
+      const double dt = std::chrono::duration<double>(now - last_use).count();
+      const double horizon = std::chrono::duration<double>(options.lease_horizon).count();
+      const double keep = std::exp(-std::max(0.0, dt) / (10 * horizon));
+      recent_rate = recent_rate * keep + (1 - keep) / std::max(dt, 1e-6);
+      last_use = now;
+    }
+    // What an expired lease left over, to give back.
+    std::uint64_t expired_lease() {
+      std::lock_guard lock(lease_mutex);
+      if (leased == 0 || Clock::now() < lease_expiry) return 0;
+      return std::exchange(leased, 0);
+    }
+
+    boost::asio::awaitable<void> settle(const std::shared_ptr<state>&, const usage& estimated,
+                                        const usage& actual) {
+      const auto before = units(estimated), after = units(actual);
+      std::vector<std::string> args;
+      bool any = false;
+      for (std::size_t i = 0; i < dims.size(); ++i) {
+        const auto delta = static_cast<std::int64_t>(after[i]) - static_cast<std::int64_t>(before[i]);
+        any = any || delta != 0;
+        args.push_back(fmt::format("{:.3f}", dims[i].interval_us()));
+        args.push_back(std::to_string(delta));
+      }
+      if (!any) co_return;
+      if (mode.load() != limiter_mode::shared) {
+        fallback_limits->settle(estimated, actual);
+        co_return;
+      }
+      co_await eval(settle_sha, detail::settle_script, std::move(args));
+    }
+
+    boost::asio::awaitable<void> give_back_lease(const std::shared_ptr<state>& self) {
+      if (const auto left = expired_lease(); left > 0 && mode.load() == limiter_mode::shared) {
+        usage none{.requests = 0}, took{.requests = left};
+        co_await settle(self, took, none);
+      }
+    }
+
+    boost::asio::any_io_executor executor;
+    client redis;
+    rate_limiter_options options;
+    std::vector<dimension_spec> dims;
+    std::optional<rate_limits<Clock>> fallback_limits;
+    std::string acquire_sha, settle_sha;  // on the coroutines' executor only
+    std::atomic<limiter_mode> mode{limiter_mode::shared};
+    std::atomic<time_point> next_probe{time_point{}};
+    std::mutex lease_mutex;
+    std::uint64_t leased = 0;
+    time_point lease_expiry{};
+    double recent_rate = 0;
+    time_point last_use = Clock::now();
+  };
+
+  static boost::asio::awaitable<void> acquire(std::shared_ptr<state> s, usage cost) {
+    boost::asio::basic_waitable_timer<Clock> timer(co_await boost::asio::this_coro::executor);
+    for (;;) {
+      co_await s->give_back_lease(s);
+      std::chrono::microseconds wait{0};
+      if (co_await s->attempt(s, cost, &wait)) co_return;
+      // Not admitted: sleep until it may be, but look again at least every probe period while
+      // on the fallback, so a returning Redis is noticed.
+      if (s->mode.load() != limiter_mode::shared) wait = std::min<std::chrono::microseconds>(wait, s->options.probe_every);
+      timer.expires_after(std::max<std::chrono::microseconds>(wait, std::chrono::microseconds(50)));
+      co_await timer.async_wait(boost::asio::use_awaitable);
+    }
+  }
+
+  std::shared_ptr<state> state_;
+};
+
+}  // namespace weir::redis
