@@ -130,7 +130,7 @@ TEST_CASE("the mock provider speaks both dialects with their rate-limit headers"
   CHECK(stats.status(400) == 1);
 }
 
-TEST_CASE("chaos: faults everywhere and an outage; every request ends once, typed, honestly") {
+TEST_CASE("chaos: faults everywhere and an outage: every request ends once, typed, honestly") {
   using namespace std::chrono_literals;
   // 20% 500s, 10% 429s with a random Retry-After, resets, stalls longer than the client's
   // deadline, and "anthropic" down from 1 s to 3 s.

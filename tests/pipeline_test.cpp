@@ -48,7 +48,7 @@ std::optional<int> run_to_end(asio::io_context& io, Awaitable a,
 }
 }  // namespace
 
-TEST_CASE("retry outside the limiter takes a permit for every attempt; inside, one for all") {
+TEST_CASE("retry outside the limiter takes a permit for every attempt, inside one for all") {
   clock_type::reset();
   asio::io_context io;
   weir::retry<clock_type> retry({.max_attempts = 3, .backoff = weir::backoff::constant(1s)});
@@ -151,7 +151,7 @@ TEST_CASE(
   CHECK(queue.in_flight() == 1);
 }
 
-TEST_CASE("a decorator in the middle wraps the policies after it; pipelines nest") {
+TEST_CASE("a decorator in the middle wraps the policies after it, and pipelines nest") {
   clock_type::reset();
   asio::io_context io;
   weir::retry<clock_type> retry({.max_attempts = 3, .backoff = weir::backoff::constant(1s)});

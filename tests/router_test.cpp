@@ -160,7 +160,7 @@ TEST_CASE("a 429 with Retry-After: 20 sends the next 20 s of traffic to b, then 
   CHECK(b.calls() == 21);
 }
 
-TEST_CASE("five server errors open a's breaker; b serves until a's probe succeeds") {
+TEST_CASE("five server errors open a's breaker, and b serves until a's probe succeeds") {
   clock_type::reset();
   asio::io_context io;
   weir::catalog c;
@@ -280,7 +280,7 @@ TEST_CASE("the limiter's knowledge keeps requests from being sent at all") {
   CHECK(r.select({}) == std::optional<std::size_t>(0));
 }
 
-TEST_CASE("a context overflow moves to a larger model; another 400 is returned as it is") {
+TEST_CASE("a context overflow moves to a larger model, another 400 is returned as it is") {
   clock_type::reset();
   asio::io_context io;
   options o;
