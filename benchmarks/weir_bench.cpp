@@ -8,6 +8,9 @@
 #include <weir/request_queue.hpp>
 #include <weir/retry.hpp>
 #include <weir/router/router.hpp>
+#ifdef WEIR_BENCH_REDIS
+#include <weir/redis/rate_limiter.hpp>
+#endif
 #include <weir/token_bucket.hpp>
 #include <weir/usage_monitor.hpp>
 
@@ -179,6 +182,47 @@ void router_select(benchmark::State& state) {
       static_cast<double>(state.iterations());
 }
 BENCHMARK(router_select)->Name("router/select")->ArgName("models")->Arg(20);
+
+#ifdef WEIR_BENCH_REDIS
+// One admission from a Redis-backed limit far from full: a round trip to a local redis-server
+// (WEIR_REDIS_PORT, default 6390) per call, or, with leases, one per batch.
+void redis_acquire(benchmark::State& state) {
+  boost::asio::io_context io;
+  const char* port = std::getenv("WEIR_REDIS_PORT");
+  weir::redis::client redis(io.get_executor(), {.port = port ? std::atoi(port) : 6390});
+  weir::redis::rate_limiter<> shared(
+      io.get_executor(), redis,
+      {.name = fmt::format("bench-{}", steady::now().time_since_epoch().count()),
+       .requests = weir::limit{weir::per_second(1e9), 1'000'000},
+       .max_lease = static_cast<std::uint32_t>(state.range(0))});
+  bool reachable = true;
+  boost::asio::co_spawn(
+      io,
+      [&]() -> boost::asio::awaitable<void> {
+        bool first = false;
+        try {
+          first = co_await shared.try_acquire({.requests = 1});
+        } catch (const weir::exception&) {  // unreachable, failing closed
+        }
+        if (!first || shared.mode() != weir::redis::limiter_mode::shared) {
+          reachable = false;
+        } else {
+          for (auto _ : state)
+            co_await shared.async_acquire({.requests = 1}, boost::asio::use_awaitable);
+        }
+        redis.close();
+      },
+      boost::asio::detached);
+  io.run();
+  if (!reachable) state.SkipWithError("no redis-server on WEIR_REDIS_PORT");
+}
+BENCHMARK(redis_acquire)
+    ->Name("redis/acquire")
+    ->ArgName("max_lease")
+    ->Arg(1)
+    ->Arg(16)
+    ->UseRealTime();
+#endif
 
 }  // namespace
 

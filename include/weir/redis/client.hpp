@@ -13,8 +13,8 @@
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/dispatch.hpp>
-#include <boost/asio/post.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
@@ -77,7 +77,7 @@ struct reply {
 struct client_options {
   std::string host = "127.0.0.1";
   int port = 6379;
-  std::chrono::milliseconds reconnect_min{100};  // first wait after a failure, doubled ...
+  std::chrono::milliseconds reconnect_min{100};    // first wait after a failure, doubled ...
   std::chrono::milliseconds reconnect_max{5'000};  // ... up to this
   // Called (on the client's strand) when the connection comes up (true) or goes down (false).
   std::function<void(bool)> on_connection{};
@@ -105,15 +105,17 @@ class client {
             boost::asio::post(ex, boost::asio::append(std::move(*shared), ec, std::move(r)));
           };
           auto strand = s->strand;
-          boost::asio::dispatch(strand, [s = std::move(s), w = std::move(w),
-                                         done = std::move(done)]() mutable {
-            s->send(s, std::move(w), std::move(done));
-          });
+          boost::asio::dispatch(
+              strand, [s = std::move(s), w = std::move(w), done = std::move(done)]() mutable {
+                s->send(s, std::move(w), std::move(done));
+              });
         },
         token, state_, std::move(words));
   }
 
-  // Closes the connection; commands in flight complete with connection_reset.
+  // Closes the connection; commands in flight complete with connection_reset. While connected
+  // the client waits on its socket, so like any open socket it keeps io_context::run() going
+  // until it is closed or destroyed.
   void close() {
     boost::asio::dispatch(state_->strand, [s = state_] { s->disconnect(); });
   }
@@ -192,7 +194,9 @@ class client {
       pending = true;
       socket.async_wait(read ? boost::asio::posix::stream_descriptor::wait_read
                              : boost::asio::posix::stream_descriptor::wait_write,
-                        [self = weak.lock(), read](boost::system::error_code ec) {
+                        // Weak: a pending wait must not keep the connection alive.
+                        [weak_self = weak, read](boost::system::error_code ec) {
+                          auto self = weak_self.lock();
                           if (!self) return;
                           (read ? self->read_armed : self->write_armed) = false;
                           if (ec || !self->context) return;

@@ -18,6 +18,7 @@
 #include <weir/rate_limits.hpp>
 #include <weir/redis/client.hpp>
 
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/basic_waitable_timer.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/this_coro.hpp>
@@ -26,6 +27,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -124,9 +126,9 @@ class rate_limiter {
       : state_(std::make_shared<state>(std::move(ex), std::move(redis), std::move(options))) {}
 
   // Waits until `cost` is admitted. Throws weir::exception(unavailable) when Redis cannot be
-  // reached and the policy is fail_closed, or (invalid_argument) for a cost above a burst;
-  // cancellation (through the token's slot) ends the wait with operation_aborted and charges
-  // nothing.
+  // reached and the policy is fail_closed, or (invalid_argument) for a cost above a burst.
+  // Cancellation (through the token's slot) ends a wait between attempts with
+  // operation_aborted, charging nothing; an attempt already sent to Redis finishes first.
   template <class CompletionToken>
   auto async_acquire(usage cost, CompletionToken&& token) {
     return boost::asio::co_spawn(state_->executor, acquire(state_, cost),
@@ -160,10 +162,10 @@ class rate_limiter {
       if (options.tokens) dims.push_back({"tokens", *options.tokens});
       rate_limits_options local;
       const auto scaled = [&](const limit& l) {
-        return limit{weir::per_second(l.rate.per_second * options.local_fraction),
-                     std::max<std::uint64_t>(
-                         1, static_cast<std::uint64_t>(static_cast<double>(l.burst) *
-                                                       options.local_fraction))};
+        return limit{
+            weir::per_second(l.rate.per_second * options.local_fraction),
+            std::max<std::uint64_t>(1, static_cast<std::uint64_t>(static_cast<double>(l.burst) *
+                                                                  options.local_fraction))};
       };
       if (options.requests) local.requests = scaled(*options.requests);
       if (options.tokens) local.tokens = scaled(*options.tokens);
@@ -189,23 +191,33 @@ class rate_limiter {
     }
 
     // EVALSHA with the script, loading it first (or again after NOSCRIPT).
-    boost::asio::awaitable<std::optional<reply>> eval(std::string& sha, const char* script,
+    boost::asio::awaitable<std::optional<reply>> eval(std::size_t which,
                                                       std::vector<std::string> args) {
+      const char* script = which == 0 ? detail::acquire_script : detail::settle_script;
       for (int round = 0; round < 2; ++round) {
+        std::string sha;
+        {
+          std::lock_guard lock(sha_mutex);
+          sha = shas[which];
+        }
         if (sha.empty()) {
-          auto [ec, loaded] = co_await redis.async_command({"SCRIPT", "LOAD", script},
-                                                           boost::asio::as_tuple(boost::asio::use_awaitable));
+          std::vector<std::string> load{"SCRIPT", "LOAD", script};
+          auto [ec, loaded] = co_await redis.async_command(
+              std::move(load), boost::asio::as_tuple(boost::asio::use_awaitable));
           if (ec || loaded.type != reply::kind::string) co_return std::nullopt;
           sha = loaded.text;
+          std::lock_guard lock(sha_mutex);
+          shas[which] = sha;
         }
         std::vector<std::string> words{"EVALSHA", sha, std::to_string(dims.size())};
         for (auto& k : keys()) words.push_back(std::move(k));
         for (auto& a : args) words.push_back(a);
-        auto [ec, r] = co_await redis.async_command(std::move(words),
-                                                    boost::asio::as_tuple(boost::asio::use_awaitable));
+        auto [ec, r] = co_await redis.async_command(
+            std::move(words), boost::asio::as_tuple(boost::asio::use_awaitable));
         if (ec) co_return std::nullopt;
-        if (r.is_error() && r.text.starts_with("NOSCRIPT")) {
-          sha.clear();
+        if (r.is_error() && r.text.starts_with("NOSCRIPT")) {  // Redis restarted: load again
+          std::lock_guard lock(sha_mutex);
+          shas[which].clear();
           continue;
         }
         if (r.is_error())
@@ -241,11 +253,11 @@ class rate_limiter {
       std::vector<std::string> args;
       for (std::size_t i = 0; i < dims.size(); ++i) {
         args.push_back(fmt::format("{:.3f}", dims[i].interval_us()));
-        args.push_back(std::to_string(
-            static_cast<std::int64_t>(dims[i].interval_us() * static_cast<double>(dims[i].l.burst))));
+        args.push_back(std::to_string(static_cast<std::int64_t>(
+            dims[i].interval_us() * static_cast<double>(dims[i].l.burst))));
         args.push_back(std::to_string(i == 0 && take > 1 ? take : n[i]));
       }
-      auto r = co_await eval(acquire_sha, detail::acquire_script, std::move(args));
+      auto r = co_await eval(0, std::move(args));
       if (!r || r->type != reply::kind::array || r->elements.size() != 2) {
         next_probe = Clock::now() + options.probe_every;
         switch_to(unreachable_mode());
@@ -291,9 +303,8 @@ class rate_limiter {
       std::lock_guard lock(lease_mutex);
       const double horizon = std::chrono::duration<double>(options.lease_horizon).count();
       const auto want = static_cast<std::uint64_t>(std::ceil(recent_rate * horizon));
-      return std::clamp<std::uint64_t>(want, 1,
-                                       std::min<std::uint64_t>(options.max_lease,
-                                                               options.requests->burst));
+      return std::clamp<std::uint64_t>(
+          want, 1, std::min<std::uint64_t>(options.max_lease, options.requests->burst));
     }
     void open_lease(std::uint64_t n) {
       std::lock_guard lock(lease_mutex);
@@ -331,7 +342,8 @@ class rate_limiter {
       std::vector<std::string> args;
       bool any = false;
       for (std::size_t i = 0; i < dims.size(); ++i) {
-        const auto delta = static_cast<std::int64_t>(after[i]) - static_cast<std::int64_t>(before[i]);
+        const auto delta =
+            static_cast<std::int64_t>(after[i]) - static_cast<std::int64_t>(before[i]);
         any = any || delta != 0;
         args.push_back(fmt::format("{:.3f}", dims[i].interval_us()));
         args.push_back(std::to_string(delta));
@@ -341,7 +353,7 @@ class rate_limiter {
         fallback_limits->settle(estimated, actual);
         co_return;
       }
-      co_await eval(settle_sha, detail::settle_script, std::move(args));
+      co_await eval(1, std::move(args));
     }
 
     boost::asio::awaitable<void> give_back_lease(const std::shared_ptr<state>& self) {
@@ -356,7 +368,8 @@ class rate_limiter {
     rate_limiter_options options;
     std::vector<dimension_spec> dims;
     std::optional<rate_limits<Clock>> fallback_limits;
-    std::string acquire_sha, settle_sha;  // on the coroutines' executor only
+    std::mutex sha_mutex;
+    std::array<std::string, 2> shas;  // the loaded scripts: acquire, settle
     std::atomic<limiter_mode> mode{limiter_mode::shared};
     std::atomic<time_point> next_probe{time_point{}};
     std::mutex lease_mutex;
@@ -374,7 +387,8 @@ class rate_limiter {
       if (co_await s->attempt(s, cost, &wait)) co_return;
       // Not admitted: sleep until it may be, but look again at least every probe period while
       // on the fallback, so a returning Redis is noticed.
-      if (s->mode.load() != limiter_mode::shared) wait = std::min<std::chrono::microseconds>(wait, s->options.probe_every);
+      if (s->mode.load() != limiter_mode::shared)
+        wait = std::min<std::chrono::microseconds>(wait, s->options.probe_every);
       timer.expires_after(std::max<std::chrono::microseconds>(wait, std::chrono::microseconds(50)));
       co_await timer.async_wait(boost::asio::use_awaitable);
     }

@@ -1,0 +1,176 @@
+// The Redis-backed limiter against a real redis-server on loopback (started by the ctest
+// fixture; the outage test starts and kills its own). Real time: Redis keeps its own clock.
+#include <weir/redis/rate_limiter.hpp>
+
+#include <fmt/format.h>
+#include <boost/asio.hpp>
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+
+namespace {
+
+std::string unique_name(const char* what) {
+  return fmt::format("{}-{}", what, std::chrono::steady_clock::now().time_since_epoch().count());
+}
+
+// Runs `body` as a coroutine on a fresh io_context until it ends; rethrows what it threw.
+template <class Body>
+void run(Body body) {
+  asio::io_context io(1);
+  std::exception_ptr failure;
+  asio::co_spawn(io, body(io.get_executor()), [&](std::exception_ptr e) { failure = e; });
+  io.run();
+  if (failure) std::rethrow_exception(failure);
+}
+
+}  // namespace
+
+TEST_CASE("the shared limiter admits a burst, then refuses, and a settle gives back") {
+  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+    weir::redis::client redis(ex, {.port = WEIR_REDIS_PORT});
+    weir::redis::rate_limiter<> shared(ex, redis,
+                                       {.name = unique_name("basic"),
+                                        .requests = weir::limit{weir::per_minute(1), 3},
+                                        .tokens = weir::limit{weir::per_minute(1), 1000}});
+    // Each result is taken out of the co_await before it is checked: g++ 12 may evaluate a
+    // co_await inside Catch's assertion macros more than once.
+    int admitted = 0;
+    for (int i = 0; i < 5; ++i) {
+      const bool ok = co_await shared.try_acquire({.requests = 1, .tokens = 100});
+      admitted += ok;
+    }
+    CHECK(admitted == 3);
+    CHECK(shared.mode() == weir::redis::limiter_mode::shared);
+    // Tokens alone: 700 left, so 800 is refused and nothing is charged for it.
+    const bool too_many = co_await shared.try_acquire({.requests = 0, .tokens = 800});
+    CHECK_FALSE(too_many);
+    const bool the_rest = co_await shared.try_acquire({.requests = 0, .tokens = 700});
+    CHECK(the_rest);
+    co_await shared.settle({.requests = 1, .tokens = 100}, {.requests = 0, .tokens = 0});
+    const bool refunded = co_await shared.try_acquire({.requests = 1, .tokens = 100});
+    CHECK(refunded);
+    const bool after = co_await shared.try_acquire({.requests = 1, .tokens = 0});
+    CHECK_FALSE(after);
+    bool oversized = false;
+    try {
+      co_await shared.try_acquire({.requests = 4});
+    } catch (const weir::exception& e) {
+      oversized = e.code() == weir::error::invalid_argument;
+    }
+    CHECK(oversized);
+  });
+}
+
+TEST_CASE("four processes sharing 100 requests/s for 10 s admit 1000 within 2%") {
+  for (const int lease : {1, 8}) {
+    const auto name = unique_name("fleet");
+    const auto start = std::chrono::duration_cast<std::chrono::milliseconds>(
+                           (std::chrono::system_clock::now() + 1s).time_since_epoch())
+                           .count();
+    std::vector<FILE*> workers;
+    for (int w = 0; w < 4; ++w)
+      workers.push_back(::popen(
+          fmt::format("{} {} {} {} 10 {}", WEIR_REDIS_WORKER, WEIR_REDIS_PORT, name, start, lease)
+              .c_str(),
+          "r"));
+    long total = 0;
+    std::vector<long> each;
+    for (auto* f : workers) {
+      REQUIRE(f);
+      long n = -1;
+      CHECK(std::fscanf(f, "%ld", &n) == 1);
+      CHECK(::pclose(f) == 0);
+      each.push_back(n);
+      total += n;
+    }
+    INFO("lease " << lease << ": " << each[0] << " + " << each[1] << " + " << each[2] << " + "
+                  << each[3] << " = " << total);
+    CHECK(total >= 980);
+    CHECK(total <= 1020);
+    for (long n : each) CHECK(n > 0);  // every member was admitted (shares need not be even)
+  }
+}
+
+TEST_CASE("when Redis goes away the limiter falls back, and returns when it is back") {
+  const int port = WEIR_REDIS_PORT + 1;
+  const auto start_server = [&] {
+    return std::system(fmt::format("redis-server --port {} --bind 127.0.0.1 --save '' "
+                                   "--appendonly no --daemonize yes --dir {} --pidfile "
+                                   "{}/redis-{}.pid > /dev/null && sleep 0.3",
+                                   port, WEIR_REDIS_SCRATCH, WEIR_REDIS_SCRATCH, port)
+                           .c_str());
+  };
+  const auto stop_server = [&] {
+    return std::system(
+        fmt::format("redis-cli -p {} shutdown nosave > /dev/null 2>&1; sleep 0.3", port).c_str());
+  };
+  REQUIRE(start_server() == 0);
+
+  for (const auto fallback :
+       {weir::redis::when_unreachable::use_local, weir::redis::when_unreachable::fail_closed}) {
+    std::vector<std::pair<weir::redis::limiter_mode, weir::redis::limiter_mode>> switches;
+    int admitted = 0, refused = 0, attempts = 0;
+    run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+      weir::redis::client redis(ex, {.port = port, .reconnect_min = 50ms, .reconnect_max = 200ms});
+      weir::redis::rate_limiter<> shared(
+          ex, redis,
+          {.name = unique_name("outage"),
+           .requests = weir::limit{weir::per_second(200), 10},
+           .fallback = fallback,
+           .local_fraction = 0.5,
+           .probe_every = 100ms,
+           .on_mode_change = [&](auto from, auto to) { switches.emplace_back(from, to); }});
+      asio::steady_timer pause(ex);
+      const auto t0 = std::chrono::steady_clock::now();
+      bool stopped = false, restarted = false;
+      while (std::chrono::steady_clock::now() - t0 < 3s) {
+        const auto t = std::chrono::steady_clock::now() - t0;
+        if (!stopped && t > 1s) stopped = (stop_server(), true);
+        if (!restarted && t > 2s) restarted = (start_server() == 0);
+        ++attempts;
+        bool was_refused = false;
+        try {
+          co_await shared.async_acquire({.requests = 1}, asio::use_awaitable);
+          ++admitted;
+        } catch (const weir::exception& e) {
+          CHECK(e.code() == weir::error::unavailable);
+          ++refused;
+          was_refused = true;
+        }
+        if (was_refused) {
+          pause.expires_after(20ms);
+          co_await pause.async_wait(asio::use_awaitable);
+        }
+      }
+      CHECK(shared.mode() == weir::redis::limiter_mode::shared);
+    });
+    INFO("admitted " << admitted << ", refused " << refused);
+    CHECK(admitted + refused == attempts);  // every request ended, once
+    const auto away = fallback == weir::redis::when_unreachable::use_local
+                          ? weir::redis::limiter_mode::local
+                          : weir::redis::limiter_mode::closed;
+    REQUIRE(switches.size() >= 2);
+    CHECK(switches.front() == std::pair{weir::redis::limiter_mode::shared, away});
+    CHECK(switches.back() == std::pair{away, weir::redis::limiter_mode::shared});
+    if (fallback == weir::redis::when_unreachable::use_local) {
+      CHECK(refused == 0);
+      // At most two seconds of Redis at 200/s and one second local at 100/s (plus bursts); the
+      // stop and restart block this thread for ~0.6 s of it.
+      CHECK(admitted >= 350);
+      CHECK(admitted <= 520);
+    } else {
+      CHECK(refused > 0);
+      CHECK(admitted >= 350);
+    }
+  }
+  stop_server();
+}
