@@ -110,6 +110,14 @@ inline std::optional<rejection> rejection_of(const error_code& ec) {
   return std::nullopt;
 }
 
+// Handed to the stages' exits instead of an outcome when a call returned a value and the
+// pipeline's classifier calls every value a success: nothing to judge, nothing to build.
+struct plain_success {
+  static constexpr bool has_value() noexcept { return true; }
+};
+template <class O>
+inline constexpr bool is_plain_success = std::is_same_v<O, plain_success>;
+
 // ---- stages: the hooks of each known policy ------------------------------------------------
 
 struct queue_stage {
@@ -130,8 +138,8 @@ struct queue_stage {
     p.detach();
     s.held = true;
   }
-  template <class Clock, class T>
-  exit_action exit(slot& s, stage_env<Clock>&, const outcome<T>&) {
+  template <class Clock, class O>
+  exit_action exit(slot& s, stage_env<Clock>&, const O&) {
     if (std::exchange(s.held, false)) queue.give_back();
     return {};
   }
@@ -153,8 +161,8 @@ struct bucket_stage {
       throw weir::exception(ec, "token bucket",
                             ec == error::rate_limited ? std::optional(waited) : std::nullopt);
   }
-  template <class T>
-  exit_action exit(slot&, stage_env<Clock>&, const outcome<T>&) {
+  template <class O>
+  exit_action exit(slot&, stage_env<Clock>&, const O&) {
     return {};
   }
 };
@@ -179,8 +187,8 @@ struct limits_stage {
       throw weir::exception(ec, "rate limits",
                             ec == error::rate_limited ? std::optional(waited) : std::nullopt);
   }
-  template <class T>
-  exit_action exit(slot& s, stage_env<Clock>& env, const outcome<T>&) {
+  template <class O>
+  exit_action exit(slot& s, stage_env<Clock>& env, const O&) {
     if (env.ctx.actual_tokens && *env.ctx.actual_tokens != s.taken.tokens)
       limits.settle(s.taken, {.requests = 1, .tokens = *env.ctx.actual_tokens});
     return {};
@@ -203,8 +211,17 @@ struct breaker_stage {
                           s.ticket.retry_after);
   }
   boost::asio::awaitable<void> wait_enter(slot&, stage_env<Clock>&) { co_return; }
+  template <class O>
+  exit_action exit(slot& s, stage_env<Clock>& env, const O& o) {
+    if constexpr (is_plain_success<O>) {
+      breaker.record(s.ticket, false);
+      return {};
+    } else {
+      return judge(s, env, o);
+    }
+  }
   template <class T>
-  exit_action exit(slot& s, stage_env<Clock>& env, const outcome<T>& o) {
+  exit_action judge(slot& s, stage_env<Clock>& env, const outcome<T>& o) {
     if constexpr (every_value_succeeds<Classifier>) {
       if (o.has_value() && !env.watch) {
         breaker.record(s.ticket, false);
@@ -244,8 +261,16 @@ struct retry_stage {
     return true;
   }
   boost::asio::awaitable<void> wait_enter(slot&, stage_env<Clock>&) { co_return; }
+  template <class O>
+  exit_action exit(slot& s, stage_env<Clock>& env, const O& o) {
+    if constexpr (is_plain_success<O>) {
+      return {};
+    } else {
+      return judge(s, env, o);
+    }
+  }
   template <class T>
-  exit_action exit(slot& s, stage_env<Clock>& env, const outcome<T>& o) {
+  exit_action judge(slot& s, stage_env<Clock>& env, const outcome<T>& o) {
     if constexpr (every_value_succeeds<Classifier>) {
       if (o.has_value()) return {};
     }
@@ -281,8 +306,8 @@ struct monitor_stage {
                     .rate_limited = kind == verdict::rate_limited},
                    env.now);
   }
-  template <class T>
-  exit_action exit(slot&, stage_env<Clock>&, const outcome<T>&) {
+  template <class O>
+  exit_action exit(slot&, stage_env<Clock>&, const O&) {
     return {};
   }
 };
@@ -485,6 +510,25 @@ class basic_pipeline {
     return again;
   }
 
+  // Every stage entered, the call returned a value the classifier cannot fail: exits them with
+  // no outcome to build or judge.
+  template <std::size_t Begin, std::size_t End>
+  static void exit_plain_success(shared* s, slots_type& slots, detail::stage_env<Clock>& env) {
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      (
+          [&] {
+            constexpr std::size_t at = End - 1 - I;
+            auto& stage = std::get<at>(s->stages);
+            if constexpr (detail::is_monitor<std::decay_t<decltype(stage)>>::value)
+              stage.record(env, verdict::success);
+            else
+              stage.exit(std::get<at>(slots), env, detail::plain_success{});
+          }(),
+          ...);
+    }
+    (std::make_index_sequence<End - Begin>{});
+  }
+
   // The driver, one coroutine frame for all hook stages: enters the stages from Begin in order,
   // runs what is inside them (the call, or the next decorator around the rest), then exits them
   // innermost first. A retry stage's exit may send it back, after the wait, to the stages inside.
@@ -539,6 +583,13 @@ class basic_pipeline {
         } else if constexpr (std::is_void_v<T>) {
           co_await op();
           result.emplace(outcome<T>::from_value({}));
+        } else if constexpr (every_value_succeeds<Classifier>) {
+          auto value = co_await op();
+          if (!watch) {  // the common case: straight back, no outcome built
+            exit_plain_success<Begin, End>(s, slots, env);
+            co_return value;
+          }
+          result.emplace(outcome<T>::from_value(std::move(value)));
         } else {
           result.emplace(outcome<T>::from_value(co_await op()));
         }
