@@ -421,8 +421,8 @@ class router {
       }
     }
 
-    // How long a refusal keeps the provider away: what the server said, else the provider's
-    // default cooldown.
+    // How long a refusal keeps the provider away: its Retry-After, else the reset of a limit it
+    // reported exhausted, else the provider's default cooldown.
     nanos cooldown_for(const classification& verdict, const provider_spec& p) const {
       if (verdict.hint.retry_after) return *verdict.hint.retry_after;
       nanos reset = nanos::zero();
@@ -542,27 +542,27 @@ class router {
       auto result = co_await capture(p.call(spec, std::as_const(request)));
       const auto finished = Clock::now();
       const auto latency = std::chrono::duration_cast<nanos>(finished - started);
-      const auto verdict_ = s->classify(std::as_const(result));
+      const auto judged = s->classify(std::as_const(result));
       const bool cancelled = is_cancellation(result);
       // A refusal is the cooldown's business, not the breaker's: only real failures count.
-      p.breaker.record(ticket, verdict_.kind == verdict::retryable && !cancelled);
-      if (m.adapt && !cancelled) m.adapt->observe(verdict_, finished);
-      record.steps.push_back({spec.provider, spec.id, verdict_.kind, latency});
+      p.breaker.record(ticket, judged.kind == verdict::retryable && !cancelled);
+      if (m.adapt && !cancelled) m.adapt->observe(judged, finished);
+      record.steps.push_back({spec.provider, spec.id, judged.kind, latency});
 
       std::optional<token_usage> used;
-      if (verdict_.is_success() && s->options.usage_of) used = s->options.usage_of(result.value());
+      if (judged.is_success() && s->options.usage_of) used = s->options.usage_of(result.value());
       const std::uint64_t tokens_used =
           used ? used->input_tokens + used->output_tokens
-               : (verdict_.is_success() ? estimate.tokens : std::uint64_t{0});
+               : (judged.is_success() ? estimate.tokens : std::uint64_t{0});
       m.monitor.record({.requests = 1,
                         .tokens = tokens_used,
-                        .error = verdict_.kind == verdict::retryable,
-                        .rate_limited = verdict_.kind == verdict::rate_limited},
+                        .error = judged.kind == verdict::retryable,
+                        .rate_limited = judged.kind == verdict::rate_limited},
                        started);
       if (m.limits)
         m.limits->settle(estimate, usage{.requests = 1, .tokens = tokens_used}, finished);
 
-      switch (verdict_.kind) {
+      switch (judged.kind) {
         case verdict::success: {
           s->note_latency(m, latency);
           record.provider = spec.provider;
@@ -573,28 +573,28 @@ class router {
           co_return routed<Response>{std::move(result.value()), std::move(record)};
         }
         case verdict::rate_limited: {
-          const auto cool = s->cooldown_for(verdict_, *p.spec);
+          const auto cool = s->cooldown_for(judged, *p.spec);
           p.cool_until(finished + std::chrono::duration_cast<typename Clock::duration>(cool));
           if (s->options.watch) {
-            s->emit(server_rate_limited{c.operation, verdict_.hint});
+            s->emit(server_rate_limited{c.operation, judged.hint});
             s->emit(provider_cooling{c.operation, spec.provider, cool});
-            s->emit(route_fallback{c.operation, spec.provider, spec.id, verdict_.kind});
+            s->emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind});
           }
-          last_failure = failure_of(result, spec, verdict_);
+          last_failure = failure_of(result, spec, judged);
           break;
         }
         case verdict::retryable:
           tried[i] = 1;
-          s->emit(route_fallback{c.operation, spec.provider, spec.id, verdict_.kind});
-          last_failure = failure_of(result, spec, verdict_);
+          s->emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind});
+          last_failure = failure_of(result, spec, judged);
           break;
         case verdict::fatal:
           if (!cancelled && s->options.context_exceeded && s->options.context_exceeded(result)) {
             tried[i] = 1;
             if (spec.context_window != 0)
               min_context = std::max(min_context, spec.context_window + 1);
-            s->emit(route_fallback{c.operation, spec.provider, spec.id, verdict_.kind, true});
-            last_failure = failure_of(result, spec, verdict_);
+            s->emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind, true});
+            last_failure = failure_of(result, spec, judged);
             break;
           }
           record.provider = spec.provider;
