@@ -154,13 +154,13 @@ TEST_CASE("chaos: faults everywhere and an outage: every request ends once, type
   demo::asio::io_context io(1);
   demo::progress live;
   const std::size_t reserve = 20;
-  demo::weir_run run(io, fleet,
-                     {.concurrency = 16,
-                      .breaker = {.consecutive_failures = 4, .break_duration = 500ms},
-                      .fallback_budget = weir::retry_budget_options{.ratio = 1.0,
-                                                                    .reserve = reserve},
-                      .attempt_timeout = 400ms},
-                     live);
+  demo::weir_run run(
+      io, fleet,
+      {.concurrency = 16,
+       .breaker = {.consecutive_failures = 4, .break_duration = 500ms},
+       .fallback_budget = weir::retry_budget_options{.ratio = 1.0, .reserve = reserve},
+       .attempt_timeout = 400ms},
+      live);
   run.start(jobs, [] {});
   io.run();
   const auto report = run.report(jobs.size());
@@ -181,14 +181,13 @@ TEST_CASE("chaos: faults everywhere and an outage: every request ends once, type
   CHECK(report.retries <= jobs.size() + reserve);
   // The dead provider's breaker opened during the outage and closed once it was back.
   const auto& spans = report.providers.at("anthropic").breaker_open;
-  const bool opened_in_outage = std::any_of(spans.begin(), spans.end(), [](const auto& s) {
-    return s.first >= 0.9 && s.first <= 3.2;
-  });
+  const bool opened_in_outage = std::any_of(
+      spans.begin(), spans.end(), [](const auto& s) { return s.first >= 0.9 && s.first <= 3.2; });
   const auto& closed = report.providers.at("anthropic").breaker_closed;
   const bool closed_after =
       std::any_of(closed.begin(), closed.end(), [](double t) { return t >= 3.0; });
-  INFO("anthropic's breaker was open " << spans.size() << " times; the run took "
-                                       << report.seconds << " s");
+  INFO("anthropic's breaker was open " << spans.size() << " times; the run took " << report.seconds
+                                       << " s");
   CHECK(opened_in_outage);
   CHECK(closed_after);
   CHECK(report.completed >= jobs.size() * 8 / 10);

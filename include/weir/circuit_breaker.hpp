@@ -315,22 +315,12 @@ class circuit_breaker {
 
     const auto kind = s->classify(std::as_const(*result)).kind;
     // A cancelled call says nothing about the provider.
-    if (!(result->has_exception() && is_cancellation(result->exception())))
+    if (!result->cancelled())
       s->finish(t, kind == verdict::retryable || kind == verdict::rate_limited);
     if constexpr (std::is_void_v<T>) {
       std::move(*result).get();
     } else {
       co_return std::move(*result).get();
-    }
-  }
-
-  static bool is_cancellation(const std::exception_ptr& e) {
-    try {
-      std::rethrow_exception(e);
-    } catch (const boost::system::system_error& x) {
-      return x.code() == boost::asio::error::operation_aborted;
-    } catch (...) {
-      return false;
     }
   }
 

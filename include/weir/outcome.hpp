@@ -91,6 +91,20 @@ class outcome {
     return std::move(value());
   }
 
+  // Whether the call was cancelled (operation_aborted, as an error code or a system_error):
+  // such an outcome says nothing about the provider.
+  bool cancelled() const {
+    if (has_error()) return error() == boost::asio::error::operation_aborted;
+    if (!has_exception()) return false;
+    try {
+      std::rethrow_exception(exception());
+    } catch (const boost::system::system_error& x) {
+      return x.code() == boost::asio::error::operation_aborted;
+    } catch (...) {
+      return false;
+    }
+  }
+
   // The failure as an exception_ptr (empty for a value), for attaching as a cause.
   std::exception_ptr failure() const {
     if (has_exception()) return exception();

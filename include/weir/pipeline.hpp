@@ -229,7 +229,7 @@ struct breaker_stage {
       }
     }
     const auto before = breaker.state();
-    if (o.has_exception() && is_cancellation(o.exception())) return {};
+    if (o.cancelled()) return {};
     const auto kind = breaker.classifier()(o).kind;
     breaker.record(s.ticket, kind == verdict::retryable || kind == verdict::rate_limited);
     if (env.watch) {
@@ -237,10 +237,6 @@ struct breaker_stage {
       if (after != before) env.emit(breaker_changed{env.ctx.operation, before, after});
     }
     return {};
-  }
-  static bool is_cancellation(const std::exception_ptr& e) {
-    auto ec = weir_code(e);
-    return ec && *ec == boost::asio::error::operation_aborted;
   }
 };
 

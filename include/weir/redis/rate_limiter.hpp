@@ -137,12 +137,12 @@ class rate_limiter {
 
   // One attempt, no waiting: whether `cost` was admitted now.
   boost::asio::awaitable<bool> try_acquire(usage cost) {
-    co_return co_await state_->attempt(state_, cost, nullptr);
+    co_return co_await state_->attempt(cost, nullptr);
   }
 
   // Charges what a call used beyond its estimate, or gives back what it did not use.
   boost::asio::awaitable<void> settle(usage estimated, usage actual) {
-    co_await state_->settle(state_, estimated, actual);
+    co_await state_->settle(estimated, actual);
   }
 
   limiter_mode mode() const noexcept { return state_->mode.load(); }
@@ -158,8 +158,10 @@ class rate_limiter {
       for (const auto* l : {&options.requests, &options.tokens})
         if (*l && (!((*l)->rate.per_second > 0) || (*l)->burst == 0))
           throw weir::exception(error::invalid_argument, "redis rate_limiter: bad limit");
-      if (options.requests) dims.push_back({"requests", *options.requests});
-      if (options.tokens) dims.push_back({"tokens", *options.tokens});
+      if (options.requests)
+        dims.push_back({true, fmt::format("weir:{}:requests", options.name), *options.requests});
+      if (options.tokens)
+        dims.push_back({false, fmt::format("weir:{}:tokens", options.name), *options.tokens});
       rate_limits_options local;
       const auto scaled = [&](const limit& l) {
         return limit{
@@ -173,20 +175,17 @@ class rate_limiter {
     }
 
     struct dimension_spec {
-      std::string suffix;
+      bool requests;    // else tokens
+      std::string key;  // weir:{name}:requests or :tokens
       limit l;
       double interval_us() const { return 1e6 / l.rate.per_second; }
     };
 
-    std::vector<std::uint64_t> units(const usage& u) const {
-      std::vector<std::uint64_t> out;
-      for (const auto& d : dims) out.push_back(d.suffix == "requests" ? u.requests : u.tokens);
-      return out;
-    }
-
-    std::vector<std::string> keys() const {
-      std::vector<std::string> out;
-      for (const auto& d : dims) out.push_back(fmt::format("weir:{}:{}", options.name, d.suffix));
+    // A cost in the order of `dims`.
+    std::array<std::uint64_t, 2> units(const usage& u) const {
+      std::array<std::uint64_t, 2> out{};
+      for (std::size_t i = 0; i < dims.size(); ++i)
+        out[i] = dims[i].requests ? u.requests : u.tokens;
       return out;
     }
 
@@ -210,7 +209,7 @@ class rate_limiter {
           shas[which] = sha;
         }
         std::vector<std::string> words{"EVALSHA", sha, std::to_string(dims.size())};
-        for (auto& k : keys()) words.push_back(std::move(k));
+        for (const auto& d : dims) words.push_back(d.key);
         for (auto& a : args) words.push_back(a);
         auto [ec, r] = co_await redis.async_command(
             std::move(words), boost::asio::as_tuple(boost::asio::use_awaitable));
@@ -237,10 +236,8 @@ class rate_limiter {
                                                              : limiter_mode::closed;
     }
 
-    // One decision: admitted, or how long until it might be (through `wait`, when given).
-    // Returns nullopt-as-false when the decision came from Redis and was "no".
-    boost::asio::awaitable<bool> attempt(const std::shared_ptr<state>& self, const usage& cost,
-                                         std::chrono::microseconds* wait) {
+    // One decision: admitted, or not and (through `wait`, when given) how long until it might be.
+    boost::asio::awaitable<bool> attempt(const usage& cost, std::chrono::microseconds* wait) {
       const auto n = units(cost);
       for (std::size_t i = 0; i < dims.size(); ++i)
         if (n[i] > dims[i].l.burst)
@@ -269,7 +266,7 @@ class rate_limiter {
       if (!admitted && take > 1) {
         // The batch did not fit: ask for this request alone.
         lease_rate_reset();
-        co_return co_await attempt(self, cost, wait);
+        co_return co_await attempt(cost, wait);
       }
       if (admitted) note_use();
       if (!admitted && wait) *wait = std::chrono::microseconds(r->elements[1].integer);
@@ -336,8 +333,7 @@ class rate_limiter {
       return std::exchange(leased, 0);
     }
 
-    boost::asio::awaitable<void> settle(const std::shared_ptr<state>&, const usage& estimated,
-                                        const usage& actual) {
+    boost::asio::awaitable<void> settle(const usage& estimated, const usage& actual) {
       const auto before = units(estimated), after = units(actual);
       std::vector<std::string> args;
       bool any = false;
@@ -356,10 +352,10 @@ class rate_limiter {
       co_await eval(1, std::move(args));
     }
 
-    boost::asio::awaitable<void> give_back_lease(const std::shared_ptr<state>& self) {
+    boost::asio::awaitable<void> give_back_lease() {
       if (const auto left = expired_lease(); left > 0 && mode.load() == limiter_mode::shared) {
         usage none{.requests = 0}, took{.requests = left};
-        co_await settle(self, took, none);
+        co_await settle(took, none);
       }
     }
 
@@ -382,9 +378,9 @@ class rate_limiter {
   static boost::asio::awaitable<void> acquire(std::shared_ptr<state> s, usage cost) {
     boost::asio::basic_waitable_timer<Clock> timer(co_await boost::asio::this_coro::executor);
     for (;;) {
-      co_await s->give_back_lease(s);
+      co_await s->give_back_lease();
       std::chrono::microseconds wait{0};
-      if (co_await s->attempt(s, cost, &wait)) co_return;
+      if (co_await s->attempt(cost, &wait)) co_return;
       // Not admitted: sleep until it may be, but look again at least every probe period while
       // on the fallback, so a returning Redis is noticed.
       if (s->mode.load() != limiter_mode::shared)

@@ -441,18 +441,6 @@ class router {
     std::vector<std::unique_ptr<model_entry>> models;
   };
 
-  static bool is_cancellation(const outcome<Response>& o) {
-    if (o.has_error()) return o.error() == boost::asio::error::operation_aborted;
-    if (!o.has_exception()) return false;
-    try {
-      std::rethrow_exception(o.exception());
-    } catch (const boost::system::system_error& e) {
-      return e.code() == boost::asio::error::operation_aborted;
-    } catch (...) {
-      return false;
-    }
-  }
-
   static std::exception_ptr failure_of(const outcome<Response>& o, const model_spec& m,
                                        const classification& v) {
     if (auto f = o.failure()) return f;
@@ -517,20 +505,24 @@ class router {
       auto& m = *s->models[i];
       auto& p = *s->providers[m.provider];
       const auto& spec = *m.spec;
-      if (!p.call) {
+      // The request will not be sent after all: its reservation goes back.
+      const auto unreserve = [&] {
         if (m.limits) m.limits->settle(estimate, usage{.requests = 0}, now);
+      };
+      if (!p.call) {
+        unreserve();
         throw weir::exception(error::invalid_argument,
                               fmt::format("router: provider {} is not connected", spec.provider));
       }
       if (record.attempts > 0 && budget && !budget->try_withdraw()) {
-        if (m.limits) m.limits->settle(estimate, usage{.requests = 0}, now);
+        unreserve();
         s->emit(rejected{c.operation, rejection::budget_exhausted});
         throw weir::exception(error::budget_exhausted, "router: the fallback budget is spent", {},
                               last_failure, record.attempts);
       }
       const auto ticket = p.breaker.try_admit();
       if (!ticket.admitted) {  // another request took the last half-open probe
-        if (m.limits) m.limits->settle(estimate, usage{.requests = 0}, now);
+        unreserve();
         tried[i] = 1;
         continue;
       }
@@ -543,7 +535,7 @@ class router {
       const auto finished = Clock::now();
       const auto latency = std::chrono::duration_cast<nanos>(finished - started);
       const auto judged = s->classify(std::as_const(result));
-      const bool cancelled = is_cancellation(result);
+      const bool cancelled = result.cancelled();
       // A refusal is the cooldown's business, not the breaker's: only real failures count.
       p.breaker.record(ticket, judged.kind == verdict::retryable && !cancelled);
       if (m.adapt && !cancelled) m.adapt->observe(judged, finished);
