@@ -12,6 +12,7 @@
 #include <catch2/catch.hpp>
 
 #include <chrono>
+#include <deque>
 #include <initializer_list>
 #include <string>
 #include <utility>
@@ -88,8 +89,9 @@ TEST_CASE("an OpenAI response's rate-limit headers") {
                   {"x-ratelimit-reset-tokens", "2s"},
                   {"retry-after-ms", "1500"},
                   {"retry-after", "2"}});
-  CHECK(h.requests == weir::limit_snapshot{500, 499, ns(120ms)});
-  CHECK(h.tokens == weir::limit_snapshot{30000, 29000, ns(2s)});
+  const auto refill = weir::refill::continuous;
+  CHECK(h.requests == weir::limit_snapshot{500, 499, ns(120ms), {}, refill});
+  CHECK(h.tokens == weir::limit_snapshot{30000, 29000, ns(2s), {}, refill});
   CHECK(h.retry_after == ns(1500ms));  // the precise one wins
 }
 
@@ -103,7 +105,7 @@ TEST_CASE("a Groq 429's headers") {
                   {"x-ratelimit-reset-tokens", "7.66s"}});
   CHECK(h.retry_after == ns(7s));
   CHECK(h.requests.reset_after == ns(2min + 59560ms));
-  CHECK(h.tokens == weir::limit_snapshot{18000, 0, ns(7660ms)});
+  CHECK(h.tokens == weir::limit_snapshot{18000, 0, ns(7660ms), {}, weir::refill::continuous});
 }
 
 TEST_CASE("an Anthropic response's rate-limit headers") {
@@ -116,8 +118,9 @@ TEST_CASE("an Anthropic response's rate-limit headers") {
                   {"anthropic-ratelimit-output-tokens-limit", "8000"},
                   {"anthropic-ratelimit-tokens-remaining", "47000"},
                   {"retry-after", "20"}});
-  CHECK(h.requests == weir::limit_snapshot{50, 0, ns(20s)});
-  CHECK(h.input_tokens == weir::limit_snapshot{40000, 39000, ns(1500ms)});
+  CHECK(h.requests == weir::limit_snapshot{50, 0, ns(20s), {}, weir::refill::continuous});
+  CHECK(h.input_tokens ==
+        weir::limit_snapshot{40000, 39000, ns(1500ms), {}, weir::refill::continuous});
   CHECK(h.output_tokens.limit == 8000);
   CHECK(h.tokens.remaining == 47000);
   CHECK(h.retry_after == ns(20s));
@@ -127,9 +130,12 @@ TEST_CASE("the IETF RateLimit and RateLimit-Policy fields") {
   auto h = hints(
       {{"RateLimit-Policy", R"("default";q=100;w=60, "bytes";q=1000;w=60;qu="content-bytes")"},
        {"RateLimit", R"("default";r=45;t=20, "bytes";r=0;t=50)"}});
-  CHECK(h.requests == weir::limit_snapshot{100, 45, ns(20s)});  // content-bytes is not paced
+  // w is the window: 100 per minute here, 10 per second below. content-bytes is not paced.
+  CHECK(h.requests == weir::limit_snapshot{100, 45, ns(20s), ns(60s)});
   auto single = hints({{"ratelimit-policy", "burst;q=10;w=1"}, {"ratelimit", "burst;r=0;t=1"}});
-  CHECK(single.requests == weir::limit_snapshot{10, 0, ns(1s)});
+  CHECK(single.requests == weir::limit_snapshot{10, 0, ns(1s), ns(1s)});
+  auto policy_only = hints({{"RateLimit-Policy", R"("default";q=20;w=1)"}});
+  CHECK(policy_only.requests == weir::limit_snapshot{20, {}, {}, ns(1s)});
 }
 
 TEST_CASE("the older RateLimit-* and X-RateLimit-* forms, resets told apart by magnitude") {
@@ -264,94 +270,245 @@ TEST_CASE("as a classifier, errors are judged as the default classifier does") {
 using clock_type = weir::testing::manual_clock;
 using limits_type = weir::rate_limits<clock_type>;
 
-TEST_CASE("remaining 0 with a reset in 20 s pauses the limiter until then") {
+TEST_CASE(
+    "remaining 0 pauses a fixed window until its reset, a continuous limit until its next unit") {
   clock_type::reset();
   asio::io_context io;
-  limits_type limits(io.get_executor(), {.requests = weir::limit::per_minute(600, 10)});
-  weir::http::server_adaptation<clock_type> adapt(limits);
+  const auto limits_for = [&] {
+    return limits_type(io.get_executor(), {.requests = weir::limit::per_minute(600)});
+  };
+  auto fixed = limits_for();
+  weir::http::server_adaptation<clock_type> fixed_adapt(fixed);
   weir::classification c{weir::verdict::success, {}};
-  c.hint.requests = {600, 0, ns(20s)};
-  adapt.observe(c);
-  CHECK(limits.time_until({.requests = 1}) == 20s);
+  c.hint.requests = {600, 0, ns(20s)};  // refill unknown: read as a fixed window
+  fixed_adapt.observe(c);
+  CHECK(fixed.time_until({.requests = 1}) == 20s);
   clock_type::advance(20s);
-  CHECK(limits.try_acquire({.requests = 1}));
+  CHECK(fixed.try_acquire({.requests = 1}));
+
+  auto continuous = limits_for();
+  weir::http::server_adaptation<clock_type> continuous_adapt(continuous);
+  c.hint.requests.refill = weir::refill::continuous;  // full again in 20 s: one back every 1/30 s
+  continuous_adapt.observe(c);
+  CHECK(continuous.time_until({.requests = 1}) == ns(20s) / 600);
 }
 
-TEST_CASE("a 429 with Retry-After pauses requests exactly that long") {
+TEST_CASE("a 429 that says only Retry-After is one decrease, not a pause of the whole limiter") {
   clock_type::reset();
   asio::io_context io;
-  limits_type limits(io.get_executor(), {.requests = weir::limit::per_minute(600, 10)});
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(10), 1}});
   weir::http::server_adaptation<clock_type> adapt(limits);
-  adapt.observe({weir::verdict::rate_limited, {.retry_after = 7s}});
+  CHECK(adapt.request_rate()->per_second == Approx(9.7));  // 3% headroom under the known limit
+  const auto sent = clock_type::now();
+  clock_type::advance(50ms);
+  adapt.observe({weir::verdict::rate_limited, {.retry_after = 7s}}, sent, clock_type::now());
+  CHECK(adapt.request_rate()->per_second == Approx(9.7 * 0.8));
+  CHECK(limits.time_until({.requests = 1}) < 1s);  // the retry waits 7 s; the others do not
+}
+
+TEST_CASE("a 429 that says the quota is exhausted pauses exactly as long as the largest hint") {
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(10), 1}});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  weir::classification refused{weir::verdict::rate_limited, {.retry_after = 7s}};
+  refused.hint.requests = {.limit = 600, .remaining = 0, .reset_after = ns(3s)};
+  adapt.observe(refused);
   CHECK(limits.time_until({.requests = 1}) == 7s);
-  CHECK(adapt.request_rate()->per_second == Approx(10));  // a hinted 429 does not cut the rate
+  CHECK(adapt.request_rate()->per_second == Approx(9.7));  // the server said when: no guessing
+  CHECK(refused.hint.exhausted_for() == ns(7s));
+  refused.hint.retry_after.reset();
+  CHECK(refused.hint.exhausted_for() == ns(3s));
 }
 
-TEST_CASE("observed limits re-size the limiter's rate and burst") {
+TEST_CASE("refusals of requests already in flight at the first one are a single decrease") {
   clock_type::reset();
   asio::io_context io;
-  limits_type limits(io.get_executor(), {.requests = weir::limit::per_minute(6000, 100),
-                                         .tokens = weir::limit::per_minute(1'000'000, 100'000)});
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(10), 1}});
   weir::http::server_adaptation<clock_type> adapt(limits);
-  weir::classification c;
-  c.hint.requests.limit = 500;
-  c.hint.tokens.limit = 30'000;
-  c.hint.input_tokens.limit = 20'000;
-  adapt.observe(c);
-  CHECK(limits.get_limit(weir::dimension::requests)->rate.per_second == Approx(500.0 / 60));
-  CHECK(limits.get_limit(weir::dimension::requests)->burst == 50);
-  CHECK(limits.get_limit(weir::dimension::tokens)->rate.per_second == Approx(500));
-  CHECK(limits.get_limit(weir::dimension::tokens)->burst == 3000);
-  CHECK(limits.get_limit(weir::dimension::input_tokens)->burst == 2000);  // enabled by the server
+  const auto sent = clock_type::now();
+  for (int i = 0; i < 8; ++i) {  // eight concurrent requests, refused one after another
+    clock_type::advance(10ms);
+    adapt.observe({weir::verdict::rate_limited, {}}, sent, clock_type::now());
+  }
+  CHECK(adapt.request_rate()->per_second == Approx(9.7 * 0.8));  // not 0.8^8
+  // A request sent after the decrease and refused too is a new event.
+  const auto later = clock_type::now();
+  clock_type::advance(50ms);
+  adapt.observe({weir::verdict::rate_limited, {}}, later, clock_type::now());
+  CHECK(adapt.request_rate()->per_second == Approx(9.7 * 0.8 * 0.8));
+}
+
+TEST_CASE("a refusal while bursting shrinks the burst before it touches the rate") {
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(10), 5}});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  auto sent = clock_type::now();
+  clock_type::advance(10ms);
+  adapt.observe({weir::verdict::rate_limited, {}}, sent, clock_type::now());
+  CHECK(limits.get_limit(weir::dimension::requests)->burst == 1);
+  CHECK(adapt.request_rate()->per_second == Approx(9.7));
+  clock_type::advance(1ms);
+  sent = clock_type::now();
+  clock_type::advance(10ms);
+  adapt.observe({weir::verdict::rate_limited, {}}, sent, clock_type::now());
+  CHECK(adapt.request_rate()->per_second == Approx(9.7 * 0.8));
 }
 
 TEST_CASE(
-    "a 429 without hints lowers the rate multiplicatively and successes raise it additively") {
+    "a limit reported with its period is paced just under it; one without is never per minute") {
   clock_type::reset();
   asio::io_context io;
-  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(100), 10}});
-  weir::http::server_adaptation<clock_type> adapt(limits, {.decrease = 0.5, .increase = 0.01});
-  adapt.observe({weir::verdict::rate_limited, {}});
-  CHECK(adapt.request_rate()->per_second == Approx(50));
-  adapt.observe({weir::verdict::rate_limited, {}});
-  CHECK(adapt.request_rate()->per_second == Approx(25));
-  for (int i = 0; i < 10; ++i) adapt.observe({});
-  CHECK(adapt.request_rate()->per_second == Approx(35));  // +1% of the ceiling each
-  for (int i = 0; i < 1000; ++i) adapt.observe({});
-  CHECK(adapt.request_rate()->per_second == Approx(100));  // never above the configured ceiling
+  limits_type ietf(io.get_executor(), {});
+  weir::http::server_adaptation<clock_type> learn(ietf);
+  learn.observe({weir::verdict::success, hints({{"RateLimit-Policy", R"("default";q=20;w=1)"},
+                                                {"RateLimit", R"("default";r=19;t=1)"}})});
+  CHECK(learn.request_rate()->per_second == Approx(20 * 0.97));  // 20 per second, not per minute
+  CHECK_FALSE(learn.state().slow_start);
+
+  // X-RateLimit-Limit: 20 says nothing about its period: the rate is left to discovery.
+  limits_type legacy(io.get_executor(), {});
+  weir::http::server_adaptation<clock_type> discover(legacy);
+  const auto before = discover.request_rate()->per_second;
+  discover.observe({weir::verdict::success,
+                    hints({{"X-RateLimit-Limit", "20"}, {"X-RateLimit-Remaining", "19"}})});
+  CHECK(discover.request_rate()->per_second >= before);
+  CHECK_FALSE(discover.state().known);
+  CHECK(discover.state().slow_start);
 }
 
-TEST_CASE("AIMD finds an unknown server limit from below") {
+TEST_CASE("a continuously refilling limit's window is inferred from limit, remaining and reset") {
   clock_type::reset();
   asio::io_context io;
-  // The server allows 10/s with no burst; the client guesses 40/s.
-  weir::token_bucket<clock_type> server(io.get_executor(),
-                                        {.rate = weir::per_second(10), .burst = 1});
-  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(40), 4}});
-  weir::http::server_adaptation<clock_type> adapt(limits, {.decrease = 0.7, .increase = 0.002});
-  int refused_late = 0, served_late = 0;
-  const auto start = clock_type::now();
-  while (clock_type::now() - start < 120s) {
-    const auto wait = limits.time_until({.requests = 1});
-    clock_type::advance(std::max<ns>(wait, 1ms));
-    if (!limits.try_acquire({.requests = 1})) continue;
-    const bool ok = server.try_acquire();
-    adapt.observe({ok ? weir::verdict::success : weir::verdict::rate_limited, {}});
-    if (clock_type::now() - start >= 60s) (ok ? served_late : refused_late) += 1;
+  limits_type openai(io.get_executor(), {});
+  weir::http::server_adaptation<clock_type> a(openai);
+  a.observe({weir::verdict::success, hints({{"x-ratelimit-limit-requests", "500"},
+                                            {"x-ratelimit-remaining-requests", "499"},
+                                            {"x-ratelimit-reset-requests", "120ms"},
+                                            {"x-ratelimit-limit-tokens", "30000"},
+                                            {"x-ratelimit-remaining-tokens", "29000"},
+                                            {"x-ratelimit-reset-tokens", "2s"}})});
+  CHECK(a.state().known->per_second == Approx(500.0 / 60));  // a minute
+  CHECK(openai.get_limit(weir::dimension::tokens)->rate.per_second == Approx(500 * 0.97));
+  CHECK(openai.get_limit(weir::dimension::tokens)->burst == 3000);
+
+  limits_type groq(io.get_executor(), {});
+  weir::http::server_adaptation<clock_type> g(groq);
+  g.observe({weir::verdict::success, hints({{"x-ratelimit-limit-requests", "14400"},
+                                            {"x-ratelimit-remaining-requests", "14370"},
+                                            {"x-ratelimit-reset-requests", "2m59.56s"}})});
+  CHECK(g.state().known->per_second == Approx(14400.0 / 86400).epsilon(0.01));  // a day
+}
+
+namespace {
+// A strict server on virtual time, as nginx's limit_req with no burst: a request is served when it
+// comes at least one interval after the last one served; refusals do not count.
+struct strict_server {
+  ns interval;
+  std::optional<clock_type::time_point> last{};
+
+  bool admit(clock_type::time_point t) {
+    if (last && t - *last < interval) return false;
+    last = t;
+    return true;
   }
-  // Over the second minute (deterministic on virtual time: 498 served, 14 refused when written):
-  // at least 80% of the 600 the server allows, and refusals under a tenth of that.
-  CHECK(served_late >= 480);
-  CHECK(refused_late <= served_late / 10);
+};
+
+struct counts {
+  int served = 0, refused = 0;
+};
+
+// `in_flight` workers send as fast as the limiter lets them; each answer comes back `rtt` later
+// and is fed to the adaptation. Counts what the server decided from `from` on.
+counts drive(limits_type& limits, weir::http::server_adaptation<clock_type>& adapt,
+             strict_server& server, ns length, ns from, ns rtt, std::size_t in_flight) {
+  struct answer {
+    clock_type::time_point due, sent;
+    bool ok;
+  };
+  std::deque<answer> answers;  // in due order: the round trip is constant
+  const auto start = clock_type::now();
+  counts seen;
+  while (clock_type::now() - start < length) {
+    const auto now = clock_type::now();
+    while (!answers.empty() && answers.front().due <= now) {
+      const auto a = answers.front();
+      answers.pop_front();
+      adapt.observe({a.ok ? weir::verdict::success : weir::verdict::rate_limited, {}}, a.sent,
+                    a.due);
+      if (std::getenv("WEIR_TRACE")) {
+        auto st = adapt.state();
+        fmt::print("{:.3f} {} rate {:.2f} ceil {:.2f} ss {}\n",
+                   std::chrono::duration<double>(a.due - start).count(), a.ok, st.rate.per_second,
+                   st.ceiling ? st.ceiling->per_second : 0.0, st.slow_start);
+      }
+    }
+    const bool can_send = answers.size() < in_flight;
+    if (can_send && limits.try_acquire({.requests = 1}, now)) {
+      const bool ok = server.admit(now);
+      if (now - start >= from) ++(ok ? seen.served : seen.refused);
+      answers.push_back({now + rtt, now, ok});
+      continue;
+    }
+    ns step = can_send ? limits.time_until({.requests = 1}, now) : ns::max();
+    if (!answers.empty()) step = std::min<ns>(step, answers.front().due - now);
+    clock_type::advance(std::max<ns>(step, 1us));
+  }
+  return seen;
+}
+}  // namespace
+
+TEST_CASE("told the limit of a strict server, weir reaches 95% of it with no refusal") {
+  for (double limit : {5.0, 20.0}) {
+    for (std::size_t in_flight : {8u, 32u}) {
+      clock_type::reset();
+      asio::io_context io;
+      limits_type limits(io.get_executor(), {.requests = weir::limit::per_minute(limit * 60)});
+      weir::http::server_adaptation<clock_type> adapt(limits);
+      strict_server server{std::chrono::duration_cast<ns>(1s / limit)};
+      const auto seen = drive(limits, adapt, server, 60s, 0s, 80ms, in_flight);
+      INFO(limit << "/s, " << in_flight << " in flight: " << seen.served << " served, "
+                 << seen.refused << " refused");
+      CHECK(seen.served >= 0.95 * limit * 60);
+      CHECK(seen.refused <= 0.01 * seen.served);
+    }
+  }
 }
 
-TEST_CASE("adaptation options out of range are invalid_argument") {
+TEST_CASE("an unknown strict limit is found by slow start and held just under") {
+  for (double limit : {5.0, 20.0, 100.0}) {
+    clock_type::reset();
+    asio::io_context io;
+    limits_type limits(io.get_executor(), {});
+    weir::http::server_adaptation<clock_type> adapt(limits);
+    strict_server server{std::chrono::duration_cast<ns>(1s / limit)};
+    const auto seen = drive(limits, adapt, server, 70s, 10s, 50ms, 32);
+    INFO(limit << "/s: " << seen.served << " served, " << seen.refused << " refused after 10 s");
+    CHECK(seen.served >= 0.90 * limit * 60);
+    CHECK(seen.refused <= 0.03 * (seen.served + seen.refused));
+    CHECK(adapt.state().ceiling->per_second <= limit * 1.1);
+  }
+}
+
+TEST_CASE("adaptation options out of range are invalid_argument naming the field") {
   asio::io_context io;
   limits_type limits(io.get_executor(), {});
-  CHECK_THROWS_AS(weir::http::server_adaptation<clock_type>(limits, {.decrease = 1.5}),
-                  weir::exception);
-  CHECK_THROWS_AS(weir::http::server_adaptation<clock_type>(limits, {.window = 0s}),
-                  weir::exception);
+  using weir::http::server_adaptation;
+  const auto names = [](std::string field) {
+    return Catch::Predicate<weir::exception>([field](const weir::exception& e) {
+      return e.code() == weir::error::invalid_argument &&
+             std::string(e.what()).find(field) != std::string::npos;
+    });
+  };
+  CHECK_THROWS_MATCHES(server_adaptation<clock_type>(limits, {.decrease = 1.5}), weir::exception,
+                       names("decrease"));
+  CHECK_THROWS_MATCHES(server_adaptation<clock_type>(limits, {.headroom = -0.1}), weir::exception,
+                       names("headroom"));
+  CHECK_THROWS_MATCHES(server_adaptation<clock_type>(limits, {.assumed_window = 0s}),
+                       weir::exception, names("assumed_window"));
+  CHECK_THROWS_MATCHES(server_adaptation<clock_type>(limits, {.initial_burst = 0}), weir::exception,
+                       names("initial_burst"));
 }
 
 TEST_CASE("dates and epoch resets far outside any real reset cannot overflow") {

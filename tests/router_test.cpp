@@ -54,6 +54,21 @@ weir::catalog two_models(double a_rpm = 0, double b_rpm = 0) {
   return c;
 }
 
+// Most specifications here are about choosing, not pacing: the limits stay exactly as the
+// catalog gives them, and a model without limits is not paced (no discovery).
+options unpaced() {
+  options o;
+  o.adaptation.reset();
+  return o;
+}
+
+// A 429 that says the quota is spent for `retry_after`.
+fake_response exhausted(ns retry_after) {
+  auto r = fake_response::too_many(retry_after);
+  r.hint.requests.remaining = 0;
+  return r;
+}
+
 // The outcome of one route: what came back, or the weir error.
 struct route_result {
   std::optional<weir::routed<fake_response>> value;
@@ -92,7 +107,7 @@ route_result route_now(asio::io_context& io, router_type& r, constraints c = {},
 TEST_CASE("the cheapest capable model is chosen, and capability and context filter") {
   clock_type::reset();
   asio::io_context io;
-  router_type r(io.get_executor(), two_models());
+  router_type r(io.get_executor(), two_models(), unpaced());
   provider a, b;
   r.connect("a", a.call<prompt>());
   r.connect("b", b.call<prompt>());
@@ -121,17 +136,17 @@ TEST_CASE("the cheapest capable model is chosen, and capability and context filt
   CHECK(a.calls() + b.calls() == 4);
 }
 
-TEST_CASE("a 429 with Retry-After: 20 sends the next 20 s of traffic to b, then back to a") {
+TEST_CASE("a 429 saying the quota is spent for 20 s sends the next 20 s to b, then back to a") {
   clock_type::reset();
   asio::io_context io;
   std::vector<std::string> seen;
-  options o;
+  options o = unpaced();
   o.watch = [&](const weir::event& e) { seen.push_back(fmt::format("{}", e)); };
   router_type r(io.get_executor(), two_models(), o);
   provider a, b;
   const auto refused_at = clock_type::now();
   a.script = [&](const weir::model_spec&, clock_type::time_point now) {
-    return now == refused_at ? fake_response::too_many(20s) : fake_response::ok();
+    return now == refused_at ? exhausted(20s) : fake_response::ok();
   };
   r.connect("a", a.call<prompt>());
   r.connect("b", b.call<prompt>());
@@ -141,7 +156,7 @@ TEST_CASE("a 429 with Retry-After: 20 sends the next 20 s of traffic to b, then 
   CHECK(first.value->route.model == "b-large");
   CHECK(first.value->route.attempts == 2);
   CHECK(first.value->route.steps.at(0).result == weir::verdict::rate_limited);
-  CHECK(std::find(seen.begin(), seen.end(), "call: provider a cooling down for 20000.0 ms") !=
+  CHECK(std::find(seen.begin(), seen.end(), "call: a/a-small cooling down for 20000.0 ms") !=
         seen.end());
 
   for (int second = 1; second < 20; ++second) {
@@ -160,6 +175,61 @@ TEST_CASE("a 429 with Retry-After: 20 sends the next 20 s of traffic to b, then 
   CHECK(b.calls() == 21);
 }
 
+TEST_CASE("a 429 that says only Retry-After holds back that request's retry, not the model") {
+  clock_type::reset();
+  asio::io_context io;
+  router_type r(io.get_executor(), two_models(), unpaced());
+  provider a, b;
+  int calls = 0;
+  a.script = [&](const weir::model_spec&, clock_type::time_point) {
+    return ++calls % 2 == 1 ? fake_response::too_many(5s) : fake_response::ok();
+  };
+  r.connect("a", a.call<prompt>());
+  r.connect("b", b.call<prompt>());
+  auto refused = route_now(io, r);  // a refuses; the request goes on to b at once
+  REQUIRE(refused.value);
+  CHECK(refused.value->route.model == "b-large");
+  CHECK(refused.value->route.waited == 0s);
+  auto next = route_now(io, r);  // the model itself is not cooled down
+  REQUIRE(next.value);
+  CHECK(next.value->route.model == "a-small");
+
+  // With only a to try, the refused request waits exactly the 5 s the server asked for.
+  route_result alone;
+  start(io, r, {.allowed_providers = {"a"}}, alone);
+  advance<clock_type>(io, 4999ms);
+  CHECK_FALSE(alone.done);
+  advance<clock_type>(io, 1ms);
+  REQUIRE(alone.value);
+  CHECK(alone.value->route.attempts == 2);
+  CHECK(alone.value->route.waited == 5s);
+}
+
+TEST_CASE("a spent quota cools the model, or the whole provider when its limits are per account") {
+  for (const auto scope : {weir::cooldown_scope::model, weir::cooldown_scope::provider}) {
+    clock_type::reset();
+    asio::io_context io;
+    weir::catalog c;
+    c.add(weir::provider_spec{.name = "a", .cooldown_scope = scope});
+    c.add(weir::model_spec{.provider = "a", .id = "small", .input_price = 1, .capability = 5});
+    c.add(weir::model_spec{.provider = "a", .id = "large", .input_price = 2, .capability = 8});
+    c.add(weir::model_spec{.provider = "b", .id = "other", .input_price = 3, .capability = 8});
+    router_type r(io.get_executor(), c, unpaced());
+    provider a, b;
+    const auto t0 = clock_type::now();
+    a.script = [&](const weir::model_spec& m, clock_type::time_point now) {
+      return now == t0 && m.id == "small" ? exhausted(10s) : fake_response::ok();
+    };
+    r.connect("a", a.call<prompt>());
+    r.connect("b", b.call<prompt>());
+    auto res = route_now(io, r);
+    REQUIRE(res.value);
+    const bool per_model = scope == weir::cooldown_scope::model;
+    CHECK(res.value->route.model == (per_model ? "large" : "other"));
+    CHECK(r.status(clock_type::now()).at(per_model ? 1 : 0).cooling == ns(per_model ? 0s : 10s));
+  }
+}
+
 TEST_CASE("five server errors open a's breaker, and b serves until a's probe succeeds") {
   clock_type::reset();
   asio::io_context io;
@@ -169,7 +239,7 @@ TEST_CASE("five server errors open a's breaker, and b serves until a's probe suc
   const auto both = two_models();
   for (const auto& m : both.models()) c.add(m);
   std::vector<std::pair<weir::breaker_state, weir::breaker_state>> changes;
-  options o;
+  options o = unpaced();
   o.max_attempts = 2;
   o.watch = [&](const weir::event& e) {
     if (auto* b = std::get_if<weir::breaker_changed>(&e)) {
@@ -207,14 +277,14 @@ TEST_CASE("five server errors open a's breaker, and b serves until a's probe suc
 TEST_CASE("when every provider is out the error names the earliest time it frees up") {
   clock_type::reset();
   asio::io_context io;
-  router_type r(io.get_executor(), two_models());
+  router_type r(io.get_executor(), two_models(), unpaced());
   provider a, b;
   const auto t0 = clock_type::now();
   a.script = [&](const weir::model_spec&, clock_type::time_point now) {
-    return now == t0 ? fake_response::too_many(20s) : fake_response::ok();
+    return now == t0 ? exhausted(20s) : fake_response::ok();
   };
   b.script = [&](const weir::model_spec&, clock_type::time_point now) {
-    return now == t0 ? fake_response::too_many(30s) : fake_response::ok();
+    return now == t0 ? exhausted(30s) : fake_response::ok();
   };
   r.connect("a", a.call<prompt>());
   r.connect("b", b.call<prompt>());
@@ -254,7 +324,7 @@ TEST_CASE("when every provider is out the error names the earliest time it frees
 TEST_CASE("the limiter's knowledge keeps requests from being sent at all") {
   clock_type::reset();
   asio::io_context io;
-  router_type r(io.get_executor(), two_models(60, 60));  // one per second each, burst 6
+  router_type r(io.get_executor(), two_models(60, 60), unpaced());  // one per second each
   provider a, b;
   r.connect("a", a.call<prompt>());
   r.connect("b", b.call<prompt>());
@@ -268,11 +338,11 @@ TEST_CASE("the limiter's knowledge keeps requests from being sent at all") {
       ++refused;
     }
   }
-  CHECK(to_a == 6);  // a's burst first: it is cheaper
-  CHECK(to_b == 6);
-  CHECK(refused == 8);
-  CHECK(a.calls() == 6);
-  CHECK(b.calls() == 6);
+  CHECK(to_a == 1);  // a first: it is cheaper
+  CHECK(to_b == 1);
+  CHECK(refused == 18);
+  CHECK(a.calls() == 1);
+  CHECK(b.calls() == 1);
 
   // The selection alone reserves nothing.
   advance<clock_type>(io, 1s);
@@ -283,7 +353,7 @@ TEST_CASE("the limiter's knowledge keeps requests from being sent at all") {
 TEST_CASE("a context overflow moves to a larger model, another 400 is returned as it is") {
   clock_type::reset();
   asio::io_context io;
-  options o;
+  options o = unpaced();
   o.context_exceeded = [](const weir::outcome<fake_response>& out) {
     return out.has_value() && out.value().context_overflow;
   };
@@ -314,7 +384,7 @@ TEST_CASE("a context overflow moves to a larger model, another 400 is returned a
 TEST_CASE("settled tokens and cost come from the response's usage") {
   clock_type::reset();
   asio::io_context io;
-  options o;
+  options o = unpaced();
   o.usage_of = [](const fake_response& res) { return std::optional(res.usage); };
   router_type r(io.get_executor(), two_models(), o);
   provider a, b;
@@ -339,7 +409,7 @@ TEST_CASE("strategies: most headroom and lowest latency") {
   b.latency = 100ms;
 
   SECTION("lowest latency measures each model once, then keeps to the faster") {
-    options o;
+    options o = unpaced();
     o.strategy = weir::strategies::lowest_latency<clock_type>();
     router_type r(io.get_executor(), two_models(), o);
     r.connect("a", a.call<prompt>());
@@ -350,7 +420,7 @@ TEST_CASE("strategies: most headroom and lowest latency") {
     CHECK(r.status().at(1).latency == 100ms);
   }
   SECTION("most headroom spreads the load over both limits") {
-    options o;
+    options o = unpaced();
     o.strategy = weir::strategies::most_headroom<clock_type>();
     router_type r(io.get_executor(), two_models(600, 600), o);
     r.connect("a", a.call<prompt>());
@@ -365,7 +435,7 @@ TEST_CASE("router misuse gives clear errors") {
   clock_type::reset();
   asio::io_context io;
   CHECK_THROWS_AS(router_type(io.get_executor(), weir::catalog{}), weir::exception);
-  router_type r(io.get_executor(), two_models());
+  router_type r(io.get_executor(), two_models(), unpaced());
   CHECK_THROWS_AS(r.connect("nobody", provider{}.call<prompt>()), weir::exception);
   auto res = route_now(io, r);  // a was never connected
   REQUIRE(res.error);
@@ -565,7 +635,7 @@ TEST_CASE("cancelling each kind of wait completes it once, aborted, and gives ba
     CHECK(calls == 1);
   }
   SECTION("a router waiting for capacity") {
-    router_type r(io.get_executor(), two_models());
+    router_type r(io.get_executor(), two_models(), unpaced());
     provider a, b;
     const auto t0 = clock_type::now();
     for (auto* p : {&a, &b})
@@ -596,7 +666,7 @@ TEST_CASE("destroying an io_context mid-flight destroys every pending handler, n
     weir::request_queue queue(io.get_executor(), {.max_concurrent = 1, .max_queued = 8});
     weir::token_bucket<clock_type> bucket(io.get_executor(),
                                           {.rate = weir::per_hour(1), .burst = 1});
-    router_type r(io.get_executor(), two_models());
+    router_type r(io.get_executor(), two_models(), unpaced());
     provider a, b;
     a.script = b.script = [](const weir::model_spec&, clock_type::time_point) {
       return fake_response::too_many(1h);
@@ -676,7 +746,7 @@ TEST_CASE("soak: a million calls through the full pipeline, memory flat, counts 
 TEST_CASE("soak: a million routes with fallbacks, memory flat, counts exact") {
   clock_type::reset();
   asio::io_context io;
-  options o;
+  options o = unpaced();
   o.fallback_budget.emplace(weir::retry_budget_options{.ratio = 0.5, .reserve = 10});
   router_type r(io.get_executor(), two_models(), o);
   provider a, b;
@@ -716,7 +786,7 @@ TEST_CASE("soak: a million routes with fallbacks, memory flat, counts exact") {
 TEST_CASE("a spent fallback budget ends routes with budget_exhausted") {
   clock_type::reset();
   asio::io_context io;
-  options o;
+  options o = unpaced();
   o.fallback_budget.emplace(weir::retry_budget_options{.ratio = 0, .reserve = 2, .capacity = 2});
   router_type r(io.get_executor(), two_models(), o);
   provider a, b;

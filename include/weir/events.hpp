@@ -68,11 +68,13 @@ struct route_chosen {
   unsigned attempt = 1;
   double estimated_cost = 0;  // USD, at the request's token estimates
 };
-// The router stops sending to a provider for `duration`, as the server asked.
+// The router stops sending to a model (or, with an empty model, to every model of the provider)
+// for `duration`: the server said its quota is exhausted until then.
 struct provider_cooling {
   std::string_view operation;
   std::string_view provider;
   std::chrono::nanoseconds duration{0};
+  std::string_view model{};
 };
 // An attempt on this model failed and the router moves on to another candidate.
 struct route_fallback {
@@ -180,6 +182,9 @@ struct fmt::formatter<weir::event> {
             return fmt::format_to(ctx.out(), "{}: attempt {} routed to {}/{} (est. ${:.6f})", op,
                                   v.attempt, v.provider, v.model, v.estimated_cost);
           } else if constexpr (std::is_same_v<T, provider_cooling>) {
+            if (!v.model.empty())
+              return fmt::format_to(ctx.out(), "{}: {}/{} cooling down for {:.1f} ms", op,
+                                    v.provider, v.model, weir::detail::milliseconds(v.duration));
             return fmt::format_to(ctx.out(), "{}: provider {} cooling down for {:.1f} ms", op,
                                   v.provider, weir::detail::milliseconds(v.duration));
           } else {

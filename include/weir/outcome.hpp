@@ -8,10 +8,12 @@
 #include <boost/asio/error.hpp>
 #include <boost/system/system_error.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <concepts>
 #include <cstdint>
 #include <exception>
+#include <initializer_list>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -19,13 +21,37 @@
 
 namespace weir {
 
+// How a server gives a limit back, which decides what "nothing left until the reset" means.
+enum class refill {
+  unknown,       // read as fixed_window: the cautious reading
+  continuous,    // a token bucket: one unit comes back every window / limit (OpenAI, Anthropic)
+  fixed_window,  // everything comes back at once at the reset (many X-RateLimit-* APIs)
+};
+
 // One dimension of a server's limit as it reported it (e.g. requests or tokens per minute).
 struct limit_snapshot {
   std::optional<std::int64_t> limit{};
   std::optional<std::int64_t> remaining{};
   std::optional<std::chrono::nanoseconds> reset_after{};  // until the window is full again
+  // The period `limit` is per, when the server said so (the IETF policy's w). A limit reported
+  // without one says nothing about its period: weir never assumes a minute.
+  std::optional<std::chrono::nanoseconds> window{};
+  weir::refill refill = refill::unknown;
 
-  bool empty() const noexcept { return !limit && !remaining && !reset_after; }
+  bool empty() const noexcept { return !limit && !remaining && !reset_after && !window; }
+  // The server said this dimension has nothing left.
+  bool exhausted() const noexcept { return remaining && *remaining == 0; }
+
+  // How long until the next unit is there when nothing is left: the whole reset for a fixed
+  // window; for a continuously refilling limit one unit's share of it (reset / limit), since the
+  // reset is the time until the limit is *full* again. nullopt when the reset is unknown.
+  std::optional<std::chrono::nanoseconds> next_unit_after() const noexcept {
+    if (!reset_after) return std::nullopt;
+    if (refill == refill::continuous && limit && *limit > 0)
+      return std::chrono::nanoseconds(reset_after->count() / *limit);
+    return reset_after;
+  }
+
   friend bool operator==(const limit_snapshot&, const limit_snapshot&) = default;
 };
 
@@ -40,6 +66,20 @@ struct rate_limit_hint {
   bool empty() const noexcept {
     return !retry_after && requests.empty() && tokens.empty() && input_tokens.empty() &&
            output_tokens.empty();
+  }
+  // Some dimension has nothing left: a refusal is about the whole quota, not one request.
+  bool exhausted() const noexcept {
+    return requests.exhausted() || tokens.exhausted() || input_tokens.exhausted() ||
+           output_tokens.exhausted();
+  }
+  // When the quota has room again: the longest wait among the exhausted dimensions and the
+  // Retry-After (nullopt when nothing is exhausted).
+  std::optional<std::chrono::nanoseconds> exhausted_for() const noexcept {
+    if (!exhausted()) return std::nullopt;
+    auto wait = retry_after.value_or(std::chrono::nanoseconds::zero());
+    for (const auto* s : {&requests, &tokens, &input_tokens, &output_tokens})
+      if (s->exhausted()) wait = std::max(wait, s->next_unit_after().value_or(wait));
+    return wait;
   }
   friend bool operator==(const rate_limit_hint&, const rate_limit_hint&) = default;
 };

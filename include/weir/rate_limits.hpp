@@ -32,11 +32,10 @@ struct limit {
   weir::rate rate{};
   std::uint64_t burst = 1;
 
-  // n per minute with a burst of a tenth of that (six seconds' worth): close to the quota
-  // without the minute-start spike that strict server windows refuse.
-  static limit per_minute(double n) {
-    return {weir::per_minute(n), static_cast<std::uint64_t>(std::max(1.0, n / 10))};
-  }
+  // n per minute, one at a time: a strict server refuses any burst (nginx's limit_req with no
+  // burst answers 429 to the second of two requests 1 ms apart), and a client that is busy sends
+  // at the rate whatever its burst. Give a burst explicitly where the server allows one.
+  static limit per_minute(double n) { return {weir::per_minute(n), 1}; }
   static limit per_minute(double n, std::uint64_t burst) { return {weir::per_minute(n), burst}; }
 };
 
@@ -115,10 +114,12 @@ class rate_limits {
     state_->settle(estimated, actual, detail::to_nanos(now));
   }
 
-  // Re-sizes one dimension at run time, or enables it if it was absent.
-  void set_limit(dimension d, limit l) {
+  // Re-sizes one dimension at run time, or enables it if it was absent. What is already reserved
+  // ahead of now is re-priced at the new rate, so the next unit is due one *new* interval after
+  // the last: slowing down takes effect with the very next request.
+  void set_limit(dimension d, limit l, time_point now = Clock::now()) {
     std::lock_guard lock(state_->mutex);
-    state_->configure(static_cast<std::size_t>(d), l);
+    state_->reconfigure(static_cast<std::size_t>(d), l, detail::to_nanos(now));
   }
 
   std::optional<limit> get_limit(dimension d) const {
@@ -150,6 +151,22 @@ class rate_limits {
       tolerance[d] = detail::tolerance(i, l.burst);
       interval[d] = i;
       limits[d] = l;
+    }
+
+    // The next unit is due one new interval after the last one, and a backlog reserved ahead of
+    // now is re-priced at the new rate.
+    void reconfigure(std::size_t d, limit l, detail::nanos now) {
+      const auto before = limits[d] ? interval[d] : 0;
+      configure(d, l);
+      if (before == 0 || interval[d] == before) return;
+      const auto delta = interval[d] - before;
+      auto next = tat[d] + delta;
+      if (tat[d] > now) {
+        const double scale = static_cast<double>(interval[d]) / static_cast<double>(before);
+        next = std::max(
+            next, now + static_cast<detail::nanos>(static_cast<double>(tat[d] - now) * scale));
+      }
+      if (delta > 0 || tat[d] > now) tat[d] = next;
     }
 
     // What reserving `cost` now would do, without doing it. Throws for a cost above a burst.

@@ -1,13 +1,25 @@
-// Lets the server steer a provider's rate_limits: what it reports about its limits re-sizes them,
-// "nothing left until the reset" pauses them exactly that long, and a 429 that says nothing
-// lowers the request rate multiplicatively while successes raise it additively (AIMD), so an
-// unknown limit is found from below.
+// Lets the server steer a provider's rate_limits, the way TCP's congestion control steers a
+// sender: it paces just under a limit it knows, finds one it does not, and reacts once to each
+// congestion event.
 //
-//     weir::http::server_adaptation adapt(limits, {.window = std::chrono::minutes(1)});
-//     auto verdict = classifier(outcome);
-//     adapt.observe(verdict);  // after every response
+//  - A limit it knows (given in the limiter, or reported with its period by the server) is paced
+//    at `headroom` under it: strict servers decide in whole milliseconds and timers fire late.
+//  - A limit it does not know is found by slow start: the rate doubles every round trip (every
+//    few successes at least) until the first refusal, then holds just under the rate at which
+//    refusals began, and after a long quiet stretch probes a little above it.
+//  - A refusal that says nothing about the quota is a congestion event. Refusals of requests
+//    sent before the last decrease belong to that decrease (one per round trip, as in TCP). An
+//    event first shrinks the burst to one; at burst one it multiplies the rate by `decrease`.
+//  - "Nothing left" pauses the dimension until its next unit: the whole reset for a fixed window,
+//    reset / limit for a continuously refilling one (OpenAI, Anthropic).
+//
+//     weir::http::server_adaptation adapt(limits);
+//     const auto sent = clock::now();
+//     auto reply = co_await call();
+//     adapt.observe(classifier(reply), sent, clock::now());  // after every response
 #pragma once
 
+#include <weir/error.hpp>
 #include <weir/outcome.hpp>
 #include <weir/rate.hpp>
 #include <weir/rate_limits.hpp>
@@ -16,18 +28,44 @@
 #include <array>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <mutex>
 #include <optional>
 
 namespace weir::http {
 
 struct adaptation_options {
-  // The window the servers' reported limits are per (a minute for OpenAI and Anthropic).
-  std::chrono::nanoseconds window = std::chrono::minutes(1);
-  double burst_fraction = 0.1;  // a learned limit L gets a burst of L × this
-  double decrease = 0.7;        // a 429 with no hint multiplies the request rate by this
-  double increase = 0.01;       // each success adds this fraction of the ceiling to the rate
+  // How far under a known limit to pace: a strict server refuses a request that comes a
+  // millisecond early, and timer jitter makes some do.
+  double headroom = 0.03;
+  // A congestion event at burst one multiplies the request rate by this.
+  double decrease = 0.8;
+  // After a decrease, each success closes this fraction of the gap to the hold point.
+  double recovery = 0.05;
+  // Successes at the hold point without a refusal before probing `probe_step` above it (an
+  // unknown limit may have risen, or the last refusal was bad luck).
+  unsigned probe_after = 100;
+  double probe_step = 0.02;
+  // Discovery, when the limiter has no request limit: where slow start begins, and the fewest
+  // successes per doubling (more when a round trip holds more requests).
+  weir::rate initial_rate = weir::per_second(2);
+  std::uint64_t initial_burst = 4;  // shrunk to one by the first refusal
+  unsigned slow_start_successes = 4;
   weir::rate min_rate = weir::per_minute(1);
+  // A learned token limit L gets a burst of L × this (it must hold the largest request).
+  double burst_fraction = 0.1;
+  // The period of limits reported without one (X-RateLimit-Limit, RateLimit-Limit). None by
+  // default: such a limit says nothing about its rate, so the rate is left to discovery.
+  std::optional<std::chrono::nanoseconds> assumed_window{};
+};
+
+// What the adaptation believes now, for dashboards and tests.
+struct pacing_state {
+  weir::rate rate{};                    // the request rate in force
+  std::uint64_t burst = 1;              // the request burst in force
+  std::optional<weir::rate> ceiling{};  // where refusals began, or the known limit
+  std::optional<weir::rate> known{};    // the limit given or reported
+  bool slow_start = false;              // still looking for the first refusal
 };
 
 template <class Clock = std::chrono::steady_clock>
@@ -35,84 +73,249 @@ class server_adaptation {
  public:
   using time_point = typename Clock::time_point;
 
-  // `limits` is shared, not copied: adaptation changes the limiter the calls go through. The
-  // request rate configured there is the ceiling AIMD never climbs above until the server
-  // reports a limit of its own. Throws weir::exception(invalid_argument) for a bad option.
+  // `limits` is shared, not copied: adaptation changes the limiter the calls go through. A
+  // request limit configured there is the known limit; without one, the request rate is
+  // discovered from `initial_rate` up. Throws weir::exception(invalid_argument) naming a bad
+  // option.
   explicit server_adaptation(rate_limits<Clock> limits, adaptation_options options = {})
       : limits_(std::move(limits)), options_(options) {
-    if (options.window.count() <= 0 || !(options.burst_fraction > 0) || !(options.decrease > 0) ||
-        !(options.decrease < 1) || !(options.increase >= 0) || !(options.min_rate.per_second > 0))
-      throw weir::exception(error::invalid_argument, "adaptation options out of range");
-    if (auto l = limits_.get_limit(dimension::requests)) ceiling_[0] = l->rate.per_second;
+    validate(options);
+    if (auto l = limits_.get_limit(dimension::requests)) {
+      known_ = ceiling_ = l->rate.per_second;
+      burst_ = l->burst;
+      rate_ = hold();
+    } else {
+      slow_start_ = true;
+      rate_ = options.initial_rate.per_second;
+      burst_ = options.initial_burst;
+    }
+    apply(Clock::now());
   }
 
-  // Feeds one classified response.
-  void observe(const classification& c, time_point now = Clock::now()) {
+  // Feeds one classified response to a request sent at `sent`.
+  void observe(const classification& c, time_point sent, time_point now) {
     std::lock_guard lock(mutex_);
+    note_timing(sent, now);
     const limit_snapshot* snapshots[4] = {&c.hint.requests, &c.hint.tokens, &c.hint.input_tokens,
                                           &c.hint.output_tokens};
-    bool informative = c.hint.retry_after.has_value();
     for (std::size_t d = 0; d < 4; ++d) {
       const auto& s = *snapshots[d];
-      const auto dim = static_cast<dimension>(d);
-      if (s.limit && *s.limit > 0) learn_limit(dim, *s.limit);
-      if (s.remaining && *s.remaining == 0 && s.reset_after) {
-        limits_.pause_until(
-            dim, now + std::chrono::duration_cast<typename Clock::duration>(*s.reset_after));
-        informative = true;
-      }
+      if (auto per_second = reported_rate(d, s))
+        learn_limit(static_cast<dimension>(d), *per_second, *s.limit, now);
+      if (s.exhausted())
+        if (auto wait = s.next_unit_after())
+          limits_.pause_until(static_cast<dimension>(d), now + *wait);
     }
     if (c.kind == verdict::rate_limited) {
-      if (c.hint.retry_after)
-        limits_.pause_until(
-            dimension::requests,
-            now + std::chrono::duration_cast<typename Clock::duration>(*c.hint.retry_after));
-      if (!informative) scale_requests(options_.decrease, 0);
-    } else if (c.kind == verdict::success && ceiling_[0]) {
-      scale_requests(1.0, options_.increase * *ceiling_[0]);
+      if (auto wait = c.hint.exhausted_for()) {
+        limits_.pause_until(dimension::requests,
+                            now + *wait);  // the server said exactly when: no guessing
+      } else if (sent > last_decrease_) {
+        congestion_event(sent, now);
+      }
+    } else if (c.kind == verdict::success) {
+      grow(now);
     }
   }
 
-  // The request rate now in force (nullopt when the limits have no request dimension).
+  // As above, for a request sent about one round trip ago.
+  void observe(const classification& c, time_point now = Clock::now()) {
+    std::chrono::nanoseconds rtt;
+    {
+      std::lock_guard lock(mutex_);
+      rtt = std::chrono::nanoseconds(static_cast<std::int64_t>(srtt_));
+    }
+    observe(c, now - std::chrono::duration_cast<typename Clock::duration>(rtt), now);
+  }
+
+  // The request rate now in force.
   std::optional<weir::rate> request_rate() const {
     if (auto l = limits_.get_limit(dimension::requests)) return l->rate;
     return std::nullopt;
   }
 
+  pacing_state state() const {
+    std::lock_guard lock(mutex_);
+    pacing_state s{.rate = weir::per_second(rate_), .burst = burst_, .slow_start = slow_start_};
+    if (ceiling_) s.ceiling = weir::per_second(*ceiling_);
+    if (known_) s.known = weir::per_second(*known_);
+    return s;
+  }
+
  private:
-  double window_seconds() const { return std::chrono::duration<double>(options_.window).count(); }
+  using nanos = std::chrono::nanoseconds;
 
-  // The server reported a limit of `n` per window: that is the ceiling, and the rate if the
-  // limiter was above it (or the dimension was not limited at all yet).
-  void learn_limit(dimension dim, std::int64_t n) {
-    const double per_second = static_cast<double>(n) / window_seconds();
-    const auto d = static_cast<std::size_t>(dim);
-    ceiling_[d] = per_second;
-    const auto current = limits_.get_limit(dim);
-    if (current && current->rate.per_second <= per_second) return;
-    const auto burst =
-        static_cast<std::uint64_t>(std::max(1.0, static_cast<double>(n) * options_.burst_fraction));
-    limits_.set_limit(dim, {weir::per_second(per_second), burst});
+  static void validate(const adaptation_options& o) {
+    const auto fail = [](const char* what) {
+      throw weir::exception(error::invalid_argument, std::string("adaptation: ") + what);
+    };
+    if (!(o.headroom >= 0 && o.headroom < 0.5)) fail("headroom must be in [0, 0.5)");
+    if (!(o.decrease > 0 && o.decrease < 1)) fail("decrease must be in (0, 1)");
+    if (!(o.recovery > 0 && o.recovery <= 1)) fail("recovery must be in (0, 1]");
+    if (!(o.probe_step >= 0 && o.probe_step < 1)) fail("probe_step must be in [0, 1)");
+    if (o.probe_after == 0) fail("probe_after must be at least 1");
+    if (o.slow_start_successes == 0) fail("slow_start_successes must be at least 1");
+    if (o.initial_burst == 0) fail("initial_burst must be at least 1");
+    if (!(o.min_rate.per_second > 0) || !std::isfinite(o.min_rate.per_second))
+      fail("min_rate must be positive");
+    if (!(o.initial_rate.per_second >= o.min_rate.per_second) ||
+        !std::isfinite(o.initial_rate.per_second))
+      fail("initial_rate must be finite and at least min_rate");
+    if (!(o.burst_fraction > 0)) fail("burst_fraction must be positive");
+    if (o.assumed_window && o.assumed_window->count() <= 0) fail("assumed_window must be positive");
   }
 
-  // rate := clamp(rate × factor + step, min_rate, ceiling). A cut also drops the burst to one:
-  // after a refusal that said nothing, the server may allow no burst at all, and a burst that grew
-  // with the rate would send requests back to back exactly when the rate nears the limit.
-  void scale_requests(double factor, double step) {
-    auto current = limits_.get_limit(dimension::requests);
-    if (!current) return;
-    double next = current->rate.per_second * factor + step;
-    if (ceiling_[0]) next = std::min(next, *ceiling_[0]);
-    next = std::max(next, options_.min_rate.per_second);
-    if (next == current->rate.per_second) return;
-    limits_.set_limit(dimension::requests,
-                      {weir::per_second(next), factor < 1 ? std::uint64_t{1} : current->burst});
+  double hold() const { return *ceiling_ * (1 - options_.headroom); }
+
+  // The rate a snapshot reports, per second, when its period is known: said (the IETF policy's
+  // w), inferred (a continuously refilling limit gives back limit − remaining in `reset`, so its
+  // window is reset × limit / (limit − remaining)), or assumed by the options.
+  std::optional<double> reported_rate(std::size_t d, const limit_snapshot& s) {
+    if (!s.limit || *s.limit <= 0) return std::nullopt;
+    std::optional<nanos> window = s.window;
+    if (!window && s.refill == refill::continuous && s.remaining && s.reset_after &&
+        *s.remaining < *s.limit && s.reset_after->count() > 0) {
+      // The sample with the most units outstanding measures the window most precisely.
+      const auto outstanding = *s.limit - *s.remaining;
+      if (outstanding >= inferred_[d].outstanding) {
+        inferred_[d] = {outstanding,
+                        nanos(static_cast<std::int64_t>(
+                            static_cast<double>(s.reset_after->count()) *
+                            static_cast<double>(*s.limit) / static_cast<double>(outstanding)))};
+      }
+    }
+    if (!window && inferred_[d].outstanding > 0) window = inferred_[d].window;
+    if (!window) window = options_.assumed_window;
+    if (!window || window->count() <= 0) return std::nullopt;
+    return static_cast<double>(*s.limit) / std::chrono::duration<double>(*window).count();
   }
+
+  void learn_limit(dimension dim, double per_second, std::int64_t per_window, time_point now) {
+    if (dim != dimension::requests) {
+      const auto paced = per_second * (1 - options_.headroom);
+      const auto current = limits_.get_limit(dim);
+      if (current && std::abs(current->rate.per_second - paced) <= 0.01 * paced) return;
+      const auto burst = static_cast<std::uint64_t>(
+          std::max(1.0, static_cast<double>(per_window) * options_.burst_fraction));
+      limits_.set_limit(dim, {weir::per_second(paced), burst}, now);
+      return;
+    }
+    if (known_ && std::abs(*known_ - per_second) <= 0.01 * per_second) return;
+    known_ = per_second;
+    if (slow_start_ || !ceiling_ || *ceiling_ > per_second) {
+      slow_start_ = false;
+      ceiling_ = per_second;
+      rate_ = hold();
+      apply(now);
+    }
+  }
+
+  // A refusal that says nothing about the quota, of a request sent after the last decrease.
+  void congestion_event(time_point sent, time_point now) {
+    last_decrease_ = now;
+    quiet_ = 0;
+    if (burst_ > 1) {
+      burst_ = 1;  // a burst the server does not allow: shrink it before touching the rate
+      apply(now);
+      return;
+    }
+    const double at_send = std::min(rate_, rate_at(sent));
+    ceiling_ = known_ ? std::min(*known_, at_send) : at_send;
+    slow_start_ = false;
+    rate_ = std::max(options_.min_rate.per_second, at_send * options_.decrease);
+    apply(now);
+  }
+
+  void grow(time_point now) {
+    // Only a rate that is used is tested by the server: an idle client learns nothing about the
+    // rates above what it sends.
+    const auto sending = [&](double share) {
+      return sent_rate_ == 0 || sent_rate_ >= share * rate_;
+    };
+    if (slow_start_) {
+      if (!sending(0.4)) return;
+      const double per_round =
+          std::max(static_cast<double>(options_.slow_start_successes), rate_ * srtt_ * 1e-9);
+      double next = rate_ * std::exp2(1.0 / per_round);
+      if (known_ && next >= *known_ * (1 - options_.headroom)) {
+        slow_start_ = false;
+        ceiling_ = known_;
+        next = hold();
+      }
+      rate_ = next;
+      apply(now);
+      return;
+    }
+    const double target = hold();
+    if (rate_ < target) {
+      rate_ += (target - rate_) * options_.recovery;
+      if (target - rate_ < target * 1e-3) rate_ = target;
+      apply(now);
+      return;
+    }
+    if (!sending(0.8) || ++quiet_ < options_.probe_after) return;
+    quiet_ = 0;
+    if (known_ && *ceiling_ >= *known_) return;
+    ceiling_ = *ceiling_ * (1 + options_.probe_step);
+    if (known_) ceiling_ = std::min(*ceiling_, *known_);
+  }
+
+  // Round-trip time and the rate requests are actually sent at, both smoothed.
+  void note_timing(time_point sent, time_point now) {
+    const double rtt = static_cast<double>(std::chrono::duration_cast<nanos>(now - sent).count());
+    if (rtt >= 0) srtt_ = srtt_ == 0 ? rtt : srtt_ + 0.125 * (rtt - srtt_);
+    const auto at = detail::to_nanos(now);
+    if (last_response_ != 0) {
+      const double gap = static_cast<double>(std::max<detail::nanos>(0, at - last_response_));
+      gap_ = gap_ == 0 ? gap : gap_ + 0.1 * (gap - gap_);
+      if (gap_ > 0) sent_rate_ = 1e9 / gap_;
+    }
+    last_response_ = at;
+  }
+
+  // The rate that was in force at `t` (the oldest remembered one if `t` is older).
+  double rate_at(time_point t) const {
+    const auto at = detail::to_nanos(t);
+    double rate = rate_;
+    for (std::size_t k = 0; k < history_.size(); ++k) {
+      const auto& h = history_[(next_history_ + history_.size() - 1 - k) % history_.size()];
+      if (h.rate == 0) break;
+      rate = h.rate;
+      if (h.since <= at) break;
+    }
+    return rate;
+  }
+
+  void apply(time_point now) {
+    rate_ = std::max(rate_, options_.min_rate.per_second);
+    limits_.set_limit(dimension::requests, {weir::per_second(rate_), burst_}, now);
+    history_[next_history_] = {detail::to_nanos(now), rate_};
+    next_history_ = (next_history_ + 1) % history_.size();
+  }
+
+  struct window_estimate {
+    std::int64_t outstanding = 0;
+    nanos window{0};
+  };
+  struct rate_change {
+    detail::nanos since = 0;
+    double rate = 0;
+  };
 
   rate_limits<Clock> limits_;
   adaptation_options options_;
-  std::mutex mutex_;
-  std::array<std::optional<double>, 4> ceiling_{};  // per second, from the server or the config
+  mutable std::mutex mutex_;
+  double rate_ = 0;  // requests per second
+  std::uint64_t burst_ = 1;
+  std::optional<double> ceiling_, known_;  // per second
+  bool slow_start_ = false;
+  unsigned quiet_ = 0;
+  time_point last_decrease_ = time_point::min();
+  double srtt_ = 0, gap_ = 0, sent_rate_ = 0;  // ns, ns, per second
+  detail::nanos last_response_ = 0;
+  std::array<window_estimate, 4> inferred_{};
+  std::array<rate_change, 32> history_{};
+  std::size_t next_history_ = 0;
 };
 
 }  // namespace weir::http

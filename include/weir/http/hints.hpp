@@ -140,17 +140,28 @@ class hint_parser {
     rate_limit_hint h = hint_;
     // retry-after-ms is the more precise of the two when both are sent (Azure, OpenAI).
     h.retry_after = retry_after_ms_ ? retry_after_ms_ : retry_after_;
-    for (const auto& r : current_) {
-      const auto* policy = find_policy(r.name);
-      const std::string_view unit =
-          policy && !policy->quota_unit.empty() ? policy->quota_unit : r.quota_unit;
-      if (!unit.empty() && unit != "requests") continue;  // bytes or concurrency: not ours to pace
+    // The IETF fields: each RateLimit item with the policy of its name, whose w is the window.
+    const auto read_ietf = [&](const detail::ratelimit_item* current,
+                               const detail::ratelimit_item* policy) {
+      const auto& unit_of = policy && !policy->quota_unit.empty() ? policy : current;
+      if (unit_of && !unit_of->quota_unit.empty() && unit_of->quota_unit != "requests")
+        return;  // bytes or concurrency: not ours to pace
       limit_snapshot s;
-      s.remaining = r.r;
-      if (r.t) s.reset_after = std::chrono::seconds(std::min<std::int64_t>(*r.t, 86400));
-      if (policy) s.limit = policy->q;
+      if (current) {
+        s.remaining = current->r;
+        if (current->t)
+          s.reset_after = std::chrono::seconds(std::min<std::int64_t>(*current->t, 86400));
+      }
+      if (policy) {
+        s.limit = policy->q;
+        if (policy->w && *policy->w > 0)
+          s.window = std::chrono::seconds(std::min<std::int64_t>(*policy->w, 86400));
+      }
       merge(h.requests, s);
-    }
+    };
+    for (const auto& r : current_) read_ietf(&r, find_policy(r.name));
+    if (current_.empty())
+      for (const auto& p : policies_) read_ietf(nullptr, &p);
     return h;
   }
 
@@ -162,10 +173,14 @@ class hint_parser {
     return s.size() >= prefix.size() && detail::iequals(s.substr(0, prefix.size()), prefix);
   }
 
+  // The most cautious reading: the smallest limit and remainder, the longest reset and window,
+  // and a fixed window over a continuous refill.
   static void merge(limit_snapshot& into, const limit_snapshot& s) {
     detail::merge_min(into.limit, s.limit);
     detail::merge_min(into.remaining, s.remaining);
     detail::merge_max(into.reset_after, s.reset_after);
+    detail::merge_max(into.window, s.window);
+    if (into.refill == refill::unknown || s.refill == refill::fixed_window) into.refill = s.refill;
   }
 
   const detail::ratelimit_item* find_policy(std::string_view name) const {
@@ -183,13 +198,14 @@ class hint_parser {
     return nullptr;
   }
 
-  // {limit,remaining,reset}-{requests,tokens}: reset is a Go-style duration.
+  // {limit,remaining,reset}-{requests,tokens}: reset is a Go-style duration, the time until the
+  // limit is full again; OpenAI's limits refill continuously ("Rate limits" guide).
   bool add_openai(std::string_view rest, std::string_view value) {
     const auto dash = rest.find('-');
     if (dash == std::string_view::npos) return false;
     auto* dim = dimension(rest.substr(dash + 1));
     if (!dim) return false;
-    limit_snapshot s;
+    limit_snapshot s{.refill = refill::continuous};
     const auto field = rest.substr(0, dash);
     if (detail::iequals(field, "limit"))
       s.limit = parse_count(value);
@@ -203,13 +219,15 @@ class hint_parser {
     return true;
   }
 
-  // {requests,tokens,input-tokens,output-tokens}-{limit,remaining,reset}: reset is RFC 3339.
+  // {requests,tokens,input-tokens,output-tokens}-{limit,remaining,reset}: reset is RFC 3339, when
+  // the limit is full again; Anthropic's limits are token buckets, replenished continuously
+  // ("Rate limits" in its API docs).
   bool add_anthropic(std::string_view rest, std::string_view value) {
     const auto dash = rest.rfind('-');
     if (dash == std::string_view::npos) return false;
     auto* dim = dimension(rest.substr(0, dash));
     if (!dim) return false;
-    limit_snapshot s;
+    limit_snapshot s{.refill = refill::continuous};
     const auto field = rest.substr(dash + 1);
     if (detail::iequals(field, "limit"))
       s.limit = parse_count(value);

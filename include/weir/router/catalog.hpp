@@ -43,11 +43,19 @@ struct model_spec {
   }
 };
 
+// What a refusal that says the quota is exhausted cools down.
+enum class cooldown_scope {
+  model,     // the model (deployment) it came from: limits are per model (OpenAI, Anthropic)
+  provider,  // every model of the provider: limits are per account
+};
+
 struct provider_spec {
   std::string name;
   circuit_breaker_options breaker{};  // on_state_change is kept and called besides the router's
-  // How long a provider cools down after a refusal that names no time (no Retry-After, no reset).
+  // How long a refused request waits before it tries the same model again when the refusal
+  // names no time (no Retry-After, no reset).
   std::chrono::nanoseconds default_cooldown = std::chrono::seconds(1);
+  weir::cooldown_scope cooldown_scope = cooldown_scope::model;
 };
 
 // An ordered list of providers and models. Adding a model for a provider not added yet adds the

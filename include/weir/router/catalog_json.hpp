@@ -2,7 +2,7 @@
 //
 //     {
 //       "providers": [
-//         {"name": "openai", "default_cooldown_seconds": 2,
+//         {"name": "openai", "default_cooldown_seconds": 2, "cooldown_scope": "model",
 //          "breaker": {"consecutive_failures": 5, "break_seconds": 30}}
 //       ],
 //       "models": [
@@ -258,6 +258,11 @@ inline provider_spec read_provider(const node& n, const std::string& path) {
   p.name = r.string("name", true);
   if (auto s = r.number("default_cooldown_seconds", false, max_seconds))
     p.default_cooldown = seconds(*s);
+  if (const auto scope = r.string("cooldown_scope", false); scope == "provider")
+    p.cooldown_scope = cooldown_scope::provider;
+  else if (!scope.empty() && scope != "model")
+    throw catalog_error(r.field("cooldown_scope"), r.find("cooldown_scope")->line,
+                        "expected \"model\" or \"provider\"");
   if (const node* b = r.find("breaker")) {
     reader br(*b, r.field("breaker"));
     constexpr std::uint64_t max_count = 1'000'000;

@@ -144,6 +144,10 @@ struct basic_router_options {
   double latency_smoothing = 0.2;  // weight of the newest sample in the latency average
   std::chrono::nanoseconds usage_window = std::chrono::minutes(1);
   double slow_down_above = 0.8;  // utilization where batch requests start to hold back
+  // How each model's limits follow what its server reports, and find a request limit the catalog
+  // leaves out (slow start from adaptation_options::initial_rate). nullopt: the limits stay as
+  // the catalog gives them, and a model without limits is not paced at all.
+  std::optional<http::adaptation_options> adaptation = http::adaptation_options{};
 };
 
 // A model's state as the router sees it now, for dashboards.
@@ -156,7 +160,7 @@ struct model_status {
   std::uint64_t rate_limited = 0;
   std::uint64_t errors = 0;
   breaker_state breaker = breaker_state::closed;
-  std::chrono::nanoseconds cooling{0};  // left of the provider's cooldown
+  std::chrono::nanoseconds cooling{0};  // left of the model's (or its provider's) cooldown
   std::chrono::nanoseconds latency{0};
 };
 
@@ -211,7 +215,9 @@ class router {
   // Which model route() would choose now, without reserving anything (nullopt: none has room).
   std::optional<std::size_t> select(const constraints& c, time_point now = Clock::now()) const {
     detail::small_buffer<char, 32> tried(state_->models.size(), 0);
-    return state_->pick(c, state_->fitting_context(c), tried.span(), now, false).model;
+    detail::small_buffer<std::int64_t, 32> not_before(state_->models.size(), 0);
+    return state_->pick(c, state_->fitting_context(c), tried.span(), not_before.span(), now, false)
+        .model;
   }
 
   const catalog& models() const noexcept { return state_->catalog_; }
@@ -228,7 +234,8 @@ class router {
       s.rate_limited = totals.rate_limited;
       s.errors = totals.errors;
       s.breaker = p.breaker.state();
-      s.cooling = std::max(std::chrono::nanoseconds::zero(), p.cooling_until(now));
+      s.cooling =
+          std::max({std::chrono::nanoseconds::zero(), p.cooldown.left(now), m->cooldown.left(now)});
       s.latency = std::chrono::nanoseconds(m->latency_ns.load(std::memory_order_relaxed));
       out.push_back(s);
     }
@@ -238,24 +245,29 @@ class router {
  private:
   using nanos = std::chrono::nanoseconds;
 
+  // Until when the server said a quota is exhausted; only ever moves later.
+  struct cooldown {
+    nanos left(time_point now) const {
+      return nanos(until_ns.load(std::memory_order_acquire)) -
+             std::chrono::duration_cast<nanos>(now.time_since_epoch());
+    }
+    void extend_to(time_point until) {
+      const auto ns = std::chrono::duration_cast<nanos>(until.time_since_epoch()).count();
+      auto seen = until_ns.load(std::memory_order_relaxed);
+      while (ns > seen && !until_ns.compare_exchange_weak(seen, ns, std::memory_order_acq_rel)) {
+      }
+    }
+
+    std::atomic<std::int64_t> until_ns{0};  // clock epoch: long past
+  };
+
   struct provider_entry {
     provider_entry(const provider_spec& s, circuit_breaker_options breaker_options)
         : spec(&s), breaker(std::move(breaker_options)) {}
 
-    nanos cooling_until(time_point now) const {
-      return nanos(cooldown_ns.load(std::memory_order_acquire)) -
-             std::chrono::duration_cast<nanos>(now.time_since_epoch());
-    }
-    void cool_until(time_point until) {
-      const auto ns = std::chrono::duration_cast<nanos>(until.time_since_epoch()).count();
-      auto seen = cooldown_ns.load(std::memory_order_relaxed);
-      while (ns > seen && !cooldown_ns.compare_exchange_weak(seen, ns, std::memory_order_acq_rel)) {
-      }
-    }
-
     const provider_spec* spec;
     circuit_breaker<Clock> breaker;
-    std::atomic<std::int64_t> cooldown_ns{0};  // clock epoch: long past
+    struct cooldown cooldown;  // for providers whose limits are per account
     provider_call call;
   };
 
@@ -273,7 +285,7 @@ class router {
                                   ? std::optional(weir::per_minute(s.tokens_per_minute))
                                   : std::nullopt,
               .slow_down_above = o.slow_down_above}) {
-      if (s.requests_per_minute <= 0 && s.tokens_per_minute <= 0) return;
+      if (s.requests_per_minute <= 0 && s.tokens_per_minute <= 0 && !o.adaptation) return;
       rate_limits_options lo;
       if (s.requests_per_minute > 0) lo.requests = limit::per_minute(s.requests_per_minute);
       if (s.tokens_per_minute > 0) {
@@ -284,7 +296,7 @@ class router {
         lo.tokens = limit{weir::per_minute(s.tokens_per_minute), token_burst};
       }
       limits.emplace(ex, lo);
-      adapt.emplace(*limits);
+      if (o.adaptation) adapt.emplace(*limits, *o.adaptation);
     }
 
     const model_spec* spec;
@@ -294,6 +306,7 @@ class router {
     usage_monitor<Clock> monitor;
     std::uint64_t token_burst = std::numeric_limits<std::uint64_t>::max();
     std::atomic<std::int64_t> latency_ns{0};
+    struct cooldown cooldown;
   };
 
   struct pick_result {
@@ -354,10 +367,10 @@ class router {
       return c.input_tokens + c.output_tokens <= m.token_burst;
     }
 
-    // How long before the model may be tried, limits aside: cooldown, breaker, batch pacing.
+    // How long before the model may be tried, limits aside: cooldowns, breaker, batch pacing.
     nanos blocked_for(const model_entry& m, const constraints& c, time_point now) const {
       const auto& p = *providers[m.provider];
-      nanos wait = std::max(nanos::zero(), p.cooling_until(now));
+      nanos wait = std::max({nanos::zero(), p.cooldown.left(now), m.cooldown.left(now)});
       if (p.breaker.state() != breaker_state::closed)
         wait = std::max(wait, p.breaker.time_until_admit(now));
       if (c.priority == weir::priority::batch) wait = std::max(wait, m.monitor.pacing_delay(now));
@@ -369,8 +382,9 @@ class router {
     }
 
     // The best model with room now; with `reserve`, its limits are charged for the request.
+    // `not_before` holds, per model, when this request may try it again (clock nanoseconds).
     pick_result pick(const constraints& c, std::uint64_t min_context, std::span<const char> tried,
-                     time_point now, bool reserve) {
+                     std::span<const std::int64_t> not_before, time_point now, bool reserve) {
       pick_result r;
       const auto n = models.size();
       constexpr double unranked = std::numeric_limits<double>::infinity();
@@ -380,7 +394,9 @@ class router {
         const auto& m = *models[i];
         if (tried[i] || !fits(m, c, min_context)) continue;
         r.any_capable = true;
-        if (auto wait = blocked_for(m, c, now); wait > nanos::zero()) {
+        const auto own =
+            nanos(not_before[i]) - std::chrono::duration_cast<nanos>(now.time_since_epoch());
+        if (auto wait = std::max(own, blocked_for(m, c, now)); wait > nanos::zero()) {
           r.earliest = std::min(r.earliest, wait);
           continue;
         }
@@ -421,18 +437,6 @@ class router {
       }
     }
 
-    // How long a refusal keeps the provider away: its Retry-After, else the reset of a limit it
-    // reported exhausted, else the provider's default cooldown.
-    nanos cooldown_for(const classification& verdict, const provider_spec& p) const {
-      if (verdict.hint.retry_after) return *verdict.hint.retry_after;
-      nanos reset = nanos::zero();
-      for (const auto* s : {&verdict.hint.requests, &verdict.hint.tokens,
-                            &verdict.hint.input_tokens, &verdict.hint.output_tokens})
-        if (s->remaining && *s->remaining == 0 && s->reset_after)
-          reset = std::max(reset, *s->reset_after);
-      return reset > nanos::zero() ? reset : p.default_cooldown;
-    }
-
     executor_type executor;
     catalog catalog_;
     options_type options;
@@ -457,6 +461,8 @@ class router {
     const auto n = s->models.size();
     detail::small_buffer<char, 32> flags(n, 0);
     const auto tried = flags.span();
+    detail::small_buffer<std::int64_t, 32> retry_times(n, 0);
+    const auto not_before = retry_times.span();
     auto min_context = s->fitting_context(c);
     const auto estimate = state::cost_of(c);
     route_record record;
@@ -472,7 +478,7 @@ class router {
         throw weir::exception(error::retries_exhausted,
                               fmt::format("router: {} attempts failed", record.attempts), {},
                               last_failure, record.attempts);
-      const auto pick = s->pick(c, min_context, tried, now, true);
+      const auto pick = s->pick(c, min_context, tried, not_before, now, true);
       if (!pick.model) {
         if (!pick.any_capable) {
           if (record.attempts == 0 && !last_failure)
@@ -538,7 +544,7 @@ class router {
       const bool cancelled = result.cancelled();
       // A refusal is the cooldown's business, not the breaker's: only real failures count.
       p.breaker.record(ticket, judged.kind == verdict::retryable && !cancelled);
-      if (m.adapt && !cancelled) m.adapt->observe(judged, finished);
+      if (m.adapt && !cancelled) m.adapt->observe(judged, started, finished);
       record.steps.push_back({spec.provider, spec.id, judged.kind, latency});
 
       std::optional<token_usage> used;
@@ -565,13 +571,25 @@ class router {
           co_return routed<Response>{std::move(result.value()), std::move(record)};
         }
         case verdict::rate_limited: {
-          const auto cool = s->cooldown_for(judged, *p.spec);
-          p.cool_until(finished + std::chrono::duration_cast<typename Clock::duration>(cool));
-          if (s->options.watch) {
-            s->emit(server_rate_limited{c.operation, judged.hint});
-            s->emit(provider_cooling{c.operation, spec.provider, cool});
-            s->emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind});
+          s->emit(server_rate_limited{c.operation, judged.hint});
+          if (const auto cool = judged.hint.exhausted_for()) {
+            // The quota is spent until then: nobody sends there before it has room again.
+            const bool whole_provider = p.spec->cooldown_scope == cooldown_scope::provider;
+            (whole_provider ? p.cooldown : m.cooldown)
+                .extend_to(finished + std::chrono::duration_cast<typename Clock::duration>(*cool));
+            s->emit(provider_cooling{c.operation, spec.provider, *cool,
+                                     whole_provider ? std::string_view{} : spec.id});
+          } else {
+            // Only this request was refused: it waits as the server said before it tries this
+            // model again; the model's pacing has made its one decrease.
+            const auto wait = judged.hint.retry_after.value_or(p.spec->default_cooldown);
+            not_before[i] =
+                std::chrono::duration_cast<nanos>(
+                    (finished + std::chrono::duration_cast<typename Clock::duration>(wait))
+                        .time_since_epoch())
+                    .count();
           }
+          s->emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind});
           last_failure = failure_of(result, spec, judged);
           break;
         }
