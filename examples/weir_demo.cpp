@@ -4,8 +4,8 @@
 // sleep 1, 2, 4 ... s) on fresh providers, and puts the two side by side.
 //
 //     weir-demo [--requests N] [--concurrency N] [--seed N] [--compare] [--svg PATH] [--plain]
-//     weir-demo --base-url https://api.example.com/v1 --api-key-env MY_KEY --model NAME
-//               [--rpm N] [--tpm N]
+//     weir-demo --model NAME [--base-url https://api.example.com/v1] [--api-key-env VAR]
+//               [--dialect openai|anthropic] [--rpm N] [--tpm N]
 #include "demo/workload.hpp"
 
 #include <fmt/format.h>
@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <future>
+#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -37,10 +38,15 @@ Usage: weir-demo [options]
   --compare         run the naive way first, then weir, and compare them
   --svg PATH        where to write the timeline (default weir-demo-timeline.svg)
   --plain           log lines instead of the live dashboard (the default when not a terminal)
-  --base-url URL    an OpenAI-compatible endpoint to use instead of the local mocks
-  --api-key-env VAR the environment variable holding its API key (never printed)
-  --model NAME      the model to ask for at --base-url (required with it)
-  --rpm N, --tpm N  its limits (default 60 and 60000; lowered to what its headers report)
+  --model NAME      run against a real endpoint instead of the local mocks, asking for NAME
+  --dialect D       openai (default) or anthropic
+  --base-url URL    the endpoint's API root, as the SDKs take it (https://host/v1); default
+                    $OPENAI_BASE_URL or https://api.openai.com/v1 (anthropic: $ANTHROPIC_BASE_URL
+                    or https://api.anthropic.com/v1)
+  --api-key-env VAR the environment variable holding the API key, never printed; default
+                    OPENAI_API_KEY (anthropic: ANTHROPIC_API_KEY), none if it is unset
+  --rpm N, --tpm N  its limits, if you know them; otherwise weir reads them from the response
+                    headers or discovers them (slow start, then just under the first 429)
   --help            this text
 )";
 
@@ -52,7 +58,8 @@ struct settings {
   bool plain = false;
   std::string svg = "weir-demo-timeline.svg";
   std::string base_url, api_key_env, model;
-  double rpm = 60, tpm = 60'000;
+  demo::dialect speaks = demo::dialect::openai;
+  double rpm = 0, tpm = 0;  // 0: not given
   bool requests_given = false;
 };
 
@@ -100,6 +107,11 @@ settings parse(int argc, char** argv) {
       s.api_key_env = value();
     } else if (flag == "--model") {
       s.model = value();
+    } else if (flag == "--dialect") {
+      const auto d = value();
+      if (d != "openai" && d != "anthropic")
+        bad_usage(fmt::format("--dialect is openai or anthropic, not '{}'", d));
+      s.speaks = d == "anthropic" ? demo::dialect::anthropic : demo::dialect::openai;
     } else if (flag == "--rpm") {
       s.rpm = number_flag<double>(flag, value(), 1, 1e7);
     } else if (flag == "--tpm") {
@@ -108,8 +120,19 @@ settings parse(int argc, char** argv) {
       bad_usage(fmt::format("unknown option '{}'", flag));
     }
   }
-  if (!s.base_url.empty()) {
-    if (s.model.empty()) bad_usage("--base-url needs --model");
+  if (!s.model.empty()) {
+    // The SDKs' conventions: the base URL and the key come from the environment by default.
+    const bool anthropic = s.speaks == demo::dialect::anthropic;
+    if (s.base_url.empty()) {
+      const char* from_env = std::getenv(anthropic ? "ANTHROPIC_BASE_URL" : "OPENAI_BASE_URL");
+      s.base_url = from_env && *from_env ? from_env
+                   : anthropic           ? "https://api.anthropic.com/v1"
+                                         : "https://api.openai.com/v1";
+    }
+    if (s.api_key_env.empty()) {
+      const char* name = anthropic ? "ANTHROPIC_API_KEY" : "OPENAI_API_KEY";
+      if (const char* key = std::getenv(name); key && *key) s.api_key_env = name;
+    }
     if (s.compare) bad_usage("--compare runs against the local mocks only");
     try {
       demo::url::parse(s.base_url);
@@ -117,8 +140,8 @@ settings parse(int argc, char** argv) {
       bad_usage(fmt::format("--base-url: {}", e.what()));
     }
     if (!s.requests_given) s.requests = 10;
-  } else if (!s.api_key_env.empty() || !s.model.empty()) {
-    bad_usage("--api-key-env and --model go with --base-url");
+  } else if (!s.api_key_env.empty() || !s.base_url.empty() || s.rpm > 0 || s.tpm > 0) {
+    bad_usage("--base-url, --api-key-env, --rpm and --tpm go with --model");
   }
   return s;
 }
@@ -156,11 +179,15 @@ std::vector<std::string> view(const std::string& mode, const demo::progress& liv
                   mode, bar(fraction, 30), done, total, seconds, eta, live.failed.load(),
                   live.rate_limited.load(), live.retries.load()));
   std::map<std::string, std::pair<weir::breaker_state, double>> breakers;
+  std::map<std::string, double> limits;  // requests/s in force: given, reported or discovered
+  std::set<std::string> discovering;
   if (status)
     for (const auto& m : status()) {
       auto& b = breakers[std::string(m.provider)];
       if (m.breaker != weir::breaker_state::closed) b.first = m.breaker;
       b.second = std::max(b.second, std::chrono::duration<double>(m.cooling).count());
+      limits[std::string(m.provider)] += m.requests_limit.value_or(0) / 60;
+      if (m.discovering) discovering.insert(std::string(m.provider));
     }
   const int now = static_cast<int>(seconds);
   for (const auto& [name, t] : so_far.providers) {
@@ -169,17 +196,17 @@ std::vector<std::string> view(const std::string& mode, const demo::progress& liv
     for (int s = now - 3; s < now; ++s)
       if (auto it = t.sent_per_second.find(s); it != t.sent_per_second.end()) sent += it->second;
     const double rate = sent / 3;
-    const double use = t.limit_per_second > 0 ? rate / t.limit_per_second : 0;
-    std::string state = "-";
+    const double limit = limits.contains(name) ? limits[name] : t.limit_per_second;
+    const double use = limit > 0 ? rate / limit : 0;
+    std::string state = discovering.contains(name) ? "slow start, " : "";
     if (auto it = breakers.find(name); it != breakers.end()) {
-      state = breaker_name(it->second.first);
+      state += breaker_name(it->second.first);
       if (it->second.second > 0) state += fmt::format(", cooling {:.1f} s", it->second.second);
     }
-    lines.push_back(
-        fmt::format("  {:<10} {:5.1f}/s of {:5.1f}/s [{}] {:3.0f}%  sent {:>4}  "
-                    "429s {:>3}  failed {:>3}  breaker {}",
-                    name, rate, t.limit_per_second, bar(use, 20), use * 100, t.sent, t.rate_limited,
-                    t.failed, state));
+    lines.push_back(fmt::format(
+        "  {:<10} {:5.1f}/s of {:5.1f}/s [{}] {:3.0f}%  sent {:>4}  "
+        "429s {:>3}  failed {:>3}  breaker {}",
+        name, rate, limit, bar(use, 20), use * 100, t.sent, t.rate_limited, t.failed, state));
   }
   return lines;
 }
@@ -230,11 +257,10 @@ void summary(const std::vector<demo::run_report>& runs) {
   row("429s seen", [](const auto& r) { return fmt::format("{}", r.rate_limited); });
   row("retries and fallbacks", [](const auto& r) { return fmt::format("{}", r.retries); });
   row("goodput", [](const auto& r) { return fmt::format("{:.1f}/s", r.goodput()); });
-  // What the providers' limits allowed over the run: the sustained rate, plus the 10 s of it
-  // each mock's bucket holds at the start.
+  // Against the limits in force (given, reported or discovered), in the dimension that binds.
   row("  of what the limits allow", [](const auto& r) {
-    const double allowed = r.limit_per_second * (r.seconds + 10);
-    return fmt::format("{:.0f}%", 100 * static_cast<double>(r.completed) / allowed);
+    if (!(r.limit_per_second > 0)) return std::string("unknown");
+    return fmt::format("{:.0f}%", 100 * r.goodput() / r.limit_per_second);
   });
   row("cost", [](const auto& r) {
     double total = 0;
@@ -365,6 +391,7 @@ int main(int argc, char** argv) {
     }
     demo::provider_setup remote;  // assigned field by field: gcc 12 misreads the aggregate form
     remote.name = "remote";
+    remote.speaks = s.speaks;
     remote.models.push_back({s.model, 5, 0, 0, s.rpm, s.tpm, 0});
     remote.base_url = s.base_url;
     remote.api_key = key;

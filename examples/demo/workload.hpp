@@ -122,8 +122,9 @@ inline std::string request_body(dialect d, std::string_view model, const job& j)
       j.prompt, j.max_tokens);
 }
 
+// Relative to the base URL, which ends at the API root as the SDKs take it ("https://host/v1").
 inline std::string endpoint_of(dialect d) {
-  return d == dialect::anthropic ? "/v1/messages" : "/v1/chat/completions";
+  return d == dialect::anthropic ? "/messages" : "/chat/completions";
 }
 
 inline std::vector<std::pair<std::string, std::string>> auth_headers(const provider_setup& p) {
@@ -213,9 +214,9 @@ struct run_report {
   std::map<std::string, provider_tally> providers;
   std::map<std::size_t, unsigned> endings;  // by job id: how many times it ended (must be 1)
   std::set<std::size_t> succeeded;          // job ids reported successful
-  double limit_per_second = 0;              // of the whole fleet
+  double limit_per_second = 0;              // of the whole fleet, in the dimension that binds
 
-  // Completed requests per second as a share of what the fleet's limits allow.
+  // Completed requests per second.
   double goodput() const { return seconds > 0 ? completed / seconds : 0; }
 };
 
@@ -227,6 +228,7 @@ struct progress {
 // The thread-safe log of one run, fed by router events or the naive loop.
 class recorder {
  public:
+  // Starts with the limits the fleet's setup gives (0 where it gives none).
   recorder(const std::vector<provider_setup>& fleet, progress& live)
       : start_(steady::now()), live_(live) {
     for (const auto& p : fleet) {
@@ -325,6 +327,26 @@ struct run_options {
 // What a status line needs of a running router.
 using status_source = std::function<std::vector<weir::model_status>()>;
 
+// Requests per second a model's limits allow now, in the dimension that binds: its request limit,
+// or its token limit over the tokens a request takes, whichever is lower. 0 when neither is
+// known (yet).
+inline double binding_limit(const weir::model_status& m, double tokens_per_request) {
+  double per_second = 0;
+  if (m.requests_limit) per_second = *m.requests_limit / 60;
+  if (m.tokens_limit && tokens_per_request > 0) {
+    const double by_tokens = *m.tokens_limit / 60 / tokens_per_request;
+    per_second = per_second > 0 ? std::min(per_second, by_tokens) : by_tokens;
+  }
+  return per_second;
+}
+
+// The tokens a request of the workload is charged on arrival (prompt + max_tokens), on average.
+inline double mean_tokens(const std::vector<job>& jobs) {
+  double total = 0;
+  for (const auto& j : jobs) total += static_cast<double>(j.input_tokens() + j.max_tokens);
+  return jobs.empty() ? 0 : total / static_cast<double>(jobs.size());
+}
+
 // Runs copies of a worker coroutine and calls `on_done` once, when the last one ends.
 class worker_group {
  public:
@@ -393,11 +415,24 @@ class weir_run {
   // Starts `concurrency` workers over `jobs` (which must outlive the run); `on_done` is called
   // once, on an io thread, when every job has ended.
   void start(const std::vector<job>& jobs, std::function<void()> on_done) {
+    tokens_per_request_ = mean_tokens(jobs);
     workers_.start(
         io_, options_.concurrency, [&] { return worker(jobs); }, std::move(on_done));
   }
 
-  run_report report(std::size_t requests) { return log_.take("weir", requests); }
+  // The run's figures, with "what the limits allow" taken from the limits in force at its end:
+  // given, reported by the servers, or discovered.
+  run_report report(std::size_t requests) {
+    auto r = log_.take("weir", requests);
+    r.limit_per_second = 0;
+    for (auto& [name, t] : r.providers) t.limit_per_second = 0;
+    for (const auto& m : router_->status()) {
+      const double allowed = binding_limit(m, tokens_per_request_);
+      r.providers[std::string(m.provider)].limit_per_second += allowed;
+      r.limit_per_second += allowed;
+    }
+    return r;
+  }
   run_report peek() { return log_.snapshot(); }
   status_source status() {
     return [this] { return router_->status(); };
@@ -485,6 +520,7 @@ class weir_run {
   std::vector<std::unique_ptr<connection>> connections_;
   std::optional<router_type> router_;
   std::atomic<std::size_t> next_{0};
+  double tokens_per_request_ = 0;
   worker_group workers_;
 };
 

@@ -264,9 +264,9 @@ class server_adaptation {
   void note_timing(time_point sent, time_point now) {
     const double rtt = static_cast<double>(std::chrono::duration_cast<nanos>(now - sent).count());
     if (rtt >= 0) srtt_ = srtt_ == 0 ? rtt : srtt_ + 0.125 * (rtt - srtt_);
-    const auto at = detail::to_nanos(now);
+    const auto at = weir::detail::to_nanos(now);
     if (last_response_ != 0) {
-      const double gap = static_cast<double>(std::max<detail::nanos>(0, at - last_response_));
+      const double gap = static_cast<double>(std::max<weir::detail::nanos>(0, at - last_response_));
       gap_ = gap_ == 0 ? gap : gap_ + 0.1 * (gap - gap_);
       if (gap_ > 0) sent_rate_ = 1e9 / gap_;
     }
@@ -275,7 +275,7 @@ class server_adaptation {
 
   // The rate that was in force at `t` (the oldest remembered one if `t` is older).
   double rate_at(time_point t) const {
-    const auto at = detail::to_nanos(t);
+    const auto at = weir::detail::to_nanos(t);
     double rate = rate_;
     for (std::size_t k = 0; k < history_.size(); ++k) {
       const auto& h = history_[(next_history_ + history_.size() - 1 - k) % history_.size()];
@@ -289,7 +289,7 @@ class server_adaptation {
   void apply(time_point now) {
     rate_ = std::max(rate_, options_.min_rate.per_second);
     limits_.set_limit(dimension::requests, {weir::per_second(rate_), burst_}, now);
-    history_[next_history_] = {detail::to_nanos(now), rate_};
+    history_[next_history_] = {weir::detail::to_nanos(now), rate_};
     next_history_ = (next_history_ + 1) % history_.size();
   }
 
@@ -298,7 +298,7 @@ class server_adaptation {
     nanos window{0};
   };
   struct rate_change {
-    detail::nanos since = 0;
+    weir::detail::nanos since = 0;
     double rate = 0;
   };
 
@@ -312,7 +312,7 @@ class server_adaptation {
   unsigned quiet_ = 0;
   time_point last_decrease_ = time_point::min();
   double srtt_ = 0, gap_ = 0, sent_rate_ = 0;  // ns, ns, per second
-  detail::nanos last_response_ = 0;
+  weir::detail::nanos last_response_ = 0;
   std::array<window_estimate, 4> inferred_{};
   std::array<rate_change, 32> history_{};
   std::size_t next_history_ = 0;

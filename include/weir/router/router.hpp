@@ -162,6 +162,11 @@ struct model_status {
   breaker_state breaker = breaker_state::closed;
   std::chrono::nanoseconds cooling{0};  // left of the model's (or its provider's) cooldown
   std::chrono::nanoseconds latency{0};
+  // The limits in force, per minute: given in the catalog, reported by the server, or (for
+  // requests, while no one said) where discovery found refusals begin. nullopt: unknown.
+  std::optional<double> requests_limit{};
+  std::optional<double> tokens_limit{};
+  bool discovering = false;  // slow start: no refusal seen and no limit known yet
 };
 
 // Copies share one router. The router must outlive the routes it runs (as an Asio I/O object).
@@ -237,6 +242,18 @@ class router {
       s.cooling =
           std::max({std::chrono::nanoseconds::zero(), p.cooldown.left(now), m->cooldown.left(now)});
       s.latency = std::chrono::nanoseconds(m->latency_ns.load(std::memory_order_relaxed));
+      const auto per_minute = [](weir::rate r) { return r.per_second * 60; };
+      if (m->adapt) {
+        const auto pacing = m->adapt->state();
+        if (auto l = pacing.known ? pacing.known : pacing.ceiling)
+          s.requests_limit = per_minute(*l);
+        s.discovering = pacing.slow_start;
+      } else if (m->limits) {
+        if (auto l = m->limits->get_limit(dimension::requests))
+          s.requests_limit = per_minute(l->rate);
+      }
+      if (m->limits)
+        if (auto l = m->limits->get_limit(dimension::tokens)) s.tokens_limit = per_minute(l->rate);
       out.push_back(s);
     }
     return out;

@@ -7,7 +7,7 @@
 //     weir::testing::mock_provider server(io.get_executor(), {
 //         .name = "openai", .models = {{.id = "gpt-mini", .requests_per_minute = 300}},
 //         .faults = {.server_errors = 0.05}});
-//     server.start();  // then POST to server.base_url() + "/v1/chat/completions"
+//     server.start();  // then POST to server.base_url() + "/chat/completions"
 #pragma once
 
 #include <fmt/chrono.h>
@@ -187,7 +187,8 @@ class mock_provider {
   }
 
   unsigned short port() const { return state_->port; }
-  std::string base_url() const { return fmt::format("http://127.0.0.1:{}", port()); }
+  // In the form the SDKs take (OPENAI_BASE_URL): the API root, "/v1" included.
+  std::string base_url() const { return fmt::format("http://127.0.0.1:{}/v1", port()); }
   const mock_provider_options& options() const { return state_->options; }
 
   mock_stats stats() const {
