@@ -7,11 +7,13 @@
 //  - A limit it does not know is found by slow start: the rate doubles every round trip (every
 //    few successes at least) until the first refusal, then holds just under the rate at which
 //    refusals began, and after a long quiet stretch probes a little above it.
-//  - A refusal that says nothing about the quota is a congestion event. Refusals of requests
-//    sent before the last decrease belong to that decrease (one per round trip, as in TCP). An
-//    event first shrinks the burst to one; at burst one it multiplies the rate by `decrease`.
+//  - A refusal is a congestion event. Refusals of requests sent before the last decrease belong
+//    to that decrease (one per round trip, as in TCP). An event first shrinks the burst to one;
+//    at burst one it multiplies the rate by `decrease`.
 //  - "Nothing left" pauses the dimension until its next unit: the whole reset for a fixed window,
-//    reset / limit for a continuously refilling one (OpenAI, Anthropic).
+//    reset / limit for a continuously refilling one (OpenAI, Anthropic). A refusal that says the
+//    quota is spent also pauses requests as long as its largest hint (Retry-After included); a
+//    success that says so ends slow start where it is.
 //
 //     weir::http::server_adaptation adapt(limits);
 //     const auto sent = clock::now();
@@ -51,6 +53,9 @@ struct adaptation_options {
   weir::rate initial_rate = weir::per_second(2);
   std::uint64_t initial_burst = 4;  // shrunk to one by the first refusal
   unsigned slow_start_successes = 4;
+  // The shortest time per doubling: a server that counts over a window (HAProxy's sliding
+  // second, a fixed minute) answers a faster rate only after a while, not one round trip later.
+  std::chrono::nanoseconds slow_start_round = std::chrono::seconds(1);
   weir::rate min_rate = weir::per_minute(1);
   // A learned token limit L gets a burst of L × this (it must hold the largest request).
   double burst_fraction = 0.1;
@@ -107,14 +112,16 @@ class server_adaptation {
           limits_.pause_until(static_cast<dimension>(d), now + *wait);
     }
     if (c.kind == verdict::rate_limited) {
-      if (auto wait = c.hint.exhausted_for()) {
-        limits_.pause_until(dimension::requests,
-                            now + *wait);  // the server said exactly when: no guessing
-      } else if (sent > last_decrease_) {
-        congestion_event(sent, now);
-      }
+      // The server may say when it has room again; it never says how fast to come back, so a
+      // refusal is a congestion event either way.
+      if (sent > last_decrease_) congestion_event(sent, now);
+      if (auto wait = c.hint.exhausted_for())  // after the decrease, which re-prices a backlog
+        limits_.pause_until(dimension::requests, now + *wait);
     } else if (c.kind == verdict::success) {
-      grow(now);
+      if (c.hint.exhausted())
+        hold_here(now);  // the server is full at this rate: a warning before the refusal
+      else
+        grow(now);
     }
   }
 
@@ -155,6 +162,7 @@ class server_adaptation {
     if (!(o.probe_step >= 0 && o.probe_step < 1)) fail("probe_step must be in [0, 1)");
     if (o.probe_after == 0) fail("probe_after must be at least 1");
     if (o.slow_start_successes == 0) fail("slow_start_successes must be at least 1");
+    if (o.slow_start_round.count() < 0) fail("slow_start_round must not be negative");
     if (o.initial_burst == 0) fail("initial_burst must be at least 1");
     if (!(o.min_rate.per_second > 0) || !std::isfinite(o.min_rate.per_second))
       fail("min_rate must be positive");
@@ -219,10 +227,19 @@ class server_adaptation {
       apply(now);
       return;
     }
-    const double at_send = std::min(rate_, rate_at(sent));
+    const double at_send = std::min(rate_, rate_at(sent));  // the rate it was refused at
     ceiling_ = known_ ? std::min(*known_, at_send) : at_send;
     slow_start_ = false;
     rate_ = std::max(options_.min_rate.per_second, at_send * options_.decrease);
+    apply(now);
+  }
+
+  // Stops slow start where it is; the rate holds, just under the ceiling this sets.
+  void hold_here(time_point now) {
+    if (!slow_start_) return;
+    slow_start_ = false;
+    ceiling_ = known_ ? std::min(*known_, rate_) : rate_;
+    rate_ = hold();
     apply(now);
   }
 
@@ -234,8 +251,9 @@ class server_adaptation {
     };
     if (slow_start_) {
       if (!sending(0.4)) return;
+      const double round = std::max(srtt_, static_cast<double>(options_.slow_start_round.count()));
       const double per_round =
-          std::max(static_cast<double>(options_.slow_start_successes), rate_ * srtt_ * 1e-9);
+          std::max(static_cast<double>(options_.slow_start_successes), rate_ * round * 1e-9);
       double next = rate_ * std::exp2(1.0 / per_round);
       if (known_ && next >= *known_ * (1 - options_.headroom)) {
         slow_start_ = false;
