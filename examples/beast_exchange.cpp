@@ -1,8 +1,9 @@
 // A real Beast async_write/async_read exchange wrapped in weir: the limits pace it, the breaker
 // guards it, the retry obeys the server's Retry-After, and every response's headers steer the
 // limits. The server is a small local one (127.0.0.1, an ephemeral port) that allows 10 requests/s
-// with a burst of 10 and says so in OpenAI-style headers; the client starts out believing 30/s,
-// learns 600/min from the first answer, and stops when the server says nothing is left.
+// with a burst of 10 and says so in OpenAI-style headers (a bucket of 10, continuously refilled);
+// the client starts out believing 30/s, infers 10/s from the headers (limit, remaining and the
+// time until full), and waits for the next unit when the server says nothing is left.
 //
 //     beast-exchange [--requests N]
 #include <weir/http/adaptation.hpp>
@@ -41,9 +42,9 @@ asio::awaitable<void> serve(tcp::socket socket, weir::token_bucket<>& quota, int
     if (ec) co_return;  // the client closed the connection
     const bool admitted = quota.try_acquire();
     response res{admitted ? http::status::ok : http::status::too_many_requests, req.version()};
-    // As OpenAI does: the limit per minute, what is left, and how long until the bucket is full.
+    // As OpenAI does: the limit, what is left, and how long until the bucket is full again.
     const auto left = quota.available();
-    res.set("x-ratelimit-limit-requests", "600");
+    res.set("x-ratelimit-limit-requests", "10");
     res.set("x-ratelimit-remaining-requests", std::to_string(left));
     res.set("x-ratelimit-reset-requests", fmt::format("{}ms", (10 - left) * 100));
     if (!admitted) {

@@ -230,6 +230,47 @@ TEST_CASE("a spent quota cools the model, or the whole provider when its limits 
   }
 }
 
+TEST_CASE("a model the catalog gives no limit is paced by discovery, just under its server's") {
+  clock_type::reset();
+  asio::io_context io;
+  weir::catalog c;
+  c.add(weir::model_spec{.provider = "a", .id = "a-small", .capability = 5});
+  router_type r(io.get_executor(), c);  // default options: discovery on
+  provider a;
+  // A strict server allowing 20/s: one request per 50 ms, refusals not counted.
+  std::optional<clock_type::time_point> last_served;
+  const auto start = clock_type::now();
+  int served = 0, refused = 0;
+  a.script = [&](const weir::model_spec&, clock_type::time_point now) {
+    const bool ok = !last_served || now - *last_served >= 50ms;
+    if (ok) last_served = now;
+    if (now - start >= 10s) ++(ok ? served : refused);
+    return ok ? fake_response::ok() : fake_response::too_many(1s);
+  };
+  r.connect("a", a.call<prompt>());
+  int failed = 0;
+  for (int w = 0; w < 8; ++w)
+    asio::co_spawn(
+        io,
+        [&]() -> asio::awaitable<void> {
+          while (clock_type::now() - start < 70s) {
+            try {
+              auto op = r.route(prompt{}, {});
+              co_await std::move(op);
+            } catch (const weir::exception&) {
+              ++failed;
+            }
+          }
+        },
+        asio::detached);
+  advance<clock_type>(io, 71s);
+  INFO(served << " served, " << refused << " refused from 10 s to 70 s");
+  CHECK(served >= 0.90 * 20 * 60);
+  CHECK(refused <= 0.03 * (served + refused));
+  CHECK(failed == 0);
+  CHECK(r.status().at(0).requests_limit >= 0.9 * 20 * 60);
+}
+
 TEST_CASE("five server errors open a's breaker, and b serves until a's probe succeeds") {
   clock_type::reset();
   asio::io_context io;

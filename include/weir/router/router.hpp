@@ -1,7 +1,8 @@
 // Sends each request to the best model that can serve it now: capable enough, big enough, within
 // price, with room in its limits, its provider's circuit closed and not cooling down. On a 429 it
-// cools that provider down exactly as long as the server said and falls back; when nothing has
-// room it waits for the first model that will (within the deadline) or says when that will be.
+// falls back; a model whose quota the server says is spent cools down exactly as long as the
+// server said. When nothing has room it waits for the first model that will (within the deadline)
+// or says when that will be.
 //
 //     weir::router<my_request, my_response> router(io.get_executor(), catalog);
 //     router.connect("openai", [&](const weir::model_spec& m, const my_request& r) {
@@ -411,8 +412,7 @@ class router {
         const auto& m = *models[i];
         if (tried[i] || !fits(m, c, min_context)) continue;
         r.any_capable = true;
-        const auto own =
-            nanos(not_before[i]) - std::chrono::duration_cast<nanos>(now.time_since_epoch());
+        const auto own = nanos(not_before[i] - detail::to_nanos(now));
         if (auto wait = std::max(own, blocked_for(m, c, now)); wait > nanos::zero()) {
           r.earliest = std::min(r.earliest, wait);
           continue;
@@ -600,11 +600,7 @@ class router {
             // Only this request was refused: it waits as the server said before it tries this
             // model again; the model's pacing has made its one decrease.
             const auto wait = judged.hint.retry_after.value_or(p.spec->default_cooldown);
-            not_before[i] =
-                std::chrono::duration_cast<nanos>(
-                    (finished + std::chrono::duration_cast<typename Clock::duration>(wait))
-                        .time_since_epoch())
-                    .count();
+            not_before[i] = detail::to_nanos(finished) + wait.count();
           }
           s->emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind});
           last_failure = failure_of(result, spec, judged);
