@@ -256,6 +256,18 @@ TEST_CASE("a 4-thread io_context hammering one bucket admits exactly the allowed
 
 using limits_type = weir::rate_limits<clock_type>;
 
+TEST_CASE("set_limit: a slower rate holds from the next request; a pause is left as it is") {
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(10), 1}});
+  REQUIRE(limits.try_acquire({.requests = 1}));
+  limits.set_limit(weir::dimension::requests, {weir::per_second(5), 1});
+  CHECK(limits.time_until({.requests = 1}) == 200ms);  // one new interval after the last
+  limits.pause_until(weir::dimension::requests, clock_type::now() + 5s);
+  limits.set_limit(weir::dimension::requests, {weir::per_second(4), 1});
+  CHECK(limits.time_until({.requests = 1}) == 5s);  // exactly as the server said
+}
+
 TEST_CASE("request and token limits are reserved together or not at all") {
   clock_type::reset();
   asio::io_context io;

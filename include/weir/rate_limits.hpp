@@ -114,9 +114,8 @@ class rate_limits {
     state_->settle(estimated, actual, detail::to_nanos(now));
   }
 
-  // Re-sizes one dimension at run time, or enables it if it was absent. What is already reserved
-  // ahead of now is re-priced at the new rate, so the next unit is due one *new* interval after
-  // the last: slowing down takes effect with the very next request.
+  // Re-sizes one dimension at run time, or enables it if it was absent. The next unit is due one
+  // *new* interval after the last, so slowing down takes effect with the very next request.
   void set_limit(dimension d, limit l, time_point now = Clock::now()) {
     std::lock_guard lock(state_->mutex);
     state_->reconfigure(static_cast<std::size_t>(d), l, detail::to_nanos(now));
@@ -153,20 +152,15 @@ class rate_limits {
       limits[d] = l;
     }
 
-    // The next unit is due one new interval after the last one, and a backlog reserved ahead of
-    // now is re-priced at the new rate.
+    // The next unit is due one new interval after the last one. A pause or a queue further
+    // ahead than the old burst is left as it is: the server or the waiters set it.
     void reconfigure(std::size_t d, limit l, detail::nanos now) {
       const auto before = limits[d] ? interval[d] : 0;
+      const auto before_tolerance = tolerance[d];
       configure(d, l);
-      if (before == 0 || interval[d] == before) return;
+      if (before == 0 || tat[d] - now > before_tolerance) return;
       const auto delta = interval[d] - before;
-      auto next = tat[d] + delta;
-      if (tat[d] > now) {
-        const double scale = static_cast<double>(interval[d]) / static_cast<double>(before);
-        next = std::max(
-            next, now + static_cast<detail::nanos>(static_cast<double>(tat[d] - now) * scale));
-      }
-      if (delta > 0 || tat[d] > now) tat[d] = next;
+      if (delta > 0 || tat[d] > now) tat[d] += delta;
     }
 
     // What reserving `cost` now would do, without doing it. Throws for a cost above a burst.

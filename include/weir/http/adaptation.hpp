@@ -103,26 +103,26 @@ class server_adaptation {
     note_timing(sent, now);
     const limit_snapshot* snapshots[4] = {&c.hint.requests, &c.hint.tokens, &c.hint.input_tokens,
                                           &c.hint.output_tokens};
-    for (std::size_t d = 0; d < 4; ++d) {
-      const auto& s = *snapshots[d];
-      if (auto per_second = reported_rate(d, s))
-        learn_limit(static_cast<dimension>(d), *per_second, *s.limit, now);
-      if (s.exhausted())
-        if (auto wait = s.next_unit_after())
-          limits_.pause_until(static_cast<dimension>(d), now + *wait);
-    }
+    for (std::size_t d = 0; d < 4; ++d)
+      if (auto per_second = reported_rate(d, *snapshots[d]))
+        learn_limit(static_cast<dimension>(d), *per_second, *snapshots[d]->limit, now);
     if (c.kind == verdict::rate_limited) {
       // The server may say when it has room again; it never says how fast to come back, so a
       // refusal is a congestion event either way.
       if (sent > last_decrease_) congestion_event(sent, now);
-      if (auto wait = c.hint.exhausted_for())  // after the decrease, which re-prices a backlog
-        limits_.pause_until(dimension::requests, now + *wait);
     } else if (c.kind == verdict::success) {
       if (c.hint.exhausted())
         hold_here(now);  // the server is full at this rate: a warning before the refusal
       else
         grow(now);
     }
+    // Pauses last, after the rate is settled for this response.
+    for (std::size_t d = 0; d < 4; ++d)
+      if (snapshots[d]->exhausted())
+        if (auto wait = snapshots[d]->next_unit_after())
+          limits_.pause_until(static_cast<dimension>(d), now + *wait);
+    if (c.kind == verdict::rate_limited)
+      if (auto wait = c.hint.exhausted_for()) limits_.pause_until(dimension::requests, now + *wait);
   }
 
   // As above, for a request sent about one round trip ago.
