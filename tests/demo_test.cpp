@@ -109,10 +109,10 @@ TEST_CASE("the mock provider speaks both dialects with their rate-limit headers"
   REQUIRE(answers.size() == 4);
   CHECK(answers[0].result_int() == 200);
   CHECK(answers[0]["x-ratelimit-limit-requests"] == "60");
-  CHECK(answers[0]["x-ratelimit-remaining-requests"] == "1");
+  CHECK(answers[0]["x-ratelimit-remaining-requests"] == "59");  // of the minute's 60
   CHECK(demo::usage_of(answers[0])->input_tokens == 10);
   CHECK(answers[1].result_int() == 200);
-  CHECK(answers[1]["anthropic-ratelimit-requests-remaining"] == "0");
+  CHECK(answers[1]["anthropic-ratelimit-requests-remaining"] == "58");
   CHECK(demo::usage_of(answers[1])->input_tokens == 10);
   CHECK(answers[2].result_int() == 429);
   CHECK(answers[2][boost::beast::http::field::retry_after] == "1");

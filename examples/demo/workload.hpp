@@ -215,9 +215,15 @@ struct run_report {
   std::map<std::size_t, unsigned> endings;  // by job id: how many times it ended (must be 1)
   std::set<std::size_t> succeeded;          // job ids reported successful
   double limit_per_second = 0;              // of the whole fleet, in the dimension that binds
+  double burst_seconds = 0;  // how much of that rate the servers let through at once at the start
 
   // Completed requests per second.
   double goodput() const { return seconds > 0 ? completed / seconds : 0; }
+  // Completed requests as a share of what the limits allowed over the run.
+  double share_of_limits() const {
+    const double allowed = limit_per_second * (seconds + burst_seconds);
+    return allowed > 0 ? static_cast<double>(completed) / allowed : 0;
+  }
 };
 
 // Live counters a dashboard reads while a run goes on.
@@ -235,6 +241,7 @@ class recorder {
       auto& t = report_.providers[p.name];
       for (const auto& m : p.models) t.limit_per_second += m.requests_per_minute / 60;
       report_.limit_per_second += t.limit_per_second;
+      report_.burst_seconds = std::max(report_.burst_seconds, p.burst_seconds);
     }
   }
 
@@ -538,11 +545,28 @@ class naive_run {
   }
 
   void start(const std::vector<job>& jobs, std::function<void()> on_done) {
+    tokens_per_request_ = mean_tokens(jobs);
     workers_.start(
         io_, options_.concurrency, [&] { return worker(jobs); }, std::move(on_done));
   }
 
-  run_report report(std::size_t requests) { return log_.take("naive", requests); }
+  // "What the limits allow" from the fleet's own limits, in the dimension that binds, as for weir.
+  run_report report(std::size_t requests) {
+    auto r = log_.take("naive", requests);
+    r.limit_per_second = 0;
+    for (const auto& p : fleet_) {
+      auto& t = r.providers[p.name];
+      t.limit_per_second = 0;
+      for (const auto& m : p.models) {
+        weir::model_status given;
+        given.requests_limit = m.requests_per_minute;
+        given.tokens_limit = m.tokens_per_minute;
+        t.limit_per_second += binding_limit(given, tokens_per_request_);
+      }
+      r.limit_per_second += t.limit_per_second;
+    }
+    return r;
+  }
   run_report peek() { return log_.snapshot(); }
 
  private:
@@ -609,6 +633,7 @@ class naive_run {
   recorder log_;
   std::deque<http_client> clients_;
   std::atomic<std::size_t> next_{0};
+  double tokens_per_request_ = 0;
   worker_group workers_;
 };
 

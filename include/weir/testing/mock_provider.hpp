@@ -248,8 +248,12 @@ class mock_provider {
 
     void set_limit_headers(response_type& res, dialect d, const limits& l,
                            std::chrono::system_clock::time_point wall) const {
+      // As OpenAI and Anthropic count it: the limit per minute less what was used of it, which
+      // is what the bucket lacks of full (the bucket itself may hold less than a minute's
+      // worth: a limit "enforced over shorter periods").
       const auto remaining = [](const detail::mock::bucket& b) {
-        return static_cast<std::uint64_t>(std::floor(b.level));
+        const double used = b.capacity - b.level;
+        return static_cast<std::uint64_t>(std::max(0.0, std::floor(b.per_second * 60 - used)));
       };
       const auto per_minute = [](const detail::mock::bucket& b) {
         return static_cast<std::uint64_t>(std::llround(b.per_second * 60));
