@@ -218,7 +218,7 @@ class server_adaptation {
     }
   }
 
-  // A refusal that says nothing about the quota, of a request sent after the last decrease.
+  // A refusal of a request sent after the last decrease: one congestion event.
   void congestion_event(time_point sent, time_point now) {
     last_decrease_ = now;
     quiet_ = 0;
