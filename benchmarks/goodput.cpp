@@ -406,27 +406,33 @@ int main(int argc, char** argv) {
   std::vector<std::size_t> concurrencies = {8, 32};
   double seconds = 30;
   bool check = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view flag = argv[i];
-    const auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw std::invalid_argument(fmt::format("{} needs a value", flag));
-      return argv[++i];
-    };
-    if (flag == "--limiters") {
-      limiter_names = split(value());
-    } else if (flag == "--clients") {
-      client_names = split(value());
-    } else if (flag == "--concurrency") {
-      concurrencies.clear();
-      for (const auto& c : split(value())) concurrencies.push_back(std::stoul(c));
-    } else if (flag == "--seconds") {
-      seconds = std::stod(value());
-    } else if (flag == "--check") {
-      check = true;
-    } else {
-      fmt::print(stderr, "goodput: unknown option '{}'\n", flag);
-      return 2;
+  try {
+    for (int i = 1; i < argc; ++i) {
+      const std::string_view flag = argv[i];
+      const auto value = [&]() -> std::string {
+        if (i + 1 >= argc) throw std::invalid_argument(fmt::format("{} needs a value", flag));
+        return argv[++i];
+      };
+      if (flag == "--limiters") {
+        limiter_names = split(value());
+      } else if (flag == "--clients") {
+        client_names = split(value());
+      } else if (flag == "--concurrency") {
+        concurrencies.clear();
+        for (const auto& c : split(value())) concurrencies.push_back(std::stoul(c));
+      } else if (flag == "--seconds") {
+        seconds = std::stod(value());
+      } else if (flag == "--check") {
+        check = true;
+      } else {
+        fmt::print(stderr, "goodput: unknown option '{}'\n", flag);
+        return 2;
+      }
     }
+    for (const auto& c : client_names) client_named(c);  // refuses an unknown name now
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "goodput: {}\n", e.what());
+    return 2;
   }
 
   // The regression set: short runs, floors well under the targets (95% given, 90% discovering).
