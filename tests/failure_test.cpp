@@ -6,6 +6,8 @@
 #include <weir/testing/manual_clock.hpp>
 #include <weir/timeout.hpp>
 
+#include "support.hpp"
+
 #include <boost/asio.hpp>
 #include <catch2/catch.hpp>
 
@@ -22,6 +24,7 @@ using ns = std::chrono::nanoseconds;
 using clock_type = weir::testing::manual_clock;
 using weir::testing::advance;
 using weir::testing::run_ready;
+using weir::testing::finished;
 
 TEST_CASE("exponential backoff doubles from the initial delay up to the cap") {
   auto b = weir::backoff::exponential(500ms, 2.0, 8s);
@@ -95,46 +98,6 @@ TEST_CASE("a misconfigured backoff is invalid_argument") {
 // ---- retry ----------------------------------------------------------------------------------
 
 namespace {
-
-// Runs `make()` as a coroutine and keeps how it ended.
-template <class T>
-struct finished {
-  std::optional<T> value;
-  std::exception_ptr error;
-  bool done = false;
-
-  template <class Awaitable>
-  void start(asio::io_context& io, Awaitable a) {
-    asio::co_spawn(io, std::move(a), [this](std::exception_ptr e, auto... v) {
-      done = true;
-      error = e;
-      if constexpr (sizeof...(v) == 1)
-        if (!e) value.emplace(std::move(v)...);
-    });
-  }
-
-  weir::error_code code() const {
-    try {
-      if (error) std::rethrow_exception(error);
-    } catch (const boost::system::system_error& x) {
-      return x.code();
-    } catch (...) {
-    }
-    return {};
-  }
-
-  const weir::exception* weir_error() const {
-    try {
-      if (error) std::rethrow_exception(error);
-    } catch (const weir::exception& x) {
-      static thread_local std::optional<weir::exception> kept;
-      kept.emplace(x);
-      return &*kept;
-    } catch (...) {
-    }
-    return nullptr;
-  }
-};
 
 // An operation whose attempts fail as scripted, recording when each one started.
 struct scripted {

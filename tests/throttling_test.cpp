@@ -78,14 +78,31 @@ TEST_CASE("misconfigured buckets and oversized costs are invalid_argument errors
   CHECK_THROWS_MATCHES(bucket_type(ex, {.rate = weir::per_second(std::nan("")), .burst = 1}),
                        exception, Catch::Predicate<exception>(is_invalid));
   bucket_type bucket(ex, {.rate = weir::per_second(5), .burst = 3});
-  CHECK_THROWS_MATCHES(bucket.try_acquire(4), exception, Catch::Predicate<exception>(is_invalid));
   CHECK_THROWS_MATCHES(bucket.set_rate(weir::per_second(0)), exception,
                        Catch::Predicate<exception>(is_invalid));
-
+  // A cost the clock arithmetic cannot hold is refused where it is asked, with its number.
+  const std::uint64_t absurd = std::uint64_t{1} << 62;
+  CHECK_THROWS_WITH(bucket.try_acquire(absurd), Catch::Contains("cost 4611686018427387904"));
   acquisition a;
-  bucket.async_acquire(4, a.handler());
-  run_ready(io);
-  CHECK(a.result == weir::error_code(weir::error::invalid_argument));
+  CHECK_THROWS_WITH(bucket.async_acquire(absurd, a.handler()),
+                    Catch::Contains("token_bucket: cost 4611686018427387904"));
+}
+
+TEST_CASE("a cost above the bucket's burst waits for a full bucket and leaves it in debt") {
+  clock_type::reset();
+  asio::io_context io;
+  bucket_type bucket(io.get_executor(), {.rate = weir::per_second(5), .burst = 3});
+  CHECK(bucket.try_acquire(4));  // a full bucket takes it
+  CHECK_FALSE(bucket.try_acquire(1));
+  // In debt by one unit beyond the burst: the next unit is there 4 intervals (800 ms) later.
+  CHECK(bucket.time_until(1) == 800ms - 600ms + 200ms);
+  acquisition a;
+  bucket.async_acquire(10, a.handler());  // waits until the bucket is empty, then takes all
+  advance<clock_type>(io, 799ms);
+  CHECK_FALSE(a.result);
+  advance<clock_type>(io, 1ms);
+  REQUIRE(a.result);
+  CHECK(a.waited == 800ms);
 }
 
 TEST_CASE("async_acquire waits exactly until the tokens are there") {
@@ -359,14 +376,27 @@ TEST_CASE("rate_limits waiters are FIFO, cancellable and bounded by max_wait") {
   CHECK(c.waited == 1s);
 }
 
-TEST_CASE("a cost above a limit's burst is invalid_argument") {
+TEST_CASE("a request above the token burst waits for room instead of being refused") {
+  // limit::per_minute(30'000) has a burst of one token; an 8 000-token request is still
+  // admitted (a provider would accept it), when the limiter is empty.
+  clock_type::reset();
   asio::io_context io;
-  limits_type limits(io.get_executor(), {.tokens = weir::limit::per_minute(6000, 100)});
-  CHECK_THROWS_AS(limits.try_acquire({.requests = 1, .tokens = 101}), weir::exception);
+  limits_type limits(io.get_executor(), {.tokens = weir::limit::per_minute(30'000)});
+  CHECK(limits.try_acquire({.requests = 1, .tokens = 8000}));
+  // The next one waits until the first is paid: 8 000 tokens at 500/s.
+  CHECK(limits.time_until({.requests = 1, .tokens = 8000}) == 16s);
   acquisition a;
-  limits.async_acquire({.requests = 1, .tokens = 101}, a.handler());
-  run_ready(io);
-  CHECK(a.result == weir::error_code(weir::error::invalid_argument));
+  limits.async_acquire({.requests = 1, .tokens = 8000}, a.handler());
+  advance<clock_type>(io, 16s - 1ns);
+  CHECK_FALSE(a.result);
+  advance<clock_type>(io, 1ns);
+  REQUIRE(a.result);
+  CHECK_FALSE(*a.result);
+  CHECK(a.waited == 16s);
+  // A cost past any sense is refused at once, naming the dimension and the number.
+  CHECK_THROWS_WITH(limits.async_acquire({.requests = 1, .tokens = std::uint64_t{1} << 62},
+                                         a.handler()),
+                    Catch::Contains("tokens: cost 4611686018427387904"));
 }
 
 // ---- usage_monitor --------------------------------------------------------------------------

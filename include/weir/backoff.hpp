@@ -110,8 +110,11 @@ class backoff {
     return std::uniform_real_distribution<double>(low, high)(random);
   }
 
+  // Clamped in floating point first: a cap near nanoseconds::max() must not cast out of range.
   duration to_duration(double ns) const {
-    return std::clamp(duration(static_cast<std::int64_t>(ns)), duration::zero(), cap_);
+    if (!(ns > 0)) return duration::zero();
+    if (ns >= cap()) return cap_;
+    return duration(static_cast<std::int64_t>(ns));
   }
 
   shape shape_;

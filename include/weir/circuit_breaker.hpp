@@ -19,12 +19,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -51,6 +53,17 @@ struct circuit_breaker_options {
   std::chrono::nanoseconds max_break_duration = std::chrono::minutes(5);
   std::uint32_t half_open_permits = 1;   // probes let through while half-open
   std::uint32_t successes_to_close = 1;  // probe successes that close the breaker
+  // A probe that has not answered after this long no longer holds its permit: the next call
+  // probes afresh (the late answer is ignored). So a lost probe cannot hold the breaker shut.
+  std::chrono::nanoseconds probe_timeout = std::chrono::minutes(2);
+  // Resilience4j's maxWaitDurationInHalfOpenState: half-open longer than this without enough
+  // answers, the breaker opens again. nullopt: no limit.
+  std::optional<std::chrono::nanoseconds> max_wait_in_half_open{};
+  // Whether a rate-limited outcome (a 429) counts as a failure. It does not by default: a server
+  // that answers 429 is up and saying "later", which is the limiter's and the cooldown's
+  // business; counting it would open the circuit on a busy but healthy provider and stall every
+  // call for the break. The router uses the same rule.
+  bool rate_limited_is_failure = false;
   std::function<void(breaker_state from, breaker_state to)> on_state_change{};
 };
 
@@ -75,21 +88,29 @@ class circuit_breaker {
   explicit circuit_breaker(circuit_breaker_options options = {}, Classifier classifier = {})
       : state_(std::make_shared<shared>(std::move(options), std::move(classifier))) {}
 
-  // Runs `op` if the breaker admits it (the breaker must outlive the call, as an Asio I/O object
-  // outlives its operations); otherwise throws weir::exception(circuit_open) with the
-  // time until half-open as retry_after. The outcome is judged by the classifier: retryable and
-  // rate-limited outcomes (and slow calls) are failures; fatal ones, like a 400, are not the
-  // provider's fault and count as successes.
+  // Runs `op` if the breaker admits it; otherwise throws weir::exception(circuit_open) (a local
+  // refusal) with the time until half-open as retry_after. The outcome is judged by the
+  // classifier: retryable outcomes (and slow calls; and 429s if rate_limited_is_failure) are
+  // failures; fatal ones, like a 400, are not the provider's fault and count as successes. A
+  // cancelled call, or one refused locally further in, is no answer: its ticket is given back.
+  // The call shares the breaker's state: destroying the breaker does not end it.
   template <class Operation>
   auto operator()(Operation op) const {
     using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
-    return run<value>(state_.get(), std::move(op));
+    return run<value>(state_, std::move(op));
   }
 
   // The synchronous halves of operator(), for callers that make the call themselves (and for a
-  // pipeline running several policies in one coroutine): admit, call, then record the result.
+  // pipeline running several policies in one coroutine): admit, call, then record the result,
+  // or abandon the ticket when the call got no answer (cancelled, or never sent).
   ticket try_admit() { return state_->admit(); }
   void record(const ticket& t, bool failed) { state_->finish(t, failed); }
+  void abandon(const ticket& t) { state_->abandon(t); }
+
+  // Whether the outcome `kind` is a failure by this breaker's rules.
+  bool is_failure(verdict kind) const noexcept {
+    return state_->failure(kind);
+  }
 
   const Classifier& classifier() const noexcept { return state_->classify; }
 
@@ -115,19 +136,31 @@ class circuit_breaker {
   struct shared {
     shared(circuit_breaker_options o, Classifier c)
         : options(std::move(o)), classify(std::move(c)) {
-      if (options.consecutive_failures == 0 || options.half_open_permits == 0 ||
-          options.successes_to_close == 0 || options.successes_to_close > options.half_open_permits)
-        throw weir::exception(error::invalid_argument,
-                              "circuit_breaker needs failures, permits ≥ successes_to_close ≥ 1");
-      if (options.break_duration.count() < 0 ||
-          options.max_break_duration < options.break_duration || !(options.break_growth >= 1.0))
-        throw weir::exception(error::invalid_argument,
-                              "circuit_breaker break must be ≥ 0, ≤ max, and grow by ≥ 1");
+      const auto invalid = [](std::string what) {
+        return weir::exception(error::invalid_argument, "circuit_breaker: " + what);
+      };
+      if (options.consecutive_failures == 0)
+        throw invalid("consecutive_failures must be at least 1");
+      if (options.half_open_permits == 0) throw invalid("half_open_permits must be at least 1");
+      if (options.successes_to_close == 0 ||
+          options.successes_to_close > options.half_open_permits)
+        throw invalid(fmt::format("successes_to_close must be in [1, half_open_permits = {}], not {}",
+                                  options.half_open_permits, options.successes_to_close));
+      if (options.break_duration.count() < 0) throw invalid("break_duration must not be negative");
+      if (options.max_break_duration < options.break_duration)
+        throw invalid("max_break_duration must be at least break_duration");
+      if (!(options.break_growth >= 1.0) || !std::isfinite(options.break_growth))
+        throw invalid(fmt::format("break_growth must be finite and ≥ 1, not {}",
+                                  options.break_growth));
+      if (options.probe_timeout.count() <= 0) throw invalid("probe_timeout must be positive");
+      if (options.max_wait_in_half_open && options.max_wait_in_half_open->count() <= 0)
+        throw invalid("max_wait_in_half_open must be positive");
       if (auto& w = options.failure_rate) {
-        if (!(w->threshold > 0 && w->threshold <= 1) || w->minimum_throughput == 0)
-          throw weir::exception(
-              error::invalid_argument,
-              "failure_rate needs a threshold in (0, 1] and a minimum throughput");
+        if (!(w->threshold > 0 && w->threshold <= 1))
+          throw invalid(fmt::format("failure_rate.threshold must be in (0, 1], not {}",
+                                    w->threshold));
+        if (w->minimum_throughput == 0)
+          throw invalid("failure_rate.minimum_throughput must be at least 1");
         if (w->calls > 0)
           recent.assign(w->calls, 0);
         else
@@ -154,20 +187,44 @@ class circuit_breaker {
         if (now < open_until) return {false, false, 0, open_until - now};
         move_to(breaker_state::half_open, now);
       }
-      if (probes_issued < options.half_open_permits) {
-        ++probes_issued;
-        return {true, true, generation.load(std::memory_order_relaxed), {}, now};
+      if (probes_issued == options.half_open_permits) {
+        if (options.max_wait_in_half_open && now - half_open_since >= *options.max_wait_in_half_open) {
+          open(now);
+          return {false, false, 0, open_until - now};
+        }
+        if (now - last_probe_at >= options.probe_timeout) {
+          move_to(breaker_state::half_open, now);  // the probes out are forgotten
+        } else {
+          // Every probe is out; their results will decide. Come back after a fraction of the
+          // break, or when the probes time out.
+          const auto until_timeout = std::chrono::duration_cast<std::chrono::nanoseconds>(
+              last_probe_at + options.probe_timeout - now);
+          return {false, false, 0,
+                  std::clamp<std::chrono::nanoseconds>(options.break_duration / 10,
+                                                       std::chrono::milliseconds(1),
+                                                       until_timeout)};
+        }
       }
-      // Every probe is out; their results will decide. Come back after a fraction of the break.
-      return {false, false, 0,
-              std::max<std::chrono::nanoseconds>(options.break_duration / 10,
-                                                 std::chrono::milliseconds(1))};
+      ++probes_issued;
+      last_probe_at = now;
+      return {true, true, generation.load(std::memory_order_relaxed), {}, now};
+    }
+
+    // An admitted call got no answer: a probe's permit goes back to the next caller.
+    void abandon(const ticket& t) {
+      if (!t.admitted || !t.probe) return;
+      std::lock_guard lock(mutex);
+      if (t.generation == generation.load(std::memory_order_relaxed) &&
+          current.load(std::memory_order_relaxed) == breaker_state::half_open && probes_issued > 0)
+        --probes_issued;
     }
 
     void record(const ticket& t, bool failed, time_point now) {
       if (!t.admitted) return;
       if (!t.probe && current.load(std::memory_order_acquire) == breaker_state::closed &&
           !options.failure_rate) {
+        // A result from before a state change says nothing about the state now.
+        if (t.generation != generation.load(std::memory_order_acquire)) return;
         // Consecutive-failure mode, closed: a success writes only when there is a streak to end.
         if (!failed) {
           if (consecutive.load(std::memory_order_relaxed) != 0)
@@ -201,8 +258,10 @@ class circuit_breaker {
     // breaker does not pay for it.
     void finish(const ticket& t, bool failed) {
       if (!failed && !t.probe && plain) {
-        // The hot path: a success in consecutive-failure mode writes only to end a streak.
-        if (consecutive.load(std::memory_order_relaxed) != 0)
+        // The hot path: a success in consecutive-failure mode writes only to end a streak of
+        // this generation.
+        if (consecutive.load(std::memory_order_relaxed) != 0 &&
+            t.generation == generation.load(std::memory_order_acquire))
           consecutive.store(0, std::memory_order_relaxed);
         return;
       }
@@ -211,6 +270,11 @@ class circuit_breaker {
       const auto now = needs_now ? Clock::now() : time_point{};
       if (timed) failed = failed || now - t.started > *options.slow_call_threshold;
       record(t, failed, now);
+    }
+
+    bool failure(verdict kind) const noexcept {
+      return kind == verdict::retryable ||
+             (kind == verdict::rate_limited && options.rate_limited_is_failure);
     }
 
     // Under mutex, closed: whether this result trips the breaker.
@@ -248,7 +312,8 @@ class circuit_breaker {
     }
 
     // Under mutex: every change starts a new generation and clears what the old state counted.
-    void move_to(breaker_state to, time_point) {
+    void move_to(breaker_state to, time_point now) {
+      if (to == breaker_state::half_open) half_open_since = now;
       const auto from = current.load(std::memory_order_relaxed);
       if (to == breaker_state::closed) {
         next_break = options.break_duration;
@@ -279,6 +344,8 @@ class circuit_breaker {
     std::atomic<std::uint32_t> consecutive{0};
     std::mutex mutex;
     time_point open_until{};
+    time_point half_open_since{};
+    time_point last_probe_at{};
     std::chrono::nanoseconds next_break{};
     std::uint32_t probes_issued = 0;
     std::uint32_t probe_successes = 0;
@@ -287,12 +354,12 @@ class circuit_breaker {
     std::size_t recent_next = 0;
   };
 
-  // `s` is the breaker's state: like an Asio I/O object, the breaker must outlive its calls.
   template <class T, class Operation>
-  static boost::asio::awaitable<T> run(shared* s, Operation op) {
+  static boost::asio::awaitable<T> run(std::shared_ptr<shared> s, Operation op) {
     const auto t = s->admit();
     if (!t.admitted)
-      throw weir::exception(error::circuit_open, "the provider's circuit is open", t.retry_after);
+      throw weir::exception::refusal(error::circuit_open, "the provider's circuit is open",
+                                     t.retry_after);
     std::optional<outcome<T>> result;
     try {
       if constexpr (std::is_void_v<T>) {
@@ -313,10 +380,11 @@ class circuit_breaker {
       result.emplace(outcome<T>::from_exception(std::current_exception()));
     }
 
-    const auto kind = s->classify(std::as_const(*result)).kind;
-    // A cancelled call says nothing about the provider.
-    if (!result->cancelled())
-      s->finish(t, kind == verdict::retryable || kind == verdict::rate_limited);
+    // A cancelled call, or one never sent, says nothing about the provider.
+    if (result->reached_provider())
+      s->finish(t, s->failure(s->classify(std::as_const(*result)).kind));
+    else
+      s->abandon(t);
     if constexpr (std::is_void_v<T>) {
       std::move(*result).get();
     } else {

@@ -30,6 +30,17 @@ enum class error {
   unavailable,            // a shared store (e.g. Redis) the policy needs cannot be reached
 };
 
+}  // namespace weir
+
+// Before anything converts a weir::error to an error_code.
+template <>
+struct boost::system::is_error_code_enum<weir::error> : std::true_type {};
+
+template <>
+struct std::is_error_code_enum<weir::error> : std::true_type {};
+
+namespace weir {
+
 namespace detail {
 
 class error_category_impl final : public boost::system::error_category {
@@ -104,19 +115,32 @@ class exception : public boost::system::system_error {
   // The number of attempts made before giving up (0 when not applicable).
   unsigned attempts() const noexcept { return attempts_; }
 
+  // A weir policy refused the call before it was sent (a full queue, an open circuit, a limiter
+  // whose wait would pass the deadline): the provider never saw it, so no breaker, monitor or
+  // pacing counts it as the provider's answer. A server's 429 is never a local refusal.
+  static exception refusal(error e, std::string detail,
+                           std::optional<std::chrono::nanoseconds> retry_after = {}) {
+    exception x(e, std::move(detail), retry_after);
+    x.local_ = true;
+    return x;
+  }
+  static exception refusal(error_code code, std::string detail,
+                           std::optional<std::chrono::nanoseconds> retry_after = {}) {
+    exception x(code, std::move(detail), retry_after);
+    x.local_ = true;
+    return x;
+  }
+  bool refused_locally() const noexcept { return local_; }
+
  private:
   std::optional<std::chrono::nanoseconds> retry_after_;
   std::exception_ptr cause_;
   unsigned attempts_;
+  bool local_ = false;
 };
 
 }  // namespace weir
 
-template <>
-struct boost::system::is_error_code_enum<weir::error> : std::true_type {};
-
-template <>
-struct std::is_error_code_enum<weir::error> : std::true_type {};
 
 template <>
 struct fmt::formatter<weir::error> : fmt::formatter<fmt::string_view> {

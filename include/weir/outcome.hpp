@@ -6,6 +6,7 @@
 
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/error.hpp>
+#include <boost/asio/multiple_exceptions.hpp>
 #include <boost/system/system_error.hpp>
 
 #include <algorithm>
@@ -100,6 +101,30 @@ struct classification {
   bool is_failure() const noexcept { return kind != verdict::success; }
 };
 
+// A cancellation as Asio reports it: operation_aborted, or errc::operation_canceled.
+inline bool is_cancellation(const error_code& ec) noexcept {
+  return ec == boost::asio::error::operation_aborted ||
+         ec == boost::system::errc::operation_canceled;
+}
+
+inline bool is_cancellation(const std::exception_ptr& e) {
+  if (!e) return false;
+  try {
+    std::rethrow_exception(e);
+  } catch (const boost::system::system_error& x) {
+    return is_cancellation(x.code());
+  } catch (const boost::asio::multiple_exceptions& x) {
+    return is_cancellation(x.first_exception());
+  } catch (...) {
+    return false;
+  }
+}
+
+// The codes only weir's own policies produce, before a call is sent.
+inline bool is_local_refusal(const error_code& ec) noexcept {
+  return ec == error::queue_full || ec == error::circuit_open || ec == error::shut_down;
+}
+
 // What came back from one call: a value, an error_code or an exception. `outcome<void>` holds
 // std::monostate in place of a value.
 template <class T>
@@ -131,19 +156,33 @@ class outcome {
     return std::move(value());
   }
 
-  // Whether the call was cancelled (operation_aborted, as an error code or a system_error):
-  // such an outcome says nothing about the provider.
+  // Whether the call was cancelled (operation_aborted or operation_canceled, as an error code, a
+  // system_error, or the first of Asio's multiple_exceptions): such an outcome says nothing about
+  // the provider.
   bool cancelled() const {
-    if (has_error()) return error() == boost::asio::error::operation_aborted;
+    if (has_error()) return is_cancellation(error());
+    if (!has_exception()) return false;
+    return is_cancellation(exception());
+  }
+
+  // Whether a weir policy refused the call before it was sent (see exception::refusal): queue
+  // full, circuit open, shut down, or a limiter's refusal.
+  bool refused_locally() const {
+    if (has_error()) return is_local_refusal(error());
     if (!has_exception()) return false;
     try {
       std::rethrow_exception(exception());
+    } catch (const weir::exception& x) {
+      return x.refused_locally() || is_local_refusal(x.code());
     } catch (const boost::system::system_error& x) {
-      return x.code() == boost::asio::error::operation_aborted;
+      return is_local_refusal(x.code());
     } catch (...) {
       return false;
     }
   }
+
+  // Neither a cancellation nor a local refusal: the provider answered (or failed to).
+  bool reached_provider() const { return !cancelled() && !refused_locally(); }
 
   // The failure as an exception_ptr (empty for a value), for attaching as a cause.
   std::exception_ptr failure() const {
@@ -181,8 +220,7 @@ struct default_classifier {
                                  std::optional<std::chrono::nanoseconds> retry_after) {
     classification c;
     c.hint.retry_after = retry_after;
-    if (ec == boost::asio::error::operation_aborted ||
-        ec == boost::system::errc::operation_canceled) {
+    if (is_cancellation(ec)) {
       c.kind = verdict::fatal;
     } else if (ec.category() == error_category()) {
       switch (static_cast<error>(ec.value())) {
@@ -201,9 +239,18 @@ struct default_classifier {
     try {
       std::rethrow_exception(e);
     } catch (const weir::exception& x) {
+      // Retries that ran out failed as their last attempt did: a breaker outside the retry
+      // counts a call whose every attempt failed as a failure, not as a weir error.
+      if (x.code() == error::retries_exhausted && x.cause()) {
+        auto c = classify(x.cause());
+        if (x.retry_after()) c.hint.retry_after = x.retry_after();
+        return c;
+      }
       return classify(x.code(), x.retry_after());
     } catch (const boost::system::system_error& x) {
       return classify(x.code(), std::nullopt);
+    } catch (const boost::asio::multiple_exceptions& x) {
+      return classify(x.first_exception());
     } catch (...) {
       return {verdict::retryable, {}};
     }

@@ -20,7 +20,13 @@
 // pipeline, your own decorator — wraps the policies after it, as a decorator does.
 //
 // Policies are held by copy, and copies of a weir policy share its state: one provider's bucket
-// can sit in many pipelines used from many threads.
+// can sit in many pipelines used from many threads. A call shares the pipeline's state too:
+// destroying the pipeline (or any of its policies) while calls are in flight ends nothing and
+// frees nothing they use; cancel the calls through their cancellation slots if they must stop.
+//
+// Whatever way a call ends — value, error, cancellation during any wait, or its coroutine
+// destroyed with the io_context — every stage it entered is left: a queue slot is given back, a
+// breaker ticket recorded or (with no answer) abandoned.
 #pragma once
 
 #include <weir/circuit_breaker.hpp>
@@ -38,6 +44,8 @@
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/basic_waitable_timer.hpp>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/deferred.hpp>
+#include <boost/asio/experimental/parallel_group.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
@@ -57,11 +65,18 @@ namespace weir {
 template <class Clock = std::chrono::steady_clock>
 struct basic_call_context {
   std::uint64_t tokens = 0;  // estimated tokens: rate_limits take them, usage_monitor counts them
+  // Estimated input and output tokens, for limits on each (Anthropic's); `tokens` is the total
+  // and, when left 0, is taken as their sum.
+  std::uint64_t input_tokens = 0;
+  std::uint64_t output_tokens = 0;
   // The real usage, if the call learns it (e.g. from the response): rate_limits settle the
   // estimate against it and usage_monitor counts it instead.
   std::optional<std::uint64_t> actual_tokens{};
+  std::optional<std::uint64_t> actual_input_tokens{};
+  std::optional<std::uint64_t> actual_output_tokens{};
   weir::priority priority = weir::priority::normal;  // for request_queue
-  // A limiter or queue wait that would end past it fails at once with rate_limited.
+  // A limiter wait that would end past it fails at once with rate_limited; a queue wait still
+  // going on when it passes fails with timeout. Both are local refusals: nothing was sent.
   std::optional<typename Clock::time_point> deadline{};
   std::string_view operation{};  // named in events; never a request body or a key
 };
@@ -101,6 +116,34 @@ inline std::optional<error_code> weir_code(const std::exception_ptr& e) {
   }
 }
 
+// What the call costs the limiters: the estimate, or (settled) what it really used.
+template <class Clock>
+usage estimated_usage(const basic_call_context<Clock>& ctx) {
+  return {.requests = 1,
+          .tokens = ctx.tokens ? ctx.tokens : ctx.input_tokens + ctx.output_tokens,
+          .input_tokens = ctx.input_tokens,
+          .output_tokens = ctx.output_tokens};
+}
+template <class Clock>
+usage actual_usage(const basic_call_context<Clock>& ctx, const usage& estimate) {
+  usage u = estimate;
+  if (ctx.actual_input_tokens) u.input_tokens = *ctx.actual_input_tokens;
+  if (ctx.actual_output_tokens) u.output_tokens = *ctx.actual_output_tokens;
+  if (ctx.actual_tokens)
+    u.tokens = *ctx.actual_tokens;
+  else if (ctx.actual_input_tokens || ctx.actual_output_tokens)
+    u.tokens = u.input_tokens + u.output_tokens;
+  return u;
+}
+
+// A limiter's refusal on the way in, with words, as a local refusal.
+[[noreturn]] inline void refuse(error_code ec, const char* who,
+                                std::chrono::nanoseconds waited) {
+  if (ec.category() != error_category()) throw boost::system::system_error(ec);
+  throw weir::exception::refusal(
+      ec, who, ec == error::rate_limited ? std::optional(waited) : std::nullopt);
+}
+
 inline std::optional<rejection> rejection_of(const error_code& ec) {
   if (ec == error::queue_full) return rejection::queue_full;
   if (ec == error::circuit_open) return rejection::circuit_open;
@@ -125,7 +168,7 @@ struct queue_stage {
   struct slot {
     bool held = false;
   };
-  static constexpr bool has_classifier = false;
+  static constexpr bool values_succeed = true;
 
   template <class Clock>
   bool try_enter(slot& s, stage_env<Clock>&) {
@@ -133,15 +176,40 @@ struct queue_stage {
   }
   template <class Clock>
   boost::asio::awaitable<void> wait_enter(slot& s, stage_env<Clock>& env) {
-    auto p = co_await queue.async_admit(env.ctx.priority, boost::asio::use_awaitable);
-    // The slot now belongs to this call; it goes back in exit(), like a fast-path one.
-    p.detach();
-    s.held = true;
+    namespace asio = boost::asio;
+    if (!env.ctx.deadline) {
+      auto [ec, p] =
+          co_await queue.async_admit(env.ctx.priority, asio::as_tuple(asio::use_awaitable));
+      if (ec) refuse(ec, "request_queue", {});
+      // The slot now belongs to this call; it goes back in exit(), like a fast-path one.
+      p.detach();
+      s.held = true;
+      co_return;
+    }
+    if (Clock::now() >= *env.ctx.deadline)
+      throw weir::exception::refusal(error::timeout, "request_queue: the deadline has passed");
+    asio::basic_waitable_timer<Clock> timer(co_await asio::this_coro::executor, *env.ctx.deadline);
+    auto group = asio::experimental::make_parallel_group(
+        queue.async_admit(env.ctx.priority, asio::deferred), timer.async_wait(asio::deferred));
+    auto [order, ec, p, timer_ec] =
+        co_await group.async_wait(asio::experimental::wait_for_one(), asio::use_awaitable);
+    if (!ec) {
+      p.detach();
+      s.held = true;
+      co_return;
+    }
+    if (order[0] == 1 && !timer_ec)
+      throw weir::exception::refusal(error::timeout,
+                                     "request_queue: the deadline passed before a slot was free");
+    refuse(ec, "request_queue", {});
   }
   template <class Clock, class O>
   exit_action exit(slot& s, stage_env<Clock>&, const O&) {
-    if (std::exchange(s.held, false)) queue.give_back();
+    abandon(s);
     return {};
+  }
+  void abandon(slot& s) {
+    if (std::exchange(s.held, false)) queue.give_back();
   }
 };
 
@@ -149,7 +217,7 @@ template <class Clock>
 struct bucket_stage {
   token_bucket<Clock> bucket;
   struct slot {};
-  static constexpr bool has_classifier = false;
+  static constexpr bool values_succeed = true;
 
   static constexpr bool reads_clock = true;
   bool try_enter(slot&, stage_env<Clock>& env) { return bucket.try_acquire(1, env.now); }
@@ -157,14 +225,13 @@ struct bucket_stage {
     const auto max_wait = env.max_wait(Clock::now()).value_or(std::chrono::nanoseconds::max());
     auto [ec, waited] = co_await bucket.async_acquire(
         1, max_wait, boost::asio::as_tuple(boost::asio::use_awaitable));
-    if (ec)
-      throw weir::exception(ec, "token bucket",
-                            ec == error::rate_limited ? std::optional(waited) : std::nullopt);
+    if (ec) refuse(ec, "token_bucket: the wait would pass the deadline", waited);
   }
   template <class O>
   exit_action exit(slot&, stage_env<Clock>&, const O&) {
     return {};
   }
+  void abandon(slot&) {}
 };
 
 template <class Clock>
@@ -173,26 +240,26 @@ struct limits_stage {
   struct slot {
     usage taken{};
   };
-  static constexpr bool has_classifier = false;
+  static constexpr bool values_succeed = true;
+  static constexpr bool reads_clock = true;
 
   bool try_enter(slot& s, stage_env<Clock>& env) {
-    s.taken = {.requests = 1, .tokens = env.ctx.tokens};
-    return limits.try_acquire(s.taken);
+    s.taken = estimated_usage(env.ctx);
+    return limits.try_acquire(s.taken, env.now);
   }
   boost::asio::awaitable<void> wait_enter(slot& s, stage_env<Clock>& env) {
     const auto max_wait = env.max_wait(Clock::now()).value_or(std::chrono::nanoseconds::max());
     auto [ec, waited] = co_await limits.async_acquire(
         s.taken, max_wait, boost::asio::as_tuple(boost::asio::use_awaitable));
-    if (ec)
-      throw weir::exception(ec, "rate limits",
-                            ec == error::rate_limited ? std::optional(waited) : std::nullopt);
+    if (ec) refuse(ec, "rate_limits: the wait would pass the deadline", waited);
   }
   template <class O>
   exit_action exit(slot& s, stage_env<Clock>& env, const O&) {
-    if (env.ctx.actual_tokens && *env.ctx.actual_tokens != s.taken.tokens)
-      limits.settle(s.taken, {.requests = 1, .tokens = *env.ctx.actual_tokens});
+    const auto used = actual_usage(env.ctx, s.taken);
+    if (used != s.taken) limits.settle(s.taken, used);
     return {};
   }
+  void abandon(slot&) {}
 };
 
 template <class Clock, class Classifier>
@@ -201,14 +268,14 @@ struct breaker_stage {
   struct slot {
     typename circuit_breaker<Clock, Classifier>::ticket ticket{};
   };
-  static constexpr bool has_classifier = true;
+  static constexpr bool values_succeed = every_value_succeeds<Classifier>;
 
   bool try_enter(slot& s, stage_env<Clock>& env) {
     s.ticket = breaker.try_admit();
     if (s.ticket.admitted) return true;
     env.emit(rejected{env.ctx.operation, rejection::circuit_open, s.ticket.retry_after});
-    throw weir::exception(error::circuit_open, "the provider's circuit is open",
-                          s.ticket.retry_after);
+    throw weir::exception::refusal(error::circuit_open, "the provider's circuit is open",
+                                   s.ticket.retry_after);
   }
   boost::asio::awaitable<void> wait_enter(slot&, stage_env<Clock>&) { co_return; }
   template <class O>
@@ -229,14 +296,21 @@ struct breaker_stage {
       }
     }
     const auto before = breaker.state();
-    if (o.cancelled()) return {};
-    const auto kind = breaker.classifier()(o).kind;
-    breaker.record(s.ticket, kind == verdict::retryable || kind == verdict::rate_limited);
+    // A cancelled call, or one refused further in, got no answer: its ticket goes back.
+    if (!o.reached_provider())
+      breaker.abandon(s.ticket);
+    else
+      breaker.record(s.ticket, breaker.is_failure(breaker.classifier()(o).kind));
+    s.ticket = {};
     if (env.watch) {
       const auto after = breaker.state();
       if (after != before) env.emit(breaker_changed{env.ctx.operation, before, after});
     }
     return {};
+  }
+  void abandon(slot& s) {
+    breaker.abandon(s.ticket);
+    s.ticket = {};
   }
 };
 
@@ -247,7 +321,7 @@ struct retry_stage {
     typename retry<Clock, Classifier>::progress progress{};
     bool begun = false;
   };
-  static constexpr bool has_classifier = true;
+  static constexpr bool values_succeed = every_value_succeeds<Classifier>;
 
   bool try_enter(slot& s, stage_env<Clock>&) {
     if (!s.begun) {
@@ -277,18 +351,21 @@ struct retry_stage {
     if (d.error) {
       if (auto ec = weir_code(d.error); ec && *ec == error::budget_exhausted)
         env.emit(rejected{env.ctx.operation, rejection::budget_exhausted, {}});
+      // A failing value goes back to the caller as it is; an error becomes the give-up.
+      if (o.has_value()) return {};
       return {std::nullopt, d.error};
     }
     env.emit(retry_scheduled{env.ctx.operation, failed_attempt, d.delay, c.kind});
     return {d.delay, {}};
   }
+  void abandon(slot&) {}
 };
 
 template <class Clock>
 struct monitor_stage {
   usage_monitor<Clock> monitor;
   struct slot {};
-  static constexpr bool has_classifier = false;
+  static constexpr bool values_succeed = true;
 
   bool try_enter(slot&, stage_env<Clock>&) { return true; }
   boost::asio::awaitable<void> wait_enter(slot&, stage_env<Clock>&) { co_return; }
@@ -306,6 +383,7 @@ struct monitor_stage {
   exit_action exit(slot&, stage_env<Clock>&, const O&) {
     return {};
   }
+  void abandon(slot&) {}
 };
 
 // Anything else with operator()(op): it wraps the stages after it.
@@ -313,6 +391,8 @@ template <class Policy>
 struct decorator_stage {
   Policy policy;
   struct slot {};
+  static constexpr bool values_succeed = true;  // judged by the stages inside it, if any
+  void abandon(slot&) {}
 };
 
 template <class P>
@@ -370,40 +450,28 @@ class basic_pipeline {
       : shared_(std::make_shared<shared>(std::move(classifier), std::move(stages)...)) {}
 
   // Runs `op` (a callable returning asio::awaitable<T>) through every policy. `ctx` must live
-  // until the call completes; `op` may set ctx.actual_tokens once it knows them. Like an Asio I/O
-  // object, a named pipeline must outlive its calls; a temporary one (`pipeline(a, b)(op)`) is
-  // kept alive by the call itself.
+  // until the call completes; `op` may set ctx.actual_tokens once it knows them. The call shares
+  // the pipeline's state, so the pipeline itself may be destroyed while it runs.
   template <class Operation>
-  auto operator()(context_type& ctx, Operation op) const& {
+  auto operator()(context_type& ctx, Operation op) const {
     using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
-    return run<value, 0>(shared_.get(), {}, &ctx, std::move(op), 1);
-  }
-  template <class Operation>
-  auto operator()(context_type& ctx, Operation op) && {
-    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
-    auto* s = shared_.get();  // before shared_ is moved from
-    return run<value, 0>(s, std::move(shared_), &ctx, std::move(op), 1);
+    auto* s = shared_.get();
+    return run<value, 0>(s, shared_, &ctx, std::move(op), 1);
   }
 
   // The same with a default context; also what makes a pipeline usable as a policy (it nests).
   template <class Operation>
-  auto operator()(Operation op) const& {
+  auto operator()(Operation op) const {
     using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
-    return run<value, 0>(shared_.get(), {}, nullptr, std::move(op), 1);
-  }
-  template <class Operation>
-  auto operator()(Operation op) && {
-    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
-    auto* s = shared_.get();  // before shared_ is moved from
-    return run<value, 0>(s, std::move(shared_), nullptr, std::move(op), 1);
+    auto* s = shared_.get();
+    return run<value, 0>(s, shared_, nullptr, std::move(op), 1);
   }
 
   // For code not written with coroutines: completes `token` with (exception_ptr, T) — or
   // (exception_ptr) for void — so deferred, use_future and plain callbacks work.
   template <class Operation, class CompletionToken>
   auto async_execute(boost::asio::any_io_executor ex, Operation op, CompletionToken&& token) const {
-    auto keep = *this;  // the call keeps the pipeline alive, whatever becomes of this object
-    return boost::asio::co_spawn(std::move(ex), std::move(keep)(std::move(op)),
+    return boost::asio::co_spawn(std::move(ex), (*this)(std::move(op)),
                                  std::forward<CompletionToken>(token));
   }
 
@@ -413,6 +481,9 @@ class basic_pipeline {
 
  private:
   static constexpr std::size_t stage_count = sizeof...(Stages);
+  // No classifier anywhere can fail a value: a value needs no outcome built and no judging.
+  static constexpr bool plain_values =
+      every_value_succeeds<Classifier> && (Stages::values_succeed && ... && true);
   static constexpr bool is_decorator_at[stage_count + 1] = {detail::is_decorator<Stages>::value...,
                                                             true};
 
@@ -491,9 +562,12 @@ class basic_pipeline {
             auto& stage = std::get<at>(s->stages);
             using stage_type = std::decay_t<decltype(stage)>;
             if constexpr (detail::is_monitor<stage_type>::value) {
+              // A call refused on the way in was never sent: nothing for the monitor to count.
               const bool plain_success = every_value_succeeds<Classifier> && result->has_value();
-              stage.record(
-                  env, plain_success ? verdict::success : s->classify(std::as_const(*result)).kind);
+              if (plain_success)
+                stage.record(env, verdict::success);
+              else if (!result->refused_locally())
+                stage.record(env, s->classify(std::as_const(*result)).kind);
             } else {
               auto action = stage.exit(std::get<at>(slots), env, std::as_const(*result));
               if (action.replace) result.emplace(outcome<T>::from_exception(action.replace));
@@ -506,7 +580,32 @@ class basic_pipeline {
     return again;
   }
 
-  // Every stage entered, the call returned a value the classifier cannot fail: exits them with
+  // Leaves the stages [Begin, depth) without an outcome, innermost first: for a call unwound
+  // while it held them (cancelled during a retry's wait, or its coroutine destroyed).
+  template <std::size_t Begin, std::size_t End>
+  static void abandon(shared* s, slots_type& slots, std::size_t depth) {
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      (
+          [&] {
+            constexpr std::size_t at = End - 1 - I;
+            if (at < depth) std::get<at>(s->stages).abandon(std::get<at>(slots));
+          }(),
+          ...);
+    }
+    (std::make_index_sequence<End - Begin>{});
+  }
+
+  template <std::size_t Begin, std::size_t End>
+  struct unwind_guard {
+    shared* s;
+    slots_type& slots;
+    const std::size_t& depth;
+    ~unwind_guard() {
+      if (depth > Begin) abandon<Begin, End>(s, slots, depth);
+    }
+  };
+
+  // Every stage entered, the call returned a value no classifier can fail: exits them with
   // no outcome to build or judge.
   template <std::size_t Begin, std::size_t End>
   static void exit_plain_success(shared* s, slots_type& slots, detail::stage_env<Clock>& env) {
@@ -528,8 +627,7 @@ class basic_pipeline {
   // The driver, one coroutine frame for all hook stages: enters the stages from Begin in order,
   // runs what is inside them (the call, or the next decorator around the rest), then exits them
   // innermost first. A retry stage's exit may send it back, after the wait, to the stages inside.
-  // `keep` owns the state when the pipeline was a temporary; otherwise it is empty and costs
-  // nothing.
+  // `keep` owns the state for the outermost frame (the inner ones run inside it and pass none).
   template <class T, std::size_t Begin, class Operation>
   static boost::asio::awaitable<T> run(shared* s, [[maybe_unused]] std::shared_ptr<shared> keep,
                                        context_type* given, Operation op, unsigned attempt) {
@@ -540,10 +638,12 @@ class basic_pipeline {
     const observer* watch = s->watch ? &s->watch : nullptr;
     detail::stage_env<Clock> env{ctx, watch, attempt};
 
-    std::size_t next = Begin;  // the next stage to enter
+    std::size_t next = Begin;   // the next stage to enter
+    std::size_t depth = Begin;  // stages [Begin, depth) are entered
+    const unwind_guard<Begin, End> guard{s, slots, depth};
     for (;;) {
       std::optional<outcome<T>> result;
-      std::size_t depth = next;  // stages [Begin, depth) are entered
+      depth = next;
       typename Clock::time_point started{};
       if constexpr (reads_clock<Begin, End>()) env.now = Clock::now();
       try {
@@ -579,10 +679,11 @@ class basic_pipeline {
         } else if constexpr (std::is_void_v<T>) {
           co_await op();
           result.emplace(outcome<T>::from_value({}));
-        } else if constexpr (every_value_succeeds<Classifier>) {
+        } else if constexpr (plain_values) {
           auto value = co_await op();
           if (!watch) {  // the common case: straight back, no outcome built
             exit_plain_success<Begin, End>(s, slots, env);
+            depth = Begin;
             co_return value;
           }
           result.emplace(outcome<T>::from_value(std::move(value)));

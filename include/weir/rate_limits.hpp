@@ -89,12 +89,15 @@ class rate_limits {
     return std::chrono::nanoseconds(state_->time_until(cost, detail::to_nanos(now)));
   }
 
-  // Waits until `cost` fits on every dimension and takes it, in FIFO order. Fails at once with
-  // rate_limited (and the expected wait) when that wait exceeds max_wait, with invalid_argument
-  // when the cost exceeds a burst. Cancellation gives back every dimension.
+  // Waits until `cost` fits on every dimension and takes it, in FIFO order. A cost above a
+  // dimension's burst waits until that dimension is empty and then takes it all at once (the
+  // limiter goes into debt). Fails at once with rate_limited (and the expected wait) when that
+  // wait exceeds max_wait. A cost so large it would overflow throws invalid_argument here, with
+  // the dimension and the number. Cancellation gives back every dimension.
   template <class CompletionToken>
   auto async_acquire(const usage& cost, std::chrono::nanoseconds max_wait,
                      CompletionToken&& token) {
+    state_->validate(cost);
     return boost::asio::async_initiate<CompletionToken, acquire_signature>(
         [](auto handler, std::shared_ptr<state> s, usage cost, std::chrono::nanoseconds max_wait) {
           s->initiate_acquire(s, std::move(handler), cost, max_wait);
@@ -126,7 +129,8 @@ class rate_limits {
     return state_->limits[static_cast<std::size_t>(d)];
   }
 
-  // Holds a dimension empty until `until` (the server said it has nothing left before then).
+  // Holds a dimension empty until `until` (the server said it has nothing left before then),
+  // for the waiters already queued too; cancelling one later does not shorten the pause.
   void pause_until(dimension d, time_point until) {
     state_->pause_until(static_cast<std::size_t>(d), detail::to_nanos(until));
   }
@@ -163,21 +167,30 @@ class rate_limits {
       if (delta > 0 || tat[d] > now) tat[d] += delta;
     }
 
-    // What reserving `cost` now would do, without doing it. Throws for a cost above a burst.
+    static constexpr const char* names[dims] = {"requests", "tokens", "input_tokens",
+                                                "output_tokens"};
+
+    // What reserving `cost` now would do, without doing it. A cost above a burst waits for an
+    // empty limiter (see detail::reserve); one that would overflow throws invalid_argument.
     std::pair<reservation_type, detail::nanos> plan(const usage& cost, detail::nanos now) const {
       reservation_type r{{}, tat, now};
       detail::nanos wait = 0;
       const auto n = units(cost);
       for (std::size_t d = 0; d < dims; ++d) {
         if (!limits[d] || n[d] == 0) continue;
-        if (n[d] > limits[d]->burst)
-          throw weir::exception(error::invalid_argument, "cost exceeds a limit's burst");
-        r.increment[d] = interval[d] * static_cast<detail::nanos>(n[d]);
+        r.increment[d] = detail::cost_increment(n[d], interval[d], names[d]);
         const auto t = detail::reserve(tat[d], now, r.increment[d], tolerance[d]);
         r.end[d] = t.new_tat;
         wait = std::max(wait, t.wait);
       }
       return {r, wait};
+    }
+
+    void validate(const usage& cost) const {
+      std::lock_guard lock(mutex);
+      const auto n = units(cost);
+      for (std::size_t d = 0; d < dims; ++d)
+        if (limits[d] && n[d] != 0) detail::cost_increment(n[d], interval[d], names[d]);
     }
 
     bool try_acquire(const usage& cost, detail::nanos now) {
@@ -238,14 +251,18 @@ class rate_limits {
       std::lock_guard lock(mutex);
       std::array<detail::nanos, dims> refund{};
       bool any_refund = false;
+      // A server may report any number: the charge is bounded (a day of the limit) so that the
+      // clock arithmetic cannot overflow; a refund never exceeds what was taken.
+      constexpr std::uint64_t day_ns = 86'400'000'000'000;
       for (std::size_t d = 0; d < dims; ++d) {
         if (!limits[d] || est[d] == got[d]) continue;
+        const auto most = std::max<std::uint64_t>(1, day_ns / static_cast<std::uint64_t>(interval[d]));
         if (got[d] > est[d]) {
           // Charged even past the burst: the server counted it, so the limiter must too.
-          tat[d] =
-              std::max(tat[d], now) + interval[d] * static_cast<detail::nanos>(got[d] - est[d]);
+          tat[d] = std::max(tat[d], now) +
+                   interval[d] * static_cast<detail::nanos>(std::min(got[d] - est[d], most));
         } else {
-          refund[d] = interval[d] * static_cast<detail::nanos>(est[d] - got[d]);
+          refund[d] = interval[d] * static_cast<detail::nanos>(std::min(est[d] - got[d], most));
           any_refund = true;
         }
       }
@@ -264,10 +281,20 @@ class rate_limits {
       for (std::size_t d = 0; d < dims; ++d) tat[d] -= shift[d];
     }
 
+    // Waiters already queued move behind the pause too: their timers must not fire into it.
     void pause_until(std::size_t d, detail::nanos until) {
       std::lock_guard lock(mutex);
       if (!limits[d]) return;
-      tat[d] = std::max(tat[d], detail::tat_paused_until(until, interval[d], tolerance[d]));
+      const auto target = detail::tat_paused_until(until, interval[d], tolerance[d]);
+      if (auto* head = waiters.front()) {
+        const auto& r = head->reservation;
+        std::array<detail::nanos, dims> start;
+        for (std::size_t i = 0; i < dims; ++i) start[i] = r.end[i] - r.increment[i];
+        start[d] = std::max(start[d], target);
+        const auto shift = detail::restack(head, start, tolerance);
+        for (std::size_t i = 0; i < dims; ++i) tat[i] -= shift[i];
+      }
+      tat[d] = std::max(tat[d], target);
     }
 
     executor_type executor;

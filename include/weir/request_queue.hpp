@@ -1,5 +1,6 @@
 // A bulkhead: at most `max_concurrent` requests in flight, at most `max_queued` waiting for a
-// slot, and a clear queue_full rejection beyond that.
+// slot, and a clear queue_full rejection beyond that. Waiters are completed through their own
+// executor, never inside the call that freed the slot.
 //
 //     weir::request_queue queue(ex, {.max_concurrent = 8, .max_queued = 64});
 //     auto permit = co_await queue.async_admit(weir::priority::interactive, asio::use_awaitable);
@@ -227,13 +228,15 @@ class queue_admission final : public queue_waiter,
     if (slot.is_connected()) slot.template emplace<cancel_handler>(this);
   }
 
+  // Never runs the handler in the caller's frame (which may be a permit's destructor, in the
+  // middle of the caller's own container operations): the completion is posted to the handler's
+  // executor, and the cancellation slot is cleared there, where cancellation is emitted, so a
+  // cancellation racing the completion on another thread meets a live, unlinked admission.
   void complete(error_code ec, permit p) override {
-    auto slot = boost::asio::get_associated_cancellation_slot(handler_);
-    if (slot.is_connected()) slot.clear();
-    auto keep = std::move(self_);
     auto work = std::move(work_);
-    boost::asio::dispatch(work.get_executor(),
-                          boost::asio::append(std::move(handler_), ec, std::move(p)));
+    const auto ex = work.get_executor();
+    boost::asio::post(ex, [self = std::move(self_), work = std::move(work), ec,
+                           p = std::move(p)]() mutable { self->finish(ec, std::move(p)); });
   }
 
   void abandon() override {
@@ -260,6 +263,14 @@ class queue_admission final : public queue_waiter,
       state_->queued.fetch_sub(1);
     }
     complete(boost::asio::error::operation_aborted, permit());
+  }
+
+  // On the handler's executor.
+  void finish(error_code ec, permit p) {
+    auto slot = boost::asio::get_associated_cancellation_slot(handler_);
+    if (slot.is_connected()) slot.clear();
+    auto handler = std::move(handler_);
+    std::move(handler)(ec, std::move(p));
   }
 
   std::shared_ptr<request_queue_state> state_;

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <weir/backoff.hpp>
+#include <weir/detail/deadline.hpp>
 #include <weir/detail/gcra.hpp>
 #include <weir/error.hpp>
 #include <weir/outcome.hpp>
@@ -37,7 +38,8 @@ struct retry_attempt {
 
 struct retry_options {
   unsigned max_attempts = 3;  // attempts in all, the first included
-  // The whole call, waits included, must end within this; a wait that would pass it is not made.
+  // The whole call, attempts and waits, ends within this: a wait that would pass it is not made,
+  // and an attempt still running when it passes is cancelled (error::timeout).
   std::chrono::nanoseconds max_elapsed = std::chrono::nanoseconds::max();
   weir::backoff backoff =
       weir::backoff::exponential(std::chrono::milliseconds(500), 2.0, std::chrono::seconds(8))
@@ -53,12 +55,16 @@ struct retry_options {
 //
 // Each attempt's outcome goes through the classifier: success returns the value; fatal returns a
 // value as it is (e.g. an HTTP 400 the caller wants to read) or rethrows the error; retryable and
-// rate-limited outcomes are tried again after max(backoff, retry_after). Giving up throws a
-// weir::exception carrying the attempts, the last hint and the last failure:
+// rate-limited outcomes are tried again after max(backoff, retry_after). Giving up after a
+// failing *value* (a 503 response, say) returns that last value, as Polly and Resilience4j do:
+// the caller reads what the server said. Giving up after an error throws a weir::exception
+// carrying the attempts, the last hint and the last failure as its cause:
 //   retries_exhausted   max_attempts reached, or the next wait would pass max_elapsed
 //   rate_limited        the server's retry_after exceeds max_retry_after or passes max_elapsed
 //   budget_exhausted    the shared budget has no retry left
-// Cancellation aborts the wait at once (operation_aborted).
+//   timeout             max_elapsed passed during an attempt (which was cancelled)
+// Cancellation aborts the wait or the attempt at once (operation_aborted). A call shares the
+// retry's state: destroying the retry does not end the calls made through it.
 template <class Clock = std::chrono::steady_clock, class Classifier = default_classifier>
 class retry {
  public:
@@ -71,7 +77,7 @@ class retry {
   template <class Operation>
   auto operator()(Operation op) const {
     using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
-    return run<value>(state_.get(), std::move(op));
+    return run<value>(state_, std::move(op));
   }
 
   const retry_options& options() const noexcept { return state_->options; }
@@ -106,10 +112,17 @@ class retry {
   struct state {
     state(retry_options o, Classifier c) : options(std::move(o)), classify(std::move(c)) {
       if (options.max_attempts == 0)
-        throw weir::exception(error::invalid_argument, "retry needs max_attempts ≥ 1");
-      if (options.max_elapsed.count() <= 0 || options.max_retry_after.count() < 0)
-        throw weir::exception(error::invalid_argument, "retry durations must not be negative");
+        throw weir::exception(error::invalid_argument, "retry: max_attempts must be at least 1");
+      if (options.max_elapsed.count() <= 0)
+        throw weir::exception(error::invalid_argument, "retry: max_elapsed must be positive");
+      if (options.max_retry_after.count() < 0)
+        throw weir::exception(error::invalid_argument,
+                              "retry: max_retry_after must not be negative");
       random.seed(options.seed ? options.seed : std::random_device{}());
+    }
+
+    bool bounded() const noexcept {
+      return options.max_elapsed != std::chrono::nanoseconds::max();
     }
 
     std::chrono::nanoseconds backoff_delay(unsigned attempt, std::chrono::nanoseconds previous) {
@@ -118,12 +131,10 @@ class retry {
     }
 
     progress begin() {
-      if (options.budget) options.budget->deposit();
-      return {1,
-              {},
-              options.max_elapsed != std::chrono::nanoseconds::max()
-                  ? Clock::now()
-                  : typename Clock::time_point{}};
+      const bool timed = bounded() || options.budget;
+      const auto now = timed ? Clock::now() : typename Clock::time_point{};
+      if (options.budget) options.budget->deposit(now.time_since_epoch());
+      return {1, {}, now};
     }
 
     decision next(progress& p, const classification& c, std::exception_ptr failure) {
@@ -140,11 +151,11 @@ class retry {
           return give_up(error::rate_limited, "server asked to wait longer than max_retry_after");
         delay = std::max(delay, *c.hint.retry_after);
       }
-      if (options.max_elapsed != std::chrono::nanoseconds::max() &&
-          Clock::now() - p.started + delay > options.max_elapsed)
+      const auto now = bounded() || options.budget ? Clock::now() : typename Clock::time_point{};
+      if (bounded() && now - p.started + delay > options.max_elapsed)
         return give_up(c.hint.retry_after ? error::rate_limited : error::retries_exhausted,
                        "the next wait would pass max_elapsed");
-      if (options.budget && !options.budget->try_withdraw())
+      if (options.budget && !options.budget->try_withdraw(now.time_since_epoch()))
         return give_up(error::budget_exhausted, "the retry budget is spent");
       if (options.on_retry) options.on_retry(retry_attempt{p.attempt, delay, c, failure});
       ++p.attempt;
@@ -158,40 +169,54 @@ class retry {
     std::mt19937_64 random;
   };
 
-  // Like an Asio I/O object, the retry must outlive the calls made through it.
+  // One attempt; bounded by what is left of max_elapsed when that is set.
   template <class T, class Operation>
-  static boost::asio::awaitable<T> run(state* s, Operation op) {
+  static boost::asio::awaitable<outcome<T>> attempt(state& s, const progress& p, Operation& op) {
+    if (!s.bounded()) co_return co_await capture(op());
+    const auto deadline =
+        p.started + std::chrono::duration_cast<typename Clock::duration>(s.options.max_elapsed);
+    auto bounded = co_await detail::run_until<Clock, T>(deadline, op);
+    if (bounded.deadline_passed)
+      throw weir::exception(error::timeout, "max_elapsed passed during an attempt", {},
+                            bounded.result.failure(), p.attempt);
+    co_return std::move(bounded.result);
+  }
+
+  template <class T, class Operation>
+  static boost::asio::awaitable<T> run(std::shared_ptr<state> s, Operation op) {
     auto p = s->begin();
     for (;;) {
       std::optional<outcome<T>> result;
-      try {
-        if constexpr (std::is_void_v<T>) {
-          co_await op();
-          if constexpr (every_value_succeeds<Classifier>) co_return;
-          result.emplace(outcome<T>::from_value({}));
-        } else if constexpr (every_value_succeeds<Classifier>) {
-          co_return co_await op();
-        } else {
-          result.emplace(outcome<T>::from_value(co_await op()));
+      if constexpr (every_value_succeeds<Classifier> && !std::is_void_v<T>) {
+        if (!s->bounded()) {
+          // The common case: a value goes straight back, with no outcome built.
+          try {
+            co_return co_await op();
+          } catch (...) {
+            result.emplace(outcome<T>::from_exception(std::current_exception()));
+          }
         }
-      } catch (...) {
-        result.emplace(outcome<T>::from_exception(std::current_exception()));
       }
+      if (!result) result.emplace(co_await attempt<T>(*s, p, op));
 
       const classification c = s->classify(std::as_const(*result));
-      if (c.kind == verdict::success || c.kind == verdict::fatal) {
-        if constexpr (std::is_void_v<T>) {
-          std::move(*result).get();
-          co_return;
-        } else {
-          co_return std::move(*result).get();
+      if (c.kind != verdict::success && c.kind != verdict::fatal) {
+        const auto d = s->next(p, c, result->failure());
+        if (!d.error) {
+          boost::asio::basic_waitable_timer<Clock> wait(co_await boost::asio::this_coro::executor,
+                                                        d.delay);
+          co_await wait.async_wait(boost::asio::use_awaitable);
+          continue;
         }
+        // No more attempts: a failing value goes back as it is, an error becomes the give-up.
+        if (!result->has_value()) std::rethrow_exception(d.error);
       }
-      const auto d = s->next(p, c, result->failure());
-      if (d.error) std::rethrow_exception(d.error);
-      boost::asio::basic_waitable_timer<Clock> wait(co_await boost::asio::this_coro::executor,
-                                                    d.delay);
-      co_await wait.async_wait(boost::asio::use_awaitable);
+      if constexpr (std::is_void_v<T>) {
+        std::move(*result).get();
+        co_return;
+      } else {
+        co_return std::move(*result).get();
+      }
     }
   }
 

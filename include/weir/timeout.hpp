@@ -1,6 +1,8 @@
 // A deadline around any callable returning asio::awaitable<T>. When it passes, the inner operation
 // is cancelled through Asio's per-operation cancellation (its pending handler completes with
-// operation_aborted) and the call fails with weir::error::timeout.
+// operation_aborted) and the call fails with weir::error::timeout, the operation's own failure as
+// its cause. A failure before the deadline comes back at once, as it is (with its retry_after);
+// a cancellation of the caller comes back as operation_aborted.
 //
 // Where it stands decides what it bounds: inside a retry it limits each attempt, outside it limits
 // the whole call, waits included.
@@ -10,18 +12,16 @@
 //     });
 #pragma once
 
+#include <weir/detail/deadline.hpp>
 #include <weir/error.hpp>
 #include <weir/outcome.hpp>
 
+#include <fmt/chrono.h>
+#include <fmt/format.h>
 #include <boost/asio/awaitable.hpp>
-#include <boost/asio/basic_waitable_timer.hpp>
-#include <boost/asio/experimental/awaitable_operators.hpp>
-#include <boost/asio/this_coro.hpp>
-#include <boost/asio/use_awaitable.hpp>
 
 #include <chrono>
 #include <type_traits>
-#include <variant>
 
 namespace weir {
 
@@ -33,7 +33,8 @@ class timeout {
   // Throws weir::exception(invalid_argument) for a limit ≤ 0.
   explicit timeout(std::chrono::nanoseconds limit) : limit_(limit) {
     if (limit.count() <= 0)
-      throw weir::exception(error::invalid_argument, "timeout must be positive");
+      throw weir::exception(error::invalid_argument,
+                            fmt::format("timeout: limit must be positive, not {}", limit));
   }
 
   template <class Operation>
@@ -47,12 +48,15 @@ class timeout {
  private:
   template <class T, class Operation>
   static boost::asio::awaitable<T> run(std::chrono::nanoseconds limit, Operation op) {
-    using namespace boost::asio::experimental::awaitable_operators;
-    boost::asio::basic_waitable_timer<Clock> deadline(co_await boost::asio::this_coro::executor,
-                                                      limit);
-    auto first = co_await (op() || deadline.async_wait(boost::asio::use_awaitable));
-    if (first.index() == 1) throw weir::exception(error::timeout, "the deadline passed");
-    if constexpr (!std::is_void_v<T>) co_return std::move(std::get<0>(first));
+    auto bounded = co_await detail::run_until<Clock, T>(
+        Clock::now() + std::chrono::duration_cast<typename Clock::duration>(limit), op);
+    if (bounded.deadline_passed)
+      throw weir::exception(error::timeout, fmt::format("no result within {}", limit), {},
+                            bounded.result.failure());
+    if constexpr (std::is_void_v<T>)
+      std::move(bounded.result).get();
+    else
+      co_return std::move(bounded.result).get();
   }
 
   std::chrono::nanoseconds limit_;

@@ -13,6 +13,7 @@
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -41,7 +42,8 @@ class token_bucket {
   token_bucket(executor_type ex, token_bucket_options options)
       : state_(std::make_shared<state>(std::move(ex), options)) {}
 
-  // Takes `n` units if they are there now; never blocks. n > burst is invalid_argument.
+  // Takes `n` units if they are there now; never blocks. n > burst is taken only from a full
+  // bucket, which it leaves in debt.
   bool try_acquire(std::uint64_t n = 1) { return try_acquire(n, Clock::now()); }
   bool try_acquire(std::uint64_t n, time_point now) {
     return state_->try_acquire(n, detail::to_nanos(now));
@@ -56,11 +58,12 @@ class token_bucket {
   }
 
   // Waits until `n` units are available and takes them. Waiters are served in arrival order.
-  // Fails at once with error::rate_limited (and the expected wait) if that wait exceeds max_wait;
-  // with invalid_argument if n > burst. Cancellation completes with operation_aborted and gives
-  // the reserved units back to the waiters behind.
+  // n > burst waits for a full bucket and leaves it in debt. Fails at once with
+  // error::rate_limited (and the expected wait) if that wait exceeds max_wait. Cancellation
+  // completes with operation_aborted and gives the reserved units back to the waiters behind.
   template <class CompletionToken>
   auto async_acquire(std::uint64_t n, std::chrono::nanoseconds max_wait, CompletionToken&& token) {
+    state_->current().increment(n);  // throws here, with words, for a cost that would overflow
     return boost::asio::async_initiate<CompletionToken, acquire_signature>(
         [](auto handler, std::shared_ptr<state> s, std::uint64_t n,
            std::chrono::nanoseconds max_wait) {
@@ -79,10 +82,8 @@ class token_bucket {
   void set_rate(weir::rate r) { state_->set_rate(r); }
   void set_burst(std::uint64_t burst) { state_->set_burst(burst); }
 
-  weir::rate rate() const noexcept {
-    return per_second(1e9 / state_->interval.load(std::memory_order_relaxed));
-  }
-  std::uint64_t burst() const noexcept { return state_->burst.load(std::memory_order_relaxed); }
+  weir::rate rate() const noexcept { return per_second(1e9 / state_->current().interval); }
+  std::uint64_t burst() const noexcept { return state_->current().burst; }
 
   // Units that could be taken at once now (0 while waiters hold the bucket's future).
   std::uint64_t available(time_point now = Clock::now()) const {
@@ -90,7 +91,8 @@ class token_bucket {
   }
 
   // Pushes the bucket's next free moment to at least `until` (e.g. the server said the window
-  // resets then). Does not refill a bucket that is already emptier.
+  // resets then), for waiters already queued too. Does not refill a bucket that is already
+  // emptier; cancelling a waiter later does not shorten the pause.
   void pause_until(time_point until) { state_->pause_until(detail::to_nanos(until)); }
 
   const executor_type& get_executor() const noexcept { return state_->executor; }
@@ -115,14 +117,31 @@ class token_bucket {
 
       detail::nanos tolerance() const { return interval * static_cast<detail::nanos>(burst); }
       detail::nanos increment(std::uint64_t n) const {
-        if (n > burst)
-          throw weir::exception(error::invalid_argument, "cost exceeds the bucket's burst");
-        return interval * static_cast<detail::nanos>(n);
+        return detail::cost_increment(n, interval, "token_bucket");
       }
     };
 
+    // A seqlock: a reader never sees the interval of one change with the burst of another, so
+    // every shape it sees was validated as a whole.
     shape current() const {
-      return {interval.load(std::memory_order_relaxed), burst.load(std::memory_order_relaxed)};
+      for (;;) {
+        const auto before = shape_version.load(std::memory_order_acquire);
+        const shape sh{interval.load(std::memory_order_relaxed),
+                       burst.load(std::memory_order_relaxed)};
+        std::atomic_thread_fence(std::memory_order_acquire);
+        if (!(before & 1) && shape_version.load(std::memory_order_relaxed) == before) return sh;
+      }
+    }
+
+    // Under mutex, which serialises changes: each is validated against the one before.
+    void reshape(detail::nanos i, std::uint64_t b) {
+      detail::tolerance(i, b);  // validates
+      const auto v = shape_version.load(std::memory_order_relaxed);
+      shape_version.store(v + 1, std::memory_order_relaxed);
+      std::atomic_thread_fence(std::memory_order_release);
+      interval.store(i, std::memory_order_relaxed);
+      burst.store(b, std::memory_order_relaxed);
+      shape_version.store(v + 2, std::memory_order_release);
     }
 
     bool try_acquire(std::uint64_t n, detail::nanos now) {
@@ -165,10 +184,6 @@ class token_bucket {
                           std::chrono::nanoseconds max_wait) {
       const auto now = detail::to_nanos(Clock::now());
       const auto sh = current();
-      if (n > sh.burst) {
-        detail::post_completion(executor, std::move(handler), error::invalid_argument, {});
-        return;
-      }
       const auto inc = sh.increment(n);
       const auto tol = sh.tolerance();
 
@@ -209,24 +224,33 @@ class token_bucket {
 
     void set_rate(weir::rate r) {
       const auto i = detail::emission_interval(r);
-      detail::tolerance(i, burst.load(std::memory_order_relaxed));
-      interval.store(i, std::memory_order_relaxed);
+      std::lock_guard lock(mutex);
+      reshape(i, current().burst);
     }
 
     void set_burst(std::uint64_t b) {
-      detail::tolerance(interval.load(std::memory_order_relaxed), b);
-      burst.store(b, std::memory_order_relaxed);
+      std::lock_guard lock(mutex);
+      reshape(current().interval, b);
     }
 
+    // Waiters already queued move behind the pause too: their timers must not fire into it.
     void pause_until(detail::nanos until) {
+      std::lock_guard lock(mutex);
       const auto sh = current();
       const auto target = detail::tat_paused_until(until, sh.interval, sh.tolerance());
+      if (auto* head = waiters.front()) {
+        const auto& r = head->reservation;
+        const std::array<detail::nanos, 1> start{std::max(r.end[0] - r.increment[0], target)};
+        const auto shift = detail::restack(head, start, {sh.tolerance()});
+        tat_.fetch_sub(shift[0], std::memory_order_acq_rel);
+      }
       auto tat = tat_.load(std::memory_order_relaxed);
       while (tat < target && !tat_.compare_exchange_weak(tat, target, std::memory_order_acq_rel)) {
       }
     }
 
     executor_type executor;
+    std::atomic<std::uint64_t> shape_version{0};  // odd while a change is being written
     std::atomic<detail::nanos> interval{1};
     std::atomic<std::uint64_t> burst{1};
     std::mutex mutex;

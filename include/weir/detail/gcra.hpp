@@ -7,6 +7,8 @@
 #include <weir/error.hpp>
 #include <weir/rate.hpp>
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -35,8 +37,10 @@ inline constexpr double max_interval_ns = 1e17;
 // Nanoseconds per unit at `r`; a clear invalid_argument for a rate that is not positive.
 inline nanos emission_interval(rate r) {
   if (!(r.per_second > 0) || !std::isfinite(r.per_second) || 1e9 / r.per_second > max_interval_ns)
-    throw weir::exception(error::invalid_argument,
-                          "rate must be positive, finite and at least 1 per 10^8 s");
+    throw weir::exception(
+        error::invalid_argument,
+        fmt::format("rate must be positive, finite and at least 1 per 10^8 s, not {}/s",
+                    r.per_second));
   return std::max<nanos>(1, std::llround(1e9 / r.per_second));
 }
 
@@ -53,10 +57,27 @@ struct reservation_time {
   nanos wait;     // how long from now until the units are there (≤ 0: now)
 };
 
+// A cost larger than the burst is admitted once the limiter is empty (TAT ≤ now), all at once:
+// the limiter goes into debt and later requests wait until it is paid. So a request as large as
+// a whole minute's token limit waits for room instead of being refused forever.
+constexpr nanos effective_tolerance(nanos increment, nanos tolerance) noexcept {
+  return std::max(increment, tolerance);
+}
+
 constexpr reservation_time reserve(nanos tat, nanos now, nanos increment,
                                    nanos tolerance) noexcept {
   const nanos new_tat = std::max(tat, now) + increment;
-  return {new_tat, new_tat - tolerance - now};
+  return {new_tat, new_tat - effective_tolerance(increment, tolerance) - now};
+}
+
+// units × interval, refusing a cost so large that the limiter's clock arithmetic would overflow
+// (more than ~2^61 ns, some 70 years of the limit).
+inline nanos cost_increment(std::uint64_t units, nanos interval, const char* dimension) {
+  if (units > static_cast<std::uint64_t>(std::numeric_limits<nanos>::max() / 4 / interval))
+    throw weir::exception(error::invalid_argument,
+                          fmt::format("{}: cost {} is more than the limit allows in 70 years",
+                                      dimension, units));
+  return interval * static_cast<nanos>(units);
 }
 
 // The smallest TAT at which nothing can be admitted before `until`.

@@ -68,7 +68,8 @@ std::array<nanos, Dims> restack(waiter<reservation<Dims>>* first, std::array<nan
       const nanos end = std::max(prev_end[d], r.arrived) + r.increment[d];
       shift[d] = r.end[d] - end;
       r.end[d] = prev_end[d] = end;
-      if (r.increment[d] > 0) ready = std::max(ready, end - tolerance[d]);
+      if (r.increment[d] > 0)
+        ready = std::max(ready, end - effective_tolerance(r.increment[d], tolerance[d]));
     }
     if (ready != w->ready_at) {
       w->ready_at = ready;
@@ -167,13 +168,19 @@ class pending_acquire final
     complete(cancelled_ ? error_code(boost::asio::error::operation_aborted) : error_code());
   }
 
+  // The cancellation slot is cleared on the handler's executor, where cancellation is emitted:
+  // clearing it here, on the limiter's, would race a cancellation arriving meanwhile.
   void complete(error_code ec) {
-    auto slot = boost::asio::get_associated_cancellation_slot(handler_);
-    if (slot.is_connected()) slot.clear();
     auto waited = std::chrono::nanoseconds(ec ? 0 : to_nanos(Clock::now()) - started_at_);
     auto work = std::move(work_);
-    boost::asio::dispatch(work.get_executor(),
-                          boost::asio::append(std::move(handler_), ec, waited));
+    const auto ex = work.get_executor();
+    boost::asio::dispatch(ex, [self = this->shared_from_this(), work = std::move(work), ec,
+                               waited]() mutable {
+      auto slot = boost::asio::get_associated_cancellation_slot(self->handler_);
+      if (slot.is_connected()) slot.clear();
+      auto handler = std::move(self->handler_);
+      std::move(handler)(ec, waited);
+    });
   }
 
   std::shared_ptr<State> state_;

@@ -19,6 +19,7 @@
 #include <weir/router/catalog.hpp>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <boost/json/basic_parser_impl.hpp>
 
 #include <chrono>
@@ -234,7 +235,9 @@ class reader {
     for (const auto& [k, v] : node_.members) {
       bool known = false;
       for (auto u : used_) known = known || u == k;
-      if (!known) throw catalog_error(field(k), v.line, "unknown field");
+      if (!known)
+        throw catalog_error(field(k), v.line,
+                            fmt::format("unknown field (valid here: {})", fmt::join(used_, ", ")));
     }
   }
 
@@ -277,12 +280,19 @@ inline provider_spec read_provider(const node& n, const std::string& path) {
       p.breaker.half_open_permits = static_cast<std::uint32_t>(*c);
     if (auto c = br.count("successes_to_close", max_count))
       p.breaker.successes_to_close = static_cast<std::uint32_t>(*c);
+    if (auto s = br.number("probe_timeout_seconds", false, max_seconds))
+      p.breaker.probe_timeout = seconds(*s);
     br.no_unknown_fields();
     // The breaker checks these itself, but only once the router builds it: name them here.
-    if (p.breaker.consecutive_failures == 0 || p.breaker.half_open_permits == 0 ||
-        p.breaker.successes_to_close == 0)
-      throw catalog_error(br.field("consecutive_failures|half_open_permits|successes_to_close"),
-                          b->line, "counts must be at least 1");
+    for (auto [name, value] : {std::pair{"consecutive_failures", p.breaker.consecutive_failures},
+                               std::pair{"half_open_permits", p.breaker.half_open_permits},
+                               std::pair{"successes_to_close", p.breaker.successes_to_close}})
+      if (value == 0) throw catalog_error(br.field(name), b->line, "must be at least 1");
+    if (p.breaker.successes_to_close > p.breaker.half_open_permits)
+      throw catalog_error(br.field("successes_to_close"), b->line,
+                          "must not exceed half_open_permits");
+    if (p.breaker.probe_timeout.count() <= 0)
+      throw catalog_error(br.field("probe_timeout_seconds"), b->line, "must be positive");
   }
   r.no_unknown_fields();
   return p;

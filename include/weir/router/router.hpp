@@ -211,9 +211,14 @@ class router {
   //  - invalid_argument when the chosen provider was never connected;
   // and rethrows a fatal failure (cancellation among them) as it is.
   //
-  // With g++ 12, make the awaitable before awaiting it when an argument is a temporary with a
-  // destructor (`auto op = router.route(request{...}, {...}); co_await std::move(op);`): g++ 12
-  // can free such temporaries twice when they sit inside the co_await expression itself.
+  //
+  // g++ 12 relocates an *aggregate* temporary that sits inside a co_await expression bitwise after
+  // building it, in any coroutine and for any callee, so a std::string in it then points into
+  // the old place (a crash when it is freed). Nothing the callee does can repair the object it
+  // is handed. `co_await router.route(request, {.input_tokens = 900})` is safe: the constraints
+  // hold nothing that points into itself. For the request, name it first or give its type a
+  // constructor (`chat_request("hi")`, not `chat_request{"hi"}`); tests/correctness_test.cpp
+  // runs those spellings under ASan.
   boost::asio::awaitable<routed<Response>> route(Request request, constraints c) {
     return run(state_, std::move(request), std::move(c));
   }
@@ -307,11 +312,12 @@ class router {
       rate_limits_options lo;
       if (s.requests_per_minute > 0) lo.requests = limit::per_minute(s.requests_per_minute);
       if (s.tokens_per_minute > 0) {
-        // Six seconds' worth at once, as for requests (limit::per_minute): strict servers refuse
-        // a minute-start spike. Larger requests are not routed here (the limiter cannot admit
-        // them).
-        token_burst = static_cast<std::uint64_t>(std::max(1.0, s.tokens_per_minute / 10));
-        lo.tokens = limit{weir::per_minute(s.tokens_per_minute), token_burst};
+        // Six seconds' worth at once: strict servers refuse a minute-start spike. A larger
+        // request waits for an empty limiter (see detail::reserve); one larger than the minute's
+        // whole limit can never be served here and is not routed here.
+        const auto burst = static_cast<std::uint64_t>(std::max(1.0, s.tokens_per_minute / 10));
+        lo.tokens = limit{weir::per_minute(s.tokens_per_minute), burst};
+        max_request_tokens = static_cast<std::uint64_t>(s.tokens_per_minute);
       }
       limits.emplace(ex, lo);
       if (o.adaptation) adapt.emplace(*limits, *o.adaptation);
@@ -322,7 +328,7 @@ class router {
     std::optional<rate_limits<Clock>> limits;
     std::optional<http::server_adaptation<Clock>> adapt;
     usage_monitor<Clock> monitor;
-    std::uint64_t token_burst = std::numeric_limits<std::uint64_t>::max();
+    std::uint64_t max_request_tokens = std::numeric_limits<std::uint64_t>::max();
     std::atomic<std::int64_t> latency_ns{0};
     struct cooldown cooldown;
   };
@@ -341,9 +347,16 @@ class router {
           classify(std::move(cl)) {
       if (catalog_.models().empty())
         throw weir::exception(error::invalid_argument, "router: the catalog has no model");
-      if (!options.strategy || options.max_attempts == 0 ||
-          !(options.latency_smoothing > 0 && options.latency_smoothing <= 1))
-        throw weir::exception(error::invalid_argument, "router: options out of range");
+      if (!options.strategy)
+        throw weir::exception(error::invalid_argument, "router: strategy must be set");
+      if (options.max_attempts == 0)
+        throw weir::exception(error::invalid_argument, "router: max_attempts must be at least 1");
+      if (!(options.latency_smoothing > 0 && options.latency_smoothing <= 1))
+        throw weir::exception(error::invalid_argument,
+                              fmt::format("router: latency_smoothing must be in (0, 1], not {}",
+                                          options.latency_smoothing));
+      if (options.usage_window.count() <= 0)
+        throw weir::exception(error::invalid_argument, "router: usage_window must be positive");
       for (const auto& p : catalog_.providers()) {
         auto breaker_options = p.breaker;
         breaker_options.on_state_change = [this, name = std::string_view(p.name),
@@ -382,7 +395,7 @@ class router {
       if (!c.allowed_providers.empty() && !listed(c.allowed_providers, s.provider)) return false;
       if (listed(c.excluded_providers, s.provider)) return false;
       if (c.max_cost && s.cost(c.input_tokens, c.output_tokens) > *c.max_cost) return false;
-      return c.input_tokens + c.output_tokens <= m.token_burst;
+      return c.input_tokens + c.output_tokens <= m.max_request_tokens;
     }
 
     // How long before the model may be tried, limits aside: cooldowns, breaker, batch pacing.
@@ -396,7 +409,10 @@ class router {
     }
 
     static usage cost_of(const constraints& c) {
-      return {.requests = 1, .tokens = c.input_tokens + c.output_tokens};
+      return {.requests = 1,
+              .tokens = c.input_tokens + c.output_tokens,
+              .input_tokens = c.input_tokens,
+              .output_tokens = c.output_tokens};
     }
 
     // The best model with room now; with `reserve`, its limits are charged for the request.
@@ -440,6 +456,14 @@ class router {
         r.earliest = std::min(r.earliest, m.limits->time_until(cost, now));
         *best = unranked;
       }
+    }
+
+    // A failure teaches the strategy too (else a model that always times out would stay
+    // "unmeasured" and be tried first): it never makes a model look faster than it was, and it
+    // doubles the estimate, so failing models sink in lowest_latency's order.
+    void note_failure_latency(model_entry& m, nanos sample) const {
+      const auto seen = nanos(m.latency_ns.load(std::memory_order_relaxed));
+      note_latency(m, std::max(sample, seen * 2));
     }
 
     void note_latency(model_entry& m, nanos sample) const {
@@ -559,23 +583,34 @@ class router {
       const auto latency = std::chrono::duration_cast<nanos>(finished - started);
       const auto judged = s->classify(std::as_const(result));
       const bool cancelled = result.cancelled();
-      // A refusal is the cooldown's business, not the breaker's: only real failures count.
-      p.breaker.record(ticket, judged.kind == verdict::retryable && !cancelled);
-      if (m.adapt && !cancelled) m.adapt->observe(judged, started, finished);
+      // A cancelled call, or one the provider's own code refused before sending, is no answer:
+      // the breaker gets its ticket back (a probe must not close it), the pacing learns nothing.
+      // A 429 is the cooldown's business, not the breaker's (circuit_breaker_options says why).
+      const bool answered = result.reached_provider();
+      if (answered)
+        p.breaker.record(ticket, p.breaker.is_failure(judged.kind));
+      else
+        p.breaker.abandon(ticket);
+      if (m.adapt && answered) m.adapt->observe(judged, started, finished);
       record.steps.push_back({spec.provider, spec.id, judged.kind, latency});
+      if (answered && judged.kind == verdict::retryable) s->note_failure_latency(m, latency);
 
       std::optional<token_usage> used;
       if (judged.is_success() && s->options.usage_of) used = s->options.usage_of(result.value());
-      const std::uint64_t tokens_used =
-          used ? used->input_tokens + used->output_tokens
-               : (judged.is_success() ? estimate.tokens : std::uint64_t{0});
-      m.monitor.record({.requests = 1,
-                        .tokens = tokens_used,
-                        .error = judged.kind == verdict::retryable,
-                        .rate_limited = judged.kind == verdict::rate_limited},
-                       started);
-      if (m.limits)
-        m.limits->settle(estimate, usage{.requests = 1, .tokens = tokens_used}, finished);
+      const usage spent =
+          used ? usage{.requests = 1,
+                       .tokens = used->input_tokens + used->output_tokens,
+                       .input_tokens = used->input_tokens,
+                       .output_tokens = used->output_tokens}
+               : (judged.is_success() ? estimate : usage{.requests = 1});
+      const std::uint64_t tokens_used = spent.tokens;
+      if (answered)
+        m.monitor.record({.requests = 1,
+                          .tokens = tokens_used,
+                          .error = judged.kind == verdict::retryable,
+                          .rate_limited = judged.kind == verdict::rate_limited},
+                         started);
+      if (m.limits) m.limits->settle(estimate, spent, finished);
 
       switch (judged.kind) {
         case verdict::success: {

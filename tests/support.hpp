@@ -1,0 +1,70 @@
+// Helpers shared by the test translation units.
+#pragma once
+
+#include <weir/error.hpp>
+
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/system/system_error.hpp>
+
+#include <exception>
+#include <optional>
+#include <utility>
+
+namespace weir::testing {
+
+// Runs an awaitable as a coroutine and keeps how it ended.
+template <class T>
+struct finished {
+  std::optional<T> value;
+  std::exception_ptr error;
+  bool done = false;
+
+  template <class Awaitable>
+  void start(boost::asio::io_context& io, Awaitable a) {
+    boost::asio::co_spawn(io, std::move(a), [this](std::exception_ptr e, auto... v) {
+      done = true;
+      error = e;
+      if constexpr (sizeof...(v) == 1)
+        if (!e) value.emplace(std::move(v)...);
+    });
+  }
+
+  // Started with a cancellation slot, so the test can cancel it.
+  template <class Awaitable, class Slot>
+  void start(boost::asio::io_context& io, Awaitable a, Slot slot) {
+    boost::asio::co_spawn(io, std::move(a),
+                          boost::asio::bind_cancellation_slot(
+                              slot, [this](std::exception_ptr e, auto... v) {
+                                done = true;
+                                error = e;
+                                if constexpr (sizeof...(v) == 1)
+                                  if (!e) value.emplace(std::move(v)...);
+                              }));
+  }
+
+  weir::error_code code() const {
+    try {
+      if (error) std::rethrow_exception(error);
+    } catch (const boost::system::system_error& x) {
+      return x.code();
+    } catch (...) {
+    }
+    return {};
+  }
+
+  const weir::exception* weir_error() const {
+    try {
+      if (error) std::rethrow_exception(error);
+    } catch (const weir::exception& x) {
+      static thread_local std::optional<weir::exception> kept;
+      kept.emplace(x);
+      return &*kept;
+    } catch (...) {
+    }
+    return nullptr;
+  }
+};
+
+}  // namespace weir::testing
