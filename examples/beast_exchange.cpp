@@ -80,7 +80,8 @@ asio::awaitable<response> round_trip(beast::tcp_stream& stream,
   co_return res;
 }
 
-asio::awaitable<void> client(tcp::endpoint server, int requests, tcp::acceptor& acceptor) {
+asio::awaitable<void> client(tcp::endpoint server, int requests, tcp::acceptor& acceptor,
+                             int& succeeded) {
   auto ex = co_await asio::this_coro::executor;
   beast::tcp_stream stream(ex);
   co_await stream.async_connect(server, asio::use_awaitable);
@@ -106,7 +107,6 @@ asio::awaitable<void> client(tcp::endpoint server, int requests, tcp::acceptor& 
   req.body() = R"({"model":"demo","messages":[{"role":"user","content":"hello"}]})";
   req.prepare_payload();
 
-  int succeeded = 0;
   const auto start = std::chrono::steady_clock::now();
   for (int i = 0; i < requests; ++i) {
     // Retry outermost: every attempt passes the breaker and waits for the limits again.
@@ -150,7 +150,8 @@ int main(int argc, char** argv) {
   int refused = 0;
   asio::co_spawn(io, accept(acceptor, quota, refused), asio::detached);
   bool failed = false;
-  asio::co_spawn(io, client(acceptor.local_endpoint(), requests, acceptor),
+  int succeeded = 0;
+  asio::co_spawn(io, client(acceptor.local_endpoint(), requests, acceptor, succeeded),
                  [&](std::exception_ptr e) {
                    if (!e) return;
                    failed = true;
@@ -162,5 +163,16 @@ int main(int argc, char** argv) {
                  });
   io.run();
   fmt::print("the server refused {} request(s) with 429\n", refused);
+  // The example is also a test: every request must end in a 200, and the pacing must have
+  // learned the server's limit rather than be refused as often as it asked.
+  if (succeeded != requests) {
+    fmt::print(stderr, "beast-exchange: {} of {} requests failed\n", requests - succeeded,
+               requests);
+    failed = true;
+  }
+  if (refused >= requests) {
+    fmt::print(stderr, "beast-exchange: refused {} times for {} requests\n", refused, requests);
+    failed = true;
+  }
   return failed ? 1 : 0;
 }

@@ -44,9 +44,12 @@ class token_bucket {
 
   // Takes `n` units if they are there now; never blocks. n > burst is taken only from a full
   // bucket, which it leaves in debt.
-  bool try_acquire(std::uint64_t n = 1) { return try_acquire(n, Clock::now()); }
+  bool try_acquire(std::uint64_t n = 1) {
+    return state_->try_acquire(n, detail::to_nanos(Clock::now()), true);
+  }
+  // At the caller's `now`, exactly: the bucket does not read the clock itself.
   bool try_acquire(std::uint64_t n, time_point now) {
-    return state_->try_acquire(n, detail::to_nanos(now));
+    return state_->try_acquire(n, detail::to_nanos(now), false);
   }
 
   // How long until `n` units are available (zero if they are there now).
@@ -144,12 +147,13 @@ class token_bucket {
       shape_version.store(v + 2, std::memory_order_release);
     }
 
-    bool try_acquire(std::uint64_t n, detail::nanos now) {
+    // `reread`: the clock was read here, and may be read again before refusing.
+    bool try_acquire(std::uint64_t n, detail::nanos now, bool may_reread) {
       const auto sh = current();
       const auto inc = sh.increment(n);
       const auto tol = sh.tolerance();
       auto tat = tat_.load(std::memory_order_relaxed);
-      bool reread = false;
+      bool reread = !may_reread;
       for (;;) {
         const auto r = detail::reserve(tat, now, inc, tol);
         if (r.wait > 0) {
