@@ -576,29 +576,30 @@ TEST_CASE("pause_until holds queued waiters too, and a cancellation does not sho
 
 // ---- 14, 17: races --------------------------------------------------------------------------
 
+namespace {
+// Whichever comes first: the admission, or the timer that cancels it; then hold the slot a while.
+// (Parameters, not lambda captures: a coroutine's parameters live in its frame.)
+asio::awaitable<void> admit_or_give_up(weir::request_queue& queue, int i) {
+  using namespace asio::experimental::awaitable_operators;
+  const auto ex = co_await asio::this_coro::executor;
+  asio::steady_timer soon(ex, std::chrono::microseconds(i % 50));
+  auto r = co_await (queue.async_admit(asio::use_awaitable) || soon.async_wait(asio::use_awaitable));
+  if (r.index() == 0) {
+    asio::steady_timer hold(ex, std::chrono::microseconds(i % 7));
+    co_await hold.async_wait(asio::use_awaitable);
+  }
+}
+}  // namespace
+
 TEST_CASE("queue admissions cancelled while slots are freed on other threads",
           "[issue15][concurrency]") {
   asio::io_context io(4);
   weir::request_queue queue(io.get_executor(), {.max_concurrent = 2, .max_queued = 10'000});
   std::atomic<int> ended{0};
   constexpr int n = 2000;
-  for (int i = 0; i < n; ++i) {
-    auto strand = asio::make_strand(io);
-    asio::co_spawn(
-        strand,
-        [&, strand]() -> asio::awaitable<void> {
-          using namespace asio::experimental::awaitable_operators;
-          asio::steady_timer soon(strand, std::chrono::microseconds(i % 50));
-          // Whichever comes first: the admission, or the timer that cancels it.
-          auto r = co_await (queue.async_admit(asio::use_awaitable) ||
-                             soon.async_wait(asio::use_awaitable));
-          if (r.index() == 0) {
-            asio::steady_timer hold(strand, std::chrono::microseconds(i % 7));
-            co_await hold.async_wait(asio::use_awaitable);
-          }
-        },
-        [&](std::exception_ptr) { ++ended; });
-  }
+  for (int i = 0; i < n; ++i)
+    asio::co_spawn(asio::make_strand(io), admit_or_give_up(queue, i),
+                   [&](std::exception_ptr) { ++ended; });
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) threads.emplace_back([&] { io.run(); });
   for (auto& t : threads) t.join();

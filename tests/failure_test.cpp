@@ -505,7 +505,8 @@ TEST_CASE("misconfigured breakers are invalid_argument") {
 TEST_CASE("a breaker shared by four threads opens after its threshold and no later",
           "[concurrency]") {
   asio::io_context io(4);
-  weir::circuit_breaker<> breaker({.consecutive_failures = 10, .break_duration = 1h});
+  weir::circuit_breaker<> breaker(
+      {.consecutive_failures = 10, .break_duration = 1h, .max_break_duration = 1h});
   std::atomic<int> reached{0}, refused{0}, other{0};
   for (int i = 0; i < 4000; ++i)
     asio::co_spawn(io, breaker([&]() -> asio::awaitable<int> {

@@ -188,7 +188,8 @@ class circuit_breaker {
         move_to(breaker_state::half_open, now);
       }
       if (probes_issued == options.half_open_permits) {
-        if (options.max_wait_in_half_open && now - half_open_since >= *options.max_wait_in_half_open) {
+        if (options.max_wait_in_half_open &&
+            now - half_open_since >= *options.max_wait_in_half_open) {
           open(now);
           return {false, false, 0, open_until - now};
         }
@@ -200,9 +201,9 @@ class circuit_breaker {
           const auto until_timeout = std::chrono::duration_cast<std::chrono::nanoseconds>(
               last_probe_at + options.probe_timeout - now);
           return {false, false, 0,
-                  std::clamp<std::chrono::nanoseconds>(options.break_duration / 10,
-                                                       std::chrono::milliseconds(1),
-                                                       until_timeout)};
+                  std::min(until_timeout, std::max<std::chrono::nanoseconds>(
+                                              options.break_duration / 10,
+                                              std::chrono::milliseconds(1)))};
         }
       }
       ++probes_issued;
