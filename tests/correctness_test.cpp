@@ -632,8 +632,9 @@ TEST_CASE("concurrent set_rate and set_burst never leave a shape no call allowed
   });
   std::thread reader([&] {
     while (!stop) {
-      const auto interval = 1e9 / bucket.rate().per_second;
-      if (interval * static_cast<double>(bucket.burst()) > 9.3e18 / 4) ++bad;
+      const auto shape = bucket.options();  // one consistent read
+      const auto interval = 1e9 / shape.rate.per_second;
+      if (interval * static_cast<double>(shape.burst) > 9.3e18 / 4) ++bad;
     }
   });
   rates.join();
@@ -641,8 +642,8 @@ TEST_CASE("concurrent set_rate and set_burst never leave a shape no call allowed
   stop = true;
   reader.join();
   CHECK(bad == 0);
-  const auto interval = 1e9 / bucket.rate().per_second;
-  CHECK(interval * static_cast<double>(bucket.burst()) <= 9.3e18 / 4);
+  const auto shape = bucket.options();
+  CHECK(1e9 / shape.rate.per_second * static_cast<double>(shape.burst) <= 9.3e18 / 4);
 }
 
 // ---- 15: overflow -------------------------------------------------------------------------------

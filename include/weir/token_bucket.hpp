@@ -87,6 +87,11 @@ class token_bucket {
 
   weir::rate rate() const noexcept { return per_second(1e9 / state_->current().interval); }
   std::uint64_t burst() const noexcept { return state_->current().burst; }
+  // Rate and burst read together: a pair that some set_rate/set_burst left in force.
+  token_bucket_options options() const noexcept {
+    const auto sh = state_->current();
+    return {per_second(1e9 / static_cast<double>(sh.interval)), sh.burst};
+  }
 
   // Units that could be taken at once now (0 while waiters hold the bucket's future).
   std::uint64_t available(time_point now = Clock::now()) const {

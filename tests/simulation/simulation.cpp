@@ -18,6 +18,7 @@
 //   - no breaker is stuck: with nothing in flight, one whose break is over admits;
 //   - a limiter's admissions over any window stay within rate × window + burst (or the largest
 //     cost), counted by the simulation itself, from one thread or several;
+//   - a queue shared by three threads never has more in flight than allowed;
 //   - no timer is left pending, and the heap does not grow from scenario to scenario.
 #include <weir/circuit_breaker.hpp>
 #include <weir/pipeline.hpp>
@@ -30,6 +31,7 @@
 
 #include <fmt/format.h>
 #include <boost/asio.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
 
 #include <malloc.h>
 
@@ -593,6 +595,54 @@ void threaded_bucket_check(std::uint64_t seed) {
   }
 }
 
+// One caller of the threaded queue check: admitted (or cancelled by a timer that fires at once),
+// it holds the slot across a yield and counts how many hold one at the same time.
+asio::awaitable<void> hold_a_slot(weir::request_queue& queue, std::atomic<int>& holding,
+                                  std::atomic<int>& most, bool give_up) {
+  using namespace asio::experimental::awaitable_operators;
+  const auto ex = co_await asio::this_coro::executor;
+  std::optional<weir::permit> permit;
+  if (give_up) {
+    asio::steady_timer now(ex, ns(0));
+    auto r = co_await (queue.async_admit(asio::use_awaitable) || now.async_wait(asio::use_awaitable));
+    if (r.index() == 0) permit.emplace(std::move(std::get<0>(r)));
+  } else {
+    permit.emplace(co_await queue.async_admit(asio::use_awaitable));
+  }
+  if (!permit) co_return;
+  const int n = ++holding;
+  int seen = most.load();
+  while (n > seen && !most.compare_exchange_weak(seen, n)) {
+  }
+  co_await asio::post(ex, asio::use_awaitable);
+  --holding;
+}
+
+// A queue shared by the three threads of one io_context: never more in flight than allowed,
+// every caller ends, nothing is left held or queued.
+void threaded_queue_check(std::uint64_t seed) {
+  std::mt19937_64 rng(seed ^ 0x9e3779b9);
+  asio::io_context io(3);
+  const auto max_concurrent = pick<std::size_t>(rng, 1, 4);
+  weir::request_queue queue(io.get_executor(), {.max_concurrent = max_concurrent,
+                                                .max_queued = 1000});
+  std::atomic<int> holding{0}, most{0}, ended{0};
+  const int n = 300;
+  for (int i = 0; i < n; ++i)
+    asio::co_spawn(asio::make_strand(io), hold_a_slot(queue, holding, most, chance(rng, 0.3)),
+                   [&](std::exception_ptr) { ++ended; });
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 3; ++t) threads.emplace_back([&] { io.run(); });
+  for (auto& t : threads) t.join();
+  if (ended != n) fail("{} of {} queue callers on three threads ended", ended.load(), n);
+  if (most > static_cast<int>(max_concurrent))
+    fail("{} held a queue slot at once, more than max_concurrent = {}", most.load(),
+         max_concurrent);
+  if (queue.in_flight() != 0 || queue.queued() != 0)
+    fail("the threaded queue holds {} in flight and {} queued at the end", queue.in_flight(),
+         queue.queued());
+}
+
 std::size_t heap_in_use() { return mallinfo2().uordblks; }
 
 // One seed: the scenario, the same scenario with an observer, and (for some) the threaded check.
@@ -607,6 +657,7 @@ void run_seed(std::uint64_t seed, bool verbose) {
     fail("an observer changed the calls");
   }
   if (seed % 10 == 0) threaded_bucket_check(seed);
+  if (seed % 10 == 5) threaded_queue_check(seed);
 }
 
 std::optional<std::uint64_t> number(std::string_view s) {
