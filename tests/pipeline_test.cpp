@@ -325,8 +325,38 @@ TEST_CASE("metrics count a pipeline's events and read back from Prometheus text"
   CHECK(samples.at("weir_attempts_total{pipeline=\"other\"}") == 0);
   CHECK(samples.at(R"(weir_rejections_total{pipeline="chat \"primary\"",reason="queue_full"})") ==
         1);
-  CHECK(samples.at("weir_breaker_state" + chat_label) == 0);
+  CHECK(samples.at(R"(weir_breaker_state{pipeline="chat \"primary\"",state="closed"})") == 1);
+  CHECK(samples.at(R"(weir_breaker_state{pipeline="chat \"primary\"",state="open"})") == 0);
   CHECK(page.find("# TYPE weir_attempts_total counter\n") != std::string::npos);
+  // Latency is a histogram: cumulative buckets, a sum and a count (two attempts finished).
+  CHECK(page.find("# TYPE weir_attempt_latency_seconds histogram\n") != std::string::npos);
+  CHECK(samples.at("weir_attempt_latency_seconds_count" + chat_label) == 2);
+  CHECK(samples.at(R"(weir_attempt_latency_seconds_bucket{pipeline="chat \"primary\"",le="+Inf"})") ==
+        2);
+  CHECK(m.latency_count == 2);
+}
+
+TEST_CASE("the latency histogram puts each attempt in its bucket, cumulatively in the text") {
+  weir::metrics m("llm");
+  auto watch = m.observer();
+  for (ns latency : {ns(3ms), ns(40ms), ns(40ms), ns(700ms), ns(45s), ns(10min)})
+    watch(weir::attempt_succeeded{"chat", 1, latency});
+  const auto s = m.read();
+  CHECK(s.latency_count == 6);
+  CHECK(s.latency_buckets[0] == 1);                          // ≤ 5 ms
+  CHECK(s.latency_buckets[3] == 2);                          // ≤ 50 ms
+  CHECK(s.latency_buckets[7] == 1);                          // ≤ 1 s
+  CHECK(s.latency_buckets[12] == 1);                         // ≤ 60 s
+  CHECK(s.latency_buckets[weir::latency_bounds.size()] == 1);  // above 120 s
+  std::string page;
+  weir::write_prometheus(page, {&m});
+  const auto samples = parse_prometheus(page);
+  CHECK(samples.at(R"(weir_attempt_latency_seconds_bucket{pipeline="llm",le="0.005"})") == 1);
+  CHECK(samples.at(R"(weir_attempt_latency_seconds_bucket{pipeline="llm",le="0.05"})") == 3);
+  CHECK(samples.at(R"(weir_attempt_latency_seconds_bucket{pipeline="llm",le="120"})") == 5);
+  CHECK(samples.at(R"(weir_attempt_latency_seconds_bucket{pipeline="llm",le="+Inf"})") == 6);
+  CHECK(samples.at(R"(weir_attempt_latency_seconds_sum{pipeline="llm"})") ==
+        Approx(0.003 + 0.08 + 0.7 + 45 + 600));
 }
 
 TEST_CASE("a 429-ratio alert fires once when it starts and once when it clears, without flapping") {

@@ -11,6 +11,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -19,8 +20,14 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace weir {
+
+// The attempt-latency histogram's upper bounds, in seconds: from a cached answer to a long
+// generation. Prometheus adds +Inf.
+inline constexpr std::array<double, 14> latency_bounds = {
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
 
 struct metrics_snapshot {
   std::uint64_t attempts = 0;
@@ -32,6 +39,9 @@ struct metrics_snapshot {
   std::array<std::uint64_t, 5> rejections{};  // by weir::rejection
   std::uint64_t server_rate_limited = 0;
   double latency_seconds = 0;  // sum over finished attempts (successes + failures)
+  std::uint64_t latency_count = 0;
+  // Finished attempts per latency bucket (not cumulative): latency_bounds, then one above all.
+  std::array<std::uint64_t, latency_bounds.size() + 1> latency_buckets{};
   breaker_state breaker = breaker_state::closed;
   std::uint64_t routed = 0;     // router attempts sent to a model
   std::uint64_t fallbacks = 0;  // router attempts that failed over to another candidate
@@ -67,10 +77,10 @@ class metrics {
               add(attempts);
             } else if constexpr (std::is_same_v<T, attempt_succeeded>) {
               add(successes);
-              add(latency_ns, static_cast<std::uint64_t>(v.latency.count()));
+              observe_latency(v.latency);
             } else if constexpr (std::is_same_v<T, attempt_failed>) {
               add(failures);
-              add(latency_ns, static_cast<std::uint64_t>(v.latency.count()));
+              observe_latency(v.latency);
             } else if constexpr (std::is_same_v<T, retry_scheduled>) {
               add(retries);
             } else if constexpr (std::is_same_v<T, throttled>) {
@@ -94,6 +104,14 @@ class metrics {
           e);
     }
 
+    void observe_latency(std::chrono::nanoseconds latency) {
+      add(latency_ns, static_cast<std::uint64_t>(std::max<std::int64_t>(0, latency.count())));
+      const double seconds = std::chrono::duration<double>(latency).count();
+      std::size_t b = 0;
+      while (b < latency_bounds.size() && seconds > latency_bounds[b]) ++b;
+      add(latency_buckets[b]);
+    }
+
     metrics_snapshot read() const {
       auto get = [](const std::atomic<std::uint64_t>& c) {
         return c.load(std::memory_order_relaxed);
@@ -108,6 +126,10 @@ class metrics {
       for (std::size_t i = 0; i < s.rejections.size(); ++i) s.rejections[i] = get(rejections[i]);
       s.server_rate_limited = get(server_rate_limited_count);
       s.latency_seconds = static_cast<double>(get(latency_ns)) / 1e9;
+      for (std::size_t b = 0; b < s.latency_buckets.size(); ++b) {
+        s.latency_buckets[b] = get(latency_buckets[b]);
+        s.latency_count += s.latency_buckets[b];
+      }
       s.breaker = breaker.load(std::memory_order_relaxed);
       s.routed = get(routed);
       s.fallbacks = get(fallbacks);
@@ -121,6 +143,7 @@ class metrics {
     std::atomic<std::uint64_t> latency_ns{0};
     std::atomic<std::uint64_t> routed{0}, fallbacks{0}, cooldowns{0};
     std::array<std::atomic<std::uint64_t>, 5> rejections{};
+    std::array<std::atomic<std::uint64_t>, latency_bounds.size() + 1> latency_buckets{};
     std::atomic<breaker_state> breaker{breaker_state::closed};
   };
 
@@ -171,10 +194,6 @@ inline void write_prometheus(std::string& out, std::initializer_list<const metri
        [](const metrics_snapshot& s) { return s.throttled_seconds; }},
       {"weir_server_rate_limited_total", "counter", "Attempts the server refused as rate limited.",
        [](const metrics_snapshot& s) { return double(s.server_rate_limited); }},
-      {"weir_attempt_latency_seconds_total", "counter", "Time spent in finished attempts.",
-       [](const metrics_snapshot& s) { return s.latency_seconds; }},
-      {"weir_breaker_state", "gauge", "Circuit breaker: 0 closed, 1 open, 2 half-open, 3 isolated.",
-       [](const metrics_snapshot& s) { return double(static_cast<int>(s.breaker)); }},
       {"weir_routed_total", "counter", "Router attempts sent to a model.",
        [](const metrics_snapshot& s) { return double(s.routed); }},
       {"weir_fallbacks_total", "counter", "Router attempts that failed over to another model.",
@@ -194,6 +213,35 @@ inline void write_prometheus(std::string& out, std::initializer_list<const metri
       fmt::format_to(std::back_inserter(out), "{}{{pipeline=\"{}\"}} {}\n", f.name, name,
                      f.value(s));
   }
+  // Latency as a histogram, so that quantiles can be queried (histogram_quantile).
+  out +=
+      "# HELP weir_attempt_latency_seconds Latency of finished attempts.\n"
+      "# TYPE weir_attempt_latency_seconds histogram\n";
+  for (const auto& [name, s] : read) {
+    std::uint64_t cumulative = 0;
+    for (std::size_t b = 0; b < s.latency_buckets.size(); ++b) {
+      cumulative += s.latency_buckets[b];
+      const auto le = b < latency_bounds.size() ? fmt::format("{}", latency_bounds[b]) : "+Inf";
+      fmt::format_to(std::back_inserter(out),
+                     "weir_attempt_latency_seconds_bucket{{pipeline=\"{}\",le=\"{}\"}} {}\n", name,
+                     le, cumulative);
+    }
+    fmt::format_to(std::back_inserter(out),
+                   "weir_attempt_latency_seconds_sum{{pipeline=\"{}\"}} {}\n"
+                   "weir_attempt_latency_seconds_count{{pipeline=\"{}\"}} {}\n",
+                   name, s.latency_seconds, name, s.latency_count);
+  }
+  // The breaker's state as a state set, one sample per state (as Resilience4j's Micrometer
+  // binding exposes it): 1 for the current one, 0 for the others.
+  out +=
+      "# HELP weir_breaker_state Circuit breaker state: 1 for the current one.\n"
+      "# TYPE weir_breaker_state gauge\n";
+  constexpr const char* states[] = {"closed", "open", "half_open", "isolated"};
+  for (const auto& [name, s] : read)
+    for (std::size_t i = 0; i < std::size(states); ++i)
+      fmt::format_to(std::back_inserter(out),
+                     "weir_breaker_state{{pipeline=\"{}\",state=\"{}\"}} {}\n", name, states[i],
+                     static_cast<std::size_t>(s.breaker) == i ? 1 : 0);
   out +=
       "# HELP weir_rejections_total Calls refused without being tried.\n"
       "# TYPE weir_rejections_total counter\n";
