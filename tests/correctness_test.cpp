@@ -150,8 +150,7 @@ TEST_CASE("a cancelled half-open probe gives its permit back", "[issue15]") {
 TEST_CASE("a probe that never answers frees its permit after probe_timeout", "[issue15]") {
   clock_type::reset();
   asio::io_context io;
-  breaker_type breaker(
-      {.consecutive_failures = 1, .break_duration = 10s, .probe_timeout = 30s});
+  breaker_type breaker({.consecutive_failures = 1, .break_duration = 10s, .probe_timeout = 30s});
   auto t = breaker.try_admit();
   breaker.record(t, true);
   advance<clock_type>(io, 10s);
@@ -172,8 +171,7 @@ TEST_CASE("a probe that never answers frees its permit after probe_timeout", "[i
   CHECK(breaker.state() == weir::breaker_state::closed);
 }
 
-TEST_CASE("max_wait_in_half_open opens a breaker whose probes do not decide in time",
-          "[issue15]") {
+TEST_CASE("max_wait_in_half_open opens a breaker whose probes do not decide in time", "[issue15]") {
   clock_type::reset();
   asio::io_context io;
   breaker_type breaker({.consecutive_failures = 1,
@@ -271,8 +269,7 @@ TEST_CASE("cancelling pipeline(queue, retry) in the backoff gives the slot back"
   CHECK(after.value == 3);
 }
 
-TEST_CASE("cancelling pipeline(breaker, retry) in the backoff gives the probe back",
-          "[issue15]") {
+TEST_CASE("cancelling pipeline(breaker, retry) in the backoff gives the probe back", "[issue15]") {
   clock_type::reset();
   asio::io_context io;
   breaker_type breaker({.consecutive_failures = 1, .break_duration = 10s});
@@ -290,8 +287,7 @@ TEST_CASE("cancelling pipeline(breaker, retry) in the backoff gives the probe ba
   CHECK(breaker.try_admit().admitted);
 }
 
-TEST_CASE("a pipeline's coroutine destroyed with its io_context leaves every stage",
-          "[issue15]") {
+TEST_CASE("a pipeline's coroutine destroyed with its io_context leaves every stage", "[issue15]") {
   clock_type::reset();
   weir::request_queue* kept = nullptr;
   std::optional<weir::request_queue> queue;
@@ -343,8 +339,8 @@ TEST_CASE("the breaker judges values by its own classifier in a pipeline", "[iss
   for (int i = 0; i < 3; ++i) {
     finished<fake_response> f;
     f.start(io, guarded([]() -> asio::awaitable<fake_response> {
-      co_return fake_response::server_error();
-    }));
+              co_return fake_response::server_error();
+            }));
     run_ready(io);
   }
   CHECK(breaker.state() == weir::breaker_state::open);
@@ -360,8 +356,8 @@ TEST_CASE("destroying a named pipeline or retry while calls are in flight is saf
   {
     auto retry = std::make_unique<retry_type>(
         weir::retry_options{.max_attempts = 3, .backoff = weir::backoff::constant(1s)});
-    auto pipeline = std::make_unique<decltype(weir::pipeline(bucket, *retry))>(
-        weir::pipeline(bucket, *retry));
+    auto pipeline =
+        std::make_unique<decltype(weir::pipeline(bucket, *retry))>(weir::pipeline(bucket, *retry));
     auto breaker = std::make_unique<breaker_type>();
     int calls = 0;
     auto flaky = [calls]() mutable -> asio::awaitable<int> {
@@ -416,7 +412,8 @@ namespace {
 // A request with a constructor: g++ 12 miscompiles an *aggregate* temporary inside a co_await
 // expression (see router::route), whatever the callee; a constructed one is safe.
 struct chat_request {
-  explicit chat_request(std::string hint, std::vector<std::string> m = std::vector<std::string>(2, "hello"))
+  explicit chat_request(std::string hint,
+                        std::vector<std::string> m = std::vector<std::string>(2, "hello"))
       : model_hint(std::move(hint)), messages(std::move(m)) {}
   std::string model_hint;
   std::vector<std::string> messages;
@@ -462,9 +459,7 @@ TEST_CASE("a result from before a breaker change does not move the new state's c
 TEST_CASE("a 429 is not a breaker failure unless asked, as in the router", "[issue15]") {
   clock_type::reset();
   asio::io_context io;
-  auto too_many = []() -> asio::awaitable<fake_response> {
-    co_return fake_response::too_many(1s);
-  };
+  auto too_many = []() -> asio::awaitable<fake_response> { co_return fake_response::too_many(1s); };
   weir::circuit_breaker<clock_type, fake_classifier> lenient({.consecutive_failures = 5});
   weir::circuit_breaker<clock_type, fake_classifier> strict(
       {.consecutive_failures = 5, .rate_limited_is_failure = true});
@@ -494,9 +489,9 @@ TEST_CASE("a limiter's refusals do not trip the breaker or count as server 429s"
     context ctx{.deadline = clock_type::now() + 1s};
     finished<int> f;
     f.start(io, guarded(ctx, [&] {
-      ++sent;
-      return value(1);
-    }));
+              ++sent;
+              return value(1);
+            }));
     run_ready(io);
     REQUIRE(f.done);
     CHECK(f.code() == weir::error::rate_limited);
@@ -583,7 +578,8 @@ asio::awaitable<void> admit_or_give_up(weir::request_queue& queue, int i) {
   using namespace asio::experimental::awaitable_operators;
   const auto ex = co_await asio::this_coro::executor;
   asio::steady_timer soon(ex, std::chrono::microseconds(i % 50));
-  auto r = co_await (queue.async_admit(asio::use_awaitable) || soon.async_wait(asio::use_awaitable));
+  auto r =
+      co_await (queue.async_admit(asio::use_awaitable) || soon.async_wait(asio::use_awaitable));
   if (r.index() == 0) {
     asio::steady_timer hold(ex, std::chrono::microseconds(i % 7));
     co_await hold.async_wait(asio::use_awaitable);
@@ -668,7 +664,7 @@ TEST_CASE("settling an absurd reported usage does not overflow the limiter", "[i
   limits.settle(estimate, {.requests = 1, .tokens = std::uint64_t{1} << 63});
   const auto wait = limits.time_until(estimate);
   CHECK(wait > 0ns);
-  CHECK(wait <= 25h);  // charged at most a day of the limit
+  CHECK(wait <= 25h);                                     // charged at most a day of the limit
   limits.settle(estimate, {.requests = 1, .tokens = 0});  // refunds stay bounded as well
   CHECK(limits.time_until(estimate) >= 0ns);
 }
@@ -765,15 +761,15 @@ TEST_CASE("lowest_latency stops preferring a model that always times out", "[iss
 TEST_CASE("the pipeline and the router charge input and output tokens", "[issue15]") {
   clock_type::reset();
   asio::io_context io;
-  weir::rate_limits<clock_type> limits(
-      io.get_executor(), {.input_tokens = weir::limit::per_minute(6000, 1000),
-                          .output_tokens = weir::limit::per_minute(600, 100)});
+  weir::rate_limits<clock_type> limits(io.get_executor(),
+                                       {.input_tokens = weir::limit::per_minute(6000, 1000),
+                                        .output_tokens = weir::limit::per_minute(600, 100)});
   context ctx{.input_tokens = 1000, .output_tokens = 50};
   finished<int> f;
   f.start(io, weir::pipeline(limits)(ctx, [&] {
-    ctx.actual_output_tokens = 100;  // the response says it wrote more
-    return value(1);
-  }));
+            ctx.actual_output_tokens = 100;  // the response says it wrote more
+            return value(1);
+          }));
   run_ready(io);
   CHECK(f.value == 1);
   // Input: 1000 of 100/s taken; output: 100 of 10/s taken after settling.
@@ -807,9 +803,9 @@ TEST_CASE("pipeline(monitor, retry) records one request per call", "[issue15]") 
   int calls = 0;
   finished<int> f;
   f.start(io, weir::pipeline(monitor, retry)([&]() -> asio::awaitable<int> {
-    if (++calls < 3) throw std::runtime_error("reset");
-    co_return calls;
-  }));
+            if (++calls < 3) throw std::runtime_error("reset");
+            co_return calls;
+          }));
   advance<clock_type>(io, 10s);
   CHECK(f.value == 3);
   CHECK(monitor.totals().requests == 1);
@@ -824,9 +820,9 @@ TEST_CASE("pipeline(timeout, retry): the timeout bounds the whole call", "[issue
   int calls = 0;
   finished<int> f;
   f.start(io, weir::pipeline(whole, retry)([&] {
-    ++calls;
-    return fail_with(transient());
-  }));
+            ++calls;
+            return fail_with(transient());
+          }));
   advance<clock_type>(io, 5s - 1ns);
   CHECK_FALSE(f.done);
   advance<clock_type>(io, 1ns);

@@ -23,8 +23,8 @@ using namespace std::chrono_literals;
 using ns = std::chrono::nanoseconds;
 using clock_type = weir::testing::manual_clock;
 using weir::testing::advance;
-using weir::testing::run_ready;
 using weir::testing::finished;
+using weir::testing::run_ready;
 
 TEST_CASE("exponential backoff doubles from the initial delay up to the cap") {
   auto b = weir::backoff::exponential(500ms, 2.0, 8s);

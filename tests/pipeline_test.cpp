@@ -331,8 +331,8 @@ TEST_CASE("metrics count a pipeline's events and read back from Prometheus text"
   // Latency is a histogram: cumulative buckets, a sum and a count (two attempts finished).
   CHECK(page.find("# TYPE weir_attempt_latency_seconds histogram\n") != std::string::npos);
   CHECK(samples.at("weir_attempt_latency_seconds_count" + chat_label) == 2);
-  CHECK(samples.at(R"(weir_attempt_latency_seconds_bucket{pipeline="chat \"primary\"",le="+Inf"})") ==
-        2);
+  CHECK(samples.at(
+            R"(weir_attempt_latency_seconds_bucket{pipeline="chat \"primary\"",le="+Inf"})") == 2);
   CHECK(m.latency_count == 2);
 }
 
@@ -343,10 +343,10 @@ TEST_CASE("the latency histogram puts each attempt in its bucket, cumulatively i
     watch(weir::attempt_succeeded{"chat", 1, latency});
   const auto s = m.read();
   CHECK(s.latency_count == 6);
-  CHECK(s.latency_buckets[0] == 1);                          // ≤ 5 ms
-  CHECK(s.latency_buckets[3] == 2);                          // ≤ 50 ms
-  CHECK(s.latency_buckets[7] == 1);                          // ≤ 1 s
-  CHECK(s.latency_buckets[12] == 1);                         // ≤ 60 s
+  CHECK(s.latency_buckets[0] == 1);                            // ≤ 5 ms
+  CHECK(s.latency_buckets[3] == 2);                            // ≤ 50 ms
+  CHECK(s.latency_buckets[7] == 1);                            // ≤ 1 s
+  CHECK(s.latency_buckets[12] == 1);                           // ≤ 60 s
   CHECK(s.latency_buckets[weir::latency_bounds.size()] == 1);  // above 120 s
   std::string page;
   weir::write_prometheus(page, {&m});

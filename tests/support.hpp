@@ -34,14 +34,14 @@ struct finished {
   // Started with a cancellation slot, so the test can cancel it.
   template <class Awaitable, class Slot>
   void start(boost::asio::io_context& io, Awaitable a, Slot slot) {
-    boost::asio::co_spawn(io, std::move(a),
-                          boost::asio::bind_cancellation_slot(
-                              slot, [this](std::exception_ptr e, auto... v) {
-                                done = true;
-                                error = e;
-                                if constexpr (sizeof...(v) == 1)
-                                  if (!e) value.emplace(std::move(v)...);
-                              }));
+    boost::asio::co_spawn(
+        io, std::move(a),
+        boost::asio::bind_cancellation_slot(slot, [this](std::exception_ptr e, auto... v) {
+          done = true;
+          error = e;
+          if constexpr (sizeof...(v) == 1)
+            if (!e) value.emplace(std::move(v)...);
+        }));
   }
 
   weir::error_code code() const {

@@ -394,9 +394,9 @@ TEST_CASE("a request above the token burst waits for room instead of being refus
   CHECK_FALSE(*a.result);
   CHECK(a.waited == 16s);
   // A cost past any sense is refused at once, naming the dimension and the number.
-  CHECK_THROWS_WITH(limits.async_acquire({.requests = 1, .tokens = std::uint64_t{1} << 62},
-                                         a.handler()),
-                    Catch::Contains("tokens: cost 4611686018427387904"));
+  CHECK_THROWS_WITH(
+      limits.async_acquire({.requests = 1, .tokens = std::uint64_t{1} << 62}, a.handler()),
+      Catch::Contains("tokens: cost 4611686018427387904"));
 }
 
 // ---- usage_monitor --------------------------------------------------------------------------

@@ -19,8 +19,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -108,9 +108,7 @@ class circuit_breaker {
   void abandon(const ticket& t) { state_->abandon(t); }
 
   // Whether the outcome `kind` is a failure by this breaker's rules.
-  bool is_failure(verdict kind) const noexcept {
-    return state_->failure(kind);
-  }
+  bool is_failure(verdict kind) const noexcept { return state_->failure(kind); }
 
   const Classifier& classifier() const noexcept { return state_->classify; }
 
@@ -142,23 +140,23 @@ class circuit_breaker {
       if (options.consecutive_failures == 0)
         throw invalid("consecutive_failures must be at least 1");
       if (options.half_open_permits == 0) throw invalid("half_open_permits must be at least 1");
-      if (options.successes_to_close == 0 ||
-          options.successes_to_close > options.half_open_permits)
-        throw invalid(fmt::format("successes_to_close must be in [1, half_open_permits = {}], not {}",
-                                  options.half_open_permits, options.successes_to_close));
+      if (options.successes_to_close == 0 || options.successes_to_close > options.half_open_permits)
+        throw invalid(
+            fmt::format("successes_to_close must be in [1, half_open_permits = {}], not {}",
+                        options.half_open_permits, options.successes_to_close));
       if (options.break_duration.count() < 0) throw invalid("break_duration must not be negative");
       if (options.max_break_duration < options.break_duration)
         throw invalid("max_break_duration must be at least break_duration");
       if (!(options.break_growth >= 1.0) || !std::isfinite(options.break_growth))
-        throw invalid(fmt::format("break_growth must be finite and ≥ 1, not {}",
-                                  options.break_growth));
+        throw invalid(
+            fmt::format("break_growth must be finite and ≥ 1, not {}", options.break_growth));
       if (options.probe_timeout.count() <= 0) throw invalid("probe_timeout must be positive");
       if (options.max_wait_in_half_open && options.max_wait_in_half_open->count() <= 0)
         throw invalid("max_wait_in_half_open must be positive");
       if (auto& w = options.failure_rate) {
         if (!(w->threshold > 0 && w->threshold <= 1))
-          throw invalid(fmt::format("failure_rate.threshold must be in (0, 1], not {}",
-                                    w->threshold));
+          throw invalid(
+              fmt::format("failure_rate.threshold must be in (0, 1], not {}", w->threshold));
         if (w->minimum_throughput == 0)
           throw invalid("failure_rate.minimum_throughput must be at least 1");
         if (w->calls > 0)
@@ -201,9 +199,9 @@ class circuit_breaker {
           const auto until_timeout = std::chrono::duration_cast<std::chrono::nanoseconds>(
               last_probe_at + options.probe_timeout - now);
           return {false, false, 0,
-                  std::min(until_timeout, std::max<std::chrono::nanoseconds>(
-                                              options.break_duration / 10,
-                                              std::chrono::milliseconds(1)))};
+                  std::min(until_timeout,
+                           std::max<std::chrono::nanoseconds>(options.break_duration / 10,
+                                                              std::chrono::milliseconds(1)))};
         }
       }
       ++probes_issued;

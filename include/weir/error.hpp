@@ -141,7 +141,6 @@ class exception : public boost::system::system_error {
 
 }  // namespace weir
 
-
 template <>
 struct fmt::formatter<weir::error> : fmt::formatter<fmt::string_view> {
   template <class FormatContext>

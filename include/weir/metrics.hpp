@@ -26,8 +26,8 @@ namespace weir {
 
 // The attempt-latency histogram's upper bounds, in seconds: from a cached answer to a long
 // generation. Prometheus adds +Inf.
-inline constexpr std::array<double, 14> latency_bounds = {
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
+inline constexpr std::array<double, 14> latency_bounds = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                                          1,     2.5,  5,     10,   30,  60,   120};
 
 struct metrics_snapshot {
   std::uint64_t attempts = 0;

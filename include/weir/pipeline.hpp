@@ -2,8 +2,7 @@
 //
 //     auto guarded = weir::pipeline(retry, breaker, limits, monitor, queue);
 //     weir::call_context ctx{.tokens = 1200, .operation = "chat"};
-//     auto reply = co_await guarded(ctx, [&] { return client.async_post(req, asio::use_awaitable);
-//     });
+//     auto reply = co_await guarded(ctx, [&] { return client.async_post(req, asio::use_awaitable); });
 //
 // What the order means:
 //   retry outside a limiter or the queue   every attempt waits for (and takes) its own permit
@@ -137,11 +136,10 @@ usage actual_usage(const basic_call_context<Clock>& ctx, const usage& estimate) 
 }
 
 // A limiter's refusal on the way in, with words, as a local refusal.
-[[noreturn]] inline void refuse(error_code ec, const char* who,
-                                std::chrono::nanoseconds waited) {
+[[noreturn]] inline void refuse(error_code ec, const char* who, std::chrono::nanoseconds waited) {
   if (ec.category() != error_category()) throw boost::system::system_error(ec);
-  throw weir::exception::refusal(
-      ec, who, ec == error::rate_limited ? std::optional(waited) : std::nullopt);
+  throw weir::exception::refusal(ec, who,
+                                 ec == error::rate_limited ? std::optional(waited) : std::nullopt);
 }
 
 inline std::optional<rejection> rejection_of(const error_code& ec) {

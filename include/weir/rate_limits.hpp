@@ -256,7 +256,8 @@ class rate_limits {
       constexpr std::uint64_t day_ns = 86'400'000'000'000;
       for (std::size_t d = 0; d < dims; ++d) {
         if (!limits[d] || est[d] == got[d]) continue;
-        const auto most = std::max<std::uint64_t>(1, day_ns / static_cast<std::uint64_t>(interval[d]));
+        const auto most =
+            std::max<std::uint64_t>(1, day_ns / static_cast<std::uint64_t>(interval[d]));
         if (got[d] > est[d]) {
           // Charged even past the burst: the server counted it, so the limiter must too.
           tat[d] = std::max(tat[d], now) +

@@ -121,9 +121,7 @@ class retry {
       random.seed(options.seed ? options.seed : std::random_device{}());
     }
 
-    bool bounded() const noexcept {
-      return options.max_elapsed != std::chrono::nanoseconds::max();
-    }
+    bool bounded() const noexcept { return options.max_elapsed != std::chrono::nanoseconds::max(); }
 
     std::chrono::nanoseconds backoff_delay(unsigned attempt, std::chrono::nanoseconds previous) {
       std::lock_guard lock(random_mutex);

@@ -74,9 +74,9 @@ class retry_budget {
 
     static const retry_budget_options& validated(const retry_budget_options& o) {
       if (!(o.ratio >= 0 && o.ratio <= 1000))
-        throw weir::exception(error::invalid_argument,
-                              fmt::format("retry_budget: ratio must be in [0, 1000], not {}",
-                                          o.ratio));
+        throw weir::exception(
+            error::invalid_argument,
+            fmt::format("retry_budget: ratio must be in [0, 1000], not {}", o.ratio));
       if (o.capacity < o.reserve)
         throw weir::exception(
             error::invalid_argument,

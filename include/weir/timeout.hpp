@@ -8,8 +8,7 @@
 // the whole call, waits included.
 //
 //     weir::timeout<> per_attempt(10s);
-//     auto reply = co_await per_attempt([&] { return client.async_post(req, asio::use_awaitable);
-//     });
+//     auto reply = co_await per_attempt([&] { return client.async_post(req, asio::use_awaitable); });
 #pragma once
 
 #include <weir/detail/deadline.hpp>

@@ -220,7 +220,8 @@ struct policies {
     if (chance(rng, 0.6))
       o.requests = weir::limit::per_minute(pick(rng, 30, 600), pick<std::uint64_t>(rng, 1, 5));
     if (chance(rng, 0.5))
-      o.tokens = weir::limit::per_minute(pick(rng, 1'000, 100'000), pick<std::uint64_t>(rng, 1, 5000));
+      o.tokens =
+          weir::limit::per_minute(pick(rng, 1'000, 100'000), pick<std::uint64_t>(rng, 1, 5000));
     return o;
   }
   static weir::circuit_breaker_options breaker_options(std::mt19937_64& rng) {
@@ -300,8 +301,8 @@ class scenario {
 
  private:
   template <std::size_t S = 0>
-  void dispatch_shape(std::size_t shape, asio::io_context& io, std::mt19937_64& rng,
-                      policies& p, trace& t) {
+  void dispatch_shape(std::size_t shape, asio::io_context& io, std::mt19937_64& rng, policies& p,
+                      trace& t) {
     if constexpr (S < shapes) {
       if (shape == S) return run_shape<S>(io, rng, p, t);
       dispatch_shape<S + 1>(shape, io, rng, p, t);
@@ -370,14 +371,14 @@ class scenario {
           default: inner = [op = inner, &outer_limit] { return outer_limit(op); }; break;
         }
       }
-      asio::co_spawn(io, inner(),
-                     asio::bind_cancellation_slot(
-                         c.signal.slot(), [&c](std::exception_ptr e, int v) {
-                           ++c.completions;
-                           c.ended = sim_clock::now();
-                           check_result(c, e);
-                           c.result = e ? describe(e) : fmt::format("value {}", v);
-                         }));
+      asio::co_spawn(
+          io, inner(),
+          asio::bind_cancellation_slot(c.signal.slot(), [&c](std::exception_ptr e, int v) {
+            ++c.completions;
+            c.ended = sim_clock::now();
+            check_result(c, e);
+            c.result = e ? describe(e) : fmt::format("value {}", v);
+          }));
     };
 
     // Arrivals and cancellations, in time order, on timers of their own.
@@ -388,7 +389,8 @@ class scenario {
         if (drop_pipeline && c.arrival == last_arrival) pipeline.reset();
       });
       if (c.cancel_at) {
-        auto cancel = std::make_shared<asio::basic_waitable_timer<sim_clock>>(io, t0 + *c.cancel_at);
+        auto cancel =
+            std::make_shared<asio::basic_waitable_timer<sim_clock>>(io, t0 + *c.cancel_at);
         cancel->async_wait([&c, cancel](weir::error_code) {
           if (c.completions == 0 && c.cancel_at >= c.arrival) {
             c.cancelled = true;
@@ -417,8 +419,8 @@ class scenario {
       t.endings.push_back(fmt::format("{} at +{}", c.result, (c.ended - t0).count()));
       if (verbose_)
         fmt::print("  call {:>2}: arrives +{} s{}{} -> {} at +{:.3f} s\n", i,
-                   std::chrono::duration<double>(c.arrival).count(),
-                   c.cancel_at ? " (cancel)" : "", c.cancelled ? " cancelled" : "", c.result,
+                   std::chrono::duration<double>(c.arrival).count(), c.cancel_at ? " (cancel)" : "",
+                   c.cancelled ? " cancelled" : "", c.result,
                    std::chrono::duration<double>(c.ended - t0).count());
     }
     if (p.queue.in_flight() != 0 || p.queue.queued() != 0)
@@ -456,9 +458,8 @@ class scenario {
                   {.rate = weir::per_second(1e9 / static_cast<double>(interval_.count())),
                    .burst = burst_}),
           limits_(io.get_executor(),
-                  {.requests = weir::limit{weir::per_second(1e9 / static_cast<double>(
-                                                                interval_.count())),
-                                           burst_}}) {
+                  {.requests = weir::limit{
+                       weir::per_second(1e9 / static_cast<double>(interval_.count())), burst_}}) {
       const int n = pick(rng, 5, 40);
       pending_ = n;
       for (int i = 0; i < n; ++i) {
@@ -526,8 +527,8 @@ class scenario {
     // Over every window that starts at an admission: units ≤ W / interval + max(burst, cost).
     void check_bound(const std::vector<admission>& log, const char* which) const {
       for (const ns window : {ns(interval_), ns(1s), ns(5s), ns(60s)}) {
-        const auto allowed = static_cast<std::uint64_t>(window / interval_) +
-                             std::max(burst_, max_cost_);
+        const auto allowed =
+            static_cast<std::uint64_t>(window / interval_) + std::max(burst_, max_cost_);
         for (std::size_t i = 0; i < log.size(); ++i) {
           std::uint64_t units = 0;
           for (const auto& a : log)
@@ -562,9 +563,9 @@ void threaded_bucket_check(std::uint64_t seed) {
   asio::io_context io;
   const ns interval = ns(1s) / pick(rng, 5, 200);
   const auto burst = pick<std::uint64_t>(rng, 1, 10);
-  bucket_type bucket(io.get_executor(),
-                     {.rate = weir::per_second(1e9 / static_cast<double>(interval.count())),
-                      .burst = burst});
+  bucket_type bucket(
+      io.get_executor(),
+      {.rate = weir::per_second(1e9 / static_cast<double>(interval.count())), .burst = burst});
   std::mutex mutex;
   std::vector<sim_clock::time_point> admitted;
   std::atomic<bool> stop{false};
@@ -604,7 +605,8 @@ asio::awaitable<void> hold_a_slot(weir::request_queue& queue, std::atomic<int>& 
   std::optional<weir::permit> permit;
   if (give_up) {
     asio::steady_timer now(ex, ns(0));
-    auto r = co_await (queue.async_admit(asio::use_awaitable) || now.async_wait(asio::use_awaitable));
+    auto r =
+        co_await (queue.async_admit(asio::use_awaitable) || now.async_wait(asio::use_awaitable));
     if (r.index() == 0) permit.emplace(std::move(std::get<0>(r)));
   } else {
     permit.emplace(co_await queue.async_admit(asio::use_awaitable));
@@ -624,8 +626,8 @@ void threaded_queue_check(std::uint64_t seed) {
   std::mt19937_64 rng(seed ^ 0x9e3779b9);
   asio::io_context io(3);
   const auto max_concurrent = pick<std::size_t>(rng, 1, 4);
-  weir::request_queue queue(io.get_executor(), {.max_concurrent = max_concurrent,
-                                                .max_queued = 1000});
+  weir::request_queue queue(io.get_executor(),
+                            {.max_concurrent = max_concurrent, .max_queued = 1000});
   std::atomic<int> holding{0}, most{0}, ended{0};
   const int n = 300;
   for (int i = 0; i < n; ++i)
@@ -725,7 +727,8 @@ int main(int argc, char** argv) {
     // the heap in use must not grow with the number of scenarios.
     if (ran == 100) heap_after_warmup = heap_in_use();
     if (ran > 100 && ran % 1000 == 0 && heap_in_use() > heap_after_warmup + (1 << 20)) {
-      fmt::print(stderr, "weir_simulation: the heap grew by {} bytes over {} scenarios (to seed {})\n",
+      fmt::print(stderr,
+                 "weir_simulation: the heap grew by {} bytes over {} scenarios (to seed {})\n",
                  heap_in_use() - heap_after_warmup, ran - 100, seed);
       return 1;
     }

@@ -40,8 +40,8 @@ boost::asio::awaitable<bounded_outcome<T>> run_until(typename Clock::time_point 
   asio::basic_waitable_timer<Clock> timer(ex, deadline);
   std::optional<outcome<T>> result;
   auto attempt = asio::co_spawn(ex, capture_into<T>(result, op), asio::deferred);
-  auto group = asio::experimental::make_parallel_group(std::move(attempt),
-                                                       timer.async_wait(asio::deferred));
+  auto group =
+      asio::experimental::make_parallel_group(std::move(attempt), timer.async_wait(asio::deferred));
   auto [order, spawn_error, timer_error] =
       co_await group.async_wait(asio::experimental::wait_for_one(), asio::use_awaitable);
   if (spawn_error) std::rethrow_exception(spawn_error);  // op() threw before it could start

@@ -74,9 +74,9 @@ constexpr reservation_time reserve(nanos tat, nanos now, nanos increment,
 // (more than ~2^61 ns, some 70 years of the limit).
 inline nanos cost_increment(std::uint64_t units, nanos interval, const char* dimension) {
   if (units > static_cast<std::uint64_t>(std::numeric_limits<nanos>::max() / 4 / interval))
-    throw weir::exception(error::invalid_argument,
-                          fmt::format("{}: cost {} is more than the limit allows in 70 years",
-                                      dimension, units));
+    throw weir::exception(
+        error::invalid_argument,
+        fmt::format("{}: cost {} is more than the limit allows in 70 years", dimension, units));
   return interval * static_cast<nanos>(units);
 }
 

@@ -174,13 +174,13 @@ class pending_acquire final
     auto waited = std::chrono::nanoseconds(ec ? 0 : to_nanos(Clock::now()) - started_at_);
     auto work = std::move(work_);
     const auto ex = work.get_executor();
-    boost::asio::dispatch(ex, [self = this->shared_from_this(), work = std::move(work), ec,
-                               waited]() mutable {
-      auto slot = boost::asio::get_associated_cancellation_slot(self->handler_);
-      if (slot.is_connected()) slot.clear();
-      auto handler = std::move(self->handler_);
-      std::move(handler)(ec, waited);
-    });
+    boost::asio::dispatch(
+        ex, [self = this->shared_from_this(), work = std::move(work), ec, waited]() mutable {
+          auto slot = boost::asio::get_associated_cancellation_slot(self->handler_);
+          if (slot.is_connected()) slot.clear();
+          auto handler = std::move(self->handler_);
+          std::move(handler)(ec, waited);
+        });
   }
 
   std::shared_ptr<State> state_;

@@ -1,9 +1,9 @@
 // Judging Boost.Beast responses: a classifier for retry, breaker and router, and the hint parser
 // fed from a response's fields.
 //
-//     weir::retry<std::chrono::steady_clock, weir::http::response_classifier> retry({.max_attempts
-//     = 4}); auto res = co_await retry([&] { return exchange(stream, req); });  //
-//     http::response<string_body>
+//     using beast_retry = weir::retry<std::chrono::steady_clock, weir::http::response_classifier>;
+//     beast_retry retry({.max_attempts = 4});
+//     auto res = co_await retry([&] { return exchange(stream, req); });  // a Beast response
 #pragma once
 
 #include <weir/http/hints.hpp>

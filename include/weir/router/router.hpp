@@ -8,9 +8,8 @@
 //     router.connect("openai", [&](const weir::model_spec& m, const my_request& r) {
 //       return openai_client.complete(m.id, r);  // an asio::awaitable<my_response>
 //     });
-//     auto op = router.route(request, {.input_tokens = 900, .output_tokens = 300,
-//                                      .min_capability = 7});
-//     auto [response, route] = co_await std::move(op);  // (see route() on g++ 12)
+//     auto [response, route] = co_await router.route(
+//         request, {.input_tokens = 900, .output_tokens = 300, .min_capability = 7});
 #pragma once
 
 #include <weir/circuit_breaker.hpp>
@@ -597,12 +596,11 @@ class router {
 
       std::optional<token_usage> used;
       if (judged.is_success() && s->options.usage_of) used = s->options.usage_of(result.value());
-      const usage spent =
-          used ? usage{.requests = 1,
-                       .tokens = used->input_tokens + used->output_tokens,
-                       .input_tokens = used->input_tokens,
-                       .output_tokens = used->output_tokens}
-               : (judged.is_success() ? estimate : usage{.requests = 1});
+      const usage spent = used ? usage{.requests = 1,
+                                       .tokens = used->input_tokens + used->output_tokens,
+                                       .input_tokens = used->input_tokens,
+                                       .output_tokens = used->output_tokens}
+                               : (judged.is_success() ? estimate : usage{.requests = 1});
       const std::uint64_t tokens_used = spent.tokens;
       if (answered)
         m.monitor.record({.requests = 1,
