@@ -19,12 +19,16 @@
 //   - a limiter's admissions over any window stay within rate × window + burst (or the largest
 //     cost), counted by the simulation itself, from one thread or several;
 //   - a queue shared by three threads never has more in flight than allowed;
+//   - the router (three scripted providers, routes cancelled at random) ends every route once and
+//     leaves every provider able to serve (no breaker stuck by a lost probe);
 //   - no timer is left pending, and the heap does not grow from scenario to scenario.
 #include <weir/circuit_breaker.hpp>
 #include <weir/pipeline.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/retry.hpp>
+#include <weir/router/router.hpp>
+#include <weir/testing/fake_provider.hpp>
 #include <weir/testing/manual_clock.hpp>
 #include <weir/timeout.hpp>
 #include <weir/token_bucket.hpp>
@@ -645,6 +649,137 @@ void threaded_queue_check(std::uint64_t seed) {
          queue.queued());
 }
 
+// The router over three scripted providers whose answers are drawn from the seed (200, 429 with
+// and without a spent quota, 500, 400, hangs), with routes cancelled at random instants. At
+// quiescence every route ended once, and every provider can still be routed to: none is left
+// with a breaker that no longer admits.
+struct routed_prompt {};
+using sim_router = weir::router<routed_prompt, weir::testing::fake_response, sim_clock,
+                                weir::testing::fake_classifier>;
+
+void router_scenario(std::uint64_t seed, bool verbose) {
+  using weir::testing::fake_response;
+  std::mt19937_64 rng(seed ^ 0x7007e5);
+  sim_clock::reset();
+  asio::io_context io;
+  weir::catalog c;
+  const char* names[] = {"a", "b", "c"};
+  for (int p = 0; p < 3; ++p) {
+    weir::provider_spec spec{.name = names[p]};
+    spec.breaker = {.consecutive_failures = pick<std::uint32_t>(rng, 1, 4),
+                    .break_duration = uniform(rng, 1s, 20s),
+                    .probe_timeout = ns(100h)};
+    spec.default_cooldown = uniform(rng, 100ms, 5s);
+    spec.cooldown_scope =
+        chance(rng, 0.5) ? weir::cooldown_scope::model : weir::cooldown_scope::provider;
+    c.add(spec);
+    c.add(weir::model_spec{.provider = names[p],
+                           .id = std::string(names[p]) + "-1",
+                           .input_price = static_cast<double>(p + 1),
+                           .capability = 5,
+                           .requests_per_minute = chance(rng, 0.5) ? static_cast<double>(pick(rng, 30, 600)) : 0.0,
+                           .tokens_per_minute =
+                               chance(rng, 0.3) ? static_cast<double>(pick(rng, 10'000, 100'000)) : 0.0});
+  }
+  weir::basic_router_options<fake_response, sim_clock> o;
+  o.max_attempts = pick(rng, 1u, 5u);
+  if (chance(rng, 0.5)) o.adaptation.reset();
+  if (chance(rng, 0.3)) o.fallback_budget.emplace(weir::retry_budget_options{.reserve = 3});
+  sim_router router(io.get_executor(), c, o);
+
+  bool healthy = false;  // at the end every provider answers 200
+  std::array<weir::testing::fake_provider<sim_clock>, 3> providers;
+  for (auto& p : providers) {
+    p.latency = chance(rng, 0.2) ? ns(1h) : uniform(rng, 0s, 3s);
+    p.script = [&rng, &healthy](const weir::model_spec&, sim_clock::time_point) {
+      if (healthy) return fake_response::ok();
+      switch (pick(rng, 0, 6)) {
+        case 0: return fake_response::too_many(uniform(rng, 0s, 5s));
+        case 1: {
+          auto spent = fake_response::too_many(uniform(rng, 0s, 10s));
+          spent.hint.requests.remaining = 0;
+          return spent;
+        }
+        case 2: return fake_response::server_error();
+        case 3: return fake_response{.status = 400};
+        default: return fake_response::ok({.input_tokens = 10, .output_tokens = 20});
+      }
+    };
+  }
+  for (int p = 0; p < 3; ++p) router.connect(names[p], providers[p].call<routed_prompt>());
+
+  struct route_call {
+    int completions = 0;
+    bool cancelled = false;
+    asio::cancellation_signal signal;
+  };
+  std::deque<route_call> routes;
+  const auto t0 = sim_clock::now();
+  for (int i = 0, n = pick(rng, 1, 20); i < n; ++i) {
+    auto& r = routes.emplace_back();
+    const auto arrival = uniform(rng, 0s, 30s);
+    sim_router::constraints k{.input_tokens = pick<std::uint64_t>(rng, 0, 2000),
+                              .output_tokens = pick<std::uint64_t>(rng, 0, 500),
+                              .priority = static_cast<weir::priority>(pick(rng, 0, 2)),
+                              .wait_for_capacity = chance(rng, 0.8)};
+    if (chance(rng, 0.3)) k.deadline = t0 + arrival + uniform(rng, 0s, 20s);
+    auto start = std::make_shared<asio::basic_waitable_timer<sim_clock>>(io, t0 + arrival);
+    start->async_wait([&, start, k](weir::error_code) {
+      asio::co_spawn(io, router.route(routed_prompt{}, k),
+                     asio::bind_cancellation_slot(
+                         r.signal.slot(), [&r](std::exception_ptr e, auto) {
+                           ++r.completions;
+                           if (!e) return;
+                           if (weir::is_cancellation(e) && !r.cancelled)
+                             fail("an uncancelled route ended as cancelled");
+                           const auto what = describe(e);
+                           if (!what.starts_with("weir") && !weir::is_cancellation(e))
+                             fail("a route ended with {}", what);
+                         }));
+    });
+    if (chance(rng, 0.3)) {
+      auto cancel = std::make_shared<asio::basic_waitable_timer<sim_clock>>(
+          io, t0 + arrival + uniform(rng, 0s, 10s));
+      cancel->async_wait([&r, cancel](weir::error_code) {
+        if (r.completions == 0) {
+          r.cancelled = true;
+          r.signal.emit(asio::cancellation_type::terminal);
+        }
+      });
+    }
+  }
+  for (int hours = 0; hours < 48; ++hours) {
+    advance<sim_clock>(io, 1h);
+    if (std::all_of(routes.begin(), routes.end(), [](auto& r) { return r.completions > 0; }))
+      break;
+  }
+  for (std::size_t i = 0; i < routes.size(); ++i)
+    if (routes[i].completions != 1)
+      fail("route {} ended {} times", i, routes[i].completions);
+
+  // Every provider, healthy now, serves a route of its own once its break and cooldowns are over.
+  healthy = true;
+  for (auto& p : providers) p.latency = 0ns;
+  advance<sim_clock>(io, 1h);
+  for (const char* name : names) {
+    std::optional<int> status;
+    asio::co_spawn(io, router.route(routed_prompt{}, {.allowed_providers = {name}}),
+                   [&](std::exception_ptr e, auto routed) {
+                     if (e) fail("provider {} refused a route at quiescence: {}", name, describe(e));
+                     status = static_cast<int>(routed.response.status);
+                   });
+    advance<sim_clock>(io, 1min);
+    if (status != 200) fail("provider {} did not serve a route at quiescence", name);
+  }
+  run_ready(io);
+  io.restart();
+  io.poll();
+  if (!io.stopped()) fail("the router left work pending at quiescence");
+  if (verbose)
+    fmt::print("  router: {} routes, answers a {} b {} c {}\n", routes.size(),
+               providers[0].calls(), providers[1].calls(), providers[2].calls());
+}
+
 std::size_t heap_in_use() { return mallinfo2().uordblks; }
 
 // One seed: the scenario, the same scenario with an observer, and (for some) the threaded check.
@@ -658,6 +793,7 @@ void run_seed(std::uint64_t seed, bool verbose) {
              observed.endings[i]);
     fail("an observer changed the calls");
   }
+  router_scenario(seed, verbose);
   if (seed % 10 == 0) threaded_bucket_check(seed);
   if (seed % 10 == 5) threaded_queue_check(seed);
 }
