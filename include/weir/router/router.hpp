@@ -149,6 +149,8 @@ struct basic_router_options {
   // the catalog gives them, and a model without limits is not paced at all.
   std::optional<http::adaptation_options> adaptation = http::adaptation_options{};
 };
+template <class Response>
+using router_options = basic_router_options<Response>;
 
 // A model's state as the router sees it now, for dashboards.
 struct model_status {
