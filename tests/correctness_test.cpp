@@ -758,7 +758,40 @@ TEST_CASE("lowest_latency stops preferring a model that always times out", "[iss
 
 // ---- 20: input and output tokens are charged -------------------------------------------------
 
-TEST_CASE("the pipeline and the router charge input and output tokens", "[issue15]") {
+TEST_CASE("the router charges input tokens to a limit the server reports", "[issue15]") {
+  clock_type::reset();
+  asio::io_context io;
+  weir::catalog c;
+  c.add(
+      weir::model_spec{.provider = "a", .id = "a-1", .capability = 5, .requests_per_minute = 6000});
+  router_options o;  // with the adaptation, which learns limits from the answers
+  router_type r(io.get_executor(), c, o);
+  weir::testing::fake_provider<clock_type> a;
+  a.script = [](const weir::model_spec&, clock_type::time_point) {
+    // Anthropic-style: the input-token limit of the minute is spent for the next 5 s.
+    auto ok = fake_response::ok();
+    ok.hint.input_tokens = {.limit = 1000,
+                            .remaining = 0,
+                            .reset_after = ns(5s),
+                            .window = ns(60s),
+                            .refill = weir::refill::fixed_window};
+    return ok;
+  };
+  r.connect("a", a.call<prompt>());
+  finished<weir::routed<fake_response>> first, no_input, with_input;
+  first.start(io, r.route(prompt{}, {.input_tokens = 10}));
+  advance<clock_type>(io, 1s);
+  REQUIRE(first.value);
+  no_input.start(io, r.route(prompt{}, {}));
+  with_input.start(io, r.route(prompt{}, {.input_tokens = 100}));
+  advance<clock_type>(io, 3s);
+  CHECK(no_input.value);         // charges no input tokens: goes at once
+  CHECK_FALSE(with_input.done);  // its input tokens wait for the pause to end
+  advance<clock_type>(io, 2min);
+  CHECK(with_input.value);
+}
+
+TEST_CASE("the pipeline charges input and output tokens", "[issue15]") {
   clock_type::reset();
   asio::io_context io;
   weir::rate_limits<clock_type> limits(io.get_executor(),
