@@ -26,8 +26,8 @@ int main() {
   auto guarded = weir::pipeline(retry, breaker, limits, monitor, queue);
 
   weir::metrics chat("chat");
-  guarded.observe(weir::fan_out(chat.observer(),
-                                [](const weir::event& e) { fmt::print("  {}\n", e); }));
+  guarded.observe(
+      weir::fan_out(chat.observer(), [](const weir::event& e) { fmt::print("  {}\n", e); }));
 
   int calls = 0;
   for (int i = 0; i < 3; ++i) {

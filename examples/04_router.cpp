@@ -23,8 +23,8 @@ asio::awaitable<void> ask(weir::router<prompt, fake_response, std::chrono::stead
                                        weir::testing::fake_classifier>& router,
                           int n) {
   const prompt question("question " + std::to_string(n));
-  auto [response, route] = co_await router.route(question, {.input_tokens = 500,
-                                                            .output_tokens = 200});
+  auto [response, route] =
+      co_await router.route(question, {.input_tokens = 500, .output_tokens = 200});
   fmt::print("{}: {} from {}/{} after {} attempt(s), ${:.6f}\n", question.text, response.status,
              route.provider, route.model, route.attempts, route.cost);
 }
@@ -36,10 +36,13 @@ asio::awaitable<void> ask_all(auto& router) {
 int main() {
   asio::io_context io;
   weir::catalog models;
-  models.add(weir::model_spec{.provider = "cheap", .id = "small", .input_price = 0.15,
-                              .output_price = 0.6, .capability = 6});
-  models.add(weir::model_spec{.provider = "dear", .id = "large", .input_price = 2.5,
-                              .output_price = 10, .capability = 9});
+  models.add(weir::model_spec{.provider = "cheap",
+                              .id = "small",
+                              .input_price = 0.15,
+                              .output_price = 0.6,
+                              .capability = 6});
+  models.add(weir::model_spec{
+      .provider = "dear", .id = "large", .input_price = 2.5, .output_price = 10, .capability = 9});
   weir::router<prompt, fake_response, std::chrono::steady_clock, weir::testing::fake_classifier>
       router(io.get_executor(), models);
 

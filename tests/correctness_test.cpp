@@ -57,6 +57,16 @@ auto transient() { return std::make_exception_ptr(std::runtime_error("connection
 
 bool aborted(const std::exception_ptr& e) { return weir::is_cancellation(e); }
 
+// Not ended one nanosecond before `after` from now; ended with a timeout exactly then.
+template <class T>
+void times_out_after(asio::io_context& io, const finished<T>& f, ns after) {
+  advance<clock_type>(io, after - 1ns);
+  CHECK_FALSE(f.done);
+  advance<clock_type>(io, 1ns);
+  REQUIRE(f.done);
+  CHECK(f.code() == weir::error::timeout);
+}
+
 }  // namespace
 
 // ---- 1: timeout ------------------------------------------------------------------------------
@@ -109,11 +119,7 @@ TEST_CASE("timeout still times out a slow operation, its failure as the cause", 
   weir::timeout<clock_type> limit(2s);
   finished<int> f;
   f.start(io, limit([] { return hang(); }));
-  advance<clock_type>(io, 2s - 1ns);
-  CHECK_FALSE(f.done);
-  advance<clock_type>(io, 1ns);
-  REQUIRE(f.done);
-  CHECK(f.code() == weir::error::timeout);
+  times_out_after(io, f, 2s);
   REQUIRE(f.weir_error());
   CHECK(aborted(f.weir_error()->cause()));
 }
@@ -677,11 +683,7 @@ TEST_CASE("retry's max_elapsed cuts an attempt that runs past it", "[issue15]") 
   retry_type retry({.max_attempts = 5, .max_elapsed = 5s});
   finished<int> f;
   f.start(io, retry([] { return hang(); }));
-  advance<clock_type>(io, 5s - 1ns);
-  CHECK_FALSE(f.done);
-  advance<clock_type>(io, 1ns);
-  REQUIRE(f.done);
-  CHECK(f.code() == weir::error::timeout);
+  times_out_after(io, f, 5s);
   CHECK(f.weir_error()->attempts() == 1);
 }
 
@@ -856,11 +858,7 @@ TEST_CASE("pipeline(timeout, retry): the timeout bounds the whole call", "[issue
             ++calls;
             return fail_with(transient());
           }));
-  advance<clock_type>(io, 5s - 1ns);
-  CHECK_FALSE(f.done);
-  advance<clock_type>(io, 1ns);
-  REQUIRE(f.done);
-  CHECK(f.code() == weir::error::timeout);
+  times_out_after(io, f, 5s);
   CHECK(calls == 3);  // at 0, 2 and 4 s
 }
 

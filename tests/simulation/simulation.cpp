@@ -673,13 +673,14 @@ void router_scenario(std::uint64_t seed, bool verbose) {
     spec.cooldown_scope =
         chance(rng, 0.5) ? weir::cooldown_scope::model : weir::cooldown_scope::provider;
     c.add(spec);
-    c.add(weir::model_spec{.provider = names[p],
-                           .id = std::string(names[p]) + "-1",
-                           .input_price = static_cast<double>(p + 1),
-                           .capability = 5,
-                           .requests_per_minute = chance(rng, 0.5) ? static_cast<double>(pick(rng, 30, 600)) : 0.0,
-                           .tokens_per_minute =
-                               chance(rng, 0.3) ? static_cast<double>(pick(rng, 10'000, 100'000)) : 0.0});
+    c.add(weir::model_spec{
+        .provider = names[p],
+        .id = std::string(names[p]) + "-1",
+        .input_price = static_cast<double>(p + 1),
+        .capability = 5,
+        .requests_per_minute = chance(rng, 0.5) ? static_cast<double>(pick(rng, 30, 600)) : 0.0,
+        .tokens_per_minute =
+            chance(rng, 0.3) ? static_cast<double>(pick(rng, 10'000, 100'000)) : 0.0});
   }
   weir::basic_router_options<fake_response, sim_clock> o;
   o.max_attempts = pick(rng, 1u, 5u);
@@ -725,17 +726,17 @@ void router_scenario(std::uint64_t seed, bool verbose) {
     if (chance(rng, 0.3)) k.deadline = t0 + arrival + uniform(rng, 0s, 20s);
     auto start = std::make_shared<asio::basic_waitable_timer<sim_clock>>(io, t0 + arrival);
     start->async_wait([&, start, k](weir::error_code) {
-      asio::co_spawn(io, router.route(routed_prompt{}, k),
-                     asio::bind_cancellation_slot(
-                         r.signal.slot(), [&r](std::exception_ptr e, auto) {
-                           ++r.completions;
-                           if (!e) return;
-                           if (weir::is_cancellation(e) && !r.cancelled)
-                             fail("an uncancelled route ended as cancelled");
-                           const auto what = describe(e);
-                           if (!what.starts_with("weir") && !weir::is_cancellation(e))
-                             fail("a route ended with {}", what);
-                         }));
+      asio::co_spawn(
+          io, router.route(routed_prompt{}, k),
+          asio::bind_cancellation_slot(r.signal.slot(), [&r](std::exception_ptr e, auto) {
+            ++r.completions;
+            if (!e) return;
+            if (weir::is_cancellation(e) && !r.cancelled)
+              fail("an uncancelled route ended as cancelled");
+            const auto what = describe(e);
+            if (!what.starts_with("weir") && !weir::is_cancellation(e))
+              fail("a route ended with {}", what);
+          }));
     });
     if (chance(rng, 0.3)) {
       auto cancel = std::make_shared<asio::basic_waitable_timer<sim_clock>>(
@@ -750,12 +751,10 @@ void router_scenario(std::uint64_t seed, bool verbose) {
   }
   for (int hours = 0; hours < 48; ++hours) {
     advance<sim_clock>(io, 1h);
-    if (std::all_of(routes.begin(), routes.end(), [](auto& r) { return r.completions > 0; }))
-      break;
+    if (std::all_of(routes.begin(), routes.end(), [](auto& r) { return r.completions > 0; })) break;
   }
   for (std::size_t i = 0; i < routes.size(); ++i)
-    if (routes[i].completions != 1)
-      fail("route {} ended {} times", i, routes[i].completions);
+    if (routes[i].completions != 1) fail("route {} ended {} times", i, routes[i].completions);
 
   // Every provider, healthy now, serves a route of its own once its break and cooldowns are over.
   healthy = true;
@@ -765,7 +764,8 @@ void router_scenario(std::uint64_t seed, bool verbose) {
     std::optional<int> status;
     asio::co_spawn(io, router.route(routed_prompt{}, {.allowed_providers = {name}}),
                    [&](std::exception_ptr e, auto routed) {
-                     if (e) fail("provider {} refused a route at quiescence: {}", name, describe(e));
+                     if (e)
+                       fail("provider {} refused a route at quiescence: {}", name, describe(e));
                      status = static_cast<int>(routed.response.status);
                    });
     advance<sim_clock>(io, 1min);
@@ -776,8 +776,8 @@ void router_scenario(std::uint64_t seed, bool verbose) {
   io.poll();
   if (!io.stopped()) fail("the router left work pending at quiescence");
   if (verbose)
-    fmt::print("  router: {} routes, answers a {} b {} c {}\n", routes.size(),
-               providers[0].calls(), providers[1].calls(), providers[2].calls());
+    fmt::print("  router: {} routes, answers a {} b {} c {}\n", routes.size(), providers[0].calls(),
+               providers[1].calls(), providers[2].calls());
 }
 
 std::size_t heap_in_use() { return mallinfo2().uordblks; }
