@@ -536,6 +536,26 @@ TEST_CASE("the queue stage honours the call's deadline", "[issue15]") {
 
 // ---- 13: a pause holds back the waiters already queued ------------------------------------------
 
+namespace {
+// Two waiters queue; a pause of 10 s is ordered; the first waiter is cancelled. The second must
+// complete exactly when the pause ends, not when its own timer was first due, nor earlier.
+template <class Acquire, class Pause>
+void pause_holds_queued_waiters(asio::io_context& io, Acquire acquire, Pause pause) {
+  asio::cancellation_signal cancel_first;
+  finished<ns> first, second;
+  first.start(io, acquire(), cancel_first.slot());
+  second.start(io, acquire());
+  run_ready(io);
+  pause(clock_type::now() + 10s);
+  cancel_first.emit(asio::cancellation_type::terminal);
+  advance<clock_type>(io, 10s - 1ns);
+  CHECK(aborted(first.error));
+  CHECK_FALSE(second.done);
+  advance<clock_type>(io, 1ns);
+  CHECK(second.value == 10s);
+}
+}  // namespace
+
 TEST_CASE("pause_until holds queued waiters too, and a cancellation does not shorten it",
           "[issue15]") {
   clock_type::reset();
@@ -543,35 +563,19 @@ TEST_CASE("pause_until holds queued waiters too, and a cancellation does not sho
   SECTION("token bucket") {
     weir::token_bucket<clock_type> bucket(io.get_executor(), {.rate = weir::per_second(1)});
     REQUIRE(bucket.try_acquire());
-    asio::cancellation_signal cancel_first;
-    finished<ns> first, second;
-    first.start(io, bucket.async_acquire(1, asio::use_awaitable), cancel_first.slot());
-    second.start(io, bucket.async_acquire(1, asio::use_awaitable));
-    run_ready(io);
-    bucket.pause_until(clock_type::now() + 10s);
-    cancel_first.emit(asio::cancellation_type::terminal);
-    advance<clock_type>(io, 10s - 1ns);
-    CHECK(aborted(first.error));
-    CHECK_FALSE(second.done);
-    advance<clock_type>(io, 1ns);
-    CHECK(second.value == 10s);
+    pause_holds_queued_waiters(
+        io, [&] { return bucket.async_acquire(1, asio::use_awaitable); },
+        [&](clock_type::time_point until) { bucket.pause_until(until); });
   }
   SECTION("rate limits") {
     weir::rate_limits<clock_type> limits(io.get_executor(),
                                          {.requests = weir::limit::per_minute(60)});
     REQUIRE(limits.try_acquire({}));
-    asio::cancellation_signal cancel_first;
-    finished<ns> first, second;
-    first.start(io, limits.async_acquire({}, asio::use_awaitable), cancel_first.slot());
-    second.start(io, limits.async_acquire({}, asio::use_awaitable));
-    run_ready(io);
-    limits.pause_until(weir::dimension::requests, clock_type::now() + 10s);
-    cancel_first.emit(asio::cancellation_type::terminal);
-    advance<clock_type>(io, 10s - 1ns);
-    CHECK(aborted(first.error));
-    CHECK_FALSE(second.done);
-    advance<clock_type>(io, 1ns);
-    CHECK(second.value == 10s);
+    pause_holds_queued_waiters(
+        io, [&] { return limits.async_acquire({}, asio::use_awaitable); },
+        [&](clock_type::time_point until) {
+          limits.pause_until(weir::dimension::requests, until);
+        });
   }
 }
 
