@@ -5,6 +5,7 @@
 #pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 #include <weir/circuit_breaker.hpp>
 #include <weir/pipeline.hpp>
+#include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/retry.hpp>
 #include <weir/router/router.hpp>
@@ -201,8 +202,8 @@ void redis_acquire(benchmark::State& state) {
       [&]() -> boost::asio::awaitable<void> {
         bool first = false;
         try {
-          first = co_await shared.try_acquire({.requests = 1});
-        } catch (const weir::exception&) {  // unreachable, failing closed
+          first = co_await shared.async_try_acquire({.requests = 1}, boost::asio::use_awaitable);
+        } catch (const boost::system::system_error&) {  // unreachable, failing closed
         }
         if (!first || shared.mode() != weir::redis::limiter_mode::shared) {
           reachable = false;

@@ -2,7 +2,7 @@
 // token limits, a usage monitor and a bulkhead. Every event goes to one observer, printed one
 // line each; metrics count them and print in the Prometheus text format.
 #include <weir/metrics.hpp>
-#include <weir/pipeline.hpp>
+#include <weir/weir.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio.hpp>

@@ -2,6 +2,9 @@
 // item, on virtual time. Each would fail with its fix reverted.
 #include <weir/circuit_breaker.hpp>
 #include <weir/pipeline.hpp>
+#include <weir/rate_limits.hpp>
+#include <weir/token_bucket.hpp>
+#include <weir/usage_monitor.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/retry.hpp>
 #include <weir/router/router.hpp>

@@ -4,6 +4,7 @@
 #include <weir/http/beast.hpp>
 #include <weir/http/hints.hpp>
 #include <weir/http/parse.hpp>
+#include <weir/pipeline.hpp>
 #include <weir/testing/manual_clock.hpp>
 #include <weir/token_bucket.hpp>
 
@@ -319,6 +320,43 @@ TEST_CASE("a 429 that says the quota is spent pauses as long as the largest hint
   CHECK(refused.hint.exhausted_for() == ns(7s));
   refused.hint.retry_after.reset();
   CHECK(refused.hint.exhausted_for() == ns(3s));
+}
+
+TEST_CASE("the adaptation as a pipeline stage reads every answer and ignores cancelled calls",
+          "[adaptation][pipeline]") {
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(10), 1}});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  auto guarded = weir::pipeline(limits, adapt.stage(weir::http::response_classifier{}));
+  using reply = http::response<http::string_body>;
+
+  // A cancelled call is no answer: nothing learnt.
+  auto cancelled = []() -> asio::awaitable<reply> {
+    throw boost::system::system_error(asio::error::operation_aborted);
+    co_return reply{};
+  };
+  asio::co_spawn(io, guarded(cancelled), asio::detached);
+  io.run();
+  CHECK(adapt.request_rate()->per_second == Approx(9.7));
+
+  // A 429 saying the quota is spent, returned as a value: the adaptation pauses the limits and
+  // decreases, exactly as when fed by hand.
+  clock_type::advance(1s);
+  auto refused = []() -> asio::awaitable<reply> {
+    co_return response(429, {{"retry-after", "7"},
+                             {"x-ratelimit-limit-requests", "600"},
+                             {"x-ratelimit-remaining-requests", "0"},
+                             {"x-ratelimit-reset-requests", "3s"}});
+  };
+  unsigned status = 0;
+  asio::co_spawn(io, guarded(refused),
+                 [&](std::exception_ptr, reply r) { status = r.result_int(); });
+  io.restart();
+  io.run();
+  CHECK(status == 429);
+  CHECK(limits.time_until({.requests = 1}) == 7s);
+  CHECK(adapt.request_rate()->per_second == Approx(9.7 * 0.8));
 }
 
 TEST_CASE("refusals of requests already in flight at the first one are a single decrease") {

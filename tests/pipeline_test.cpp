@@ -1,5 +1,5 @@
 // Specifications for composition: order semantics, context, completion tokens, events.
-#include <weir/pipeline.hpp>
+#include <weir/weir.hpp>
 #include <weir/testing/manual_clock.hpp>
 #include <weir/timeout.hpp>
 

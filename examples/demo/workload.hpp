@@ -7,6 +7,7 @@
 
 #include <weir/http/beast.hpp>
 #include <weir/pipeline.hpp>
+#include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/router/router.hpp>
 #include <weir/testing/mock_provider.hpp>

@@ -9,9 +9,12 @@
 //                          └────(a probe fails)─────┘
 #pragma once
 
+#include <weir/breaker_state.hpp>
 #include <weir/detail/gcra.hpp>
 #include <weir/error.hpp>
 #include <weir/outcome.hpp>
+#include <weir/pipeline.hpp>
+#include <weir/stage.hpp>
 #include <weir/usage_monitor.hpp>
 
 #include <fmt/format.h>
@@ -31,8 +34,6 @@
 #include <vector>
 
 namespace weir {
-
-enum class breaker_state { closed, open, half_open, isolated };
 
 // Trip on the failure rate over a sliding window instead of on consecutive failures.
 struct failure_rate_window {
@@ -67,6 +68,9 @@ struct circuit_breaker_options {
   std::function<void(breaker_state from, breaker_state to)> on_state_change{};
 };
 
+template <class Clock, class Classifier>
+class circuit_breaker_stage;
+
 // Copies share one breaker. The closed-state check is one atomic load; state changes take a mutex.
 template <class Clock = std::chrono::steady_clock, class Classifier = default_classifier>
 class circuit_breaker {
@@ -96,8 +100,14 @@ class circuit_breaker {
   // The call shares the breaker's state: destroying the breaker does not end it.
   template <class Operation>
   auto operator()(Operation op) const {
-    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
-    return run<value>(state_, std::move(op));
+    return detail::driver<Clock, default_classifier,
+                          circuit_breaker_stage<Clock, Classifier>>::run_alone(stage(),
+                                                                               std::move(op));
+  }
+
+  // The breaker as a pipeline stage, which is also what operator() runs.
+  circuit_breaker_stage<Clock, Classifier> stage() const {
+    return circuit_breaker_stage<Clock, Classifier>(*this);
   }
 
   // The synchronous halves of operator(), for callers that make the call themselves (and for a
@@ -106,6 +116,22 @@ class circuit_breaker {
   ticket try_admit() { return state_->admit(); }
   void record(const ticket& t, bool failed) { state_->finish(t, failed); }
   void abandon(const ticket& t) { state_->abandon(t); }
+
+  // Settles an admitted call by what it came to: the one rule every caller (the stage, the
+  // router) uses. No answer — cancelled, or refused locally further in — gives the ticket back;
+  // an answer is a failure when is_failure(kind) says so.
+  void settle(const ticket& t, bool answered, verdict kind) {
+    if (answered)
+      record(t, is_failure(kind));
+    else
+      abandon(t);
+  }
+  // The same for an outcome, judged by this breaker's classifier.
+  template <class T>
+  void settle(const ticket& t, const outcome<T>& o) {
+    const bool answered = o.reached_provider();
+    settle(t, answered, answered ? state_->classify(o).kind : verdict::success);
+  }
 
   // Whether the outcome `kind` is a failure by this breaker's rules.
   bool is_failure(verdict kind) const noexcept { return state_->failure(kind); }
@@ -353,54 +379,58 @@ class circuit_breaker {
     std::size_t recent_next = 0;
   };
 
-  template <class T, class Operation>
-  static boost::asio::awaitable<T> run(std::shared_ptr<shared> s, Operation op) {
-    const auto t = s->admit();
-    if (!t.admitted)
-      throw weir::exception::refusal(error::circuit_open, "the provider's circuit is open",
-                                     t.retry_after);
-    std::optional<outcome<T>> result;
-    try {
-      if constexpr (std::is_void_v<T>) {
-        co_await op();
-        if constexpr (every_value_succeeds<Classifier>) {
-          s->finish(t, false);
-          co_return;
-        }
-        result.emplace(outcome<T>::from_value({}));
-      } else if constexpr (every_value_succeeds<Classifier>) {
-        auto value = co_await op();
-        s->finish(t, false);
-        co_return value;
-      } else {
-        result.emplace(outcome<T>::from_value(co_await op()));
-      }
-    } catch (...) {
-      result.emplace(outcome<T>::from_exception(std::current_exception()));
-    }
-
-    // A cancelled call, or one never sent, says nothing about the provider.
-    if (result->reached_provider())
-      s->finish(t, s->failure(s->classify(std::as_const(*result)).kind));
-    else
-      s->abandon(t);
-    if constexpr (std::is_void_v<T>) {
-      std::move(*result).get();
-    } else {
-      co_return std::move(*result).get();
-    }
-  }
-
   std::shared_ptr<shared> state_;
 };
 
-}  // namespace weir
+// A circuit_breaker in a pipeline (see stage.hpp). An open circuit refuses the call with
+// circuit_open (a local refusal) and the time until half-open as retry_after.
+template <class Clock, class Classifier>
+class circuit_breaker_stage {
+ public:
+  explicit circuit_breaker_stage(circuit_breaker<Clock, Classifier> breaker)
+      : breaker_(std::move(breaker)) {}
 
-template <>
-struct fmt::formatter<weir::breaker_state> : fmt::formatter<fmt::string_view> {
-  template <class FormatContext>
-  auto format(weir::breaker_state s, FormatContext& ctx) const {
-    constexpr const char* names[] = {"closed", "open", "half-open", "isolated"};
-    return fmt::formatter<fmt::string_view>::format(names[static_cast<int>(s)], ctx);
+  struct slot {
+    typename circuit_breaker<Clock, Classifier>::ticket ticket{};
+  };
+  static constexpr bool values_succeed = every_value_succeeds<Classifier>;
+
+  bool try_enter(slot& s, stage_context<Clock>& context) {
+    s.ticket = breaker_.try_admit();
+    if (s.ticket.admitted) [[likely]]
+      return true;
+    refuse(s, context);
   }
+
+  template <class Outcome>
+  stage_action exit(slot& s, stage_context<Clock>& context, const Outcome& result) {
+    if constexpr (is_plain_success<Outcome>) {
+      breaker_.record(s.ticket, false);
+    } else {
+      const auto before = breaker_.state();
+      breaker_.settle(s.ticket, result);
+      if (const auto after = breaker_.state(); after != before)
+        context.emit(breaker_changed{context.call.operation, before, after});
+    }
+    s.ticket = {};
+    return {};
+  }
+
+  void abandon(slot& s) {
+    breaker_.abandon(s.ticket);
+    s.ticket = {};
+  }
+
+ private:
+  // Out of line: the admitted path stays small enough to inline into the driver.
+  [[noreturn, gnu::noinline, gnu::cold]] static void refuse(const slot& s,
+                                                            stage_context<Clock>& context) {
+    context.emit(rejected{context.call.operation, rejection::circuit_open, s.ticket.retry_after});
+    throw weir::exception::refusal(error::circuit_open, "the provider's circuit is open",
+                                   s.ticket.retry_after);
+  }
+
+  circuit_breaker<Clock, Classifier> breaker_;
 };
+
+}  // namespace weir

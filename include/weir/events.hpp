@@ -4,7 +4,7 @@
 //     pipeline.observe([](const weir::event& e) { fmt::print("{}\n", e); });
 #pragma once
 
-#include <weir/circuit_breaker.hpp>
+#include <weir/breaker_state.hpp>
 #include <weir/outcome.hpp>
 
 #include <fmt/format.h>

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <weir/detail/gcra.hpp>
+#include <weir/detail/limiter_stage.hpp>
 #include <weir/detail/pending_acquire.hpp>
 #include <weir/error.hpp>
 #include <weir/rate.hpp>
@@ -39,16 +40,6 @@ struct limit {
   static limit per_minute(double n, std::uint64_t burst) { return {weir::per_minute(n), burst}; }
 };
 
-// What one call costs (or, after settle, cost) on each dimension.
-struct usage {
-  std::uint64_t requests = 1;
-  std::uint64_t tokens = 0;  // input + output
-  std::uint64_t input_tokens = 0;
-  std::uint64_t output_tokens = 0;
-
-  friend bool operator==(const usage&, const usage&) = default;
-};
-
 // Absent limits are not enforced.
 struct rate_limits_options {
   std::optional<limit> requests{};
@@ -69,6 +60,8 @@ class rate_limits {
   using time_point = typename Clock::time_point;
   using executor_type = boost::asio::any_io_executor;
   using acquire_signature = void(error_code, std::chrono::nanoseconds);
+  using cost_type = usage;
+  static const usage& cost_of(const usage& u) noexcept { return u; }
 
   // Throws weir::exception(invalid_argument) for a limit with rate ≤ 0 or burst 0.
   rate_limits(executor_type ex, rate_limits_options options)
@@ -136,6 +129,12 @@ class rate_limits {
   }
 
   const executor_type& get_executor() const noexcept { return state_->executor; }
+
+  // The limits as a pipeline stage: each call (attempt, inside a retry) takes the context's
+  // estimate, settled against ctx.actual_* when the call sets them.
+  detail::limiter_stage<rate_limits> stage() const {
+    return {*this, "rate_limits: the wait would pass the deadline"};
+  }
 
  private:
   struct state {

@@ -9,18 +9,25 @@
 
 #include <weir/detail/waiter_list.hpp>
 #include <weir/error.hpp>
+#include <weir/stage.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/append.hpp>
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
+#include <boost/asio/basic_waitable_timer.hpp>
+#include <boost/asio/deferred.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/execution/context.hpp>
 #include <boost/asio/execution_context.hpp>
 #include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/experimental/parallel_group.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/query.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
 
 #include <array>
 #include <atomic>
@@ -30,9 +37,6 @@
 #include <vector>
 
 namespace weir {
-
-// Waiters of a higher priority are admitted first; within one priority, in arrival order.
-enum class priority { interactive = 0, normal = 1, batch = 2 };
 
 struct request_queue_options {
   std::size_t max_concurrent = 8;
@@ -285,6 +289,8 @@ void permit::release() noexcept {
   if (auto s = std::move(state_)) s->release(s);
 }
 
+class request_queue_stage;
+
 // Copies share one queue.
 class request_queue {
  public:
@@ -343,6 +349,9 @@ class request_queue {
 
   const executor_type& get_executor() const noexcept { return state_->executor; }
 
+  // The queue as a pipeline stage: a call holds a slot from entering until it leaves.
+  request_queue_stage stage() const;
+
  private:
   template <class Handler>
   static void initiate(std::shared_ptr<detail::request_queue_state> s, Handler handler,
@@ -369,5 +378,71 @@ class request_queue {
 
   std::shared_ptr<detail::request_queue_state> state_;
 };
+
+// request_queue in a pipeline (see stage.hpp). A wait still going on at the call's deadline
+// fails with timeout, a local refusal.
+class request_queue_stage {
+ public:
+  explicit request_queue_stage(request_queue queue) : queue_(std::move(queue)) {}
+
+  struct slot {
+    bool held = false;
+  };
+  static constexpr bool values_succeed = true;
+
+  template <class Context>
+  bool try_enter(slot& s, Context&) {
+    return s.held = queue_.try_take();
+  }
+
+  template <class Clock>
+  boost::asio::awaitable<void> wait_enter(slot& s, stage_context<Clock>& context) {
+    namespace asio = boost::asio;
+    const auto& deadline = context.call.deadline;
+    if (!deadline) {
+      auto [ec, p] =
+          co_await queue_.async_admit(context.call.priority, asio::as_tuple(asio::use_awaitable));
+      if (ec) throw_refusal(ec, "request_queue");
+      take(s, p);
+      co_return;
+    }
+    if (Clock::now() >= *deadline)
+      throw weir::exception::refusal(error::timeout, "request_queue: the deadline has passed");
+    asio::basic_waitable_timer<Clock> timer(co_await asio::this_coro::executor, *deadline);
+    auto group = asio::experimental::make_parallel_group(
+        queue_.async_admit(context.call.priority, asio::deferred),
+        timer.async_wait(asio::deferred));
+    auto [order, ec, p, timer_ec] =
+        co_await group.async_wait(asio::experimental::wait_for_one(), asio::use_awaitable);
+    if (!ec) {
+      take(s, p);
+      co_return;
+    }
+    if (order[0] == 1 && !timer_ec)
+      throw weir::exception::refusal(error::timeout,
+                                     "request_queue: the deadline passed before a slot was free");
+    throw_refusal(ec, "request_queue");
+  }
+
+  template <class Context, class Outcome>
+  stage_action exit(slot& s, Context&, const Outcome&) {
+    abandon(s);
+    return {};
+  }
+  void abandon(slot& s) {
+    if (std::exchange(s.held, false)) queue_.give_back();
+  }
+
+ private:
+  // The slot now belongs to the call; it goes back when the call leaves, like a fast-path one.
+  static void take(slot& s, permit& p) {
+    p.detach();
+    s.held = true;
+  }
+
+  request_queue queue_;
+};
+
+inline request_queue_stage request_queue::stage() const { return request_queue_stage(*this); }
 
 }  // namespace weir

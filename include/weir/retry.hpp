@@ -6,10 +6,10 @@
 #pragma once
 
 #include <weir/backoff.hpp>
-#include <weir/detail/deadline.hpp>
 #include <weir/detail/gcra.hpp>
 #include <weir/error.hpp>
 #include <weir/outcome.hpp>
+#include <weir/pipeline.hpp>
 #include <weir/retry_budget.hpp>
 
 #include <boost/asio/awaitable.hpp>
@@ -51,6 +51,9 @@ struct retry_options {
   std::uint64_t seed = 0;                                // for the jitter; 0: from random_device
 };
 
+template <class Clock, class Classifier>
+class retry_stage;
+
 // Copies share options, budget and random source.
 //
 // Each attempt's outcome goes through the classifier: success returns the value; fatal returns a
@@ -76,9 +79,12 @@ class retry {
 
   template <class Operation>
   auto operator()(Operation op) const {
-    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
-    return run<value>(state_, std::move(op));
+    return detail::driver<Clock, default_classifier, retry_stage<Clock, Classifier>>::run_alone(
+        stage(), std::move(op));
   }
+
+  // The retry as a pipeline stage, which is also what operator() runs.
+  retry_stage<Clock, Classifier> stage() const { return retry_stage<Clock, Classifier>(*this); }
 
   const retry_options& options() const noexcept { return state_->options; }
 
@@ -167,58 +173,72 @@ class retry {
     std::mt19937_64 random;
   };
 
-  // One attempt; bounded by what is left of max_elapsed when that is set.
-  template <class T, class Operation>
-  static boost::asio::awaitable<outcome<T>> attempt(state& s, const progress& p, Operation& op) {
-    if (!s.bounded()) co_return co_await capture(op());
-    const auto deadline =
-        p.started + std::chrono::duration_cast<typename Clock::duration>(s.options.max_elapsed);
-    auto bounded = co_await detail::run_until<Clock, T>(deadline, op);
-    if (bounded.deadline_passed)
-      throw weir::exception(error::timeout, "max_elapsed passed during an attempt", {},
-                            bounded.result.failure(), p.attempt);
-    co_return std::move(bounded.result);
+  std::shared_ptr<state> state_;
+};
+
+// A retry in a pipeline (see stage.hpp): its exit sends the call back through the stages inside
+// it after the wait, and max_elapsed bounds everything inside it.
+template <class Clock, class Classifier>
+class retry_stage {
+ public:
+  using time_point = typename Clock::time_point;
+
+  explicit retry_stage(retry<Clock, Classifier> policy) : policy_(std::move(policy)) {}
+
+  struct slot {
+    typename retry<Clock, Classifier>::progress progress{};
+    std::optional<time_point> deadline{};  // when max_elapsed passes
+    bool begun = false;
+    bool expired = false;  // it passed during an attempt
+  };
+  static constexpr bool values_succeed = every_value_succeeds<Classifier>;
+
+  bool try_enter(slot& s, stage_context<Clock>&) {
+    if (!s.begun) {
+      s.progress = policy_.begin();
+      s.begun = true;
+      if (const auto limit = policy_.options().max_elapsed;
+          limit != std::chrono::nanoseconds::max())
+        s.deadline =
+            s.progress.started + std::chrono::duration_cast<typename Clock::duration>(limit);
+    }
+    return true;
   }
 
-  template <class T, class Operation>
-  static boost::asio::awaitable<T> run(std::shared_ptr<state> s, Operation op) {
-    auto p = s->begin();
-    for (;;) {
-      std::optional<outcome<T>> result;
-      if constexpr (every_value_succeeds<Classifier> && !std::is_void_v<T>) {
-        if (!s->bounded()) {
-          // The common case: a value goes straight back, with no outcome built.
-          try {
-            co_return co_await op();
-          } catch (...) {
-            result.emplace(outcome<T>::from_exception(std::current_exception()));
-          }
-        }
+  template <class Outcome>
+  stage_action exit(slot& s, stage_context<Clock>& context, const Outcome& result) {
+    if constexpr (is_plain_success<Outcome>) {
+      return {};
+    } else {
+      if constexpr (every_value_succeeds<Classifier>) {
+        if (result.has_value()) return {};
       }
-      if (!result) result.emplace(co_await attempt<T>(*s, p, op));
-
-      const classification c = s->classify(std::as_const(*result));
-      if (c.kind != verdict::success && c.kind != verdict::fatal) {
-        const auto d = s->next(p, c, result->failure());
-        if (!d.error) {
-          boost::asio::basic_waitable_timer<Clock> wait(co_await boost::asio::this_coro::executor,
-                                                        d.delay);
-          co_await wait.async_wait(boost::asio::use_awaitable);
-          continue;
-        }
-        // No more attempts: a failing value goes back as it is, an error becomes the give-up.
-        if (!result->has_value()) std::rethrow_exception(d.error);
+      if (s.expired) return {};
+      const classification c = policy_.classifier()(result);
+      if (c.kind == verdict::success || c.kind == verdict::fatal) return {};
+      const unsigned failed_attempt = s.progress.attempt;
+      auto d = policy_.next(s.progress, c, result.failure());
+      if (d.error) {
+        if (auto ec = detail::weir_code(d.error); ec && *ec == error::budget_exhausted)
+          context.emit(rejected{context.call.operation, rejection::budget_exhausted, {}});
+        // A failing value goes back to the caller as it is; an error becomes the give-up.
+        if (result.has_value()) return {};
+        return {std::nullopt, d.error};
       }
-      if constexpr (std::is_void_v<T>) {
-        std::move(*result).get();
-        co_return;
-      } else {
-        co_return std::move(*result).get();
-      }
+      context.emit(retry_scheduled{context.call.operation, failed_attempt, d.delay, c.kind});
+      return {d.delay, {}};
     }
   }
 
-  std::shared_ptr<state> state_;
+  std::optional<time_point> inside_deadline(const slot& s) const { return s.deadline; }
+  std::exception_ptr deadline_passed(slot& s, stage_context<Clock>&, std::exception_ptr cause) {
+    s.expired = true;
+    return std::make_exception_ptr(weir::exception(
+        error::timeout, "max_elapsed passed during an attempt", {}, cause, s.progress.attempt));
+  }
+
+ private:
+  retry<Clock, Classifier> policy_;
 };
 
 }  // namespace weir

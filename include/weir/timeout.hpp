@@ -11,18 +11,22 @@
 //     auto reply = co_await per_attempt([&] { return client.async_post(req, asio::use_awaitable); });
 #pragma once
 
-#include <weir/detail/deadline.hpp>
 #include <weir/error.hpp>
 #include <weir/outcome.hpp>
+#include <weir/pipeline.hpp>
+#include <weir/stage.hpp>
 
 #include <fmt/chrono.h>
 #include <fmt/format.h>
-#include <boost/asio/awaitable.hpp>
 
 #include <chrono>
-#include <type_traits>
+#include <exception>
+#include <optional>
 
 namespace weir {
+
+template <class Clock>
+class timeout_stage;
 
 template <class Clock = std::chrono::steady_clock>
 class timeout {
@@ -38,26 +42,48 @@ class timeout {
 
   template <class Operation>
   auto operator()(Operation op) const {
-    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
-    return run<value>(limit_, std::move(op));
+    return detail::driver<Clock, default_classifier, timeout_stage<Clock>>::run_alone(
+        stage(), std::move(op));
   }
+
+  // The timeout as a pipeline stage, which is also what operator() runs.
+  timeout_stage<Clock> stage() const { return timeout_stage<Clock>(limit_); }
 
   std::chrono::nanoseconds limit() const noexcept { return limit_; }
 
  private:
-  template <class T, class Operation>
-  static boost::asio::awaitable<T> run(std::chrono::nanoseconds limit, Operation op) {
-    auto bounded = co_await detail::run_until<Clock, T>(
-        Clock::now() + std::chrono::duration_cast<typename Clock::duration>(limit), op);
-    if (bounded.deadline_passed)
-      throw weir::exception(error::timeout, fmt::format("no result within {}", limit), {},
-                            bounded.result.failure());
-    if constexpr (std::is_void_v<T>)
-      std::move(bounded.result).get();
-    else
-      co_return std::move(bounded.result).get();
+  std::chrono::nanoseconds limit_;
+};
+
+// A timeout in a pipeline (see stage.hpp): a deadline on everything inside it.
+template <class Clock>
+class timeout_stage {
+ public:
+  using time_point = typename Clock::time_point;
+
+  explicit timeout_stage(std::chrono::nanoseconds limit) : limit_(limit) {}
+
+  struct slot {
+    time_point deadline{};
+  };
+  static constexpr bool values_succeed = true;
+
+  bool try_enter(slot& s, stage_context<Clock>&) {
+    s.deadline = Clock::now() + std::chrono::duration_cast<typename Clock::duration>(limit_);
+    return true;
+  }
+  template <class Outcome>
+  stage_action exit(slot&, stage_context<Clock>&, const Outcome&) {
+    return {};
   }
 
+  std::optional<time_point> inside_deadline(const slot& s) const { return s.deadline; }
+  std::exception_ptr deadline_passed(slot&, stage_context<Clock>&, std::exception_ptr cause) {
+    return std::make_exception_ptr(
+        weir::exception(error::timeout, fmt::format("no result within {}", limit_), {}, cause));
+  }
+
+ private:
   std::chrono::nanoseconds limit_;
 };
 

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <weir/detail/gcra.hpp>
+#include <weir/detail/limiter_stage.hpp>
 #include <weir/detail/pending_acquire.hpp>
 #include <weir/error.hpp>
 #include <weir/rate.hpp>
@@ -37,6 +38,9 @@ class token_bucket {
   using executor_type = boost::asio::any_io_executor;
   // Completion: (error, waited). On rate_limited, `waited` is the wait that max_wait refused.
   using acquire_signature = void(error_code, std::chrono::nanoseconds);
+  // In a pipeline, each call takes one unit.
+  using cost_type = std::uint64_t;
+  static cost_type cost_of(const usage&) noexcept { return 1; }
 
   // Throws weir::exception(invalid_argument) for a rate ≤ 0 or a burst of 0.
   token_bucket(executor_type ex, token_bucket_options options)
@@ -104,6 +108,11 @@ class token_bucket {
   void pause_until(time_point until) { state_->pause_until(detail::to_nanos(until)); }
 
   const executor_type& get_executor() const noexcept { return state_->executor; }
+
+  // The bucket as a pipeline stage: one unit per call (attempt, inside a retry).
+  detail::limiter_stage<token_bucket> stage() const {
+    return {*this, "token_bucket: the wait would pass the deadline"};
+  }
 
  private:
   struct state {

@@ -10,6 +10,7 @@
 #include <weir/detail/gcra.hpp>
 #include <weir/error.hpp>
 #include <weir/rate.hpp>
+#include <weir/stage.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -49,6 +50,9 @@ struct usage_totals {
 // Counts events in the current bucket and the buckets-1 before it. Copies share the same window.
 // Each counter carries its bucket's epoch in its top bits, so a bucket is reused without a reset
 // step that could race with writers: a stale counter is simply seen as zero.
+template <class Clock>
+class usage_monitor_stage;
+
 template <class Clock = std::chrono::steady_clock>
 class usage_monitor {
  public:
@@ -115,6 +119,9 @@ class usage_monitor {
   }
 
   const usage_monitor_options& options() const noexcept { return state_->options; }
+
+  // The monitor as a pipeline stage: one record per call (per attempt, inside a retry).
+  usage_monitor_stage<Clock> stage() const { return usage_monitor_stage<Clock>(*this); }
 
  private:
   double per_minute(double count) const {
@@ -245,6 +252,37 @@ class usage_monitor {
   };
 
   std::shared_ptr<state> state_;
+};
+
+// A usage_monitor in a pipeline (see stage.hpp). An attempt is recorded at its start, as a
+// provider counts a request when it arrives, judged by the pipeline's classifier; a call refused
+// on the way in was never sent and is not counted.
+template <class Clock>
+class usage_monitor_stage {
+ public:
+  explicit usage_monitor_stage(usage_monitor<Clock> monitor) : monitor_(std::move(monitor)) {}
+
+  struct slot {};
+  static constexpr bool values_succeed = true;
+  static constexpr bool reads_clock = true;
+  static constexpr bool reads_verdict = true;
+
+  bool try_enter(slot&, stage_context<Clock>&) { return true; }
+
+  template <class Outcome>
+  stage_action exit(slot&, stage_context<Clock>& context, const Outcome& result) {
+    if (result.refused_locally()) return {};
+    const auto& call = context.call;
+    monitor_.record({.requests = 1,
+                     .tokens = call.actual_tokens.value_or(call.tokens),
+                     .error = context.judged != verdict::success,
+                     .rate_limited = context.judged == verdict::rate_limited},
+                    context.now);
+    return {};
+  }
+
+ private:
+  usage_monitor<Clock> monitor_;
 };
 
 }  // namespace weir

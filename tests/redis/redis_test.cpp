@@ -1,5 +1,7 @@
 // The Redis-backed limiter against a real redis-server on loopback (started by the ctest
 // fixture; the outage test starts and kills its own). Real time: Redis keeps its own clock.
+#include <weir/circuit_breaker.hpp>
+#include <weir/pipeline.hpp>
 #include <weir/redis/rate_limiter.hpp>
 
 #include <fmt/format.h>
@@ -46,28 +48,84 @@ TEST_CASE("the shared limiter admits a burst, then refuses, and a settle gives b
     // co_await inside Catch's assertion macros more than once.
     int admitted = 0;
     for (int i = 0; i < 5; ++i) {
-      const bool ok = co_await shared.try_acquire({.requests = 1, .tokens = 100});
+      const bool ok =
+          co_await shared.async_try_acquire({.requests = 1, .tokens = 100}, asio::use_awaitable);
       admitted += ok;
     }
     CHECK(admitted == 3);
     CHECK(shared.mode() == weir::redis::limiter_mode::shared);
     // Tokens alone: 700 left, so 800 is refused and nothing is charged for it.
-    const bool too_many = co_await shared.try_acquire({.requests = 0, .tokens = 800});
+    const bool too_many =
+        co_await shared.async_try_acquire({.requests = 0, .tokens = 800}, asio::use_awaitable);
     CHECK_FALSE(too_many);
-    const bool the_rest = co_await shared.try_acquire({.requests = 0, .tokens = 700});
+    const bool the_rest =
+        co_await shared.async_try_acquire({.requests = 0, .tokens = 700}, asio::use_awaitable);
     CHECK(the_rest);
-    co_await shared.settle({.requests = 1, .tokens = 100}, {.requests = 0, .tokens = 0});
-    const bool refunded = co_await shared.try_acquire({.requests = 1, .tokens = 100});
+    co_await shared.async_settle({.requests = 1, .tokens = 100}, {.requests = 0, .tokens = 0},
+                                 asio::use_awaitable);
+    const bool refunded =
+        co_await shared.async_try_acquire({.requests = 1, .tokens = 100}, asio::use_awaitable);
     CHECK(refunded);
-    const bool after = co_await shared.try_acquire({.requests = 1, .tokens = 0});
+    const bool after =
+        co_await shared.async_try_acquire({.requests = 1, .tokens = 0}, asio::use_awaitable);
     CHECK_FALSE(after);
     bool oversized = false;
     try {
-      co_await shared.try_acquire({.requests = 4});
-    } catch (const weir::exception& e) {
+      co_await shared.async_try_acquire({.requests = 4}, asio::use_awaitable);
+    } catch (const boost::system::system_error& e) {
       oversized = e.code() == weir::error::invalid_argument;
     }
     CHECK(oversized);
+  });
+}
+
+TEST_CASE("the shared limiter is a pipeline stage, as the local limits are", "[pipeline]") {
+  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+    weir::redis::client redis(ex, {.port = WEIR_REDIS_PORT});
+    weir::redis::rate_limiter<> shared(ex, redis,
+                                       {.name = unique_name("stage"),
+                                        .requests = weir::limit{weir::per_minute(1), 2},
+                                        .tokens = weir::limit{weir::per_minute(1), 1000}});
+    auto guarded = weir::pipeline(weir::circuit_breaker<>(), shared);
+    int sent = 0;
+    const auto call = [&](weir::call_context& ctx, std::uint64_t used) -> asio::awaitable<int> {
+      ++sent;
+      ctx.actual_tokens = used;
+      co_return 200;
+    };
+
+    // 600 tokens estimated, 100 used: the stage settles the difference back to Redis.
+    weir::call_context first{.tokens = 600};
+    const int status = co_await guarded(first, [&] { return call(first, 100); });
+    CHECK(status == 200);
+
+    // 800 fit only once the 500 are back (the settle runs in the background): look until then.
+    asio::steady_timer pause(ex);
+    bool admitted = false;
+    for (int look = 0; look < 200 && !admitted; ++look) {
+      const bool now =
+          co_await shared.async_try_acquire({.requests = 0, .tokens = 800}, asio::use_awaitable);
+      admitted = now;
+      if (!admitted) {
+        pause.expires_after(10ms);
+        co_await pause.async_wait(asio::use_awaitable);
+      }
+    }
+    CHECK(admitted);
+
+    // One request left; then a call whose deadline the wait would pass is refused at once,
+    // locally, and never sent.
+    weir::call_context second{.tokens = 0};
+    co_await guarded(second, [&] { return call(second, 0); });
+    weir::call_context third{.tokens = 0, .deadline = std::chrono::steady_clock::now() + 5s};
+    bool refused = false;
+    try {
+      co_await guarded(third, [&] { return call(third, 0); });
+    } catch (const weir::exception& e) {
+      refused = e.code() == weir::error::rate_limited && e.refused_locally();
+    }
+    CHECK(refused);
+    CHECK(sent == 2);
   });
 }
 
@@ -143,7 +201,7 @@ TEST_CASE("when Redis goes away the limiter falls back, and returns when it is b
         try {
           co_await shared.async_acquire({.requests = 1}, asio::use_awaitable);
           ++admitted_in[restarted ? 2 : stopped ? 1 : 0];
-        } catch (const weir::exception& e) {
+        } catch (const boost::system::system_error& e) {
           CHECK(e.code() == weir::error::unavailable);
           ++refused;
           was_refused = true;

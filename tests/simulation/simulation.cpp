@@ -24,6 +24,7 @@
 //   - no timer is left pending, and the heap does not grow from scenario to scenario.
 #include <weir/circuit_breaker.hpp>
 #include <weir/pipeline.hpp>
+#include <weir/usage_monitor.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/retry.hpp>

@@ -16,21 +16,27 @@
 //    success that says so ends slow start where it is.
 //
 //     weir::http::server_adaptation adapt(limits);
+//     auto guarded = weir::pipeline(retry, limits, adapt.stage(weir::http::response_classifier{}));
+//
+// or by hand, after every response:
+//
 //     const auto sent = clock::now();
 //     auto reply = co_await call();
-//     adapt.observe(classifier(reply), sent, clock::now());  // after every response
+//     adapt.observe(classifier(reply), sent, clock::now());
 #pragma once
 
 #include <weir/error.hpp>
 #include <weir/outcome.hpp>
 #include <weir/rate.hpp>
 #include <weir/rate_limits.hpp>
+#include <weir/stage.hpp>
 
 #include <algorithm>
 #include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <optional>
 
@@ -73,8 +79,11 @@ struct pacing_state {
   bool slow_start = false;              // still looking for the first refusal
 };
 
-template <class Clock = std::chrono::steady_clock>
-class server_adaptation {
+namespace detail {
+
+// All of server_adaptation, behind its shared pointer.
+template <class Clock>
+class adaptation_core {
  public:
   using time_point = typename Clock::time_point;
 
@@ -82,7 +91,7 @@ class server_adaptation {
   // request limit configured there is the known limit; without one, the request rate is
   // discovered from `initial_rate` up. Throws weir::exception(invalid_argument) naming a bad
   // option.
-  explicit server_adaptation(rate_limits<Clock> limits, adaptation_options options = {})
+  adaptation_core(rate_limits<Clock> limits, adaptation_options options)
       : limits_(std::move(limits)), options_(options) {
     validate(options);
     if (auto l = limits_.get_limit(dimension::requests)) {
@@ -334,6 +343,81 @@ class server_adaptation {
   std::array<window_estimate, 4> inferred_{};
   std::array<rate_change, 32> history_{};
   std::size_t next_history_ = 0;
+};
+
+}  // namespace detail
+
+template <class Clock, class Classifier>
+class adaptation_stage;
+
+// Copies share one adaptation.
+template <class Clock = std::chrono::steady_clock>
+class server_adaptation {
+ public:
+  using clock_type = Clock;
+  using time_point = typename Clock::time_point;
+
+  // `limits` is shared, not copied: adaptation changes the limiter the calls go through. A
+  // request limit configured there is the known limit; without one, the request rate is
+  // discovered from `initial_rate` up. Throws weir::exception(invalid_argument) naming a bad
+  // option.
+  explicit server_adaptation(rate_limits<Clock> limits, adaptation_options options = {})
+      : core_(std::make_shared<detail::adaptation_core<Clock>>(std::move(limits), options)) {}
+
+  // Feeds one classified response to a request sent at `sent`.
+  void observe(const classification& c, time_point sent, time_point now) {
+    core_->observe(c, sent, now);
+  }
+  // As above, for a request sent about one round trip ago.
+  void observe(const classification& c, time_point now = Clock::now()) { core_->observe(c, now); }
+
+  // The request rate now in force.
+  std::optional<weir::rate> request_rate() const { return core_->request_rate(); }
+  pacing_state state() const { return core_->state(); }
+
+  // The adaptation as a pipeline stage: every answer the call gets, judged by `classifier` (which
+  // must read the server's hints, as http::response_classifier does), is observed with the time
+  // it was sent. Place it inside the retry, so that it sees every attempt, and anywhere relative
+  // to the limits it steers.
+  template <class Classifier = default_classifier>
+  adaptation_stage<Clock, Classifier> stage(Classifier classifier = {}) const {
+    return adaptation_stage<Clock, Classifier>(*this, std::move(classifier));
+  }
+
+ private:
+  std::shared_ptr<detail::adaptation_core<Clock>> core_;
+};
+
+// A server_adaptation in a pipeline (see stage.hpp). Cancelled calls and local refusals are no
+// answer: the adaptation learns nothing from them.
+template <class Clock, class Classifier>
+class adaptation_stage {
+ public:
+  using time_point = typename Clock::time_point;
+
+  adaptation_stage(server_adaptation<Clock> adaptation, Classifier classifier)
+      : adaptation_(std::move(adaptation)), classify_(std::move(classifier)) {}
+
+  struct slot {
+    time_point sent{};
+  };
+  // Every answer is read, successes included: their headers are how the pacing learns.
+  static constexpr bool values_succeed = false;
+
+  bool try_enter(slot& s, stage_context<Clock>&) {
+    s.sent = Clock::now();
+    return true;
+  }
+
+  template <class Outcome>
+  stage_action exit(slot& s, stage_context<Clock>&, const Outcome& result) {
+    if (result.reached_provider()) adaptation_.observe(classify_(result), s.sent, Clock::now());
+    return {};
+  }
+
+ private:
+  server_adaptation<Clock> adaptation_;
+  Classifier classify_;
 };
 
 }  // namespace weir::http

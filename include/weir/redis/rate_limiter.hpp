@@ -6,6 +6,7 @@
 //                                                    .requests = weir::limit::per_minute(500),
 //                                                    .tokens = weir::limit::per_minute(200'000)});
 //     co_await shared.async_acquire({.requests = 1, .tokens = 1200}, asio::use_awaitable);
+//     auto guarded = weir::pipeline(retry, shared, breaker);  // or as a pipeline stage
 //
 // The state is one GCRA arrival time per dimension, in Redis, moved by a Lua script (EVALSHA,
 // loaded once and again after NOSCRIPT) that checks every dimension and charges all or none, on
@@ -14,13 +15,19 @@
 // Part of the optional weir::redis target (links hiredis).
 #pragma once
 
+#include <weir/detail/limiter_stage.hpp>
 #include <weir/error.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/redis/client.hpp>
 
+#include <boost/asio/append.hpp>
 #include <boost/asio/as_tuple.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/associated_executor.hpp>
 #include <boost/asio/basic_waitable_timer.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/dispatch.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
@@ -36,6 +43,8 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace weir::redis {
@@ -118,31 +127,64 @@ return 1
 template <class Clock = std::chrono::steady_clock>
 class rate_limiter {
  public:
+  using clock_type = Clock;
   using time_point = typename Clock::time_point;
+  using executor_type = boost::asio::any_io_executor;
+  using acquire_signature = void(error_code, std::chrono::nanoseconds);
+  using cost_type = usage;
+  static const usage& cost_of(const usage& u) noexcept { return u; }
 
   // Throws weir::exception(invalid_argument) for no limit, a bad rate or burst, a fraction outside
   // (0, 1] or max_lease 0.
   rate_limiter(boost::asio::any_io_executor ex, client redis, rate_limiter_options options)
       : state_(std::make_shared<state>(std::move(ex), std::move(redis), std::move(options))) {}
 
-  // Waits until `cost` is admitted. Throws weir::exception(unavailable) when Redis cannot be
-  // reached and the policy is fail_closed, or (invalid_argument) for a cost above a burst.
-  // Cancellation (through the token's slot) ends a wait between attempts with
-  // operation_aborted, charging nothing; an attempt already sent to Redis finishes first.
+  // Waits until `cost` is admitted, as rate_limits::async_acquire does, so the two swap by
+  // changing a type. Completion: (error_code, waited).
+  //   rate_limited       the wait would exceed max_wait (`waited` is that wait)
+  //   unavailable        Redis cannot be reached and the policy is fail_closed
+  //   invalid_argument   a cost above a limit's burst
+  //   operation_aborted  cancelled (terminal, partial or total): a wait between attempts ends at
+  //                      once, charging nothing; an attempt already sent to Redis finishes first
+  template <class CompletionToken>
+  auto async_acquire(usage cost, std::chrono::nanoseconds max_wait, CompletionToken&& token) {
+    return boost::asio::async_initiate<CompletionToken, acquire_signature>(
+        [](auto handler, std::shared_ptr<state> s, usage cost, std::chrono::nanoseconds max_wait) {
+          spawn(s, acquire(s, cost, max_wait), std::move(handler));
+        },
+        token, state_, cost, max_wait);
+  }
   template <class CompletionToken>
   auto async_acquire(usage cost, CompletionToken&& token) {
-    return boost::asio::co_spawn(state_->executor, acquire(state_, cost),
-                                 std::forward<CompletionToken>(token));
+    return async_acquire(cost, std::chrono::nanoseconds::max(),
+                         std::forward<CompletionToken>(token));
   }
 
-  // One attempt, no waiting: whether `cost` was admitted now.
-  boost::asio::awaitable<bool> try_acquire(usage cost) {
-    co_return co_await state_->attempt(cost, nullptr);
+  // One attempt, no waiting. Completion: (error_code, admitted now).
+  template <class CompletionToken>
+  auto async_try_acquire(usage cost, CompletionToken&& token) {
+    return boost::asio::async_initiate<CompletionToken, void(error_code, bool)>(
+        [](auto handler, std::shared_ptr<state> s, usage cost) {
+          spawn(s, try_once(s, cost), std::move(handler));
+        },
+        token, state_, cost);
   }
 
   // Charges what a call used beyond its estimate, or gives back what it did not use.
-  boost::asio::awaitable<void> settle(usage estimated, usage actual) {
-    co_await state_->settle(estimated, actual);
+  // Completion: (error_code).
+  template <class CompletionToken>
+  auto async_settle(usage estimated, usage actual, CompletionToken&& token) {
+    return boost::asio::async_initiate<CompletionToken, void(error_code)>(
+        [](auto handler, std::shared_ptr<state> s, usage estimated, usage actual) {
+          spawn(s, settle_once(s, estimated, actual), std::move(handler));
+        },
+        token, state_, estimated, actual);
+  }
+
+  // The shared limiter as a pipeline stage: the same stage as rate_limits', which waits here
+  // on every call (each admission is a round trip, or a lease) and settles in the background.
+  weir::detail::limiter_stage<rate_limiter> stage() const {
+    return {*this, "redis rate_limiter: the wait would pass the deadline"};
   }
 
   limiter_mode mode() const noexcept { return state_->mode.load(); }
@@ -375,12 +417,70 @@ class rate_limiter {
     time_point last_use = Clock::now();
   };
 
-  static boost::asio::awaitable<void> acquire(std::shared_ptr<state> s, usage cost) {
+  // What acquire comes to when it ends without an exception.
+  struct acquired {
+    error_code code;  // rate_limited when max_wait refused the wait
+    std::chrono::nanoseconds waited{0};
+  };
+
+  // The completion arguments after the error_code, for each kind of work.
+  static auto arguments(error_code ec, bool admitted) { return std::tuple(ec, admitted); }
+  static auto arguments(error_code ec, const acquired& a) {
+    return std::tuple(ec ? ec : a.code, a.waited);
+  }
+
+  // Runs `work` on the limiter's executor and completes `handler` with its result, an error_code
+  // first, on the handler's own executor. The handler's cancellation slot reaches the coroutine.
+  template <class T, class Handler>
+  static void spawn(const std::shared_ptr<state>& s, boost::asio::awaitable<T> work,
+                    Handler handler) {
+    namespace asio = boost::asio;
+    auto slot = asio::get_associated_cancellation_slot(handler);
+    auto deliver = [handler = std::move(handler)](auto args) mutable {
+      auto ex = asio::get_associated_executor(handler);
+      asio::dispatch(
+          ex, std::apply([&](auto... a) { return asio::append(std::move(handler), a...); }, args));
+    };
+    if constexpr (std::is_void_v<T>) {
+      asio::co_spawn(s->executor, std::move(work),
+                     asio::bind_cancellation_slot(
+                         slot, [d = std::move(deliver)](std::exception_ptr e) mutable {
+                           d(std::tuple(code_of(e)));
+                         }));
+    } else {
+      asio::co_spawn(s->executor, std::move(work),
+                     asio::bind_cancellation_slot(
+                         slot, [d = std::move(deliver)](std::exception_ptr e, T value) mutable {
+                           d(arguments(code_of(e), value));
+                         }));
+    }
+  }
+
+  static error_code code_of(const std::exception_ptr& e) {
+    if (!e) return {};
+    return weir::detail::weir_code(e).value_or(error::unavailable);
+  }
+
+  static boost::asio::awaitable<bool> try_once(std::shared_ptr<state> s, usage cost) {
+    co_return co_await s->attempt(cost, nullptr);
+  }
+  static boost::asio::awaitable<void> settle_once(std::shared_ptr<state> s, usage estimated,
+                                                  usage actual) {
+    co_await s->settle(estimated, actual);
+  }
+
+  static boost::asio::awaitable<acquired> acquire(std::shared_ptr<state> s, usage cost,
+                                                  std::chrono::nanoseconds max_wait) {
     boost::asio::basic_waitable_timer<Clock> timer(co_await boost::asio::this_coro::executor);
+    const auto started = Clock::now();
     for (;;) {
       co_await s->give_back_lease();
       std::chrono::microseconds wait{0};
-      if (co_await s->attempt(cost, &wait)) co_return;
+      const auto waited =
+          std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - started);
+      if (co_await s->attempt(cost, &wait)) co_return acquired{{}, waited};
+      if (wait > max_wait - std::min(max_wait, waited))
+        co_return acquired{error::rate_limited, waited + wait};
       // Not admitted: sleep until it may be, but look again at least every probe period while
       // on the fallback, so a returning Redis is noticed.
       if (s->mode.load() != limiter_mode::shared)

@@ -588,10 +588,7 @@ class router {
       // the breaker gets its ticket back (a probe must not close it), the pacing learns nothing.
       // A 429 is the cooldown's business, not the breaker's (circuit_breaker_options says why).
       const bool answered = result.reached_provider();
-      if (answered)
-        p.breaker.record(ticket, p.breaker.is_failure(judged.kind));
-      else
-        p.breaker.abandon(ticket);
+      p.breaker.settle(ticket, answered, judged.kind);
       if (m.adapt && answered) m.adapt->observe(judged, started, finished);
       record.steps.push_back({spec.provider, spec.id, judged.kind, latency});
       if (answered && judged.kind == verdict::retryable) s->note_failure_latency(m, latency);

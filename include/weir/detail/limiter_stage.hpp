@@ -1,0 +1,80 @@
+// A limiter in a pipeline (see stage.hpp): token_bucket, rate_limits and the Redis limiter share
+// it, so code moves between them by changing a type. A limiter gives the stage
+//   cost_type, static cost_type cost_of(const usage&)      what one call takes from it
+//   async_acquire(cost, max_wait, token)                   completes with (error_code, waited)
+// and where it can, try_acquire(cost, now) (no wait: admitted at once or not) and settle(estimate,
+// actual) or async_settle(estimate, actual, token) (charge or refund the difference).
+#pragma once
+
+#include <weir/error.hpp>
+#include <weir/stage.hpp>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <chrono>
+#include <concepts>
+
+namespace weir::detail {
+
+template <class Limiter>
+class limiter_stage {
+ public:
+  using clock_type = typename Limiter::clock_type;
+  using cost_type = typename Limiter::cost_type;
+
+  limiter_stage(Limiter limiter, const char* refusal)
+      : limiter_(std::move(limiter)), refusal_(refusal) {}
+
+  struct slot {
+    usage taken{};
+  };
+  static constexpr bool values_succeed = true;
+  static constexpr bool reads_clock = true;
+
+  bool try_enter(slot& s, stage_context<clock_type>& context) {
+    s.taken = context.call.estimated_usage();
+    if constexpr (requires(const cost_type& c) {
+                    { limiter_.try_acquire(c, context.now) } -> std::same_as<bool>;
+                  })
+      return limiter_.try_acquire(Limiter::cost_of(s.taken), context.now);
+    else
+      return false;  // no synchronous answer (a shared limiter): always wait_enter
+  }
+
+  boost::asio::awaitable<void> wait_enter(slot& s, stage_context<clock_type>& context) {
+    const auto max_wait =
+        context.max_wait(clock_type::now()).value_or(std::chrono::nanoseconds::max());
+    auto [ec, waited] = co_await limiter_.async_acquire(
+        Limiter::cost_of(s.taken), max_wait, boost::asio::as_tuple(boost::asio::use_awaitable));
+    if (ec) throw_refusal(ec, refusal_, waited);
+  }
+
+  // The estimate is settled against what the call says it used, when it says so.
+  template <class Outcome>
+  stage_action exit(slot& s, stage_context<clock_type>& context, const Outcome&) {
+    if constexpr (settles || settles_async) {
+      const auto used = context.call.actual_usage(s.taken);
+      if (used == s.taken) return {};
+      if constexpr (settles)
+        limiter_.settle(Limiter::cost_of(s.taken), Limiter::cost_of(used));
+      else
+        limiter_.async_settle(Limiter::cost_of(s.taken), Limiter::cost_of(used),
+                              boost::asio::detached);
+    }
+    return {};
+  }
+
+ private:
+  static constexpr bool settles = requires(Limiter & l, const cost_type& c) { l.settle(c, c); };
+  static constexpr bool settles_async = requires(Limiter & l, const cost_type& c) {
+    l.async_settle(c, c, boost::asio::detached);
+  };
+
+  Limiter limiter_;
+  const char* refusal_;
+};
+
+}  // namespace weir::detail

@@ -1,0 +1,182 @@
+// The stage protocol: how a policy takes part in a weir::pipeline. Every weir policy has a stage
+// (its `stage()`), and a class of your own that follows the protocol is a stage too; the
+// pipeline runs all of them as hooks inside one coroutine frame, outermost first:
+//
+//     struct my_stage {
+//       struct slot { /* what one call holds between entering and leaving */ };
+//       bool try_enter(slot&, weir::stage_context<>&);                 // required
+//       asio::awaitable<void> wait_enter(slot&, weir::stage_context<>&);
+//       template <class Outcome>
+//       weir::stage_action exit(slot&, weir::stage_context<>&, const Outcome&);  // required
+//       void abandon(slot&);
+//     };
+//
+//   try_enter    admits the call without waiting: true to go on, false to wait (then wait_enter
+//                is awaited and must admit or throw), or throw a refusal (a weir::exception made
+//                with exception::refusal: nothing was sent).
+//   exit         the call (or what is inside this stage) ended with the outcome: an outcome<T>,
+//                or, for a stage that declares `values_succeed`, weir::plain_success when the
+//                call returned a value nobody needs to judge. The action may ask to run the
+//                inside again after a wait (a retry) or replace the outcome with an error.
+//   abandon      the call was unwound while this stage held it, with no outcome (cancelled in a
+//                wait further out, or its coroutine destroyed): give back what it took.
+//
+// Optional declarations, each read at compile time:
+//   static constexpr bool values_succeed   this stage never judges a value a failure, so a value
+//                                          may pass as plain_success (the pipeline's fast path)
+//   static constexpr bool reads_clock      set context.now once per attempt for this stage
+//   static constexpr bool reads_verdict    set context.verdict (the pipeline's classifier on
+//                                          the outcome) before exit
+//   std::optional<time_point> inside_deadline(const slot&)
+//   std::exception_ptr deadline_passed(slot&, stage_context&, std::exception_ptr cause)
+//                                          bound what is inside this stage (its waits, the call,
+//                                          a retry's backoff) by a deadline; when it passes the
+//                                          inside is cancelled and the call fails with the
+//                                          error deadline_passed returns
+#pragma once
+
+#include <weir/error.hpp>
+#include <weir/events.hpp>
+#include <weir/outcome.hpp>
+
+#include <boost/asio/awaitable.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <concepts>
+#include <cstdint>
+#include <exception>
+#include <optional>
+#include <string_view>
+#include <type_traits>
+
+namespace weir {
+
+// A request_queue admits waiters of a higher priority first; within one priority, in arrival
+// order.
+enum class priority { interactive = 0, normal = 1, batch = 2 };
+
+// What one call costs (or, after settle, cost) on each dimension.
+struct usage {
+  std::uint64_t requests = 1;
+  std::uint64_t tokens = 0;  // input + output
+  std::uint64_t input_tokens = 0;
+  std::uint64_t output_tokens = 0;
+
+  friend bool operator==(const usage&, const usage&) = default;
+};
+
+// What the policies read about one call.
+template <class Clock = std::chrono::steady_clock>
+struct basic_call_context {
+  std::uint64_t tokens = 0;  // estimated tokens: rate_limits take them, usage_monitor counts them
+  // Estimated input and output tokens, for limits on each (Anthropic's); `tokens` is the total
+  // and, when left 0, is taken as their sum.
+  std::uint64_t input_tokens = 0;
+  std::uint64_t output_tokens = 0;
+  // The real usage, if the call learns it (e.g. from the response): rate_limits settle the
+  // estimate against it and usage_monitor counts it instead.
+  std::optional<std::uint64_t> actual_tokens{};
+  std::optional<std::uint64_t> actual_input_tokens{};
+  std::optional<std::uint64_t> actual_output_tokens{};
+  weir::priority priority = weir::priority::normal;  // for request_queue
+  // A limiter wait that would end past it fails at once with rate_limited; a queue wait still
+  // going on when it passes fails with timeout. Both are local refusals: nothing was sent.
+  std::optional<typename Clock::time_point> deadline{};
+  std::string_view operation{};  // named in events; never a request body or a key
+
+  // What the call costs the limiters: the estimate.
+  usage estimated_usage() const {
+    return {.requests = 1,
+            .tokens = tokens ? tokens : input_tokens + output_tokens,
+            .input_tokens = input_tokens,
+            .output_tokens = output_tokens};
+  }
+  // What it really used, where the call said so; `estimate` elsewhere.
+  usage actual_usage(const usage& estimate) const {
+    usage u = estimate;
+    if (actual_input_tokens) u.input_tokens = *actual_input_tokens;
+    if (actual_output_tokens) u.output_tokens = *actual_output_tokens;
+    if (actual_tokens)
+      u.tokens = *actual_tokens;
+    else if (actual_input_tokens || actual_output_tokens)
+      u.tokens = u.input_tokens + u.output_tokens;
+    return u;
+  }
+};
+using call_context = basic_call_context<>;
+
+// What a stage's exit decided.
+struct stage_action {
+  std::optional<std::chrono::nanoseconds> retry_after{};  // run the inside again after this wait
+  std::exception_ptr replace{};                           // the call now fails with this
+};
+
+// Handed to the exits of stages that declare `values_succeed` instead of an outcome, when the
+// call returned a value and nothing in the pipeline can judge a value a failure.
+struct plain_success {
+  static constexpr bool has_value() noexcept { return true; }
+  static constexpr bool reached_provider() noexcept { return true; }
+  static constexpr bool refused_locally() noexcept { return false; }
+};
+template <class O>
+inline constexpr bool is_plain_success = std::is_same_v<O, plain_success>;
+
+// What a stage sees of one call, one attempt at a time.
+template <class Clock = std::chrono::steady_clock>
+struct stage_context {
+  using time_point = typename Clock::time_point;
+
+  const basic_call_context<Clock>& call;
+  const observer* watch = nullptr;  // null when nobody listens
+  unsigned attempt = 1;
+  time_point now{};                   // the attempt's start, for stages that declare reads_clock
+  verdict judged = verdict::success;  // for stages that declare reads_verdict, before exit
+
+  bool listening() const noexcept { return watch != nullptr; }
+  void emit(const event& e) const {
+    if (watch) (*watch)(e);
+  }
+  // How long a wait may last before it would pass the call's deadline (nullopt: no deadline).
+  std::optional<std::chrono::nanoseconds> max_wait(time_point at) const {
+    if (!call.deadline) return std::nullopt;
+    return std::max<std::chrono::nanoseconds>(std::chrono::nanoseconds(0), *call.deadline - at);
+  }
+};
+
+// What every stage provides (see the top of this header for the optional parts).
+template <class S, class Clock = std::chrono::steady_clock>
+concept stage = std::copy_constructible<S> && std::default_initializable<typename S::slot> &&
+    requires(S& s, typename S::slot& slot, stage_context<Clock>& context,
+             const outcome<int>& result) {
+  { s.try_enter(slot, context) } -> std::convertible_to<bool>;
+  { s.exit(slot, context, result) } -> std::same_as<stage_action>;
+};
+
+// A policy that has a stage: `pipeline(policy)` uses `policy.stage()`.
+template <class P>
+concept has_stage = requires(const P& p) {
+  p.stage();
+};
+
+namespace detail {
+// The error code a failure carries, if it is a system_error (weir's exceptions are).
+inline std::optional<error_code> weir_code(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const boost::system::system_error& x) {
+    return x.code();
+  } catch (...) {
+    return std::nullopt;
+  }
+}
+}  // namespace detail
+
+// A limiter's refusal on the way in, with words, as a local refusal.
+[[noreturn]] inline void throw_refusal(error_code ec, const char* who,
+                                       std::optional<std::chrono::nanoseconds> retry_after = {}) {
+  if (ec.category() != error_category()) throw boost::system::system_error(ec);
+  throw weir::exception::refusal(ec, who, ec == error::rate_limited ? retry_after : std::nullopt);
+}
+
+}  // namespace weir
