@@ -19,11 +19,13 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/use_awaitable.hpp>
 
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <new>
+#include <vector>
 
 // Every heap allocation in the process is counted, so a benchmark can report allocations per call.
 namespace {
@@ -81,9 +83,12 @@ BENCHMARK(request_queue_admit_release)->Name("request_queue/admit_release");
 
 // Runs the benchmark loop inside one coroutine, as a caller's agent code would, and reports heap
 // allocations per call in steady state (after a warm-up that fills Asio's frame caches).
+// Runs `call` in a coroutine on `io` (by default a fresh one), `state`'s iterations after a
+// warm-up.
 template <class Call>
-void in_coroutine(benchmark::State& state, Call call) {
-  boost::asio::io_context io;
+void in_coroutine(benchmark::State& state, Call call, boost::asio::io_context* on = nullptr) {
+  boost::asio::io_context own;
+  auto& io = on ? *on : own;
   boost::asio::co_spawn(
       io,
       [&]() -> boost::asio::awaitable<void> {
@@ -105,6 +110,36 @@ void floor_awaitable_call(benchmark::State& state) {
   in_coroutine(state, [] { return answer_at_once(); });
 }
 BENCHMARK(floor_awaitable_call)->Name("floor/awaitable_call");
+
+// Awaiting a permit that is free: the coroutine form takes it without suspending.
+void token_bucket_acquire_free(benchmark::State& state) {
+  in_coroutine(state, [] { return always_open.acquire(); });
+}
+BENCHMARK(token_bucket_acquire_free)->Name("token_bucket/acquire_free");
+
+// The same through async_acquire(use_awaitable): a round trip through the scheduler.
+void token_bucket_async_acquire_free(benchmark::State& state) {
+  boost::asio::io_context io;
+  weir::token_bucket<> bucket(io.get_executor(),
+                              {.rate = weir::per_second(1e9), .burst = 1'000'000});
+  in_coroutine(
+      state, [&] { return bucket.async_acquire(1, boost::asio::use_awaitable); }, &io);
+}
+BENCHMARK(token_bucket_async_acquire_free)->Name("token_bucket/async_acquire_free");
+
+void request_queue_admit_free(benchmark::State& state) {
+  weir::request_queue queue(bench_io.get_executor(), {.max_concurrent = 8, .max_queued = 8});
+  in_coroutine(state, [&] { return queue.admit(); });
+}
+BENCHMARK(request_queue_admit_free)->Name("request_queue/admit_free");
+
+void rate_limits_acquire_free(benchmark::State& state) {
+  weir::rate_limits<> limits(bench_io.get_executor(),
+                             {.requests = weir::limit{weir::per_second(1e9), 1'000'000},
+                              .tokens = weir::limit{weir::per_second(1e12), 1'000'000'000}});
+  in_coroutine(state, [&] { return limits.acquire({.requests = 1, .tokens = 100}); });
+}
+BENCHMARK(rate_limits_acquire_free)->Name("rate_limits/acquire_free");
 
 void retry_first_success(benchmark::State& state) {
   weir::retry<> retry;
@@ -157,6 +192,52 @@ void pipeline_full_success(benchmark::State& state) {
   in_coroutine(state, [&] { return guarded([] { return answer_at_once(); }); });
 }
 BENCHMARK(pipeline_full_success)->Name("pipeline/full_success");
+
+// Many coroutines waiting on one bucket: state.range(0) of them, all at once, on a bucket of
+// state.range(1) per second with a burst of one. Reports the share of that rate the bucket
+// delivered (admissions over the time from the first request to the last admission), whether
+// they were admitted in the order they asked, and the wall time from the first co_spawn (1e6
+// coroutine frames are made before the io_context runs) to the last admission.
+void token_bucket_waiters(benchmark::State& state) {
+  const auto waiters = static_cast<std::size_t>(state.range(0));
+  const double rate = static_cast<double>(state.range(1));
+  double share = 0, wall = 0;
+  bool in_order = true;
+  for (auto _ : state) {
+    boost::asio::io_context io;
+    weir::token_bucket<> bucket(io.get_executor(), {.rate = weir::per_second(rate), .burst = 1});
+    std::vector<std::uint32_t> order;
+    order.reserve(waiters);
+    steady::time_point first{}, last{};
+    auto wait = [](weir::token_bucket<>& b, std::vector<std::uint32_t>& out, steady::time_point& t0,
+                   steady::time_point& t1, std::uint32_t i) -> boost::asio::awaitable<void> {
+      if (i == 0) t0 = steady::now();
+      co_await b.async_acquire(1, boost::asio::use_awaitable);
+      t1 = steady::now();
+      out.push_back(i);
+    };
+    const auto start = steady::now();
+    for (std::size_t i = 0; i < waiters; ++i)
+      boost::asio::co_spawn(io, wait(bucket, order, first, last, static_cast<std::uint32_t>(i)),
+                            boost::asio::detached);
+    io.run();
+    share = static_cast<double>(waiters - 1) / rate /
+            std::chrono::duration<double>(last - first).count();
+    wall = std::chrono::duration<double>(last - start).count();
+    for (std::size_t i = 0; i < order.size(); ++i) in_order = in_order && order[i] == i;
+    in_order = in_order && order.size() == waiters;
+  }
+  state.counters["share_of_rate"] = share;
+  state.counters["in_order"] = in_order ? 1 : 0;
+  state.counters["wall_s"] = wall;
+}
+BENCHMARK(token_bucket_waiters)
+    ->Name("token_bucket/waiters")
+    ->ArgNames({"", "per_second"})
+    ->Args({100'000, 50'000})
+    ->Args({1'000'000, 200'000})
+    ->Iterations(1)
+    ->Unit(benchmark::kSecond);
 
 // Choosing among 20 models from 4 providers, each with request and token limits far from full:
 // every filter, every cooldown and breaker check, the strategy on each, and the winner's limiter.

@@ -139,6 +139,93 @@ TEST_CASE("1000 concurrent waiters complete in FIFO order, a large one not starv
   CHECK(std::is_sorted(order.begin(), order.end()));
 }
 
+TEST_CASE("the coroutine form takes free units without passing through the scheduler",
+          "[token_bucket][rate_limits][request_queue]") {
+  clock_type::reset();
+  asio::io_context io;
+  bucket_type bucket(io.get_executor(), {.rate = weir::per_second(1), .burst = 3});
+  weir::rate_limits<clock_type> limits(io.get_executor(),
+                                       {.requests = weir::limit{weir::per_second(1), 3}});
+  weir::request_queue queue(io.get_executor(), {.max_concurrent = 3, .max_queued = 3});
+  int done = 0;
+  auto free_three = [&]() -> asio::awaitable<void> {
+    for (int i = 0; i < 3; ++i) {
+      co_await bucket.acquire();
+      co_await limits.acquire({.requests = 1});
+      auto slot = co_await queue.admit();
+      slot.detach();
+    }
+    ++done;
+  };
+  asio::co_spawn(io, free_three(), asio::detached);
+  // One handler starts the coroutine; nine acquisitions later it has finished in that handler.
+  CHECK(io.poll_one() == 1);
+  CHECK(done == 1);
+
+  // Nothing left: the same calls wait as async_acquire does, and a max_wait too short throws.
+  std::chrono::nanoseconds waited{};
+  bool refused = false;
+  auto wait_one = [&]() -> asio::awaitable<void> {
+    waited = co_await bucket.acquire(1);
+    try {
+      co_await bucket.acquire(1, 10ms);
+    } catch (const boost::system::system_error& e) {
+      refused = e.code() == weir::error::rate_limited;
+    }
+  };
+  asio::co_spawn(io, wait_one(), asio::detached);
+  advance<clock_type>(io, 1s);
+  CHECK(waited == 1s);
+  CHECK(refused);
+}
+
+TEST_CASE("with an executor that names a default token, the limiters' operations need none",
+          "[token_bucket][rate_limits]") {
+  clock_type::reset();
+  asio::io_context io;
+  using awaiting = asio::use_awaitable_t<>::executor_with_default<asio::any_io_executor>;
+  weir::token_bucket<clock_type, awaiting> bucket(awaiting(io.get_executor()),
+                                                  {.rate = weir::per_second(10), .burst = 1});
+  weir::rate_limits<clock_type, awaiting> limits(
+      awaiting(io.get_executor()), {.requests = weir::limit{weir::per_second(10), 1}});
+  std::chrono::nanoseconds bucket_wait{-1}, limits_wait{-1};
+  auto body = [&]() -> asio::awaitable<void> {
+    co_await bucket.async_acquire(1);
+    bucket_wait = co_await bucket.async_acquire(1);
+    co_await limits.async_acquire({.requests = 1});
+    limits_wait = co_await limits.async_acquire({.requests = 1}, 1s);
+  };
+  asio::co_spawn(io, body(), asio::detached);
+  advance<clock_type>(io, 1s);
+  CHECK(bucket_wait == 100ms);
+  CHECK(limits_wait == 100ms);
+}
+
+TEST_CASE("waiters due together are woken by the bucket's one timer in their order",
+          "[token_bucket]") {
+  clock_type::reset();
+  asio::io_context io;
+  bucket_type bucket(io.get_executor(), {.rate = weir::per_second(1000), .burst = 1});
+  REQUIRE(bucket.try_acquire());
+  std::vector<int> order;
+  std::vector<asio::cancellation_signal> cancel(50);
+  for (int i = 0; i < 50; ++i)
+    bucket.async_acquire(
+        1, asio::bind_cancellation_slot(cancel[i].slot(), [&order, i](weir::error_code ec, auto) {
+          order.push_back(ec ? -1 : i);  // -1: cancelled
+        }));
+  // The head leaves: the timer is re-armed for the next one, 1 ms earlier for everyone.
+  cancel[0].emit(asio::cancellation_type::terminal);
+  run_ready(io);
+  REQUIRE(order == std::vector<int>{-1});
+  CHECK(bucket.time_until(1) == 50ms);
+  // One jump of the clock: every waiter is due at once, and they complete in reservation order.
+  clock_type::advance(1s);
+  run_ready(io);
+  REQUIRE(order.size() == 50);
+  for (int i = 1; i < 50; ++i) CHECK(order[i] == i);
+}
+
 TEST_CASE("a cancelled waiter's tokens go to the next one") {
   clock_type::reset();
   asio::io_context io;

@@ -215,24 +215,19 @@ struct driver {
     (std::make_index_sequence<End - Begin>{});
   }
 
-  // Enters the stages from `depth` on, in order, until one must wait (or throws a refusal);
-  // `depth` ends at the first stage not entered. Unrolled at compile time: the fast path.
-  template <std::size_t Begin, std::size_t End>
-  static void enter(shared* s, slots_type& slots, stage_context<Clock>& env, std::size_t& depth) {
-    [&]<std::size_t... I>(std::index_sequence<I...>) {
-      [[maybe_unused]] bool blocked = false;
-      (
-          [&] {
-            constexpr std::size_t at = Begin + I;
-            if (blocked || at < depth) return;
-            if (std::get<at>(s->stages).try_enter(std::get<at>(slots), env))
-              depth = at + 1;
-            else
-              blocked = true;
-          }(),
-          ...);
+  // Enters the stages [At, End) from `depth` on, in order, until one must wait (or throws a
+  // refusal); `depth` ends at the first stage not entered. Unrolled at compile time and inlined
+  // whole: the fast path.
+  template <std::size_t At, std::size_t End>
+  [[gnu::always_inline]] static void enter(shared* s, slots_type& slots, stage_context<Clock>& env,
+                                           std::size_t& depth) {
+    if constexpr (At < End) {
+      if (At >= depth) {
+        if (!std::get<At>(s->stages).try_enter(std::get<At>(slots), env)) return;
+        depth = At + 1;
+      }
+      enter<At + 1, End>(s, slots, env, depth);
     }
-    (std::make_index_sequence<End - Begin>{});
   }
 
   // The earliest deadline the entered stages [Begin, depth) put on what is inside them, and the
@@ -311,17 +306,15 @@ struct driver {
     return again;
   }
 
-  // Every stage entered, the call returned a value no classifier can fail: exits them with no
-  // outcome to build or judge.
+  // Every stage entered, the call returned a value no classifier can fail: exits them, innermost
+  // first, with no outcome to build or judge.
   template <std::size_t Begin, std::size_t End>
-  static void exit_plain_success(shared* s, slots_type& slots, stage_context<Clock>& env) {
-    env.judged = verdict::success;
-    [&]<std::size_t... I>(std::index_sequence<I...>) {
-      ((void)std::get<End - 1 - I>(s->stages).exit(std::get<End - 1 - I>(slots), env,
-                                                   plain_success{}),
-       ...);
+  [[gnu::always_inline]] static void exit_plain_success(shared* s, slots_type& slots,
+                                                        stage_context<Clock>& env) {
+    if constexpr (End > Begin) {
+      (void)std::get<End - 1>(s->stages).exit(std::get<End - 1>(slots), env, plain_success{});
+      exit_plain_success<Begin, End - 1>(s, slots, env);
     }
-    (std::make_index_sequence<End - Begin>{});
   }
 
   // Leaves the stages [Begin, depth) without an outcome, innermost first: for a call unwound
@@ -446,6 +439,7 @@ struct driver {
         } else if constexpr (plain_values) {
           auto value = co_await inside<T, End>(s, ctx, op, env.attempt);
           if (!watch) {  // the common case: straight back, no outcome built
+            env.judged = verdict::success;
             exit_plain_success<Begin, End>(s, slots, env);
             depth = Begin;
             co_return value;

@@ -12,6 +12,7 @@
 #include <weir/detail/gcra.hpp>
 #include <weir/detail/limiter_stage.hpp>
 #include <weir/detail/pending_acquire.hpp>
+#include <weir/detail/shutdown.hpp>
 #include <weir/error.hpp>
 #include <weir/rate.hpp>
 
@@ -25,6 +26,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <vector>
 
 namespace weir {
 
@@ -51,14 +53,15 @@ struct rate_limits_options {
 enum class dimension : std::size_t { requests, tokens, input_tokens, output_tokens };
 
 // Copies share the same limits. Every operation takes one short mutex: the dimensions must move
-// together, which one atomic cannot do.
-template <class Clock = std::chrono::steady_clock>
+// together, which one atomic cannot do. The executor type gives async_acquire its default
+// completion token, as token_bucket's does.
+template <class Clock = std::chrono::steady_clock, class Executor = boost::asio::any_io_executor>
 class rate_limits {
  public:
   static constexpr std::size_t dims = 4;
   using clock_type = Clock;
   using time_point = typename Clock::time_point;
-  using executor_type = boost::asio::any_io_executor;
+  using executor_type = Executor;
   using acquire_signature = void(error_code, std::chrono::nanoseconds);
   using cost_type = usage;
   static const usage& cost_of(const usage& u) noexcept { return u; }
@@ -66,6 +69,8 @@ class rate_limits {
   // Throws weir::exception(invalid_argument) for a limit with rate ≤ 0 or burst 0.
   rate_limits(executor_type ex, rate_limits_options options)
       : state_(std::make_shared<state>(std::move(ex))) {
+    state_->waiters.attach(state_);
+    detail::track_shutdown(state_->executor, state_);
     const std::optional<limit>* given[dims] = {&options.requests, &options.tokens,
                                                &options.input_tokens, &options.output_tokens};
     for (std::size_t d = 0; d < dims; ++d)
@@ -84,24 +89,41 @@ class rate_limits {
 
   // Waits until `cost` fits on every dimension and takes it, in FIFO order. A cost above a
   // dimension's burst waits until that dimension is empty and then takes it all at once (the
-  // limiter goes into debt). Fails at once with rate_limited (and the expected wait) when that
-  // wait exceeds max_wait. A cost so large it would overflow throws invalid_argument here, with
-  // the dimension and the number. Cancellation gives back every dimension.
-  template <class CompletionToken>
-  auto async_acquire(const usage& cost, std::chrono::nanoseconds max_wait,
-                     CompletionToken&& token) {
+  // limiter goes into debt). A cost so large it would overflow throws invalid_argument here,
+  // before starting, with the dimension and the number.
+  //
+  // Completion signature: void(error_code ec, std::chrono::nanoseconds waited)
+  //   ec empty          `cost` is taken on every dimension; `waited` is how long it took
+  //   rate_limited      the wait would exceed max_wait; nothing is taken, and `waited` is the
+  //                     wait that was refused
+  //   operation_aborted cancelled
+  // Per-operation cancellation: terminal, partial and total alike complete the wait at once
+  // with operation_aborted and give every dimension back to the waiters behind it.
+  template <boost::asio::completion_token_for<acquire_signature> CompletionToken =
+                boost::asio::default_completion_token_t<executor_type>>
+  auto async_acquire(
+      const usage& cost, std::chrono::nanoseconds max_wait,
+      CompletionToken&& token = boost::asio::default_completion_token_t<executor_type>()) {
     state_->validate(cost);
     return boost::asio::async_initiate<CompletionToken, acquire_signature>(
-        [](auto handler, std::shared_ptr<state> s, usage cost, std::chrono::nanoseconds max_wait) {
-          s->initiate_acquire(s, std::move(handler), cost, max_wait);
-        },
-        token, state_, cost, max_wait);
+        initiate_async_acquire{state_}, token, cost, max_wait);
   }
 
-  template <class CompletionToken>
-  auto async_acquire(const usage& cost, CompletionToken&& token) {
+  // The same with no limit on the wait.
+  template <boost::asio::completion_token_for<acquire_signature> CompletionToken =
+                boost::asio::default_completion_token_t<executor_type>>
+  auto async_acquire(
+      const usage& cost,
+      CompletionToken&& token = boost::asio::default_completion_token_t<executor_type>()) {
     return async_acquire(cost, std::chrono::nanoseconds::max(),
                          std::forward<CompletionToken>(token));
+  }
+
+  // The coroutine form, for `co_await limits.acquire(cost)`: no suspension when every dimension
+  // has room now; otherwise it waits as async_acquire does. Returns the wait.
+  boost::asio::awaitable<std::chrono::nanoseconds> acquire(
+      usage cost, std::chrono::nanoseconds max_wait = std::chrono::nanoseconds::max()) {
+    return detail::acquire_now_or_wait(this, cost, max_wait);
   }
 
   // After the response: charges what was used beyond the estimate and refunds what was not, so
@@ -137,12 +159,23 @@ class rate_limits {
   }
 
  private:
-  struct state {
+  struct state;
+
+  // The initiation object of async_acquire, named as Asio names its own.
+  struct initiate_async_acquire {
+    std::shared_ptr<state> s;
+    template <class Handler>
+    void operator()(Handler&& handler, const usage& cost, std::chrono::nanoseconds max_wait) const {
+      s->initiate_acquire(s, std::forward<Handler>(handler), cost, max_wait);
+    }
+  };
+
+  struct state final : detail::shutdown_hook {
     using executor_type = rate_limits::executor_type;
     using reservation_type = detail::reservation<dims>;
     using waiter_type = detail::waiter<reservation_type>;
 
-    explicit state(executor_type ex) : executor(std::move(ex)) {}
+    explicit state(executor_type ex) : executor(std::move(ex)), waiters(executor, mutex) {}
 
     static std::array<std::uint64_t, dims> units(const usage& u) {
       return {u.requests, u.tokens, u.input_tokens, u.output_tokens};
@@ -226,23 +259,32 @@ class rate_limits {
         return;
       }
       tat = r.end;
-      if (wait <= 0) {
+      // Free now, and nobody reserved before it still waits for its wake-up: completes at once.
+      // Behind such a waiter it joins the queue, already due, so that it cannot overtake it.
+      if (wait <= 0 && waiters.empty()) {
         lock.unlock();
         detail::post_completion(executor, std::move(handler), {}, {});
+        return;
+      }
+      if (waiters.shut_down()) {
+        lock.unlock();
+        detail::post_completion(executor, std::move(handler), error::shut_down, {});
         return;
       }
       auto op = std::make_shared<detail::pending_acquire<Clock, state, Handler>>(
           self, std::move(handler), now);
       op->reservation = r;
-      op->ready_at = now + wait;
-      waiters.push_back(*op);
+      op->ready_at = now + std::max<detail::nanos>(wait, 0);
       op->start();
     }
 
     void withdraw(waiter_type& w) {
-      const auto shift = detail::withdraw(waiters, w, tolerance);
+      const auto shift = detail::withdraw(waiters.list(), w, tolerance);
       for (std::size_t d = 0; d < dims; ++d) tat[d] -= shift[d];
+      waiters.arm();
     }
+
+    void shutdown() override { waiters.shutdown(); }
 
     void settle(const usage& estimated, const usage& actual, detail::nanos now) {
       const auto est = units(estimated);
@@ -279,6 +321,7 @@ class rate_limits {
         before_head[d] = head->reservation.end[d] - head->reservation.increment[d] - refund[d];
       const auto shift = detail::restack(head, before_head, tolerance);
       for (std::size_t d = 0; d < dims; ++d) tat[d] -= shift[d];
+      waiters.arm();
     }
 
     // Waiters already queued move behind the pause too: their timers must not fire into it.
@@ -293,13 +336,14 @@ class rate_limits {
         start[d] = std::max(start[d], target);
         const auto shift = detail::restack(head, start, tolerance);
         for (std::size_t i = 0; i < dims; ++i) tat[i] -= shift[i];
+        waiters.arm();
       }
       tat[d] = std::max(tat[d], target);
     }
 
     executor_type executor;
     mutable std::mutex mutex;
-    detail::waiter_list<waiter_type> waiters;
+    detail::waiter_queue<Clock, waiter_type> waiters;
     std::array<std::optional<limit>, dims> limits{};
     std::array<detail::nanos, dims> interval{};
     std::array<detail::nanos, dims> tolerance{};

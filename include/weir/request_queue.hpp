@@ -7,6 +7,7 @@
 //     co_await call();   // the slot returns when `permit` is destroyed, however the call ends
 #pragma once
 
+#include <weir/detail/shutdown.hpp>
 #include <weir/detail/waiter_list.hpp>
 #include <weir/error.hpp>
 #include <weir/stage.hpp>
@@ -20,12 +21,9 @@
 #include <boost/asio/basic_waitable_timer.hpp>
 #include <boost/asio/deferred.hpp>
 #include <boost/asio/dispatch.hpp>
-#include <boost/asio/execution/context.hpp>
-#include <boost/asio/execution_context.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/experimental/parallel_group.hpp>
 #include <boost/asio/post.hpp>
-#include <boost/asio/query.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
@@ -97,7 +95,7 @@ struct queue_waiter {
 // in_flight up, releasing takes it down. Waiters are linked under the mutex; whoever frees a slot
 // and whoever starts to wait each look at the other's counter afterwards (sequentially consistent),
 // so a slot is never left free while someone waits for it.
-struct request_queue_state {
+struct request_queue_state final : shutdown_hook {
   request_queue_state(boost::asio::any_io_executor ex, request_queue_options o)
       : executor(std::move(ex)), options(o) {
     if (o.max_concurrent == 0)
@@ -162,6 +160,19 @@ struct request_queue_state {
     return nullptr;
   }
 
+  // The context shuts down: Asio does not see these waiters, so their handlers (and the
+  // coroutines awaiting admission) are destroyed here, as Asio does with its own pending
+  // operations. Outside the lock: a destroyed coroutine may release a permit of this very queue.
+  void shutdown() override {
+    std::vector<queue_waiter*> waiting;
+    {
+      std::lock_guard lock(mutex);
+      shut_down = true;
+      while (auto* w = pop()) waiting.push_back(w);
+    }
+    for (auto* w : waiting) w->abandon();
+  }
+
   boost::asio::any_io_executor executor;
   request_queue_options options;
   std::atomic<std::size_t> in_flight{0};
@@ -169,48 +180,6 @@ struct request_queue_state {
   std::atomic<bool> shut_down{false};
   std::mutex mutex;
   std::array<waiter_list<queue_waiter>, 3> queues;
-};
-
-// A request_queue's waiters wait on the queue, not on Asio's reactor, so destroying an io_context
-// would not reach them: this service does for them what Asio does for its own pending
-// operations, destroying their handlers (and with them the coroutines awaiting admission) when
-// the context shuts down.
-class request_queue_service : public boost::asio::execution_context::service {
- public:
-  using key_type = request_queue_service;
-  static inline boost::asio::execution_context::id id;
-
-  explicit request_queue_service(boost::asio::execution_context& context) : service(context) {}
-
-  void track(const std::shared_ptr<request_queue_state>& queue) {
-    std::lock_guard lock(mutex_);
-    std::erase_if(queues_, [](const auto& q) { return q.expired(); });
-    queues_.push_back(queue);
-  }
-
- private:
-  void shutdown() override {
-    std::vector<std::shared_ptr<request_queue_state>> live;
-    {
-      std::lock_guard lock(mutex_);
-      for (const auto& q : queues_)
-        if (auto s = q.lock()) live.push_back(std::move(s));
-      queues_.clear();
-    }
-    for (const auto& s : live) {
-      std::vector<queue_waiter*> waiting;
-      {
-        std::lock_guard lock(s->mutex);
-        s->shut_down = true;
-        while (auto* w = s->pop()) waiting.push_back(w);
-      }
-      // Outside the lock: a destroyed coroutine may release a permit of this very queue.
-      for (auto* w : waiting) w->abandon();
-    }
-  }
-
-  std::mutex mutex_;
-  std::vector<std::weak_ptr<request_queue_state>> queues_;
 };
 
 template <class Handler>
@@ -300,8 +269,7 @@ class request_queue {
   // Throws weir::exception(invalid_argument) for max_concurrent == 0.
   request_queue(executor_type ex, request_queue_options options)
       : state_(std::make_shared<detail::request_queue_state>(std::move(ex), options)) {
-    auto& context = boost::asio::query(state_->executor, boost::asio::execution::context);
-    boost::asio::use_service<detail::request_queue_service>(context).track(state_);
+    detail::track_shutdown(state_->executor, state_);
   }
 
   // A permit if a slot is free now and nobody is waiting; an empty permit otherwise.
@@ -310,21 +278,36 @@ class request_queue {
     return permit(state_);
   }
 
-  // Completes with a permit when a slot is free. Fails at once with queue_full when max_queued
-  // requests already wait, with shut_down after shutdown(); cancellation completes with
-  // operation_aborted and leaves the queue as if the request had never come.
-  template <class CompletionToken>
-  auto async_admit(priority p, CompletionToken&& token) {
+  // Waits for a slot. A permit holds it until released or destroyed.
+  //
+  // Completion signature: void(error_code ec, permit p)
+  //   ec empty          `p` holds a slot
+  //   queue_full        max_queued requests already wait (at once)
+  //   shut_down         shutdown() was called
+  //   operation_aborted cancelled
+  // Per-operation cancellation: terminal, partial and total alike complete the wait with
+  // operation_aborted and leave the queue as if the request had never come.
+  template <boost::asio::completion_token_for<admit_signature> CompletionToken =
+                boost::asio::default_completion_token_t<executor_type>>
+  auto async_admit(priority p, CompletionToken&& token =
+                                   boost::asio::default_completion_token_t<executor_type>()) {
     return boost::asio::async_initiate<CompletionToken, admit_signature>(
-        [](auto handler, std::shared_ptr<detail::request_queue_state> s, priority p) {
-          initiate(std::move(s), std::move(handler), p);
-        },
-        token, state_, p);
+        initiate_async_admit{state_}, token, p);
   }
 
-  template <class CompletionToken>
-  auto async_admit(CompletionToken&& token) {
+  // At normal priority.
+  template <boost::asio::completion_token_for<admit_signature> CompletionToken =
+                boost::asio::default_completion_token_t<executor_type>>
+  auto async_admit(
+      CompletionToken&& token = boost::asio::default_completion_token_t<executor_type>()) {
     return async_admit(priority::normal, std::forward<CompletionToken>(token));
+  }
+
+  // The coroutine form, for `co_await queue.admit()`: a permit at once, without suspending, when
+  // a slot is free and nobody waits; otherwise it waits as async_admit does (and throws what
+  // async_admit would complete with).
+  boost::asio::awaitable<permit> admit(priority p = priority::normal) {
+    return admit_now_or_wait(this, p);
   }
 
   // Completes every waiter with shut_down and refuses later admissions. Permits already given
@@ -353,6 +336,23 @@ class request_queue {
   request_queue_stage stage() const;
 
  private:
+  // The initiation object of async_admit, named as Asio names its own.
+  struct initiate_async_admit {
+    std::shared_ptr<detail::request_queue_state> s;
+    template <class Handler>
+    void operator()(Handler&& handler, priority p) const {
+      initiate(s, std::forward<Handler>(handler), p);
+    }
+  };
+
+  // Only a wait holds a copy of the queue: the queue is alive until the caller's co_await has
+  // begun, which is all the fast path needs.
+  static boost::asio::awaitable<permit> admit_now_or_wait(request_queue* queue, priority p) {
+    if (auto now = queue->try_admit()) co_return now;
+    request_queue keep = *queue;
+    co_return co_await keep.async_admit(p, boost::asio::use_awaitable);
+  }
+
   template <class Handler>
   static void initiate(std::shared_ptr<detail::request_queue_state> s, Handler handler,
                        priority p) {

@@ -8,6 +8,7 @@
 #include <weir/detail/gcra.hpp>
 #include <weir/detail/limiter_stage.hpp>
 #include <weir/detail/pending_acquire.hpp>
+#include <weir/detail/shutdown.hpp>
 #include <weir/error.hpp>
 #include <weir/rate.hpp>
 
@@ -20,6 +21,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 namespace weir {
 
@@ -30,12 +32,16 @@ struct token_bucket_options {
 
 // Copies share one bucket. The acquire path is one clock read and a compare-exchange loop on a
 // single atomic; only waiting (async_acquire when the tokens are not there) takes a mutex.
-template <class Clock = std::chrono::steady_clock>
+//
+// Its operations follow Asio's: a completion token (whose default comes from the executor type,
+// so `token_bucket<Clock, asio::use_awaitable_t<>::executor_with_default<asio::any_io_executor>>`
+// lets `co_await bucket.async_acquire(1)` name none), and per-operation cancellation.
+template <class Clock = std::chrono::steady_clock, class Executor = boost::asio::any_io_executor>
 class token_bucket {
  public:
   using clock_type = Clock;
   using time_point = typename Clock::time_point;
-  using executor_type = boost::asio::any_io_executor;
+  using executor_type = Executor;
   // Completion: (error, waited). On rate_limited, `waited` is the wait that max_wait refused.
   using acquire_signature = void(error_code, std::chrono::nanoseconds);
   // In a pipeline, each call takes one unit.
@@ -44,7 +50,10 @@ class token_bucket {
 
   // Throws weir::exception(invalid_argument) for a rate ≤ 0 or a burst of 0.
   token_bucket(executor_type ex, token_bucket_options options)
-      : state_(std::make_shared<state>(std::move(ex), options)) {}
+      : state_(std::make_shared<state>(std::move(ex), options)) {
+    state_->waiters.attach(state_);
+    detail::track_shutdown(state_->executor, state_);
+  }
 
   // Takes `n` units if they are there now; never blocks. n > burst is taken only from a full
   // bucket, which it leaves in debt.
@@ -65,23 +74,41 @@ class token_bucket {
   }
 
   // Waits until `n` units are available and takes them. Waiters are served in arrival order.
-  // n > burst waits for a full bucket and leaves it in debt. Fails at once with
-  // error::rate_limited (and the expected wait) if that wait exceeds max_wait. Cancellation
-  // completes with operation_aborted and gives the reserved units back to the waiters behind.
-  template <class CompletionToken>
-  auto async_acquire(std::uint64_t n, std::chrono::nanoseconds max_wait, CompletionToken&& token) {
+  // n > burst waits for a full bucket and leaves it in debt. Throws weir::exception
+  // (invalid_argument), before starting, for a cost that would overflow the clock.
+  //
+  // Completion signature: void(error_code ec, std::chrono::nanoseconds waited)
+  //   ec empty          the units are taken; `waited` is how long it took
+  //   rate_limited      the wait would exceed max_wait; nothing is taken, and `waited` is the
+  //                     wait that was refused
+  //   operation_aborted cancelled
+  // Per-operation cancellation: terminal, partial and total alike complete the wait at once
+  // with operation_aborted and give its reserved units back to the waiters behind it.
+  template <boost::asio::completion_token_for<acquire_signature> CompletionToken =
+                boost::asio::default_completion_token_t<executor_type>>
+  auto async_acquire(
+      std::uint64_t n, std::chrono::nanoseconds max_wait,
+      CompletionToken&& token = boost::asio::default_completion_token_t<executor_type>()) {
     state_->current().increment(n);  // throws here, with words, for a cost that would overflow
     return boost::asio::async_initiate<CompletionToken, acquire_signature>(
-        [](auto handler, std::shared_ptr<state> s, std::uint64_t n,
-           std::chrono::nanoseconds max_wait) {
-          s->initiate_acquire(s, std::move(handler), n, max_wait);
-        },
-        token, state_, n, max_wait);
+        initiate_async_acquire{state_}, token, n, max_wait);
   }
 
-  template <class CompletionToken>
-  auto async_acquire(std::uint64_t n, CompletionToken&& token) {
+  // The same with no limit on the wait.
+  template <boost::asio::completion_token_for<acquire_signature> CompletionToken =
+                boost::asio::default_completion_token_t<executor_type>>
+  auto async_acquire(
+      std::uint64_t n,
+      CompletionToken&& token = boost::asio::default_completion_token_t<executor_type>()) {
     return async_acquire(n, std::chrono::nanoseconds::max(), std::forward<CompletionToken>(token));
+  }
+
+  // The coroutine form, for `co_await bucket.acquire(n)`: when the units are there it takes them
+  // and returns without suspending or passing through the scheduler; otherwise it waits exactly
+  // as async_acquire does (and throws what async_acquire would complete with). Returns the wait.
+  boost::asio::awaitable<std::chrono::nanoseconds> acquire(
+      std::uint64_t n = 1, std::chrono::nanoseconds max_wait = std::chrono::nanoseconds::max()) {
+    return detail::acquire_now_or_wait(this, n, max_wait);
   }
 
   // Re-sizes the bucket at run time (e.g. from the server's reported limits). Waiters already
@@ -115,12 +142,24 @@ class token_bucket {
   }
 
  private:
-  struct state {
+  struct state;
+
+  // The initiation object of async_acquire, named as Asio names its own.
+  struct initiate_async_acquire {
+    std::shared_ptr<state> s;
+    template <class Handler>
+    void operator()(Handler&& handler, std::uint64_t n, std::chrono::nanoseconds max_wait) const {
+      s->initiate_acquire(s, std::forward<Handler>(handler), n, max_wait);
+    }
+  };
+
+  struct state final : detail::shutdown_hook {
     using executor_type = token_bucket::executor_type;
     using reservation_type = detail::reservation<1>;
     using waiter_type = detail::waiter<reservation_type>;
 
-    state(executor_type ex, token_bucket_options o) : executor(std::move(ex)) {
+    state(executor_type ex, token_bucket_options o)
+        : executor(std::move(ex)), waiters(executor, mutex) {
       const auto i = detail::emission_interval(o.rate);
       detail::tolerance(i, o.burst);  // validates
       interval.store(i, std::memory_order_relaxed);
@@ -220,25 +259,34 @@ class token_bucket {
       } while (!tat_.compare_exchange_weak(tat, r.new_tat, std::memory_order_acq_rel,
                                            std::memory_order_relaxed));
 
-      if (r.wait <= 0) {
+      // Free now, and nobody reserved before it still waits for its wake-up: completes at once.
+      // Behind such a waiter it joins the queue, already due, so that it cannot overtake it.
+      if (r.wait <= 0 && waiters.empty()) {
         lock.unlock();
         detail::post_completion(executor, std::move(handler), {}, {});
+        return;
+      }
+      if (waiters.shut_down()) {
+        lock.unlock();
+        detail::post_completion(executor, std::move(handler), error::shut_down, {});
         return;
       }
       using op_type = detail::pending_acquire<Clock, state, Handler>;
       auto op = std::make_shared<op_type>(self, std::move(handler), now);
       op->reservation = {{inc}, {r.new_tat}, now};
-      op->ready_at = now + r.wait;
-      waiters.push_back(*op);
+      op->ready_at = now + std::max<detail::nanos>(r.wait, 0);
       op->start();
     }
 
     // Under mutex: `w` leaves the queue, its units return to the bucket, and every waiter that
     // reserved after it moves up.
     void withdraw(waiter_type& w) {
-      const auto shift = detail::withdraw(waiters, w, {current().tolerance()});
+      const auto shift = detail::withdraw(waiters.list(), w, {current().tolerance()});
       tat_.fetch_sub(shift[0], std::memory_order_acq_rel);
+      waiters.arm();
     }
+
+    void shutdown() override { waiters.shutdown(); }
 
     void set_rate(weir::rate r) {
       const auto i = detail::emission_interval(r);
@@ -261,6 +309,7 @@ class token_bucket {
         const std::array<detail::nanos, 1> start{std::max(r.end[0] - r.increment[0], target)};
         const auto shift = detail::restack(head, start, {sh.tolerance()});
         tat_.fetch_sub(shift[0], std::memory_order_acq_rel);
+        waiters.arm();
       }
       auto tat = tat_.load(std::memory_order_relaxed);
       while (tat < target && !tat_.compare_exchange_weak(tat, target, std::memory_order_acq_rel)) {
@@ -272,7 +321,7 @@ class token_bucket {
     std::atomic<detail::nanos> interval{1};
     std::atomic<std::uint64_t> burst{1};
     std::mutex mutex;
-    detail::waiter_list<waiter_type> waiters;
+    detail::waiter_queue<Clock, waiter_type> waiters;
 
    private:
     std::atomic<detail::nanos> tat_{0};

@@ -19,6 +19,17 @@
 
 namespace weir::detail {
 
+// The coroutine form of a local limiter's acquire: takes the cost at once if it is there, else
+// awaits async_acquire. Only a wait holds a copy of the limiter (one reference on its state): the
+// limiter is alive until the caller's co_await has begun, which is all the fast path needs.
+template <class Limiter, class Cost>
+boost::asio::awaitable<std::chrono::nanoseconds> acquire_now_or_wait(
+    Limiter* limiter, Cost cost, std::chrono::nanoseconds max_wait) {
+  if (limiter->try_acquire(cost)) co_return std::chrono::nanoseconds(0);
+  Limiter keep = *limiter;
+  co_return co_await keep.async_acquire(cost, max_wait, boost::asio::use_awaitable);
+}
+
 template <class Limiter>
 class limiter_stage {
  public:

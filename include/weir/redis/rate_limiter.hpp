@@ -140,45 +140,53 @@ class rate_limiter {
       : state_(std::make_shared<state>(std::move(ex), std::move(redis), std::move(options))) {}
 
   // Waits until `cost` is admitted, as rate_limits::async_acquire does, so the two swap by
-  // changing a type. Completion: (error_code, waited).
-  //   rate_limited       the wait would exceed max_wait (`waited` is that wait)
-  //   unavailable        Redis cannot be reached and the policy is fail_closed
-  //   invalid_argument   a cost above a limit's burst
-  //   operation_aborted  cancelled (terminal, partial or total): a wait between attempts ends at
-  //                      once, charging nothing; an attempt already sent to Redis finishes first
-  template <class CompletionToken>
-  auto async_acquire(usage cost, std::chrono::nanoseconds max_wait, CompletionToken&& token) {
+  // changing a type.
+  //
+  // Completion signature: void(error_code ec, std::chrono::nanoseconds waited)
+  //   ec empty          admitted
+  //   rate_limited      the wait would exceed max_wait (`waited` is that wait); nothing charged
+  //   unavailable       Redis cannot be reached and the policy is fail_closed
+  //   invalid_argument  a cost above a limit's burst
+  //   operation_aborted cancelled
+  // Per-operation cancellation: terminal, partial and total alike end a wait between attempts
+  // at once, charging nothing; an attempt already sent to Redis finishes first.
+  template <boost::asio::completion_token_for<acquire_signature> CompletionToken =
+                boost::asio::default_completion_token_t<executor_type>>
+  auto async_acquire(
+      usage cost, std::chrono::nanoseconds max_wait,
+      CompletionToken&& token = boost::asio::default_completion_token_t<executor_type>()) {
     return boost::asio::async_initiate<CompletionToken, acquire_signature>(
-        [](auto handler, std::shared_ptr<state> s, usage cost, std::chrono::nanoseconds max_wait) {
-          spawn(s, acquire(s, cost, max_wait), std::move(handler));
-        },
-        token, state_, cost, max_wait);
+        initiate_async_acquire{state_}, token, cost, max_wait);
   }
-  template <class CompletionToken>
-  auto async_acquire(usage cost, CompletionToken&& token) {
+  template <boost::asio::completion_token_for<acquire_signature> CompletionToken =
+                boost::asio::default_completion_token_t<executor_type>>
+  auto async_acquire(usage cost, CompletionToken&& token =
+                                     boost::asio::default_completion_token_t<executor_type>()) {
     return async_acquire(cost, std::chrono::nanoseconds::max(),
                          std::forward<CompletionToken>(token));
   }
 
-  // One attempt, no waiting. Completion: (error_code, admitted now).
-  template <class CompletionToken>
-  auto async_try_acquire(usage cost, CompletionToken&& token) {
+  // One attempt, no waiting.
+  // Completion signature: void(error_code ec, bool admitted); errors as async_acquire's.
+  // Per-operation cancellation: as async_acquire's (the attempt in flight finishes first).
+  template <boost::asio::completion_token_for<void(error_code, bool)> CompletionToken =
+                boost::asio::default_completion_token_t<executor_type>>
+  auto async_try_acquire(usage cost, CompletionToken&& token =
+                                         boost::asio::default_completion_token_t<executor_type>()) {
     return boost::asio::async_initiate<CompletionToken, void(error_code, bool)>(
-        [](auto handler, std::shared_ptr<state> s, usage cost) {
-          spawn(s, try_once(s, cost), std::move(handler));
-        },
-        token, state_, cost);
+        initiate_async_try_acquire{state_}, token, cost);
   }
 
   // Charges what a call used beyond its estimate, or gives back what it did not use.
-  // Completion: (error_code).
-  template <class CompletionToken>
-  auto async_settle(usage estimated, usage actual, CompletionToken&& token) {
+  // Completion signature: void(error_code ec); unavailable when Redis cannot be reached.
+  // Per-operation cancellation: as async_acquire's.
+  template <boost::asio::completion_token_for<void(error_code)> CompletionToken =
+                boost::asio::default_completion_token_t<executor_type>>
+  auto async_settle(
+      usage estimated, usage actual,
+      CompletionToken&& token = boost::asio::default_completion_token_t<executor_type>()) {
     return boost::asio::async_initiate<CompletionToken, void(error_code)>(
-        [](auto handler, std::shared_ptr<state> s, usage estimated, usage actual) {
-          spawn(s, settle_once(s, estimated, actual), std::move(handler));
-        },
-        token, state_, estimated, actual);
+        initiate_async_settle{state_}, token, estimated, actual);
   }
 
   // The shared limiter as a pipeline stage: the same stage as rate_limits', which waits here
@@ -415,6 +423,30 @@ class rate_limiter {
     time_point lease_expiry{};
     double recent_rate = 0;
     time_point last_use = Clock::now();
+  };
+
+  // The initiation objects, named as Asio names its own: each runs its work as a coroutine on
+  // the limiter's executor.
+  struct initiate_async_acquire {
+    std::shared_ptr<state> s;
+    template <class Handler>
+    void operator()(Handler&& handler, usage cost, std::chrono::nanoseconds max_wait) const {
+      spawn(s, acquire(s, cost, max_wait), std::forward<Handler>(handler));
+    }
+  };
+  struct initiate_async_try_acquire {
+    std::shared_ptr<state> s;
+    template <class Handler>
+    void operator()(Handler&& handler, usage cost) const {
+      spawn(s, try_once(s, cost), std::forward<Handler>(handler));
+    }
+  };
+  struct initiate_async_settle {
+    std::shared_ptr<state> s;
+    template <class Handler>
+    void operator()(Handler&& handler, usage estimated, usage actual) const {
+      spawn(s, settle_once(s, estimated, actual), std::forward<Handler>(handler));
+    }
   };
 
   // What acquire comes to when it ends without an exception.

@@ -1,11 +1,12 @@
-// A real Beast async_write/async_read exchange wrapped in weir: the limits pace it, the breaker
-// guards it, the retry obeys the server's Retry-After, and every response's headers steer the
-// limits. The server is a small local one (127.0.0.1, an ephemeral port) that allows 10 requests/s
-// with a burst of 10 and says so in OpenAI-style headers (a bucket of 10, continuously refilled);
-// the client starts out believing 30/s, infers 10/s from the headers (limit, remaining and the
-// time until full), and waits for the next unit when the server says nothing is left.
+// A real Beast async_write/async_read exchange through one weir::pipeline: the limits pace it,
+// the breaker guards it, the retry obeys the server's Retry-After, and the adaptation stage reads
+// every response's headers to steer the limits. The server is a small local one (127.0.0.1, an
+// ephemeral port) that allows 10 requests/s with a burst of 10 and says so in OpenAI-style headers
+// (a bucket of 10, continuously refilled); the client starts out believing 30/s, infers 10/s from
+// the headers (limit, remaining and the time until full), and waits for the next unit when the
+// server says nothing is left.
 //
-//     beast-exchange [--requests N]
+//     example_05_beast_pipeline [--requests N]
 #include <weir/http/adaptation.hpp>
 #include <weir/http/beast.hpp>
 #include <weir/weir.hpp>
@@ -107,17 +108,13 @@ asio::awaitable<void> client(tcp::endpoint server, int requests, tcp::acceptor& 
   req.body() = R"({"model":"demo","messages":[{"role":"user","content":"hello"}]})";
   req.prepare_payload();
 
+  // Outermost first: every attempt passes the breaker, waits for the limits, and its answer
+  // (a 429 or a 200 alike) teaches the adaptation what the server allows.
+  auto guarded = weir::pipeline(retry, breaker, limits, adapt.stage(classify));
+
   const auto start = std::chrono::steady_clock::now();
   for (int i = 0; i < requests; ++i) {
-    // Retry outermost: every attempt passes the breaker and waits for the limits again.
-    auto res = co_await retry([&] {
-      return breaker([&]() -> asio::awaitable<response> {
-        co_await limits.async_acquire({.requests = 1}, asio::use_awaitable);
-        auto r = co_await round_trip(stream, req);
-        adapt.observe(classify.judge(r));
-        co_return r;
-      });
-    });
+    auto res = co_await guarded([&] { return round_trip(stream, req); });
     succeeded += res.result() == http::status::ok;
     fmt::print("request {:>2}: {} after {:.2f} s, pacing at {:.1f}/s\n", i + 1, res.result_int(),
                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
@@ -136,11 +133,11 @@ int main(int argc, char** argv) {
     std::string_view n = argv[2];
     auto [end, ec] = std::from_chars(n.data(), n.data() + n.size(), requests);
     if (ec != std::errc() || end != n.data() + n.size() || requests <= 0) {
-      fmt::print(stderr, "beast-exchange: --requests needs a positive whole number\n");
+      fmt::print(stderr, "05_beast_pipeline: --requests needs a positive whole number\n");
       return 2;
     }
   } else if (argc != 1) {
-    fmt::print(stderr, "usage: beast-exchange [--requests N]\n");
+    fmt::print(stderr, "usage: example_05_beast_pipeline [--requests N]\n");
     return 2;
   }
 
@@ -158,7 +155,7 @@ int main(int argc, char** argv) {
                    try {
                      std::rethrow_exception(e);
                    } catch (const std::exception& x) {
-                     fmt::print(stderr, "beast-exchange: {}\n", x.what());
+                     fmt::print(stderr, "05_beast_pipeline: {}\n", x.what());
                    }
                  });
   io.run();
@@ -166,12 +163,12 @@ int main(int argc, char** argv) {
   // The example is also a test: every request must end in a 200, and the pacing must have
   // learned the server's limit rather than be refused as often as it asked.
   if (succeeded != requests) {
-    fmt::print(stderr, "beast-exchange: {} of {} requests failed\n", requests - succeeded,
+    fmt::print(stderr, "05_beast_pipeline: {} of {} requests failed\n", requests - succeeded,
                requests);
     failed = true;
   }
   if (refused >= requests) {
-    fmt::print(stderr, "beast-exchange: refused {} times for {} requests\n", refused, requests);
+    fmt::print(stderr, "05_beast_pipeline: refused {} times for {} requests\n", refused, requests);
     failed = true;
   }
   return failed ? 1 : 0;
