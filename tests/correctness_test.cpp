@@ -3,8 +3,6 @@
 #include <weir/circuit_breaker.hpp>
 #include <weir/pipeline.hpp>
 #include <weir/rate_limits.hpp>
-#include <weir/token_bucket.hpp>
-#include <weir/usage_monitor.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/retry.hpp>
 #include <weir/router/router.hpp>
@@ -12,6 +10,8 @@
 #include <weir/testing/fake_provider.hpp>
 #include <weir/testing/manual_clock.hpp>
 #include <weir/timeout.hpp>
+#include <weir/token_bucket.hpp>
+#include <weir/usage_monitor.hpp>
 
 #include "support.hpp"
 
@@ -881,4 +881,18 @@ TEST_CASE("configuration errors name the field and the value", "[issue15]") {
   o.latency_smoothing = 2;
   CHECK_THROWS_WITH(router_type(io.get_executor(), one_provider({}), o),
                     Catch::Contains("latency_smoothing") && Catch::Contains("2"));
+  // Every policy says "who: field is value; it must ...".
+  CHECK_THROWS_WITH(retry_type({.max_attempts = 0}),
+                    Catch::Contains("retry: max_attempts is 0; it must be at least 1"));
+  CHECK_THROWS_WITH(weir::request_queue(io.get_executor(), {.max_concurrent = 0}),
+                    Catch::Contains("request_queue: max_concurrent is 0"));
+  CHECK_THROWS_WITH(weir::usage_monitor<>({.slow_down_above = 1.5}),
+                    Catch::Contains("usage_monitor: slow_down_above is 1.5"));
+  CHECK_THROWS_WITH(weir::backoff::constant(-std::chrono::seconds(1)),
+                    Catch::Contains("backoff: initial is -1s"));
+  CHECK_THROWS_WITH(breaker_type({.probe_timeout = std::chrono::seconds(0)}),
+                    Catch::Contains("circuit_breaker: probe_timeout is 0s; it must be positive"));
+  CHECK_THROWS_WITH(
+      weir::token_bucket<>(io.get_executor(), {.rate = weir::per_second(1), .burst = 0}),
+      Catch::Contains("burst is 0"));
 }

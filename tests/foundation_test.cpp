@@ -58,8 +58,8 @@ TEST_CASE("an outcome knows a cancellation, as an error code or as an exception"
   using o = weir::outcome<int>;
   const auto aborted = boost::asio::error::operation_aborted;
   CHECK(o::from_error(aborted).cancelled());
-  CHECK(o::from_exception(std::make_exception_ptr(boost::system::system_error(aborted)))
-            .cancelled());
+  CHECK(
+      o::from_exception(std::make_exception_ptr(boost::system::system_error(aborted))).cancelled());
   CHECK_FALSE(o::from_value(1).cancelled());
   CHECK_FALSE(o::from_error(weir::error::timeout).cancelled());
   CHECK_FALSE(o::from_exception(std::make_exception_ptr(std::runtime_error("x"))).cancelled());

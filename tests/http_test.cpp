@@ -4,6 +4,7 @@
 #include <weir/http/beast.hpp>
 #include <weir/http/hints.hpp>
 #include <weir/http/parse.hpp>
+#include <weir/http/usage.hpp>
 #include <weir/pipeline.hpp>
 #include <weir/testing/manual_clock.hpp>
 #include <weir/token_bucket.hpp>
@@ -549,4 +550,23 @@ TEST_CASE("dates and epoch resets far outside any real reset cannot overflow") {
   CHECK(parse_rfc3339("9999-12-31T23:59:59Z") == std::nullopt);
   CHECK(parse_rfc3339("0001-01-01T00:00:00Z") == std::nullopt);
   CHECK(hints({{"X-RateLimit-Reset", "9007199254740992"}}).requests.reset_after == max_hint);
+}
+
+TEST_CASE("the usage a response body reports, in OpenAI's and Anthropic's forms", "[usage]") {
+  using weir::http::reported_usage;
+  const auto openai = reported_usage(
+      R"({"id":"x","choices":[{"message":{"content":"\"prompt_tokens\": 999"}}],)"
+      R"("usage": {"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46,)"
+      R"( "prompt_tokens_details": {"cached_tokens": 0}}})");
+  REQUIRE(openai);
+  CHECK(openai->input_tokens == 12);
+  CHECK(openai->output_tokens == 34);
+  const auto anthropic = reported_usage(
+      R"({"content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":7,"output_tokens":3}})");
+  REQUIRE(anthropic);
+  CHECK(anthropic->input_tokens == 7);
+  CHECK(anthropic->output_tokens == 3);
+  CHECK_FALSE(reported_usage(R"({"error":{"message":"rate limited"}})"));
+  CHECK_FALSE(reported_usage(R"({"usage": {"prompt_tokens": "many"}})"));
+  CHECK_FALSE(reported_usage(""));
 }

@@ -1,7 +1,7 @@
 // Specifications for composition: order semantics, context, completion tokens, events.
-#include <weir/weir.hpp>
 #include <weir/testing/manual_clock.hpp>
 #include <weir/timeout.hpp>
+#include <weir/weir.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio.hpp>

@@ -6,6 +6,7 @@
 #include "http_client.hpp"
 
 #include <weir/http/beast.hpp>
+#include <weir/http/usage.hpp>
 #include <weir/pipeline.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
@@ -138,13 +139,7 @@ inline std::vector<std::pair<std::string, std::string>> auth_headers(const provi
 // The usage a response reports, in either dialect.
 inline std::optional<weir::token_usage> usage_of(const response& res) {
   if (res.result_int() != 200) return std::nullopt;
-  const auto& body = res.body();
-  using weir::testing::detail::mock::json_number;
-  if (auto in = json_number(body, "prompt_tokens"))
-    return weir::token_usage{*in, json_number(body, "completion_tokens").value_or(0)};
-  if (auto in = json_number(body, "input_tokens"))
-    return weir::token_usage{*in, json_number(body, "output_tokens").value_or(0)};
-  return std::nullopt;
+  return weir::http::reported_usage(res.body());
 }
 
 // The mock providers of a fleet, serving on their own thread.

@@ -111,8 +111,10 @@ class alerts {
   template <class Count>
   void ratio_rule(std::string name, usage_monitor<Clock> monitor, double threshold,
                   std::uint64_t min_requests, double clear_ratio, Count count) {
-    if (!(threshold > 0 && threshold <= 1) || !(clear_ratio > 0 && clear_ratio <= 1))
-      throw weir::exception(error::invalid_argument, "alert thresholds must be in (0, 1]");
+    if (!(threshold > 0 && threshold <= 1))
+      detail::invalid_option("alerts", "threshold", threshold, "be in (0, 1]");
+    if (!(clear_ratio > 0 && clear_ratio <= 1))
+      detail::invalid_option("alerts", "clear_ratio", clear_ratio, "be in (0, 1]");
     std::lock_guard lock(mutex_);
     rules_.push_back(
         rule{std::move(name), false,

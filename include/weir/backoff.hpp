@@ -83,11 +83,13 @@ class backoff {
 
   backoff(shape s, duration initial, double factor, duration cap)
       : shape_(s), initial_(initial), factor_(factor), cap_(cap) {
-    if (initial.count() < 0 || cap.count() < 0 || factor < 0)
-      throw weir::exception(error::invalid_argument, "backoff durations must not be negative");
+    if (initial.count() < 0)
+      detail::invalid_option("backoff", "initial", initial, "not be negative");
+    if (cap.count() < 0) detail::invalid_option("backoff", "cap", cap, "not be negative");
+    if (!(factor >= 0)) detail::invalid_option("backoff", "factor", factor, "not be negative");
     if (cap < initial)
-      throw weir::exception(error::invalid_argument,
-                            "backoff cap must be at least the initial delay");
+      detail::invalid_option("backoff", "cap", cap,
+                             fmt::format("be at least the initial delay, {}", initial));
   }
 
   double cap() const { return static_cast<double>(cap_.count()); }

@@ -160,31 +160,33 @@ class circuit_breaker {
   struct shared {
     shared(circuit_breaker_options o, Classifier c)
         : options(std::move(o)), classify(std::move(c)) {
-      const auto invalid = [](std::string what) {
-        return weir::exception(error::invalid_argument, "circuit_breaker: " + what);
+      const auto invalid = [](std::string_view field, const auto& value, std::string_view rule) {
+        detail::invalid_option("circuit_breaker", field, value, rule);
       };
-      if (options.consecutive_failures == 0)
-        throw invalid("consecutive_failures must be at least 1");
-      if (options.half_open_permits == 0) throw invalid("half_open_permits must be at least 1");
-      if (options.successes_to_close == 0 || options.successes_to_close > options.half_open_permits)
-        throw invalid(
-            fmt::format("successes_to_close must be in [1, half_open_permits = {}], not {}",
-                        options.half_open_permits, options.successes_to_close));
-      if (options.break_duration.count() < 0) throw invalid("break_duration must not be negative");
-      if (options.max_break_duration < options.break_duration)
-        throw invalid("max_break_duration must be at least break_duration");
-      if (!(options.break_growth >= 1.0) || !std::isfinite(options.break_growth))
-        throw invalid(
-            fmt::format("break_growth must be finite and ≥ 1, not {}", options.break_growth));
-      if (options.probe_timeout.count() <= 0) throw invalid("probe_timeout must be positive");
-      if (options.max_wait_in_half_open && options.max_wait_in_half_open->count() <= 0)
-        throw invalid("max_wait_in_half_open must be positive");
+      const auto& set = options;
+      if (set.consecutive_failures == 0)
+        invalid("consecutive_failures", set.consecutive_failures, "be at least 1");
+      if (set.half_open_permits == 0)
+        invalid("half_open_permits", set.half_open_permits, "be at least 1");
+      if (set.successes_to_close == 0 || set.successes_to_close > set.half_open_permits)
+        invalid("successes_to_close", set.successes_to_close,
+                fmt::format("be in [1, half_open_permits = {}]", set.half_open_permits));
+      if (set.break_duration.count() < 0)
+        invalid("break_duration", set.break_duration, "not be negative");
+      if (set.max_break_duration < set.break_duration)
+        invalid("max_break_duration", set.max_break_duration,
+                fmt::format("be at least break_duration = {}", set.break_duration));
+      if (!(set.break_growth >= 1.0) || !std::isfinite(set.break_growth))
+        invalid("break_growth", set.break_growth, "be finite and at least 1");
+      if (set.probe_timeout.count() <= 0)
+        invalid("probe_timeout", set.probe_timeout, "be positive");
+      if (set.max_wait_in_half_open && set.max_wait_in_half_open->count() <= 0)
+        invalid("max_wait_in_half_open", *set.max_wait_in_half_open, "be positive");
       if (auto& w = options.failure_rate) {
         if (!(w->threshold > 0 && w->threshold <= 1))
-          throw invalid(
-              fmt::format("failure_rate.threshold must be in (0, 1], not {}", w->threshold));
+          invalid("failure_rate.threshold", w->threshold, "be in (0, 1]");
         if (w->minimum_throughput == 0)
-          throw invalid("failure_rate.minimum_throughput must be at least 1");
+          invalid("failure_rate.minimum_throughput", w->minimum_throughput, "be at least 1");
         if (w->calls > 0)
           recent.assign(w->calls, 0);
         else

@@ -2,6 +2,7 @@
 // top.
 #pragma once
 
+#include <fmt/chrono.h>
 #include <fmt/format.h>
 #include <boost/system/error_code.hpp>
 #include <boost/system/system_error.hpp>
@@ -10,6 +11,7 @@
 #include <exception>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
 
 namespace weir {
@@ -138,6 +140,26 @@ class exception : public boost::system::system_error {
   unsigned attempts_;
   bool local_ = false;
 };
+
+namespace detail {
+// A misconfiguration, named by its field and value as the catalog's messages are:
+// "retry: max_attempts is 0; it must be at least 1".
+template <class Value>
+[[noreturn]] void invalid_option(std::string_view who, std::string_view field, const Value& value,
+                                 std::string_view rule) {
+  if constexpr (requires {
+                  typename Value::rep;
+                  typename Value::period;
+                } &&
+                !std::is_same_v<Value, std::chrono::duration<double>>) {
+    // In seconds, as a person writes them: "-1s", "0.25s".
+    invalid_option(who, field, std::chrono::duration<double>(value), rule);
+  } else {
+    throw weir::exception(error::invalid_argument,
+                          fmt::format("{}: {} is {}; it must {}", who, field, value, rule));
+  }
+}
+}  // namespace detail
 
 }  // namespace weir
 

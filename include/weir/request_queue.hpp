@@ -99,7 +99,7 @@ struct request_queue_state final : shutdown_hook {
   request_queue_state(boost::asio::any_io_executor ex, request_queue_options o)
       : executor(std::move(ex)), options(o) {
     if (o.max_concurrent == 0)
-      throw weir::exception(error::invalid_argument, "request_queue needs max_concurrent ≥ 1");
+      invalid_option("request_queue", "max_concurrent", o.max_concurrent, "be at least 1");
   }
 
   // Takes a slot if one is free and nobody waits for it.

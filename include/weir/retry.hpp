@@ -118,12 +118,12 @@ class retry {
   struct state {
     state(retry_options o, Classifier c) : options(std::move(o)), classify(std::move(c)) {
       if (options.max_attempts == 0)
-        throw weir::exception(error::invalid_argument, "retry: max_attempts must be at least 1");
+        detail::invalid_option("retry", "max_attempts", options.max_attempts, "be at least 1");
       if (options.max_elapsed.count() <= 0)
-        throw weir::exception(error::invalid_argument, "retry: max_elapsed must be positive");
+        detail::invalid_option("retry", "max_elapsed", options.max_elapsed, "be positive");
       if (options.max_retry_after.count() < 0)
-        throw weir::exception(error::invalid_argument,
-                              "retry: max_retry_after must not be negative");
+        detail::invalid_option("retry", "max_retry_after", options.max_retry_after,
+                               "not be negative");
       random.seed(options.seed ? options.seed : std::random_device{}());
     }
 

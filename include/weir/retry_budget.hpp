@@ -82,8 +82,7 @@ class retry_budget {
             error::invalid_argument,
             fmt::format("retry_budget: capacity ({}) must be at least reserve ({})", o.capacity,
                         o.reserve));
-      if (o.ttl.count() <= 0)
-        throw weir::exception(error::invalid_argument, "retry_budget: ttl must be positive");
+      if (o.ttl.count() <= 0) detail::invalid_option("retry_budget", "ttl", o.ttl, "be positive");
       return o;
     }
 

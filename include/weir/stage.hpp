@@ -66,6 +66,12 @@ struct usage {
   friend bool operator==(const usage&, const usage&) = default;
 };
 
+// Tokens a response says it used.
+struct token_usage {
+  std::uint64_t input_tokens = 0;
+  std::uint64_t output_tokens = 0;
+};
+
 // What the policies read about one call.
 template <class Clock = std::chrono::steady_clock>
 struct basic_call_context {

@@ -150,14 +150,21 @@ class usage_monitor {
 
     explicit state(const usage_monitor_options& o)
         : options(o), bucket_ns(o.buckets ? o.window.count() / o.buckets : 0) {
-      if (o.window.count() <= 0 || o.buckets == 0 || bucket_ns <= 0)
-        throw weir::exception(error::invalid_argument,
-                              "usage_monitor needs a positive window and bucket count");
-      if ((o.requests_limit && !(o.requests_limit->per_second > 0)) ||
-          (o.tokens_limit && !(o.tokens_limit->per_second > 0)))
-        throw weir::exception(error::invalid_argument, "usage_monitor limits must be positive");
+      constexpr const char* who = "usage_monitor";
+      if (o.window.count() <= 0) detail::invalid_option(who, "window", o.window, "be positive");
+      if (o.buckets == 0) detail::invalid_option(who, "buckets", o.buckets, "be at least 1");
+      if (bucket_ns <= 0)
+        detail::invalid_option(
+            who, "buckets", o.buckets,
+            fmt::format("be at most the window in nanoseconds ({})", o.window.count()));
+      if (o.requests_limit && !(o.requests_limit->per_second > 0))
+        detail::invalid_option(who, "requests_limit", o.requests_limit->per_second,
+                               "be positive (per second)");
+      if (o.tokens_limit && !(o.tokens_limit->per_second > 0))
+        detail::invalid_option(who, "tokens_limit", o.tokens_limit->per_second,
+                               "be positive (per second)");
       if (!(o.slow_down_above >= 0 && o.slow_down_above < 1))
-        throw weir::exception(error::invalid_argument, "slow_down_above must be in [0, 1)");
+        detail::invalid_option(who, "slow_down_above", o.slow_down_above, "be in [0, 1)");
       // A power-of-two ring, so a slot is a mask, not a division; only the last `buckets` count.
       mask = std::bit_ceil(std::uint64_t{o.buckets}) - 1;
       ring = std::make_unique<bucket[]>(mask + 1);

@@ -46,9 +46,10 @@ inline nanos emission_interval(rate r) {
 
 // interval × burst, refusing a burst of zero or one so large the product cannot be represented.
 inline nanos tolerance(nanos interval, std::uint64_t burst) {
-  if (burst == 0) throw weir::exception(error::invalid_argument, "burst must be at least 1");
+  if (burst == 0) invalid_option("limit", "burst", burst, "be at least 1");
   if (burst > static_cast<std::uint64_t>(std::numeric_limits<nanos>::max() / 4 / interval))
-    throw weir::exception(error::invalid_argument, "burst × interval overflows");
+    invalid_option("limit", "burst", burst,
+                   "be small enough that burst × interval fits in 2^61 ns");
   return interval * static_cast<nanos>(burst);
 }
 

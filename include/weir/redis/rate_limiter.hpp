@@ -203,11 +203,21 @@ class rate_limiter {
         : executor(std::move(ex)), redis(std::move(c)), options(std::move(o)) {
       if (!options.requests && !options.tokens)
         throw weir::exception(error::invalid_argument, "redis rate_limiter: no limit given");
-      if (!(options.local_fraction > 0 && options.local_fraction <= 1) || options.max_lease == 0)
-        throw weir::exception(error::invalid_argument, "redis rate_limiter: options out of range");
-      for (const auto* l : {&options.requests, &options.tokens})
-        if (*l && (!((*l)->rate.per_second > 0) || (*l)->burst == 0))
-          throw weir::exception(error::invalid_argument, "redis rate_limiter: bad limit");
+      constexpr const char* who = "redis rate_limiter";
+      if (!(options.local_fraction > 0 && options.local_fraction <= 1))
+        weir::detail::invalid_option(who, "local_fraction", options.local_fraction, "be in (0, 1]");
+      if (options.max_lease == 0)
+        weir::detail::invalid_option(who, "max_lease", options.max_lease, "be at least 1");
+      for (const auto& [field, l] :
+           {std::pair{"requests", &options.requests}, std::pair{"tokens", &options.tokens}}) {
+        if (!*l) continue;
+        if (!((*l)->rate.per_second > 0))
+          weir::detail::invalid_option(who, fmt::format("{}.rate", field), (*l)->rate.per_second,
+                                       "be positive (per second)");
+        if ((*l)->burst == 0)
+          weir::detail::invalid_option(who, fmt::format("{}.burst", field), (*l)->burst,
+                                       "be at least 1");
+      }
       if (options.requests)
         dims.push_back({true, fmt::format("weir:{}:requests", options.name), *options.requests});
       if (options.tokens)

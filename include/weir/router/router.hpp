@@ -95,12 +95,6 @@ struct basic_route_constraints {
 };
 using route_constraints = basic_route_constraints<>;
 
-// Tokens a response says it used.
-struct token_usage {
-  std::uint64_t input_tokens = 0;
-  std::uint64_t output_tokens = 0;
-};
-
 // One attempt of a route.
 struct route_step {
   std::string provider;
@@ -351,13 +345,12 @@ class router {
       if (!options.strategy)
         throw weir::exception(error::invalid_argument, "router: strategy must be set");
       if (options.max_attempts == 0)
-        throw weir::exception(error::invalid_argument, "router: max_attempts must be at least 1");
+        detail::invalid_option("router", "max_attempts", options.max_attempts, "be at least 1");
       if (!(options.latency_smoothing > 0 && options.latency_smoothing <= 1))
-        throw weir::exception(error::invalid_argument,
-                              fmt::format("router: latency_smoothing must be in (0, 1], not {}",
-                                          options.latency_smoothing));
+        detail::invalid_option("router", "latency_smoothing", options.latency_smoothing,
+                               "be in (0, 1]");
       if (options.usage_window.count() <= 0)
-        throw weir::exception(error::invalid_argument, "router: usage_window must be positive");
+        detail::invalid_option("router", "usage_window", options.usage_window, "be positive");
       for (const auto& p : catalog_.providers()) {
         auto breaker_options = p.breaker;
         breaker_options.on_state_change = [this, name = std::string_view(p.name),

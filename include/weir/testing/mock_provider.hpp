@@ -10,6 +10,8 @@
 //     server.start();  // then POST to server.base_url() + "/chat/completions"
 #pragma once
 
+#include <weir/http/usage.hpp>
+
 #include <fmt/chrono.h>
 #include <fmt/format.h>
 #include <boost/asio/as_tuple.hpp>
@@ -98,36 +100,6 @@ struct mock_stats {
 };
 
 namespace detail::mock {
-
-// The number after "key": in a JSON text, without a JSON library: the mock reads only its own
-// clients' requests, and a tolerant scan keeps this header free of one.
-inline std::optional<std::uint64_t> json_number(std::string_view body, std::string_view key) {
-  const auto quoted = fmt::format("\"{}\"", key);
-  auto at = body.find(quoted);
-  if (at == std::string_view::npos) return std::nullopt;
-  at = body.find(':', at + quoted.size());
-  if (at == std::string_view::npos) return std::nullopt;
-  ++at;
-  while (at < body.size() && body[at] == ' ') ++at;
-  std::uint64_t n = 0;
-  bool any = false;
-  while (at < body.size() && body[at] >= '0' && body[at] <= '9' && n < (1ull << 40)) {
-    n = n * 10 + static_cast<std::uint64_t>(body[at++] - '0');
-    any = true;
-  }
-  return any ? std::optional(n) : std::nullopt;
-}
-
-inline std::optional<std::string> json_string(std::string_view body, std::string_view key) {
-  const auto quoted = fmt::format("\"{}\"", key);
-  auto at = body.find(quoted);
-  if (at == std::string_view::npos) return std::nullopt;
-  at = body.find('"', body.find(':', at + quoted.size()));
-  if (at == std::string_view::npos) return std::nullopt;
-  const auto end = body.find('"', at + 1);
-  if (end == std::string_view::npos) return std::nullopt;
-  return std::string(body.substr(at + 1, end - at - 1));
-}
 
 // A continuously refilled bucket, in doubles: not weir's GCRA, so the mock is an independent
 // judge of whether a client keeps to the limit.
@@ -319,17 +291,17 @@ class mock_provider {
         set_error(res, 404, d, "not_found_error", "no such endpoint");
         return finish(404);
       }
-      const auto model = detail::mock::json_string(req.body(), "model");
+      const auto model = weir::http::detail::json_string(req.body(), "model");
       auto found = model ? buckets.find(*model) : buckets.end();
       if (found == buckets.end()) {
         set_error(res, 404, d, "not_found_error", "no such model");
         return finish(404);
       }
       auto& l = found->second;
-      const auto content = detail::mock::json_string(req.body(), "content").value_or("");
+      const auto content = weir::http::detail::json_string(req.body(), "content").value_or("");
       const std::uint64_t input = std::max<std::uint64_t>(1, content.size() / 4);
       const std::uint64_t max_tokens = std::max<std::uint64_t>(
-          1, detail::mock::json_number(req.body(), "max_tokens").value_or(256));
+          1, weir::http::detail::json_number(req.body(), "max_tokens").value_or(256));
 
       const auto& f = options.faults;
       for (const auto& o : f.outages)

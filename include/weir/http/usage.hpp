@@ -1,0 +1,74 @@
+// The token counts an LLM provider reports in a response body, so that the limits settle against
+// what a call really used:
+//
+//     ctx.actual_input_tokens = used->input_tokens;   // after auto used = reported_usage(body)
+//
+// OpenAI's and Groq's "usage": {"prompt_tokens", "completion_tokens"}, Anthropic's
+// "usage": {"input_tokens", "output_tokens"}. A small tolerant scan, not a JSON parser: it reads
+// the numbers of the "usage" object of a well-formed body and answers nullopt otherwise.
+#pragma once
+
+#include <weir/stage.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace weir::http {
+
+namespace detail {
+
+// Where `"key"` is followed (after blanks) by a colon in `body`, from `from` on; npos if nowhere.
+inline std::size_t json_key(std::string_view body, std::string_view key, std::size_t from = 0) {
+  for (auto at = body.find(key, from); at != std::string_view::npos; at = body.find(key, at + 1)) {
+    if (at == 0 || body[at - 1] != '"' || at + key.size() >= body.size() ||
+        body[at + key.size()] != '"')
+      continue;
+    auto colon = at + key.size() + 1;
+    while (colon < body.size() && (body[colon] == ' ' || body[colon] == '\n')) ++colon;
+    if (colon < body.size() && body[colon] == ':') return colon + 1;
+  }
+  return std::string_view::npos;
+}
+
+// The whole number after "key": (at most 2^40, where a real count ends), from `from` on.
+inline std::optional<std::uint64_t> json_number(std::string_view body, std::string_view key,
+                                                std::size_t from = 0) {
+  auto at = json_key(body, key, from);
+  if (at == std::string_view::npos) return std::nullopt;
+  while (at < body.size() && (body[at] == ' ' || body[at] == '\n')) ++at;
+  std::uint64_t n = 0;
+  bool any = false;
+  while (at < body.size() && body[at] >= '0' && body[at] <= '9' && n < (1ull << 40)) {
+    n = n * 10 + static_cast<std::uint64_t>(body[at++] - '0');
+    any = true;
+  }
+  return any ? std::optional(n) : std::nullopt;
+}
+
+// The string after "key": without its escapes (the mocks' own requests need no more).
+inline std::optional<std::string> json_string(std::string_view body, std::string_view key) {
+  auto at = json_key(body, key);
+  if (at == std::string_view::npos) return std::nullopt;
+  at = body.find('"', at);
+  if (at == std::string_view::npos) return std::nullopt;
+  const auto end = body.find('"', at + 1);
+  if (end == std::string_view::npos) return std::nullopt;
+  return std::string(body.substr(at + 1, end - at - 1));
+}
+
+}  // namespace detail
+
+// The usage a response body reports, in OpenAI's or Anthropic's form; nullopt when it has none.
+inline std::optional<token_usage> reported_usage(std::string_view body) {
+  const auto usage = detail::json_key(body, "usage");
+  if (usage == std::string_view::npos) return std::nullopt;
+  if (auto in = detail::json_number(body, "prompt_tokens", usage))
+    return token_usage{*in, detail::json_number(body, "completion_tokens", usage).value_or(0)};
+  if (auto in = detail::json_number(body, "input_tokens", usage))
+    return token_usage{*in, detail::json_number(body, "output_tokens", usage).value_or(0)};
+  return std::nullopt;
+}
+
+}  // namespace weir::http
