@@ -6,10 +6,13 @@
 #include <weir/usage_monitor.hpp>
 
 #include <boost/asio.hpp>
+#include <boost/asio/experimental/parallel_group.hpp>
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <mutex>
 #include <random>
 #include <thread>
 #include <vector>
@@ -359,6 +362,57 @@ TEST_CASE("a 4-thread io_context hammering one bucket admits exactly the allowed
 // ---- rate_limits ----------------------------------------------------------------------------
 
 using limits_type = weir::rate_limits<clock_type>;
+
+TEST_CASE("waiters woken by the bucket's timer while others are cancelled on other threads",
+          "[concurrency]") {
+  // Real time: the timer and the cancellations race across four threads. Each waiter either
+  // takes its unit or gives up after a few milliseconds, whichever comes first.
+  using steady_bucket = weir::token_bucket<>;
+  asio::io_context io(4);
+  constexpr double rate = 5000;
+  steady_bucket bucket(io.get_executor(), {.rate = weir::per_second(rate), .burst = 1});
+  constexpr int waiters = 400;
+  std::atomic<int> admitted{0}, gave_up{0}, ended{0};
+  std::mutex times_mutex;
+  std::vector<std::chrono::steady_clock::time_point> admissions;
+  auto wait = [](steady_bucket& b, std::chrono::microseconds patience, std::atomic<int>& ok,
+                 std::atomic<int>& no, std::atomic<int>& done, std::mutex& m,
+                 std::vector<std::chrono::steady_clock::time_point>& at) -> asio::awaitable<void> {
+    asio::steady_timer give_up(co_await asio::this_coro::executor, patience);
+    auto [order, ec, waited, timer_ec] =
+        co_await asio::experimental::make_parallel_group(b.async_acquire(1, asio::deferred),
+                                                         give_up.async_wait(asio::deferred))
+            .async_wait(asio::experimental::wait_for_one(), asio::use_awaitable);
+    if (!ec) {
+      ok.fetch_add(1);
+      std::lock_guard lock(m);
+      at.push_back(std::chrono::steady_clock::now());
+    } else {
+      no.fetch_add(1);
+    }
+    done.fetch_add(1);
+  };
+  const auto start = std::chrono::steady_clock::now();
+  // Each waiter on a strand of its own, as a cancellation slot must be (Asio's slots are not
+  // thread-safe): the bucket is shared by every thread, each call's cancellation by one.
+  for (int i = 0; i < waiters; ++i)
+    asio::co_spawn(asio::make_strand(io),
+                   wait(bucket, std::chrono::microseconds(1000 + (i * 7919) % 40000), admitted,
+                        gave_up, ended, times_mutex, admissions),
+                   asio::detached);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) threads.emplace_back([&] { io.run(); });
+  for (auto& t : threads) t.join();
+  CHECK(ended.load() == waiters);  // every waiter ended, once
+  CHECK(admitted.load() + gave_up.load() == waiters);
+  REQUIRE(admitted.load() > 0);
+  CHECK(gave_up.load() > 0);
+  // Never faster than the rate: the bucket started full with a burst of one, so the last of n
+  // admissions came at least (n - 1) / rate after the start.
+  const std::chrono::duration<double> span =
+      *std::max_element(admissions.begin(), admissions.end()) - start;
+  CHECK(static_cast<double>(admissions.size() - 1) <= rate * span.count());
+}
 
 TEST_CASE("set_limit: a slower rate holds from the next request; a pause is left as it is") {
   clock_type::reset();
