@@ -6,7 +6,6 @@
 #include <weir/usage_monitor.hpp>
 
 #include <boost/asio.hpp>
-#include <boost/asio/experimental/parallel_group.hpp>
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -365,8 +364,10 @@ using limits_type = weir::rate_limits<clock_type>;
 
 TEST_CASE("waiters woken by the bucket's timer while others are cancelled on other threads",
           "[concurrency]") {
-  // Real time: the timer and the cancellations race across four threads. Each waiter either
-  // takes its unit or gives up after a few milliseconds, whichever comes first.
+  // Real time: the bucket's timer and the waiters' own give-up timers race across four threads.
+  // Each waiter runs on a strand of its own and cancels its wait from a timer on that strand, so
+  // that its cancellation and its completion meet on one executor, as Asio requires of a
+  // cancellation slot; the bucket is shared by all of them.
   using steady_bucket = weir::token_bucket<>;
   asio::io_context io(4);
   constexpr double rate = 5000;
@@ -378,11 +379,14 @@ TEST_CASE("waiters woken by the bucket's timer while others are cancelled on oth
   auto wait = [](steady_bucket& b, std::chrono::microseconds patience, std::atomic<int>& ok,
                  std::atomic<int>& no, std::atomic<int>& done, std::mutex& m,
                  std::vector<std::chrono::steady_clock::time_point>& at) -> asio::awaitable<void> {
+    auto stop = std::make_shared<asio::cancellation_signal>();
     asio::steady_timer give_up(co_await asio::this_coro::executor, patience);
-    auto [order, ec, waited, timer_ec] =
-        co_await asio::experimental::make_parallel_group(b.async_acquire(1, asio::deferred),
-                                                         give_up.async_wait(asio::deferred))
-            .async_wait(asio::experimental::wait_for_one(), asio::use_awaitable);
+    give_up.async_wait([stop](weir::error_code ec) {
+      if (!ec) stop->emit(asio::cancellation_type::terminal);
+    });
+    auto [ec, waited] = co_await b.async_acquire(
+        1, asio::bind_cancellation_slot(stop->slot(), asio::as_tuple(asio::use_awaitable)));
+    give_up.cancel();
     if (!ec) {
       ok.fetch_add(1);
       std::lock_guard lock(m);
@@ -393,8 +397,6 @@ TEST_CASE("waiters woken by the bucket's timer while others are cancelled on oth
     done.fetch_add(1);
   };
   const auto start = std::chrono::steady_clock::now();
-  // Each waiter on a strand of its own, as a cancellation slot must be (Asio's slots are not
-  // thread-safe): the bucket is shared by every thread, each call's cancellation by one.
   for (int i = 0; i < waiters; ++i)
     asio::co_spawn(asio::make_strand(io),
                    wait(bucket, std::chrono::microseconds(1000 + (i * 7919) % 40000), admitted,

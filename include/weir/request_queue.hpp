@@ -198,7 +198,7 @@ class queue_admission final : public queue_waiter,
   void start() {
     self_ = this->shared_from_this();
     auto slot = boost::asio::get_associated_cancellation_slot(handler_);
-    if (slot.is_connected()) slot.template emplace<cancel_handler>(this);
+    if (slot.is_connected()) slot.template emplace<cancel_handler>(this->weak_from_this());
   }
 
   // Never runs the handler in the caller's frame (which may be a permit's destructor, in the
@@ -219,12 +219,14 @@ class queue_admission final : public queue_waiter,
   }
 
  private:
+  // Holds the admission weakly, as the limiters' waiters are held: a cancellation that arrives
+  // once it is gone does nothing.
   struct cancel_handler {
-    queue_admission* op;
+    std::weak_ptr<queue_admission> op;
     void operator()(boost::asio::cancellation_type type) const {
       if ((type & boost::asio::cancellation_type::all) == boost::asio::cancellation_type::none)
         return;
-      op->cancel();
+      if (auto self = op.lock()) self->cancel();
     }
   };
 

@@ -138,7 +138,7 @@ class token_bucket {
 
   // The bucket as a pipeline stage: one unit per call (attempt, inside a retry).
   detail::limiter_stage<token_bucket> stage() const {
-    return {*this, "token_bucket: the wait would pass the deadline"};
+    return {*this, "token_bucket"};
   }
 
  private:

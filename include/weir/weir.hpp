@@ -15,6 +15,7 @@
 #include <weir/request_queue.hpp>
 #include <weir/retry.hpp>
 #include <weir/retry_budget.hpp>
+#include <weir/stage.hpp>
 #include <weir/timeout.hpp>
 #include <weir/token_bucket.hpp>
 #include <weir/usage_monitor.hpp>

@@ -9,6 +9,7 @@
 #include <weir/error.hpp>
 #include <weir/stage.hpp>
 
+#include <fmt/format.h>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/detached.hpp>
@@ -36,8 +37,8 @@ class limiter_stage {
   using clock_type = typename Limiter::clock_type;
   using cost_type = typename Limiter::cost_type;
 
-  limiter_stage(Limiter limiter, const char* refusal)
-      : limiter_(std::move(limiter)), refusal_(refusal) {}
+  // `name` says who refused, in a refusal's message.
+  limiter_stage(Limiter limiter, const char* name) : limiter_(std::move(limiter)), name_(name) {}
 
   struct slot {
     usage taken{};
@@ -60,7 +61,9 @@ class limiter_stage {
         context.max_wait(clock_type::now()).value_or(std::chrono::nanoseconds::max());
     auto [ec, waited] = co_await limiter_.async_acquire(
         Limiter::cost_of(s.taken), max_wait, boost::asio::as_tuple(boost::asio::use_awaitable));
-    if (ec) throw_refusal(ec, refusal_, waited);
+    if (ec == error::rate_limited)
+      throw_refusal(ec, fmt::format("{}: the wait would pass the deadline", name_).c_str(), waited);
+    if (ec) throw_refusal(ec, name_);  // e.g. a shared limiter that cannot be reached
   }
 
   // The estimate is settled against what the call says it used, when it says so.
@@ -85,7 +88,7 @@ class limiter_stage {
   };
 
   Limiter limiter_;
-  const char* refusal_;
+  const char* name_;
 };
 
 }  // namespace weir::detail

@@ -222,7 +222,7 @@ class pending_acquire final
   void start() {
     self_ = this->shared_from_this();
     auto slot = boost::asio::get_associated_cancellation_slot(handler_);
-    if (slot.is_connected()) slot.template emplace<cancel_handler>(this);
+    if (slot.is_connected()) slot.template emplace<cancel_handler>(this->weak_from_this());
     state_->waiters.push_back(*this);
   }
 
@@ -246,11 +246,13 @@ class pending_acquire final
 
  private:
   // Supports terminal, partial and total cancellation: each gives the reservation back.
+  // Holds the waiter weakly: a cancellation that arrives once it is gone does nothing.
   struct cancel_handler {
-    pending_acquire* op;
+    std::weak_ptr<pending_acquire> op;
     void operator()(boost::asio::cancellation_type type) const {
-      if ((type & boost::asio::cancellation_type::all) != boost::asio::cancellation_type::none)
-        op->cancel();
+      if ((type & boost::asio::cancellation_type::all) == boost::asio::cancellation_type::none)
+        return;
+      if (auto self = op.lock()) self->cancel();
     }
   };
 
