@@ -154,9 +154,7 @@ class rate_limits {
 
   // The limits as a pipeline stage: each call (attempt, inside a retry) takes the context's
   // estimate, settled against ctx.actual_* when the call sets them.
-  detail::limiter_stage<rate_limits> stage() const {
-    return {*this, "rate_limits"};
-  }
+  detail::limiter_stage<rate_limits> stage() const { return {*this, "rate_limits"}; }
 
  private:
   struct state;

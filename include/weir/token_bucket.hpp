@@ -137,9 +137,7 @@ class token_bucket {
   const executor_type& get_executor() const noexcept { return state_->executor; }
 
   // The bucket as a pipeline stage: one unit per call (attempt, inside a retry).
-  detail::limiter_stage<token_bucket> stage() const {
-    return {*this, "token_bucket"};
-  }
+  detail::limiter_stage<token_bucket> stage() const { return {*this, "token_bucket"}; }
 
  private:
   struct state;

@@ -24,7 +24,6 @@
 //   - no timer is left pending, and the heap does not grow from scenario to scenario.
 #include <weir/circuit_breaker.hpp>
 #include <weir/pipeline.hpp>
-#include <weir/usage_monitor.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/retry.hpp>
@@ -33,6 +32,7 @@
 #include <weir/testing/manual_clock.hpp>
 #include <weir/timeout.hpp>
 #include <weir/token_bucket.hpp>
+#include <weir/usage_monitor.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio.hpp>

@@ -191,9 +191,7 @@ class rate_limiter {
 
   // The shared limiter as a pipeline stage: the same stage as rate_limits', which waits here
   // on every call (each admission is a round trip, or a lease) and settles in the background.
-  weir::detail::limiter_stage<rate_limiter> stage() const {
-    return {*this, "redis rate_limiter"};
-  }
+  weir::detail::limiter_stage<rate_limiter> stage() const { return {*this, "redis rate_limiter"}; }
 
   limiter_mode mode() const noexcept { return state_->mode.load(); }
 
