@@ -17,13 +17,13 @@
 //
 // --check runs the short regression set that ctest runs (label rig) and fails below floors set
 // well under the targets, so that a regression fails but a busy machine does not.
-#include "demo/http_client.hpp"
-
 #include <weir/http/beast.hpp>
+#include <weir/http/client.hpp>
 #include <weir/router/router.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio.hpp>
+#include <boost/beast/http/empty_body.hpp>
 
 #include <fcntl.h>
 #include <signal.h>
@@ -270,7 +270,7 @@ class run {
   run_result go(steady::duration measure_from) {
     asio::io_context io(1);
     const auto base = fmt::format("http://127.0.0.1:{}/v1", limiter_.port);
-    client_.emplace(io.get_executor(), demo::url::parse(base));
+    client_.emplace(io.get_executor(), weir::http::endpoint::parse(base));
     if (who_ == client::weir_given || who_ == client::weir_discovering) make_router(io);
     start_ = steady::now();
     end_ = start_ + length_;
@@ -297,7 +297,8 @@ class run {
   }
 
  private:
-  using router_type = weir::router<int, demo::response, steady, weir::http::response_classifier>;
+  using router_type =
+      weir::router<int, weir::http::response, steady, weir::http::response_classifier>;
 
   void make_router(asio::io_context& io) {
     weir::catalog c;
@@ -312,7 +313,7 @@ class run {
     router_->connect("rig", [this](const weir::model_spec&, const int&) { return send(); });
   }
 
-  asio::awaitable<demo::response> send() {
+  asio::awaitable<weir::http::response> send() {
     return client_->post("/chat/completions", std::string(request_body), {}, 30s);
   }
 
@@ -371,9 +372,9 @@ class run {
   std::size_t concurrency_;
   steady::duration length_;
   steady::time_point start_, end_;
-  std::optional<demo::http_client> client_;
+  std::optional<weir::http::client> client_;
   std::optional<router_type> router_;
-  demo::response last_;
+  weir::http::response last_;
   std::uint64_t failed_ = 0;
 };
 

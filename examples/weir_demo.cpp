@@ -135,7 +135,7 @@ settings parse(int argc, char** argv) {
     }
     if (s.compare) bad_usage("--compare runs against the local mocks only");
     try {
-      demo::url::parse(s.base_url);
+      weir::http::endpoint::parse(s.base_url);
     } catch (const std::exception& e) {
       bad_usage(fmt::format("--base-url: {}", e.what()));
     }

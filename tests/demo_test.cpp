@@ -87,21 +87,20 @@ TEST_CASE("the mock provider speaks both dialects with their rate-limit headers"
                           .burst_seconds = 2,  // two requests at once, then one per second
                           .base_latency = std::chrono::microseconds(0)});
   server.start();
-  demo::http_client client(io.get_executor(), demo::url::parse(server.base_url()));
+  const auto where = weir::http::endpoint::parse(server.base_url());
+  weir::http::chat_client openai(io.get_executor(), weir::http::dialect::openai, where);
+  weir::http::chat_client anthropic(io.get_executor(), weir::http::dialect::anthropic, where);
   std::vector<demo::response> answers;
   demo::asio::co_spawn(
       io,
       [&]() -> demo::asio::awaitable<void> {
-        const demo::job small{.prompt = std::string(40, 'x'), .max_tokens = 10};
-        for (auto d : {demo::dialect::openai, demo::dialect::anthropic, demo::dialect::openai})
-          answers.push_back(co_await client.post(demo::endpoint_of(d),
-                                                 demo::request_body(d, "small", small), {},
-                                                 std::chrono::seconds(5)));
-        const demo::job large{.prompt = std::string(400, 'x'), .max_tokens = 10};
-        answers.push_back(
-            co_await client.post(demo::endpoint_of(demo::dialect::openai),
-                                 demo::request_body(demo::dialect::openai, "small", large), {},
-                                 std::chrono::seconds(5)));
+        const weir::http::chat_request small{
+            .model = "small", .prompt = std::string(40, 'x'), .max_tokens = 10};
+        for (auto* client : {&openai, &anthropic, &openai})
+          answers.push_back(co_await client->complete(small, std::chrono::seconds(5)));
+        const weir::http::chat_request large{
+            .model = "small", .prompt = std::string(400, 'x'), .max_tokens = 10};
+        answers.push_back(co_await openai.complete(large, std::chrono::seconds(5)));
         server.stop();
       },
       demo::asio::detached);
@@ -192,4 +191,24 @@ TEST_CASE("chaos: faults everywhere and an outage: every request ends once, type
   CHECK(opened_in_outage);
   CHECK(closed_after);
   CHECK(report.completed >= jobs.size() * 8 / 10);
+}
+
+TEST_CASE("the chat client writes each dialect's request, escaped, and parses endpoints") {
+  const weir::http::chat_request r{.model = "m", .prompt = "a \"quote\"\n\\ \x01", .max_tokens = 7};
+  CHECK(weir::http::chat_body(weir::http::dialect::openai, r) ==
+        R"({"model":"m","messages":[{"role":"user","content":"a \"quote\"\n\\ \u0001"}],)"
+        R"("max_tokens":7})");
+  CHECK(weir::http::chat_body(weir::http::dialect::anthropic, r) ==
+        R"({"model":"m","max_tokens":7,"messages":[{"role":"user","content":)"
+        R"("a \"quote\"\n\\ \u0001"}]})");
+  CHECK(weir::http::auth_headers(weir::http::dialect::anthropic, "k").front().first == "x-api-key");
+  CHECK(weir::http::auth_headers(weir::http::dialect::openai, "").empty());
+
+  const auto e = weir::http::endpoint::parse("https://api.example.com/v1/");
+  CHECK((e.tls && e.host == "api.example.com" && e.port == "443" && e.path == "/v1"));
+  const auto local = weir::http::endpoint::parse("http://127.0.0.1:8080");
+  CHECK((!local.tls && local.port == "8080" && local.path.empty()));
+  CHECK_THROWS_AS(weir::http::endpoint::parse("ftp://x"), std::invalid_argument);
+  CHECK_THROWS_AS(weir::http::endpoint::parse("http://:80/v1"), std::invalid_argument);
+  CHECK_THROWS_AS(weir::http::endpoint::parse("http://host:/v1"), std::invalid_argument);
 }

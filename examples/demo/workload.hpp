@@ -3,9 +3,8 @@
 // demo test runs it in-process.
 #pragma once
 
-#include "http_client.hpp"
-
 #include <weir/http/beast.hpp>
+#include <weir/http/client.hpp>
 #include <weir/http/usage.hpp>
 #include <weir/pipeline.hpp>
 #include <weir/rate_limits.hpp>
@@ -33,10 +32,11 @@
 
 namespace demo {
 
+namespace asio = boost::asio;
 using steady = std::chrono::steady_clock;
+using response = weir::http::response;
+using weir::http::dialect;
 using namespace std::chrono_literals;
-
-enum class dialect { openai, anthropic };
 
 struct model_setup {
   std::string id;
@@ -113,27 +113,9 @@ inline std::vector<job> make_workload(std::size_t n, std::uint64_t seed) {
   return jobs;
 }
 
-// The body each dialect expects. The prompt is the only content.
-inline std::string request_body(dialect d, std::string_view model, const job& j) {
-  if (d == dialect::anthropic)
-    return fmt::format(
-        R"({{"model":"{}","max_tokens":{},"messages":[{{"role":"user","content":"{}"}}]}})", model,
-        j.max_tokens, j.prompt);
-  return fmt::format(
-      R"({{"model":"{}","messages":[{{"role":"user","content":"{}"}}],"max_tokens":{}}})", model,
-      j.prompt, j.max_tokens);
-}
-
-// Relative to the base URL, which ends at the API root as the SDKs take it ("https://host/v1").
-inline std::string endpoint_of(dialect d) {
-  return d == dialect::anthropic ? "/messages" : "/chat/completions";
-}
-
-inline std::vector<std::pair<std::string, std::string>> auth_headers(const provider_setup& p) {
-  if (p.api_key.empty()) return {};
-  if (p.speaks == dialect::anthropic)
-    return {{"x-api-key", p.api_key}, {"anthropic-version", "2023-06-01"}};
-  return {{"authorization", "Bearer " + p.api_key}};
+// What a job asks of `model`.
+inline weir::http::chat_request request_of(std::string_view model, const job& j) {
+  return {.model = std::string(model), .prompt = j.prompt, .max_tokens = j.max_tokens};
 }
 
 // The usage a response reports, in either dialect.
@@ -408,7 +390,7 @@ class weir_run {
 
     for (const auto& p : fleet_) {
       auto& conn = connections_.emplace_back(std::make_unique<connection>(
-          io.get_executor(), url::parse(p.base_url), tls(), p, options_));
+          io.get_executor(), weir::http::endpoint::parse(p.base_url), tls(), p, options_));
       router_->connect(p.name, [c = conn.get()](const weir::model_spec& m, const chat& request) {
         return c->send(m, *request.work);
       });
@@ -445,24 +427,20 @@ class weir_run {
   // One provider's HTTP client, wrapped in weir: at most `connections_per_provider` exchanges at
   // once (the rest queue), and a deadline on each so a stalled server cannot hold a worker.
   struct connection {
-    connection(asio::any_io_executor ex, url where, asio::ssl::context* tls,
+    connection(asio::any_io_executor ex, weir::http::endpoint where, asio::ssl::context* tls,
                const provider_setup& p, const run_options& o)
-        : client(ex, std::move(where), tls),
-          setup(p),
+        : client(ex, p.speaks, std::move(where), p.api_key, tls),
           queue(ex, {.max_concurrent = o.connections_per_provider, .max_queued = 10'000}),
           deadline(o.attempt_timeout) {}
 
     asio::awaitable<response> send(const weir::model_spec& m, const job& j) {
       return weir::pipeline(queue, deadline)([this, &m, &j] {
-        auto headers = auth_headers(setup);
-        headers.emplace_back("x-weir-request", std::to_string(j.id));
-        return client.post(endpoint_of(setup.speaks), request_body(setup.speaks, m.id, j),
-                           std::move(headers), 2 * deadline.limit());
+        weir::http::header_list request_id{{"x-weir-request", std::to_string(j.id)}};
+        return client.complete(request_of(m.id, j), 2 * deadline.limit(), std::move(request_id));
       });
     }
 
-    http_client client;
-    const provider_setup& setup;
+    weir::http::chat_client client;
     weir::request_queue queue;
     weir::timeout<steady> deadline;
   };
@@ -537,7 +515,9 @@ class naive_run {
   naive_run(asio::io_context& io, std::vector<provider_setup> fleet, run_options options,
             progress& live)
       : io_(io), fleet_(std::move(fleet)), options_(options), log_(fleet_, live) {
-    for (const auto& p : fleet_) clients_.emplace_back(io.get_executor(), url::parse(p.base_url));
+    for (const auto& p : fleet_)
+      clients_.emplace_back(io.get_executor(), p.speaks, weir::http::endpoint::parse(p.base_url),
+                            p.api_key);
   }
 
   void start(const std::vector<job>& jobs, std::function<void()> on_done) {
@@ -603,9 +583,9 @@ class naive_run {
         log_.sent(p.name, attempt > 0);
         unsigned status = 0;
         try {
-          auto res = co_await clients_[target->provider].post(
-              endpoint_of(p.speaks), request_body(p.speaks, target->model->id, j), auth_headers(p),
-              options_.attempt_timeout);
+          const auto request = request_of(target->model->id, j);
+          auto res =
+              co_await clients_[target->provider].complete(request, options_.attempt_timeout);
           status = res.result_int();
           const auto used = usage_of(res);
           const double cost = used ? (used->input_tokens * target->model->input_price +
@@ -627,7 +607,7 @@ class naive_run {
   std::vector<provider_setup> fleet_;
   run_options options_;
   recorder log_;
-  std::deque<http_client> clients_;
+  std::deque<weir::http::chat_client> clients_;
   std::atomic<std::size_t> next_{0};
   double tokens_per_request_ = 0;
   worker_group workers_;

@@ -255,7 +255,8 @@ struct driver {
     return earliest;
   }
   template <std::size_t Begin, std::size_t End>
-  static std::optional<bound> bound_of(shared* s, const slots_type& slots, std::size_t depth) {
+  [[gnu::always_inline]] static std::optional<bound> bound_of(shared* s, const slots_type& slots,
+                                                              std::size_t depth) {
     return bound_of<Begin>(s, slots, depth, std::make_index_sequence<End - Begin>{});
   }
 

@@ -1,5 +1,11 @@
 // A consumer of the installed package: it only needs find_package(weir) and weir::weir.
 #include <weir/weir.hpp>
+#ifdef CONSUMER_HAS_HTTP_CLIENT
+#include <weir/http/client.hpp>
+#endif
+#ifdef CONSUMER_HAS_REDIS
+#include <weir/redis/rate_limiter.hpp>
+#endif
 
 #include <fmt/core.h>
 #include <boost/asio/io_context.hpp>
@@ -11,5 +17,14 @@ int main() {
   while (bucket.try_acquire()) ++admitted;
   weir::error_code ec = weir::error::rate_limited;
   fmt::print("consumer: a burst of {} admitted, then {}\n", admitted, ec.message());
-  return admitted == 3 ? 0 : 1;
+  bool optional_parts = true;
+#ifdef CONSUMER_HAS_HTTP_CLIENT
+  optional_parts &= weir::http::endpoint::parse("https://api.openai.com/v1").port == "443";
+  fmt::print("consumer: weir::http_client\n");
+#endif
+#ifdef CONSUMER_HAS_REDIS
+  optional_parts &= weir::redis::rate_limiter_options{}.name == "default";
+  fmt::print("consumer: weir::redis\n");
+#endif
+  return admitted == 3 && optional_parts ? 0 : 1;
 }
