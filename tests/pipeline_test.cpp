@@ -205,9 +205,10 @@ TEST_CASE("events come in order with the right fields, and read as one line each
 TEST_CASE("throttling, rejections and breaker changes are events too") {
   clock_type::reset();
   asio::io_context io;
-  weir::token_bucket<clock_type> bucket(io.get_executor(),
-                                        {.rate = weir::per_second(1), .burst = 1});
-  weir::circuit_breaker<clock_type> breaker({.consecutive_failures = 1, .break_duration = 30s});
+  weir::token_bucket<clock_type> bucket(
+      io.get_executor(), {.rate = weir::per_second(1), .burst = 1, .name = "openai rpm"});
+  weir::circuit_breaker<clock_type> breaker(
+      {.consecutive_failures = 1, .break_duration = 30s, .name = "openai"});
   auto guarded = weir::pipeline(breaker, bucket);
   std::vector<std::string> lines;
   guarded.observe([&](const weir::event& e) { lines.push_back(fmt::format("{}", e)); });
@@ -216,11 +217,11 @@ TEST_CASE("throttling, rejections and breaker changes are events too") {
   run_to_end(io, guarded(op()), nullptr, 1s);
   run_to_end(io, guarded(op()), nullptr, 0s);
   CHECK(lines == std::vector<std::string>{
-                     "call: throttled for 1000.0 ms",
+                     "call: throttled for 1000.0 ms by openai rpm",
                      "call: attempt 1 started",
                      "call: attempt 1 failed (retryable) in 0.0 ms",
-                     "call: circuit breaker closed -> open",
-                     "call: rejected (circuit open), retry after 30000.0 ms",
+                     "call: circuit breaker closed -> open (openai)",
+                     "call: rejected (circuit open) by openai, retry after 30000.0 ms",
                  });
 }
 
@@ -325,8 +326,10 @@ TEST_CASE("metrics count a pipeline's events and read back from Prometheus text"
   CHECK(samples.at("weir_attempts_total{pipeline=\"other\"}") == 0);
   CHECK(samples.at(R"(weir_rejections_total{pipeline="chat \"primary\"",reason="queue_full"})") ==
         1);
-  CHECK(samples.at(R"(weir_breaker_state{pipeline="chat \"primary\"",state="closed"})") == 1);
-  CHECK(samples.at(R"(weir_breaker_state{pipeline="chat \"primary\"",state="open"})") == 0);
+  // Per policy, by the names in their options (the defaults here).
+  CHECK(samples.at(R"(weir_policy_rejections_total{pipeline="chat \"primary\"",)"
+                   R"(policy="request_queue",reason="queue_full"})") == 1);
+  CHECK(page.find(R"(weir_breaker_state{pipeline="chat)") == std::string::npos);  // none in it
   CHECK(page.find("# TYPE weir_attempts_total counter\n") != std::string::npos);
   // Latency is a histogram: cumulative buckets, a sum and a count (two attempts finished).
   CHECK(page.find("# TYPE weir_attempt_latency_seconds histogram\n") != std::string::npos);
@@ -334,6 +337,23 @@ TEST_CASE("metrics count a pipeline's events and read back from Prometheus text"
   CHECK(samples.at(
             R"(weir_attempt_latency_seconds_bucket{pipeline="chat \"primary\"",le="+Inf"})") == 2);
   CHECK(m.latency_count == 2);
+
+  // A breaker appears as a state set under its name.
+  weir::circuit_breaker<clock_type> breaker({.consecutive_failures = 1, .name = "openai"});
+  auto broken = weir::pipeline(breaker);
+  weir::metrics llm("llm");
+  broken.observe(llm.observer());
+  flaky once{.failures = 1};
+  run_to_end(io, broken(once()), &refused);
+  std::string breaker_page;
+  weir::write_prometheus(breaker_page, {&llm});
+  const auto breaker_samples = parse_prometheus(breaker_page);
+  CHECK(breaker_samples.at(R"(weir_breaker_state{pipeline="llm",breaker="openai",state="open"})") ==
+        1);
+  CHECK(breaker_samples.at(
+            R"(weir_breaker_state{pipeline="llm",breaker="openai",state="closed"})") == 0);
+  REQUIRE(llm.read().policies.size() == 1);
+  CHECK(llm.read().policies[0].breaker == weir::breaker_state::open);
 }
 
 TEST_CASE("the latency histogram puts each attempt in its bucket, cumulatively in the text") {

@@ -66,6 +66,7 @@ struct circuit_breaker_options {
   // call for the break. The router uses the same rule.
   bool rate_limited_is_failure = false;
   std::function<void(breaker_state from, breaker_state to)> on_state_change{};
+  std::string name = "circuit_breaker";  // in events (breaker_changed, rejected) and metrics
 };
 
 template <class Clock, class Classifier>
@@ -114,6 +115,7 @@ class circuit_breaker {
   // pipeline running several policies in one coroutine): admit, call, then record the result,
   // or abandon the ticket when the call got no answer (cancelled, or never sent).
   ticket try_admit() { return state_->admit(); }
+  const std::string& name() const noexcept { return state_->options.name; }
   void record(const ticket& t, bool failed) { state_->finish(t, failed); }
   void abandon(const ticket& t) { state_->abandon(t); }
 
@@ -397,6 +399,8 @@ class circuit_breaker_stage {
   };
   static constexpr bool values_succeed = every_value_succeeds<Classifier>;
 
+  std::string_view name() const noexcept { return breaker_.name(); }
+
   bool try_enter(slot& s, stage_context<Clock>& context) {
     s.ticket = breaker_.try_admit();
     if (s.ticket.admitted) [[likely]]
@@ -412,7 +416,7 @@ class circuit_breaker_stage {
       const auto before = breaker_.state();
       breaker_.settle(s.ticket, result);
       if (const auto after = breaker_.state(); after != before)
-        context.emit(breaker_changed{context.call.operation, before, after});
+        context.emit(breaker_changed{context.call.operation, before, after, name()});
     }
     s.ticket = {};
     return {};
@@ -425,9 +429,10 @@ class circuit_breaker_stage {
 
  private:
   // Out of line: the admitted path stays small enough to inline into the driver.
-  [[noreturn, gnu::noinline, gnu::cold]] static void refuse(const slot& s,
-                                                            stage_context<Clock>& context) {
-    context.emit(rejected{context.call.operation, rejection::circuit_open, s.ticket.retry_after});
+  [[noreturn, gnu::noinline, gnu::cold]] void refuse(const slot& s,
+                                                     stage_context<Clock>& context) const {
+    context.emit(
+        rejected{context.call.operation, rejection::circuit_open, s.ticket.retry_after, name()});
     throw weir::exception::refusal(error::circuit_open, "the provider's circuit is open",
                                    s.ticket.retry_after);
   }

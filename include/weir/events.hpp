@@ -12,6 +12,7 @@
 #include <chrono>
 #include <functional>
 #include <optional>
+#include <string>
 #include <string_view>
 #include <variant>
 
@@ -40,15 +41,18 @@ struct retry_scheduled {
   unsigned attempt = 1;  // the attempt that failed
   std::chrono::nanoseconds delay{0};
   verdict cause = verdict::retryable;
+  std::string_view policy{};  // the retry's name
 };
 struct throttled {
   std::string_view operation;
   std::chrono::nanoseconds wait{0};  // how long a limiter or the queue held the call
+  std::string_view policy{};         // which one: its name
 };
 struct rejected {
   std::string_view operation;
   rejection reason = rejection::queue_full;
   std::optional<std::chrono::nanoseconds> retry_after{};
+  std::string_view policy{};  // the name of the policy that refused
 };
 struct server_rate_limited {
   std::string_view operation;
@@ -58,6 +62,7 @@ struct breaker_changed {
   std::string_view operation;
   breaker_state from = breaker_state::closed;
   breaker_state to = breaker_state::open;
+  std::string_view policy{};  // the breaker's name
 };
 
 // The router sent (or is about to send) attempt `attempt` of a request to this model.
@@ -145,6 +150,11 @@ template <>
 struct fmt::formatter<weir::event> {
   constexpr auto parse(format_parse_context& ctx) { return ctx.begin(); }
 
+  // " by <policy>", when the event names one.
+  static std::string by(std::string_view policy) {
+    return policy.empty() ? std::string() : fmt::format(" by {}", policy);
+  }
+
   auto format(const weir::event& e, format_context& ctx) const {
     using namespace weir;  // the event types
     return std::visit(
@@ -163,13 +173,14 @@ struct fmt::formatter<weir::event> {
             return fmt::format_to(ctx.out(), "{}: retry {} scheduled in {:.1f} ms ({})", op,
                                   v.attempt + 1, weir::detail::milliseconds(v.delay), v.cause);
           } else if constexpr (std::is_same_v<T, throttled>) {
-            return fmt::format_to(ctx.out(), "{}: throttled for {:.1f} ms", op,
-                                  weir::detail::milliseconds(v.wait));
+            return fmt::format_to(ctx.out(), "{}: throttled for {:.1f} ms{}", op,
+                                  weir::detail::milliseconds(v.wait), by(v.policy));
           } else if constexpr (std::is_same_v<T, rejected>) {
             if (v.retry_after)
-              return fmt::format_to(ctx.out(), "{}: rejected ({}), retry after {:.1f} ms", op,
-                                    v.reason, weir::detail::milliseconds(*v.retry_after));
-            return fmt::format_to(ctx.out(), "{}: rejected ({})", op, v.reason);
+              return fmt::format_to(ctx.out(), "{}: rejected ({}){}, retry after {:.1f} ms", op,
+                                    v.reason, by(v.policy),
+                                    weir::detail::milliseconds(*v.retry_after));
+            return fmt::format_to(ctx.out(), "{}: rejected ({}){}", op, v.reason, by(v.policy));
           } else if constexpr (std::is_same_v<T, server_rate_limited>) {
             if (v.hint.retry_after)
               return fmt::format_to(ctx.out(),
@@ -177,7 +188,9 @@ struct fmt::formatter<weir::event> {
                                     weir::detail::milliseconds(*v.hint.retry_after));
             return fmt::format_to(ctx.out(), "{}: rate limited by the server", op);
           } else if constexpr (std::is_same_v<T, breaker_changed>) {
-            return fmt::format_to(ctx.out(), "{}: circuit breaker {} -> {}", op, v.from, v.to);
+            return fmt::format_to(
+                ctx.out(), "{}: circuit breaker {} -> {}{}", op, v.from, v.to,
+                v.policy.empty() ? std::string() : fmt::format(" ({})", v.policy));
           } else if constexpr (std::is_same_v<T, route_chosen>) {
             return fmt::format_to(ctx.out(), "{}: attempt {} routed to {}/{} (est. ${:.6f})", op,
                                   v.attempt, v.provider, v.model, v.estimated_cost);

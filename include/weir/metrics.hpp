@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -28,6 +30,15 @@ namespace weir {
 // generation. Prometheus adds +Inf.
 inline constexpr std::array<double, 14> latency_bounds = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                                           1,     2.5,  5,     10,   30,  60,   120};
+
+// What one named policy did (see the `name` of each policy's options).
+struct policy_metrics {
+  std::string name;
+  std::uint64_t throttled = 0;  // calls it held
+  double throttled_seconds = 0;
+  std::array<std::uint64_t, 5> rejections{};  // calls it refused, by weir::rejection
+  std::optional<breaker_state> breaker{};     // a breaker's state, from its last change
+};
 
 struct metrics_snapshot {
   std::uint64_t attempts = 0;
@@ -42,10 +53,11 @@ struct metrics_snapshot {
   std::uint64_t latency_count = 0;
   // Finished attempts per latency bucket (not cumulative): latency_bounds, then one above all.
   std::array<std::uint64_t, latency_bounds.size() + 1> latency_buckets{};
-  breaker_state breaker = breaker_state::closed;
-  std::uint64_t routed = 0;     // router attempts sent to a model
-  std::uint64_t fallbacks = 0;  // router attempts that failed over to another candidate
-  std::uint64_t cooldowns = 0;  // providers the router cooled down on the server's word
+  breaker_state breaker = breaker_state::closed;  // after the last change of any breaker
+  std::uint64_t routed = 0;                       // router attempts sent to a model
+  std::uint64_t fallbacks = 0;           // router attempts that failed over to another candidate
+  std::uint64_t cooldowns = 0;           // providers the router cooled down on the server's word
+  std::vector<policy_metrics> policies;  // by the name in each event, in order of first event
 };
 
 // Copies share the counters. Recording is a few relaxed atomic adds: safe from any thread.
@@ -86,12 +98,20 @@ class metrics {
             } else if constexpr (std::is_same_v<T, throttled>) {
               add(throttled_count);
               add(throttled_ns, static_cast<std::uint64_t>(v.wait.count()));
+              by_policy(v.policy, [&](policy_metrics& p) {
+                ++p.throttled;
+                p.throttled_seconds += std::chrono::duration<double>(v.wait).count();
+              });
             } else if constexpr (std::is_same_v<T, rejected>) {
               add(rejections[static_cast<std::size_t>(v.reason)]);
+              by_policy(v.policy, [&](policy_metrics& p) {
+                ++p.rejections[static_cast<std::size_t>(v.reason)];
+              });
             } else if constexpr (std::is_same_v<T, weir::server_rate_limited>) {
               add(server_rate_limited_count);
             } else if constexpr (std::is_same_v<T, breaker_changed>) {
               breaker.store(v.to, std::memory_order_relaxed);
+              by_policy(v.policy, [&](policy_metrics& p) { p.breaker = v.to; });
             } else if constexpr (std::is_same_v<T, route_chosen>) {
               add(routed);
             } else if constexpr (std::is_same_v<T, route_fallback>) {
@@ -102,6 +122,18 @@ class metrics {
             }
           },
           e);
+    }
+
+    // The events of waiting and refusing calls, and breaker changes, are counted per policy
+    // under a mutex: they are not on any call's fast path.
+    template <class F>
+    void by_policy(std::string_view name, F&& f) {
+      if (name.empty()) return;
+      std::lock_guard lock(policies_mutex);
+      auto it = std::find_if(policies.begin(), policies.end(),
+                             [&](const policy_metrics& p) { return p.name == name; });
+      if (it == policies.end()) it = policies.insert(policies.end(), {.name = std::string(name)});
+      f(*it);
     }
 
     void observe_latency(std::chrono::nanoseconds latency) {
@@ -134,6 +166,8 @@ class metrics {
       s.routed = get(routed);
       s.fallbacks = get(fallbacks);
       s.cooldowns = get(cooldowns);
+      std::lock_guard lock(policies_mutex);
+      s.policies = policies;
       return s;
     }
 
@@ -145,6 +179,8 @@ class metrics {
     std::array<std::atomic<std::uint64_t>, 5> rejections{};
     std::array<std::atomic<std::uint64_t>, latency_bounds.size() + 1> latency_buckets{};
     std::atomic<breaker_state> breaker{breaker_state::closed};
+    mutable std::mutex policies_mutex;
+    std::vector<policy_metrics> policies;
   };
 
   std::shared_ptr<state> state_;
@@ -231,17 +267,48 @@ inline void write_prometheus(std::string& out, std::initializer_list<const metri
                    "weir_attempt_latency_seconds_count{{pipeline=\"{}\"}} {}\n",
                    name, s.latency_seconds, name, s.latency_count);
   }
-  // The breaker's state as a state set, one sample per state (as Resilience4j's Micrometer
-  // binding exposes it): 1 for the current one, 0 for the others.
+  // Each breaker's state as a state set, one sample per state (as Resilience4j's Micrometer
+  // binding exposes it): 1 for the current one, 0 for the others. A breaker appears with its
+  // first change of state; a pipeline without a breaker reports none.
   out +=
       "# HELP weir_breaker_state Circuit breaker state: 1 for the current one.\n"
       "# TYPE weir_breaker_state gauge\n";
   constexpr const char* states[] = {"closed", "open", "half_open", "isolated"};
   for (const auto& [name, s] : read)
-    for (std::size_t i = 0; i < std::size(states); ++i)
+    for (const auto& p : s.policies)
+      if (p.breaker)
+        for (std::size_t i = 0; i < std::size(states); ++i)
+          fmt::format_to(std::back_inserter(out),
+                         "weir_breaker_state{{pipeline=\"{}\",breaker=\"{}\",state=\"{}\"}} {}\n",
+                         name, detail::prometheus_label(p.name), states[i],
+                         static_cast<std::size_t>(*p.breaker) == i ? 1 : 0);
+  // What each named policy held and refused.
+  out +=
+      "# HELP weir_policy_throttled_total Calls a limiter or queue held, by policy.\n"
+      "# TYPE weir_policy_throttled_total counter\n";
+  for (const auto& [name, s] : read)
+    for (const auto& p : s.policies)
       fmt::format_to(std::back_inserter(out),
-                     "weir_breaker_state{{pipeline=\"{}\",state=\"{}\"}} {}\n", name, states[i],
-                     static_cast<std::size_t>(s.breaker) == i ? 1 : 0);
+                     "weir_policy_throttled_total{{pipeline=\"{}\",policy=\"{}\"}} {}\n", name,
+                     detail::prometheus_label(p.name), p.throttled);
+  out +=
+      "# HELP weir_policy_throttled_seconds_total Time a limiter or queue held calls, by policy.\n"
+      "# TYPE weir_policy_throttled_seconds_total counter\n";
+  for (const auto& [name, s] : read)
+    for (const auto& p : s.policies)
+      fmt::format_to(std::back_inserter(out),
+                     "weir_policy_throttled_seconds_total{{pipeline=\"{}\",policy=\"{}\"}} {}\n",
+                     name, detail::prometheus_label(p.name), p.throttled_seconds);
+  out +=
+      "# HELP weir_policy_rejections_total Calls refused without being tried, by policy.\n"
+      "# TYPE weir_policy_rejections_total counter\n";
+  for (const auto& [name, s] : read)
+    for (const auto& p : s.policies)
+      for (std::size_t r = 0; r < p.rejections.size(); ++r)
+        fmt::format_to(
+            std::back_inserter(out),
+            "weir_policy_rejections_total{{pipeline=\"{}\",policy=\"{}\",reason=\"{}\"}} {}\n",
+            name, detail::prometheus_label(p.name), reasons[r], p.rejections[r]);
   out +=
       "# HELP weir_rejections_total Calls refused without being tried.\n"
       "# TYPE weir_rejections_total counter\n";

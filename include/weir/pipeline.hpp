@@ -50,6 +50,7 @@
 #include <exception>
 #include <memory>
 #include <optional>
+#include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -213,6 +214,16 @@ struct driver {
        ...);
     }
     (std::make_index_sequence<End - Begin>{});
+  }
+
+  // The name of the stage at run-time index i (empty for one without a name): for events.
+  template <std::size_t Begin, std::size_t End>
+  static std::string_view name_at(shared* s, slots_type& slots, std::size_t i) {
+    std::string_view name;
+    at<Begin, End>(s, slots, i, [&](auto& stage, auto&, auto) {
+      if constexpr (requires { std::string_view(stage.name()); }) name = stage.name();
+    });
+    return name;
   }
 
   // Enters the stages [At, End) from `depth` on, in order, until one must wait (or throws a
@@ -423,7 +434,9 @@ struct driver {
           // The slow path: wait for the queue or a limiter, then go on with the next stage.
           const auto waited_from = Clock::now();
           co_await wait_at<Begin, End>(s, slots, env, depth);
-          if (watch) env.emit(throttled{ctx.operation, Clock::now() - waited_from});
+          if (watch)
+            env.emit(throttled{ctx.operation, Clock::now() - waited_from,
+                               name_at<Begin, End>(s, slots, depth)});
           ++depth;
         }
         if (watch) {
@@ -459,7 +472,7 @@ struct driver {
           } else if (auto ec = detail::weir_code(failure)) {
             // Refused on the way in. (The breaker reports its own refusals, with retry_after.)
             if (auto why = detail::rejection_of(*ec); why && *why != rejection::circuit_open)
-              env.emit(rejected{ctx.operation, *why, {}});
+              env.emit(rejected{ctx.operation, *why, {}, name_at<Begin, End>(s, slots, depth)});
           }
         }
       }

@@ -26,6 +26,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace weir {
@@ -48,6 +49,7 @@ struct rate_limits_options {
   std::optional<limit> tokens{};
   std::optional<limit> input_tokens{};
   std::optional<limit> output_tokens{};
+  std::string name = "rate_limits";  // in events (throttled, rejected), metrics and refusals
 };
 
 enum class dimension : std::size_t { requests, tokens, input_tokens, output_tokens };
@@ -68,7 +70,7 @@ class rate_limits {
 
   // Throws weir::exception(invalid_argument) for a limit with rate ≤ 0 or burst 0.
   rate_limits(executor_type ex, rate_limits_options options)
-      : state_(std::make_shared<state>(std::move(ex))) {
+      : state_(std::make_shared<state>(std::move(ex), std::move(options.name))) {
     state_->waiters.attach(state_);
     detail::track_shutdown(state_->executor, state_);
     const std::optional<limit>* given[dims] = {&options.requests, &options.tokens,
@@ -154,7 +156,8 @@ class rate_limits {
 
   // The limits as a pipeline stage: each call (attempt, inside a retry) takes the context's
   // estimate, settled against ctx.actual_* when the call sets them.
-  detail::limiter_stage<rate_limits> stage() const { return {*this, "rate_limits"}; }
+  detail::limiter_stage<rate_limits> stage() const { return {*this}; }
+  const std::string& name() const noexcept { return state_->name; }
 
  private:
   struct state;
@@ -173,7 +176,8 @@ class rate_limits {
     using reservation_type = detail::reservation<dims>;
     using waiter_type = detail::waiter<reservation_type>;
 
-    explicit state(executor_type ex) : executor(std::move(ex)), waiters(executor, mutex) {}
+    state(executor_type ex, std::string n)
+        : executor(std::move(ex)), waiters(executor, mutex), name(std::move(n)) {}
 
     static std::array<std::uint64_t, dims> units(const usage& u) {
       return {u.requests, u.tokens, u.input_tokens, u.output_tokens};
@@ -342,6 +346,7 @@ class rate_limits {
     executor_type executor;
     mutable std::mutex mutex;
     detail::waiter_queue<Clock, waiter_type> waiters;
+    const std::string name;
     std::array<std::optional<limit>, dims> limits{};
     std::array<detail::nanos, dims> interval{};
     std::array<detail::nanos, dims> tolerance{};

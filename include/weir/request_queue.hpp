@@ -32,6 +32,7 @@
 #include <cstddef>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 namespace weir {
@@ -39,6 +40,7 @@ namespace weir {
 struct request_queue_options {
   std::size_t max_concurrent = 8;
   std::size_t max_queued = 64;
+  std::string name = "request_queue";  // in events (throttled, rejected) and metrics
 };
 
 class request_queue;
@@ -274,6 +276,8 @@ class request_queue {
     detail::track_shutdown(state_->executor, state_);
   }
 
+  const std::string& name() const noexcept { return state_->options.name; }
+
   // A permit if a slot is free now and nobody is waiting; an empty permit otherwise.
   permit try_admit() {
     if (!state_->try_take()) return {};
@@ -386,6 +390,8 @@ class request_queue {
 class request_queue_stage {
  public:
   explicit request_queue_stage(request_queue queue) : queue_(std::move(queue)) {}
+
+  std::string_view name() const noexcept { return queue_.name(); }
 
   struct slot {
     bool held = false;

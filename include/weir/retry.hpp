@@ -24,6 +24,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <string>
 #include <type_traits>
 
 namespace weir {
@@ -49,6 +50,7 @@ struct retry_options {
   std::optional<retry_budget> budget{};                  // shared across calls; none: unlimited
   std::function<void(const retry_attempt&)> on_retry{};  // called before each wait
   std::uint64_t seed = 0;                                // for the jitter; 0: from random_device
+  std::string name = "retry";  // in events (retry_scheduled, rejected) and metrics
 };
 
 template <class Clock, class Classifier>
@@ -87,6 +89,7 @@ class retry {
   retry_stage<Clock, Classifier> stage() const { return retry_stage<Clock, Classifier>(*this); }
 
   const retry_options& options() const noexcept { return state_->options; }
+  const std::string& name() const noexcept { return state_->options.name; }
 
   // ---- the synchronous halves, for a caller (or pipeline) running its own attempt loop ----
 
@@ -193,6 +196,8 @@ class retry_stage {
   };
   static constexpr bool values_succeed = every_value_succeeds<Classifier>;
 
+  std::string_view name() const noexcept { return policy_.name(); }
+
   bool try_enter(slot& s, stage_context<Clock>&) {
     if (!s.begun) {
       s.progress = policy_.begin();
@@ -220,12 +225,13 @@ class retry_stage {
       auto d = policy_.next(s.progress, c, result.failure());
       if (d.error) {
         if (auto ec = detail::weir_code(d.error); ec && *ec == error::budget_exhausted)
-          context.emit(rejected{context.call.operation, rejection::budget_exhausted, {}});
+          context.emit(rejected{context.call.operation, rejection::budget_exhausted, {}, name()});
         // A failing value goes back to the caller as it is; an error becomes the give-up.
         if (result.has_value()) return {};
         return {std::nullopt, d.error};
       }
-      context.emit(retry_scheduled{context.call.operation, failed_attempt, d.delay, c.kind});
+      context.emit(
+          retry_scheduled{context.call.operation, failed_attempt, d.delay, c.kind, name()});
       return {d.delay, {}};
     }
   }

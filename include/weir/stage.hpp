@@ -33,6 +33,9 @@
 //                                          a retry's backoff) by a deadline; when it passes the
 //                                          inside is cancelled and the call fails with the
 //                                          error deadline_passed returns
+//   std::string_view name() const          who held the call (throttled) or refused it
+//                                          (rejected), in the pipeline's events; weir's stages
+//                                          give their options' `name`
 #pragma once
 
 #include <weir/error.hpp>

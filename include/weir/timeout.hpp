@@ -7,7 +7,7 @@
 // Where it stands decides what it bounds: inside a retry it limits each attempt, outside it limits
 // the whole call, waits included.
 //
-//     weir::timeout<> per_attempt(10s);
+//     weir::timeout<> per_attempt(10s);   // or ({.limit = 10s, .name = "per attempt"})
 //     auto reply = co_await per_attempt([&] { return client.async_post(req, asio::use_awaitable); });
 #pragma once
 
@@ -21,9 +21,17 @@
 
 #include <chrono>
 #include <exception>
+#include <memory>
 #include <optional>
+#include <string>
+#include <string_view>
 
 namespace weir {
+
+struct timeout_options {
+  std::chrono::nanoseconds limit{0};  // required: how long what is inside may take
+  std::string name = "timeout";       // in its error's message
+};
 
 template <class Clock>
 class timeout_stage;
@@ -34,11 +42,13 @@ class timeout {
   using clock_type = Clock;
 
   // Throws weir::exception(invalid_argument) for a limit ≤ 0.
-  explicit timeout(std::chrono::nanoseconds limit) : limit_(limit) {
-    if (limit.count() <= 0)
-      throw weir::exception(error::invalid_argument,
-                            fmt::format("timeout: limit must be positive, not {}", limit));
+  explicit timeout(timeout_options options)
+      : options_(std::make_shared<const timeout_options>(std::move(options))) {
+    if (options_->limit.count() <= 0)
+      detail::invalid_option(options_->name.c_str(), "limit", options_->limit, "be positive");
   }
+  // timeout(10s) is timeout({.limit = 10s}).
+  explicit timeout(std::chrono::nanoseconds limit) : timeout(timeout_options{.limit = limit}) {}
 
   template <class Operation>
   auto operator()(Operation op) const {
@@ -47,12 +57,13 @@ class timeout {
   }
 
   // The timeout as a pipeline stage, which is also what operator() runs.
-  timeout_stage<Clock> stage() const { return timeout_stage<Clock>(limit_); }
+  timeout_stage<Clock> stage() const { return timeout_stage<Clock>(options_); }
 
-  std::chrono::nanoseconds limit() const noexcept { return limit_; }
+  std::chrono::nanoseconds limit() const noexcept { return options_->limit; }
+  const std::string& name() const noexcept { return options_->name; }
 
  private:
-  std::chrono::nanoseconds limit_;
+  std::shared_ptr<const timeout_options> options_;  // shared: a stage copies one pointer
 };
 
 // A timeout in a pipeline (see stage.hpp): a deadline on everything inside it.
@@ -61,7 +72,10 @@ class timeout_stage {
  public:
   using time_point = typename Clock::time_point;
 
-  explicit timeout_stage(std::chrono::nanoseconds limit) : limit_(limit) {}
+  explicit timeout_stage(std::shared_ptr<const timeout_options> options)
+      : options_(std::move(options)) {}
+
+  std::string_view name() const noexcept { return options_->name; }
 
   struct slot {
     time_point deadline{};
@@ -69,7 +83,8 @@ class timeout_stage {
   static constexpr bool values_succeed = true;
 
   bool try_enter(slot& s, stage_context<Clock>&) {
-    s.deadline = Clock::now() + std::chrono::duration_cast<typename Clock::duration>(limit_);
+    s.deadline =
+        Clock::now() + std::chrono::duration_cast<typename Clock::duration>(options_->limit);
     return true;
   }
   template <class Outcome>
@@ -80,11 +95,14 @@ class timeout_stage {
   std::optional<time_point> inside_deadline(const slot& s) const { return s.deadline; }
   std::exception_ptr deadline_passed(slot&, stage_context<Clock>&, std::exception_ptr cause) {
     return std::make_exception_ptr(
-        weir::exception(error::timeout, fmt::format("no result within {}", limit_), {}, cause));
+        weir::exception(error::timeout,
+                        fmt::format("{}: no result within {}", options_->name,
+                                    std::chrono::duration<double>(options_->limit)),
+                        {}, cause));
   }
 
  private:
-  std::chrono::nanoseconds limit_;
+  std::shared_ptr<const timeout_options> options_;
 };
 
 }  // namespace weir

@@ -21,13 +21,15 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 namespace weir {
 
 struct token_bucket_options {
-  weir::rate rate{};        // sustained refill rate
-  std::uint64_t burst = 1;  // units available at once when the bucket is full
+  weir::rate rate{};                  // sustained refill rate
+  std::uint64_t burst = 1;            // units available at once when the bucket is full
+  std::string name = "token_bucket";  // in events (throttled, rejected), metrics and refusals
 };
 
 // Copies share one bucket. The acquire path is one clock read and a compare-exchange loop on a
@@ -121,8 +123,11 @@ class token_bucket {
   // Rate and burst read together: a pair that some set_rate/set_burst left in force.
   token_bucket_options options() const noexcept {
     const auto sh = state_->current();
-    return {per_second(1e9 / static_cast<double>(sh.interval)), sh.burst};
+    return {.rate = per_second(1e9 / static_cast<double>(sh.interval)),
+            .burst = sh.burst,
+            .name = state_->name};
   }
+  const std::string& name() const noexcept { return state_->name; }
 
   // Units that could be taken at once now (0 while waiters hold the bucket's future).
   std::uint64_t available(time_point now = Clock::now()) const {
@@ -137,7 +142,7 @@ class token_bucket {
   const executor_type& get_executor() const noexcept { return state_->executor; }
 
   // The bucket as a pipeline stage: one unit per call (attempt, inside a retry).
-  detail::limiter_stage<token_bucket> stage() const { return {*this, "token_bucket"}; }
+  detail::limiter_stage<token_bucket> stage() const { return {*this}; }
 
  private:
   struct state;
@@ -157,7 +162,7 @@ class token_bucket {
     using waiter_type = detail::waiter<reservation_type>;
 
     state(executor_type ex, token_bucket_options o)
-        : executor(std::move(ex)), waiters(executor, mutex) {
+        : executor(std::move(ex)), waiters(executor, mutex), name(std::move(o.name)) {
       const auto i = detail::emission_interval(o.rate);
       detail::tolerance(i, o.burst);  // validates
       interval.store(i, std::memory_order_relaxed);
@@ -320,6 +325,7 @@ class token_bucket {
     std::atomic<std::uint64_t> burst{1};
     std::mutex mutex;
     detail::waiter_queue<Clock, waiter_type> waiters;
+    const std::string name;
 
    private:
     std::atomic<detail::nanos> tat_{0};

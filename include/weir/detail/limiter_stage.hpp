@@ -17,6 +17,8 @@
 
 #include <chrono>
 #include <concepts>
+#include <string>
+#include <string_view>
 
 namespace weir::detail {
 
@@ -37,8 +39,10 @@ class limiter_stage {
   using clock_type = typename Limiter::clock_type;
   using cost_type = typename Limiter::cost_type;
 
-  // `name` says who refused, in a refusal's message.
-  limiter_stage(Limiter limiter, const char* name) : limiter_(std::move(limiter)), name_(name) {}
+  limiter_stage(Limiter limiter) : limiter_(std::move(limiter)) {}
+
+  // Says who held or refused a call, in events and refusals.
+  std::string_view name() const noexcept { return limiter_.name(); }
 
   struct slot {
     usage taken{};
@@ -62,8 +66,9 @@ class limiter_stage {
     auto [ec, waited] = co_await limiter_.async_acquire(
         Limiter::cost_of(s.taken), max_wait, boost::asio::as_tuple(boost::asio::use_awaitable));
     if (ec == error::rate_limited)
-      throw_refusal(ec, fmt::format("{}: the wait would pass the deadline", name_).c_str(), waited);
-    if (ec) throw_refusal(ec, name_);  // e.g. a shared limiter that cannot be reached
+      throw_refusal(ec, fmt::format("{}: the wait would pass the deadline", name()).c_str(),
+                    waited);
+    if (ec) throw_refusal(ec, std::string(name()).c_str());  // e.g. a shared limiter unreachable
   }
 
   // The estimate is settled against what the call says it used, when it says so.
@@ -88,7 +93,6 @@ class limiter_stage {
   };
 
   Limiter limiter_;
-  const char* name_;
 };
 
 }  // namespace weir::detail

@@ -191,9 +191,10 @@ class rate_limiter {
 
   // The shared limiter as a pipeline stage: the same stage as rate_limits', which waits here
   // on every call (each admission is a round trip, or a lease) and settles in the background.
-  weir::detail::limiter_stage<rate_limiter> stage() const { return {*this, "redis rate_limiter"}; }
+  weir::detail::limiter_stage<rate_limiter> stage() const { return {*this}; }
 
   limiter_mode mode() const noexcept { return state_->mode.load(); }
+  const std::string& name() const noexcept { return state_->options.name; }
 
  private:
   struct state {
@@ -220,7 +221,7 @@ class rate_limiter {
         dims.push_back({true, fmt::format("weir:{}:requests", options.name), *options.requests});
       if (options.tokens)
         dims.push_back({false, fmt::format("weir:{}:tokens", options.name), *options.tokens});
-      rate_limits_options local;
+      rate_limits_options local{.name = options.name + " (local fallback)"};
       const auto scaled = [&](const limit& l) {
         return limit{
             weir::per_second(l.rate.per_second * options.local_fraction),

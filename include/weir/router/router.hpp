@@ -357,7 +357,7 @@ class router {
                                            user = p.breaker.on_state_change](breaker_state from,
                                                                              breaker_state to) {
           if (user) user(from, to);
-          emit(breaker_changed{name, from, to});
+          emit(breaker_changed{name, from, to, name});
         };
         providers.push_back(std::make_unique<provider_entry>(p, std::move(breaker_options)));
       }
@@ -528,14 +528,14 @@ class router {
         if (never || !c.wait_for_capacity || (c.deadline && now + wait > *c.deadline)) {
           if (s->options.watch)
             s->emit(rejected{c.operation, rejection::rate_limited,
-                             never ? std::nullopt : std::optional(wait)});
+                             never ? std::nullopt : std::optional(wait), "router"});
           throw weir::exception(error::no_provider_available,
                                 never ? "router: every capable provider is isolated"
                                       : "router: no capable model has room before the deadline",
                                 never ? std::nullopt : std::optional(wait), last_failure,
                                 record.attempts);
         }
-        s->emit(throttled{c.operation, wait});
+        s->emit(throttled{c.operation, wait, "router"});
         timer.expires_after(std::chrono::duration_cast<typename Clock::duration>(wait));
         co_await timer.async_wait(boost::asio::use_awaitable);
         record.waited += std::chrono::duration_cast<nanos>(Clock::now() - now);
@@ -557,7 +557,7 @@ class router {
       }
       if (record.attempts > 0 && budget && !budget->try_withdraw()) {
         unreserve();
-        s->emit(rejected{c.operation, rejection::budget_exhausted});
+        s->emit(rejected{c.operation, rejection::budget_exhausted, {}, "router"});
         throw weir::exception(error::budget_exhausted, "router: the fallback budget is spent", {},
                               last_failure, record.attempts);
       }
