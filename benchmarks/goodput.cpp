@@ -19,7 +19,7 @@
 // well under the targets, so that a regression fails but a busy machine does not.
 #include <weir/http/beast.hpp>
 #include <weir/http/client.hpp>
-#include <weir/router/router.hpp>
+#include <weir/routing/router.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio.hpp>
@@ -298,19 +298,19 @@ class run {
 
  private:
   using router_type =
-      weir::router<int, weir::http::response, steady, weir::http::response_classifier>;
+      weir::routing::router<int, weir::http::response, steady, weir::http::response_classifier>;
 
   void make_router(asio::io_context& io) {
-    weir::catalog c;
-    c.add(weir::provider_spec{.name = "rig"});
-    c.add(weir::model_spec{
+    weir::routing::catalog c;
+    c.add(weir::routing::provider_spec{.name = "rig"});
+    c.add(weir::routing::model_spec{
         .provider = "rig",
         .id = "m",
         .requests_per_minute = who_ == client::weir_given ? limiter_.rate * 60 : 0});
     router_type::options_type o;
     o.max_attempts = 8;
     router_.emplace(io.get_executor(), std::move(c), std::move(o));
-    router_->connect("rig", [this](const weir::model_spec&, const int&) { return send(); });
+    router_->connect("rig", [this](const weir::routing::model_spec&, const int&) { return send(); });
   }
 
   asio::awaitable<weir::http::response> send() {

@@ -8,7 +8,7 @@
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/retry.hpp>
-#include <weir/router/router.hpp>
+#include <weir/routing/router.hpp>
 #ifdef WEIR_BENCH_REDIS
 #include <weir/redis/rate_limiter.hpp>
 #endif
@@ -243,10 +243,10 @@ BENCHMARK(token_bucket_waiters)
 // every filter, every cooldown and breaker check, the strategy on each, and the winner's limiter.
 void router_select(benchmark::State& state) {
   boost::asio::io_context io;
-  weir::catalog models;
+  weir::routing::catalog models;
   const int count = static_cast<int>(state.range(0));
   for (int i = 0; i < count; ++i)
-    models.add(weir::model_spec{.provider = fmt::format("provider-{}", i % 4),
+    models.add(weir::routing::model_spec{.provider = fmt::format("provider-{}", i % 4),
                                 .id = fmt::format("model-{}", i),
                                 .input_price = 0.1 * (count - i),
                                 .output_price = 0.4 * (count - i),
@@ -254,8 +254,8 @@ void router_select(benchmark::State& state) {
                                 .context_window = 128'000,
                                 .requests_per_minute = 1e9,
                                 .tokens_per_minute = 1e12});
-  weir::router<int, int> router(io.get_executor(), std::move(models));
-  const weir::route_constraints wanted{
+  weir::routing::router<int, int> router(io.get_executor(), std::move(models));
+  const weir::routing::route_constraints wanted{
       .input_tokens = 1'000, .output_tokens = 500, .min_capability = 3};
   const auto before = allocations.load(std::memory_order_relaxed);
   for (auto _ : state) benchmark::DoNotOptimize(router.select(wanted));

@@ -2,7 +2,7 @@
 // with a 429 that says its quota is spent for 2 s, so that request falls back to the other one,
 // and the next requests go to the other one until the cooldown ends. Each route's record says
 // where it went and why.
-#include <weir/router/router.hpp>
+#include <weir/routing/router.hpp>
 #include <weir/testing/fake_provider.hpp>
 
 #include <fmt/format.h>
@@ -19,7 +19,7 @@ struct prompt {
   std::string text;
 };
 
-asio::awaitable<void> ask(weir::router<prompt, fake_response, std::chrono::steady_clock,
+asio::awaitable<void> ask(weir::routing::router<prompt, fake_response, std::chrono::steady_clock,
                                        weir::testing::fake_classifier>& router,
                           int n) {
   const prompt question("question " + std::to_string(n));
@@ -35,20 +35,20 @@ asio::awaitable<void> ask_all(auto& router) {
 
 int main() {
   asio::io_context io;
-  weir::catalog models;
-  models.add(weir::model_spec{.provider = "cheap",
+  weir::routing::catalog models;
+  models.add(weir::routing::model_spec{.provider = "cheap",
                               .id = "small",
                               .input_price = 0.15,
                               .output_price = 0.6,
                               .capability = 6});
-  models.add(weir::model_spec{
+  models.add(weir::routing::model_spec{
       .provider = "dear", .id = "large", .input_price = 2.5, .output_price = 10, .capability = 9});
-  weir::router<prompt, fake_response, std::chrono::steady_clock, weir::testing::fake_classifier>
+  weir::routing::router<prompt, fake_response, std::chrono::steady_clock, weir::testing::fake_classifier>
       router(io.get_executor(), models);
 
   weir::testing::fake_provider<std::chrono::steady_clock> cheap, dear;
   bool first = true;
-  cheap.script = [&](const weir::model_spec&, auto) {
+  cheap.script = [&](const weir::routing::model_spec&, auto) {
     if (!std::exchange(first, false)) return fake_response::ok();
     auto spent = fake_response::too_many(2s);
     spent.hint.requests.remaining = 0;  // the quota is spent, not just this request

@@ -5,8 +5,8 @@
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/retry.hpp>
-#include <weir/router/router.hpp>
-#include <weir/router/strategy.hpp>
+#include <weir/routing/router.hpp>
+#include <weir/routing/strategy.hpp>
 #include <weir/testing/fake_provider.hpp>
 #include <weir/testing/manual_clock.hpp>
 #include <weir/timeout.hpp>
@@ -199,13 +199,13 @@ TEST_CASE("max_wait_in_half_open opens a breaker whose probes do not decide in t
 
 namespace {
 struct prompt {};
-using router_type = weir::router<prompt, fake_response, clock_type, fake_classifier>;
-using router_options = weir::basic_router_options<fake_response, clock_type>;
+using router_type = weir::routing::router<prompt, fake_response, clock_type, fake_classifier>;
+using router_options = weir::routing::basic_router_options<fake_response, clock_type>;
 
-weir::catalog one_provider(weir::circuit_breaker_options breaker) {
-  weir::catalog c;
-  c.add(weir::provider_spec{.name = "a", .breaker = breaker});
-  c.add(weir::model_spec{.provider = "a", .id = "a-1", .capability = 5});
+weir::routing::catalog one_provider(weir::circuit_breaker_options breaker) {
+  weir::routing::catalog c;
+  c.add(weir::routing::provider_spec{.name = "a", .breaker = breaker});
+  c.add(weir::routing::model_spec{.provider = "a", .id = "a-1", .capability = 5});
   return c;
 }
 
@@ -224,11 +224,11 @@ TEST_CASE("the router does not count a cancelled probe as a success", "[issue15]
                 unpaced());
   weir::testing::fake_provider<clock_type> a;
   bool down = true;
-  a.script = [&](const weir::model_spec&, clock_type::time_point) {
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point) {
     return down ? fake_response::server_error() : fake_response::ok();
   };
   r.connect("a", a.call<prompt>());
-  finished<weir::routed<fake_response>> first;
+  finished<weir::routing::routed<fake_response>> first;
   first.start(io, r.route(prompt{}, {}));
   run_ready(io);
   REQUIRE(r.status().at(0).breaker == weir::breaker_state::open);
@@ -236,7 +236,7 @@ TEST_CASE("the router does not count a cancelled probe as a success", "[issue15]
 
   a.latency = 1h;  // the probe hangs, and is cancelled
   asio::cancellation_signal signal;
-  finished<weir::routed<fake_response>> probe;
+  finished<weir::routing::routed<fake_response>> probe;
   probe.start(io, r.route(prompt{}, {}), signal.slot());
   run_ready(io);
   signal.emit(asio::cancellation_type::terminal);
@@ -246,7 +246,7 @@ TEST_CASE("the router does not count a cancelled probe as a success", "[issue15]
 
   a.latency = 0ns;
   down = false;
-  finished<weir::routed<fake_response>> next;  // the permit came back: the next route probes
+  finished<weir::routing::routed<fake_response>> next;  // the permit came back: the next route probes
   next.start(io, r.route(prompt{}, {}));
   run_ready(io);
   CHECK(next.value);
@@ -427,7 +427,7 @@ struct chat_request {
   std::string model_hint;
   std::vector<std::string> messages;
 };
-using chat_router = weir::router<chat_request, fake_response, clock_type, fake_classifier>;
+using chat_router = weir::routing::router<chat_request, fake_response, clock_type, fake_classifier>;
 
 asio::awaitable<int> route_naturally(chat_router& r) {
   // Temporaries with destructors inside the co_await expression itself, constraints braced.
@@ -740,23 +740,23 @@ TEST_CASE("retry budget deposits expire after their ttl", "[issue15]") {
 TEST_CASE("lowest_latency stops preferring a model that always times out", "[issue15]") {
   clock_type::reset();
   asio::io_context io;
-  weir::catalog c;
-  c.add(weir::model_spec{.provider = "a", .id = "a-1", .capability = 5});
-  c.add(weir::model_spec{.provider = "b", .id = "b-1", .capability = 5});
+  weir::routing::catalog c;
+  c.add(weir::routing::model_spec{.provider = "a", .id = "a-1", .capability = 5});
+  c.add(weir::routing::model_spec{.provider = "b", .id = "b-1", .capability = 5});
   auto o = unpaced();
   o.max_attempts = 2;
-  o.strategy = weir::strategies::lowest_latency<clock_type>();
+  o.strategy = weir::routing::strategies::lowest_latency<clock_type>();
   router_type r(io.get_executor(), c, o);
   weir::testing::fake_provider<clock_type> a, b;
   a.latency = 10s;
-  a.script = [](const weir::model_spec&, clock_type::time_point) {
+  a.script = [](const weir::routing::model_spec&, clock_type::time_point) {
     return fake_response{.status = 504};
   };
   b.latency = 1s;
   r.connect("a", a.call<prompt>());
   r.connect("b", b.call<prompt>());
   for (int i = 0; i < 5; ++i) {
-    finished<weir::routed<fake_response>> f;
+    finished<weir::routing::routed<fake_response>> f;
     f.start(io, r.route(prompt{}, {}));
     advance<clock_type>(io, 20s);
     REQUIRE(f.value);
@@ -770,13 +770,13 @@ TEST_CASE("lowest_latency stops preferring a model that always times out", "[iss
 TEST_CASE("the router charges input tokens to a limit the server reports", "[issue15]") {
   clock_type::reset();
   asio::io_context io;
-  weir::catalog c;
+  weir::routing::catalog c;
   c.add(
-      weir::model_spec{.provider = "a", .id = "a-1", .capability = 5, .requests_per_minute = 6000});
+      weir::routing::model_spec{.provider = "a", .id = "a-1", .capability = 5, .requests_per_minute = 6000});
   router_options o;  // with the adaptation, which learns limits from the answers
   router_type r(io.get_executor(), c, o);
   weir::testing::fake_provider<clock_type> a;
-  a.script = [](const weir::model_spec&, clock_type::time_point) {
+  a.script = [](const weir::routing::model_spec&, clock_type::time_point) {
     // Anthropic-style: the input-token limit of the minute is spent for the next 5 s.
     auto ok = fake_response::ok();
     ok.hint.input_tokens = {.limit = 1000,
@@ -787,7 +787,7 @@ TEST_CASE("the router charges input tokens to a limit the server reports", "[iss
     return ok;
   };
   r.connect("a", a.call<prompt>());
-  finished<weir::routed<fake_response>> first, no_input, with_input;
+  finished<weir::routing::routed<fake_response>> first, no_input, with_input;
   first.start(io, r.route(prompt{}, {.input_tokens = 10}));
   advance<clock_type>(io, 1s);
   REQUIRE(first.value);

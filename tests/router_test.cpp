@@ -1,6 +1,6 @@
 // Specifications for the router and its catalog, on virtual time with scripted providers.
-#include <weir/router/catalog_json.hpp>
-#include <weir/router/router.hpp>
+#include <weir/routing/catalog_json.hpp>
+#include <weir/routing/router.hpp>
 #include <weir/testing/fake_provider.hpp>
 #include <weir/testing/manual_clock.hpp>
 
@@ -30,27 +30,27 @@ struct prompt {
   std::string text;
 };
 
-using router_type = weir::router<prompt, fake_response, clock_type, fake_classifier>;
+using router_type = weir::routing::router<prompt, fake_response, clock_type, fake_classifier>;
 using constraints = router_type::constraints;
-using options = weir::basic_router_options<fake_response, clock_type>;
+using options = weir::routing::basic_router_options<fake_response, clock_type>;
 
 // Two providers with one model each: a is cheaper than b.
-weir::catalog two_models(double a_rpm = 0, double b_rpm = 0) {
-  weir::catalog c;
-  c.add(weir::model_spec{.provider = "a",
-                         .id = "a-small",
-                         .input_price = 1,
-                         .output_price = 2,
-                         .capability = 5,
-                         .context_window = 8'000,
-                         .requests_per_minute = a_rpm});
-  c.add(weir::model_spec{.provider = "b",
-                         .id = "b-large",
-                         .input_price = 3,
-                         .output_price = 6,
-                         .capability = 8,
-                         .context_window = 100'000,
-                         .requests_per_minute = b_rpm});
+weir::routing::catalog two_models(double a_rpm = 0, double b_rpm = 0) {
+  weir::routing::catalog c;
+  c.add(weir::routing::model_spec{.provider = "a",
+                                  .id = "a-small",
+                                  .input_price = 1,
+                                  .output_price = 2,
+                                  .capability = 5,
+                                  .context_window = 8'000,
+                                  .requests_per_minute = a_rpm});
+  c.add(weir::routing::model_spec{.provider = "b",
+                                  .id = "b-large",
+                                  .input_price = 3,
+                                  .output_price = 6,
+                                  .capability = 8,
+                                  .context_window = 100'000,
+                                  .requests_per_minute = b_rpm});
   return c;
 }
 
@@ -71,27 +71,28 @@ fake_response exhausted(ns retry_after) {
 
 // The outcome of one route: what came back, or the weir error.
 struct route_result {
-  std::optional<weir::routed<fake_response>> value;
+  std::optional<weir::routing::routed<fake_response>> value;
   std::optional<weir::exception> error;
   bool done = false;
 };
 
 void start(asio::io_context& io, router_type& r, constraints c, route_result& out) {
-  asio::co_spawn(io, r.route(prompt{"hello"}, std::move(c)),
-                 [&out](std::exception_ptr e, std::optional<weir::routed<fake_response>> v) {
-                   out.done = true;
-                   if (!e) {
-                     out.value = std::move(v);
-                     return;
-                   }
-                   try {
-                     std::rethrow_exception(e);
-                   } catch (const weir::exception& x) {
-                     out.error = x;
-                   } catch (const std::exception& x) {
-                     FAIL("not a weir::exception: " << x.what());
-                   }
-                 });
+  asio::co_spawn(
+      io, r.route(prompt{"hello"}, std::move(c)),
+      [&out](std::exception_ptr e, std::optional<weir::routing::routed<fake_response>> v) {
+        out.done = true;
+        if (!e) {
+          out.value = std::move(v);
+          return;
+        }
+        try {
+          std::rethrow_exception(e);
+        } catch (const weir::exception& x) {
+          out.error = x;
+        } catch (const std::exception& x) {
+          FAIL("not a weir::exception: " << x.what());
+        }
+      });
 }
 
 route_result route_now(asio::io_context& io, router_type& r, constraints c = {},
@@ -103,6 +104,78 @@ route_result route_now(asio::io_context& io, router_type& r, constraints c = {},
 }
 
 }  // namespace
+
+// Selection is pure: specs, views and numbers in, a ranking out; no coroutine, server or clock.
+TEST_CASE("selection ranks what may be tried now and says when the first blocked one frees up",
+          "[router][selection]") {
+  namespace r = weir::routing;
+  using steady = std::chrono::steady_clock;
+  const std::vector<r::model_spec> specs = {
+      {.provider = "a", .id = "cheap", .input_price = 1, .output_price = 1, .capability = 5},
+      {.provider = "a", .id = "small", .input_price = 0.5, .capability = 5, .context_window = 1000},
+      {.provider = "b", .id = "dear", .input_price = 9, .output_price = 9, .capability = 9},
+      {.provider = "b", .id = "weak", .input_price = 0.1, .capability = 2},
+  };
+  std::vector<r::model_view<steady>> views;
+  for (const auto& s : specs) views.push_back({.spec = &s});
+  const r::basic_route_constraints<steady> c{
+      .input_tokens = 900, .output_tokens = 300, .min_capability = 5};
+  const std::vector<char> none_tried(specs.size(), 0);
+  const std::vector<std::int64_t> no_wait(specs.size(), 0);
+  const steady::time_point now{1h};
+  const auto strategy = r::strategies::cheapest<steady>();
+  const auto rank = [&](r::ranking& ranked, auto blocked, const std::vector<char>& tried,
+                        const std::vector<std::int64_t>& not_before) {
+    r::rank<steady>(ranked, views, c, r::fitting_context(c), tried, not_before, now, strategy,
+                    blocked);
+  };
+
+  // "small" cannot hold 1 200 tokens, "weak" is not capable: "cheap" wins, "dear" is next.
+  r::ranking all(specs.size());
+  rank(
+      all, [](std::size_t) { return ns(0); }, none_tried, no_wait);
+  CHECK(all.any_capable);
+  const auto scores = all.scores.span();
+  CHECK(scores[1] == r::ranking::unranked);
+  CHECK(scores[3] == r::ranking::unranked);
+  CHECK(scores[0] < scores[2]);
+  // The cheapest has no room for 2 s: the next takes the request.
+  std::vector<std::size_t> asked;
+  const auto taken = r::choose(all, [&](std::size_t i) {
+    asked.push_back(i);
+    return i == 0 ? ns(2s) : ns(0);
+  });
+  CHECK(taken == std::optional<std::size_t>(2));
+  CHECK(asked == std::vector<std::size_t>{0, 2});
+
+  // "cheap" cooling for 5 s, "dear" waiting 3 s for this request: none now, the first in 3 s.
+  r::ranking blocked(specs.size());
+  std::vector<std::int64_t> not_before = no_wait;
+  not_before[2] = (now + 3s).time_since_epoch().count();
+  rank(
+      blocked, [](std::size_t i) { return i == 0 ? ns(5s) : ns(0); }, none_tried, not_before);
+  CHECK(!r::choose(blocked, [](std::size_t) { return ns(0); }));
+  CHECK(blocked.any_capable);
+  CHECK(blocked.earliest == 3s);
+
+  // Both capable ones tried already: nothing capable is left.
+  r::ranking tried_all(specs.size());
+  rank(
+      tried_all, [](std::size_t) { return ns(0); }, std::vector<char>{1, 0, 1, 0}, no_wait);
+  CHECK(!tried_all.any_capable);
+
+  // Refusals of the limits lower the earliest wait; cooldowns, an open breaker and batch pacing
+  // add up to the longest of them.
+  r::ranking limited(specs.size());
+  rank(
+      limited, [](std::size_t) { return ns(0); }, none_tried, no_wait);
+  CHECK(!r::choose(limited, [](std::size_t i) { return i == 0 ? ns(4s) : ns(7s); }));
+  CHECK(limited.earliest == 4s);
+  CHECK(r::blocked_for(1s, 2s, std::nullopt, std::nullopt) == 2s);
+  CHECK(r::blocked_for(1s, -5s, ns(30s), ns(10ms)) == 30s);
+  CHECK(r::blocked_for(-1s, -1s, std::nullopt, std::nullopt) == 0s);
+  CHECK(r::cost_of(c).tokens == 1200);
+}
 
 TEST_CASE("the cheapest capable model is chosen, and capability and context filter") {
   clock_type::reset();
@@ -145,7 +218,7 @@ TEST_CASE("a 429 saying the quota is spent for 20 s sends the next 20 s to b, th
   router_type r(io.get_executor(), two_models(), o);
   provider a, b;
   const auto refused_at = clock_type::now();
-  a.script = [&](const weir::model_spec&, clock_type::time_point now) {
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point now) {
     return now == refused_at ? exhausted(20s) : fake_response::ok();
   };
   r.connect("a", a.call<prompt>());
@@ -181,7 +254,7 @@ TEST_CASE("a 429 that says only Retry-After holds back that request's retry, not
   router_type r(io.get_executor(), two_models(), unpaced());
   provider a, b;
   int calls = 0;
-  a.script = [&](const weir::model_spec&, clock_type::time_point) {
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point) {
     return ++calls % 2 == 1 ? fake_response::too_many(5s) : fake_response::ok();
   };
   r.connect("a", a.call<prompt>());
@@ -206,25 +279,29 @@ TEST_CASE("a 429 that says only Retry-After holds back that request's retry, not
 }
 
 TEST_CASE("a spent quota cools the model, or the whole provider when its limits are per account") {
-  for (const auto scope : {weir::cooldown_scope::model, weir::cooldown_scope::provider}) {
+  for (const auto scope :
+       {weir::routing::cooldown_scope::model, weir::routing::cooldown_scope::provider}) {
     clock_type::reset();
     asio::io_context io;
-    weir::catalog c;
-    c.add(weir::provider_spec{.name = "a", .cooldown_scope = scope});
-    c.add(weir::model_spec{.provider = "a", .id = "small", .input_price = 1, .capability = 5});
-    c.add(weir::model_spec{.provider = "a", .id = "large", .input_price = 2, .capability = 8});
-    c.add(weir::model_spec{.provider = "b", .id = "other", .input_price = 3, .capability = 8});
+    weir::routing::catalog c;
+    c.add(weir::routing::provider_spec{.name = "a", .cooldown_scope = scope});
+    c.add(weir::routing::model_spec{
+        .provider = "a", .id = "small", .input_price = 1, .capability = 5});
+    c.add(weir::routing::model_spec{
+        .provider = "a", .id = "large", .input_price = 2, .capability = 8});
+    c.add(weir::routing::model_spec{
+        .provider = "b", .id = "other", .input_price = 3, .capability = 8});
     router_type r(io.get_executor(), c, unpaced());
     provider a, b;
     const auto t0 = clock_type::now();
-    a.script = [&](const weir::model_spec& m, clock_type::time_point now) {
+    a.script = [&](const weir::routing::model_spec& m, clock_type::time_point now) {
       return now == t0 && m.id == "small" ? exhausted(10s) : fake_response::ok();
     };
     r.connect("a", a.call<prompt>());
     r.connect("b", b.call<prompt>());
     auto res = route_now(io, r);
     REQUIRE(res.value);
-    const bool per_model = scope == weir::cooldown_scope::model;
+    const bool per_model = scope == weir::routing::cooldown_scope::model;
     CHECK(res.value->route.model == (per_model ? "large" : "other"));
     CHECK(r.status(clock_type::now()).at(per_model ? 1 : 0).cooling == ns(per_model ? 0s : 10s));
   }
@@ -233,15 +310,15 @@ TEST_CASE("a spent quota cools the model, or the whole provider when its limits 
 TEST_CASE("a model the catalog gives no limit is paced by discovery, just under its server's") {
   clock_type::reset();
   asio::io_context io;
-  weir::catalog c;
-  c.add(weir::model_spec{.provider = "a", .id = "a-small", .capability = 5});
+  weir::routing::catalog c;
+  c.add(weir::routing::model_spec{.provider = "a", .id = "a-small", .capability = 5});
   router_type r(io.get_executor(), c);  // default options: discovery on
   provider a;
   // A strict server allowing 20/s: one request per 50 ms, refusals not counted.
   std::optional<clock_type::time_point> last_served;
   const auto start = clock_type::now();
   int served = 0, refused = 0;
-  a.script = [&](const weir::model_spec&, clock_type::time_point now) {
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point now) {
     const bool ok = !last_served || now - *last_served >= 50ms;
     if (ok) last_served = now;
     if (now - start >= 10s) ++(ok ? served : refused);
@@ -274,9 +351,9 @@ TEST_CASE("a model the catalog gives no limit is paced by discovery, just under 
 TEST_CASE("five server errors open a's breaker, and b serves until a's probe succeeds") {
   clock_type::reset();
   asio::io_context io;
-  weir::catalog c;
-  c.add(weir::provider_spec{.name = "a",
-                            .breaker = {.consecutive_failures = 5, .break_duration = 30s}});
+  weir::routing::catalog c;
+  c.add(weir::routing::provider_spec{
+      .name = "a", .breaker = {.consecutive_failures = 5, .break_duration = 30s}});
   const auto both = two_models();
   for (const auto& m : both.models()) c.add(m);
   std::vector<std::pair<weir::breaker_state, weir::breaker_state>> changes;
@@ -291,7 +368,7 @@ TEST_CASE("five server errors open a's breaker, and b serves until a's probe suc
   router_type r(io.get_executor(), c, o);
   provider a, b;
   bool a_down = true;
-  a.script = [&](const weir::model_spec&, clock_type::time_point) {
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point) {
     return a_down ? fake_response::server_error() : fake_response::ok();
   };
   r.connect("a", a.call<prompt>());
@@ -321,10 +398,10 @@ TEST_CASE("when every provider is out the error names the earliest time it frees
   router_type r(io.get_executor(), two_models(), unpaced());
   provider a, b;
   const auto t0 = clock_type::now();
-  a.script = [&](const weir::model_spec&, clock_type::time_point now) {
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point now) {
     return now == t0 ? exhausted(20s) : fake_response::ok();
   };
-  b.script = [&](const weir::model_spec&, clock_type::time_point now) {
+  b.script = [&](const weir::routing::model_spec&, clock_type::time_point now) {
     return now == t0 ? exhausted(30s) : fake_response::ok();
   };
   r.connect("a", a.call<prompt>());
@@ -401,7 +478,7 @@ TEST_CASE("a context overflow moves to a larger model, another 400 is returned a
   router_type r(io.get_executor(), two_models(), o);
   provider a, b;
   bool overflow = true;
-  a.script = [&](const weir::model_spec&, clock_type::time_point) {
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point) {
     fake_response bad{.status = 400};
     bad.context_overflow = overflow;
     return bad;
@@ -429,7 +506,7 @@ TEST_CASE("settled tokens and cost come from the response's usage") {
   o.usage_of = [](const fake_response& res) { return std::optional(res.usage); };
   router_type r(io.get_executor(), two_models(), o);
   provider a, b;
-  a.script = [](const weir::model_spec&, clock_type::time_point) {
+  a.script = [](const weir::routing::model_spec&, clock_type::time_point) {
     return fake_response::ok({.input_tokens = 120, .output_tokens = 30});
   };
   r.connect("a", a.call<prompt>());
@@ -451,7 +528,7 @@ TEST_CASE("strategies: most headroom and lowest latency") {
 
   SECTION("lowest latency measures each model once, then keeps to the faster") {
     options o = unpaced();
-    o.strategy = weir::strategies::lowest_latency<clock_type>();
+    o.strategy = weir::routing::strategies::lowest_latency<clock_type>();
     router_type r(io.get_executor(), two_models(), o);
     r.connect("a", a.call<prompt>());
     r.connect("b", b.call<prompt>());
@@ -462,7 +539,7 @@ TEST_CASE("strategies: most headroom and lowest latency") {
   }
   SECTION("most headroom spreads the load over both limits") {
     options o = unpaced();
-    o.strategy = weir::strategies::most_headroom<clock_type>();
+    o.strategy = weir::routing::strategies::most_headroom<clock_type>();
     router_type r(io.get_executor(), two_models(600, 600), o);
     r.connect("a", a.call<prompt>());
     r.connect("b", b.call<prompt>());
@@ -475,31 +552,31 @@ TEST_CASE("strategies: most headroom and lowest latency") {
 TEST_CASE("router misuse gives clear errors") {
   clock_type::reset();
   asio::io_context io;
-  CHECK_THROWS_AS(router_type(io.get_executor(), weir::catalog{}), weir::exception);
+  CHECK_THROWS_AS(router_type(io.get_executor(), weir::routing::catalog{}), weir::exception);
   router_type r(io.get_executor(), two_models(), unpaced());
   CHECK_THROWS_AS(r.connect("nobody", provider{}.call<prompt>()), weir::exception);
   auto res = route_now(io, r);  // a was never connected
   REQUIRE(res.error);
   CHECK(res.error->code() == weir::error::invalid_argument);
-  weir::catalog c;
-  CHECK_THROWS_AS(c.add(weir::model_spec{.provider = "a", .id = "m", .input_price = -1}),
+  weir::routing::catalog c;
+  CHECK_THROWS_AS(c.add(weir::routing::model_spec{.provider = "a", .id = "m", .input_price = -1}),
                   weir::exception);
 }
 
 TEST_CASE("routes shared by four threads all end, once each", "[concurrency]") {
   asio::io_context io(4);
-  weir::catalog c;
-  c.add(weir::model_spec{.provider = "a",
-                         .id = "a1",
-                         .input_price = 1,
-                         .capability = 5,
-                         .requests_per_minute = 600'000});
-  c.add(weir::model_spec{.provider = "b", .id = "b1", .input_price = 2, .capability = 5});
-  weir::router<prompt, fake_response, std::chrono::steady_clock, fake_classifier> r(
+  weir::routing::catalog c;
+  c.add(weir::routing::model_spec{.provider = "a",
+                                  .id = "a1",
+                                  .input_price = 1,
+                                  .capability = 5,
+                                  .requests_per_minute = 600'000});
+  c.add(weir::routing::model_spec{.provider = "b", .id = "b1", .input_price = 2, .capability = 5});
+  weir::routing::router<prompt, fake_response, std::chrono::steady_clock, fake_classifier> r(
       io.get_executor(), c);
   weir::testing::fake_provider<std::chrono::steady_clock> a, b;
   std::atomic<int> n{0};
-  a.script = [&](const weir::model_spec&, auto) {
+  a.script = [&](const weir::routing::model_spec&, auto) {
     return ++n % 3 == 0 ? fake_response::server_error() : fake_response::ok();
   };
   r.connect("a", a.call<prompt>());
@@ -519,7 +596,7 @@ TEST_CASE("routes shared by four threads all end, once each", "[concurrency]") {
 // ---- the JSON catalog ---------------------------------------------------------------------
 
 TEST_CASE("a catalog loads from JSON") {
-  const auto c = weir::load_catalog(R"({
+  const auto c = weir::routing::load_catalog(R"({
     "providers": [
       {"name": "openai", "default_cooldown_seconds": 2.5,
        "breaker": {"consecutive_failures": 3, "break_seconds": 10}}
@@ -545,8 +622,8 @@ TEST_CASE("a catalog loads from JSON") {
 TEST_CASE("a bad catalog file names the field and the line") {
   const auto error_of = [](const std::string& json) -> std::pair<std::string, std::size_t> {
     try {
-      weir::load_catalog(json);
-    } catch (const weir::catalog_error& e) {
+      weir::routing::load_catalog(json);
+    } catch (const weir::routing::catalog_error& e) {
       CHECK(e.code() == weir::error::invalid_argument);
       return {e.field(), e.line()};
     }
@@ -569,9 +646,9 @@ TEST_CASE("a bad catalog file names the field and the line") {
         std::pair<std::string, std::size_t>{"models[0].context_window", 2});
   CHECK(error_of("[]").first == "catalog");
   try {
-    weir::load_catalog_file("/nonexistent/catalog.json");
+    weir::routing::load_catalog_file("/nonexistent/catalog.json");
     FAIL("no error");
-  } catch (const weir::catalog_error& e) {
+  } catch (const weir::routing::catalog_error& e) {
     CHECK(e.line() == 0);
   }
 }
@@ -680,7 +757,7 @@ TEST_CASE("cancelling each kind of wait completes it once, aborted, and gives ba
     provider a, b;
     const auto t0 = clock_type::now();
     for (auto* p : {&a, &b})
-      p->script = [t0](const weir::model_spec&, clock_type::time_point now) {
+      p->script = [t0](const weir::routing::model_spec&, clock_type::time_point now) {
         return now == t0 ? fake_response::too_many(20s) : fake_response::ok();
       };
     r.connect("a", a.call<prompt>());
@@ -709,7 +786,7 @@ TEST_CASE("destroying an io_context mid-flight destroys every pending handler, n
                                           {.rate = weir::per_hour(1), .burst = 1});
     router_type r(io.get_executor(), two_models(), unpaced());
     provider a, b;
-    a.script = b.script = [](const weir::model_spec&, clock_type::time_point) {
+    a.script = b.script = [](const weir::routing::model_spec&, clock_type::time_point) {
       return fake_response::too_many(1h);
     };
     r.connect("a", a.call<prompt>());
@@ -792,7 +869,7 @@ TEST_CASE("soak: a million routes with fallbacks, memory flat, counts exact") {
   router_type r(io.get_executor(), two_models(), o);
   provider a, b;
   int n = 0;
-  a.script = [&](const weir::model_spec&, clock_type::time_point) {
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point) {
     return ++n % 7 == 0 ? fake_response::server_error() : fake_response::ok();
   };
   r.connect("a", a.call<prompt>());
@@ -831,7 +908,7 @@ TEST_CASE("a spent fallback budget ends routes with budget_exhausted") {
   o.fallback_budget.emplace(weir::retry_budget_options{.ratio = 0, .reserve = 2, .capacity = 2});
   router_type r(io.get_executor(), two_models(), o);
   provider a, b;
-  a.script = b.script = [](const weir::model_spec&, clock_type::time_point) {
+  a.script = b.script = [](const weir::routing::model_spec&, clock_type::time_point) {
     return fake_response::server_error();
   };
   r.connect("a", a.call<prompt>());

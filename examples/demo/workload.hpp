@@ -9,7 +9,7 @@
 #include <weir/pipeline.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
-#include <weir/router/router.hpp>
+#include <weir/routing/router.hpp>
 #include <weir/testing/mock_provider.hpp>
 #include <weir/timeout.hpp>
 
@@ -310,12 +310,12 @@ struct run_options {
 };
 
 // What a status line needs of a running router.
-using status_source = std::function<std::vector<weir::model_status>()>;
+using status_source = std::function<std::vector<weir::routing::model_status>()>;
 
 // Requests per second a model's limits allow now, in the dimension that binds: its request limit,
 // or its token limit over the tokens a request takes, whichever is lower. 0 when neither is
 // known (yet).
-inline double binding_limit(const weir::model_status& m, double tokens_per_request) {
+inline double binding_limit(const weir::routing::model_status& m, double tokens_per_request) {
   double per_second = 0;
   if (m.requests_limit) per_second = *m.requests_limit / 60;
   if (m.tokens_limit && tokens_per_request > 0) {
@@ -359,17 +359,17 @@ struct chat {
 
 class weir_run {
  public:
-  using router_type = weir::router<chat, response, steady, weir::http::response_classifier>;
+  using router_type = weir::routing::router<chat, response, steady, weir::http::response_classifier>;
 
   weir_run(asio::io_context& io, std::vector<provider_setup> fleet, run_options options,
            progress& live)
       : io_(io), fleet_(std::move(fleet)), options_(options), log_(fleet_, live) {
-    weir::catalog models;
+    weir::routing::catalog models;
     for (const auto& p : fleet_) {
       models.add(
-          weir::provider_spec{.name = p.name, .breaker = options_.breaker, .default_cooldown = 1s});
+          weir::routing::provider_spec{.name = p.name, .breaker = options_.breaker, .default_cooldown = 1s});
       for (const auto& m : p.models)
-        models.add(weir::model_spec{.provider = p.name,
+        models.add(weir::routing::model_spec{.provider = p.name,
                                     .id = m.id,
                                     .input_price = m.input_price,
                                     .output_price = m.output_price,
@@ -391,7 +391,7 @@ class weir_run {
     for (const auto& p : fleet_) {
       auto& conn = connections_.emplace_back(std::make_unique<connection>(
           io.get_executor(), weir::http::endpoint::parse(p.base_url), tls(), p, options_));
-      router_->connect(p.name, [c = conn.get()](const weir::model_spec& m, const chat& request) {
+      router_->connect(p.name, [c = conn.get()](const weir::routing::model_spec& m, const chat& request) {
         return c->send(m, *request.work);
       });
     }
@@ -433,7 +433,7 @@ class weir_run {
           queue(ex, {.max_concurrent = o.connections_per_provider, .max_queued = 10'000}),
           deadline(o.attempt_timeout) {}
 
-    asio::awaitable<response> send(const weir::model_spec& m, const job& j) {
+    asio::awaitable<response> send(const weir::routing::model_spec& m, const job& j) {
       return weir::pipeline(queue, deadline)([this, &m, &j] {
         weir::http::header_list request_id{{"x-weir-request", std::to_string(j.id)}};
         return client.complete(request_of(m.id, j), 2 * deadline.limit(), std::move(request_id));
@@ -534,7 +534,7 @@ class naive_run {
       auto& t = r.providers[p.name];
       t.limit_per_second = 0;
       for (const auto& m : p.models) {
-        weir::model_status given;
+        weir::routing::model_status given;
         given.requests_limit = m.requests_per_minute;
         given.tokens_limit = m.tokens_per_minute;
         t.limit_per_second += binding_limit(given, tokens_per_request_);

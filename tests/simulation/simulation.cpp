@@ -27,7 +27,7 @@
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/retry.hpp>
-#include <weir/router/router.hpp>
+#include <weir/routing/router.hpp>
 #include <weir/testing/fake_provider.hpp>
 #include <weir/testing/manual_clock.hpp>
 #include <weir/timeout.hpp>
@@ -655,7 +655,7 @@ void threaded_queue_check(std::uint64_t seed) {
 // quiescence every route ended once, and every provider can still be routed to: none is left
 // with a breaker that no longer admits.
 struct routed_prompt {};
-using sim_router = weir::router<routed_prompt, weir::testing::fake_response, sim_clock,
+using sim_router = weir::routing::router<routed_prompt, weir::testing::fake_response, sim_clock,
                                 weir::testing::fake_classifier>;
 
 void router_scenario(std::uint64_t seed, bool verbose) {
@@ -663,18 +663,18 @@ void router_scenario(std::uint64_t seed, bool verbose) {
   std::mt19937_64 rng(seed ^ 0x7007e5);
   sim_clock::reset();
   asio::io_context io;
-  weir::catalog c;
+  weir::routing::catalog c;
   const char* names[] = {"a", "b", "c"};
   for (int p = 0; p < 3; ++p) {
-    weir::provider_spec spec{.name = names[p]};
+    weir::routing::provider_spec spec{.name = names[p]};
     spec.breaker = {.consecutive_failures = pick<std::uint32_t>(rng, 1, 4),
                     .break_duration = uniform(rng, 1s, 20s),
                     .probe_timeout = ns(100h)};
     spec.default_cooldown = uniform(rng, 100ms, 5s);
     spec.cooldown_scope =
-        chance(rng, 0.5) ? weir::cooldown_scope::model : weir::cooldown_scope::provider;
+        chance(rng, 0.5) ? weir::routing::cooldown_scope::model : weir::routing::cooldown_scope::provider;
     c.add(spec);
-    c.add(weir::model_spec{
+    c.add(weir::routing::model_spec{
         .provider = names[p],
         .id = std::string(names[p]) + "-1",
         .input_price = static_cast<double>(p + 1),
@@ -683,7 +683,7 @@ void router_scenario(std::uint64_t seed, bool verbose) {
         .tokens_per_minute =
             chance(rng, 0.3) ? static_cast<double>(pick(rng, 10'000, 100'000)) : 0.0});
   }
-  weir::basic_router_options<fake_response, sim_clock> o;
+  weir::routing::basic_router_options<fake_response, sim_clock> o;
   o.max_attempts = pick(rng, 1u, 5u);
   if (chance(rng, 0.5)) o.adaptation.reset();
   if (chance(rng, 0.3)) o.fallback_budget.emplace(weir::retry_budget_options{.reserve = 3});
@@ -693,7 +693,7 @@ void router_scenario(std::uint64_t seed, bool verbose) {
   std::array<weir::testing::fake_provider<sim_clock>, 3> providers;
   for (auto& p : providers) {
     p.latency = chance(rng, 0.2) ? ns(1h) : uniform(rng, 0s, 3s);
-    p.script = [&rng, &healthy](const weir::model_spec&, sim_clock::time_point) {
+    p.script = [&rng, &healthy](const weir::routing::model_spec&, sim_clock::time_point) {
       if (healthy) return fake_response::ok();
       switch (pick(rng, 0, 6)) {
         case 0: return fake_response::too_many(uniform(rng, 0s, 5s));

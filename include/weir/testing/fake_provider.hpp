@@ -2,13 +2,13 @@
 // spent on the (virtual) clock, and counts what it answered.
 //
 //     weir::testing::fake_provider<clock> a;
-//     a.script = [](const weir::model_spec&, clock::time_point) { return fake_response::ok(); };
+//     a.script = [](const weir::routing::model_spec&, clock::time_point) { return fake_response::ok(); };
 //     router.connect("a", a.call<my_request>());
 #pragma once
 
 #include <weir/outcome.hpp>
-#include <weir/router/catalog.hpp>
-#include <weir/router/router.hpp>
+#include <weir/routing/catalog.hpp>
+#include <weir/routing/router.hpp>
 
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/basic_waitable_timer.hpp>
@@ -63,14 +63,14 @@ class fake_provider {
   using time_point = typename Clock::time_point;
 
   // Decides each answer from the model asked and the time of the call.
-  std::function<fake_response(const model_spec&, time_point)> script =
-      [](const model_spec&, time_point) { return fake_response::ok(); };
+  std::function<fake_response(const routing::model_spec&, time_point)> script =
+      [](const routing::model_spec&, time_point) { return fake_response::ok(); };
   std::chrono::nanoseconds latency{0};
 
   // A provider_call for a router whose requests are of type Request (the fake ignores them).
   template <class Request>
   auto call() {
-    return [this](const model_spec& m, const Request&) { return respond(m); };
+    return [this](const routing::model_spec& m, const Request&) { return respond(m); };
   }
 
   unsigned calls() const { return calls_.load(); }
@@ -81,7 +81,7 @@ class fake_provider {
   }
 
  private:
-  boost::asio::awaitable<fake_response> respond(const model_spec& m) {
+  boost::asio::awaitable<fake_response> respond(const routing::model_spec& m) {
     ++calls_;
     auto answer = script(m, Clock::now());
     answer.model = m.id;

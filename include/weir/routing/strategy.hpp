@@ -2,14 +2,14 @@
 // the lowest score wins, ties go to the model listed first in the catalog.
 #pragma once
 
-#include <weir/router/catalog.hpp>
+#include <weir/routing/catalog.hpp>
 #include <weir/usage_monitor.hpp>
 
 #include <algorithm>
 #include <chrono>
 #include <functional>
 
-namespace weir {
+namespace weir::routing {
 
 // One model that passed every filter and has room now.
 template <class Clock = std::chrono::steady_clock>
@@ -69,4 +69,4 @@ basic_strategy<Clock> weighted(weights w) {
 }
 
 }  // namespace strategies
-}  // namespace weir
+}  // namespace weir::routing

@@ -16,7 +16,7 @@
 // exactly one of your source files (or link Boost::json).
 #pragma once
 
-#include <weir/router/catalog.hpp>
+#include <weir/routing/catalog.hpp>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -33,7 +33,7 @@
 #include <utility>
 #include <vector>
 
-namespace weir {
+namespace weir::routing {
 
 // A catalog file that could not be read: the field (e.g. "models[2].input_price") and the
 // 1-based line it is on (0 when the file itself could not be opened).
@@ -53,7 +53,11 @@ class catalog_error : public weir::exception {
   std::size_t line_;
 };
 
-namespace detail::json_catalog {
+}  // namespace weir::routing
+
+namespace weir::detail::json_catalog {
+
+using namespace weir::routing;
 
 // A JSON value that remembers the line it started on.
 struct node {
@@ -313,7 +317,9 @@ inline model_spec read_model(const node& n, const std::string& path) {
   return m;
 }
 
-}  // namespace detail::json_catalog
+}  // namespace weir::detail::json_catalog
+
+namespace weir::routing {
 
 // Parses a catalog. Throws catalog_error (a weir::exception with code invalid_argument) naming
 // the field and line of the first problem: bad syntax, a missing or mistyped field, an unknown
@@ -358,4 +364,4 @@ inline catalog load_catalog_file(const std::filesystem::path& path) {
   return load_catalog(text.str());
 }
 
-}  // namespace weir
+}  // namespace weir::routing

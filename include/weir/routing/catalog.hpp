@@ -1,9 +1,9 @@
 // What the router can choose from: providers and their models, with prices, capability, context
-// windows and limits. Built in code, or read from JSON with weir/router/catalog_json.hpp.
+// windows and limits. Built in code, or read from JSON with weir/routing/catalog_json.hpp.
 //
-//     weir::catalog models;
-//     models.add(weir::provider_spec{.name = "openai"});
-//     models.add(weir::model_spec{.provider = "openai", .id = "gpt-4o-mini", .input_price = 0.15,
+//     weir::routing::catalog models;
+//     models.add(weir::routing::provider_spec{.name = "openai"});
+//     models.add(weir::routing::model_spec{.provider = "openai", .id = "gpt-4o-mini", .input_price = 0.15,
 //                                 .output_price = 0.60, .capability = 7,
 //                                 .context_window = 128'000, .requests_per_minute = 500,
 //                                 .tokens_per_minute = 200'000});
@@ -23,7 +23,7 @@
 #include <string_view>
 #include <vector>
 
-namespace weir {
+namespace weir::routing {
 
 struct model_spec {
   std::string provider;
@@ -55,7 +55,7 @@ struct provider_spec {
   // How long a refused request waits before it tries the same model again when the refusal
   // names no time (no Retry-After, no reset).
   std::chrono::nanoseconds default_cooldown = std::chrono::seconds(1);
-  weir::cooldown_scope cooldown_scope = cooldown_scope::model;
+  weir::routing::cooldown_scope cooldown_scope = cooldown_scope::model;
 };
 
 // An ordered list of providers and models. Adding a model for a provider not added yet adds the
@@ -117,4 +117,4 @@ class catalog {
   std::vector<model_spec> models_;
 };
 
-}  // namespace weir
+}  // namespace weir::routing

@@ -1,0 +1,556 @@
+// Sends each request to the best model that can serve it now: capable enough, big enough, within
+// price, with room in its limits, its provider's circuit closed and not cooling down. On a 429 it
+// falls back; a model whose quota the server says is spent cools down exactly as long as the
+// server said. When nothing has room it waits for the first model that will (within the deadline)
+// or says when that will be.
+//
+//     weir::routing::router<my_request, my_response> router(io.get_executor(), catalog);
+//     router.connect("openai", [&](const weir::routing::model_spec& m, const my_request& r) {
+//       return openai_client.complete(m.id, r);  // an asio::awaitable<my_response>
+//     });
+//     auto [response, route] = co_await router.route(
+//         request, {.input_tokens = 900, .output_tokens = 300, .min_capability = 7});
+#pragma once
+
+#include <weir/circuit_breaker.hpp>
+#include <weir/detail/small_buffer.hpp>
+#include <weir/error.hpp>
+#include <weir/events.hpp>
+#include <weir/http/adaptation.hpp>
+#include <weir/outcome.hpp>
+#include <weir/rate_limits.hpp>
+#include <weir/retry_budget.hpp>
+#include <weir/routing/catalog.hpp>
+#include <weir/routing/selection.hpp>
+#include <weir/routing/strategy.hpp>
+#include <weir/routing/types.hpp>
+#include <weir/usage_monitor.hpp>
+
+#include <fmt/format.h>
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/basic_waitable_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace weir::routing {
+
+// Copies share one router. The router must outlive the routes it runs (as an Asio I/O object).
+// Classifier judges the providers' responses (weir::http::response_classifier for Beast).
+template <class Request, class Response, class Clock = std::chrono::steady_clock,
+          class Classifier = default_classifier>
+class router {
+  static_assert(!std::is_void_v<Response>, "a router returns the provider's response");
+
+ public:
+  using clock_type = Clock;
+  using time_point = typename Clock::time_point;
+  using executor_type = boost::asio::any_io_executor;
+  using constraints = basic_route_constraints<Clock>;
+  using options_type = basic_router_options<Response, Clock>;
+  // Sends `request` to `model` (of this provider) and returns the response.
+  using provider_call =
+      std::function<boost::asio::awaitable<Response>(const model_spec&, const Request&)>;
+
+  // Throws weir::exception(invalid_argument) for an empty catalog or bad options.
+  router(executor_type ex, catalog models, options_type options = {}, Classifier classify = {})
+      : state_(std::make_shared<state>(std::move(ex), std::move(models), std::move(options),
+                                       std::move(classify))) {}
+
+  // The callable that sends requests to one of the catalog's providers.
+  void connect(std::string_view provider, provider_call call) {
+    for (auto& p : state_->providers)
+      if (p->spec->name == provider) {
+        p->call = std::move(call);
+        return;
+      }
+    throw weir::exception(error::invalid_argument,
+                          fmt::format("router: no provider {} in the catalog", provider));
+  }
+
+  // Routes one request. Returns the response with its route record; a fatal response (e.g. an
+  // HTTP 400 that is not a context overflow) is returned as it is. Throws weir::exception:
+  //  - no_provider_available when no model meets the constraints, or none has room and waiting
+  //    is not allowed or would pass the deadline; retry_after says when the first one frees up;
+  //  - retries_exhausted when every attempt failed (cause: the last failure);
+  //  - invalid_argument when the chosen provider was never connected;
+  // and rethrows a fatal failure (cancellation among them) as it is.
+  //
+  //
+  // g++ 12 relocates an *aggregate* temporary that sits inside a co_await expression bitwise after
+  // building it, in any coroutine and for any callee, so a std::string in it then points into
+  // the old place (a crash when it is freed). Nothing the callee does can repair the object it
+  // is handed. `co_await router.route(request, {.input_tokens = 900})` is safe: the constraints
+  // hold nothing that points into itself. For the request, name it first or give its type a
+  // constructor (`chat_request("hi")`, not `chat_request{"hi"}`); tests/correctness_test.cpp
+  // runs those spellings under ASan.
+  boost::asio::awaitable<routed<Response>> route(Request request, constraints c) {
+    return run(state_, std::move(request), std::move(c));
+  }
+
+  // Which model route() would choose now, without reserving anything (nullopt: none has room).
+  std::optional<std::size_t> select(const constraints& c, time_point now = Clock::now()) const {
+    const auto n = state_->models.size();
+    weir::detail::small_buffer<char, 32> tried(n, 0);
+    weir::detail::small_buffer<std::int64_t, 32> not_before(n, 0);
+    ranking r(n);
+    return state_->pick(r, c, fitting_context(c), tried.span(), not_before.span(), now, false);
+  }
+
+  const catalog& models() const noexcept { return state_->catalog_; }
+
+  std::vector<model_status> status(time_point now = Clock::now()) const {
+    std::vector<model_status> out;
+    for (const auto& m : state_->models) {
+      const auto& p = *state_->providers[m->provider];
+      const auto totals = m->monitor.totals(now);
+      model_status s{.provider = m->spec->provider, .model = m->spec->id};
+      s.requests_per_minute = m->monitor.requests_per_minute(now);
+      s.tokens_per_minute = m->monitor.tokens_per_minute(now);
+      s.utilization = m->monitor.utilization(now);
+      s.rate_limited = totals.rate_limited;
+      s.errors = totals.errors;
+      s.breaker = p.breaker.state();
+      s.cooling =
+          std::max({std::chrono::nanoseconds::zero(), p.cooldown.left(now), m->cooldown.left(now)});
+      s.latency = std::chrono::nanoseconds(m->latency_ns.load(std::memory_order_relaxed));
+      const auto per_minute = [](weir::rate r) { return r.per_second * 60; };
+      if (m->adapt) {
+        const auto pacing = m->adapt->state();
+        if (auto l = pacing.known ? pacing.known : pacing.ceiling)
+          s.requests_limit = per_minute(*l);
+        s.discovering = pacing.slow_start;
+      } else if (m->limits) {
+        if (auto l = m->limits->get_limit(dimension::requests))
+          s.requests_limit = per_minute(l->rate);
+      }
+      if (m->limits)
+        if (auto l = m->limits->get_limit(dimension::tokens)) s.tokens_limit = per_minute(l->rate);
+      out.push_back(s);
+    }
+    return out;
+  }
+
+ private:
+  using nanos = std::chrono::nanoseconds;
+
+  // Until when the server said a quota is exhausted; only ever moves later.
+  struct cooldown {
+    nanos left(time_point now) const {
+      return nanos(until_ns.load(std::memory_order_acquire)) -
+             std::chrono::duration_cast<nanos>(now.time_since_epoch());
+    }
+    void extend_to(time_point until) {
+      const auto ns = std::chrono::duration_cast<nanos>(until.time_since_epoch()).count();
+      auto seen = until_ns.load(std::memory_order_relaxed);
+      while (ns > seen && !until_ns.compare_exchange_weak(seen, ns, std::memory_order_acq_rel)) {
+      }
+    }
+
+    std::atomic<std::int64_t> until_ns{0};  // clock epoch: long past
+  };
+
+  struct provider_entry {
+    provider_entry(const provider_spec& s, circuit_breaker_options breaker_options)
+        : spec(&s), breaker(std::move(breaker_options)) {}
+
+    const provider_spec* spec;
+    circuit_breaker<Clock> breaker;
+    struct cooldown cooldown;  // for providers whose limits are per account
+    provider_call call;
+  };
+
+  struct model_entry {
+    model_entry(const model_spec& s, std::size_t p, const executor_type& ex, const options_type& o)
+        : spec(&s),
+          provider(p),
+          monitor(usage_monitor_options{
+              .window = o.usage_window,
+              .buckets = 60,
+              .requests_limit = s.requests_per_minute > 0
+                                    ? std::optional(weir::per_minute(s.requests_per_minute))
+                                    : std::nullopt,
+              .tokens_limit = s.tokens_per_minute > 0
+                                  ? std::optional(weir::per_minute(s.tokens_per_minute))
+                                  : std::nullopt,
+              .slow_down_above = o.slow_down_above}) {
+      if (s.requests_per_minute <= 0 && s.tokens_per_minute <= 0 && !o.adaptation) return;
+      rate_limits_options lo;
+      if (s.requests_per_minute > 0) lo.requests = limit::per_minute(s.requests_per_minute);
+      if (s.tokens_per_minute > 0) {
+        // Six seconds' worth at once: strict servers refuse a minute-start spike. A larger
+        // request waits for an empty limiter (see detail::reserve); one larger than the minute's
+        // whole limit can never be served here and is not routed here.
+        const auto burst = static_cast<std::uint64_t>(std::max(1.0, s.tokens_per_minute / 10));
+        lo.tokens = limit{weir::per_minute(s.tokens_per_minute), burst};
+        max_request_tokens = static_cast<std::uint64_t>(s.tokens_per_minute);
+      }
+      limits.emplace(ex, lo);
+      if (o.adaptation) adapt.emplace(*limits, *o.adaptation);
+    }
+
+    model_view<Clock> view() const {
+      return {.spec = spec,
+              .max_request_tokens = max_request_tokens,
+              .latency = nanos(latency_ns.load(std::memory_order_relaxed)),
+              .monitor = &monitor};
+    }
+
+    const model_spec* spec;
+    std::size_t provider;
+    std::optional<rate_limits<Clock>> limits;
+    std::optional<http::server_adaptation<Clock>> adapt;
+    usage_monitor<Clock> monitor;
+    std::uint64_t max_request_tokens = std::numeric_limits<std::uint64_t>::max();
+    std::atomic<std::int64_t> latency_ns{0};
+    struct cooldown cooldown;
+  };
+
+  struct state {
+    state(executor_type ex, catalog c, options_type o, Classifier cl)
+        : executor(std::move(ex)),
+          catalog_(std::move(c)),
+          options(std::move(o)),
+          classify(std::move(cl)) {
+      if (catalog_.models().empty())
+        throw weir::exception(error::invalid_argument, "router: the catalog has no model");
+      if (!options.strategy)
+        throw weir::exception(error::invalid_argument, "router: strategy must be set");
+      if (options.max_attempts == 0)
+        detail::invalid_option("router", "max_attempts", options.max_attempts, "be at least 1");
+      if (!(options.latency_smoothing > 0 && options.latency_smoothing <= 1))
+        detail::invalid_option("router", "latency_smoothing", options.latency_smoothing,
+                               "be in (0, 1]");
+      if (options.usage_window.count() <= 0)
+        detail::invalid_option("router", "usage_window", options.usage_window, "be positive");
+      for (const auto& p : catalog_.providers()) {
+        auto breaker_options = p.breaker;
+        breaker_options.on_state_change = [this, name = std::string_view(p.name),
+                                           user = p.breaker.on_state_change](breaker_state from,
+                                                                             breaker_state to) {
+          if (user) user(from, to);
+          emit(breaker_changed{name, from, to, name});
+        };
+        providers.push_back(std::make_unique<provider_entry>(p, std::move(breaker_options)));
+      }
+      for (const auto& m : catalog_.models()) {
+        std::size_t p = 0;
+        while (providers[p]->spec->name != m.provider) ++p;
+        models.push_back(std::make_unique<model_entry>(m, p, executor, options));
+      }
+    }
+
+    template <class Event>
+    void emit(const Event& e) const {
+      if (options.watch) options.watch(event(e));
+    }
+
+    // How long before model m may be tried, its limits aside (see blocked_for).
+    nanos blocked(const model_entry& m, const constraints& c, time_point now) const {
+      const auto& p = *providers[m.provider];
+      return blocked_for(p.cooldown.left(now), m.cooldown.left(now),
+                         p.breaker.state() != breaker_state::closed
+                             ? std::optional(p.breaker.time_until_admit(now))
+                             : std::nullopt,
+                         c.priority == weir::priority::batch
+                             ? std::optional(m.monitor.pacing_delay(now))
+                             : std::nullopt);
+    }
+
+    // The best model with room now, ranked into `r`; with `reserve`, its limits are charged for
+    // the request. `not_before` holds, per model, when this request may try it again.
+    std::optional<std::size_t> pick(ranking& r, const constraints& c, std::uint64_t min_context,
+                                    std::span<const char> tried,
+                                    std::span<const std::int64_t> not_before, time_point now,
+                                    bool reserve) {
+      rank<Clock>(
+          r, [&](std::size_t i) { return models[i]->view(); }, c, min_context, tried, not_before,
+          now, options.strategy, [&](std::size_t i) { return blocked(*models[i], c, now); });
+      const auto cost = cost_of(c);
+      return choose(r, [&](std::size_t i) {
+        auto& limits = models[i]->limits;
+        if (!limits) return nanos::zero();
+        if (reserve ? limits->try_acquire(cost, now)
+                    : limits->time_until(cost, now) == nanos::zero())
+          return nanos::zero();
+        return std::max(nanos(1), limits->time_until(cost, now));  // refused: a wait, never zero
+      });
+    }
+
+    // A failure teaches the strategy too (else a model that always times out would stay
+    // "unmeasured" and be tried first): it never makes a model look faster than it was, and it
+    // doubles the estimate, so failing models sink in lowest_latency's order.
+    void note_failure_latency(model_entry& m, nanos sample) const {
+      const auto seen = nanos(m.latency_ns.load(std::memory_order_relaxed));
+      note_latency(m, std::max(sample, seen * 2));
+    }
+
+    void note_latency(model_entry& m, nanos sample) const {
+      auto seen = m.latency_ns.load(std::memory_order_relaxed);
+      for (;;) {
+        const double next =
+            seen == 0 ? static_cast<double>(sample.count())
+                      : static_cast<double>(seen) +
+                            options.latency_smoothing * static_cast<double>(sample.count() - seen);
+        const auto value = std::max<std::int64_t>(1, static_cast<std::int64_t>(next));
+        if (m.latency_ns.compare_exchange_weak(seen, value, std::memory_order_relaxed)) return;
+      }
+    }
+
+    executor_type executor;
+    catalog catalog_;
+    options_type options;
+    Classifier classify;
+    std::vector<std::unique_ptr<provider_entry>> providers;
+    std::vector<std::unique_ptr<model_entry>> models;
+  };
+
+  static std::exception_ptr failure_of(const outcome<Response>& o, const model_spec& m,
+                                       const classification& v) {
+    if (auto f = o.failure()) return f;
+    if (v.kind == verdict::rate_limited)
+      return std::make_exception_ptr(weir::exception(
+          error::rate_limited, fmt::format("{}/{} refused the request", m.provider, m.id),
+          v.hint.retry_after));
+    return std::make_exception_ptr(std::runtime_error(
+        fmt::format("{}/{} answered with a {} failure", m.provider, m.id, v.kind)));
+  }
+
+  using ticket_type = typename circuit_breaker<Clock>::ticket;
+
+  // One route's progress: what it has tried, what it learned, what it will report.
+  struct route_progress {
+    route_progress(const state& s, const constraints& c)
+        : tried_flags(s.models.size(), 0),
+          retry_times(s.models.size(), 0),
+          min_context(fitting_context(c)),
+          estimate(cost_of(c)) {
+      record.estimated_tokens = estimate.tokens;
+    }
+
+    std::span<char> tried() const { return tried_flags.span(); }
+    // Per model: when this request may try it again (clock nanoseconds).
+    std::span<std::int64_t> not_before() const { return retry_times.span(); }
+
+    weir::detail::small_buffer<char, 32> tried_flags;
+    weir::detail::small_buffer<std::int64_t, 32> retry_times;
+    std::uint64_t min_context;  // grows when a model's context window proved too small
+    usage estimate;
+    route_record record;
+    std::exception_ptr last_failure;
+  };
+
+  // No model has room now: how long until the first will, or the error that ends the route.
+  static nanos wait_for_room(const state& s, const constraints& c, const ranking& r,
+                             const route_progress& route, time_point now) {
+    if (!r.any_capable) {
+      if (route.record.attempts == 0 && !route.last_failure)
+        throw weir::exception(error::no_provider_available,
+                              "router: no model meets the request's constraints");
+      throw weir::exception(error::retries_exhausted,
+                            "router: every capable model failed this request", {},
+                            route.last_failure, route.record.attempts);
+    }
+    const auto wait = r.earliest;
+    const bool never = wait == nanos::max();
+    const auto retry_after = never ? std::nullopt : std::optional(wait);
+    if (never || !c.wait_for_capacity || (c.deadline && now + wait > *c.deadline)) {
+      s.emit(rejected{c.operation, rejection::rate_limited, retry_after, "router"});
+      throw weir::exception(error::no_provider_available,
+                            never ? "router: every capable provider is isolated"
+                                  : "router: no capable model has room before the deadline",
+                            retry_after, route.last_failure, route.record.attempts);
+    }
+    s.emit(throttled{c.operation, wait, "router"});
+    return wait;
+  }
+
+  // Model i was picked and its limits charged: the breaker's ticket to send with, or nullopt
+  // when another request took the last half-open probe (the model is then skipped). Throws
+  // when the route ends here; either way without sending, the charge goes back.
+  static std::optional<ticket_type> admit(state& s, const constraints& c, std::size_t i,
+                                          const route_progress& route, time_point now) {
+    auto& m = *s.models[i];
+    auto& p = *s.providers[m.provider];
+    const auto unreserve = [&] {
+      if (m.limits) m.limits->settle(route.estimate, usage{.requests = 0}, now);
+    };
+    if (!p.call) {
+      unreserve();
+      throw weir::exception(error::invalid_argument,
+                            fmt::format("router: provider {} is not connected", m.spec->provider));
+    }
+    const auto& budget = s.options.fallback_budget;
+    if (route.record.attempts > 0 && budget && !budget->try_withdraw()) {
+      unreserve();
+      s.emit(rejected{c.operation, rejection::budget_exhausted, {}, "router"});
+      throw weir::exception(error::budget_exhausted, "router: the fallback budget is spent", {},
+                            route.last_failure, route.record.attempts);
+    }
+    auto ticket = p.breaker.try_admit();
+    if (!ticket.admitted) {
+      unreserve();
+      return std::nullopt;
+    }
+    return ticket;
+  }
+
+  // What one answer of model i teaches: the breaker, the pacing, the usage window, the limits
+  // (settled to what was used) and the latency estimate.
+  struct lesson {
+    classification judged;
+    std::optional<token_usage> used{};  // what the response reported
+    std::uint64_t tokens = 0;           // settled: reported, or the estimate
+  };
+  static lesson learn(state& s, std::size_t i, const ticket_type& ticket,
+                      const outcome<Response>& result, time_point started, time_point finished,
+                      route_progress& route) {
+    auto& m = *s.models[i];
+    auto& p = *s.providers[m.provider];
+    const auto latency = std::chrono::duration_cast<nanos>(finished - started);
+    lesson l{.judged = s.classify(result), .used = std::nullopt};
+    // A cancelled call, or one the provider's own code refused before sending, is no answer:
+    // the breaker gets its ticket back (a probe must not close it), the pacing learns nothing.
+    // A 429 is the cooldown's business, not the breaker's (circuit_breaker_options says why).
+    const bool answered = result.reached_provider();
+    p.breaker.settle(ticket, answered, l.judged.kind);
+    if (m.adapt && answered) m.adapt->observe(l.judged, started, finished);
+    route.record.steps.push_back({m.spec->provider, m.spec->id, l.judged.kind, latency});
+    if (l.judged.is_success()) s.note_latency(m, latency);
+    if (answered && l.judged.kind == verdict::retryable) s.note_failure_latency(m, latency);
+
+    if (l.judged.is_success() && s.options.usage_of) l.used = s.options.usage_of(result.value());
+    const usage spent = l.used ? usage{.requests = 1,
+                                       .tokens = l.used->input_tokens + l.used->output_tokens,
+                                       .input_tokens = l.used->input_tokens,
+                                       .output_tokens = l.used->output_tokens}
+                               : (l.judged.is_success() ? route.estimate : usage{.requests = 1});
+    l.tokens = spent.tokens;
+    if (answered)
+      m.monitor.record({.requests = 1,
+                        .tokens = l.tokens,
+                        .error = l.judged.kind == verdict::retryable,
+                        .rate_limited = l.judged.kind == verdict::rate_limited},
+                       started);
+    if (m.limits) m.limits->settle(route.estimate, spent, finished);
+    return l;
+  }
+
+  // After a failure of model i: cools it down (the server said its quota is spent), waits for it
+  // (only this request was refused), skips it (it failed), or looks for a larger context window.
+  // False when the failure is the route's answer (fatal).
+  static bool fall_back(state& s, const constraints& c, std::size_t i,
+                        const outcome<Response>& result, const classification& judged,
+                        time_point finished, route_progress& route) {
+    auto& m = *s.models[i];
+    auto& p = *s.providers[m.provider];
+    const auto& spec = *m.spec;
+    bool context_exceeded = false;
+    switch (judged.kind) {
+      case verdict::success: return false;
+      case verdict::rate_limited:
+        s.emit(server_rate_limited{c.operation, judged.hint});
+        if (const auto cool = judged.hint.exhausted_for()) {
+          // The quota is spent until then: nobody sends there before it has room again.
+          const bool whole_provider = p.spec->cooldown_scope == cooldown_scope::provider;
+          (whole_provider ? p.cooldown : m.cooldown)
+              .extend_to(finished + std::chrono::duration_cast<typename Clock::duration>(*cool));
+          s.emit(provider_cooling{c.operation, spec.provider, *cool,
+                                  whole_provider ? std::string_view{} : spec.id});
+        } else {
+          // Only this request was refused: it waits as the server said before it tries this
+          // model again; the model's pacing has made its one decrease.
+          const auto wait = judged.hint.retry_after.value_or(p.spec->default_cooldown);
+          route.not_before()[i] = weir::detail::to_nanos(finished) + wait.count();
+        }
+        break;
+      case verdict::retryable: route.tried()[i] = 1; break;
+      case verdict::fatal:
+        if (result.cancelled() || !s.options.context_exceeded ||
+            !s.options.context_exceeded(result))
+          return false;
+        route.tried()[i] = 1;
+        if (spec.context_window != 0)
+          route.min_context = std::max(route.min_context, spec.context_window + 1);
+        context_exceeded = true;
+        break;
+    }
+    s.emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind, context_exceeded});
+    route.last_failure = failure_of(result, spec, judged);
+    return true;
+  }
+
+  // The route loop: pick a model (or wait for one), admit, send, learn, and answer or fall back.
+  static boost::asio::awaitable<routed<Response>> run(std::shared_ptr<state> s, Request request,
+                                                      constraints c) {
+    route_progress route(*s, c);
+    boost::asio::basic_waitable_timer<Clock> timer(co_await boost::asio::this_coro::executor);
+    if (s->options.fallback_budget) s->options.fallback_budget->deposit();
+
+    for (;;) {
+      const auto now = Clock::now();
+      if (route.record.attempts == s->options.max_attempts)
+        throw weir::exception(error::retries_exhausted,
+                              fmt::format("router: {} attempts failed", route.record.attempts), {},
+                              route.last_failure, route.record.attempts);
+      ranking ranked(s->models.size());
+      const auto picked =
+          s->pick(ranked, c, route.min_context, route.tried(), route.not_before(), now, true);
+      if (!picked) {
+        timer.expires_after(std::chrono::duration_cast<typename Clock::duration>(
+            wait_for_room(*s, c, ranked, route, now)));
+        co_await timer.async_wait(boost::asio::use_awaitable);
+        route.record.waited += std::chrono::duration_cast<nanos>(Clock::now() - now);
+        continue;
+      }
+      const auto i = *picked;
+      const auto ticket = admit(*s, c, i, route, now);
+      if (!ticket) {
+        route.tried()[i] = 1;
+        continue;
+      }
+
+      const auto& spec = *s->models[i]->spec;
+      ++route.record.attempts;
+      s->emit(route_chosen{c.operation, spec.provider, spec.id, route.record.attempts,
+                           spec.cost(c.input_tokens, c.output_tokens)});
+      const auto started = Clock::now();
+      auto result = co_await capture(
+          s->providers[s->models[i]->provider]->call(spec, std::as_const(request)));
+      const auto finished = Clock::now();
+      const auto l = learn(*s, i, *ticket, result, started, finished, route);
+
+      if (l.judged.kind == verdict::success ||
+          !fall_back(*s, c, i, result, l.judged, finished, route)) {
+        route.record.provider = spec.provider;
+        route.record.model = spec.id;
+        if (l.judged.kind == verdict::success) {
+          route.record.settled_tokens = l.tokens;
+          route.record.cost = l.used ? spec.cost(l.used->input_tokens, l.used->output_tokens)
+                                     : spec.cost(c.input_tokens, c.output_tokens);
+        }
+        co_return routed<Response>{std::move(result).get(), std::move(route.record)};
+      }
+    }
+  }
+
+  std::shared_ptr<state> state_;
+};
+
+}  // namespace weir::routing
