@@ -656,7 +656,7 @@ void threaded_queue_check(std::uint64_t seed) {
 // with a breaker that no longer admits.
 struct routed_prompt {};
 using sim_router = weir::routing::router<routed_prompt, weir::testing::fake_response, sim_clock,
-                                weir::testing::fake_classifier>;
+                                         weir::testing::fake_classifier>;
 
 void router_scenario(std::uint64_t seed, bool verbose) {
   using weir::testing::fake_response;
@@ -671,8 +671,8 @@ void router_scenario(std::uint64_t seed, bool verbose) {
                     .break_duration = uniform(rng, 1s, 20s),
                     .probe_timeout = ns(100h)};
     spec.default_cooldown = uniform(rng, 100ms, 5s);
-    spec.cooldown_scope =
-        chance(rng, 0.5) ? weir::routing::cooldown_scope::model : weir::routing::cooldown_scope::provider;
+    spec.cooldown_scope = chance(rng, 0.5) ? weir::routing::cooldown_scope::model
+                                           : weir::routing::cooldown_scope::provider;
     c.add(spec);
     c.add(weir::routing::model_spec{
         .provider = names[p],

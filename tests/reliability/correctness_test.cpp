@@ -1,81 +1,11 @@
 // Regression tests for what composition, faults and cancellation broke (issue 15), one or more per
 // item, on virtual time. Each would fail with its fix reverted.
-#include <weir/circuit_breaker.hpp>
-#include <weir/pipeline.hpp>
-#include <weir/rate_limits.hpp>
-#include <weir/request_queue.hpp>
-#include <weir/retry.hpp>
-#include <weir/routing/router.hpp>
-#include <weir/routing/strategy.hpp>
-#include <weir/testing/fake_provider.hpp>
-#include <weir/testing/manual_clock.hpp>
-#include <weir/timeout.hpp>
-#include <weir/token_bucket.hpp>
-#include <weir/usage_monitor.hpp>
-
-#include "support.hpp"
-
-#include <boost/asio.hpp>
-#include <boost/asio/experimental/awaitable_operators.hpp>
-#include <catch2/catch.hpp>
-
-#include <atomic>
-#include <chrono>
-#include <memory>
-#include <optional>
-#include <stdexcept>
-#include <thread>
-#include <vector>
-
-namespace asio = boost::asio;
-using namespace std::chrono_literals;
-using ns = std::chrono::nanoseconds;
-using clock_type = weir::testing::manual_clock;
-using weir::testing::advance;
-using weir::testing::fake_classifier;
-using weir::testing::fake_response;
-using weir::testing::finished;
-using weir::testing::run_ready;
-using context = weir::basic_call_context<clock_type>;
-using breaker_type = weir::circuit_breaker<clock_type>;
-using retry_type = weir::retry<clock_type>;
-
-namespace {
-
-// Waits an hour of virtual time (so, until cancelled) and then returns 1.
-asio::awaitable<int> hang() {
-  asio::basic_waitable_timer<clock_type> t(co_await asio::this_coro::executor, 1h);
-  co_await t.async_wait(asio::use_awaitable);
-  co_return 1;
-}
-
-asio::awaitable<int> fail_with(std::exception_ptr e) {
-  std::rethrow_exception(e);
-  co_return 0;
-}
-
-asio::awaitable<int> value(int v) { co_return v; }
-
-auto transient() { return std::make_exception_ptr(std::runtime_error("connection reset")); }
-
-bool aborted(const std::exception_ptr& e) { return weir::is_cancellation(e); }
-
-// Not ended one nanosecond before `after` from now; ended with a timeout exactly then.
-template <class T>
-void times_out_after(asio::io_context& io, const finished<T>& f, ns after) {
-  advance<clock_type>(io, after - 1ns);
-  CHECK_FALSE(f.done);
-  advance<clock_type>(io, 1ns);
-  REQUIRE(f.done);
-  CHECK(f.code() == weir::error::timeout);
-}
-
-}  // namespace
+#include "../support/correctness.hpp"
 
 // ---- 1: timeout ------------------------------------------------------------------------------
 
-TEST_CASE("timeout returns a fast failure at once, with its code and retry_after", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("timeout returns a fast failure at once, with its code and retry_after",
+          "[reliability][issue15]") {
   asio::io_context io;
   weir::timeout<clock_type> limit(2s);
   finished<int> f;
@@ -90,8 +20,7 @@ TEST_CASE("timeout returns a fast failure at once, with its code and retry_after
 }
 
 TEST_CASE("timeout: a cancelled caller gets operation_aborted, which cancelled() knows",
-          "[issue15]") {
-  clock_type::reset();
+          "[reliability][issue15]") {
   asio::io_context io;
   weir::timeout<clock_type> limit(2s);
   asio::cancellation_signal signal;
@@ -116,8 +45,8 @@ TEST_CASE("timeout: a cancelled caller gets operation_aborted, which cancelled()
   CHECK(weir::outcome<int>::from_exception(both.error).cancelled());
 }
 
-TEST_CASE("timeout still times out a slow operation, its failure as the cause", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("timeout still times out a slow operation, its failure as the cause",
+          "[reliability][issue15]") {
   asio::io_context io;
   weir::timeout<clock_type> limit(2s);
   finished<int> f;
@@ -129,8 +58,7 @@ TEST_CASE("timeout still times out a slow operation, its failure as the cause", 
 
 // ---- 2: a half-open probe that gets no answer -----------------------------------------------
 
-TEST_CASE("a cancelled half-open probe gives its permit back", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("a cancelled half-open probe gives its permit back", "[reliability][issue15]") {
   asio::io_context io;
   breaker_type breaker({.consecutive_failures = 1, .break_duration = 10s});
   finished<int> trip;
@@ -156,8 +84,8 @@ TEST_CASE("a cancelled half-open probe gives its permit back", "[issue15]") {
   CHECK(breaker.state() == weir::breaker_state::closed);
 }
 
-TEST_CASE("a probe that never answers frees its permit after probe_timeout", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("a probe that never answers frees its permit after probe_timeout",
+          "[reliability][issue15]") {
   asio::io_context io;
   breaker_type breaker({.consecutive_failures = 1, .break_duration = 10s, .probe_timeout = 30s});
   auto t = breaker.try_admit();
@@ -180,8 +108,8 @@ TEST_CASE("a probe that never answers frees its permit after probe_timeout", "[i
   CHECK(breaker.state() == weir::breaker_state::closed);
 }
 
-TEST_CASE("max_wait_in_half_open opens a breaker whose probes do not decide in time", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("max_wait_in_half_open opens a breaker whose probes do not decide in time",
+          "[reliability][issue15]") {
   asio::io_context io;
   breaker_type breaker({.consecutive_failures = 1,
                         .break_duration = 10s,
@@ -217,8 +145,7 @@ router_options unpaced() {
 }
 }  // namespace
 
-TEST_CASE("the router does not count a cancelled probe as a success", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("the router does not count a cancelled probe as a success", "[reliability][issue15]") {
   asio::io_context io;
   router_type r(io.get_executor(), one_provider({.consecutive_failures = 1, .break_duration = 10s}),
                 unpaced());
@@ -246,7 +173,8 @@ TEST_CASE("the router does not count a cancelled probe as a success", "[issue15]
 
   a.latency = 0ns;
   down = false;
-  finished<weir::routing::routed<fake_response>> next;  // the permit came back: the next route probes
+  finished<weir::routing::routed<fake_response>>
+      next;  // the permit came back: the next route probes
   next.start(io, r.route(prompt{}, {}));
   run_ready(io);
   CHECK(next.value);
@@ -255,8 +183,8 @@ TEST_CASE("the router does not count a cancelled probe as a success", "[issue15]
 
 // ---- 3: cancellation during a retry's wait inside a pipeline ----------------------------------
 
-TEST_CASE("cancelling pipeline(queue, retry) in the backoff gives the slot back", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("cancelling pipeline(queue, retry) in the backoff gives the slot back",
+          "[reliability][issue15]") {
   asio::io_context io;
   weir::request_queue queue(io.get_executor(), {.max_concurrent = 2, .max_queued = 4});
   retry_type retry({.max_attempts = 5, .backoff = weir::backoff::constant(10s)});
@@ -278,8 +206,8 @@ TEST_CASE("cancelling pipeline(queue, retry) in the backoff gives the slot back"
   CHECK(after.value == 3);
 }
 
-TEST_CASE("cancelling pipeline(breaker, retry) in the backoff gives the probe back", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("cancelling pipeline(breaker, retry) in the backoff gives the probe back",
+          "[reliability][issue15]") {
   asio::io_context io;
   breaker_type breaker({.consecutive_failures = 1, .break_duration = 10s});
   retry_type retry({.max_attempts = 5, .backoff = weir::backoff::constant(10s)});
@@ -296,8 +224,8 @@ TEST_CASE("cancelling pipeline(breaker, retry) in the backoff gives the probe ba
   CHECK(breaker.try_admit().admitted);
 }
 
-TEST_CASE("a pipeline's coroutine destroyed with its io_context leaves every stage", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("a pipeline's coroutine destroyed with its io_context leaves every stage",
+          "[reliability][issue15]") {
   weir::request_queue* kept = nullptr;
   std::optional<weir::request_queue> queue;
   {
@@ -315,8 +243,8 @@ TEST_CASE("a pipeline's coroutine destroyed with its io_context leaves every sta
 
 // ---- 5: an observer does not change what the stages decide ------------------------------------
 
-TEST_CASE("a retry that fails values retries them with or without an observer", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("a retry that fails values retries them with or without an observer",
+          "[reliability][issue15]") {
   asio::io_context io;
   weir::retry<clock_type, fake_classifier> retry(
       {.max_attempts = 3, .backoff = weir::backoff::constant(1s)});
@@ -340,8 +268,8 @@ TEST_CASE("a retry that fails values retries them with or without an observer", 
   }
 }
 
-TEST_CASE("the breaker judges values by its own classifier in a pipeline", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("the breaker judges values by its own classifier in a pipeline",
+          "[reliability][issue15]") {
   asio::io_context io;
   weir::circuit_breaker<clock_type, fake_classifier> breaker({.consecutive_failures = 3});
   auto guarded = weir::pipeline(breaker);
@@ -357,8 +285,8 @@ TEST_CASE("the breaker judges values by its own classifier in a pipeline", "[iss
 
 // ---- 6: destroying a policy with calls in flight ----------------------------------------------
 
-TEST_CASE("destroying a named pipeline or retry while calls are in flight is safe", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("destroying a named pipeline or retry while calls are in flight is safe",
+          "[reliability][issue15]") {
   asio::io_context io;
   weir::token_bucket<clock_type> bucket(io.get_executor(), {.rate = weir::per_second(1)});
   finished<int> through_pipeline, through_retry, through_breaker;
@@ -386,7 +314,8 @@ TEST_CASE("destroying a named pipeline or retry while calls are in flight is saf
 
 // ---- 7: a waiter is never completed inside ~permit() -----------------------------------------
 
-TEST_CASE("clearing a vector of permits whose waiters push into it is safe", "[issue15]") {
+TEST_CASE("clearing a vector of permits whose waiters push into it is safe",
+          "[reliability][issue15]") {
   asio::io_context io;
   weir::request_queue queue(io.get_executor(), {.max_concurrent = 2, .max_queued = 4});
   std::vector<weir::permit> permits;
@@ -438,8 +367,8 @@ asio::awaitable<int> route_naturally(chat_router& r) {
 }
 }  // namespace
 
-TEST_CASE("co_await router.route(request(...), {...}) is safe (run under ASan)", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("co_await router.route(request(...), {...}) is safe (run under ASan)",
+          "[reliability][issue15]") {
   asio::io_context io;
   chat_router r(io.get_executor(), one_provider({}), unpaced());
   weir::testing::fake_provider<clock_type> a;
@@ -453,8 +382,7 @@ TEST_CASE("co_await router.route(request(...), {...}) is safe (run under ASan)",
 // ---- 10, 23: breaker accounting ---------------------------------------------------------------
 
 TEST_CASE("a result from before a breaker change does not move the new state's count",
-          "[issue15]") {
-  clock_type::reset();
+          "[reliability][issue15]") {
   breaker_type breaker({.consecutive_failures = 2});
   const auto old = breaker.try_admit();
   breaker.reset();  // a new generation
@@ -465,8 +393,8 @@ TEST_CASE("a result from before a breaker change does not move the new state's c
   CHECK(breaker.state() == weir::breaker_state::open);
 }
 
-TEST_CASE("a 429 is not a breaker failure unless asked, as in the router", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("a 429 is not a breaker failure unless asked, as in the router",
+          "[reliability][issue15]") {
   asio::io_context io;
   auto too_many = []() -> asio::awaitable<fake_response> { co_return fake_response::too_many(1s); };
   weir::circuit_breaker<clock_type, fake_classifier> lenient({.consecutive_failures = 5});
@@ -484,8 +412,8 @@ TEST_CASE("a 429 is not a breaker failure unless asked, as in the router", "[iss
 
 // ---- 11, 12: local refusals and the queue's deadline ------------------------------------------
 
-TEST_CASE("a limiter's refusals do not trip the breaker or count as server 429s", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("a limiter's refusals do not trip the breaker or count as server 429s",
+          "[reliability][issue15]") {
   asio::io_context io;
   // Strict about 429s, so that only the refusal rule keeps it closed.
   breaker_type breaker({.consecutive_failures = 2, .rate_limited_is_failure = true});
@@ -514,8 +442,7 @@ TEST_CASE("a limiter's refusals do not trip the breaker or count as server 429s"
   CHECK(totals.rate_limited == 0);
 }
 
-TEST_CASE("the queue stage honours the call's deadline", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("the queue stage honours the call's deadline", "[reliability][issue15]") {
   asio::io_context io;
   weir::request_queue queue(io.get_executor(), {.max_concurrent = 1, .max_queued = 4});
   auto held = queue.try_admit();
@@ -560,8 +487,7 @@ void pause_holds_queued_waiters(asio::io_context& io, Acquire acquire, Pause pau
 }  // namespace
 
 TEST_CASE("pause_until holds queued waiters too, and a cancellation does not shorten it",
-          "[issue15]") {
-  clock_type::reset();
+          "[reliability][issue15]") {
   asio::io_context io;
   SECTION("token bucket") {
     weir::token_bucket<clock_type> bucket(io.get_executor(), {.rate = weir::per_second(1)});
@@ -601,7 +527,7 @@ asio::awaitable<void> admit_or_give_up(weir::request_queue& queue, int i) {
 }  // namespace
 
 TEST_CASE("queue admissions cancelled while slots are freed on other threads",
-          "[issue15][concurrency]") {
+          "[reliability][issue15][concurrency]") {
   asio::io_context io(4);
   weir::request_queue queue(io.get_executor(), {.max_concurrent = 2, .max_queued = 10'000});
   std::atomic<int> ended{0};
@@ -618,7 +544,7 @@ TEST_CASE("queue admissions cancelled while slots are freed on other threads",
 }
 
 TEST_CASE("concurrent set_rate and set_burst never leave a shape no call allowed",
-          "[issue15][concurrency]") {
+          "[reliability][issue15][concurrency]") {
   asio::io_context io;
   // Slow with a small burst, or fast with a huge one; slow with huge overflows.
   const auto slow = weir::per_second(1e-8);
@@ -657,7 +583,7 @@ TEST_CASE("concurrent set_rate and set_burst never leave a shape no call allowed
 
 // ---- 15: overflow -------------------------------------------------------------------------------
 
-TEST_CASE("a backoff capped at nanoseconds::max() stays in range", "[issue15]") {
+TEST_CASE("a backoff capped at nanoseconds::max() stays in range", "[reliability][issue15]") {
   std::mt19937_64 rng(1);
   const auto b = weir::backoff::exponential(1ms, 2.0, ns::max());
   for (unsigned attempt : {0u, 10u, 62u, 63u, 64u, 100u, 10'000u}) {
@@ -667,8 +593,8 @@ TEST_CASE("a backoff capped at nanoseconds::max() stays in range", "[issue15]") 
   CHECK(b.delay(10'000) == ns::max());
 }
 
-TEST_CASE("settling an absurd reported usage does not overflow the limiter", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("settling an absurd reported usage does not overflow the limiter",
+          "[reliability][issue15]") {
   asio::io_context io;
   weir::rate_limits<clock_type> limits(io.get_executor(),
                                        {.tokens = weir::limit::per_minute(60'000, 1000)});
@@ -684,8 +610,7 @@ TEST_CASE("settling an absurd reported usage does not overflow the limiter", "[i
 
 // ---- 16: max_elapsed and the last response ------------------------------------------------------
 
-TEST_CASE("retry's max_elapsed cuts an attempt that runs past it", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("retry's max_elapsed cuts an attempt that runs past it", "[reliability][issue15]") {
   asio::io_context io;
   retry_type retry({.max_attempts = 5, .max_elapsed = 5s});
   finished<int> f;
@@ -694,8 +619,7 @@ TEST_CASE("retry's max_elapsed cuts an attempt that runs past it", "[issue15]") 
   CHECK(f.weir_error()->attempts() == 1);
 }
 
-TEST_CASE("retries that run out on a failing value return that value", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("retries that run out on a failing value return that value", "[reliability][issue15]") {
   asio::io_context io;
   weir::retry<clock_type, fake_classifier> retry(
       {.max_attempts = 3, .backoff = weir::backoff::constant(1s)});
@@ -723,7 +647,7 @@ TEST_CASE("retries that run out on a failing value return that value", "[issue15
 
 // ---- 18: the retry budget's deposits expire ---------------------------------------------------
 
-TEST_CASE("retry budget deposits expire after their ttl", "[issue15]") {
+TEST_CASE("retry budget deposits expire after their ttl", "[reliability][issue15]") {
   weir::retry_budget budget({.ratio = 0.5, .reserve = 0, .capacity = 1000, .ttl = 10s});
   const ns t0 = 1h;
   for (int i = 0; i < 100; ++i) budget.deposit(t0);
@@ -737,8 +661,8 @@ TEST_CASE("retry budget deposits expire after their ttl", "[issue15]") {
 
 // ---- 19: lowest_latency learns from failures ---------------------------------------------------
 
-TEST_CASE("lowest_latency stops preferring a model that always times out", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("lowest_latency stops preferring a model that always times out",
+          "[reliability][issue15]") {
   asio::io_context io;
   weir::routing::catalog c;
   c.add(weir::routing::model_spec{.provider = "a", .id = "a-1", .capability = 5});
@@ -767,12 +691,12 @@ TEST_CASE("lowest_latency stops preferring a model that always times out", "[iss
 
 // ---- 20: input and output tokens are charged -------------------------------------------------
 
-TEST_CASE("the router charges input tokens to a limit the server reports", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("the router charges input tokens to a limit the server reports",
+          "[reliability][issue15]") {
   asio::io_context io;
   weir::routing::catalog c;
-  c.add(
-      weir::routing::model_spec{.provider = "a", .id = "a-1", .capability = 5, .requests_per_minute = 6000});
+  c.add(weir::routing::model_spec{
+      .provider = "a", .id = "a-1", .capability = 5, .requests_per_minute = 6000});
   router_options o;  // with the adaptation, which learns limits from the answers
   router_type r(io.get_executor(), c, o);
   weir::testing::fake_provider<clock_type> a;
@@ -800,8 +724,7 @@ TEST_CASE("the router charges input tokens to a limit the server reports", "[iss
   CHECK(with_input.value);
 }
 
-TEST_CASE("the pipeline charges input and output tokens", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("the pipeline charges input and output tokens", "[reliability][issue15]") {
   asio::io_context io;
   weir::rate_limits<clock_type> limits(io.get_executor(),
                                        {.input_tokens = weir::limit::per_minute(6000, 1000),
@@ -821,8 +744,8 @@ TEST_CASE("the pipeline charges input and output tokens", "[issue15]") {
 
 // ---- 21: the order table's remaining lines ----------------------------------------------------
 
-TEST_CASE("pipeline(breaker, retry): the breaker sees one result per call", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("pipeline(breaker, retry): the breaker sees one result per call",
+          "[reliability][issue15]") {
   asio::io_context io;
   breaker_type breaker({.consecutive_failures = 2});
   retry_type retry({.max_attempts = 3, .backoff = weir::backoff::constant(1s)});
@@ -837,8 +760,7 @@ TEST_CASE("pipeline(breaker, retry): the breaker sees one result per call", "[is
   CHECK(breaker.state() == weir::breaker_state::open);  // the second call's result
 }
 
-TEST_CASE("pipeline(monitor, retry) records one request per call", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("pipeline(monitor, retry) records one request per call", "[reliability][issue15]") {
   asio::io_context io;
   weir::usage_monitor<clock_type> monitor;
   retry_type retry({.max_attempts = 3, .backoff = weir::backoff::constant(1s)});
@@ -854,8 +776,7 @@ TEST_CASE("pipeline(monitor, retry) records one request per call", "[issue15]") 
   CHECK(monitor.totals().errors == 0);
 }
 
-TEST_CASE("pipeline(timeout, retry): the timeout bounds the whole call", "[issue15]") {
-  clock_type::reset();
+TEST_CASE("pipeline(timeout, retry): the timeout bounds the whole call", "[reliability][issue15]") {
   asio::io_context io;
   weir::timeout<clock_type> whole(5s);
   retry_type retry({.max_attempts = 10, .backoff = weir::backoff::constant(2s)});
@@ -871,7 +792,7 @@ TEST_CASE("pipeline(timeout, retry): the timeout bounds the whole call", "[issue
 
 // ---- 24: errors say what was wrong --------------------------------------------------------
 
-TEST_CASE("configuration errors name the field and the value", "[issue15]") {
+TEST_CASE("configuration errors name the field and the value", "[reliability][issue15]") {
   asio::io_context io;
   CHECK_THROWS_WITH(breaker_type({.successes_to_close = 2}),
                     Catch::Contains("successes_to_close") && Catch::Contains("half_open_permits"));

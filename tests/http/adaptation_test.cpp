@@ -1,0 +1,290 @@
+// Specifications of weir/http/adaptation.hpp: pacing steered by the server, on virtual time.
+#include "../support/http.hpp"
+
+// ---- server-driven adaptation ---------------------------------------------------------------
+
+using clock_type = weir::testing::manual_clock;
+using limits_type = weir::rate_limits<clock_type>;
+
+TEST_CASE(
+    "remaining 0 pauses a fixed window until its reset, a continuous limit until its next unit",
+    "[http][adaptation]") {
+  asio::io_context io;
+  const auto limits_for = [&] {
+    return limits_type(io.get_executor(), {.requests = weir::limit::per_minute(600)});
+  };
+  auto fixed = limits_for();
+  weir::http::server_adaptation<clock_type> fixed_adapt(fixed);
+  weir::classification c{weir::verdict::success, {}};
+  c.hint.requests = {600, 0, ns(20s)};  // refill unknown: read as a fixed window
+  fixed_adapt.observe(c);
+  CHECK(fixed.time_until({.requests = 1}) == 20s);
+  clock_type::advance(20s);
+  CHECK(fixed.try_acquire({.requests = 1}));
+
+  auto continuous = limits_for();
+  weir::http::server_adaptation<clock_type> continuous_adapt(continuous);
+  c.hint.requests.refill = weir::refill::continuous;  // full again in 20 s: one back every 1/30 s
+  continuous_adapt.observe(c);
+  CHECK(continuous.time_until({.requests = 1}) == ns(20s) / 600);
+}
+
+TEST_CASE("a 429 that says only Retry-After is one decrease, not a pause of the whole limiter",
+          "[http][adaptation]") {
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(10), 1}});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  CHECK(adapt.request_rate()->per_second == Approx(9.7));  // 3% headroom under the known limit
+  const auto sent = clock_type::now();
+  clock_type::advance(50ms);
+  adapt.observe({weir::verdict::rate_limited, {.retry_after = 7s}}, sent, clock_type::now());
+  CHECK(adapt.request_rate()->per_second == Approx(9.7 * 0.8));
+  CHECK(limits.time_until({.requests = 1}) < 1s);  // the retry waits 7 s; the others do not
+}
+
+TEST_CASE("a 429 that says the quota is spent pauses as long as the largest hint, and decreases",
+          "[http][adaptation]") {
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(10), 1}});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  weir::classification refused{weir::verdict::rate_limited, {.retry_after = 7s}};
+  refused.hint.requests = {.limit = 600, .remaining = 0, .reset_after = ns(3s)};
+  adapt.observe(refused);
+  CHECK(limits.time_until({.requests = 1}) == 7s);
+  CHECK(adapt.request_rate()->per_second == Approx(9.7 * 0.8));  // and it is one decrease
+  CHECK(refused.hint.exhausted_for() == ns(7s));
+  refused.hint.retry_after.reset();
+  CHECK(refused.hint.exhausted_for() == ns(3s));
+}
+
+TEST_CASE("the adaptation as a pipeline stage reads every answer and ignores cancelled calls",
+          "[http][adaptation][adaptation][pipeline]") {
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(10), 1}});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  auto guarded = weir::pipeline(limits, adapt.stage(weir::http::response_classifier{}));
+  using reply = http::response<http::string_body>;
+
+  // A cancelled call is no answer: nothing learnt.
+  auto cancelled = []() -> asio::awaitable<reply> {
+    throw boost::system::system_error(asio::error::operation_aborted);
+    co_return reply{};
+  };
+  asio::co_spawn(io, guarded(cancelled), asio::detached);
+  io.run();
+  CHECK(adapt.request_rate()->per_second == Approx(9.7));
+
+  // A 429 saying the quota is spent, returned as a value: the adaptation pauses the limits and
+  // decreases, exactly as when fed by hand.
+  clock_type::advance(1s);
+  auto refused = []() -> asio::awaitable<reply> {
+    co_return response(429, {{"retry-after", "7"},
+                             {"x-ratelimit-limit-requests", "600"},
+                             {"x-ratelimit-remaining-requests", "0"},
+                             {"x-ratelimit-reset-requests", "3s"}});
+  };
+  unsigned status = 0;
+  asio::co_spawn(io, guarded(refused),
+                 [&](std::exception_ptr, reply r) { status = r.result_int(); });
+  io.restart();
+  io.run();
+  CHECK(status == 429);
+  CHECK(limits.time_until({.requests = 1}) == 7s);
+  CHECK(adapt.request_rate()->per_second == Approx(9.7 * 0.8));
+}
+
+TEST_CASE("refusals of requests already in flight at the first one are a single decrease",
+          "[http][adaptation]") {
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(10), 1}});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  const auto sent = clock_type::now();
+  for (int i = 0; i < 8; ++i) {  // eight concurrent requests, refused one after another
+    clock_type::advance(10ms);
+    adapt.observe({weir::verdict::rate_limited, {}}, sent, clock_type::now());
+  }
+  CHECK(adapt.request_rate()->per_second == Approx(9.7 * 0.8));  // not 0.8^8
+  // A request sent after the decrease and refused too is a new event.
+  const auto later = clock_type::now();
+  clock_type::advance(50ms);
+  adapt.observe({weir::verdict::rate_limited, {}}, later, clock_type::now());
+  CHECK(adapt.request_rate()->per_second == Approx(9.7 * 0.8 * 0.8));
+}
+
+TEST_CASE("a refusal while bursting shrinks the burst before it touches the rate",
+          "[http][adaptation]") {
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(10), 5}});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  auto sent = clock_type::now();
+  clock_type::advance(10ms);
+  adapt.observe({weir::verdict::rate_limited, {}}, sent, clock_type::now());
+  CHECK(limits.get_limit(weir::dimension::requests)->burst == 1);
+  CHECK(adapt.request_rate()->per_second == Approx(9.7));
+  clock_type::advance(1ms);
+  sent = clock_type::now();
+  clock_type::advance(10ms);
+  adapt.observe({weir::verdict::rate_limited, {}}, sent, clock_type::now());
+  CHECK(adapt.request_rate()->per_second == Approx(9.7 * 0.8));
+}
+
+TEST_CASE(
+    "a limit reported with its period is paced just under it; one without is never per minute",
+    "[http][adaptation]") {
+  asio::io_context io;
+  limits_type ietf(io.get_executor(), {});
+  weir::http::server_adaptation<clock_type> learn(ietf);
+  learn.observe({weir::verdict::success, hints({{"RateLimit-Policy", R"("default";q=20;w=1)"},
+                                                {"RateLimit", R"("default";r=19;t=1)"}})});
+  CHECK(learn.request_rate()->per_second == Approx(20 * 0.97));  // 20 per second, not per minute
+  CHECK_FALSE(learn.state().slow_start);
+
+  // X-RateLimit-Limit: 20 says nothing about its period: the rate is left to discovery.
+  limits_type legacy(io.get_executor(), {});
+  weir::http::server_adaptation<clock_type> discover(legacy);
+  const auto before = discover.request_rate()->per_second;
+  discover.observe({weir::verdict::success,
+                    hints({{"X-RateLimit-Limit", "20"}, {"X-RateLimit-Remaining", "19"}})});
+  CHECK(discover.request_rate()->per_second >= before);
+  CHECK_FALSE(discover.state().known);
+  CHECK(discover.state().slow_start);
+}
+
+TEST_CASE("a continuously refilling limit's window is inferred from limit, remaining and reset",
+          "[http][adaptation]") {
+  asio::io_context io;
+  limits_type openai(io.get_executor(), {});
+  weir::http::server_adaptation<clock_type> a(openai);
+  a.observe({weir::verdict::success, hints({{"x-ratelimit-limit-requests", "500"},
+                                            {"x-ratelimit-remaining-requests", "499"},
+                                            {"x-ratelimit-reset-requests", "120ms"},
+                                            {"x-ratelimit-limit-tokens", "30000"},
+                                            {"x-ratelimit-remaining-tokens", "29000"},
+                                            {"x-ratelimit-reset-tokens", "2s"}})});
+  CHECK(a.state().known->per_second == Approx(500.0 / 60));  // a minute
+  CHECK(openai.get_limit(weir::dimension::tokens)->rate.per_second == Approx(500 * 0.97));
+  CHECK(openai.get_limit(weir::dimension::tokens)->burst == 3000);
+
+  limits_type groq(io.get_executor(), {});
+  weir::http::server_adaptation<clock_type> g(groq);
+  g.observe({weir::verdict::success, hints({{"x-ratelimit-limit-requests", "14400"},
+                                            {"x-ratelimit-remaining-requests", "14370"},
+                                            {"x-ratelimit-reset-requests", "2m59.56s"}})});
+  CHECK(g.state().known->per_second == Approx(14400.0 / 86400).epsilon(0.01));  // a day
+}
+
+namespace {
+// A strict server on virtual time, as nginx's limit_req with no burst: a request is served when it
+// comes at least one interval after the last one served; refusals do not count.
+struct strict_server {
+  ns interval;
+  std::optional<clock_type::time_point> last{};
+
+  bool admit(clock_type::time_point t) {
+    if (last && t - *last < interval) return false;
+    last = t;
+    return true;
+  }
+};
+
+struct counts {
+  int served = 0, refused = 0;
+};
+
+// `in_flight` workers send as fast as the limiter lets them; each answer comes back `rtt` later
+// and is fed to the adaptation. Counts what the server decided from `from` on.
+counts drive(limits_type& limits, weir::http::server_adaptation<clock_type>& adapt,
+             strict_server& server, ns length, ns from, ns rtt, std::size_t in_flight) {
+  struct answer {
+    clock_type::time_point due, sent;
+    bool ok;
+  };
+  std::deque<answer> answers;  // in due order: the round trip is constant
+  const auto start = clock_type::now();
+  counts seen;
+  while (clock_type::now() - start < length) {
+    const auto now = clock_type::now();
+    while (!answers.empty() && answers.front().due <= now) {
+      const auto a = answers.front();
+      answers.pop_front();
+      adapt.observe({a.ok ? weir::verdict::success : weir::verdict::rate_limited, {}}, a.sent,
+                    a.due);
+    }
+    const bool can_send = answers.size() < in_flight;
+    if (can_send && limits.try_acquire({.requests = 1}, now)) {
+      const bool ok = server.admit(now);
+      if (now - start >= from) ++(ok ? seen.served : seen.refused);
+      answers.push_back({now + rtt, now, ok});
+      continue;
+    }
+    ns step = can_send ? limits.time_until({.requests = 1}, now) : ns::max();
+    if (!answers.empty()) step = std::min<ns>(step, answers.front().due - now);
+    clock_type::advance(std::max<ns>(step, 1us));
+  }
+  return seen;
+}
+}  // namespace
+
+TEST_CASE("told the limit of a strict server, weir reaches 95% of it with no refusal",
+          "[http][adaptation]") {
+  for (double limit : {5.0, 20.0}) {
+    for (std::size_t in_flight : {8u, 32u}) {
+      clock_type::reset();
+      asio::io_context io;
+      limits_type limits(io.get_executor(), {.requests = weir::limit::per_minute(limit * 60)});
+      weir::http::server_adaptation<clock_type> adapt(limits);
+      strict_server server{std::chrono::duration_cast<ns>(1s / limit)};
+      const auto seen = drive(limits, adapt, server, 60s, 0s, 80ms, in_flight);
+      INFO(limit << "/s, " << in_flight << " in flight: " << seen.served << " served, "
+                 << seen.refused << " refused");
+      CHECK(seen.served >= 0.95 * limit * 60);
+      CHECK(seen.refused <= 0.01 * seen.served);
+    }
+  }
+}
+
+TEST_CASE("an unknown strict limit is found by slow start and held just under",
+          "[http][adaptation]") {
+  for (double limit : {5.0, 20.0, 100.0}) {
+    clock_type::reset();
+    asio::io_context io;
+    limits_type limits(io.get_executor(), {});
+    weir::http::server_adaptation<clock_type> adapt(limits);
+    strict_server server{std::chrono::duration_cast<ns>(1s / limit)};
+    const auto seen = drive(limits, adapt, server, 70s, 10s, 50ms, 32);
+    INFO(limit << "/s: " << seen.served << " served, " << seen.refused << " refused after 10 s");
+    CHECK(seen.served >= 0.90 * limit * 60);
+    CHECK(seen.refused <= 0.03 * (seen.served + seen.refused));
+    CHECK(adapt.state().ceiling->per_second <= limit * 1.1);
+  }
+}
+
+TEST_CASE("adaptation options out of range are invalid_argument naming the field",
+          "[http][adaptation]") {
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {});
+  using weir::http::server_adaptation;
+  const auto names = [](std::string field) {
+    return Catch::Predicate<weir::exception>([field](const weir::exception& e) {
+      return e.code() == weir::error::invalid_argument &&
+             std::string(e.what()).find(field) != std::string::npos;
+    });
+  };
+  CHECK_THROWS_MATCHES(server_adaptation<clock_type>(limits, {.decrease = 1.5}), weir::exception,
+                       names("decrease"));
+  CHECK_THROWS_MATCHES(server_adaptation<clock_type>(limits, {.headroom = -0.1}), weir::exception,
+                       names("headroom"));
+  CHECK_THROWS_MATCHES(server_adaptation<clock_type>(limits, {.assumed_window = 0s}),
+                       weir::exception, names("assumed_window"));
+  CHECK_THROWS_MATCHES(server_adaptation<clock_type>(limits, {.initial_burst = 0}), weir::exception,
+                       names("initial_burst"));
+}
+
+TEST_CASE("dates and epoch resets far outside any real reset cannot overflow",
+          "[http][adaptation]") {
+  using namespace weir::http;
+  CHECK(parse_retry_after("Sat, 28 Nov 9999 12:00:30 GMT", noon) == std::nullopt);
+  CHECK(parse_rfc3339("9999-12-31T23:59:59Z") == std::nullopt);
+  CHECK(parse_rfc3339("0001-01-01T00:00:00Z") == std::nullopt);
+  CHECK(hints({{"X-RateLimit-Reset", "9007199254740992"}}).requests.reset_after == max_hint);
+}

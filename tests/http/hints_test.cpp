@@ -1,0 +1,179 @@
+// Specifications of weir/http/parse.hpp and weir/http/hints.hpp: what servers say, read exactly.
+#include "../support/http.hpp"
+
+TEST_CASE("Retry-After as delta-seconds and as each HTTP-date form", "[http][hints]") {
+  using weir::http::parse_retry_after;
+  CHECK(parse_retry_after("120", noon) == ns(120s));
+  CHECK(parse_retry_after("  7 ", noon) == ns(7s));
+  CHECK(parse_retry_after("1.5", noon) == ns(1500ms));
+  CHECK(parse_retry_after("0", noon) == ns(0));
+  CHECK(parse_retry_after("Sat, 28 Nov 2026 12:00:30 GMT", noon) == ns(30s));
+  CHECK(parse_retry_after("Saturday, 28-Nov-26 12:01:00 GMT", noon) == ns(60s));
+  CHECK(parse_retry_after("Sat Nov 28 12:00:05 2026", noon) == ns(5s));
+  CHECK(parse_retry_after("Sat, 28 Nov 2026 11:00:00 GMT", noon) == ns(0));  // in the past
+  CHECK(parse_retry_after("retry-after-ms", noon) == std::nullopt);
+  CHECK(weir::http::parse_retry_after_ms("1500") == ns(1500ms));
+  CHECK(weir::http::parse_retry_after_ms("20.5") == ns(20500us));
+}
+
+TEST_CASE("Go-style reset durations as OpenAI and Groq send them", "[http][hints]") {
+  using weir::http::parse_duration;
+  CHECK(parse_duration("12ms") == ns(12ms));
+  CHECK(parse_duration("1.5s") == ns(1500ms));
+  CHECK(parse_duration("6m0s") == ns(6min));
+  CHECK(parse_duration("2m59.56s") == ns(2min + 59560ms));
+  CHECK(parse_duration("1h2m3s") == ns(1h + 2min + 3s));
+  CHECK(parse_duration("7.66s") == ns(7660ms));
+  CHECK(parse_duration("250us") == ns(250us));
+  CHECK(parse_duration("0") == ns(0));
+  for (auto bad : {"", "s", "1x", "-1s", "1.s", "1..5s", "1h-2m", "ms", "1 s"})
+    CHECK(parse_duration(bad) == std::nullopt);
+}
+
+TEST_CASE("RFC 3339 resets with fractions and offsets", "[http][hints]") {
+  using weir::http::parse_rfc3339;
+  const auto t = [](const char* s) { return parse_rfc3339(s); };
+  REQUIRE(t("2026-11-28T12:00:30Z"));
+  CHECK(*t("2026-11-28T12:00:30Z") - noon == ns(30s));
+  CHECK(*t("2026-11-28T12:00:30.25Z") - noon == ns(30250ms));
+  CHECK(*t("2026-11-28T14:00:30+02:00") - noon == ns(30s));
+  CHECK(t("2026-11-28t11:00:30-01:00z") == std::nullopt);  // an offset then a Z
+  for (auto bad :
+       {"", "2026-11-28", "2026-13-28T12:00:30Z", "2026-02-30T12:00:00Z", "2026-11-28T25:00:00Z",
+        "2026-11-28T12:00:30", "2026-11-28T12:00:30.Z", "2026-11-28T12:00:30+2:00", "garbage-date"})
+    CHECK(parse_rfc3339(bad) == std::nullopt);
+}
+
+TEST_CASE("an OpenAI response's rate-limit headers", "[http][hints]") {
+  auto h = hints({{"x-ratelimit-limit-requests", "500"},
+                  {"x-ratelimit-limit-tokens", "30000"},
+                  {"x-ratelimit-remaining-requests", "499"},
+                  {"x-ratelimit-remaining-tokens", "29000"},
+                  {"x-ratelimit-reset-requests", "120ms"},
+                  {"x-ratelimit-reset-tokens", "2s"},
+                  {"retry-after-ms", "1500"},
+                  {"retry-after", "2"}});
+  const auto refill = weir::refill::continuous;
+  CHECK(h.requests == weir::limit_snapshot{500, 499, ns(120ms), {}, refill});
+  CHECK(h.tokens == weir::limit_snapshot{30000, 29000, ns(2s), {}, refill});
+  CHECK(h.retry_after == ns(1500ms));  // the precise one wins
+}
+
+TEST_CASE("a Groq 429's headers", "[http][hints]") {
+  auto h = hints({{"retry-after", "7"},
+                  {"x-ratelimit-limit-requests", "14400"},
+                  {"x-ratelimit-remaining-requests", "14370"},
+                  {"x-ratelimit-reset-requests", "2m59.56s"},
+                  {"x-ratelimit-limit-tokens", "18000"},
+                  {"x-ratelimit-remaining-tokens", "0"},
+                  {"x-ratelimit-reset-tokens", "7.66s"}});
+  CHECK(h.retry_after == ns(7s));
+  CHECK(h.requests.reset_after == ns(2min + 59560ms));
+  CHECK(h.tokens == weir::limit_snapshot{18000, 0, ns(7660ms), {}, weir::refill::continuous});
+}
+
+TEST_CASE("an Anthropic response's rate-limit headers", "[http][hints]") {
+  auto h = hints({{"anthropic-ratelimit-requests-limit", "50"},
+                  {"anthropic-ratelimit-requests-remaining", "0"},
+                  {"anthropic-ratelimit-requests-reset", "2026-11-28T12:00:20Z"},
+                  {"anthropic-ratelimit-input-tokens-limit", "40000"},
+                  {"anthropic-ratelimit-input-tokens-remaining", "39000"},
+                  {"anthropic-ratelimit-input-tokens-reset", "2026-11-28T12:00:01.5Z"},
+                  {"anthropic-ratelimit-output-tokens-limit", "8000"},
+                  {"anthropic-ratelimit-tokens-remaining", "47000"},
+                  {"retry-after", "20"}});
+  CHECK(h.requests == weir::limit_snapshot{50, 0, ns(20s), {}, weir::refill::continuous});
+  CHECK(h.input_tokens ==
+        weir::limit_snapshot{40000, 39000, ns(1500ms), {}, weir::refill::continuous});
+  CHECK(h.output_tokens.limit == 8000);
+  CHECK(h.tokens.remaining == 47000);
+  CHECK(h.retry_after == ns(20s));
+}
+
+TEST_CASE("the IETF RateLimit and RateLimit-Policy fields", "[http][hints]") {
+  auto h = hints(
+      {{"RateLimit-Policy", R"("default";q=100;w=60, "bytes";q=1000;w=60;qu="content-bytes")"},
+       {"RateLimit", R"("default";r=45;t=20, "bytes";r=0;t=50)"}});
+  // w is the window: 100 per minute here, 10 per second below. content-bytes is not paced.
+  CHECK(h.requests == weir::limit_snapshot{100, 45, ns(20s), ns(60s)});
+  auto single = hints({{"ratelimit-policy", "burst;q=10;w=1"}, {"ratelimit", "burst;r=0;t=1"}});
+  CHECK(single.requests == weir::limit_snapshot{10, 0, ns(1s), ns(1s)});
+  auto policy_only = hints({{"RateLimit-Policy", R"("default";q=20;w=1)"}});
+  CHECK(policy_only.requests == weir::limit_snapshot{20, {}, {}, ns(1s)});
+}
+
+TEST_CASE("the older RateLimit-* and X-RateLimit-* forms, resets told apart by magnitude",
+          "[http][hints]") {
+  CHECK(hints({{"RateLimit-Limit", "10, 10;w=1, 50;w=60"},
+               {"RateLimit-Remaining", "3"},
+               {"RateLimit-Reset", "4"}})
+            .requests == weir::limit_snapshot{10, 3, ns(4s)});
+  const auto epoch =
+      std::chrono::duration_cast<std::chrono::seconds>(noon.time_since_epoch()).count() + 90;
+  CHECK(hints({{"X-RateLimit-Reset", std::to_string(epoch)}}).requests.reset_after == ns(90s));
+  CHECK(hints({{"X-RateLimit-Reset", "Sat, 28 Nov 2026 12:00:10 GMT"}}).requests.reset_after ==
+        ns(10s));
+  CHECK(hints({{"x-ratelimit-limit", "60"}, {"x-ratelimit-remaining", "59"}}).requests.limit == 60);
+}
+
+TEST_CASE("Gemini's RESOURCE_EXHAUSTED body with a RetryInfo retryDelay", "[http][hints]") {
+  const std::string body = R"({
+  "error": {
+    "code": 429,
+    "message": "You exceeded your current quota.",
+    "status": "RESOURCE_EXHAUSTED",
+    "details": [
+      {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaId": "PerMinute"}]},
+      {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "30s"}
+    ]
+  }
+})";
+  CHECK(weir::http::parse_gemini_retry_delay(body) == ns(30s));
+  CHECK(weir::http::parse_gemini_retry_delay(
+            R"({"status":"RESOURCE_EXHAUSTED","retryDelay" : "1.5s"})") == ns(1500ms));
+  CHECK(weir::http::parse_gemini_retry_delay(R"({"status":"INTERNAL","retryDelay":"30s"})") ==
+        std::nullopt);
+  CHECK(weir::http::parse_gemini_retry_delay(
+            R"({"status":"RESOURCE_EXHAUSTED","retryDelay":"30)") == std::nullopt);
+  CHECK(weir::http::parse_gemini_retry_delay(
+            R"({"status":"RESOURCE_EXHAUSTED","retryDelay":"-3s"})") == std::nullopt);
+}
+
+TEST_CASE("hostile values are absent, never guessed, and huge ones are clamped", "[http][hints]") {
+  using namespace weir::http;
+  for (auto bad :
+       {"", " ", "-1", "-5", "NaN", "nan", "inf", "1e9", "+5", "0x10", "12abc", "1,5", "٣"}) {
+    CHECK(parse_count(bad) == std::nullopt);
+    CHECK(parse_retry_after(bad, noon) == std::nullopt);
+  }
+  CHECK(parse_retry_after("99999999999999999999999999", noon) == max_hint);
+  CHECK(parse_retry_after_ms("1e400") == std::nullopt);
+  CHECK(parse_duration("999999999999h") == max_hint);
+  CHECK(parse_count("123456789012345678901234567890") == max_count);
+  CHECK(parse_retry_after("Sun, 31 Feb 2026 12:00:00 GMT", noon) == std::nullopt);
+  CHECK(parse_retry_after("Sat, 28 Nov 2026 24:00:00 GMT", noon) == std::nullopt);
+  CHECK(parse_retry_after("Sat, 28 Nov 2026 12:00:00 PST", noon) == std::nullopt);
+  CHECK(parse_retry_after("Sat, 28 Xyz 2026 12:00:00 GMT", noon) == std::nullopt);
+  CHECK(parse_retry_after("Sat, 28 Nov 2026 12:00:00 GMT trailing", noon) == std::nullopt);
+  // Azure's "-1" means not tracked: unknown, not exhausted.
+  CHECK(hints({{"x-ratelimit-remaining-requests", "-1"}}).requests.remaining == std::nullopt);
+  // Repeated headers: the most cautious reading.
+  auto repeated = hints({{"Retry-After", "3"},
+                         {"retry-after", "9"},
+                         {"RETRY-AFTER", "junk"},
+                         {"x-ratelimit-remaining-tokens", "500"},
+                         {"x-ratelimit-remaining-tokens", "20"}});
+  CHECK(repeated.retry_after == ns(9s));
+  CHECK(repeated.tokens.remaining == 20);
+  // Unknown dimensions and malformed structured fields are ignored.
+  CHECK(hints({{"x-ratelimit-limit-widgets", "5"},
+               {"RateLimit", "\"unterminated;r=1"},
+               {"RateLimit", ";;;,,,"}})
+            .empty());
+}
+
+TEST_CASE("x-should-retry parses true and false in any case", "[http][hints]") {
+  CHECK(weir::http::parse_should_retry("true") == true);
+  CHECK(weir::http::parse_should_retry(" FALSE ") == false);
+  CHECK(weir::http::parse_should_retry("yes") == std::nullopt);
+}

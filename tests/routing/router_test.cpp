@@ -1,0 +1,415 @@
+// Specifications of weir/routing/router.hpp, on virtual time against scripted providers.
+#include "../support/routing.hpp"
+
+TEST_CASE("the cheapest capable model is chosen, and capability and context filter",
+          "[routing][router]") {
+  asio::io_context io;
+  router_type r(io.get_executor(), two_models(), unpaced());
+  provider a, b;
+  r.connect("a", a.call<prompt>());
+  r.connect("b", b.call<prompt>());
+
+  auto cheap = route_now(io, r, {.input_tokens = 100, .output_tokens = 50});
+  REQUIRE(cheap.value);
+  CHECK(cheap.value->route.model == "a-small");
+  CHECK(cheap.value->route.cost == Approx((100 * 1 + 50 * 2) / 1e6));
+
+  auto capable = route_now(io, r, {.input_tokens = 100, .min_capability = 6});
+  REQUIRE(capable.value);
+  CHECK(capable.value->route.model == "b-large");
+
+  auto big = route_now(io, r, {.input_tokens = 9'000, .output_tokens = 500});
+  REQUIRE(big.value);
+  CHECK(big.value->route.model == "b-large");
+
+  auto excluded = route_now(io, r, {.excluded_providers = {"a"}});
+  REQUIRE(excluded.value);
+  CHECK(excluded.value->route.provider == "b");
+
+  auto pricey = route_now(io, r, {.input_tokens = 1'000'000, .min_context = 0, .max_cost = 2.0});
+  REQUIRE(pricey.error);  // a-small cannot hold it, b-large costs $3
+  CHECK(pricey.error->code() == weir::error::no_provider_available);
+  CHECK_FALSE(pricey.error->retry_after());
+  CHECK(a.calls() + b.calls() == 4);
+}
+
+TEST_CASE("a 429 saying the quota is spent for 20 s sends the next 20 s to b, then back to a",
+          "[routing][router]") {
+  asio::io_context io;
+  std::vector<std::string> seen;
+  options o = unpaced();
+  o.watch = [&](const weir::event& e) { seen.push_back(fmt::format("{}", e)); };
+  router_type r(io.get_executor(), two_models(), o);
+  provider a, b;
+  const auto refused_at = clock_type::now();
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point now) {
+    return now == refused_at ? exhausted(20s) : fake_response::ok();
+  };
+  r.connect("a", a.call<prompt>());
+  r.connect("b", b.call<prompt>());
+
+  auto first = route_now(io, r);
+  REQUIRE(first.value);
+  CHECK(first.value->route.model == "b-large");
+  CHECK(first.value->route.attempts == 2);
+  CHECK(first.value->route.steps.at(0).result == weir::verdict::rate_limited);
+  CHECK(std::find(seen.begin(), seen.end(), "call: a/a-small cooling down for 20000.0 ms") !=
+        seen.end());
+
+  for (int second = 1; second < 20; ++second) {
+    advance<clock_type>(io, 1s);
+    auto during = route_now(io, r);
+    REQUIRE(during.value);
+    CHECK(during.value->route.provider == "b");
+    CHECK(during.value->route.attempts == 1);
+  }
+  advance<clock_type>(io, 999ms);
+  CHECK(route_now(io, r).value->route.provider == "b");  // 19.999 s
+  advance<clock_type>(io, 1ms);
+  CHECK(route_now(io, r).value->route.provider == "a");  // exactly 20 s
+  CHECK(a.answered(429) == 1);
+  CHECK(a.calls() == 2);
+  CHECK(b.calls() == 21);
+}
+
+TEST_CASE("a 429 that says only Retry-After holds back that request's retry, not the model",
+          "[routing][router]") {
+  asio::io_context io;
+  router_type r(io.get_executor(), two_models(), unpaced());
+  provider a, b;
+  int calls = 0;
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point) {
+    return ++calls % 2 == 1 ? fake_response::too_many(5s) : fake_response::ok();
+  };
+  r.connect("a", a.call<prompt>());
+  r.connect("b", b.call<prompt>());
+  auto refused = route_now(io, r);  // a refuses; the request goes on to b at once
+  REQUIRE(refused.value);
+  CHECK(refused.value->route.model == "b-large");
+  CHECK(refused.value->route.waited == 0s);
+  auto next = route_now(io, r);  // the model itself is not cooled down
+  REQUIRE(next.value);
+  CHECK(next.value->route.model == "a-small");
+
+  // With only a to try, the refused request waits exactly the 5 s the server asked for.
+  route_result alone;
+  start(io, r, {.allowed_providers = {"a"}}, alone);
+  advance<clock_type>(io, 4999ms);
+  CHECK_FALSE(alone.done);
+  advance<clock_type>(io, 1ms);
+  REQUIRE(alone.value);
+  CHECK(alone.value->route.attempts == 2);
+  CHECK(alone.value->route.waited == 5s);
+}
+
+TEST_CASE("a spent quota cools the model, or the whole provider when its limits are per account",
+          "[routing][router]") {
+  for (const auto scope :
+       {weir::routing::cooldown_scope::model, weir::routing::cooldown_scope::provider}) {
+    clock_type::reset();
+    asio::io_context io;
+    weir::routing::catalog c;
+    c.add(weir::routing::provider_spec{.name = "a", .cooldown_scope = scope});
+    c.add(weir::routing::model_spec{
+        .provider = "a", .id = "small", .input_price = 1, .capability = 5});
+    c.add(weir::routing::model_spec{
+        .provider = "a", .id = "large", .input_price = 2, .capability = 8});
+    c.add(weir::routing::model_spec{
+        .provider = "b", .id = "other", .input_price = 3, .capability = 8});
+    router_type r(io.get_executor(), c, unpaced());
+    provider a, b;
+    const auto t0 = clock_type::now();
+    a.script = [&](const weir::routing::model_spec& m, clock_type::time_point now) {
+      return now == t0 && m.id == "small" ? exhausted(10s) : fake_response::ok();
+    };
+    r.connect("a", a.call<prompt>());
+    r.connect("b", b.call<prompt>());
+    auto res = route_now(io, r);
+    REQUIRE(res.value);
+    const bool per_model = scope == weir::routing::cooldown_scope::model;
+    CHECK(res.value->route.model == (per_model ? "large" : "other"));
+    CHECK(r.status(clock_type::now()).at(per_model ? 1 : 0).cooling == ns(per_model ? 0s : 10s));
+  }
+}
+
+TEST_CASE("a model the catalog gives no limit is paced by discovery, just under its server's",
+          "[routing][router]") {
+  asio::io_context io;
+  weir::routing::catalog c;
+  c.add(weir::routing::model_spec{.provider = "a", .id = "a-small", .capability = 5});
+  router_type r(io.get_executor(), c);  // default options: discovery on
+  provider a;
+  // A strict server allowing 20/s: one request per 50 ms, refusals not counted.
+  std::optional<clock_type::time_point> last_served;
+  const auto start = clock_type::now();
+  int served = 0, refused = 0;
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point now) {
+    const bool ok = !last_served || now - *last_served >= 50ms;
+    if (ok) last_served = now;
+    if (now - start >= 10s) ++(ok ? served : refused);
+    return ok ? fake_response::ok() : fake_response::too_many(1s);
+  };
+  r.connect("a", a.call<prompt>());
+  int failed = 0;
+  for (int w = 0; w < 8; ++w)
+    asio::co_spawn(
+        io,
+        [&]() -> asio::awaitable<void> {
+          while (clock_type::now() - start < 70s) {
+            try {
+              auto op = r.route(prompt{}, {});
+              co_await std::move(op);
+            } catch (const weir::exception&) {
+              ++failed;
+            }
+          }
+        },
+        asio::detached);
+  advance<clock_type>(io, 71s);
+  INFO(served << " served, " << refused << " refused from 10 s to 70 s");
+  CHECK(served >= 0.90 * 20 * 60);
+  CHECK(refused <= 0.03 * (served + refused));
+  CHECK(failed == 0);
+  CHECK(r.status().at(0).requests_limit >= 0.9 * 20 * 60);
+}
+
+TEST_CASE("five server errors open a's breaker, and b serves until a's probe succeeds",
+          "[routing][router]") {
+  asio::io_context io;
+  weir::routing::catalog c;
+  c.add(weir::routing::provider_spec{
+      .name = "a", .breaker = {.consecutive_failures = 5, .break_duration = 30s}});
+  const auto both = two_models();
+  for (const auto& m : both.models()) c.add(m);
+  std::vector<std::pair<weir::breaker_state, weir::breaker_state>> changes;
+  options o = unpaced();
+  o.max_attempts = 2;
+  o.watch = [&](const weir::event& e) {
+    if (auto* b = std::get_if<weir::breaker_changed>(&e)) {
+      CHECK(b->operation == "a");
+      changes.emplace_back(b->from, b->to);
+    }
+  };
+  router_type r(io.get_executor(), c, o);
+  provider a, b;
+  bool a_down = true;
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point) {
+    return a_down ? fake_response::server_error() : fake_response::ok();
+  };
+  r.connect("a", a.call<prompt>());
+  r.connect("b", b.call<prompt>());
+
+  for (int i = 0; i < 10; ++i) {
+    auto res = route_now(io, r);
+    REQUIRE(res.value);
+    CHECK(res.value->route.provider == "b");
+  }
+  CHECK(a.calls() == 5);  // the breaker stopped the rest
+  REQUIRE(changes.size() == 1);
+  CHECK(changes[0].second == weir::breaker_state::open);
+
+  a_down = false;
+  advance<clock_type>(io, 29s);
+  CHECK(route_now(io, r).value->route.provider == "b");
+  advance<clock_type>(io, 1s);
+  CHECK(route_now(io, r).value->route.provider == "a");  // the probe
+  CHECK(changes.back().second == weir::breaker_state::closed);
+  CHECK(r.status().at(0).breaker == weir::breaker_state::closed);
+}
+
+TEST_CASE("when every provider is out the error names the earliest time it frees up",
+          "[routing][router]") {
+  asio::io_context io;
+  router_type r(io.get_executor(), two_models(), unpaced());
+  provider a, b;
+  const auto t0 = clock_type::now();
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point now) {
+    return now == t0 ? exhausted(20s) : fake_response::ok();
+  };
+  b.script = [&](const weir::routing::model_spec&, clock_type::time_point now) {
+    return now == t0 ? exhausted(30s) : fake_response::ok();
+  };
+  r.connect("a", a.call<prompt>());
+  r.connect("b", b.call<prompt>());
+
+  SECTION("no waiting allowed: fails at once") {
+    auto res = route_now(io, r, {.wait_for_capacity = false});
+    REQUIRE(res.error);
+    CHECK(res.error->code() == weir::error::no_provider_available);
+    CHECK(res.error->retry_after() == 20s);
+    CHECK(res.error->attempts() == 2);
+    advance<clock_type>(io, 5s);
+    auto later = route_now(io, r, {.wait_for_capacity = false});
+    REQUIRE(later.error);
+    CHECK(later.error->retry_after() == 15s);
+    CHECK(a.calls() + b.calls() == 2);
+  }
+  SECTION("a deadline shorter than every wait fails at once") {
+    auto res = route_now(io, r, {.deadline = t0 + 19s});
+    REQUIRE(res.error);
+    CHECK(res.error->code() == weir::error::no_provider_available);
+    CHECK(res.error->retry_after() == 20s);
+    CHECK(clock_type::now() == t0);
+  }
+  SECTION("with a deadline far enough it waits for the first one") {
+    route_result res;
+    start(io, r, {.deadline = t0 + 60s}, res);
+    advance<clock_type>(io, 19s);
+    CHECK_FALSE(res.done);
+    advance<clock_type>(io, 1s);
+    REQUIRE(res.value);
+    CHECK(res.value->route.provider == "a");
+    CHECK(res.value->route.waited == 20s);
+    CHECK(res.value->route.attempts == 3);
+  }
+}
+
+TEST_CASE("the limiter's knowledge keeps requests from being sent at all", "[routing][router]") {
+  asio::io_context io;
+  router_type r(io.get_executor(), two_models(60, 60), unpaced());  // one per second each
+  provider a, b;
+  r.connect("a", a.call<prompt>());
+  r.connect("b", b.call<prompt>());
+  int to_a = 0, to_b = 0, refused = 0;
+  for (int i = 0; i < 20; ++i) {
+    auto res = route_now(io, r, {.wait_for_capacity = false});
+    if (res.value) (res.value->route.provider == "a" ? to_a : to_b)++;
+    if (res.error) {
+      CHECK(res.error->code() == weir::error::no_provider_available);
+      CHECK(res.error->retry_after() == 1s);
+      ++refused;
+    }
+  }
+  CHECK(to_a == 1);  // a first: it is cheaper
+  CHECK(to_b == 1);
+  CHECK(refused == 18);
+  CHECK(a.calls() == 1);
+  CHECK(b.calls() == 1);
+
+  // The selection alone reserves nothing.
+  advance<clock_type>(io, 1s);
+  CHECK(r.select({}) == std::optional<std::size_t>(0));
+  CHECK(r.select({}) == std::optional<std::size_t>(0));
+}
+
+TEST_CASE("a context overflow moves to a larger model, another 400 is returned as it is",
+          "[routing][router]") {
+  asio::io_context io;
+  options o = unpaced();
+  o.context_exceeded = [](const weir::outcome<fake_response>& out) {
+    return out.has_value() && out.value().context_overflow;
+  };
+  router_type r(io.get_executor(), two_models(), o);
+  provider a, b;
+  bool overflow = true;
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point) {
+    fake_response bad{.status = 400};
+    bad.context_overflow = overflow;
+    return bad;
+  };
+  r.connect("a", a.call<prompt>());
+  r.connect("b", b.call<prompt>());
+
+  auto moved = route_now(io, r, {.input_tokens = 500});
+  REQUIRE(moved.value);
+  CHECK(moved.value->route.model == "b-large");
+  CHECK(moved.value->response.status == 200);
+
+  overflow = false;
+  auto kept = route_now(io, r, {.input_tokens = 500});
+  REQUIRE(kept.value);
+  CHECK(kept.value->route.model == "a-small");
+  CHECK(kept.value->response.status == 400);
+  CHECK(b.calls() == 1);
+}
+
+TEST_CASE("settled tokens and cost come from the response's usage", "[routing][router]") {
+  asio::io_context io;
+  options o = unpaced();
+  o.usage_of = [](const fake_response& res) { return std::optional(res.usage); };
+  router_type r(io.get_executor(), two_models(), o);
+  provider a, b;
+  a.script = [](const weir::routing::model_spec&, clock_type::time_point) {
+    return fake_response::ok({.input_tokens = 120, .output_tokens = 30});
+  };
+  r.connect("a", a.call<prompt>());
+  r.connect("b", b.call<prompt>());
+  auto res = route_now(io, r, {.input_tokens = 100, .output_tokens = 400});
+  REQUIRE(res.value);
+  CHECK(res.value->route.estimated_tokens == 500);
+  CHECK(res.value->route.settled_tokens == 150);
+  CHECK(res.value->route.cost == Approx((120 * 1 + 30 * 2) / 1e6));
+  CHECK(r.status().at(0).tokens_per_minute == Approx(150));
+}
+
+TEST_CASE("strategies: most headroom and lowest latency", "[routing][router]") {
+  asio::io_context io;
+  provider a, b;
+  a.latency = 300ms;
+  b.latency = 100ms;
+
+  SECTION("lowest latency measures each model once, then keeps to the faster") {
+    options o = unpaced();
+    o.strategy = weir::routing::strategies::lowest_latency<clock_type>();
+    router_type r(io.get_executor(), two_models(), o);
+    r.connect("a", a.call<prompt>());
+    r.connect("b", b.call<prompt>());
+    std::vector<std::string> order;
+    for (int i = 0; i < 4; ++i) order.push_back(route_now(io, r, {}, 1s).value->route.provider);
+    CHECK(order == std::vector<std::string>{"a", "b", "b", "b"});
+    CHECK(r.status().at(1).latency == 100ms);
+  }
+  SECTION("most headroom spreads the load over both limits") {
+    options o = unpaced();
+    o.strategy = weir::routing::strategies::most_headroom<clock_type>();
+    router_type r(io.get_executor(), two_models(600, 600), o);
+    r.connect("a", a.call<prompt>());
+    r.connect("b", b.call<prompt>());
+    for (int i = 0; i < 40; ++i) route_now(io, r, {}, 1s);
+    CHECK(a.calls() == 20);
+    CHECK(b.calls() == 20);
+  }
+}
+
+TEST_CASE("router misuse gives clear errors", "[routing][router]") {
+  asio::io_context io;
+  CHECK_THROWS_AS(router_type(io.get_executor(), weir::routing::catalog{}), weir::exception);
+  router_type r(io.get_executor(), two_models(), unpaced());
+  CHECK_THROWS_AS(r.connect("nobody", provider{}.call<prompt>()), weir::exception);
+  auto res = route_now(io, r);  // a was never connected
+  REQUIRE(res.error);
+  CHECK(res.error->code() == weir::error::invalid_argument);
+  weir::routing::catalog c;
+  CHECK_THROWS_AS(c.add(weir::routing::model_spec{.provider = "a", .id = "m", .input_price = -1}),
+                  weir::exception);
+}
+
+TEST_CASE("routes shared by four threads all end, once each", "[routing][router][concurrency]") {
+  asio::io_context io(4);
+  weir::routing::catalog c;
+  c.add(weir::routing::model_spec{.provider = "a",
+                                  .id = "a1",
+                                  .input_price = 1,
+                                  .capability = 5,
+                                  .requests_per_minute = 600'000});
+  c.add(weir::routing::model_spec{.provider = "b", .id = "b1", .input_price = 2, .capability = 5});
+  weir::routing::router<prompt, fake_response, std::chrono::steady_clock, fake_classifier> r(
+      io.get_executor(), c);
+  weir::testing::fake_provider<std::chrono::steady_clock> a, b;
+  std::atomic<int> n{0};
+  a.script = [&](const weir::routing::model_spec&, auto) {
+    return ++n % 3 == 0 ? fake_response::server_error() : fake_response::ok();
+  };
+  r.connect("a", a.call<prompt>());
+  r.connect("b", b.call<prompt>());
+  std::atomic<int> ok{0}, failed{0};
+  for (int i = 0; i < 2000; ++i)
+    asio::co_spawn(io, r.route(prompt{}, {}),
+                   [&](std::exception_ptr e, auto) { (e ? failed : ok)++; });
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) threads.emplace_back([&] { io.run(); });
+  for (auto& t : threads) t.join();
+  CHECK(ok + failed == 2000);
+  CHECK(failed == 0);  // a failure falls back to b
+  CHECK(a.answered(200) + b.answered(200) == 2000);
+}

@@ -1,0 +1,41 @@
+// What the throttling tests share (they are built together, in this order: see
+// tests/CMakeLists.txt).
+#pragma once
+
+#include <weir/rate_limits.hpp>
+#include <weir/request_queue.hpp>
+#include <weir/testing/manual_clock.hpp>
+#include <weir/token_bucket.hpp>
+#include <weir/usage_monitor.hpp>
+
+#include <boost/asio.hpp>
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <vector>
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using clock_type = weir::testing::manual_clock;
+using bucket_type = weir::token_bucket<clock_type>;
+using weir::testing::advance;
+using weir::testing::run_ready;
+
+namespace {
+// Records how an acquisition completed.
+struct acquisition {
+  std::optional<weir::error_code> result;
+  std::chrono::nanoseconds waited{-1};
+  auto handler() {
+    return [this](weir::error_code ec, std::chrono::nanoseconds w) {
+      result = ec;
+      waited = w;
+    };
+  }
+};
+}  // namespace
