@@ -161,3 +161,24 @@ TEST_CASE("a sender that honours pacing_delay eases into the limit without cross
   CHECK(most_in_window <= 100);
   CHECK(sent >= 900);  // ≥ 90% of the 1000 the limit allows in 10 minutes
 }
+
+TEST_CASE("with an executor that names a default token, the queue's operations need none",
+          "[request_queue]") {
+  asio::io_context io;
+  using awaiting = asio::use_awaitable_t<>::executor_with_default<asio::any_io_executor>;
+  weir::basic_request_queue<awaiting> queue(awaiting(io.get_executor()),
+                                            {.max_concurrent = 1, .max_queued = 1});
+  static_assert(std::is_same_v<decltype(queue.get_executor()), const awaiting&>);
+  int admitted = 0;
+  auto body = [&]() -> asio::awaitable<void> {
+    weir::permit p = co_await queue.async_admit();
+    ++admitted;
+    p.release();
+    p = co_await queue.admit();
+    ++admitted;
+  };
+  asio::co_spawn(io, body(), asio::detached);
+  io.run();
+  CHECK(admitted == 2);
+  CHECK(queue.in_flight() == 0);
+}

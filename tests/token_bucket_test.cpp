@@ -104,7 +104,7 @@ TEST_CASE("1000 concurrent waiters complete in FIFO order, a large one not starv
 }
 
 TEST_CASE("the coroutine form takes free units without passing through the scheduler",
-          "[token_bucket][token_bucket][rate_limits][request_queue]") {
+          "[token_bucket][rate_limits][request_queue]") {
   asio::io_context io;
   bucket_type bucket(io.get_executor(), {.rate = weir::per_second(1), .burst = 3});
   weir::rate_limits<clock_type> limits(io.get_executor(),
@@ -143,7 +143,7 @@ TEST_CASE("the coroutine form takes free units without passing through the sched
 }
 
 TEST_CASE("with an executor that names a default token, the limiters' operations need none",
-          "[token_bucket][token_bucket][rate_limits]") {
+          "[token_bucket][rate_limits]") {
   asio::io_context io;
   using awaiting = asio::use_awaitable_t<>::executor_with_default<asio::any_io_executor>;
   weir::token_bucket<clock_type, awaiting> bucket(awaiting(io.get_executor()),
@@ -164,7 +164,7 @@ TEST_CASE("with an executor that names a default token, the limiters' operations
 }
 
 TEST_CASE("waiters due together are woken by the bucket's one timer in their order",
-          "[token_bucket][token_bucket]") {
+          "[token_bucket]") {
   asio::io_context io;
   bucket_type bucket(io.get_executor(), {.rate = weir::per_second(1000), .burst = 1});
   REQUIRE(bucket.try_acquire());
@@ -277,7 +277,7 @@ TEST_CASE("set_rate and set_burst re-size the bucket at run time", "[token_bucke
 }
 
 TEST_CASE("pause_until holds the bucket empty until the given moment",
-          "[token_bucket][token_bucket]") {
+          "[token_bucket]") {
   asio::io_context io;
   bucket_type bucket(io.get_executor(), {.rate = weir::per_second(10), .burst = 10});
   bucket.pause_until(clock_type::now() + 20s);

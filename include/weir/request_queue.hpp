@@ -43,7 +43,8 @@ struct request_queue_options {
   std::string name = "request_queue";  // in events (throttled, rejected) and metrics
 };
 
-class request_queue;
+template <class Executor>
+class basic_request_queue;
 
 namespace detail {
 struct request_queue_state;
@@ -71,7 +72,8 @@ class permit {
 
  private:
   friend struct detail::request_queue_state;
-  friend class request_queue;
+  template <class Executor>
+  friend class basic_request_queue;
   explicit permit(std::shared_ptr<detail::request_queue_state> s) : state_(std::move(s)) {}
   std::shared_ptr<detail::request_queue_state> state_;
 };
@@ -99,9 +101,10 @@ struct queue_waiter {
 // so a slot is never left free while someone waits for it.
 struct request_queue_state final : shutdown_hook {
   request_queue_state(boost::asio::any_io_executor ex, request_queue_options o)
-      : executor(std::move(ex)), options(o) {
-    if (o.max_concurrent == 0)
-      invalid_option("request_queue", "max_concurrent", o.max_concurrent, "be at least 1");
+      : executor(std::move(ex)), options(std::move(o)) {
+    if (options.max_concurrent == 0)
+      invalid_option(options.name.c_str(), "max_concurrent", options.max_concurrent,
+                     "be at least 1");
   }
 
   // Takes a slot if one is free and nobody waits for it.
@@ -262,17 +265,23 @@ void permit::release() noexcept {
   if (auto s = std::move(state_)) s->release(s);
 }
 
-class request_queue_stage;
+template <class Executor>
+class basic_request_queue_stage;
 
-// Copies share one queue.
-class request_queue {
+// Copies share one queue. Like Asio's I/O objects (and the limiters) the queue is a template over
+// its executor, whose default completion token its operations use: with
+// `asio::use_awaitable_t<>::executor_with_default<asio::any_io_executor>`,
+// `co_await queue.async_admit()` names no token. `request_queue` is the usual one.
+template <class Executor = boost::asio::any_io_executor>
+class basic_request_queue {
  public:
-  using executor_type = boost::asio::any_io_executor;
+  using executor_type = Executor;
   using admit_signature = void(error_code, permit);
 
   // Throws weir::exception(invalid_argument) for max_concurrent == 0.
-  request_queue(executor_type ex, request_queue_options options)
-      : state_(std::make_shared<detail::request_queue_state>(std::move(ex), options)) {
+  basic_request_queue(executor_type ex, request_queue_options options)
+      : executor_(ex),
+        state_(std::make_shared<detail::request_queue_state>(std::move(ex), std::move(options))) {
     detail::track_shutdown(state_->executor, state_);
   }
 
@@ -336,10 +345,12 @@ class request_queue {
   std::size_t in_flight() const { return state_->in_flight.load(); }
   std::size_t queued() const { return state_->queued.load(); }
 
-  const executor_type& get_executor() const noexcept { return state_->executor; }
+  const executor_type& get_executor() const noexcept { return executor_; }
 
   // The queue as a pipeline stage: a call holds a slot from entering until it leaves.
-  request_queue_stage stage() const;
+  basic_request_queue_stage<Executor> stage() const {
+    return basic_request_queue_stage<Executor>(*this);
+  }
 
  private:
   // The initiation object of async_admit, named as Asio names its own.
@@ -353,9 +364,9 @@ class request_queue {
 
   // Only a wait holds a copy of the queue: the queue is alive until the caller's co_await has
   // begun, which is all the fast path needs.
-  static boost::asio::awaitable<permit> admit_now_or_wait(request_queue* queue, priority p) {
+  static boost::asio::awaitable<permit> admit_now_or_wait(basic_request_queue* queue, priority p) {
     if (auto now = queue->try_admit()) co_return now;
-    request_queue keep = *queue;
+    basic_request_queue keep = *queue;
     co_return co_await keep.async_admit(p, boost::asio::use_awaitable);
   }
 
@@ -382,14 +393,19 @@ class request_queue {
     s->hand_out(lock, s);
   }
 
+  executor_type executor_;
   std::shared_ptr<detail::request_queue_state> state_;
 };
 
-// request_queue in a pipeline (see stage.hpp). A wait still going on at the call's deadline
+using request_queue = basic_request_queue<>;
+
+// A request_queue in a pipeline (see stage.hpp). A wait still going on at the call's deadline
 // fails with timeout, a local refusal.
-class request_queue_stage {
+template <class Executor = boost::asio::any_io_executor>
+class basic_request_queue_stage {
  public:
-  explicit request_queue_stage(request_queue queue) : queue_(std::move(queue)) {}
+  explicit basic_request_queue_stage(basic_request_queue<Executor> queue)
+      : queue_(std::move(queue)) {}
 
   std::string_view name() const noexcept { return queue_.name(); }
 
@@ -448,9 +464,9 @@ class request_queue_stage {
     s.held = true;
   }
 
-  request_queue queue_;
+  basic_request_queue<Executor> queue_;
 };
 
-inline request_queue_stage request_queue::stage() const { return request_queue_stage(*this); }
+using request_queue_stage = basic_request_queue_stage<>;
 
 }  // namespace weir

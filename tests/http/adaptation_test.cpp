@@ -58,7 +58,7 @@ TEST_CASE("a 429 that says the quota is spent pauses as long as the largest hint
 }
 
 TEST_CASE("the adaptation as a pipeline stage reads every answer and ignores cancelled calls",
-          "[http][adaptation][adaptation][pipeline]") {
+          "[http][adaptation][pipeline]") {
   asio::io_context io;
   limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(10), 1}});
   weir::http::server_adaptation<clock_type> adapt(limits);

@@ -2,7 +2,7 @@
 #include "../support/http.hpp"
 
 TEST_CASE("the usage a response body reports, in OpenAI's and Anthropic's forms",
-          "[http][usage][usage]") {
+          "[http][usage]") {
   using weir::http::reported_usage;
   const auto openai = reported_usage(
       R"({"id":"x","choices":[{"message":{"content":"\"prompt_tokens\": 999"}}],)"

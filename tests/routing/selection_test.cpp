@@ -3,7 +3,7 @@
 
 // Selection is pure: specs, views and numbers in, a ranking out; no coroutine, server or clock.
 TEST_CASE("selection ranks what may be tried now and says when the first blocked one frees up",
-          "[routing][selection][router][selection]") {
+          "[routing][selection][router]") {
   namespace r = weir::routing;
   using steady = std::chrono::steady_clock;
   const std::vector<r::model_spec> specs = {
