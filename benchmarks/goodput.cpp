@@ -310,7 +310,8 @@ class run {
     router_type::options_type o;
     o.max_attempts = 8;
     router_.emplace(io.get_executor(), std::move(c), std::move(o));
-    router_->connect("rig", [this](const weir::routing::model_spec&, const int&) { return send(); });
+    router_->connect("rig",
+                     [this](const weir::routing::model_spec&, const int&) { return send(); });
   }
 
   asio::awaitable<weir::http::response> send() {

@@ -247,13 +247,13 @@ void router_select(benchmark::State& state) {
   const int count = static_cast<int>(state.range(0));
   for (int i = 0; i < count; ++i)
     models.add(weir::routing::model_spec{.provider = fmt::format("provider-{}", i % 4),
-                                .id = fmt::format("model-{}", i),
-                                .input_price = 0.1 * (count - i),
-                                .output_price = 0.4 * (count - i),
-                                .capability = static_cast<double>(i % 10),
-                                .context_window = 128'000,
-                                .requests_per_minute = 1e9,
-                                .tokens_per_minute = 1e12});
+                                         .id = fmt::format("model-{}", i),
+                                         .input_price = 0.1 * (count - i),
+                                         .output_price = 0.4 * (count - i),
+                                         .capability = static_cast<double>(i % 10),
+                                         .context_window = 128'000,
+                                         .requests_per_minute = 1e9,
+                                         .tokens_per_minute = 1e12});
   weir::routing::router<int, int> router(io.get_executor(), std::move(models));
   const weir::routing::route_constraints wanted{
       .input_tokens = 1'000, .output_tokens = 500, .min_capability = 3};

@@ -20,7 +20,7 @@ struct prompt {
 };
 
 asio::awaitable<void> ask(weir::routing::router<prompt, fake_response, std::chrono::steady_clock,
-                                       weir::testing::fake_classifier>& router,
+                                                weir::testing::fake_classifier>& router,
                           int n) {
   const prompt question("question " + std::to_string(n));
   auto [response, route] =
@@ -37,13 +37,14 @@ int main() {
   asio::io_context io;
   weir::routing::catalog models;
   models.add(weir::routing::model_spec{.provider = "cheap",
-                              .id = "small",
-                              .input_price = 0.15,
-                              .output_price = 0.6,
-                              .capability = 6});
+                                       .id = "small",
+                                       .input_price = 0.15,
+                                       .output_price = 0.6,
+                                       .capability = 6});
   models.add(weir::routing::model_spec{
       .provider = "dear", .id = "large", .input_price = 2.5, .output_price = 10, .capability = 9});
-  weir::routing::router<prompt, fake_response, std::chrono::steady_clock, weir::testing::fake_classifier>
+  weir::routing::router<prompt, fake_response, std::chrono::steady_clock,
+                        weir::testing::fake_classifier>
       router(io.get_executor(), models);
 
   weir::testing::fake_provider<std::chrono::steady_clock> cheap, dear;

@@ -276,8 +276,7 @@ TEST_CASE("set_rate and set_burst re-size the bucket at run time", "[token_bucke
   CHECK(bucket.time_until(1) == 250ms);
 }
 
-TEST_CASE("pause_until holds the bucket empty until the given moment",
-          "[token_bucket]") {
+TEST_CASE("pause_until holds the bucket empty until the given moment", "[token_bucket]") {
   asio::io_context io;
   bucket_type bucket(io.get_executor(), {.rate = weir::per_second(10), .burst = 10});
   bucket.pause_until(clock_type::now() + 20s);

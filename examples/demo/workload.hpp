@@ -359,24 +359,25 @@ struct chat {
 
 class weir_run {
  public:
-  using router_type = weir::routing::router<chat, response, steady, weir::http::response_classifier>;
+  using router_type =
+      weir::routing::router<chat, response, steady, weir::http::response_classifier>;
 
   weir_run(asio::io_context& io, std::vector<provider_setup> fleet, run_options options,
            progress& live)
       : io_(io), fleet_(std::move(fleet)), options_(options), log_(fleet_, live) {
     weir::routing::catalog models;
     for (const auto& p : fleet_) {
-      models.add(
-          weir::routing::provider_spec{.name = p.name, .breaker = options_.breaker, .default_cooldown = 1s});
+      models.add(weir::routing::provider_spec{
+          .name = p.name, .breaker = options_.breaker, .default_cooldown = 1s});
       for (const auto& m : p.models)
         models.add(weir::routing::model_spec{.provider = p.name,
-                                    .id = m.id,
-                                    .input_price = m.input_price,
-                                    .output_price = m.output_price,
-                                    .capability = m.capability,
-                                    .context_window = m.context_window,
-                                    .requests_per_minute = m.requests_per_minute,
-                                    .tokens_per_minute = m.tokens_per_minute});
+                                             .id = m.id,
+                                             .input_price = m.input_price,
+                                             .output_price = m.output_price,
+                                             .capability = m.capability,
+                                             .context_window = m.context_window,
+                                             .requests_per_minute = m.requests_per_minute,
+                                             .tokens_per_minute = m.tokens_per_minute});
     }
     router_type::options_type ro;
     ro.max_attempts = 6;
@@ -391,9 +392,10 @@ class weir_run {
     for (const auto& p : fleet_) {
       auto& conn = connections_.emplace_back(std::make_unique<connection>(
           io.get_executor(), weir::http::endpoint::parse(p.base_url), tls(), p, options_));
-      router_->connect(p.name, [c = conn.get()](const weir::routing::model_spec& m, const chat& request) {
-        return c->send(m, *request.work);
-      });
+      router_->connect(p.name,
+                       [c = conn.get()](const weir::routing::model_spec& m, const chat& request) {
+                         return c->send(m, *request.work);
+                       });
     }
   }
 

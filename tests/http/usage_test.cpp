@@ -1,8 +1,7 @@
 // Specifications of weir/http/usage.hpp: the usage a response body reports.
 #include "../support/http.hpp"
 
-TEST_CASE("the usage a response body reports, in OpenAI's and Anthropic's forms",
-          "[http][usage]") {
+TEST_CASE("the usage a response body reports, in OpenAI's and Anthropic's forms", "[http][usage]") {
   using weir::http::reported_usage;
   const auto openai = reported_usage(
       R"({"id":"x","choices":[{"message":{"content":"\"prompt_tokens\": 999"}}],)"

@@ -98,8 +98,8 @@ class router {
   // the old place (a crash when it is freed). Nothing the callee does can repair the object it
   // is handed. `co_await router.route(request, {.input_tokens = 900})` is safe: the constraints
   // hold nothing that points into itself. For the request, name it first or give its type a
-  // constructor (`chat_request("hi")`, not `chat_request{"hi"}`); tests/reliability/correctness_test.cpp
-  // runs those spellings under ASan.
+  // constructor (`chat_request("hi")`, not `chat_request{"hi"}`);
+  // tests/reliability/correctness_test.cpp runs those spellings under ASan.
   boost::asio::awaitable<routed<Response>> route(Request request, constraints c) {
     return run(state_, std::move(request), std::move(c));
   }
