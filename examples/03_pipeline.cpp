@@ -23,11 +23,11 @@ int main() {
                                   .tokens = weir::limit::per_minute(60'000, 5'000)});
   weir::usage_monitor<> monitor;
   weir::request_queue queue(ex, {.max_concurrent = 4, .max_queued = 16});
-  auto guarded = weir::pipeline(retry, breaker, limits, monitor, queue);
-
   weir::metrics chat("chat");
-  guarded.observe(
-      weir::fan_out(chat.observer(), [](const weir::event& e) { fmt::print("  {}\n", e); }));
+  const weir::pipeline_options options{
+      .watch =
+          weir::fan_out(chat.observer(), [](const weir::event& e) { fmt::print("  {}\n", e); })};
+  auto guarded = weir::pipeline(options, retry, breaker, limits, monitor, queue);
 
   int calls = 0;
   for (int i = 0; i < 3; ++i) {

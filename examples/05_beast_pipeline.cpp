@@ -91,16 +91,14 @@ asio::awaitable<void> client(tcp::endpoint server, int requests, tcp::acceptor& 
   weir::rate_limits<> limits(ex, {.requests = weir::limit{weir::per_second(30), 3}});
   weir::http::server_adaptation<> adapt(limits);
   weir::circuit_breaker<std::chrono::steady_clock, weir::http::response_classifier> breaker(
-      {.consecutive_failures = 5, .break_duration = 5s}, classify);
+      {.consecutive_failures = 5, .break_duration = 5s});
   weir::retry<std::chrono::steady_clock, weir::http::response_classifier> retry(
       {.max_attempts = 4,
        .backoff = weir::backoff::exponential(100ms, 2.0, 2s).with(weir::jitter::full),
-       .on_retry =
-           [](const weir::retry_attempt& a) {
-             fmt::print("  retry after attempt {} in {} ms\n", a.attempt,
-                        std::chrono::duration_cast<std::chrono::milliseconds>(a.delay).count());
-           }},
-      classify);
+       .on_retry = [](const weir::retry_attempt& a) {
+         fmt::print("  retry after attempt {} in {} ms\n", a.attempt,
+                    std::chrono::duration_cast<std::chrono::milliseconds>(a.delay).count());
+       }});
 
   http::request<http::string_body> req{http::verb::post, "/v1/chat/completions", 11};
   req.set(http::field::host, "127.0.0.1");

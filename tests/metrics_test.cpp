@@ -31,9 +31,8 @@ TEST_CASE("metrics count a pipeline's events and read back from Prometheus text"
   asio::io_context io;
   weir::retry<clock_type> retry({.max_attempts = 3, .backoff = weir::backoff::constant(1s)});
   weir::request_queue queue(io.get_executor(), {.max_concurrent = 1, .max_queued = 0});
-  auto guarded = weir::pipeline(retry, queue);
   weir::metrics chat("chat \"primary\"");
-  guarded.observe(chat.observer());
+  auto guarded = weir::pipeline(weir::pipeline_options{.watch = chat.observer()}, retry, queue);
   flaky op{.failures = 1};
   CHECK(run_to_end(io, guarded(op())) == 2);
   auto held = queue.try_admit();
@@ -74,9 +73,8 @@ TEST_CASE("metrics count a pipeline's events and read back from Prometheus text"
 
   // A breaker appears as a state set under its name.
   weir::circuit_breaker<clock_type> breaker({.consecutive_failures = 1, .name = "openai"});
-  auto broken = weir::pipeline(breaker);
   weir::metrics llm("llm");
-  broken.observe(llm.observer());
+  auto broken = weir::pipeline(weir::pipeline_options{.watch = llm.observer()}, breaker);
   flaky once{.failures = 1};
   run_to_end(io, broken(once()), &refused);
   std::string breaker_page;

@@ -128,13 +128,14 @@ TEST_CASE("events come in order with the right fields, and read as one line each
   asio::io_context io;
   weir::retry<clock_type> retry({.max_attempts = 3, .backoff = weir::backoff::constant(2s)});
   weir::circuit_breaker<clock_type> breaker({.consecutive_failures = 5});
-  auto guarded = weir::pipeline(retry, breaker);
   std::vector<std::string> lines;
   std::vector<weir::event> events;
-  guarded.observe([&](const weir::event& e) {
+  weir::pipeline_options options;
+  options.watch = [&](const weir::event& e) {
     events.push_back(e);
     lines.push_back(fmt::format("{}", e));
-  });
+  };
+  auto guarded = weir::pipeline(options, retry, breaker);
   context ctx{.operation = "chat"};
   auto op = [calls = 0]() mutable -> asio::awaitable<int> {
     if (++calls == 1) throw weir::exception(weir::error::rate_limited, "429", 3s);
@@ -159,9 +160,11 @@ TEST_CASE("throttling, rejections and breaker changes are events too", "[pipelin
       io.get_executor(), {.rate = weir::per_second(1), .burst = 1, .name = "openai rpm"});
   weir::circuit_breaker<clock_type> breaker(
       {.consecutive_failures = 1, .break_duration = 30s, .name = "openai"});
-  auto guarded = weir::pipeline(breaker, bucket);
   std::vector<std::string> lines;
-  guarded.observe([&](const weir::event& e) { lines.push_back(fmt::format("{}", e)); });
+  auto guarded = weir::pipeline(
+      weir::pipeline_options{
+          .watch = [&](const weir::event& e) { lines.push_back(fmt::format("{}", e)); }},
+      breaker, bucket);
   REQUIRE(bucket.try_acquire());
   flaky op{.failures = 5};
   run_to_end(io, guarded(op()), nullptr, 1s);
@@ -213,4 +216,51 @@ TEST_CASE("a pipeline shared by four threads keeps every count exact", "[pipelin
   CHECK(monitor.totals().requests == 3000);  // inside the retry: one record per attempt
   CHECK(monitor.totals().errors == 1000);
   CHECK(queue.in_flight() == 0);
+}
+
+namespace {
+// A reply of 429 is a refusal; anything else is judged as usual.
+struct status_429_refuses {
+  weir::classification operator()(const weir::outcome<int>& o) const {
+    if (o.has_value() && o.value() == 429) return {weir::verdict::rate_limited, {}};
+    return weir::default_classifier{}(o);
+  }
+};
+}  // namespace
+
+TEST_CASE(
+    "the classifier and the observer are options, and the options' type follows the classifier",
+    "[pipeline][retry][circuit_breaker]") {
+  static_assert(
+      std::is_same_v<decltype(weir::retry(weir::basic_retry_options<status_429_refuses>{})),
+                     weir::retry<std::chrono::steady_clock, status_429_refuses>>);
+  static_assert(
+      std::is_same_v<decltype(weir::circuit_breaker(
+                         weir::basic_circuit_breaker_options<status_429_refuses>{})),
+                     weir::circuit_breaker<std::chrono::steady_clock, status_429_refuses>>);
+
+  asio::io_context io;
+  weir::usage_monitor<clock_type> monitor({.window = 1h, .buckets = 60});
+  std::vector<weir::verdict> judged;
+  auto guarded = weir::pipeline(
+      weir::basic_pipeline_options<status_429_refuses>{
+          .watch =
+              [&](const weir::event& e) {
+                if (const auto* f = std::get_if<weir::attempt_failed>(&e))
+                  judged.push_back(f->kind);
+              }},
+      monitor);
+  auto refused = []() -> asio::awaitable<int> { co_return 429; };
+  CHECK(run_to_end(io, guarded(refused)) == 429);
+  CHECK(judged == std::vector{weir::verdict::rate_limited});
+  CHECK(monitor.totals().requests == 1);
+  CHECK(monitor.totals().rate_limited == 1);
+
+  // A retry judges with the classifier in its own options.
+  weir::retry<clock_type, status_429_refuses> retry(
+      {.max_attempts = 3, .backoff = weir::backoff::constant(1s)});
+  int calls = 0;
+  auto refused_twice = [&]() -> asio::awaitable<int> { co_return ++calls < 3 ? 429 : 200; };
+  CHECK(run_to_end(io, retry(refused_twice)) == 200);
+  CHECK(calls == 3);
 }

@@ -129,7 +129,9 @@ TEST_CASE("a classifier can judge values: retry until the answer is acceptable",
     return weir::default_classifier{}(o);
   };
   weir::retry<clock_type, decltype(status_429_is_rate_limited)> retry(
-      {.max_attempts = 4, .backoff = weir::backoff::constant(1s)}, status_429_is_rate_limited);
+      {.max_attempts = 4,
+       .backoff = weir::backoff::constant(1s),
+       .classifier = status_429_is_rate_limited});
   std::vector<int> answers{429, 429, 200};
   std::size_t calls = 0;
   finished<int> f;

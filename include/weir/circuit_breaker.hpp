@@ -44,7 +44,10 @@ struct failure_rate_window {
   std::uint32_t buckets = 10;                                    // time-based resolution
 };
 
-struct circuit_breaker_options {
+// Classifier: what judges each call's outcome (outcome.hpp); HTTP-aware ones are in weir/http.
+// The router judges with its own and ignores this one.
+template <class Classifier = default_classifier>
+struct basic_circuit_breaker_options {
   std::uint32_t consecutive_failures = 5;  // used when failure_rate is absent
   std::optional<failure_rate_window> failure_rate{};
   // Calls slower than this count as failures even when they succeed.
@@ -67,7 +70,9 @@ struct circuit_breaker_options {
   bool rate_limited_is_failure = false;
   std::function<void(breaker_state from, breaker_state to)> on_state_change{};
   std::string name = "circuit_breaker";  // in events (breaker_changed, rejected) and metrics
+  Classifier classifier{};
 };
+using circuit_breaker_options = basic_circuit_breaker_options<>;
 
 template <class Clock, class Classifier>
 class circuit_breaker_stage;
@@ -78,6 +83,7 @@ class circuit_breaker {
  public:
   using clock_type = Clock;
   using time_point = typename Clock::time_point;
+  using options_type = basic_circuit_breaker_options<Classifier>;
 
   // Admission to one call: whether it may go, and which breaker generation it belongs to, so a
   // late result from before a state change cannot move the new state.
@@ -90,8 +96,8 @@ class circuit_breaker {
   };
 
   // Throws weir::exception(invalid_argument) for zero thresholds, permits, or a negative break.
-  explicit circuit_breaker(circuit_breaker_options options = {}, Classifier classifier = {})
-      : state_(std::make_shared<shared>(std::move(options), std::move(classifier))) {}
+  explicit circuit_breaker(options_type options = {})
+      : state_(std::make_shared<shared>(std::move(options))) {}
 
   // Runs `op` if the breaker admits it; otherwise throws weir::exception(circuit_open) (a local
   // refusal) with the time until half-open as retry_after. The outcome is judged by the
@@ -132,13 +138,13 @@ class circuit_breaker {
   template <class T>
   void settle(const ticket& t, const outcome<T>& o) {
     const bool answered = o.reached_provider();
-    settle(t, answered, answered ? state_->classify(o).kind : verdict::success);
+    settle(t, answered, answered ? state_->options.classifier(o).kind : verdict::success);
   }
 
   // Whether the outcome `kind` is a failure by this breaker's rules.
   bool is_failure(verdict kind) const noexcept { return state_->failure(kind); }
 
-  const Classifier& classifier() const noexcept { return state_->classify; }
+  const Classifier& classifier() const noexcept { return state_->options.classifier; }
 
   breaker_state state() const noexcept { return state_->current.load(std::memory_order_acquire); }
 
@@ -160,8 +166,7 @@ class circuit_breaker {
 
  private:
   struct shared {
-    shared(circuit_breaker_options o, Classifier c)
-        : options(std::move(o)), classify(std::move(c)) {
+    explicit shared(options_type o) : options(std::move(o)) {
       const auto invalid = [](std::string_view field, const auto& value, std::string_view rule) {
         detail::invalid_option("circuit_breaker", field, value, rule);
       };
@@ -364,8 +369,7 @@ class circuit_breaker {
       move_to(to, now);
     }
 
-    circuit_breaker_options options;
-    Classifier classify;
+    options_type options;
     // Consecutive-failure mode without a slow-call watch: successes need no clock and no lock.
     const bool plain = !options.failure_rate && !options.slow_call_threshold;
     std::atomic<breaker_state> current{breaker_state::closed};
@@ -385,6 +389,10 @@ class circuit_breaker {
 
   std::shared_ptr<shared> state_;
 };
+
+template <class Classifier>
+circuit_breaker(basic_circuit_breaker_options<Classifier>)
+    -> circuit_breaker<std::chrono::steady_clock, Classifier>;
 
 // A circuit_breaker in a pipeline (see stage.hpp). An open circuit refuses the call with
 // circuit_open (a local refusal) and the time until half-open as retry_after.

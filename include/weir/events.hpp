@@ -1,7 +1,8 @@
 // Everything a pipeline does, as typed events for one observer. With no observer attached a
 // pipeline builds no event and reads no clock for one.
 //
-//     pipeline.observe([](const weir::event& e) { fmt::print("{}\n", e); });
+//     auto guarded = weir::pipeline(weir::pipeline_options{
+//         .watch = [](const weir::event& e) { fmt::print("{}\n", e); }}, retry, limits);
 #pragma once
 
 #include <weir/breaker_state.hpp>

@@ -2,7 +2,7 @@
 // written in the Prometheus text exposition format.
 //
 //     weir::metrics openai("openai");
-//     pipeline.observe(openai.observer());
+//     auto guarded = weir::pipeline(weir::pipeline_options{.watch = openai.observer()}, retry, limits);
 //     std::string page;
 //     weir::write_prometheus(page, {&openai, &anthropic});
 #pragma once

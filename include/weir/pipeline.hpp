@@ -529,6 +529,16 @@ struct driver {
 
 }  // namespace detail
 
+// What a pipeline does besides its stages.
+template <class Classifier = default_classifier>
+struct basic_pipeline_options {
+  observer watch{};  // every event of every call; empty: no event is built
+  // Judges outcomes for events and for the stages that read the pipeline's verdict (the usage
+  // monitor). Each retry or breaker judges with its own.
+  Classifier classifier{};
+};
+using pipeline_options = basic_pipeline_options<>;
+
 // See the top of this header. Build one with weir::pipeline(policies...).
 template <class Clock, class Classifier, class... Stages>
 class basic_pipeline {
@@ -538,9 +548,12 @@ class basic_pipeline {
   using clock_type = Clock;
   using context_type = basic_call_context<Clock>;
 
-  basic_pipeline(Classifier classifier, Stages... stages)
-      : shared_(std::make_shared<typename driver::owned>(std::move(classifier),
-                                                         std::move(stages)...)) {}
+  basic_pipeline(basic_pipeline_options<Classifier> options, Stages... stages)
+      : shared_(std::make_shared<typename driver::owned>(std::move(options.classifier),
+                                                         std::move(stages)...)) {
+    shared_->listener = std::move(options.watch);
+    shared_->watch = shared_->listener ? &shared_->listener : nullptr;
+  }
 
   // Runs `op` (a callable returning asio::awaitable<T>) through every policy. `ctx` must live
   // until the call completes; `op` may set ctx.actual_tokens once it knows them. The call shares
@@ -566,31 +579,23 @@ class basic_pipeline {
                                  std::forward<CompletionToken>(token));
   }
 
-  // Sends every event of every call to `o`; an empty observer turns events off. Set it before
-  // calls start: it is read, not locked, on each call.
-  void observe(observer o) {
-    shared_->listener = std::move(o);
-    shared_->watch = shared_->listener ? &shared_->listener : nullptr;
-  }
-
  private:
   std::shared_ptr<typename driver::owned> shared_;
 };
 
-// Composes `policies` (or stages) outermost first; outcomes are judged (for the stages that
-// read the pipeline's verdict, like the usage monitor, and for events) by `classifier`. The
-// clock is the first policy's that has one.
+// Composes `policies` (or stages) outermost first, with `options`. The clock is the first
+// policy's that has one.
 template <class Classifier, class... Policies>
 requires classifier_for<Classifier, int>
-auto pipeline_with(Classifier classifier, const Policies&... policies) {
+auto pipeline(basic_pipeline_options<Classifier> options, const Policies&... policies) {
   using clock = typename detail::first_clock<Policies...>::type;
   return basic_pipeline<clock, Classifier, decltype(detail::as_stage<clock>(policies))...>(
-      std::move(classifier), detail::as_stage<clock>(policies)...);
+      std::move(options), detail::as_stage<clock>(policies)...);
 }
 
 template <class... Policies>
 auto pipeline(const Policies&... policies) {
-  return pipeline_with(default_classifier{}, policies...);
+  return pipeline(pipeline_options{}, policies...);
 }
 
 }  // namespace weir

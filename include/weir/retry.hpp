@@ -37,7 +37,9 @@ struct retry_attempt {
   std::exception_ptr error;           // the failure, when it was an error (not a value)
 };
 
-struct retry_options {
+// Classifier: what judges each attempt's outcome (outcome.hpp); HTTP-aware ones are in weir/http.
+template <class Classifier = default_classifier>
+struct basic_retry_options {
   unsigned max_attempts = 3;  // attempts in all, the first included
   // The whole call, attempts and waits, ends within this: a wait that would pass it is not made,
   // and an attempt still running when it passes is cancelled (error::timeout).
@@ -51,7 +53,9 @@ struct retry_options {
   std::function<void(const retry_attempt&)> on_retry{};  // called before each wait
   std::uint64_t seed = 0;                                // for the jitter; 0: from random_device
   std::string name = "retry";  // in events (retry_scheduled, rejected) and metrics
+  Classifier classifier{};
 };
+using retry_options = basic_retry_options<>;
 
 template <class Clock, class Classifier>
 class retry_stage;
@@ -74,10 +78,10 @@ template <class Clock = std::chrono::steady_clock, class Classifier = default_cl
 class retry {
  public:
   using clock_type = Clock;
+  using options_type = basic_retry_options<Classifier>;
 
   // Throws weir::exception(invalid_argument) for max_attempts 0 or negative durations.
-  explicit retry(retry_options options = {}, Classifier classifier = {})
-      : state_(std::make_shared<state>(std::move(options), std::move(classifier))) {}
+  explicit retry(options_type options = {}) : state_(std::make_shared<state>(std::move(options))) {}
 
   template <class Operation>
   auto operator()(Operation op) const {
@@ -88,7 +92,7 @@ class retry {
   // The retry as a pipeline stage, which is also what operator() runs.
   retry_stage<Clock, Classifier> stage() const { return retry_stage<Clock, Classifier>(*this); }
 
-  const retry_options& options() const noexcept { return state_->options; }
+  const options_type& options() const noexcept { return state_->options; }
   const std::string& name() const noexcept { return state_->options.name; }
 
   // ---- the synchronous halves, for a caller (or pipeline) running its own attempt loop ----
@@ -115,11 +119,11 @@ class retry {
     return state_->next(p, c, std::move(failure));
   }
 
-  const Classifier& classifier() const noexcept { return state_->classify; }
+  const Classifier& classifier() const noexcept { return state_->options.classifier; }
 
  private:
   struct state {
-    state(retry_options o, Classifier c) : options(std::move(o)), classify(std::move(c)) {
+    explicit state(options_type o) : options(std::move(o)) {
       if (options.max_attempts == 0)
         detail::invalid_option("retry", "max_attempts", options.max_attempts, "be at least 1");
       if (options.max_elapsed.count() <= 0)
@@ -170,14 +174,16 @@ class retry {
       return {delay, {}};
     }
 
-    retry_options options;
-    Classifier classify;
+    options_type options;
     std::mutex random_mutex;
     std::mt19937_64 random;
   };
 
   std::shared_ptr<state> state_;
 };
+
+template <class Classifier>
+retry(basic_retry_options<Classifier>) -> retry<std::chrono::steady_clock, Classifier>;
 
 // A retry in a pipeline (see stage.hpp): its exit sends the call back through the stages inside
 // it after the wait, and max_elapsed bounds everything inside it.

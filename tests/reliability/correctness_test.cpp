@@ -128,7 +128,7 @@ TEST_CASE("max_wait_in_half_open opens a breaker whose probes do not decide in t
 namespace {
 struct prompt {};
 using router_type = weir::routing::router<prompt, fake_response, clock_type, fake_classifier>;
-using router_options = weir::routing::basic_router_options<fake_response, clock_type>;
+using router_options = router_type::options_type;
 
 weir::routing::catalog one_provider(weir::circuit_breaker_options breaker) {
   weir::routing::catalog c;
@@ -250,9 +250,10 @@ TEST_CASE("a retry that fails values retries them with or without an observer",
       {.max_attempts = 3, .backoff = weir::backoff::constant(1s)});
   weir::circuit_breaker<clock_type, fake_classifier> breaker({.consecutive_failures = 100});
   for (bool observed : {false, true}) {
-    auto guarded = weir::pipeline(breaker, retry);
     int events = 0;
-    if (observed) guarded.observe([&](const weir::event&) { ++events; });
+    weir::pipeline_options options;
+    if (observed) options.watch = [&](const weir::event&) { ++events; };
+    auto guarded = weir::pipeline(options, breaker, retry);
     int calls = 0;
     auto op = [&]() -> asio::awaitable<fake_response> {
       ++calls;

@@ -180,8 +180,8 @@ TEST_CASE("soak: a million calls through the full pipeline, memory flat, counts 
   weir::circuit_breaker<clock_type> breaker({.consecutive_failures = 1'000});
   weir::retry<clock_type> retry({.max_attempts = 3, .backoff = weir::backoff::constant(0ns)});
   weir::metrics counts("soak");
-  auto guarded = weir::pipeline(retry, breaker, limits, monitor, queue);
-  guarded.observe(counts.observer());
+  auto guarded = weir::pipeline(weir::pipeline_options{.watch = counts.observer()}, retry, breaker,
+                                limits, monitor, queue);
   int calls = 0, ok = 0;
   std::size_t heap_after_warmup = 0, heap_at_end = 0;
   asio::co_spawn(

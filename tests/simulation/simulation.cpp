@@ -229,8 +229,8 @@ struct policies {
           weir::limit::per_minute(pick(rng, 1'000, 100'000), pick<std::uint64_t>(rng, 1, 5000));
     return o;
   }
-  static weir::circuit_breaker_options breaker_options(std::mt19937_64& rng) {
-    weir::circuit_breaker_options o;
+  static breaker_type::options_type breaker_options(std::mt19937_64& rng) {
+    breaker_type::options_type o;
     o.consecutive_failures = chance(rng, 0.3) ? 1'000'000 : pick<std::uint32_t>(rng, 1, 5);
     o.break_duration = uniform(rng, 1s, 30s);
     o.max_break_duration = o.break_duration * 4;
@@ -242,8 +242,8 @@ struct policies {
     o.rate_limited_is_failure = chance(rng, 0.3);
     return o;
   }
-  static weir::retry_options retry_options(std::mt19937_64& rng) {
-    weir::retry_options o;
+  static retry_type::options_type retry_options(std::mt19937_64& rng) {
+    retry_type::options_type o;
     o.max_attempts = pick(rng, 1u, 4u);
     o.backoff = weir::backoff::exponential(uniform(rng, 10ms, 2s), 2.0, 10s)
                     .with(static_cast<weir::jitter>(pick(rng, 0, 3)));
@@ -266,19 +266,19 @@ struct policies {
 // Every order the simulation composes, outermost first. Each pair of policies appears in both
 // orders among them, and the timeout sits at each depth once.
 template <std::size_t Shape>
-auto make_pipeline(const policies& p) {
+auto make_pipeline(const weir::pipeline_options& o, const policies& p) {
   if constexpr (Shape == 0)
-    return weir::pipeline(p.queue, p.bucket, p.limits, p.breaker, p.retry, p.monitor, p.limit);
+    return weir::pipeline(o, p.queue, p.bucket, p.limits, p.breaker, p.retry, p.monitor, p.limit);
   else if constexpr (Shape == 1)
-    return weir::pipeline(p.limit, p.monitor, p.retry, p.breaker, p.limits, p.bucket, p.queue);
+    return weir::pipeline(o, p.limit, p.monitor, p.retry, p.breaker, p.limits, p.bucket, p.queue);
   else if constexpr (Shape == 2)
-    return weir::pipeline(p.retry, p.queue, p.limit, p.breaker, p.monitor, p.limits, p.bucket);
+    return weir::pipeline(o, p.retry, p.queue, p.limit, p.breaker, p.monitor, p.limits, p.bucket);
   else if constexpr (Shape == 3)
-    return weir::pipeline(p.breaker, p.retry, p.bucket, p.monitor, p.queue, p.limit, p.limits);
+    return weir::pipeline(o, p.breaker, p.retry, p.bucket, p.monitor, p.queue, p.limit, p.limits);
   else if constexpr (Shape == 4)
-    return weir::pipeline(p.monitor, p.limits, p.retry, p.limit, p.queue, p.breaker, p.bucket);
+    return weir::pipeline(o, p.monitor, p.limits, p.retry, p.limit, p.queue, p.breaker, p.bucket);
   else
-    return weir::pipeline(p.bucket, p.limit, p.retry, p.queue, p.limits, p.monitor, p.breaker);
+    return weir::pipeline(o, p.bucket, p.limit, p.retry, p.queue, p.limits, p.monitor, p.breaker);
 }
 constexpr std::size_t shapes = 6;
 
@@ -338,8 +338,9 @@ class scenario {
 
   template <std::size_t S>
   void run_shape(asio::io_context& io, std::mt19937_64& rng, policies& p, trace& t) {
-    std::optional<decltype(make_pipeline<S>(p))> pipeline(make_pipeline<S>(p));
-    if (observed_) pipeline->observe([this](const weir::event&) { ++events_; });
+    weir::pipeline_options options;
+    if (observed_) options.watch = [this](const weir::event&) { ++events_; };
+    std::optional<decltype(make_pipeline<S>(options, p))> pipeline(make_pipeline<S>(options, p));
 
     // Outer layers, outermost first: standalone policies wrapped around the pipeline.
     std::vector<int> layers;
@@ -683,7 +684,7 @@ void router_scenario(std::uint64_t seed, bool verbose) {
         .tokens_per_minute =
             chance(rng, 0.3) ? static_cast<double>(pick(rng, 10'000, 100'000)) : 0.0});
   }
-  weir::routing::basic_router_options<fake_response, sim_clock> o;
+  sim_router::options_type o;
   o.max_attempts = pick(rng, 1u, 5u);
   if (chance(rng, 0.5)) o.adaptation.reset();
   if (chance(rng, 0.3)) o.fallback_budget.emplace(weir::retry_budget_options{.reserve = 3});

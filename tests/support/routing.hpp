@@ -34,7 +34,7 @@ struct prompt {
 
 using router_type = weir::routing::router<prompt, fake_response, clock_type, fake_classifier>;
 using constraints = router_type::constraints;
-using options = weir::routing::basic_router_options<fake_response, clock_type>;
+using options = router_type::options_type;
 
 // Two providers with one model each: a is cheaper than b.
 weir::routing::catalog two_models(double a_rpm = 0, double b_rpm = 0) {

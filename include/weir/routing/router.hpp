@@ -63,15 +63,14 @@ class router {
   using time_point = typename Clock::time_point;
   using executor_type = boost::asio::any_io_executor;
   using constraints = basic_route_constraints<Clock>;
-  using options_type = basic_router_options<Response, Clock>;
+  using options_type = basic_router_options<Response, Clock, Classifier>;
   // Sends `request` to `model` (of this provider) and returns the response.
   using provider_call =
       std::function<boost::asio::awaitable<Response>(const model_spec&, const Request&)>;
 
   // Throws weir::exception(invalid_argument) for an empty catalog or bad options.
-  router(executor_type ex, catalog models, options_type options = {}, Classifier classify = {})
-      : state_(std::make_shared<state>(std::move(ex), std::move(models), std::move(options),
-                                       std::move(classify))) {}
+  router(executor_type ex, catalog models, options_type options = {})
+      : state_(std::make_shared<state>(std::move(ex), std::move(models), std::move(options))) {}
 
   // The callable that sends requests to one of the catalog's providers.
   void connect(std::string_view provider, provider_call call) {
@@ -223,11 +222,8 @@ class router {
   };
 
   struct state {
-    state(executor_type ex, catalog c, options_type o, Classifier cl)
-        : executor(std::move(ex)),
-          catalog_(std::move(c)),
-          options(std::move(o)),
-          classify(std::move(cl)) {
+    state(executor_type ex, catalog c, options_type o)
+        : executor(std::move(ex)), catalog_(std::move(c)), options(std::move(o)) {
       if (catalog_.models().empty())
         throw weir::exception(error::invalid_argument, "router: the catalog has no model");
       if (!options.strategy)
@@ -316,7 +312,6 @@ class router {
     executor_type executor;
     catalog catalog_;
     options_type options;
-    Classifier classify;
     std::vector<std::unique_ptr<provider_entry>> providers;
     std::vector<std::unique_ptr<model_entry>> models;
   };
@@ -424,7 +419,7 @@ class router {
     auto& m = *s.models[i];
     auto& p = *s.providers[m.provider];
     const auto latency = std::chrono::duration_cast<nanos>(finished - started);
-    lesson l{.judged = s.classify(result), .used = std::nullopt};
+    lesson l{.judged = s.options.classifier(result), .used = std::nullopt};
     // A cancelled call, or one the provider's own code refused before sending, is no answer:
     // the breaker gets its ticket back (a probe must not close it), the pacing learns nothing.
     // A 429 is the cooldown's business, not the breaker's (circuit_breaker_options says why).

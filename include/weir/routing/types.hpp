@@ -66,7 +66,9 @@ struct routed {
   route_record route;
 };
 
-template <class Response, class Clock = std::chrono::steady_clock>
+// Classifier: what judges the providers' responses (weir::http::response_classifier for Beast).
+template <class Response, class Clock = std::chrono::steady_clock,
+          class Classifier = default_classifier>
 struct basic_router_options {
   basic_strategy<Clock> strategy = strategies::cheapest<Clock>();
   unsigned max_attempts = 4;  // attempts per request, over all models
@@ -87,6 +89,7 @@ struct basic_router_options {
   // leaves out (slow start from adaptation_options::initial_rate). nullopt: the limits stay as
   // the catalog gives them, and a model without limits is not paced at all.
   std::optional<http::adaptation_options> adaptation = http::adaptation_options{};
+  Classifier classifier{};
 };
 template <class Response>
 using router_options = basic_router_options<Response>;
