@@ -4,6 +4,8 @@
 #include <weir/pipeline.hpp>
 #include <weir/redis/rate_limiter.hpp>
 
+#include "rig.hpp"
+
 #include <fmt/format.h>
 #include <boost/asio.hpp>
 #include <catch2/catch.hpp>
@@ -12,6 +14,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -237,4 +241,161 @@ TEST_CASE("when Redis goes away the limiter falls back, and returns when it is b
     }
   }
   stop_server();
+}
+
+namespace {
+
+// How a limiter rode out a fault: one acquire at a time, the fault on from the first second to
+// the second.
+struct ride {
+  int admitted_shared = 0, admitted_local = 0, unavailable = 0, other_errors = 0;
+  std::chrono::steady_clock::duration slowest{};
+  std::vector<std::pair<weir::redis::limiter_mode, weir::redis::limiter_mode>> switches;
+  weir::redis::limiter_mode at_end = weir::redis::limiter_mode::closed;
+};
+
+constexpr auto fault_timeout = 300ms;
+
+ride ride_out(int port, weir::redis::when_unreachable fallback,
+              const std::function<void(bool)>& fault) {
+  ride r;
+  run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+    weir::redis::client redis(ex, {.port = port,
+                                   .reconnect_min = 50ms,
+                                   .reconnect_max = 200ms,
+                                   .connect_timeout = fault_timeout,
+                                   .command_timeout = fault_timeout});
+    weir::redis::rate_limiter<> shared(
+        ex, redis,
+        {.name = unique_name("fault"),
+         .requests = weir::limit{weir::per_second(200), 10},
+         .fallback = fallback,
+         .local_fraction = 0.5,
+         .probe_every = 100ms,
+         .on_mode_change = [&](auto from, auto to) { r.switches.emplace_back(from, to); }});
+    asio::steady_timer pause(ex);
+    const auto t0 = std::chrono::steady_clock::now();
+    bool on = false, healed = false;
+    // Three seconds, and then until the limiter is back on Redis (a loading server takes its
+    // time), within reason.
+    const auto going = [&] {
+      const auto t = std::chrono::steady_clock::now() - t0;
+      return t < 3s || (shared.mode() != weir::redis::limiter_mode::shared && t < 20s);
+    };
+    while (going()) {
+      const auto t = std::chrono::steady_clock::now() - t0;
+      if (!on && t > 1s) fault(on = true);
+      if (on && !healed && t > 2s) fault(!(healed = true));
+      const auto began = std::chrono::steady_clock::now();
+      auto [ec, waited] =
+          co_await shared.async_acquire({.requests = 1}, asio::as_tuple(asio::use_awaitable));
+      r.slowest = std::max(r.slowest, std::chrono::steady_clock::now() - began);
+      if (!ec)
+        ++(shared.mode() == weir::redis::limiter_mode::shared ? r.admitted_shared
+                                                              : r.admitted_local);
+      else if (ec == weir::error::unavailable)
+        ++r.unavailable;
+      else
+        ++r.other_errors;
+      if (ec) {
+        pause.expires_after(20ms);
+        co_await pause.async_wait(asio::use_awaitable);
+      }
+    }
+    r.at_end = shared.mode();
+    redis.close();
+  });
+  return r;
+}
+
+// What every fault must come to: no acquire waited much past the timeout (not the kernel's
+// minutes), every one ended as admitted or unavailable, the fallback took over while Redis was
+// away, and the limiter was back on Redis once it returned.
+void check_ride(const ride& r, weir::redis::when_unreachable fallback) {
+  INFO("shared " << r.admitted_shared << ", local " << r.admitted_local << ", unavailable "
+                 << r.unavailable << ", slowest "
+                 << std::chrono::duration_cast<std::chrono::milliseconds>(r.slowest).count()
+                 << " ms");
+  CHECK(r.other_errors == 0);
+  // Real time: the bound is loose (a busy machine), and still far from a TCP timeout.
+  CHECK(r.slowest < fault_timeout + 2s);
+  CHECK(r.admitted_shared > 0);
+  REQUIRE(r.switches.size() >= 2);
+  CHECK(r.switches.front().first == weir::redis::limiter_mode::shared);
+  CHECK(r.switches.back().second == weir::redis::limiter_mode::shared);
+  CHECK(r.at_end == weir::redis::limiter_mode::shared);
+  if (fallback == weir::redis::when_unreachable::use_local) {
+    CHECK(r.unavailable == 0);
+    CHECK(r.admitted_local > 0);
+  } else {
+    CHECK(r.unavailable > 0);
+  }
+}
+
+constexpr std::array fallbacks{weir::redis::when_unreachable::use_local,
+                               weir::redis::when_unreachable::fail_closed};
+
+}  // namespace
+
+TEST_CASE("a paused Redis (SIGSTOP) costs an acquire at most the command timeout", "[faults]") {
+  rig::redis_server server(WEIR_REDIS_PORT + 2);
+  for (const auto fallback : fallbacks) {
+    const auto r = ride_out(server.port(), fallback, [&](bool on) {
+      if (on)
+        server.pause();
+      else
+        server.resume();
+    });
+    check_ride(r, fallback);
+  }
+}
+
+TEST_CASE("a black-holed or slow connection costs an acquire at most the command timeout",
+          "[faults]") {
+  rig::redis_server server(WEIR_REDIS_PORT + 3);
+  rig::proxy link(server.port());
+  for (const auto fallback : fallbacks) {
+    const auto r = ride_out(link.port(), fallback, [&](bool on) { link.black_hole(on); });
+    check_ride(r, fallback);
+  }
+  // Slower than the timeout is as good as gone; a little slow is only slow.
+  for (const auto fallback : fallbacks) {
+    const auto r =
+        ride_out(link.port(), fallback, [&](bool on) { link.delay(on ? fault_timeout * 2 : 0ms); });
+    check_ride(r, fallback);
+  }
+  link.delay(20ms);
+  const auto slow = ride_out(link.port(), weir::redis::when_unreachable::fail_closed, [](bool) {});
+  CHECK(slow.unavailable == 0);
+  CHECK(slow.switches.empty());
+}
+
+TEST_CASE("a Redis loading its data after a restart (LOADING) is unavailable until loaded",
+          "[faults]") {
+  const int port = WEIR_REDIS_PORT + 4;
+  const std::string persisted =
+      fmt::format("--appendonly no --save '' --dbfilename loading-{}.rdb", port);
+  {
+    // A dataset that takes a while to load (25 000 keys with a delay per key: about 2 s), while
+    // the server answers LOADING at once (it looks at its clients every kilobyte loaded).
+    std::remove(fmt::format("{}/loading-{}.rdb", WEIR_REDIS_SCRATCH, port).c_str());
+    rig::redis_server seed(port, persisted + " --enable-debug-command yes");
+    REQUIRE(rig::shell(fmt::format("redis-cli -p {} debug populate 25000 > /dev/null", port)) == 0);
+    REQUIRE(rig::shell(fmt::format("redis-cli -p {} save > /dev/null", port)) == 0);
+  }
+  for (const auto fallback : fallbacks) {
+    std::unique_ptr<rig::redis_server> server =
+        std::make_unique<rig::redis_server>(port, persisted);
+    while (server->ping().starts_with("LOADING")) std::this_thread::sleep_for(50ms);
+    bool saw_loading = false;
+    const auto r = ride_out(port, fallback, [&](bool on) {
+      if (!on) return;  // loading ends by itself
+      server.reset();
+      server = std::make_unique<rig::redis_server>(
+          port, persisted + " --key-load-delay 10 --loading-process-events-interval-bytes 1024");
+      saw_loading = server->ping().starts_with("LOADING");
+    });
+    CHECK(saw_loading);
+    check_ride(r, fallback);
+  }
 }

@@ -1,7 +1,9 @@
 // A small Redis client for weir's shared limiter: hiredis speaks the protocol, Asio drives the
 // socket, so no thread ever blocks on Redis. Every command completes exactly once — with the
-// reply, or with an error when the connection fails or is down. A lost connection is reopened on
-// the next command, no sooner than a backoff that grows while Redis stays away.
+// reply, or with an error when the connection fails, is down or times out. A lost connection is
+// reopened on the next command, no sooner than a backoff that grows while Redis stays away.
+// Commands sent together share round trips: hiredis writes every command queued since the socket
+// was last writable in one go, and Redis answers them in order.
 //
 // Part of the optional weir::redis target (links hiredis).
 #pragma once
@@ -15,6 +17,7 @@
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
@@ -25,9 +28,11 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -43,6 +48,19 @@ struct reply {
   std::vector<reply> elements;
 
   bool is_error() const noexcept { return type == kind::error; }
+
+  // An error reply that says "not now" rather than "never": the server is loading its data
+  // (LOADING), is a replica during a failover (READONLY, MASTERDOWN), runs a long script (BUSY),
+  // is out of memory (OOM), or a cluster is resharding or down (TRYAGAIN, CLUSTERDOWN). The
+  // caller should treat Redis as unavailable for now, not the command as wrong.
+  bool says_unavailable() const noexcept {
+    if (!is_error()) return false;
+    const std::string_view code = std::string_view(text).substr(0, text.find(' '));
+    for (std::string_view transient :
+         {"LOADING", "READONLY", "MASTERDOWN", "BUSY", "OOM", "TRYAGAIN", "CLUSTERDOWN"})
+      if (code == transient) return true;
+    return false;
+  }
 
   static reply from(const redisReply* r) {
     reply out;
@@ -79,6 +97,12 @@ struct client_options {
   int port = 6379;
   std::chrono::milliseconds reconnect_min{100};    // first wait after a failure, doubled ...
   std::chrono::milliseconds reconnect_max{5'000};  // ... up to this
+  // A connection not up within this is dropped (hiredis 0.14 has no connect timeout).
+  std::chrono::milliseconds connect_timeout{1'000};
+  // A command unanswered after this drops the connection: every command on it completes with
+  // boost::asio::error::timed_out, and the next reconnects (after the backoff). So a paused,
+  // black-holed or partitioned Redis costs a caller at most this, not the kernel's TCP timeout.
+  std::chrono::milliseconds command_timeout{1'000};
   // Called (on the client's strand) when the connection comes up (true) or goes down (false).
   std::function<void(bool)> on_connection{};
 };
@@ -93,7 +117,9 @@ class client {
       : state_(std::make_shared<state>(std::move(ex), std::move(options))) {}
 
   // Sends one command (its words as given, binary-safe). Completes with the reply (which may be
-  // a Redis error reply) or with boost::asio::error::not_connected / connection_reset.
+  // a Redis error reply) or with boost::asio::error::not_connected (down, or backing off),
+  // connection_reset (lost), or timed_out (no answer within command_timeout, or no connection
+  // within connect_timeout).
   template <class CompletionToken = boost::asio::use_awaitable_t<>>
   auto async_command(std::vector<std::string> words, CompletionToken&& token = {}) {
     return boost::asio::async_initiate<CompletionToken, signature>(
@@ -128,7 +154,17 @@ class client {
   // hiredis's event hooks, on an Asio descriptor that does not own the socket (hiredis does).
   struct state {
     state(boost::asio::any_io_executor ex, client_options o)
-        : strand(boost::asio::make_strand(ex)), options(std::move(o)), socket(strand) {}
+        : strand(boost::asio::make_strand(ex)),
+          options(std::move(o)),
+          socket(strand),
+          watchdog(strand) {
+      if (options.connect_timeout.count() <= 0)
+        weir::detail::invalid_option("redis client", "connect_timeout", options.connect_timeout,
+                                     "be positive");
+      if (options.command_timeout.count() <= 0)
+        weir::detail::invalid_option("redis client", "command_timeout", options.command_timeout,
+                                     "be positive");
+    }
 
     ~state() { disconnect(); }
 
@@ -148,7 +184,49 @@ class client {
                                 argv.data(), lengths.data()) != REDIS_OK) {
         std::unique_ptr<completion> lost(pending);
         (*lost)(boost::asio::error::connection_reset, {});
+        return;
       }
+      // Redis answers in order, so the oldest unanswered command is the first to time out.
+      deadlines.push_back(std::chrono::steady_clock::now() + options.command_timeout);
+      watch();
+    }
+
+    // The watchdog: one timer for the connection, set for the earliest deadline (the connect's,
+    // or the oldest command's). Not moved on every reply: when it fires early it sets itself again.
+    void watch() {
+      if (watchdog_armed || !context) return;
+      const auto due = next_deadline();
+      if (!due) return;
+      watchdog_armed = true;
+      watchdog.expires_at(*due);
+      watchdog.async_wait([weak_self = weak](boost::system::error_code) {
+        auto self = weak_self.lock();
+        if (!self) return;
+        self->watchdog_armed = false;
+        if (!self->context) return;
+        const auto due = self->next_deadline();
+        if (due && *due <= std::chrono::steady_clock::now()) {
+          self->time_out();
+          return;
+        }
+        self->watch();
+      });
+    }
+
+    std::optional<std::chrono::steady_clock::time_point> next_deadline() const {
+      std::optional<std::chrono::steady_clock::time_point> due;
+      if (!up) due = connect_deadline;
+      if (!deadlines.empty()) due = due ? std::min(*due, deadlines.front()) : deadlines.front();
+      return due;
+    }
+
+    // Redis did not answer in time: drop the connection (every command on it completes with
+    // timed_out) and back off before the next.
+    void time_out() {
+      dropping_for = boost::asio::error::timed_out;
+      disconnect();
+      dropping_for = boost::asio::error::connection_reset;
+      failed(std::chrono::steady_clock::now());
     }
 
     // Starts a connection unless the backoff forbids it yet. On the strand.
@@ -162,6 +240,8 @@ class client {
         failed(now);
         return false;
       }
+      connect_deadline = now + options.connect_timeout;
+      deadlines.clear();
       context->data = this;
       weak = self;
       boost::system::error_code ec;
@@ -174,6 +254,7 @@ class client {
       context->ev.cleanup = [](void* p) { static_cast<state*>(p)->cleanup(); };
       redisAsyncSetConnectCallback(context, &state::on_connect);
       redisAsyncSetDisconnectCallback(context, &state::on_disconnect);
+      watch();
       return true;
     }
 
@@ -223,10 +304,12 @@ class client {
       if (auto* c = std::exchange(context, nullptr)) redisAsyncFree(c);
     }
 
-    static void on_reply(redisAsyncContext*, void* r, void* privdata) {
+    static void on_reply(redisAsyncContext* c, void* r, void* privdata) {
       std::unique_ptr<completion> done(static_cast<completion*>(privdata));
+      auto* s = static_cast<state*>(c->data);
+      if (!s->deadlines.empty()) s->deadlines.pop_front();
       if (!r) {
-        (*done)(boost::asio::error::connection_reset, {});
+        (*done)(s->dropping_for, {});
         return;
       }
       (*done)({}, reply::from(static_cast<redisReply*>(r)));
@@ -247,6 +330,7 @@ class client {
     static void on_disconnect(const redisAsyncContext* c, int status) {
       auto* s = static_cast<state*>(c->data);
       s->context = nullptr;
+      s->deadlines.clear();
       const bool was_up = s->up.exchange(false);
       if (status != REDIS_OK) s->failed(std::chrono::steady_clock::now());
       if (was_up && s->options.on_connection) s->options.on_connection(false);
@@ -261,6 +345,11 @@ class client {
     std::atomic<bool> up{false};
     std::chrono::milliseconds backoff{0};
     std::chrono::steady_clock::time_point retry_at{};
+    boost::asio::steady_timer watchdog;
+    bool watchdog_armed = false;
+    std::chrono::steady_clock::time_point connect_deadline{};
+    std::deque<std::chrono::steady_clock::time_point> deadlines;     // of the commands in flight
+    error_code dropping_for = boost::asio::error::connection_reset;  // what the unanswered get
   };
 
   std::shared_ptr<state> state_;

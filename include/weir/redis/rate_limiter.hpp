@@ -278,8 +278,12 @@ class rate_limiter {
           shas[which].clear();
           continue;
         }
+        // Loading, failing over, busy, out of memory: unavailable for now, as a lost connection.
+        if (r.says_unavailable()) co_return std::nullopt;
         if (r.is_error())
-          throw weir::exception(error::invalid_argument, "redis rate_limiter: script failed");
+          throw weir::exception(
+              error::invalid_argument,
+              fmt::format("redis rate_limiter: the script failed ({})", r.text.substr(0, 80)));
         co_return r;
       }
       co_return std::nullopt;

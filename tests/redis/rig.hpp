@@ -1,0 +1,161 @@
+// The fault rig for the Redis tests: throwaway redis-servers in a scratch directory on loopback
+// ports, and a TCP proxy that can black-hole or delay what passes through it. Real processes and
+// real sockets; nothing here knows weir.
+#pragma once
+
+#include <fmt/format.h>
+#include <boost/asio.hpp>
+
+#include <signal.h>
+#include <sys/types.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+namespace rig {
+
+namespace asio = boost::asio;
+
+// Runs a shell command; its status.
+inline int shell(const std::string& command) { return std::system(command.c_str()); }
+
+// A redis-server of its own on `port`, with no persistence unless `extra` asks for it. Stopped
+// (without saving) when destroyed.
+class redis_server {
+ public:
+  redis_server(int port, std::string extra = "--save '' --appendonly no")
+      : port_(port), extra_(std::move(extra)) {
+    start();
+  }
+  ~redis_server() { stop(); }
+  redis_server(const redis_server&) = delete;
+  redis_server& operator=(const redis_server&) = delete;
+
+  int port() const { return port_; }
+
+  // Starts it and waits until it accepts connections (it may still be loading its data).
+  void start() {
+    const int status =
+        shell(fmt::format("redis-server --port {0} --bind 127.0.0.1 --daemonize yes --dir {1} "
+                          "--pidfile {1}/redis-{0}.pid --logfile {1}/redis-{0}.log {2}",
+                          port_, WEIR_REDIS_SCRATCH, extra_));
+    if (status != 0) throw std::runtime_error("redis-server did not start");
+    for (int attempt = 0; attempt < 100; ++attempt) {
+      if (const auto answer = ping();
+          (answer.starts_with("PONG") || answer.starts_with("LOADING")) && pid() > 0)
+        return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    throw std::runtime_error(fmt::format("redis-server on port {} does not answer", port_));
+  }
+
+  void stop() {
+    shell(fmt::format("redis-cli -p {} shutdown nosave > /dev/null 2>&1", port_));
+    // A paused server cannot shut down: wake it first, then let it go.
+    if (const auto p = pid(); p > 0) {
+      ::kill(p, SIGCONT);
+      shell(fmt::format("redis-cli -p {} shutdown nosave > /dev/null 2>&1", port_));
+    }
+    for (int attempt = 0; attempt < 100 && pid() > 0 && ::kill(pid(), 0) == 0; ++attempt)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+
+  // SIGSTOP: the process holds its sockets but answers nothing, as a hung or swapped-out host.
+  void pause() { ::kill(pid(), SIGSTOP); }
+  void resume() { ::kill(pid(), SIGCONT); }
+
+  // What `redis-cli ping` answers now (PONG, or an error such as LOADING ...).
+  std::string ping() const {
+    std::unique_ptr<FILE, int (*)(FILE*)> out(
+        ::popen(fmt::format("redis-cli -p {} ping 2>&1", port_).c_str(), "r"), ::pclose);
+    char line[256] = {};
+    if (!out || !std::fgets(line, sizeof line, out.get())) return {};
+    return line;
+  }
+
+  pid_t pid() const {
+    std::ifstream in(fmt::format("{}/redis-{}.pid", WEIR_REDIS_SCRATCH, port_));
+    pid_t p = 0;
+    in >> p;
+    return p;
+  }
+
+ private:
+  int port_;
+  std::string extra_;
+};
+
+// A TCP proxy on its own thread in front of a port on loopback. It forwards, delays every chunk
+// by a set time, or black-holes: accepts and reads, and never answers (how a partition or a
+// vanished host looks from the client's side: the connection stays open and silent).
+class proxy {
+ public:
+  explicit proxy(int target_port)
+      : target_(asio::ip::make_address("127.0.0.1"), static_cast<unsigned short>(target_port)),
+        acceptor_(io_, {asio::ip::make_address("127.0.0.1"), 0}) {
+    asio::co_spawn(io_, accept(), asio::detached);
+    thread_ = std::thread([this] { io_.run(); });
+  }
+  ~proxy() {
+    io_.stop();
+    thread_.join();
+  }
+  proxy(const proxy&) = delete;
+  proxy& operator=(const proxy&) = delete;
+
+  int port() const { return acceptor_.local_endpoint().port(); }
+  void black_hole(bool on) { black_hole_ = on; }
+  void delay(std::chrono::milliseconds d) { delay_ms_ = d.count(); }
+
+ private:
+  using socket_ptr = std::shared_ptr<asio::ip::tcp::socket>;
+
+  asio::awaitable<void> accept() {
+    for (;;) {
+      auto client = std::make_shared<asio::ip::tcp::socket>(
+          co_await acceptor_.async_accept(asio::use_awaitable));
+      auto server = std::make_shared<asio::ip::tcp::socket>(io_);
+      boost::system::error_code ec;
+      co_await server->async_connect(target_, asio::redirect_error(asio::use_awaitable, ec));
+      if (ec) continue;  // the target is down: the client sees its connection closed
+      asio::co_spawn(io_, pump(client, server), asio::detached);
+      asio::co_spawn(io_, pump(server, client), asio::detached);
+    }
+  }
+
+  asio::awaitable<void> pump(socket_ptr from, socket_ptr to) {
+    char buffer[16 * 1024];
+    asio::steady_timer wait(io_);
+    boost::system::error_code ec;
+    for (;;) {
+      const auto n = co_await from->async_read_some(asio::buffer(buffer),
+                                                    asio::redirect_error(asio::use_awaitable, ec));
+      if (ec) break;
+      if (const auto d = delay_ms_.load(); d > 0) {
+        wait.expires_after(std::chrono::milliseconds(d));
+        co_await wait.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+      }
+      if (black_hole_) continue;  // swallowed
+      co_await asio::async_write(*to, asio::buffer(buffer, n),
+                                 asio::redirect_error(asio::use_awaitable, ec));
+      if (ec) break;
+    }
+    from->close(ec);
+    to->close(ec);
+  }
+
+  asio::io_context io_;
+  asio::ip::tcp::endpoint target_;
+  asio::ip::tcp::acceptor acceptor_;
+  std::atomic<bool> black_hole_{false};
+  std::atomic<long> delay_ms_{0};
+  std::thread thread_;
+};
+
+}  // namespace rig
