@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <functional>
 #include <memory>
+#include <numeric>
 #include <string>
 #include <thread>
 #include <vector>
@@ -133,34 +134,81 @@ TEST_CASE("the shared limiter is a pipeline stage, as the local limits are", "[p
   });
 }
 
-TEST_CASE("four processes sharing 100 requests/s for 10 s admit 1000 within 2%") {
+namespace {
+
+// Runs one worker process per entry of `members` (callers, share weight) against a limit of 100
+// requests/s for `seconds`, all from the same moment; what each was admitted.
+std::vector<long> run_fleet(const std::vector<std::pair<int, int>>& members, int seconds,
+                            int lease) {
+  const auto name = unique_name("fleet");
+  const auto start = std::chrono::duration_cast<std::chrono::milliseconds>(
+                         (std::chrono::system_clock::now() + 1s).time_since_epoch())
+                         .count();
+  std::vector<FILE*> workers;
+  for (const auto& [callers, weight] : members)
+    workers.push_back(
+        ::popen(fmt::format("{} {} {} {} {} {} {} {}", WEIR_REDIS_WORKER, WEIR_REDIS_PORT, name,
+                            start, seconds, lease, callers, weight)
+                    .c_str(),
+                "r"));
+  std::vector<long> each;
+  for (auto* f : workers) {
+    REQUIRE(f);
+    long n = -1;
+    CHECK(std::fscanf(f, "%ld", &n) == 1);
+    CHECK(::pclose(f) == 0);
+    each.push_back(n);
+  }
+  return each;
+}
+
+// Jain's fairness index of shares x (relative to weights w): 1 when every x/w is equal, 1/n when
+// one member has everything.
+double jain(const std::vector<long>& x, const std::vector<double>& w) {
+  double sum = 0, squares = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const double share = static_cast<double>(x[i]) / w[i];
+    sum += share;
+    squares += share * share;
+  }
+  return squares == 0 ? 0 : sum * sum / (static_cast<double>(x.size()) * squares);
+}
+
+std::string listed(const std::vector<long>& each) {
+  return fmt::format("{}", fmt::join(each, " + "));
+}
+
+}  // namespace
+
+TEST_CASE("four saturated processes sharing 100 requests/s for 10 s get 1000 within 2%, evenly",
+          "[fleet]") {
   for (const int lease : {1, 8}) {
-    const auto name = unique_name("fleet");
-    const auto start = std::chrono::duration_cast<std::chrono::milliseconds>(
-                           (std::chrono::system_clock::now() + 1s).time_since_epoch())
-                           .count();
-    std::vector<FILE*> workers;
-    for (int w = 0; w < 4; ++w)
-      workers.push_back(::popen(
-          fmt::format("{} {} {} {} 10 {}", WEIR_REDIS_WORKER, WEIR_REDIS_PORT, name, start, lease)
-              .c_str(),
-          "r"));
-    long total = 0;
-    std::vector<long> each;
-    for (auto* f : workers) {
-      REQUIRE(f);
-      long n = -1;
-      CHECK(std::fscanf(f, "%ld", &n) == 1);
-      CHECK(::pclose(f) == 0);
-      each.push_back(n);
-      total += n;
-    }
-    INFO("lease " << lease << ": " << each[0] << " + " << each[1] << " + " << each[2] << " + "
-                  << each[3] << " = " << total);
+    const auto each = run_fleet({{1, 1}, {1, 1}, {1, 1}, {1, 1}}, 10, lease);
+    const long total = std::accumulate(each.begin(), each.end(), 0L);
+    const double fairness = jain(each, {1, 1, 1, 1});
+    INFO("lease " << lease << ": " << listed(each) << " = " << total << ", Jain " << fairness);
     CHECK(total >= 980);
     CHECK(total <= 1020);
-    for (long n : each) CHECK(n > 0);  // every member was admitted (shares need not be even)
+    CHECK(fairness >= 0.95);
   }
+}
+
+TEST_CASE("shares are per process, not per caller, and follow the weights", "[fleet]") {
+  // 1, 2, 4 and 8 callers: still a quarter each.
+  const auto uneven = run_fleet({{1, 1}, {2, 1}, {4, 1}, {8, 1}}, 6, 1);
+  const long total = std::accumulate(uneven.begin(), uneven.end(), 0L);
+  INFO("callers 1, 2, 4, 8: " << listed(uneven) << " = " << total);
+  CHECK(total >= 588);
+  CHECK(total <= 612);
+  CHECK(jain(uneven, {1, 1, 1, 1}) >= 0.95);
+
+  // Weights 1 and 3, four callers each: a quarter and three quarters.
+  const auto weighted = run_fleet({{4, 1}, {4, 3}}, 6, 1);
+  const double light = static_cast<double>(weighted[0]), heavy = static_cast<double>(weighted[1]);
+  INFO("weights 1 and 3: " << listed(weighted));
+  CHECK(light + heavy >= 588);
+  CHECK(light + heavy <= 612);
+  CHECK(heavy / (light + heavy) == Approx(0.75).margin(0.05));
 }
 
 namespace {
@@ -335,4 +383,43 @@ TEST_CASE("a Redis loading its data after a restart (LOADING) is unavailable unt
     CHECK(saw_loading);
     check_ride(r, fallback);
   }
+}
+
+TEST_CASE("a cancelled acquire gives back the slot it reserved", "[fleet]") {
+  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+    weir::redis::client redis(ex, {.port = WEIR_REDIS_PORT});
+    weir::redis::rate_limiter<> shared(
+        ex, redis,
+        {.name = unique_name("cancel"), .requests = weir::limit{weir::per_minute(1), 1}});
+    co_await shared.async_acquire({.requests = 1}, asio::use_awaitable);  // the burst
+    // The next slot is a minute away: this acquire reserves it, and is cancelled while waiting.
+    asio::cancellation_signal cancel;
+    std::optional<boost::system::error_code> ended;
+    shared.async_acquire({.requests = 1}, asio::bind_cancellation_slot(
+                                              cancel.slot(), [&](boost::system::error_code ec,
+                                                                 auto) { ended = ec; }));
+    asio::steady_timer pause(ex);
+    pause.expires_after(200ms);
+    co_await pause.async_wait(asio::use_awaitable);
+    cancel.emit(asio::cancellation_type::terminal);
+    while (!ended) {
+      pause.expires_after(10ms);
+      co_await pause.async_wait(asio::use_awaitable);
+    }
+    CHECK(*ended == asio::error::operation_aborted);
+    // Given back, the next free slot is again about a minute away, not two.
+    std::chrono::nanoseconds predicted{0};
+    for (int look = 0; look < 100; ++look) {  // the give-back runs in the background
+      auto [ec, waited] =
+          co_await shared.async_acquire({.requests = 1}, 1ms, asio::as_tuple(asio::use_awaitable));
+      CHECK(ec == weir::error::rate_limited);
+      predicted = waited;
+      if (predicted <= 61s) break;
+      pause.expires_after(10ms);
+      co_await pause.async_wait(asio::use_awaitable);
+    }
+    CHECK(predicted > 50s);
+    CHECK(predicted <= 61s);
+    redis.close();
+  });
 }

@@ -19,6 +19,7 @@
 #include <weir/error.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/redis/client.hpp>
+#include <weir/request_queue.hpp>
 
 #include <boost/asio/append.hpp>
 #include <boost/asio/as_tuple.hpp>
@@ -27,6 +28,7 @@
 #include <boost/asio/basic_waitable_timer.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -39,6 +41,7 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -73,16 +76,26 @@ struct rate_limiter_options {
   // locally; what is left when the lease expires goes back. 1 disables leases.
   std::uint32_t max_lease = 1;
   std::chrono::milliseconds lease_horizon{100};
+  // Fair shares when the fleet is saturated. A refused acquire reserves the next free slot in
+  // Redis instead of sleeping and asking again (where whoever asks first wins): the fleet is
+  // then served first come, first served. Each process holds at most `share_weight` such
+  // reservations at a time (its other callers queue locally, in order), so processes share the
+  // quota in proportion to their weights whatever their concurrency. 0: no reservations.
+  std::uint32_t share_weight = 1;
   std::function<void(limiter_mode from, limiter_mode to)> on_mode_change{};
 };
 
 namespace detail {
 
-// ARGV: now is Redis's; per dimension: emission interval (µs), tolerance (µs), cost.
-// Returns {1, 0} when admitted (every dimension charged) or {0, µs to wait} (nothing charged).
+// ARGV: per dimension: emission interval (µs), tolerance (µs), cost; then the longest wait (µs)
+// the caller reserves a slot for. "now" is Redis's clock. Returns {1, 0} when admitted now, {1,
+// µs} when a slot that many µs ahead is reserved (charged: the caller goes then, without asking
+// again), or {0, µs to wait} (nothing charged). A reservation is GCRA's own rule moved forward:
+// the slot is the first time the request conforms.
 inline constexpr const char* acquire_script = R"lua(
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local reserve = tonumber(ARGV[3 * #KEYS + 1] or 0)
 local wait = 0
 local next = {}
 for i = 1, #KEYS do
@@ -95,11 +108,11 @@ for i = 1, #KEYS do
   local w = next[i] - tolerance - now
   if w > wait then wait = w end
 end
-if wait > 0 then return {0, math.ceil(wait)} end
+if wait > reserve then return {0, math.ceil(wait)} end
 for i = 1, #KEYS do
   redis.call('SET', KEYS[i], string.format('%.0f', next[i]), 'PX', math.ceil((next[i] - now) / 1000) + 1)
 end
-return {1, 0}
+return {1, math.ceil(wait)}
 )lua";
 
 // ARGV per dimension: emission interval (µs), units to add (negative: give back). Unconditional.
@@ -231,6 +244,11 @@ class rate_limiter {
       if (options.requests) local.requests = scaled(*options.requests);
       if (options.tokens) local.tokens = scaled(*options.tokens);
       fallback_limits.emplace(executor, local);
+      if (options.share_weight > 0)
+        reservations.emplace(
+            executor, request_queue_options{.max_concurrent = options.share_weight,
+                                            .max_queued = std::numeric_limits<std::size_t>::max(),
+                                            .name = options.name + " (reservations)"});
     }
 
     struct dimension_spec {
@@ -270,9 +288,11 @@ class rate_limiter {
         std::vector<std::string> words{"EVALSHA", sha, std::to_string(dims.size())};
         for (const auto& d : dims) words.push_back(d.key);
         for (auto& a : args) words.push_back(a);
+        const auto sent = std::chrono::steady_clock::now();
         auto [ec, r] = co_await redis.async_command(
             std::move(words), boost::asio::as_tuple(boost::asio::use_awaitable));
         if (ec) co_return std::nullopt;
+        note_round_trip(std::chrono::steady_clock::now() - sent);
         if (r.is_error() && r.text.starts_with("NOSCRIPT")) {  // Redis restarted: load again
           std::lock_guard lock(sha_mutex);
           shas[which].clear();
@@ -280,6 +300,8 @@ class rate_limiter {
         }
         // Loading, failing over, busy, out of memory: unavailable for now, as a lost connection.
         if (r.says_unavailable()) co_return std::nullopt;
+        if (which == 0 && !r.is_error() && (r.type != reply::kind::array || r.elements.size() != 2))
+          co_return std::nullopt;  // not the script's answer: as if Redis had not answered
         if (r.is_error())
           throw weir::exception(
               error::invalid_argument,
@@ -310,17 +332,11 @@ class rate_limiter {
       }
       if (lease_hit(cost)) co_return true;
       const auto take = lease_size(cost);
-      std::vector<std::string> args;
-      for (std::size_t i = 0; i < dims.size(); ++i) {
-        args.push_back(fmt::format("{:.3f}", dims[i].interval_us()));
-        args.push_back(std::to_string(static_cast<std::int64_t>(
-            dims[i].interval_us() * static_cast<double>(dims[i].l.burst))));
-        args.push_back(std::to_string(i == 0 && take > 1 ? take : n[i]));
-      }
-      auto r = co_await eval(0, std::move(args));
-      if (!r || r->type != reply::kind::array || r->elements.size() != 2) {
-        next_probe = Clock::now() + options.probe_every;
-        switch_to(unreachable_mode());
+      auto charged = n;
+      if (take > 1) charged[0] = take;
+      auto r = co_await eval(0, acquire_arguments(charged, std::chrono::microseconds(0)));
+      if (!r) {
+        went_away();
         co_return local_attempt(cost, wait);
       }
       switch_to(limiter_mode::shared);
@@ -334,6 +350,60 @@ class rate_limiter {
       if (admitted) note_use();
       if (!admitted && wait) *wait = std::chrono::microseconds(r->elements[1].integer);
       co_return admitted;
+    }
+
+    // The acquire script's arguments: per dimension interval, tolerance and units; then how far
+    // ahead a slot may be reserved.
+    std::vector<std::string> acquire_arguments(const std::array<std::uint64_t, 2>& charged,
+                                               std::chrono::microseconds reserve) const {
+      std::vector<std::string> args;
+      for (std::size_t i = 0; i < dims.size(); ++i) {
+        args.push_back(fmt::format("{:.3f}", dims[i].interval_us()));
+        args.push_back(std::to_string(static_cast<std::int64_t>(
+            dims[i].interval_us() * static_cast<double>(dims[i].l.burst))));
+        args.push_back(std::to_string(charged[i]));
+      }
+      args.push_back(std::to_string(reserve.count()));
+      return args;
+    }
+
+    // Redis did not answer (or not usably): the fallback decides until the next probe.
+    void went_away() {
+      next_probe = Clock::now() + options.probe_every;
+      switch_to(unreachable_mode());
+    }
+
+    // What a reservation came to.
+    struct reservation {
+      enum { slot, refused, unreachable } outcome = unreachable;
+      std::chrono::microseconds wait{0};  // until the slot, or (refused) until one might be free
+    };
+
+    // Reserves the next slot that `cost` fits in, if it comes within `within`.
+    boost::asio::awaitable<reservation> reserve(const usage& cost,
+                                                std::chrono::nanoseconds within) {
+      const auto ahead = std::chrono::duration_cast<std::chrono::microseconds>(
+          std::min<std::chrono::nanoseconds>(within, std::chrono::hours(24)));
+      auto r = co_await eval(0, acquire_arguments(units(cost), ahead));
+      if (!r) {
+        went_away();
+        co_return reservation{};
+      }
+      switch_to(limiter_mode::shared);
+      const std::chrono::microseconds wait(r->elements[1].integer);
+      if (r->elements[0].integer != 1) co_return reservation{reservation::refused, wait};
+      note_use();
+      co_return reservation{reservation::slot, wait};
+    }
+
+    // A smoothed round trip to Redis, for releasing a reservation's turn a round trip early.
+    void note_round_trip(std::chrono::steady_clock::duration took) {
+      const auto sample = std::chrono::duration_cast<std::chrono::nanoseconds>(took).count();
+      const auto old = round_trip_ns.load(std::memory_order_relaxed);
+      round_trip_ns.store(old == 0 ? sample : old + (sample - old) / 8, std::memory_order_relaxed);
+    }
+    std::chrono::nanoseconds round_trip() const {
+      return std::chrono::nanoseconds(round_trip_ns.load(std::memory_order_relaxed));
     }
 
     bool local_attempt(const usage& cost, std::chrono::microseconds* wait) {
@@ -427,6 +497,8 @@ class rate_limiter {
     rate_limiter_options options;
     std::vector<dimension_spec> dims;
     std::optional<rate_limits<Clock>> fallback_limits;
+    std::optional<request_queue> reservations;  // at most share_weight reservations at a time
+    std::atomic<std::int64_t> round_trip_ns{0};
     std::mutex sha_mutex;
     std::array<std::string, 2> shas;  // the loaded scripts: acquire, settle
     std::atomic<limiter_mode> mode{limiter_mode::shared};
@@ -526,6 +598,10 @@ class rate_limiter {
       if (co_await s->attempt(cost, &wait)) co_return acquired{{}, waited};
       if (wait > max_wait - std::min(max_wait, waited))
         co_return acquired{error::rate_limited, waited + wait};
+      if (s->reservations && s->mode.load() == limiter_mode::shared) {
+        if (auto done = co_await reserve_and_wait(s, cost, max_wait, started)) co_return *done;
+        continue;  // Redis went away meanwhile: on to the fallback
+      }
       // Not admitted: sleep until it may be, but look again at least every probe period while
       // on the fallback, so a returning Redis is noticed.
       if (s->mode.load() != limiter_mode::shared)
@@ -533,6 +609,41 @@ class rate_limiter {
       timer.expires_after(std::max<std::chrono::microseconds>(wait, std::chrono::microseconds(50)));
       co_await timer.async_wait(boost::asio::use_awaitable);
     }
+  }
+
+  // Waits for this process's turn to hold a reservation, reserves, and waits for the slot. The
+  // turn passes on a round trip before the slot, so that the next reservation is made in time to
+  // follow it. nullopt when Redis could not be reached. Cancelled while waiting for the slot, the
+  // slot is given back.
+  static boost::asio::awaitable<std::optional<acquired>> reserve_and_wait(
+      std::shared_ptr<state> s, usage cost, std::chrono::nanoseconds max_wait, time_point started) {
+    auto turn = co_await s->reservations->admit();
+    const auto waited = [&] {
+      return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - started);
+    };
+    const auto r = co_await s->reserve(cost, max_wait - std::min(max_wait, waited()));
+    if (r.outcome == state::reservation::unreachable) co_return std::nullopt;
+    if (r.outcome == state::reservation::refused)
+      co_return acquired{error::rate_limited, waited() + r.wait};
+    const auto slot = Clock::now() + r.wait;
+    boost::asio::basic_waitable_timer<Clock> timer(co_await boost::asio::this_coro::executor);
+    bool cancelled = false;
+    try {
+      timer.expires_at(slot - std::min<std::chrono::nanoseconds>(s->round_trip(), r.wait));
+      co_await timer.async_wait(boost::asio::use_awaitable);
+      turn.release();
+      timer.expires_at(slot);
+      co_await timer.async_wait(boost::asio::use_awaitable);
+    } catch (const boost::system::system_error&) {
+      cancelled = true;
+    }
+    if (cancelled) {
+      // The slot is charged in Redis: give it back (in the background), then end as cancelled.
+      boost::asio::co_spawn(s->executor, settle_once(s, cost, usage{.requests = 0, .tokens = 0}),
+                            boost::asio::detached);
+      throw boost::system::system_error(boost::asio::error::operation_aborted);
+    }
+    co_return acquired{{}, waited()};
   }
 
   std::shared_ptr<state> state_;
