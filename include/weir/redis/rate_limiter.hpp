@@ -30,6 +30,7 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/dispatch.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
@@ -41,6 +42,7 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
+#include <iterator>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -87,32 +89,50 @@ struct rate_limiter_options {
 
 namespace detail {
 
-// ARGV: per dimension: emission interval (µs), tolerance (µs), cost; then the longest wait (µs)
-// the caller reserves a slot for. "now" is Redis's clock. Returns {1, 0} when admitted now, {1,
-// µs} when a slot that many µs ahead is reserved (charged: the caller goes then, without asking
-// again), or {0, µs to wait} (nothing charged). A reservation is GCRA's own rule moved forward:
-// the slot is the first time the request conforms.
+// Decides a batch of requests, in order, exactly as one call each would. ARGV: per dimension its
+// emission interval and tolerance (µs); then per request its cost in each dimension and how far
+// ahead (µs) it may reserve a slot. "now" is Redis's clock. Returns, per request, {1, 0} when
+// admitted now, {1, µs} when a slot that many µs ahead is reserved (charged: the caller goes
+// then without asking again), or {0, µs until it might fit} (nothing charged). A reservation is
+// GCRA's own rule moved forward: the slot is the first time the request conforms.
 inline constexpr const char* acquire_script = R"lua(
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local reserve = tonumber(ARGV[3 * #KEYS + 1] or 0)
-local wait = 0
-local next = {}
-for i = 1, #KEYS do
-  local interval = tonumber(ARGV[3 * i - 2])
-  local tolerance = tonumber(ARGV[3 * i - 1])
-  local cost = tonumber(ARGV[3 * i])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
-  if tat < now then tat = now end
-  next[i] = tat + interval * cost
-  local w = next[i] - tolerance - now
-  if w > wait then wait = w end
+local d = #KEYS
+local tat, interval, tolerance = {}, {}, {}
+for i = 1, d do
+  interval[i] = tonumber(ARGV[2 * i - 1])
+  tolerance[i] = tonumber(ARGV[2 * i])
+  tat[i] = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat[i] < now then tat[i] = now end
 end
-if wait > reserve then return {0, math.ceil(wait)} end
-for i = 1, #KEYS do
-  redis.call('SET', KEYS[i], string.format('%.0f', next[i]), 'PX', math.ceil((next[i] - now) / 1000) + 1)
+local out = {}
+local charged = false
+local at = 2 * d + 1
+while at <= #ARGV do
+  local wait = 0
+  local next = {}
+  for i = 1, d do
+    next[i] = tat[i] + interval[i] * tonumber(ARGV[at + i - 1])
+    local w = next[i] - tolerance[i] - now
+    if w > wait then wait = w end
+  end
+  if wait > tonumber(ARGV[at + d]) then
+    out[#out + 1] = 0
+  else
+    for i = 1, d do tat[i] = next[i] end
+    out[#out + 1] = 1
+    charged = true
+  end
+  out[#out + 1] = math.ceil(wait)
+  at = at + d + 1
 end
-return {1, math.ceil(wait)}
+if charged then
+  for i = 1, d do
+    redis.call('SET', KEYS[i], string.format('%.0f', tat[i]), 'PX', math.ceil((tat[i] - now) / 1000) + 1)
+  end
+end
+return out
 )lua";
 
 // ARGV per dimension: emission interval (µs), units to add (negative: give back). Unconditional.
@@ -210,7 +230,7 @@ class rate_limiter {
   const std::string& name() const noexcept { return state_->options.name; }
 
  private:
-  struct state {
+  struct state : std::enable_shared_from_this<state> {
     state(boost::asio::any_io_executor ex, client c, rate_limiter_options o)
         : executor(std::move(ex)), redis(std::move(c)), options(std::move(o)) {
       if (!options.requests && !options.tokens)
@@ -300,8 +320,6 @@ class rate_limiter {
         }
         // Loading, failing over, busy, out of memory: unavailable for now, as a lost connection.
         if (r.says_unavailable()) co_return std::nullopt;
-        if (which == 0 && !r.is_error() && (r.type != reply::kind::array || r.elements.size() != 2))
-          co_return std::nullopt;  // not the script's answer: as if Redis had not answered
         if (r.is_error())
           throw weir::exception(
               error::invalid_argument,
@@ -334,13 +352,14 @@ class rate_limiter {
       const auto take = lease_size(cost);
       auto charged = n;
       if (take > 1) charged[0] = take;
-      auto r = co_await eval(0, acquire_arguments(charged, std::chrono::microseconds(0)));
-      if (!r) {
+      const auto answer = co_await decide(charged, std::chrono::microseconds(0));
+      if (answer.error) std::rethrow_exception(answer.error);
+      if (!answer.reached) {
         went_away();
         co_return local_attempt(cost, wait);
       }
       switch_to(limiter_mode::shared);
-      const bool admitted = r->elements[0].integer == 1;
+      const bool admitted = answer.admitted;
       if (admitted && take > 1) open_lease(take - 1);
       if (!admitted && take > 1) {
         // The batch did not fit: ask for this request alone.
@@ -348,23 +367,92 @@ class rate_limiter {
         co_return co_await attempt(cost, wait);
       }
       if (admitted) note_use();
-      if (!admitted && wait) *wait = std::chrono::microseconds(r->elements[1].integer);
+      if (!admitted && wait) *wait = answer.wait;
       co_return admitted;
     }
 
-    // The acquire script's arguments: per dimension interval, tolerance and units; then how far
-    // ahead a slot may be reserved.
-    std::vector<std::string> acquire_arguments(const std::array<std::uint64_t, 2>& charged,
-                                               std::chrono::microseconds reserve) const {
-      std::vector<std::string> args;
-      for (std::size_t i = 0; i < dims.size(); ++i) {
-        args.push_back(fmt::format("{:.3f}", dims[i].interval_us()));
-        args.push_back(std::to_string(static_cast<std::int64_t>(
-            dims[i].interval_us() * static_cast<double>(dims[i].l.burst))));
-        args.push_back(std::to_string(charged[i]));
+    // One request's answer from the acquire script.
+    struct decision {
+      bool reached = false;  // false: Redis did not answer (usably)
+      bool admitted = false;
+      std::chrono::microseconds wait{0};
+      std::exception_ptr error;  // the script failed
+    };
+
+    // Asks Redis whether `charged` fits now, or reserves the first slot within `reserve` ahead.
+    // Auto-pipelining: the requests made while a batch is on its way go together in the next
+    // one, and one EVALSHA decides each of them in order, exactly as one call each would; so
+    // concurrent callers share round trips and script runs, and a lone caller waits for nobody.
+    boost::asio::awaitable<decision> decide(std::array<std::uint64_t, 2> charged,
+                                            std::chrono::microseconds reserve) {
+      return boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(decision)>(
+          [this, charged, reserve](auto handler) {
+            auto waiting = std::make_shared<decltype(handler)>(std::move(handler));
+            enqueue({charged, reserve, [waiting](decision d) {
+                       auto ex = boost::asio::get_associated_executor(*waiting);
+                       boost::asio::post(ex, boost::asio::append(std::move(*waiting), d));
+                     }});
+          },
+          boost::asio::use_awaitable);
+    }
+
+    struct queued {
+      std::array<std::uint64_t, 2> charged{};
+      std::chrono::microseconds reserve{0};
+      std::function<void(decision)> answer;
+    };
+    static constexpr std::size_t max_batch = 256;  // keeps one script run short for Redis
+
+    void enqueue(queued q) {
+      {
+        std::lock_guard lock(batch_mutex);
+        batch.push_back(std::move(q));
+        if (batch_in_flight) return;
+        batch_in_flight = true;
       }
-      args.push_back(std::to_string(reserve.count()));
-      return args;
+      boost::asio::co_spawn(executor, send_batches(this->shared_from_this()),
+                            boost::asio::detached);
+    }
+
+    // Sends what is queued, one batch at a time, until nothing is.
+    static boost::asio::awaitable<void> send_batches(std::shared_ptr<state> self) {
+      for (;;) {
+        std::vector<queued> going;
+        {
+          std::lock_guard lock(self->batch_mutex);
+          const auto n = static_cast<std::ptrdiff_t>(std::min(self->batch.size(), max_batch));
+          going.assign(std::make_move_iterator(self->batch.begin()),
+                       std::make_move_iterator(self->batch.begin() + n));
+          self->batch.erase(self->batch.begin(), self->batch.begin() + n);
+          if (going.empty()) self->batch_in_flight = false;
+        }
+        if (going.empty()) co_return;
+        std::vector<std::string> args;
+        for (const auto& d : self->dims) {
+          args.push_back(fmt::format("{:.3f}", d.interval_us()));
+          args.push_back(std::to_string(
+              static_cast<std::int64_t>(d.interval_us() * static_cast<double>(d.l.burst))));
+        }
+        for (const auto& q : going) {
+          for (std::size_t i = 0; i < self->dims.size(); ++i)
+            args.push_back(std::to_string(q.charged[i]));
+          args.push_back(std::to_string(q.reserve.count()));
+        }
+        std::vector<decision> answers(going.size());
+        try {
+          const auto r = co_await self->eval(0, std::move(args));
+          // Anything but the script's answer counts as no answer.
+          if (r && r->type == reply::kind::array && r->elements.size() == 2 * going.size())
+            for (std::size_t k = 0; k < going.size(); ++k)
+              answers[k] = {true,
+                            r->elements[2 * k].integer == 1,
+                            std::chrono::microseconds(r->elements[2 * k + 1].integer),
+                            {}};
+        } catch (...) {
+          for (auto& a : answers) a.error = std::current_exception();
+        }
+        for (std::size_t k = 0; k < going.size(); ++k) going[k].answer(answers[k]);
+      }
     }
 
     // Redis did not answer (or not usably): the fallback decides until the next probe.
@@ -384,16 +472,16 @@ class rate_limiter {
                                                 std::chrono::nanoseconds within) {
       const auto ahead = std::chrono::duration_cast<std::chrono::microseconds>(
           std::min<std::chrono::nanoseconds>(within, std::chrono::hours(24)));
-      auto r = co_await eval(0, acquire_arguments(units(cost), ahead));
-      if (!r) {
+      const auto answer = co_await decide(units(cost), ahead);
+      if (answer.error) std::rethrow_exception(answer.error);
+      if (!answer.reached) {
         went_away();
         co_return reservation{};
       }
       switch_to(limiter_mode::shared);
-      const std::chrono::microseconds wait(r->elements[1].integer);
-      if (r->elements[0].integer != 1) co_return reservation{reservation::refused, wait};
+      if (!answer.admitted) co_return reservation{reservation::refused, answer.wait};
       note_use();
-      co_return reservation{reservation::slot, wait};
+      co_return reservation{reservation::slot, answer.wait};
     }
 
     // A smoothed round trip to Redis, for releasing a reservation's turn a round trip early.
@@ -499,6 +587,9 @@ class rate_limiter {
     std::optional<rate_limits<Clock>> fallback_limits;
     std::optional<request_queue> reservations;  // at most share_weight reservations at a time
     std::atomic<std::int64_t> round_trip_ns{0};
+    std::mutex batch_mutex;
+    std::vector<queued> batch;  // waiting for the batch on its way to come back
+    bool batch_in_flight = false;
     std::mutex sha_mutex;
     std::array<std::string, 2> shas;  // the loaded scripts: acquire, settle
     std::atomic<limiter_mode> mode{limiter_mode::shared};
