@@ -91,9 +91,16 @@ struct route_fallback {
   bool context_exceeded = false;  // the request did not fit; a larger context window is needed
 };
 
+// The router lost (or found again) the fleet it shares what it learns with: while it is lost,
+// the router routes on what it learned itself.
+struct fleet_connection {
+  std::string_view operation;
+  bool reachable = false;
+};
+
 using event = std::variant<attempt_started, attempt_succeeded, attempt_failed, retry_scheduled,
                            throttled, rejected, server_rate_limited, breaker_changed, route_chosen,
-                           provider_cooling, route_fallback>;
+                           provider_cooling, route_fallback, fleet_connection>;
 
 // Any callable taking the event; empty means nobody is listening.
 using observer = std::function<void(const event&)>;
@@ -201,6 +208,10 @@ struct fmt::formatter<weir::event> {
                                     v.provider, v.model, weir::detail::milliseconds(v.duration));
             return fmt::format_to(ctx.out(), "{}: provider {} cooling down for {:.1f} ms", op,
                                   v.provider, weir::detail::milliseconds(v.duration));
+          } else if constexpr (std::is_same_v<T, fleet_connection>) {
+            return fmt::format_to(ctx.out(), "{}: {}", op,
+                                  v.reachable ? "the fleet is reachable again"
+                                              : "the fleet is unreachable: routing on local state");
           } else {
             static_assert(std::is_same_v<T, route_fallback>);
             if (v.context_exceeded)

@@ -2,7 +2,10 @@
 // fixture; the outage test starts and kills its own). Real time: Redis keeps its own clock.
 #include <weir/circuit_breaker.hpp>
 #include <weir/pipeline.hpp>
+#include <weir/redis/fleet.hpp>
 #include <weir/redis/rate_limiter.hpp>
+#include <weir/routing/router.hpp>
+#include <weir/testing/fake_provider.hpp>
 
 #include "rig.hpp"
 
@@ -15,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -219,6 +223,8 @@ struct ride {
   int admitted_shared = 0, admitted_local = 0, unavailable = 0, other_errors = 0;
   std::chrono::steady_clock::duration slowest{};
   std::chrono::duration<double> elapsed{};
+  std::chrono::duration<double> recovery{};  // from the end of the fault to the return to Redis
+  std::chrono::duration<double> outage{};    // from the start of the fault to the return
   std::vector<std::pair<weir::redis::limiter_mode, weir::redis::limiter_mode>> switches;
   weir::redis::limiter_mode at_end = weir::redis::limiter_mode::closed;
 };
@@ -226,22 +232,33 @@ struct ride {
 constexpr auto fault_timeout = 300ms;
 
 ride ride_out(int port, weir::redis::when_unreachable fallback,
-              const std::function<void(bool)>& fault) {
+              const std::function<void(bool)>& fault,
+              std::vector<std::pair<std::string, int>> sentinels = {},
+              std::string primary_name = {}) {
   ride r;
+  using clock = std::chrono::steady_clock;
+  clock::time_point healed_at{}, faulted_at{};
   run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
     weir::redis::client redis(ex, {.port = port,
                                    .reconnect_min = 50ms,
                                    .reconnect_max = 200ms,
                                    .connect_timeout = fault_timeout,
-                                   .command_timeout = fault_timeout});
-    weir::redis::rate_limiter<> shared(
-        ex, redis,
-        {.name = unique_name("fault"),
-         .requests = weir::limit{weir::per_second(200), 10},
-         .fallback = fallback,
-         .local_fraction = 0.5,
-         .probe_every = 100ms,
-         .on_mode_change = [&](auto from, auto to) { r.switches.emplace_back(from, to); }});
+                                   .command_timeout = fault_timeout,
+                                   .sentinels = sentinels,
+                                   .primary_name = primary_name});
+    weir::redis::rate_limiter<> shared(ex, redis,
+                                       {.name = unique_name("fault"),
+                                        .requests = weir::limit{weir::per_second(200), 10},
+                                        .fallback = fallback,
+                                        .local_fraction = 0.5,
+                                        .probe_every = 100ms,
+                                        .on_mode_change = [&](auto from, auto to) {
+                                          r.switches.emplace_back(from, to);
+                                          if (to == weir::redis::limiter_mode::shared) {
+                                            r.recovery = clock::now() - healed_at;
+                                            r.outage = clock::now() - faulted_at;
+                                          }
+                                        }});
     asio::steady_timer pause(ex);
     const auto t0 = std::chrono::steady_clock::now();
     bool on = false, healed = false;
@@ -253,8 +270,14 @@ ride ride_out(int port, weir::redis::when_unreachable fallback,
     };
     while (going()) {
       const auto t = std::chrono::steady_clock::now() - t0;
-      if (!on && t > 1s) fault(on = true);
-      if (on && !healed && t > 2s) fault(!(healed = true));
+      if (!on && t > 1s) {
+        fault(on = true);
+        faulted_at = clock::now();
+      }
+      if (on && !healed && t > 2s) {
+        fault(!(healed = true));
+        healed_at = clock::now();
+      }
       const auto began = std::chrono::steady_clock::now();
       auto [ec, waited] =
           co_await shared.async_acquire({.requests = 1}, asio::as_tuple(asio::use_awaitable));
@@ -285,7 +308,11 @@ void check_ride(const ride& r, weir::redis::when_unreachable fallback) {
   INFO("shared " << r.admitted_shared << ", local " << r.admitted_local << ", unavailable "
                  << r.unavailable << ", slowest "
                  << std::chrono::duration_cast<std::chrono::milliseconds>(r.slowest).count()
-                 << " ms");
+                 << " ms, back on Redis " << r.recovery.count() * 1000
+                 << " ms after the fault ended (" << r.outage.count() * 1000
+                 << " ms after it began), "
+                 << 200 * r.elapsed.count() + 10 - (r.admitted_shared + r.admitted_local)
+                 << " admissions under the quota");
   CHECK(r.other_errors == 0);
   // Never more than the quota (200/s and a burst of 10; the local fallback has half of it).
   CHECK(r.admitted_shared + r.admitted_local <= 200 * r.elapsed.count() + 15);
@@ -468,4 +495,168 @@ TEST_CASE("concurrent acquires share script runs, and every admission stays exac
   CHECK(admitted == 100);  // the burst, exactly: batching decides each request as alone
   CHECK(scripts >= 1);
   CHECK(scripts <= 64);  // 256 requests rode in a few batches, not one run each
+}
+
+namespace {
+
+using weir::testing::fake_classifier;
+using weir::testing::fake_response;
+struct prompt {
+  std::string text;
+};
+using fleet_router =
+    weir::routing::router<prompt, fake_response, std::chrono::steady_clock, fake_classifier>;
+
+// Two providers with one model each; a is cheaper, so it is chosen first.
+weir::routing::catalog fleet_catalog() {
+  weir::routing::catalog c;
+  c.add(weir::routing::provider_spec{.name = "a"});
+  c.add(weir::routing::provider_spec{
+      .name = "b", .breaker = {.consecutive_failures = 1, .break_duration = 30s}});
+  c.add(weir::routing::model_spec{
+      .provider = "a", .id = "a-small", .input_price = 1, .output_price = 2, .capability = 5});
+  c.add(weir::routing::model_spec{
+      .provider = "b", .id = "b-large", .input_price = 3, .output_price = 6, .capability = 8});
+  return c;
+}
+
+// One member of a fleet: its own connection, its own view of the fleet, its own router, and
+// counts of what reached each provider.
+struct member {
+  member(asio::any_io_executor ex, const std::string& fleet, int port, bool paced = false)
+      : redis(ex, {.port = port, .connect_timeout = 300ms, .command_timeout = 300ms}),
+        shared(std::make_shared<weir::redis::fleet_state>(
+            redis, weir::redis::fleet_options{.name = fleet})),
+        router(ex, fleet_catalog(), options(paced)) {
+    for (const char* p : {"a", "b"})
+      router.connect(p,
+                     [this, p](const weir::routing::model_spec&,
+                               const prompt&) -> asio::awaitable<fake_response> {
+                       ++sent[p];
+                       co_return answer[p];
+                     });
+  }
+
+  fleet_router::options_type options(bool paced) {
+    fleet_router::options_type o;
+    if (!paced) o.adaptation.reset();
+    o.shared_state = shared;
+    o.watch = [this](const weir::event& e) {
+      if (const auto* f = std::get_if<weir::fleet_connection>(&e))
+        reachable.push_back(f->reachable);
+    };
+    return o;
+  }
+
+  // Routes one request; the model that answered, or the error's code.
+  asio::awaitable<std::string> ask() {
+    prompt p{"hi"};
+    try {
+      auto r = co_await router.route(p, {.wait_for_capacity = false});
+      co_return r.route.model;
+    } catch (const weir::exception& e) {
+      co_return e.code().message();
+    }
+  }
+
+  weir::redis::client redis;
+  std::shared_ptr<weir::redis::fleet_state> shared;
+  fleet_router router;
+  std::map<std::string, int> sent;
+  std::map<std::string, fake_response> answer{{"a", fake_response::ok()},
+                                              {"b", fake_response::ok()}};
+  std::vector<bool> reachable;
+};
+
+}  // namespace
+
+TEST_CASE("a 429 or an open breaker seen by one member keeps the fleet away", "[fleet]") {
+  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+    const auto fleet = unique_name("routers");
+    member first(ex, fleet, WEIR_REDIS_PORT), second(ex, fleet, WEIR_REDIS_PORT);
+
+    // The first member hears a's server say its quota is spent for 30 s, and falls back to b.
+    auto spent = fake_response::too_many(30s);
+    spent.hint.requests.remaining = 0;
+    first.answer["a"] = spent;
+    CHECK(co_await first.ask() == "b-large");
+    CHECK(first.sent["a"] == 1);
+
+    // The second member's next route skips a without sending there: the fleet told it.
+    CHECK(co_await second.ask() == "b-large");
+    CHECK(second.sent["a"] == 0);
+    CHECK(second.router.status()[0].cooling > 25s);
+
+    // b fails once at the first member: its breaker opens, and the second stays away from b too,
+    // so with a cooling everywhere nothing is left for it.
+    first.answer["b"] = fake_response::server_error();
+    const auto failed = co_await first.ask();
+    CHECK(failed != "b-large");
+    CHECK(first.router.status()[1].breaker == weir::breaker_state::open);
+    asio::steady_timer settle(ex);  // the breaker's news is posted: let it reach Redis
+    settle.expires_after(50ms);
+    co_await settle.async_wait(asio::use_awaitable);
+    const int before = second.sent["b"];
+    const auto refused = co_await second.ask();
+    CHECK(refused == weir::make_error_code(weir::error::no_provider_available).message());
+    CHECK(second.sent["b"] == before);
+    CHECK(second.reachable.empty());  // no loss of the fleet was reported
+    first.redis.close();
+    second.redis.close();
+  });
+}
+
+TEST_CASE("a member that starts late paces at the limit the fleet learned", "[fleet]") {
+  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+    const auto fleet = unique_name("limits");
+    member first(ex, fleet, WEIR_REDIS_PORT, true), second(ex, fleet, WEIR_REDIS_PORT, true);
+    auto told = fake_response::ok();
+    told.hint.requests.limit = 600;
+    told.hint.requests.window = 60s;  // 10 requests a second
+    first.answer["a"] = told;
+    CHECK(co_await first.ask() == "a-small");
+    CHECK(first.router.status()[0].requests_limit == Approx(600));
+    CHECK_FALSE(second.router.status()[0].requests_limit.has_value());
+    CHECK(second.router.status()[0].discovering);
+    CHECK(co_await second.ask() == "a-small");  // its server said nothing; the fleet did
+    CHECK(second.router.status()[0].requests_limit == Approx(600));
+    CHECK_FALSE(second.router.status()[0].discovering);
+    first.redis.close();
+    second.redis.close();
+  });
+}
+
+TEST_CASE("without Redis a router routes on its own state, and says so", "[fleet][faults]") {
+  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+    rig::redis_server server(WEIR_REDIS_PORT + 5);
+    member alone(ex, unique_name("lost"), server.port());
+    CHECK(co_await alone.ask() == "a-small");
+    server.stop();
+    CHECK(co_await alone.ask() == "a-small");  // the fleet is gone; routing is not
+    server.start();
+    asio::steady_timer pause(ex);
+    for (int look = 0; look < 100 && alone.reachable.size() < 2; ++look) {
+      CHECK(co_await alone.ask() == "a-small");
+      pause.expires_after(20ms);
+      co_await pause.async_wait(asio::use_awaitable);
+    }
+    CHECK(alone.reachable == std::vector<bool>{false, true});
+    alone.redis.close();
+  });
+}
+
+TEST_CASE("with Sentinel the limiter follows a failover to the new primary", "[faults][sentinel]") {
+  for (const auto fallback : fallbacks) {
+    rig::sentinel_group group(WEIR_REDIS_PORT + 10, "weir-primary");
+    const int old_primary = group.primary().port();
+    // Port 1 is nobody: the client must take the primary's place from the sentinel.
+    const auto r = ride_out(
+        1, fallback,
+        [&](bool on) {
+          if (on) group.primary().kill();  // a crash: the sentinel promotes the replica
+        },
+        {{"127.0.0.1", group.sentinel_port()}}, group.name());
+    check_ride(r, fallback);
+    CHECK(group.primary_at() == old_primary + 1);
+  }
 }

@@ -66,6 +66,11 @@ class redis_server {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
 
+  // SIGKILL: the process is gone at once, as a crashed host (no shutdown, no goodbye).
+  void kill() {
+    if (const auto p = pid(); p > 0) ::kill(p, SIGKILL);
+  }
+
   // SIGSTOP: the process holds its sockets but answers nothing, as a hung or swapped-out host.
   void pause() { ::kill(pid(), SIGSTOP); }
   void resume() { ::kill(pid(), SIGCONT); }
@@ -89,6 +94,75 @@ class redis_server {
  private:
   int port_;
   std::string extra_;
+};
+
+// What `redis-cli -p port words...` prints.
+inline std::string ask(int port, const std::string& words) {
+  std::unique_ptr<FILE, int (*)(FILE*)> out(
+      ::popen(fmt::format("redis-cli -p {} {} 2>&1", port, words).c_str(), "r"), ::pclose);
+  std::string text;
+  char chunk[512];
+  while (out && std::fgets(chunk, sizeof chunk, out.get())) text += chunk;
+  return text;
+}
+
+// Polls `ok` every 50 ms for up to `limit`; whether it came true.
+template <class Condition>
+bool eventually(Condition ok, std::chrono::milliseconds limit = std::chrono::seconds(15)) {
+  for (auto waited = std::chrono::milliseconds(0); waited < limit;
+       waited += std::chrono::milliseconds(50)) {
+    if (ok()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return ok();
+}
+
+// A primary, a replica and a sentinel watching them under `name`, quick to decide: the primary
+// is down after 500 ms of silence, and the one sentinel is a quorum.
+class sentinel_group {
+ public:
+  sentinel_group(int first_port, std::string name)
+      : name_(std::move(name)),
+        primary_(std::make_unique<redis_server>(first_port)),
+        replica_(first_port + 1,
+                 fmt::format("--save '' --appendonly no --replicaof 127.0.0.1 {}", first_port)),
+        sentinel_port_(first_port + 2) {
+    const auto config = fmt::format("{}/sentinel-{}.conf", WEIR_REDIS_SCRATCH, sentinel_port_);
+    std::ofstream(config) << fmt::format(
+        "port {}\nbind 127.0.0.1\nsentinel monitor {} 127.0.0.1 {} 1\n"
+        "sentinel down-after-milliseconds {} 500\nsentinel failover-timeout {} 5000\n",
+        sentinel_port_, name_, first_port, name_, name_);
+    if (shell(fmt::format("redis-server {0} --sentinel --daemonize yes --dir {1} --pidfile "
+                          "{1}/sentinel-{2}.pid --logfile {1}/sentinel-{2}.log",
+                          config, WEIR_REDIS_SCRATCH, sentinel_port_)) != 0)
+      throw std::runtime_error("redis-server --sentinel did not start");
+    const bool ready = eventually([&] {
+      return ask(replica_.port(), "info replication").find("master_link_status:up") !=
+                 std::string::npos &&
+             primary_at() == first_port;
+    });
+    if (!ready) throw std::runtime_error("the sentinel group did not come up");
+  }
+  ~sentinel_group() {
+    shell(fmt::format("redis-cli -p {} shutdown nosave > /dev/null 2>&1", sentinel_port_));
+  }
+
+  int sentinel_port() const { return sentinel_port_; }
+  redis_server& primary() { return *primary_; }
+  const std::string& name() const { return name_; }
+
+  // The port the sentinel says the primary is on now (0: it does not say).
+  int primary_at() const {
+    const auto text = ask(sentinel_port_, "sentinel get-master-addr-by-name " + name_);
+    const auto line = text.find('\n');
+    return line == std::string::npos ? 0 : std::atoi(text.c_str() + line + 1);
+  }
+
+ private:
+  std::string name_;
+  std::unique_ptr<redis_server> primary_;
+  redis_server replica_;
+  int sentinel_port_;
 };
 
 // A TCP proxy on its own thread in front of a port on loopback. It forwards, delays every chunk

@@ -144,6 +144,13 @@ class adaptation_core {
     observe(c, now - std::chrono::duration_cast<typename Clock::duration>(rtt), now);
   }
 
+  // A request limit learned elsewhere (another member of a fleet heard it from the server):
+  // taken as if this server had reported it.
+  void learn_request_limit(weir::rate limit, time_point now = Clock::now()) {
+    std::lock_guard lock(mutex_);
+    learn_limit(dimension::requests, limit.per_second, 0, now);
+  }
+
   // The request rate now in force.
   std::optional<weir::rate> request_rate() const {
     if (auto l = limits_.get_limit(dimension::requests)) return l->rate;
@@ -370,6 +377,11 @@ class server_adaptation {
   }
   // As above, for a request sent about one round trip ago.
   void observe(const classification& c, time_point now = Clock::now()) { core_->observe(c, now); }
+  // A request limit learned elsewhere (another member of a fleet heard it from the server):
+  // taken as if this server had reported it.
+  void learn_request_limit(weir::rate limit, time_point now = Clock::now()) {
+    core_->learn_request_limit(limit, now);
+  }
 
   // The request rate now in force.
   std::optional<weir::rate> request_rate() const { return core_->request_rate(); }

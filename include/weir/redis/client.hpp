@@ -28,6 +28,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -103,6 +104,12 @@ struct client_options {
   // boost::asio::error::timed_out, and the next reconnects (after the backoff). So a paused,
   // black-holed or partitioned Redis costs a caller at most this, not the kernel's TCP timeout.
   std::chrono::milliseconds command_timeout{1'000};
+  // Sentinel: with sentinels listed, `host` and `port` are only where the primary was last seen.
+  // Before each new connection the client asks the sentinels, in turn, where the primary named
+  // `primary_name` is now; and it drops a connection whose server answers READONLY (a failover
+  // made it a replica), so the next command goes to the new primary.
+  std::vector<std::pair<std::string, int>> sentinels{};
+  std::string primary_name = "mymaster";
   // Called (on the client's strand) when the connection comes up (true) or goes down (false).
   std::function<void(bool)> on_connection{};
 };
@@ -169,6 +176,19 @@ class client {
     ~state() { disconnect(); }
 
     void send(const std::shared_ptr<state>& self, std::vector<std::string> words, completion done) {
+      if (!context && !options.sentinels.empty() && !primary_found) {
+        // Hold the command while the sentinels say where the primary is.
+        if (!finding_primary && std::chrono::steady_clock::now() < retry_at) {
+          done(boost::asio::error::not_connected, {});
+          return;
+        }
+        held.emplace_back(std::move(words), std::move(done));
+        if (!finding_primary) {
+          finding_primary = true;
+          find_primary(self, 0);
+        }
+        return;
+      }
       if (!context && !connect(self)) {
         done(boost::asio::error::not_connected, {});
         return;
@@ -229,6 +249,51 @@ class client {
       failed(std::chrono::steady_clock::now());
     }
 
+    // Asks sentinel number `tried` (counting from the one that answered last) where the primary
+    // is; on an answer, connects there and sends what was held. On the strand.
+    void find_primary(const std::shared_ptr<state>& self, std::size_t tried) {
+      const auto count = options.sentinels.size();
+      if (tried == count) {  // none knows: back off, as after a failed connect
+        finding_primary = false;
+        failed(std::chrono::steady_clock::now());
+        for (auto& [words, done] : std::exchange(held, {}))
+          done(boost::asio::error::not_connected, {});
+        return;
+      }
+      const auto which = (last_sentinel + tried) % count;
+      auto sentinel = std::make_shared<state>(
+          strand.get_inner_executor(), client_options{.host = options.sentinels[which].first,
+                                                      .port = options.sentinels[which].second,
+                                                      .connect_timeout = options.connect_timeout,
+                                                      .command_timeout = options.command_timeout});
+      completion answered = [weak_self = std::weak_ptr<state>(self), sentinel, which, tried](
+                                error_code ec, reply r) {
+        // On the sentinel's strand: done with it, and back to this client's.
+        boost::asio::post(sentinel->strand, [sentinel] { sentinel->disconnect(); });
+        auto self = weak_self.lock();
+        if (!self) return;
+        boost::asio::dispatch(self->strand, [self, ec, r = std::move(r), which, tried] {
+          if (!ec && r.type == reply::kind::array && r.elements.size() == 2 &&
+              !r.elements[0].text.empty()) {
+            self->options.host = r.elements[0].text;
+            self->options.port = std::atoi(r.elements[1].text.c_str());
+            self->last_sentinel = which;
+            self->primary_found = true;
+            self->finding_primary = false;
+            for (auto& [words, done] : std::exchange(self->held, {}))
+              self->send(self, std::move(words), std::move(done));
+            return;
+          }
+          self->find_primary(self, tried + 1);
+        });
+      };
+      boost::asio::dispatch(sentinel->strand, [sentinel, name = options.primary_name,
+                                               answered = std::move(answered)]() mutable {
+        sentinel->send(sentinel, {"SENTINEL", "get-master-addr-by-name", std::move(name)},
+                       std::move(answered));
+      });
+    }
+
     // Starts a connection unless the backoff forbids it yet. On the strand.
     bool connect(const std::shared_ptr<state>& self) {
       const auto now = std::chrono::steady_clock::now();
@@ -242,6 +307,7 @@ class client {
       }
       connect_deadline = now + options.connect_timeout;
       deadlines.clear();
+      primary_found = false;  // the next connection asks the sentinels again
       context->data = this;
       weak = self;
       boost::system::error_code ec;
@@ -312,7 +378,16 @@ class client {
         (*done)(s->dropping_for, {});
         return;
       }
-      (*done)({}, reply::from(static_cast<redisReply*>(r)));
+      auto answer = reply::from(static_cast<redisReply*>(r));
+      if (!s->options.sentinels.empty() && answer.is_error() &&
+          answer.text.starts_with("READONLY")) {
+        // A failover made this server a replica: drop it (not from inside hiredis's callback),
+        // so the next command asks the sentinels where the primary went.
+        boost::asio::post(s->strand, [weak_self = s->weak, c] {
+          if (auto self = weak_self.lock(); self && self->context == c) self->disconnect();
+        });
+      }
+      (*done)({}, std::move(answer));
     }
 
     static void on_connect(const redisAsyncContext* c, int status) {
@@ -350,6 +425,10 @@ class client {
     std::chrono::steady_clock::time_point connect_deadline{};
     std::deque<std::chrono::steady_clock::time_point> deadlines;     // of the commands in flight
     error_code dropping_for = boost::asio::error::connection_reset;  // what the unanswered get
+    // Sentinel mode: commands held while the primary is being found, and where we stand.
+    std::vector<std::pair<std::vector<std::string>, completion>> held;
+    bool finding_primary = false, primary_found = false;
+    std::size_t last_sentinel = 0;
   };
 
   std::shared_ptr<state> state_;

@@ -30,6 +30,7 @@
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/basic_waitable_timer.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
@@ -219,9 +220,10 @@ class router {
     std::uint64_t max_request_tokens = std::numeric_limits<std::uint64_t>::max();
     std::atomic<std::int64_t> latency_ns{0};
     struct cooldown cooldown;
+    std::atomic<double> shared_limit{0};  // the request limit last told to the fleet
   };
 
-  struct state {
+  struct state : std::enable_shared_from_this<state> {
     state(executor_type ex, catalog c, options_type o)
         : executor(std::move(ex)), catalog_(std::move(c)), options(std::move(o)) {
       if (catalog_.models().empty())
@@ -237,12 +239,13 @@ class router {
         detail::invalid_option("router", "usage_window", options.usage_window, "be positive");
       for (const auto& p : catalog_.providers()) {
         auto breaker_options = p.breaker;
-        breaker_options.on_state_change = [this, name = std::string_view(p.name),
-                                           user = p.breaker.on_state_change](breaker_state from,
-                                                                             breaker_state to) {
-          if (user) user(from, to);
-          emit(breaker_changed{name, from, to, name});
-        };
+        breaker_options.on_state_change =
+            [this, name = std::string_view(p.name), user = p.breaker.on_state_change,
+             index = providers.size()](breaker_state from, breaker_state to) {
+              if (user) user(from, to);
+              emit(breaker_changed{name, from, to, name});
+              if (to == breaker_state::open || to == breaker_state::isolated) share_break(index);
+            };
         providers.push_back(std::make_unique<provider_entry>(p, std::move(breaker_options)));
       }
       for (const auto& m : catalog_.models()) {
@@ -255,6 +258,46 @@ class router {
     template <class Event>
     void emit(const Event& e) const {
       if (options.watch) options.watch(event(e));
+    }
+
+    // The longest a cooldown or an isolation is shared for: the fleet's state expires by itself.
+    static constexpr nanos longest_shared = std::chrono::hours(1);
+
+    // Provider `index`'s breaker opened (or was isolated): the fleet stays away for the break.
+    // Posted: the breaker calls this under its own lock, and its time left needs that lock.
+    void share_break(std::size_t index) {
+      if (!options.shared_state) return;
+      boost::asio::post(executor, [weak = this->weak_from_this(), index] {
+        const auto self = weak.lock();
+        if (!self) return;
+        const auto& p = *self->providers[index];
+        const auto left = std::min(p.breaker.time_until_admit(), longest_shared);
+        if (left > nanos::zero())
+          self->options.shared_state->publish_cooldown(p.spec->name, {}, left);
+      });
+    }
+
+    // What the fleet learned since this router last looked: its cooldowns and limits join ours.
+    void hear(const fleet_news& news, time_point now) {
+      const auto until = [&](nanos left) {
+        return now +
+               std::chrono::duration_cast<typename Clock::duration>(std::min(left, longest_shared));
+      };
+      for (const auto& cool : news.cooldowns)
+        for (const auto& m : models) {
+          auto& p = *providers[m->provider];
+          if (p.spec->name != cool.provider) continue;
+          if (cool.model.empty()) {
+            p.cooldown.extend_to(until(cool.left));
+            break;
+          }
+          if (m->spec->id == cool.model) m->cooldown.extend_to(until(cool.left));
+        }
+      for (const auto& l : news.limits)
+        for (const auto& m : models)
+          if (m->adapt && m->spec->provider == l.provider && m->spec->id == l.model &&
+              !m->adapt->state().known && l.requests_per_second > 0)
+            m->adapt->learn_request_limit(weir::per_second(l.requests_per_second), now);
     }
 
     // How long before model m may be tried, its limits aside (see blocked_for).
@@ -314,6 +357,7 @@ class router {
     options_type options;
     std::vector<std::unique_ptr<provider_entry>> providers;
     std::vector<std::unique_ptr<model_entry>> models;
+    std::atomic<bool> fleet_reachable{true};
   };
 
   static std::exception_ptr failure_of(const outcome<Response>& o, const model_spec& m,
@@ -425,7 +469,13 @@ class router {
     // A 429 is the cooldown's business, not the breaker's (circuit_breaker_options says why).
     const bool answered = result.reached_provider();
     p.breaker.settle(ticket, answered, l.judged.kind);
-    if (m.adapt && answered) m.adapt->observe(l.judged, started, finished);
+    if (m.adapt && answered) {
+      m.adapt->observe(l.judged, started, finished);
+      if (const auto known = m.adapt->state().known;
+          known && s.options.shared_state &&
+          m.shared_limit.exchange(known->per_second) != known->per_second)
+        s.options.shared_state->publish_limit(m.spec->provider, m.spec->id, known->per_second);
+    }
     route.record.steps.push_back({m.spec->provider, m.spec->id, l.judged.kind, latency});
     if (l.judged.is_success()) s.note_latency(m, latency);
     if (answered && l.judged.kind == verdict::retryable) s.note_failure_latency(m, latency);
@@ -466,6 +516,10 @@ class router {
           const bool whole_provider = p.spec->cooldown_scope == cooldown_scope::provider;
           (whole_provider ? p.cooldown : m.cooldown)
               .extend_to(finished + std::chrono::duration_cast<typename Clock::duration>(*cool));
+          if (s.options.shared_state)
+            s.options.shared_state->publish_cooldown(spec.provider,
+                                                     whole_provider ? std::string_view{} : spec.id,
+                                                     std::min<nanos>(*cool, state::longest_shared));
           s.emit(provider_cooling{c.operation, spec.provider, *cool,
                                   whole_provider ? std::string_view{} : spec.id});
         } else {
@@ -491,6 +545,16 @@ class router {
     return true;
   }
 
+  // Before a selection: what the fleet knows joins what this router knows (one round trip).
+  static boost::asio::awaitable<void> hear_from_fleet(std::shared_ptr<state> s,
+                                                      const constraints& c) {
+    auto news = co_await s->options.shared_state->read();
+    const bool reachable = news.has_value();
+    if (s->fleet_reachable.exchange(reachable) != reachable)
+      s->emit(fleet_connection{c.operation, reachable});
+    if (news) s->hear(*news, Clock::now());
+  }
+
   // The route loop: pick a model (or wait for one), admit, send, learn, and answer or fall back.
   static boost::asio::awaitable<routed<Response>> run(std::shared_ptr<state> s, Request request,
                                                       constraints c) {
@@ -499,6 +563,7 @@ class router {
     if (s->options.fallback_budget) s->options.fallback_budget->deposit();
 
     for (;;) {
+      if (s->options.shared_state) co_await hear_from_fleet(s, c);
       const auto now = Clock::now();
       if (route.record.attempts == s->options.max_attempts)
         throw weir::exception(error::retries_exhausted,

@@ -7,12 +7,14 @@
 #include <weir/outcome.hpp>
 #include <weir/retry_budget.hpp>
 #include <weir/routing/catalog.hpp>
+#include <weir/routing/fleet.hpp>
 #include <weir/routing/strategy.hpp>
 #include <weir/stage.hpp>
 
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -90,6 +92,10 @@ struct basic_router_options {
   // the catalog gives them, and a model without limits is not paced at all.
   std::optional<http::adaptation_options> adaptation = http::adaptation_options{};
   Classifier classifier{};
+  // Shares cooldowns, breaker openings and learned limits with the other routers of a fleet,
+  // and reads theirs before each selection (one round trip). Unreachable, the router goes on
+  // with its own state and says so (fleet_connection events). Empty: this process alone.
+  std::shared_ptr<fleet> shared_state{};
 };
 template <class Response>
 using router_options = basic_router_options<Response>;
