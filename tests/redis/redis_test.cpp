@@ -21,6 +21,7 @@
 #include <map>
 #include <memory>
 #include <numeric>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -659,4 +660,77 @@ TEST_CASE("with Sentinel the limiter follows a failover to the new primary", "[f
     check_ride(r, fallback);
     CHECK(group.primary_at() == old_primary + 1);
   }
+}
+
+TEST_CASE("in a cluster the limiter follows MOVED and ASK, and each limit stays exact",
+          "[cluster]") {
+  rig::cluster nodes(WEIR_REDIS_PORT + 20);
+  std::vector<std::string> names;
+  std::set<std::size_t> owners;
+  for (int i = 0; i < 9; ++i) {
+    names.push_back(unique_name("cluster") + std::to_string(i));
+    owners.insert(nodes.owner(fmt::format("weir:{{{}}}:requests", names.back())));
+  }
+  REQUIRE(owners.size() >= 2);  // the names' slots are spread over the nodes
+
+  std::vector<int> admitted(names.size());
+  run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+    // One client per limiter: each follows MOVED to the node of its own slot.
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      weir::redis::client redis(ex, {.port = nodes.node(0).port()});
+      // Two dimensions: both keys carry the name as a hash tag, so one script reaches both.
+      weir::redis::rate_limiter<> shared(ex, redis,
+                                         {.name = names[i],
+                                          .requests = weir::limit{weir::per_hour(1), 3},
+                                          .tokens = weir::limit{weir::per_hour(1), 1000}});
+      for (int k = 0; k < 5; ++k) {
+        const bool ok =
+            co_await shared.async_try_acquire({.requests = 1, .tokens = 100}, asio::use_awaitable);
+        admitted[i] += ok;
+      }
+      CHECK(shared.mode() == weir::redis::limiter_mode::shared);
+      // The fleet's shared state lives on its own slot too.
+      weir::redis::fleet_state fleet(redis, {.name = names[i]});
+      fleet.publish_cooldown("openai", "gpt-4o", 30s);
+      const auto news = co_await fleet.read();
+      REQUIRE(news);
+      REQUIRE(news->cooldowns.size() == 1);
+      CHECK(news->cooldowns[0].model == "gpt-4o");
+      CHECK(news->cooldowns[0].left > 25s);
+      redis.close();
+    }
+  });
+  for (std::size_t i = 0; i < names.size(); ++i) CHECK(admitted[i] == 3);
+
+  // A slot on its way from one node to another: the old node answers ASK for a key it does not
+  // have, and the limiter's script runs on the new one.
+  const auto name = unique_name("migrating");
+  const auto key = fmt::format("weir:{{{}}}:requests", name);
+  const auto source = nodes.owner(key), target = (source + 1) % 3;
+  const auto slot = rig::ask(nodes.node(0).port(), "cluster keyslot '" + key + "'");
+  const int slot_number = std::atoi(slot.c_str());
+  rig::ask(nodes.node(target).port(),
+           fmt::format("cluster setslot {} importing {}", slot_number, nodes.id(source)));
+  rig::ask(nodes.node(source).port(),
+           fmt::format("cluster setslot {} migrating {}", slot_number, nodes.id(target)));
+  int migrating_admitted = 0;
+  run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+    weir::redis::client redis(ex, {.port = nodes.node(source).port()});
+    weir::redis::rate_limiter<> shared(
+        ex, redis, {.name = name, .requests = weir::limit{weir::per_hour(1), 3}});
+    for (int k = 0; k < 5; ++k) {
+      const bool ok = co_await shared.async_try_acquire({.requests = 1}, asio::use_awaitable);
+      migrating_admitted += ok;
+    }
+    redis.close();
+  });
+  CHECK(migrating_admitted == 3);
+  // Counted where it ran: the key is on the node the slot is moving to.
+  const auto keys_on = [&](std::size_t n) {
+    return std::atoi(
+        rig::ask(nodes.node(n).port(), fmt::format("cluster countkeysinslot {}", slot_number))
+            .c_str());
+  };
+  CHECK(keys_on(target) == 1);
+  CHECK(keys_on(source) == 0);
 }

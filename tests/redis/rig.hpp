@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace rig {
 
@@ -163,6 +164,52 @@ class sentinel_group {
   std::unique_ptr<redis_server> primary_;
   redis_server replica_;
   int sentinel_port_;
+};
+
+// Three cluster nodes on loopback sharing the slots, no replicas.
+class cluster {
+ public:
+  explicit cluster(int first_port) {
+    for (int n = 0; n < 3; ++n) {
+      const int port = first_port + n;
+      std::remove(fmt::format("{}/nodes-{}.conf", WEIR_REDIS_SCRATCH, port).c_str());
+      nodes_.push_back(std::make_unique<redis_server>(
+          port, fmt::format("--save '' --appendonly no --cluster-enabled yes "
+                            "--cluster-config-file nodes-{}.conf --cluster-node-timeout 2000",
+                            port)));
+    }
+    if (shell(fmt::format("redis-cli --cluster create 127.0.0.1:{} 127.0.0.1:{} 127.0.0.1:{} "
+                          "--cluster-replicas 0 --cluster-yes > /dev/null 2>&1",
+                          first_port, first_port + 1, first_port + 2)) != 0)
+      throw std::runtime_error("redis-cli --cluster create failed");
+    const bool ok = eventually([&] {
+      for (const auto& n : nodes_)
+        if (ask(n->port(), "cluster info").find("cluster_state:ok") == std::string::npos)
+          return false;
+      return true;
+    });
+    if (!ok) throw std::runtime_error("the cluster did not come up");
+  }
+
+  redis_server& node(std::size_t n) { return *nodes_[n]; }
+
+  // The node (index) that serves `key`'s slot now: the one that does not redirect.
+  std::size_t owner(const std::string& key) {
+    for (std::size_t n = 0; n < nodes_.size(); ++n) {
+      const auto answer = ask(nodes_[n]->port(), "exists '" + key + "'");
+      if (!answer.starts_with("MOVED") && !answer.starts_with("ASK")) return n;
+    }
+    throw std::runtime_error("no node serves the slot");
+  }
+
+  std::string id(std::size_t n) {
+    auto text = ask(nodes_[n]->port(), "cluster myid");
+    while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+    return text;
+  }
+
+ private:
+  std::vector<std::unique_ptr<redis_server>> nodes_;
 };
 
 // A TCP proxy on its own thread in front of a port on loopback. It forwards, delays every chunk

@@ -158,6 +158,13 @@ class client {
  private:
   using completion = std::function<void(error_code, reply)>;
 
+  // A command on its way, kept whole so that a cluster's redirection can send it again.
+  struct in_flight {
+    std::vector<std::string> words;
+    completion done;
+    int redirects = 0;
+  };
+
   // hiredis's event hooks, on an Asio descriptor that does not own the socket (hiredis does).
   struct state {
     state(boost::asio::any_io_executor ex, client_options o)
@@ -175,7 +182,8 @@ class client {
 
     ~state() { disconnect(); }
 
-    void send(const std::shared_ptr<state>& self, std::vector<std::string> words, completion done) {
+    void send(const std::shared_ptr<state>& self, std::vector<std::string> words, completion done,
+              int redirects = 0) {
       if (!context && !options.sentinels.empty() && !primary_found) {
         // Hold the command while the sentinels say where the primary is.
         if (!finding_primary && std::chrono::steady_clock::now() < retry_at) {
@@ -193,17 +201,17 @@ class client {
         done(boost::asio::error::not_connected, {});
         return;
       }
+      auto* pending = new in_flight{std::move(words), std::move(done), redirects};
       std::vector<const char*> argv;
       std::vector<std::size_t> lengths;
-      for (const auto& w : words) {
+      for (const auto& w : pending->words) {
         argv.push_back(w.data());
         lengths.push_back(w.size());
       }
-      auto* pending = new completion(std::move(done));
       if (redisAsyncCommandArgv(context, &state::on_reply, pending, static_cast<int>(argv.size()),
                                 argv.data(), lengths.data()) != REDIS_OK) {
-        std::unique_ptr<completion> lost(pending);
-        (*lost)(boost::asio::error::connection_reset, {});
+        std::unique_ptr<in_flight> lost(pending);
+        lost->done(boost::asio::error::connection_reset, {});
         return;
       }
       // Redis answers in order, so the oldest unanswered command is the first to time out.
@@ -342,9 +350,10 @@ class client {
       socket.async_wait(read ? boost::asio::posix::stream_descriptor::wait_read
                              : boost::asio::posix::stream_descriptor::wait_write,
                         // Weak: a pending wait must not keep the connection alive.
-                        [weak_self = weak, read](boost::system::error_code ec) {
+                        [weak_self = weak, read, id = connection](boost::system::error_code ec) {
                           auto self = weak_self.lock();
-                          if (!self) return;
+                          // A wait of a connection since dropped (a new one may be up already).
+                          if (!self || self->connection != id) return;
                           (read ? self->read_armed : self->write_armed) = false;
                           if (ec || !self->context) return;
                           if (read && self->reading)
@@ -359,7 +368,8 @@ class client {
 
     // hiredis is done with the socket: forget it without closing it (hiredis closes it).
     void cleanup() {
-      reading = writing = false;
+      reading = writing = read_armed = write_armed = false;
+      ++connection;  // its waits, cancelled here, must not touch the next connection's
       boost::system::error_code ec;
       socket.cancel(ec);
       if (socket.is_open()) socket.release();
@@ -371,14 +381,21 @@ class client {
     }
 
     static void on_reply(redisAsyncContext* c, void* r, void* privdata) {
-      std::unique_ptr<completion> done(static_cast<completion*>(privdata));
+      std::unique_ptr<in_flight> pending(static_cast<in_flight*>(privdata));
+      auto& done = pending->done;
       auto* s = static_cast<state*>(c->data);
       if (!s->deadlines.empty()) s->deadlines.pop_front();
       if (!r) {
-        (*done)(s->dropping_for, {});
+        done(s->dropping_for, {});
         return;
       }
       auto answer = reply::from(static_cast<redisReply*>(r));
+      if (answer.is_error() && pending->redirects < max_redirects) {
+        if (auto to = redirection(answer.text)) {
+          s->redirect(c, std::move(pending), std::move(*to));
+          return;
+        }
+      }
       if (!s->options.sentinels.empty() && answer.is_error() &&
           answer.text.starts_with("READONLY")) {
         // A failover made this server a replica: drop it (not from inside hiredis's callback),
@@ -387,7 +404,65 @@ class client {
           if (auto self = weak_self.lock(); self && self->context == c) self->disconnect();
         });
       }
-      (*done)({}, std::move(answer));
+      done({}, std::move(answer));
+    }
+
+    // A cluster's answer that the key's slot is served elsewhere: "MOVED <slot> <host>:<port>"
+    // (for good: this client moves there) or "ASK <slot> <host>:<port>" (this once, while the
+    // slot migrates).
+    struct redirect_to {
+      bool moved = false;
+      std::string host;
+      int port = 0;
+    };
+    static std::optional<redirect_to> redirection(std::string_view text) {
+      const bool moved = text.starts_with("MOVED ");
+      if (!moved && !text.starts_with("ASK ")) return std::nullopt;
+      const auto address = text.substr(text.rfind(' ') + 1);
+      const auto colon = address.rfind(':');
+      if (colon == std::string_view::npos) return std::nullopt;
+      return redirect_to{moved, std::string(address.substr(0, colon)),
+                         std::atoi(std::string(address.substr(colon + 1)).c_str())};
+    }
+
+    // Sends `pending` again where the cluster said. Inside hiredis's callback: the work is
+    // posted. MOVED moves this client's one connection (the commands still on the old one end
+    // with connection_reset); ASK goes once over a connection of its own, after ASKING.
+    void redirect(redisAsyncContext* from, std::unique_ptr<in_flight> pending, redirect_to to) {
+      auto command = std::shared_ptr<in_flight>(std::move(pending));
+      ++command->redirects;
+      boost::asio::post(strand, [weak_self = weak, from, command, to = std::move(to)] {
+        auto self = weak_self.lock();
+        if (!self) {
+          command->done(boost::asio::error::connection_reset, {});
+          return;
+        }
+        if (to.moved) {
+          self->options.host = to.host;
+          self->options.port = to.port;
+          self->options.sentinels.clear();  // a cluster node is found by MOVED, not by sentinels
+          if (self->context == from) self->disconnect();
+          self->retry_at = {};
+          self->send(self, std::move(command->words), std::move(command->done), command->redirects);
+          return;
+        }
+        auto once = std::make_shared<state>(
+            self->strand.get_inner_executor(),
+            client_options{.host = to.host,
+                           .port = to.port,
+                           .connect_timeout = self->options.connect_timeout,
+                           .command_timeout = self->options.command_timeout});
+        boost::asio::dispatch(once->strand, [once, command] {
+          once->send(once, {"ASKING"}, [](error_code, const reply&) {});
+          once->send(
+              once, std::move(command->words),
+              [once, command](error_code ec, reply r) {
+                boost::asio::post(once->strand, [once] { once->disconnect(); });
+                command->done(ec, std::move(r));
+              },
+              command->redirects);
+        });
+      });
     }
 
     static void on_connect(const redisAsyncContext* c, int status) {
@@ -425,10 +500,12 @@ class client {
     std::chrono::steady_clock::time_point connect_deadline{};
     std::deque<std::chrono::steady_clock::time_point> deadlines;     // of the commands in flight
     error_code dropping_for = boost::asio::error::connection_reset;  // what the unanswered get
+    static constexpr int max_redirects = 5;  // a cluster in flux may redirect more than once
     // Sentinel mode: commands held while the primary is being found, and where we stand.
     std::vector<std::pair<std::vector<std::string>, completion>> held;
     bool finding_primary = false, primary_found = false;
     std::size_t last_sentinel = 0;
+    std::uint64_t connection = 0;  // counts connections, for their socket waits
   };
 
   std::shared_ptr<state> state_;

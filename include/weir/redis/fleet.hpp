@@ -94,8 +94,8 @@ class fleet_state final : public routing::fleet {
   fleet_state(client redis, fleet_options options)
       : redis_(std::move(redis)),
         options_(std::move(options)),
-        cooling_key_(fmt::format("weir:fleet:{}:cooling", options_.name)),
-        limits_key_(fmt::format("weir:fleet:{}:limits", options_.name)) {}
+        cooling_key_(fmt::format("weir:fleet:{{{}}}:cooling", options_.name)),
+        limits_key_(fmt::format("weir:fleet:{{{}}}:limits", options_.name)) {}
 
   void publish_cooldown(std::string_view provider, std::string_view model,
                         std::chrono::nanoseconds left) override {

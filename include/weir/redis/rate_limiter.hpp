@@ -251,9 +251,10 @@ class rate_limiter {
                                        "be at least 1");
       }
       if (options.requests)
-        dims.push_back({true, fmt::format("weir:{}:requests", options.name), *options.requests});
+        dims.push_back(
+            {true, fmt::format("weir:{{{}}}:requests", options.name), *options.requests});
       if (options.tokens)
-        dims.push_back({false, fmt::format("weir:{}:tokens", options.name), *options.tokens});
+        dims.push_back({false, fmt::format("weir:{{{}}}:tokens", options.name), *options.tokens});
       rate_limits_options local{.name = options.name + " (local fallback)"};
       const auto scaled = [&](const limit& l) {
         return limit{
@@ -286,36 +287,43 @@ class rate_limiter {
       return out;
     }
 
-    // EVALSHA with the script, loading it first (or again after NOSCRIPT).
+    // EVALSHA with the script's digest (learned once with SCRIPT LOAD). A server without the
+    // script (restarted, failed over to, or another node of a cluster) answers NOSCRIPT: EVAL
+    // then sends it whole, which also leaves it there for the next EVALSHA.
     boost::asio::awaitable<std::optional<reply>> eval(std::size_t which,
                                                       std::vector<std::string> args) {
       const char* script = which == 0 ? detail::acquire_script : detail::settle_script;
+      std::string sha;
+      {
+        std::lock_guard lock(sha_mutex);
+        sha = shas[which];
+      }
+      if (sha.empty()) {
+        std::vector<std::string> load{"SCRIPT", "LOAD", script};
+        auto [ec, loaded] = co_await redis.async_command(
+            std::move(load), boost::asio::as_tuple(boost::asio::use_awaitable));
+        if (ec || loaded.says_unavailable()) co_return std::nullopt;
+        if (loaded.type != reply::kind::string)
+          throw weir::exception(error::invalid_argument,
+                                "redis rate_limiter: SCRIPT LOAD gave no digest");
+        sha = loaded.text;
+        std::lock_guard lock(sha_mutex);
+        shas[which] = sha;
+      }
+      std::vector<std::string> words{"EVALSHA", sha, std::to_string(dims.size())};
+      for (const auto& d : dims) words.push_back(d.key);
+      for (auto& a : args) words.push_back(std::move(a));
       for (int round = 0; round < 2; ++round) {
-        std::string sha;
-        {
-          std::lock_guard lock(sha_mutex);
-          sha = shas[which];
-        }
-        if (sha.empty()) {
-          std::vector<std::string> load{"SCRIPT", "LOAD", script};
-          auto [ec, loaded] = co_await redis.async_command(
-              std::move(load), boost::asio::as_tuple(boost::asio::use_awaitable));
-          if (ec || loaded.type != reply::kind::string) co_return std::nullopt;
-          sha = loaded.text;
-          std::lock_guard lock(sha_mutex);
-          shas[which] = sha;
-        }
-        std::vector<std::string> words{"EVALSHA", sha, std::to_string(dims.size())};
-        for (const auto& d : dims) words.push_back(d.key);
-        for (auto& a : args) words.push_back(a);
+        // Named, not a temporary in the co_await: g++ 12 mishandles those (see router.hpp).
+        std::vector<std::string> command = round == 0 ? words : std::move(words);
         const auto sent = std::chrono::steady_clock::now();
         auto [ec, r] = co_await redis.async_command(
-            std::move(words), boost::asio::as_tuple(boost::asio::use_awaitable));
+            std::move(command), boost::asio::as_tuple(boost::asio::use_awaitable));
         if (ec) co_return std::nullopt;
         note_round_trip(std::chrono::steady_clock::now() - sent);
-        if (r.is_error() && r.text.starts_with("NOSCRIPT")) {  // Redis restarted: load again
-          std::lock_guard lock(sha_mutex);
-          shas[which].clear();
+        if (round == 0 && r.is_error() && r.text.starts_with("NOSCRIPT")) {
+          words[0] = "EVAL";
+          words[1] = script;
           continue;
         }
         // Loading, failing over, busy, out of memory: unavailable for now, as a lost connection.
