@@ -8,9 +8,11 @@
 //     co_await shared.async_acquire({.requests = 1, .tokens = 1200}, asio::use_awaitable);
 //     auto guarded = weir::pipeline(retry, shared, breaker);  // or as a pipeline stage
 //
-// The state is one GCRA arrival time per dimension, in Redis, moved by a Lua script (EVALSHA,
-// loaded once and again after NOSCRIPT) that checks every dimension and charges all or none, on
-// Redis's own clock. Keys expire once their bucket is full again, so idle limiters leave nothing.
+// The state is one GCRA arrival time per dimension, in Redis, moved by a Lua script (EVALSHA;
+// EVAL where a server does not have it yet) that checks every dimension and charges all or none,
+// on Redis's own clock. Keys expire once their bucket is full again, so idle limiters leave
+// nothing. Concurrent acquires share script runs (auto-pipelining), a refused acquire reserves
+// its slot (fair shares), and the keys carry the name as a hash tag, so a cluster works.
 //
 // Part of the optional weir::redis target (links hiredis).
 #pragma once
