@@ -571,6 +571,27 @@ struct member {
 
 }  // namespace
 
+TEST_CASE("two processes: a 429 seen by one keeps the other off that model", "[fleet]") {
+  const auto fleet = unique_name("processes");
+  const auto member = [&](const std::string& in, const char* role) {
+    std::unique_ptr<FILE, int (*)(FILE*)> out(
+        ::popen(fmt::format("{} {} {} {}", WEIR_FLEET_MEMBER, WEIR_REDIS_PORT, in, role).c_str(),
+                "r"),
+        ::pclose);
+    char model[64] = {};
+    int reached_a = -1;
+    REQUIRE(out);
+    CHECK(std::fscanf(out.get(), "%63s %d", model, &reached_a) == 2);
+    return std::pair{std::string(model), reached_a};
+  };
+  // The first hears a's server say its quota is spent, and goes to b.
+  CHECK(member(fleet, "a-refuses") == std::pair{std::string("b-large"), 1});
+  // The second, a process of its own started afterwards, never sends to a: the fleet told it.
+  CHECK(member(fleet, "a-answers") == std::pair{std::string("b-large"), 0});
+  // A member of another fleet heard nothing: it sends to a, which answers.
+  CHECK(member(fleet + "-other", "a-answers") == std::pair{std::string("a-small"), 1});
+}
+
 TEST_CASE("a 429 or an open breaker seen by one member keeps the fleet away", "[fleet]") {
   run([](asio::any_io_executor ex) -> asio::awaitable<void> {
     const auto fleet = unique_name("routers");
