@@ -14,6 +14,7 @@
 #include <catch2/catch.hpp>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -754,4 +755,28 @@ TEST_CASE("in a cluster the limiter follows MOVED and ASK, and each limit stays 
   };
   CHECK(keys_on(target) == 1);
   CHECK(keys_on(source) == 0);
+}
+
+TEST_CASE("a shared limiter used from four threads stays exact", "[fleet][concurrency]") {
+  asio::io_context io(4);
+  weir::redis::client redis(io.get_executor(), {.port = WEIR_REDIS_PORT});
+  weir::redis::rate_limiter<> shared(
+      io.get_executor(), redis,
+      {.name = unique_name("threads"), .requests = weir::limit{weir::per_hour(1), 100}});
+  std::atomic<int> admitted{0}, answered{0};
+  constexpr int callers = 256;
+  for (int c = 0; c < callers; ++c)
+    asio::co_spawn(
+        io,
+        [&]() -> asio::awaitable<void> {
+          const bool ok = co_await shared.async_try_acquire({.requests = 1}, asio::use_awaitable);
+          admitted += ok;
+          if (++answered == callers) redis.close();
+        },
+        asio::detached);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) threads.emplace_back([&] { io.run(); });
+  for (auto& t : threads) t.join();
+  CHECK(answered == callers);
+  CHECK(admitted == 100);
 }
