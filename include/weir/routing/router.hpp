@@ -471,10 +471,10 @@ class router {
     p.breaker.settle(ticket, answered, l.judged.kind);
     if (m.adapt && answered) {
       m.adapt->observe(l.judged, started, finished);
-      if (const auto known = m.adapt->state().known;
-          known && s.options.shared_state &&
-          m.shared_limit.exchange(known->per_second) != known->per_second)
-        s.options.shared_state->publish_limit(m.spec->provider, m.spec->id, known->per_second);
+      if (s.options.shared_state)
+        if (const auto known = m.adapt->state().known;
+            known && m.shared_limit.exchange(known->per_second) != known->per_second)
+          s.options.shared_state->publish_limit(m.spec->provider, m.spec->id, known->per_second);
     }
     route.record.steps.push_back({m.spec->provider, m.spec->id, l.judged.kind, latency});
     if (l.judged.is_success()) s.note_latency(m, latency);
