@@ -438,7 +438,9 @@ TEST_CASE("a cancelled acquire gives back the slot it reserved", "[fleet]") {
     CHECK(*ended == asio::error::operation_aborted);
     // Given back, the next free slot is again about a minute away, not two.
     std::chrono::nanoseconds predicted{0};
-    for (int look = 0; look < 100; ++look) {  // the give-back runs in the background
+    // The give-back runs in the background: look until it lands (loosely bounded in time).
+    const auto give_up = std::chrono::steady_clock::now() + 15s;
+    while (std::chrono::steady_clock::now() < give_up) {
       auto [ec, waited] =
           co_await shared.async_acquire({.requests = 1}, 1ms, asio::as_tuple(asio::use_awaitable));
       CHECK(ec == weir::error::rate_limited);
@@ -658,7 +660,9 @@ TEST_CASE("without Redis a router routes on its own state, and says so", "[fleet
     CHECK(co_await alone.ask() == "a-small");  // the fleet is gone; routing is not
     server.start();
     asio::steady_timer pause(ex);
-    for (int look = 0; look < 100 && alone.reachable.size() < 2; ++look) {
+    // Until the client's reconnect backoff lets it look again: bounded by time, loosely.
+    const auto give_up = std::chrono::steady_clock::now() + 15s;
+    while (alone.reachable.size() < 2 && std::chrono::steady_clock::now() < give_up) {
       CHECK(co_await alone.ask() == "a-small");
       pause.expires_after(20ms);
       co_await pause.async_wait(asio::use_awaitable);
