@@ -4,6 +4,7 @@
 // through inlining and warns.
 #pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 #include <weir/circuit_breaker.hpp>
+#include <weir/keyed_limiter.hpp>
 #include <weir/pipeline.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
@@ -24,7 +25,10 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <fstream>
 #include <new>
+#include <random>
+#include <string>
 #include <vector>
 
 // Every heap allocation in the process is counted, so a benchmark can report allocations per call.
@@ -65,6 +69,87 @@ void token_bucket_try_acquire(benchmark::State& state) {
 }
 BENCHMARK(token_bucket_try_acquire)->Name("token_bucket/try_acquire");
 BENCHMARK(token_bucket_try_acquire)->Name("token_bucket/try_acquire")->Threads(2);
+
+// The process's resident memory, from /proc (0 where there is none).
+std::size_t resident_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  std::size_t pages = 0, resident = 0;
+  statm >> pages >> resident;
+  return resident * 4096;
+}
+
+// A million live keys, drawn at random: each call misses the cache, as it would on a server
+// with that many tenants (limiter:0 is the floor, drawing and hashing the key alone; keys:1000
+// shows the cost when the table is in cache). A slow rate with a vast burst: every call is admitted
+// and every key stays live (its bucket is not full again for a minute), so none is dropped.
+void keyed_try_acquire(benchmark::State& state) {
+  const auto key_count = static_cast<std::size_t>(state.range(0));
+  std::vector<std::string> keys;
+  keys.reserve(key_count);
+  for (std::size_t i = 0; i < key_count; ++i) keys.push_back("tenant-" + std::to_string(i));
+  std::vector<std::uint32_t> order(1 << 20);
+  std::mt19937 random(42);
+  for (auto& i : order) i = static_cast<std::uint32_t>(random() % key_count);
+
+  if (state.range(1) == 0) {  // the floor: drawing and hashing the key, no limiter
+    std::size_t next = 0;
+    for (auto _ : state) {
+      benchmark::DoNotOptimize(weir::detail::key_hash(keys[order[next]]));
+      next = (next + 1) & (order.size() - 1);
+    }
+    return;
+  }
+  const auto before = resident_bytes();
+  weir::keyed_limiter<> limits(bench_io.get_executor(),
+                               {.limit = {.rate = weir::per_minute(1), .burst = 1'000'000},
+                                .shards = static_cast<std::size_t>(state.range(2))});
+  for (const auto& k : keys) limits.try_acquire(k);
+  state.counters["table_MB"] = static_cast<double>(limits.memory_bytes()) / 1e6;
+  state.counters["resident_MB"] = static_cast<double>(resident_bytes() - before) / 1e6;
+  state.counters["bytes_per_key"] =
+      static_cast<double>(limits.memory_bytes()) / static_cast<double>(key_count);
+  std::size_t next = 0;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(limits.try_acquire(keys[order[next]]));
+    next = (next + 1) & (order.size() - 1);
+  }
+}
+BENCHMARK(keyed_try_acquire)
+    ->Name("keyed/try_acquire")
+    ->ArgNames({"keys", "limiter", "shards"})
+    ->Args({1'000'000, 0, 64})
+    ->Args({1'000'000, 1, 64})
+    ->Args({1'000, 0, 64})
+    ->Args({1'000, 1, 64});
+
+// Ten million keys pass through, each idle 1 ms (virtual) after its call: the table's memory
+// must stay at what a thousand live keys need.
+void keyed_churn(benchmark::State& state) {
+  const auto key_count = state.range(0);
+  std::size_t largest = 0;
+  for (auto _ : state) {
+    weir::keyed_limiter<> limits(bench_io.get_executor(),
+                                 {.limit = {.rate = weir::per_second(1000), .burst = 1}});
+    auto now = steady::now();
+    std::string key = "tenant-";
+    for (std::int64_t i = 0; i < key_count; ++i) {
+      key.resize(7);
+      key += std::to_string(i);
+      benchmark::DoNotOptimize(limits.try_acquire(key, 1, now));
+      now += std::chrono::microseconds(1);
+      if ((i & 0xffff) == 0) largest = std::max(largest, limits.memory_bytes());
+    }
+    state.counters["final_kB"] = static_cast<double>(limits.memory_bytes()) / 1e3;
+    state.counters["keys_held"] = static_cast<double>(limits.size());
+  }
+  state.counters["largest_kB"] = static_cast<double>(largest) / 1e3;
+}
+BENCHMARK(keyed_churn)
+    ->Name("keyed/churn")
+    ->ArgName("keys")
+    ->Arg(10'000'000)
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
 
 void usage_monitor_record(benchmark::State& state) {
   weir::usage_monitor<> monitor({.window = std::chrono::seconds(60), .buckets = 60});

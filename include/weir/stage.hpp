@@ -93,6 +93,9 @@ struct basic_call_context {
   // going on when it passes fails with timeout. Both are local refusals: nothing was sent.
   std::optional<typename Clock::time_point> deadline{};
   std::string_view operation{};  // named in events; never a request body or a key
+  // Whose call this is (a tenant, user or API key's name): the key of keyed limits and budgets,
+  // and the flow a fair request_queue shares its slots between. Never put a secret here.
+  std::string_view tenant{};
 
   // What the call costs the limiters: the estimate.
   usage estimated_usage() const {
