@@ -16,7 +16,7 @@ TEST_CASE("weir error codes compare with their enum and read well", "[error]") {
 TEST_CASE("every weir error has its own message", "[error]") {
   std::vector<std::string> seen;
   for (int e = static_cast<int>(weir::error::rate_limited);
-       e <= static_cast<int>(weir::error::unavailable); ++e) {
+       e <= static_cast<int>(weir::error::over_budget); ++e) {
     auto message = weir::make_error_code(static_cast<weir::error>(e)).message();
     CHECK(message != "unknown weir error");
     CHECK(std::find(seen.begin(), seen.end(), message) == seen.end());

@@ -182,3 +182,179 @@ TEST_CASE("with an executor that names a default token, the queue's operations n
   CHECK(admitted == 2);
   CHECK(queue.in_flight() == 0);
 }
+
+// ---- fairness between tenants -----------------------------------------------------------------
+
+namespace {
+// Admissions in the order the queue gave them, by tenant.
+struct admission_log {
+  std::vector<std::string> order;
+  std::vector<weir::permit> held;
+  std::vector<weir::error_code> refused;
+  auto handler(std::string tenant) {
+    return [this, tenant](weir::error_code ec, weir::permit p) {
+      if (ec) return refused.push_back(ec);
+      order.push_back(tenant);
+      held.push_back(std::move(p));
+    };
+  }
+  // Gives back the oldest slot held, so the next waiter is admitted.
+  void release_one(asio::io_context& io) {
+    held.erase(held.begin());
+    run_ready(io);
+  }
+};
+}  // namespace
+
+TEST_CASE("a fair queue serves a lone tenant's request after one slot of a flooding tenant's",
+          "[request_queue]") {
+  for (bool fair : {true, false}) {
+    asio::io_context io;
+    weir::request_queue queue(
+        io.get_executor(), {.max_concurrent = 1, .max_queued = 2000, .fair_between_tenants = fair});
+    admission_log log;
+    auto first = queue.try_admit();
+    for (int i = 0; i < 1000; ++i)
+      queue.async_admit(weir::priority::normal, "flood", log.handler("flood"));
+    run_ready(io);
+    first.release();
+    run_ready(io);
+    queue.async_admit(weir::priority::normal, "quiet", log.handler("quiet"));
+    run_ready(io);
+    std::size_t turns = 0;
+    while (std::find(log.order.begin(), log.order.end(), "quiet") == log.order.end()) {
+      log.release_one(io);
+      ++turns;
+    }
+    // The first release ends the flooder's call in flight when the lone request came.
+    if (fair)
+      CHECK(turns == 2);  // then one turn of the flooder's, then the lone request
+    else
+      CHECK(turns == 1000);  // in arrival order: behind all of them
+  }
+}
+
+TEST_CASE("weights share a fair queue's turns in proportion", "[request_queue]") {
+  asio::io_context io;
+  weir::request_queue queue(
+      io.get_executor(), {.max_concurrent = 1,
+                          .max_queued = 200,
+                          .fair_between_tenants = true,
+                          .weight_of = [](std::string_view t) { return t == "big" ? 3.0 : 1.0; }});
+  admission_log log;
+  auto first = queue.try_admit();
+  for (int i = 0; i < 80; ++i) {
+    queue.async_admit(weir::priority::normal, "big", log.handler("big"));
+    queue.async_admit(weir::priority::normal, "small", log.handler("small"));
+  }
+  run_ready(io);
+  first.release();
+  run_ready(io);
+  for (int i = 0; i < 39; ++i) log.release_one(io);
+  const auto big = std::count(log.order.begin(), log.order.end(), "big");
+  CHECK(log.order.size() == 40);
+  CHECK(big == 30);
+
+  CHECK_THROWS_AS(
+      [&] {
+        weir::request_queue bad(io.get_executor(),
+                                {.max_concurrent = 1,
+                                 .fair_between_tenants = true,
+                                 .weight_of = [](std::string_view) { return 0.0; }});
+        auto held = bad.try_admit();
+        bad.async_admit(weir::priority::normal, "t", [](weir::error_code, weir::permit) {});
+      }(),
+      weir::exception);
+}
+
+TEST_CASE("priorities hold across tenants in a fair queue", "[request_queue]") {
+  asio::io_context io;
+  weir::request_queue queue(io.get_executor(),
+                            {.max_concurrent = 1, .max_queued = 100, .fair_between_tenants = true});
+  admission_log log;
+  auto first = queue.try_admit();
+  for (int i = 0; i < 5; ++i)
+    queue.async_admit(weir::priority::batch, "quiet", log.handler("quiet-batch"));
+  for (int i = 0; i < 5; ++i)
+    queue.async_admit(weir::priority::interactive, "flood", log.handler("flood-interactive"));
+  run_ready(io);
+  first.release();
+  run_ready(io);
+  for (int i = 0; i < 9; ++i) log.release_one(io);
+  REQUIRE(log.order.size() == 10);
+  for (int i = 0; i < 5; ++i) CHECK(log.order[i] == "flood-interactive");
+}
+
+TEST_CASE("a full queue evicts a lower-priority waiter for a higher one, when allowed",
+          "[request_queue]") {
+  for (bool evict : {true, false}) {
+    asio::io_context io;
+    weir::request_queue queue(io.get_executor(), {.max_concurrent = 1,
+                                                  .max_queued = 3,
+                                                  .fair_between_tenants = true,
+                                                  .evict_lower_priority = evict});
+    admission_log log;
+    auto first = queue.try_admit();
+    queue.async_admit(weir::priority::batch, "a", log.handler("a-batch-1"));
+    queue.async_admit(weir::priority::batch, "a", log.handler("a-batch-2"));
+    queue.async_admit(weir::priority::batch, "b", log.handler("b-batch"));
+    queue.async_admit(weir::priority::batch, "c",
+                      log.handler("c-batch"));  // full: never evicts its equal
+    queue.async_admit(weir::priority::interactive, "c", log.handler("c-interactive"));
+    run_ready(io);
+    REQUIRE(log.refused.size() == 2);
+    CHECK(log.refused[0] == weir::error::queue_full);
+    if (!evict) {
+      CHECK(log.refused[1] == weir::error::queue_full);
+      continue;
+    }
+    CHECK(log.refused[1] == weir::error::evicted);  // a's newest: a waits the most
+    CHECK(queue.queued() == 3);
+    first.release();
+    run_ready(io);
+    log.release_one(io);
+    log.release_one(io);
+    CHECK(log.order == std::vector<std::string>{"c-interactive", "a-batch-1", "b-batch"});
+  }
+}
+
+TEST_CASE("two tenants through a fair queue in a pipeline: the flood does not hold the other back",
+          "[request_queue]") {
+  // Each call takes 100 ms of virtual time on one of two slots. One tenant sends 400 calls at
+  // once; the other sends one call every second. Fair, the lone tenant never waits more than one
+  // call's length; in arrival order it would wait behind the whole flood.
+  for (bool fair : {true, false}) {
+    asio::io_context io;
+    weir::basic_request_queue<> queue(
+        io.get_executor(), {.max_concurrent = 2, .max_queued = 1000, .fair_between_tenants = fair});
+    auto guarded = weir::pipeline(queue);
+    auto call = [&] {
+      return [&]() -> asio::awaitable<int> {
+        asio::basic_waitable_timer<clock_type> t(io, 100ms);
+        co_await t.async_wait(asio::use_awaitable);
+        co_return 1;
+      };
+    };
+    weir::call_context flood{.tenant = "flood"}, quiet{.tenant = "quiet"};
+    int flood_done = 0;
+    for (int i = 0; i < 400; ++i)
+      asio::co_spawn(io, guarded(flood, call()), [&](std::exception_ptr, int) { ++flood_done; });
+    std::vector<std::chrono::nanoseconds> waits;
+    for (int i = 0; i < 10; ++i) {
+      const auto sent = clock_type::now();
+      asio::co_spawn(io, guarded(quiet, call()), [&, sent](std::exception_ptr e, int) {
+        CHECK_FALSE(e);
+        waits.push_back(clock_type::now() - sent - 100ms);
+      });
+      advance<clock_type>(io, 1s);
+    }
+    advance<clock_type>(io, 30s);
+    CHECK(flood_done == 400);
+    REQUIRE(waits.size() == 10);
+    const auto longest = *std::max_element(waits.begin(), waits.end());
+    if (fair)
+      CHECK(longest <= 100ms);
+    else
+      CHECK(longest > 10s);
+  }
+}

@@ -30,6 +30,8 @@ enum class error {
   invalid_argument,       // a policy was configured or called with values that make no sense
   shut_down,              // the policy was shut down while the request waited
   unavailable,            // a shared store (e.g. Redis) the policy needs cannot be reached
+  evicted,                // a full request_queue made room for a request of higher priority
+  over_budget,            // the call's estimated cost would pass a spend budget; see retry_after
 };
 
 }  // namespace weir
@@ -73,6 +75,8 @@ class error_category_impl final : public boost::system::error_category {
       case error::invalid_argument: return "invalid argument";
       case error::shut_down: return "policy was shut down";
       case error::unavailable: return "shared limiter unavailable";
+      case error::evicted: return "evicted from the queue by a request of higher priority";
+      case error::over_budget: return "spend budget exceeded";
     }
     return "unknown weir error";
   }

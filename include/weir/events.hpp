@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <cstddef>
 #include <functional>
 #include <optional>
 #include <string>
@@ -20,7 +21,16 @@
 namespace weir {
 
 // Why a policy refused a call without trying it.
-enum class rejection { queue_full, circuit_open, budget_exhausted, rate_limited, shut_down };
+enum class rejection {
+  queue_full,
+  circuit_open,
+  budget_exhausted,
+  rate_limited,
+  shut_down,
+  evicted,
+  over_budget
+};
+inline constexpr std::size_t rejection_kinds = 7;
 
 struct attempt_started {
   std::string_view operation;
@@ -131,6 +141,8 @@ inline const char* name_of(rejection r) {
     case rejection::budget_exhausted: return "retry budget exhausted";
     case rejection::rate_limited: return "rate limited";
     case rejection::shut_down: return "shut down";
+    case rejection::evicted: return "evicted";
+    case rejection::over_budget: return "over budget";
   }
   return "?";
 }

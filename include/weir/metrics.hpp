@@ -36,8 +36,8 @@ struct policy_metrics {
   std::string name;
   std::uint64_t throttled = 0;  // calls it held
   double throttled_seconds = 0;
-  std::array<std::uint64_t, 5> rejections{};  // calls it refused, by weir::rejection
-  std::optional<breaker_state> breaker{};     // a breaker's state, from its last change
+  std::array<std::uint64_t, rejection_kinds> rejections{};  // calls it refused, by rejection
+  std::optional<breaker_state> breaker{};  // a breaker's state, from its last change
 };
 
 struct metrics_snapshot {
@@ -47,7 +47,7 @@ struct metrics_snapshot {
   std::uint64_t retries = 0;
   std::uint64_t throttled = 0;
   double throttled_seconds = 0;
-  std::array<std::uint64_t, 5> rejections{};  // by weir::rejection
+  std::array<std::uint64_t, rejection_kinds> rejections{};  // by weir::rejection
   std::uint64_t server_rate_limited = 0;
   double latency_seconds = 0;  // sum over finished attempts (successes + failures)
   std::uint64_t latency_count = 0;
@@ -180,7 +180,7 @@ class metrics {
     std::atomic<std::uint64_t> throttled_count{0}, throttled_ns{0}, server_rate_limited_count{0};
     std::atomic<std::uint64_t> latency_ns{0};
     std::atomic<std::uint64_t> routed{0}, fallbacks{0}, cooldowns{0}, fleet_losses{0};
-    std::array<std::atomic<std::uint64_t>, 5> rejections{};
+    std::array<std::atomic<std::uint64_t>, rejection_kinds> rejections{};
     std::array<std::atomic<std::uint64_t>, latency_bounds.size() + 1> latency_buckets{};
     std::atomic<breaker_state> breaker{breaker_state::closed};
     mutable std::mutex policies_mutex;
@@ -243,8 +243,10 @@ inline void write_prometheus(std::string& out, std::initializer_list<const metri
       {"weir_fleet_losses_total", "counter", "Times the router lost its fleet's shared state.",
        [](const metrics_snapshot& s) { return double(s.fleet_losses); }},
   };
-  constexpr const char* reasons[] = {"queue_full", "circuit_open", "budget_exhausted",
-                                     "rate_limited", "shut_down"};
+  constexpr const char* reasons[] = {"queue_full",   "circuit_open", "budget_exhausted",
+                                     "rate_limited", "shut_down",    "evicted",
+                                     "over_budget"};
+  static_assert(std::size(reasons) == rejection_kinds);
   std::vector<std::pair<std::string, metrics_snapshot>> read;
   for (const auto* m : sources) read.emplace_back(detail::prometheus_label(m->name()), m->read());
 

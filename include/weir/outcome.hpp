@@ -122,7 +122,8 @@ inline bool is_cancellation(const std::exception_ptr& e) {
 
 // The codes only weir's own policies produce, before a call is sent.
 inline bool is_local_refusal(const error_code& ec) noexcept {
-  return ec == error::queue_full || ec == error::circuit_open || ec == error::shut_down;
+  return ec == error::queue_full || ec == error::circuit_open || ec == error::shut_down ||
+         ec == error::evicted || ec == error::over_budget;
 }
 
 // What came back from one call: a value, an error_code or an exception. `outcome<void>` holds

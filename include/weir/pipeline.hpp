@@ -118,6 +118,8 @@ inline std::optional<rejection> rejection_of(const error_code& ec) {
   if (ec == error::budget_exhausted) return rejection::budget_exhausted;
   if (ec == error::rate_limited) return rejection::rate_limited;
   if (ec == error::shut_down) return rejection::shut_down;
+  if (ec == error::evicted) return rejection::evicted;
+  if (ec == error::over_budget) return rejection::over_budget;
   return std::nullopt;
 }
 

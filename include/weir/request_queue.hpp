@@ -29,10 +29,15 @@
 
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstddef>
+#include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
+#include <unordered_map>
 #include <vector>
 
 namespace weir {
@@ -40,6 +45,19 @@ namespace weir {
 struct request_queue_options {
   std::size_t max_concurrent = 8;
   std::size_t max_queued = 64;
+  // Shares the slots fairly between tenants (call_context::tenant in a pipeline): within one
+  // priority, the tenants that wait take turns (deficit round robin), so a tenant with a
+  // thousand queued requests delays another tenant's single request by one slot at most.
+  // Without it, waiters of one priority are served in arrival order.
+  bool fair_between_tenants = false;
+  // A tenant's share of the turns relative to the others' (1 when empty): a tenant of weight 3
+  // is admitted three times per turn of a tenant of weight 1. Asked, under the queue's lock,
+  // when a tenant starts waiting; a weight must be positive and finite.
+  std::function<double(std::string_view tenant)> weight_of{};
+  // When the queue is full, a request evicts a waiter of lower priority (the newest of the
+  // tenant with the most waiting) instead of being refused; the evicted one fails with
+  // error::evicted.
+  bool evict_lower_priority = false;
   std::string name = "request_queue";  // in events (throttled, rejected) and metrics
 };
 
@@ -80,11 +98,14 @@ class permit {
 
 namespace detail {
 
+struct queue_flow;
+
 struct queue_waiter {
   queue_waiter* prev = nullptr;
   queue_waiter* next = nullptr;
   bool linked = false;
-  std::size_t level = 0;  // which priority queue holds it
+  std::size_t level = 0;       // which priority holds it
+  queue_flow* flow = nullptr;  // and which tenant's line within it
   // Completes the admission: with a permit (ec empty) or with the error. Called without the lock.
   virtual void complete(error_code ec, permit p) = 0;
   // Drops the admission without completing it: its handler is destroyed, not called, as Asio
@@ -93,6 +114,110 @@ struct queue_waiter {
 
  protected:
   ~queue_waiter() = default;
+};
+
+// One tenant's waiters at one priority, in arrival order.
+struct queue_flow {
+  waiter_list<queue_waiter> waiters;
+  std::size_t count = 0;
+  double weight = 1;
+  double deficit = 0;  // turns earned and not used (deficit round robin)
+  bool in_ring = false;
+  std::string_view tenant;  // the key that holds it in its level's map
+};
+
+// The waiters of one priority: a line per tenant (one line when the queue is not fair), and the
+// ring of lines that take turns. A line emptied by cancellation leaves the ring when its turn
+// comes.
+class queue_level {
+ public:
+  bool empty() const noexcept { return size_ == 0; }
+
+  // The line of `tenant`, made if it has none.
+  template <class Weight>
+  queue_flow& flow_for(std::string_view tenant, const Weight& weight_of, std::string_view who) {
+    if (auto it = flows_.find(tenant); it != flows_.end()) return it->second;
+    double weight = 1;
+    if (weight_of) {
+      weight = weight_of(tenant);
+      if (!(weight > 0) || !std::isfinite(weight))
+        invalid_option(who, "weight_of", weight, "give a positive, finite weight");
+    }
+    auto [it, added] = flows_.try_emplace(std::string(tenant));
+    it->second.weight = weight;
+    it->second.tenant = it->first;
+    return it->second;
+  }
+
+  void push(queue_waiter& w, queue_flow& f) {
+    f.waiters.push_back(w);
+    ++f.count;
+    ++size_;
+    w.flow = &f;
+    if (!f.in_ring) {
+      f.in_ring = true;
+      ring_.push_back(&f);
+    }
+  }
+
+  void erase(queue_waiter& w) noexcept {
+    w.flow->waiters.erase(w);
+    --w.flow->count;
+    --size_;
+  }
+
+  // The next waiter by deficit round robin, unlinked; null when none waits.
+  queue_waiter* pop() {
+    while (!ring_.empty()) {
+      auto* f = ring_.front();
+      if (f->count == 0) {
+        drop_front();
+        continue;
+      }
+      if (f->deficit < 1) {
+        f->deficit += f->weight;
+        if (f->deficit < 1) {
+          rotate();
+          continue;
+        }
+      }
+      auto* w = f->waiters.front();
+      erase(*w);
+      f->deficit -= 1;
+      if (f->count == 0)
+        drop_front();
+      else if (f->deficit < 1)
+        rotate();
+      return w;
+    }
+    return nullptr;
+  }
+
+  // For eviction: the newest waiter of the tenant with the most waiting.
+  queue_waiter* newest_of_longest() const noexcept {
+    const queue_flow* longest = nullptr;
+    for (const auto& [tenant, f] : flows_)
+      if (f.count != 0 && (!longest || f.count > longest->count)) longest = &f;
+    return longest ? longest->waiters.back() : nullptr;
+  }
+
+ private:
+  void rotate() {
+    ring_.push_back(ring_.front());
+    ring_.pop_front();
+  }
+  void drop_front() {
+    auto* f = ring_.front();
+    ring_.pop_front();
+    flows_.erase(flows_.find(f->tenant));
+  }
+
+  struct transparent_hash : std::hash<std::string_view> {
+    using is_transparent = void;
+  };
+  std::unordered_map<std::string, queue_flow, transparent_hash, std::equal_to<>> flows_;
+  std::deque<queue_flow*> ring_;
+  std::size_t size_ = 0;
 };
 
 // The fast path (a free slot, nobody waiting) is two atomics and no lock: admitting CASes
@@ -154,15 +279,27 @@ struct request_queue_state final : shutdown_hook {
     for (auto& [w, p] : ready) w->complete({}, std::move(p));
   }
 
-  // Under the mutex: the first waiter, unlinked.
+  // Under the mutex: the first waiter, unlinked: by priority, then by the tenants' turns.
   queue_waiter* pop() {
-    for (auto& q : queues)
-      if (auto* w = q.front()) {
-        q.erase(*w);
+    for (auto& level : levels)
+      if (auto* w = level.pop()) {
         queued.fetch_sub(1);
         return w;
       }
     return nullptr;
+  }
+
+  // Under the mutex, when the queue is full: a waiter of lower priority than `p` that may make
+  // room, if the options allow it and there is one.
+  queue_waiter* eviction_candidate(std::size_t p) const {
+    if (!options.evict_lower_priority) return nullptr;
+    for (std::size_t l = levels.size(); l-- > p + 1;)
+      if (auto* w = levels[l].newest_of_longest()) return w;
+    return nullptr;
+  }
+  void unlink(queue_waiter& w) {
+    levels[w.level].erase(w);
+    queued.fetch_sub(1);
   }
 
   // The context shuts down: Asio does not see these waiters, so their handlers (and the
@@ -184,7 +321,7 @@ struct request_queue_state final : shutdown_hook {
   std::atomic<std::size_t> queued{0};
   std::atomic<bool> shut_down{false};
   std::mutex mutex;
-  std::array<waiter_list<queue_waiter>, 3> queues;
+  std::array<queue_level, 3> levels;
 };
 
 template <class Handler>
@@ -239,7 +376,7 @@ class queue_admission final : public queue_waiter,
     {
       std::lock_guard lock(state_->mutex);
       if (!linked) return;  // already admitted or completed
-      state_->queues[level].erase(*this);
+      state_->levels[level].erase(*this);
       state_->queued.fetch_sub(1);
     }
     complete(boost::asio::error::operation_aborted, permit());
@@ -302,12 +439,24 @@ class basic_request_queue {
   //   operation_aborted cancelled
   // Per-operation cancellation: terminal, partial and total alike complete the wait with
   // operation_aborted and leave the queue as if the request had never come.
+  //   evicted           a request of higher priority took its place (evict_lower_priority)
+  // `tenant` names the line it waits in when the queue is fair between tenants; it is read
+  // when the wait begins.
+  template <boost::asio::completion_token_for<admit_signature> CompletionToken =
+                boost::asio::default_completion_token_t<executor_type>>
+  auto async_admit(
+      priority p, std::string_view tenant,
+      CompletionToken&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return boost::asio::async_initiate<CompletionToken, admit_signature>(
+        initiate_async_admit{state_}, token, p, tenant);
+  }
+
+  // With no tenant.
   template <boost::asio::completion_token_for<admit_signature> CompletionToken =
                 boost::asio::default_completion_token_t<executor_type>>
   auto async_admit(priority p, CompletionToken&& token =
                                    boost::asio::default_completion_token_t<executor_type>()) {
-    return boost::asio::async_initiate<CompletionToken, admit_signature>(
-        initiate_async_admit{state_}, token, p);
+    return async_admit(p, std::string_view(), std::forward<CompletionToken>(token));
   }
 
   // At normal priority.
@@ -357,8 +506,8 @@ class basic_request_queue {
   struct initiate_async_admit {
     std::shared_ptr<detail::request_queue_state> s;
     template <class Handler>
-    void operator()(Handler&& handler, priority p) const {
-      initiate(s, std::forward<Handler>(handler), p);
+    void operator()(Handler&& handler, priority p, std::string_view tenant) const {
+      initiate(s, std::forward<Handler>(handler), p, tenant);
     }
   };
 
@@ -371,8 +520,8 @@ class basic_request_queue {
   }
 
   template <class Handler>
-  static void initiate(std::shared_ptr<detail::request_queue_state> s, Handler handler,
-                       priority p) {
+  static void initiate(std::shared_ptr<detail::request_queue_state> s, Handler handler, priority p,
+                       std::string_view tenant) {
     auto fail = [&](error_code ec) {
       boost::asio::post(s->executor, boost::asio::append(std::move(handler), ec, permit()));
     };
@@ -383,14 +532,23 @@ class basic_request_queue {
     }
     std::unique_lock lock(s->mutex);
     if (s->shut_down) return lock.unlock(), fail(error::shut_down);
-    if (s->queued.load() >= s->options.max_queued) return lock.unlock(), fail(error::queue_full);
+    const auto level = static_cast<std::size_t>(p);
+    detail::queue_waiter* evicted = nullptr;
+    if (s->queued.load() >= s->options.max_queued) {
+      evicted = s->eviction_candidate(level);
+      if (!evicted) return lock.unlock(), fail(error::queue_full);
+    }
+    auto& flow = s->levels[level].flow_for(s->options.fair_between_tenants ? tenant : "",
+                                           s->options.weight_of, s->options.name);
+    if (evicted) s->unlink(*evicted);
     auto op = std::make_shared<detail::queue_admission<Handler>>(s, std::move(handler));
-    op->level = static_cast<std::size_t>(p);
-    s->queues[op->level].push_back(*op);
+    op->level = level;
+    s->levels[level].push(*op, flow);
     s->queued.fetch_add(1);
     op->start();
     // A slot may have come free between try_take and linking: hand it out now.
     s->hand_out(lock, s);
+    if (evicted) evicted->complete(error::evicted, permit());
   }
 
   executor_type executor_;
@@ -424,8 +582,8 @@ class basic_request_queue_stage {
     namespace asio = boost::asio;
     const auto& deadline = context.call.deadline;
     if (!deadline) {
-      auto [ec, p] =
-          co_await queue_.async_admit(context.call.priority, asio::as_tuple(asio::use_awaitable));
+      auto [ec, p] = co_await queue_.async_admit(context.call.priority, context.call.tenant,
+                                                 asio::as_tuple(asio::use_awaitable));
       if (ec) throw_refusal(ec, "request_queue");
       take(s, p);
       co_return;
@@ -434,7 +592,7 @@ class basic_request_queue_stage {
       throw weir::exception::refusal(error::timeout, "request_queue: the deadline has passed");
     asio::basic_waitable_timer<Clock> timer(co_await asio::this_coro::executor, *deadline);
     auto group = asio::experimental::make_parallel_group(
-        queue_.async_admit(context.call.priority, asio::deferred),
+        queue_.async_admit(context.call.priority, context.call.tenant, asio::deferred),
         timer.async_wait(asio::deferred));
     auto [order, ec, p, timer_ec] =
         co_await group.async_wait(asio::experimental::wait_for_one(), asio::use_awaitable);

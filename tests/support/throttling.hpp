@@ -2,6 +2,7 @@
 // tests/CMakeLists.txt).
 #pragma once
 
+#include <weir/pipeline.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/testing/manual_clock.hpp>

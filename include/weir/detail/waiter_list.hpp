@@ -9,6 +9,7 @@ class waiter_list {
  public:
   bool empty() const noexcept { return head_ == nullptr; }
   Waiter* front() const noexcept { return head_; }
+  Waiter* back() const noexcept { return tail_; }
 
   void push_back(Waiter& w) noexcept {
     w.prev = tail_;
