@@ -108,9 +108,19 @@ struct fleet_connection {
   bool reachable = false;
 };
 
+// A spend budget's settled spend reached one of its alert thresholds in the current window.
+struct budget_alert {
+  std::string_view operation;  // empty: a budget's alert belongs to no one call
+  std::string_view budget;     // the budget's name
+  std::string_view key;        // whose spend: a tenant, a provider, or empty for overall
+  double threshold = 1;        // the fraction of the limit crossed (0.5, 0.8, 1, ...)
+  double spent = 0;            // USD settled in the window
+  double limit = 0;            // USD
+};
+
 using event = std::variant<attempt_started, attempt_succeeded, attempt_failed, retry_scheduled,
                            throttled, rejected, server_rate_limited, breaker_changed, route_chosen,
-                           provider_cooling, route_fallback, fleet_connection>;
+                           provider_cooling, route_fallback, fleet_connection, budget_alert>;
 
 // Any callable taking the event; empty means nobody is listening.
 using observer = std::function<void(const event&)>;
@@ -220,6 +230,10 @@ struct fmt::formatter<weir::event> {
                                     v.provider, v.model, weir::detail::milliseconds(v.duration));
             return fmt::format_to(ctx.out(), "{}: provider {} cooling down for {:.1f} ms", op,
                                   v.provider, weir::detail::milliseconds(v.duration));
+          } else if constexpr (std::is_same_v<T, budget_alert>) {
+            return fmt::format_to(ctx.out(), "budget {}{}{}: ${:.4f} of ${:.2f} spent ({:.0f}%)",
+                                  v.budget, v.key.empty() ? "" : " for ", v.key, v.spent, v.limit,
+                                  v.threshold * 100);
           } else if constexpr (std::is_same_v<T, fleet_connection>) {
             return fmt::format_to(ctx.out(), "{}: {}", op,
                                   v.reachable ? "the fleet is reachable again"

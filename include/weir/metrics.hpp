@@ -58,6 +58,7 @@ struct metrics_snapshot {
   std::uint64_t fallbacks = 0;           // router attempts that failed over to another candidate
   std::uint64_t cooldowns = 0;           // providers the router cooled down on the server's word
   std::uint64_t fleet_losses = 0;        // times the router lost its fleet (routed on local state)
+  std::uint64_t budget_alerts = 0;       // spend budget thresholds crossed
   std::vector<policy_metrics> policies;  // by the name in each event, in order of first event
 };
 
@@ -117,6 +118,8 @@ class metrics {
               add(routed);
             } else if constexpr (std::is_same_v<T, route_fallback>) {
               add(fallbacks);
+            } else if constexpr (std::is_same_v<T, budget_alert>) {
+              add(budget_alerts);
             } else if constexpr (std::is_same_v<T, fleet_connection>) {
               add(fleet_losses, v.reachable ? 0 : 1);
             } else {
@@ -170,6 +173,7 @@ class metrics {
       s.fallbacks = get(fallbacks);
       s.cooldowns = get(cooldowns);
       s.fleet_losses = get(fleet_losses);
+      s.budget_alerts = get(budget_alerts);
       std::lock_guard lock(policies_mutex);
       s.policies = policies;
       return s;
@@ -180,6 +184,7 @@ class metrics {
     std::atomic<std::uint64_t> throttled_count{0}, throttled_ns{0}, server_rate_limited_count{0};
     std::atomic<std::uint64_t> latency_ns{0};
     std::atomic<std::uint64_t> routed{0}, fallbacks{0}, cooldowns{0}, fleet_losses{0};
+    std::atomic<std::uint64_t> budget_alerts{0};
     std::array<std::atomic<std::uint64_t>, rejection_kinds> rejections{};
     std::array<std::atomic<std::uint64_t>, latency_bounds.size() + 1> latency_buckets{};
     std::atomic<breaker_state> breaker{breaker_state::closed};
@@ -242,6 +247,8 @@ inline void write_prometheus(std::string& out, std::initializer_list<const metri
        [](const metrics_snapshot& s) { return double(s.cooldowns); }},
       {"weir_fleet_losses_total", "counter", "Times the router lost its fleet's shared state.",
        [](const metrics_snapshot& s) { return double(s.fleet_losses); }},
+      {"weir_budget_alerts_total", "counter", "Spend budget thresholds crossed.",
+       [](const metrics_snapshot& s) { return double(s.budget_alerts); }},
   };
   constexpr const char* reasons[] = {"queue_full",   "circuit_open", "budget_exhausted",
                                      "rate_limited", "shut_down",    "evicted",

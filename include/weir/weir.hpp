@@ -16,6 +16,7 @@
 #include <weir/request_queue.hpp>
 #include <weir/retry.hpp>
 #include <weir/retry_budget.hpp>
+#include <weir/spend_budget.hpp>
 #include <weir/stage.hpp>
 #include <weir/timeout.hpp>
 #include <weir/token_bucket.hpp>

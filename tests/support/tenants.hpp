@@ -5,6 +5,7 @@
 #include "common.hpp"
 
 #include <weir/keyed_limiter.hpp>
+#include <weir/spend_budget.hpp>
 #include <weir/pipeline.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/testing/manual_clock.hpp>
@@ -15,7 +16,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <optional>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>

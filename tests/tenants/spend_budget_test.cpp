@@ -1,0 +1,222 @@
+#include "../support/tenants.hpp"
+
+using budget = weir::spend_budget<clock_type>;
+
+namespace {
+// The manual clock's epoch read as the Unix epoch, as the budget reads it.
+clock_type::time_point at(std::chrono::sys_seconds t) {
+  return clock_type::time_point(
+      std::chrono::duration_cast<clock_type::duration>(t.time_since_epoch()));
+}
+std::chrono::sys_seconds utc(int y, unsigned m, unsigned d, int h = 0) {
+  using namespace std::chrono;
+  return sys_days{year{y} / month{m} / day{d}} + hours{h};
+}
+const weir::exception* over_budget(const std::function<void()>& f) {
+  static std::optional<weir::exception> kept;
+  try {
+    f();
+  } catch (const weir::exception& e) {
+    kept.emplace(e);
+    return &*kept;
+  }
+  return nullptr;
+}
+}  // namespace
+
+TEST_CASE("a daily budget reserves, settles, and refuses what would pass it until midnight",
+          "[budget]") {
+  clock_type::set(at(utc(2026, 11, 30, 16)));
+  budget daily({.name = "daily", .limit = 1.00, .window = weir::budget_window::daily()});
+  auto first = daily.reserve("", 0.60);
+  CHECK_FALSE(daily.fits("", 0.50));  // 0.60 is held while the call is in flight
+  first.settle(0.30);                 // it cost less
+  CHECK(daily.fits("", 0.70));
+  CHECK_FALSE(daily.fits("", 0.71));
+  const auto* refusal = over_budget([&] { daily.reserve("", 0.80); });
+  REQUIRE(refusal);
+  CHECK(refusal->code() == weir::error::over_budget);
+  CHECK(refusal->refused_locally());
+  CHECK(refusal->retry_after() == std::chrono::hours(8));  // midnight UTC
+  CHECK_THAT(refusal->what(), Catch::Matchers::Contains("daily") &&
+                                  Catch::Matchers::Contains("room again in 28800 s"));
+  const auto* never = over_budget([&] { daily.reserve("", 1.50); });
+  REQUIRE(never);
+  CHECK_FALSE(never->retry_after());
+  CHECK_THAT(never->what(), Catch::Matchers::Contains("never fits"));
+
+  clock_type::set(at(utc(2026, 12, 1)));
+  CHECK(daily.fits("", 1.00));
+  const auto s = daily.status();
+  REQUIRE(s.size() == 1);
+  CHECK(s[0].spent == 0);
+  CHECK(s[0].resets_in == std::chrono::hours(24));
+}
+
+TEST_CASE("an hourly and a monthly budget reset on the calendar, in UTC", "[budget]") {
+  clock_type::set(at(utc(2027, 1, 31, 23)));
+  budget monthly({.limit = 10, .window = weir::budget_window::monthly()});
+  budget hourly({.limit = 1, .window = weir::budget_window::hourly()});
+  monthly.reserve("", 10).settle(10);
+  hourly.reserve("", 1).settle(1);
+  CHECK(monthly.room_in("", 1) == std::chrono::hours(1));
+  clock_type::advance(std::chrono::minutes(59));
+  CHECK_FALSE(monthly.fits("", 1));
+  CHECK_FALSE(hourly.fits("", 1));
+  clock_type::advance(std::chrono::minutes(1));  // February 1st, 00:00
+  CHECK(monthly.fits("", 10));
+  CHECK(hourly.fits("", 1));
+  monthly.reserve("", 4).settle(4);
+  CHECK(monthly.room_in("", 7) == std::chrono::days(28));  // to March 1st
+}
+
+TEST_CASE("a rolling budget forgets spend only once the whole window has passed", "[budget]") {
+  budget rolling({.limit = 1, .window = weir::budget_window::rolling(std::chrono::hours(1))});
+  rolling.reserve("", 0.7).settle(0.7);
+  clock_type::advance(std::chrono::minutes(30));
+  rolling.reserve("", 0.3).settle(0.3);
+  CHECK_FALSE(rolling.fits("", 0.5));
+  const auto wait = rolling.room_in("", 0.5);
+  REQUIRE(wait);
+  // The first 0.7 leaves between 60 and 61 minutes after it was spent.
+  CHECK(*wait > std::chrono::minutes(30));
+  CHECK(*wait <= std::chrono::minutes(31));
+  clock_type::advance(std::chrono::minutes(29));
+  CHECK_FALSE(rolling.fits("", 0.5));
+  clock_type::advance(*wait - std::chrono::minutes(29));
+  CHECK(rolling.fits("", 0.7));
+  CHECK_FALSE(rolling.fits("", 0.71));
+}
+
+TEST_CASE("per-tenant limits, and alerts at each threshold once per window", "[budget]") {
+  clock_type::set(at(utc(2026, 11, 30, 12)));
+  std::vector<std::string> alerts;
+  budget tenants({.name = "tenants",
+                  .limit = 1,
+                  .limit_of = [](std::string_view t) { return t == "big" ? 10.0 : 1.0; },
+                  .per = weir::budget_scope::tenant,
+                  .watch = [&](const weir::event& e) { alerts.push_back(fmt::format("{}", e)); }});
+  tenants.reserve("small", 0.4).settle(0.4);
+  CHECK(alerts.empty());
+  tenants.reserve("small", 0.2).settle(0.2);
+  tenants.reserve("small", 0.3).settle(0.3);
+  tenants.reserve("big", 0.9).settle(0.9);
+  CHECK(alerts ==
+        std::vector<std::string>{"budget tenants for small: $0.6000 of $1.00 spent (50%)",
+                                 "budget tenants for small: $0.9000 of $1.00 spent (80%)"});
+  tenants.reserve("small", 0.1).settle(0.1);
+  CHECK(alerts.size() == 3);
+  CHECK(alerts.back() == "budget tenants for small: $1.0000 of $1.00 spent (100%)");
+  CHECK_FALSE(tenants.fits("small", 0.01));
+  CHECK(tenants.fits("big", 9.1));
+  clock_type::advance(std::chrono::hours(12));
+  tenants.reserve("small", 0.5).settle(0.5);
+  CHECK(alerts.size() == 4);  // a new day: armed again
+
+  std::string page;
+  weir::write_prometheus(page, tenants.status());
+  CHECK_THAT(page, Catch::Matchers::Contains(
+                       "weir_budget_spent_usd{budget=\"tenants\",key=\"small\"} 0.5"));
+  CHECK_THAT(page,
+             Catch::Matchers::Contains("weir_budget_limit_usd{budget=\"tenants\",key=\"big\"} 10"));
+}
+
+TEST_CASE("a budget's options are checked", "[budget]") {
+  auto invalid = [](weir::spend_budget_options o) {
+    try {
+      budget b(std::move(o));
+    } catch (const weir::exception& e) {
+      return e.code() == weir::error::invalid_argument;
+    }
+    return false;
+  };
+  CHECK(invalid({.limit = -1}));
+  CHECK(invalid({.limit = std::nan("")}));
+  CHECK(
+      invalid({.limit = 1, .window = weir::budget_window::rolling(std::chrono::nanoseconds(10))}));
+  CHECK(invalid({.limit = 1, .alert_at = {0.5, -1}}));
+  budget ok({.limit = 1});
+  CHECK_THROWS_AS(ok.reserve("", -0.5), weir::exception);
+}
+
+TEST_CASE("an agent in a loop cannot spend past its budget, however many run at once", "[budget]") {
+  // 64 agents loop on calls estimated at 1000 input and up to 500 output tokens; each call takes
+  // 10 to 200 ms of virtual time and reports between 100 and 500 output tokens. They stop at the
+  // first refusal. Whatever the interleaving, the settled spend stays within the budget.
+  for (unsigned seed : {1u, 2u, 3u}) {
+    clock_type::set(at(utc(2026, 11, 30, 9)));
+    asio::io_context io;
+    budget tenants({.name = "tenants", .limit = 0.05, .per = weir::budget_scope::tenant});
+    const weir::price gpt{.input_per_million = 2.5, .output_per_million = 10};  // $0.0075 max/call
+    auto guarded = weir::pipeline(tenants.stage(gpt));
+    std::mt19937 random(seed);
+    double billed = 0;
+    int refused = 0, calls = 0;
+    auto agent = [&]() -> asio::awaitable<void> {
+      for (;;) {
+        weir::basic_call_context<clock_type> ctx{
+            .input_tokens = 1000, .output_tokens = 500, .tenant = "runaway"};
+        const auto took = std::chrono::milliseconds(10 + random() % 190);
+        const auto output = 100 + random() % 401;
+        try {
+          co_await guarded(ctx, [&]() -> asio::awaitable<int> {
+            asio::basic_waitable_timer<clock_type> t(co_await asio::this_coro::executor, took);
+            co_await t.async_wait(asio::use_awaitable);
+            ctx.actual_input_tokens = 1000;
+            ctx.actual_output_tokens = output;
+            billed += gpt.of(1000, output);
+            ++calls;
+            co_return 0;
+          });
+        } catch (const weir::exception& e) {
+          CHECK(e.code() == weir::error::over_budget);
+          ++refused;
+          co_return;
+        }
+      }
+    };
+    for (int i = 0; i < 64; ++i) asio::co_spawn(io, agent(), asio::detached);
+    advance<clock_type>(io, std::chrono::seconds(10));
+    CHECK(refused == 64);
+    CHECK(calls >= 6);
+    CHECK(billed <= 0.05 + 1e-12);
+    const auto s = tenants.status();
+    REQUIRE(s.size() == 1);
+    CHECK(s[0].spent == Approx(billed));
+    CHECK(s[0].reserved == Approx(0).margin(1e-12));
+  }
+}
+
+TEST_CASE("a budget stage releases what an inner refusal never sent and charges a cancelled call",
+          "[budget]") {
+  clock_type::set(at(utc(2026, 11, 30, 9)));
+  asio::io_context io;
+  budget overall({.limit = 1});
+  weir::request_queue full(io.get_executor(), {.max_concurrent = 1, .max_queued = 0});
+  auto held = full.try_admit();
+  auto guarded = weir::pipeline(overall.stage({.input_per_million = 1e6}), full);
+  weir::basic_call_context<clock_type> ctx{.input_tokens = 1};  // $1
+  weir::testing::finished<int> refused;
+  refused.start(io, guarded(ctx, [] { return []() -> asio::awaitable<int> { co_return 1; }(); }));
+  run_ready(io);
+  CHECK(refused.code() == weir::error::queue_full);
+  CHECK(overall.fits("", 1));  // released: the call was never sent
+  held.release();
+
+  asio::cancellation_signal cancel;
+  weir::testing::finished<int> cancelled;
+  cancelled.start(io,
+                  guarded(ctx,
+                          [&]() -> asio::awaitable<int> {
+                            asio::basic_waitable_timer<clock_type> t(
+                                co_await asio::this_coro::executor, 1s);
+                            co_await t.async_wait(asio::use_awaitable);
+                            co_return 1;
+                          }),
+                  cancel.slot());
+  run_ready(io);
+  cancel.emit(asio::cancellation_type::terminal);
+  run_ready(io);
+  CHECK(cancelled.done);
+  CHECK_FALSE(overall.fits("", 0.01));  // charged: it may have been sent
+}
