@@ -413,3 +413,52 @@ TEST_CASE("routes shared by four threads all end, once each", "[routing][router]
   CHECK(failed == 0);  // a failure falls back to b
   CHECK(a.answered(200) + b.answered(200) == 2000);
 }
+
+TEST_CASE("a budget steers the router to a cheaper model, then refuses at once saying when",
+          "[routing][router][budget]") {
+  asio::io_context io;
+  // Day boundary: the manual clock's epoch read as Unix time; 1000 h in is 16:00 UTC.
+  weir::spend_budget<clock_type> daily({.name = "tenants",
+                                        .limit = 0.010,
+                                        .window = weir::budget_window::daily(),
+                                        .per = weir::budget_scope::tenant});
+  std::vector<std::string> seen;
+  options o = unpaced();
+  // Prefer the most capable model: b-large, $0.003 for this request; a-small costs $0.001.
+  o.strategy = [](const weir::routing::basic_candidate<clock_type>& m) {
+    return -m.model.capability;
+  };
+  o.budgets = {daily};
+  o.watch = [&](const weir::event& e) { seen.push_back(fmt::format("{}", e)); };
+  router_type r(io.get_executor(), two_models(), o);
+  provider a, b;
+  r.connect("a", a.call<prompt>());
+  r.connect("b", b.call<prompt>());
+
+  std::vector<std::string> models;
+  for (int i = 0; i < 4; ++i) {
+    auto done = route_now(io, r, {.input_tokens = 1000, .tenant = "acme"});
+    REQUIRE(done.value);
+    models.push_back(done.value->route.model);
+  }
+  // $0.009 after three on b-large; then only a-small fits, once.
+  CHECK(models == std::vector<std::string>{"b-large", "b-large", "b-large", "a-small"});
+  auto refused = route_now(io, r, {.input_tokens = 1000, .tenant = "acme"});
+  REQUIRE(refused.error);
+  CHECK(refused.error->code() == weir::error::over_budget);
+  CHECK(refused.error->refused_locally());
+  CHECK(refused.error->retry_after() == 8h);  // midnight UTC
+  CHECK_THAT(refused.error->what(), Catch::Matchers::Contains("tenants for acme"));
+  CHECK(std::find(seen.begin(), seen.end(),
+                  "call: rejected (over budget) by router, retry after 28800000.0 ms") !=
+        seen.end());
+  // Another tenant has its own budget.
+  auto other = route_now(io, r, {.input_tokens = 1000, .tenant = "globex"});
+  REQUIRE(other.value);
+  CHECK(other.value->route.model == "b-large");
+  const auto status = daily.status();
+  REQUIRE(status.size() == 2);
+  CHECK(status[0].key == "acme");
+  CHECK(status[0].spent == Approx(0.010));
+  CHECK(status[0].reserved == 0);
+}

@@ -212,6 +212,11 @@ class router {
               .monitor = &monitor};
     }
 
+    // A charge taken by selection goes back: the request is not sent to this model now.
+    void unreserve(const usage& estimate, time_point now) {
+      if (limits) limits->settle(estimate, usage{.requests = 0}, now);
+    }
+
     const model_spec* spec;
     std::size_t provider;
     std::optional<rate_limits<Clock>> limits;
@@ -373,6 +378,28 @@ class router {
 
   using ticket_type = typename circuit_breaker<Clock>::ticket;
 
+  // Models a route may not try because of a budget, and the budget that said so.
+  struct priced_out_models {
+    explicit priced_out_models(std::size_t models) : skip(models, 0) {}
+    weir::detail::small_buffer<char, 32> skip;  // tried, or priced out
+    std::string budget;
+    std::string key;
+    std::optional<nanos> room;  // until the budget that said so has room (the soonest)
+  };
+
+  [[noreturn]] static void refuse_over_budget(const state& s, const constraints& c,
+                                              const priced_out_models& out) {
+    s.emit(rejected{c.operation, rejection::over_budget, out.room, "router"});
+    throw weir::exception::refusal(
+        error::over_budget,
+        fmt::format("router: every model that fits the request would pass budget {}{}{}{}",
+                    out.budget, out.key.empty() ? "" : " for ", out.key,
+                    out.room ? fmt::format("; room again in {:.0f} s",
+                                           std::chrono::duration<double>(*out.room).count())
+                             : std::string("; it never fits")),
+        out.room);
+  }
+
   // One route's progress: what it has tried, what it learned, what it will report.
   struct route_progress {
     route_progress(const state& s, const constraints& c)
@@ -394,6 +421,56 @@ class router {
     route_record record;
     std::exception_ptr last_failure;
   };
+
+  // Marks in `out` the models this request may not try: those it tried, and those whose
+  // estimated cost would pass a budget (noting the budget that said so, the soonest to have
+  // room). False when no model is priced out.
+  static bool price_out(const state& s, const constraints& c, const route_progress& route,
+                        time_point now, priced_out_models& out) {
+    const auto tried = route.tried();
+    std::copy(tried.begin(), tried.end(), out.skip.span().begin());
+    out.budget.clear();
+    out.key.clear();
+    out.room.reset();
+    bool any = false;
+    for (std::size_t i = 0; i < s.models.size(); ++i) {
+      if (tried[i]) continue;
+      const auto& spec = *s.models[i]->spec;
+      const double cost = spec.cost(c.input_tokens, c.output_tokens);
+      for (const auto& b : s.options.budgets) {
+        const auto key = b.key_for(c.tenant, spec.provider);
+        if (b.fits(key, cost, now)) continue;
+        out.skip.span()[i] = 1;
+        const auto room = b.room_in(key, cost, now);
+        if (!any || (room && (!out.room || *room < *out.room))) {
+          out.budget = b.name();
+          out.key = std::string(key);
+          out.room = room;
+        }
+        any = true;
+        break;
+      }
+    }
+    return any;
+  }
+
+  // Model i was picked: its estimated cost is held in every budget, or nothing is held and
+  // nullopt says one has no room (another request took it since selection).
+  static std::optional<std::vector<typename spend_budget<Clock>::reservation>> charge_budgets(
+      state& s, const constraints& c, std::size_t i, time_point now) {
+    std::vector<typename spend_budget<Clock>::reservation> held;
+    const auto& spec = *s.models[i]->spec;
+    const double cost = spec.cost(c.input_tokens, c.output_tokens);
+    for (auto& b : s.options.budgets) {
+      auto r = b.try_reserve(b.key_for(c.tenant, spec.provider), cost, now);
+      if (!r) {
+        for (auto& h : held) h.release();
+        return std::nullopt;
+      }
+      held.push_back(std::move(*r));
+    }
+    return held;
+  }
 
   // No model has room now: how long until the first will, or the error that ends the route.
   static nanos wait_for_room(const state& s, const constraints& c, const ranking& r,
@@ -497,6 +574,21 @@ class router {
     return l;
   }
 
+  // What an attempt cost the budgets: the reported usage, else the estimate for a success or a
+  // cancelled call (it may have produced tokens), nothing for a failure that says nothing or a
+  // call the provider's code refused before sending.
+  static void settle_budgets(std::vector<typename spend_budget<Clock>::reservation>& charges,
+                             const model_spec& spec, const constraints& c,
+                             const outcome<Response>& result, const lesson& l) {
+    if (charges.empty()) return;
+    double cost = 0;
+    if (l.used)
+      cost = spec.cost(l.used->input_tokens, l.used->output_tokens);
+    else if (l.judged.is_success() || result.cancelled())
+      cost = spec.cost(c.input_tokens, c.output_tokens);
+    for (auto& r : charges) r.settle(cost);
+  }
+
   // After a failure of model i: cools it down (the server said its quota is spent), waits for it
   // (only this request was refused), skips it (it failed), or looks for a larger context window.
   // False when the failure is the route's answer (fatal).
@@ -559,6 +651,8 @@ class router {
   static boost::asio::awaitable<routed<Response>> run(std::shared_ptr<state> s, Request request,
                                                       constraints c) {
     route_progress route(*s, c);
+    std::optional<priced_out_models> priced;
+    if (!s->options.budgets.empty()) priced.emplace(s->models.size());
     boost::asio::basic_waitable_timer<Clock> timer(co_await boost::asio::this_coro::executor);
     if (s->options.fallback_budget) s->options.fallback_budget->deposit();
 
@@ -570,8 +664,11 @@ class router {
                               fmt::format("router: {} attempts failed", route.record.attempts), {},
                               route.last_failure, route.record.attempts);
       ranking ranked(s->models.size());
+      const bool priced_out = priced && price_out(*s, c, route, now, *priced);
       const auto picked =
-          s->pick(ranked, c, route.min_context, route.tried(), route.not_before(), now, true);
+          s->pick(ranked, c, route.min_context, priced_out ? priced->skip.span() : route.tried(),
+                  route.not_before(), now, true);
+      if (!picked && priced_out && !ranked.any_capable) refuse_over_budget(*s, c, *priced);
       if (!picked) {
         timer.expires_after(std::chrono::duration_cast<typename Clock::duration>(
             wait_for_room(*s, c, ranked, route, now)));
@@ -580,8 +677,20 @@ class router {
         continue;
       }
       const auto i = *picked;
-      const auto ticket = admit(*s, c, i, route, now);
+      auto charges = charge_budgets(*s, c, i, now);
+      if (!charges) {
+        s->models[i]->unreserve(route.estimate, now);
+        continue;  // another route took the room first: the next selection sees it
+      }
+      std::optional<ticket_type> ticket;
+      try {
+        ticket = admit(*s, c, i, route, now);
+      } catch (...) {
+        for (auto& r : *charges) r.release();
+        throw;
+      }
       if (!ticket) {
+        for (auto& r : *charges) r.release();
         route.tried()[i] = 1;
         continue;
       }
@@ -595,6 +704,7 @@ class router {
           s->providers[s->models[i]->provider]->call(spec, std::as_const(request)));
       const auto finished = Clock::now();
       const auto l = learn(*s, i, *ticket, result, started, finished, route);
+      settle_budgets(*charges, spec, c, result, l);
 
       if (l.judged.kind == verdict::success ||
           !fall_back(*s, c, i, result, l.judged, finished, route)) {

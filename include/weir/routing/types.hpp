@@ -9,6 +9,7 @@
 #include <weir/routing/catalog.hpp>
 #include <weir/routing/fleet.hpp>
 #include <weir/routing/strategy.hpp>
+#include <weir/spend_budget.hpp>
 #include <weir/stage.hpp>
 
 #include <chrono>
@@ -39,6 +40,7 @@ struct basic_route_constraints {
   std::optional<typename Clock::time_point> deadline{};  // no wait may end past it
   bool wait_for_capacity = true;  // false: fail at once when no model has room now
   std::string_view operation{};   // named in events; never a request body or a key
+  std::string_view tenant{};      // whose request: the key of per-tenant spend budgets
 };
 using route_constraints = basic_route_constraints<>;
 
@@ -96,6 +98,13 @@ struct basic_router_options {
   // and reads theirs before each selection (one round trip). Unreachable, the router goes on
   // with its own state and says so (fleet_connection events). Empty: this process alone.
   std::shared_ptr<fleet> shared_state{};
+  // Spend budgets every route is charged to, each keyed by the route's tenant, the model's
+  // provider or nothing, as its scope says. A model whose estimated cost would pass one is
+  // skipped for one that fits (the strategy still orders those); when none fits, the route fails
+  // at once with over_budget, retry_after saying when the first has room. What is charged: the
+  // reported usage, else the estimate for a success or a cancelled call, nothing for a failure
+  // that reports none (providers do not bill those) or a call never sent.
+  std::vector<spend_budget<Clock>> budgets{};
 };
 template <class Response>
 using router_options = basic_router_options<Response>;
