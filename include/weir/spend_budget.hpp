@@ -49,9 +49,11 @@ struct price {
             static_cast<double>(output_tokens) * output_per_million) /
            1e6;
   }
-  // A call that gives only its total: priced at the dearer rate, so never under-estimated.
-  double of_total(std::uint64_t tokens) const noexcept {
-    return static_cast<double>(tokens) * std::max(input_per_million, output_per_million) / 1e6;
+  // A call's cost by its usage: input and output at their rates, or a bare total at the dearer
+  // rate, so never under-estimated.
+  double of(const usage& u) const noexcept {
+    if (u.input_tokens || u.output_tokens) return of(u.input_tokens, u.output_tokens);
+    return static_cast<double>(u.tokens) * std::max(input_per_million, output_per_million) / 1e6;
   }
 };
 
@@ -111,6 +113,75 @@ struct budget_status {
 
 template <class Clock>
 class spend_budget_stage;
+
+namespace detail {
+// The calendar window (hour, day or month, UTC) holding `unix_ns`: its number and when the next
+// one starts (Unix ns).
+inline std::pair<std::int64_t, std::int64_t> calendar_window(const budget_window& w,
+                                                             std::int64_t unix_ns) {
+  constexpr std::int64_t hour = 3'600'000'000'000;
+  constexpr std::int64_t day = 24 * hour;
+  const auto floor_div = [](std::int64_t a, std::int64_t b) { return a / b - (a % b < 0 ? 1 : 0); };
+  switch (w.type()) {
+    case budget_window::kind::hour:
+      return {floor_div(unix_ns, hour), (floor_div(unix_ns, hour) + 1) * hour};
+    case budget_window::kind::day:
+      return {floor_div(unix_ns, day), (floor_div(unix_ns, day) + 1) * day};
+    default: break;
+  }
+  using namespace std::chrono;
+  const year_month_day date{sys_days{days{floor_div(unix_ns, day)}}};
+  const auto next = year_month{date.year(), date.month()} + months{1};
+  const auto next_start = sys_days{next / 1}.time_since_epoch().count() * day;
+  return {static_cast<int>(date.year()) * 12 + static_cast<unsigned>(date.month()) - 1, next_start};
+}
+
+// Offset from `Clock`'s epoch to the Unix epoch: a steady clock counts from boot, so calendar
+// windows need the wall clock's; any other clock's epoch is taken as Unix time.
+template <class Clock>
+std::int64_t calendar_offset() {
+  if constexpr (std::is_same_v<Clock, std::chrono::steady_clock>)
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::system_clock::now().time_since_epoch())
+               .count() -
+           std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+               .count();
+  else
+    return 0;
+}
+
+// The refusal of a reservation that does not fit: which budget and key, the money, and when it
+// fits again (`when`: nullopt when the amount is more than the limit, or fits only once calls in
+// flight settle).
+inline weir::exception over_budget(std::string_view budget, std::string_view key, double usd,
+                                   double spent, double reserved, double limit,
+                                   std::optional<std::chrono::nanoseconds> when) {
+  const auto next =
+      when ? fmt::format("room again in {:.0f} s", std::chrono::duration<double>(*when).count())
+      : usd > limit ? std::string("it never fits")
+                    : std::string("no room before calls in flight settle");
+  return weir::exception::refusal(
+      error::over_budget,
+      fmt::format("{}{}{}: ${:.4f} would pass the limit (${:.4f} spent and ${:.4f} in flight of "
+                  "${:.2f}); {}",
+                  budget, key.empty() ? "" : " for ", key, usd, spent, reserved, limit, next),
+      when);
+}
+
+// Checks what every spend budget's options must satisfy.
+inline void validate(const spend_budget_options& o) {
+  if (!(o.limit >= 0) || !std::isfinite(o.limit))
+    invalid_option(o.name, "limit", o.limit, "be a finite amount ≥ 0");
+  if (o.window.type() == budget_window::kind::rolling &&
+      o.window.length() < std::chrono::nanoseconds(60))
+    invalid_option(o.name, "window", o.window.length(), "be at least 60 ns long");
+  if (o.alert_at.size() > 32)
+    invalid_option(o.name, "alert_at", o.alert_at.size(), "hold at most 32");
+  for (double t : o.alert_at)
+    if (!(t > 0) || !std::isfinite(t))
+      invalid_option(o.name, "alert_at", t, "hold positive fractions");
+}
+}  // namespace detail
 
 // Copies share the spend. Thread-safe: one mutex, held for a few arithmetic operations.
 template <class Clock = std::chrono::steady_clock>
@@ -233,26 +304,9 @@ class spend_budget {
   };
 
   struct state {
-    explicit state(spend_budget_options o) : options(std::move(o)) {
-      const auto& name = options.name;
-      if (!(options.limit >= 0) || !std::isfinite(options.limit))
-        detail::invalid_option(name, "limit", options.limit, "be a finite amount ≥ 0");
-      if (options.window.type() == budget_window::kind::rolling &&
-          options.window.length() < std::chrono::nanoseconds(rolling_slots))
-        detail::invalid_option(name, "window", options.window.length(), "be at least 60 ns long");
-      if (options.alert_at.size() > 32)
-        detail::invalid_option(name, "alert_at", options.alert_at.size(), "hold at most 32");
-      for (double t : options.alert_at)
-        if (!(t > 0) || !std::isfinite(t))
-          detail::invalid_option(name, "alert_at", t, "hold positive fractions");
-      // A steady clock counts from boot: calendar windows need the wall clock's epoch.
-      if constexpr (std::is_same_v<Clock, std::chrono::steady_clock>)
-        calendar_offset =
-            std::chrono::duration_cast<std::chrono::nanoseconds>(
-                std::chrono::system_clock::now().time_since_epoch())
-                .count() -
-            std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
-                .count();
+    explicit state(spend_budget_options o)
+        : options(std::move(o)), calendar_offset(detail::calendar_offset<Clock>()) {
+      detail::validate(options);
     }
 
     nanos unix_ns(time_point t) const {
@@ -261,23 +315,8 @@ class spend_budget {
     }
     nanos slot_length() const { return options.window.length().count() / rolling_slots; }
 
-    // The calendar window holding `t` (unix ns): its number and when the next one starts.
     std::pair<std::int64_t, nanos> calendar(nanos t) const {
-      constexpr nanos hour = 3'600'000'000'000;
-      constexpr nanos day = 24 * hour;
-      const auto floor_div = [](nanos a, nanos b) { return a / b - (a % b < 0 ? 1 : 0); };
-      switch (options.window.type()) {
-        case budget_window::kind::hour:
-          return {floor_div(t, hour), (floor_div(t, hour) + 1) * hour};
-        case budget_window::kind::day: return {floor_div(t, day), (floor_div(t, day) + 1) * day};
-        default: break;
-      }
-      using namespace std::chrono;
-      const year_month_day date{sys_days{days{floor_div(t, day)}}};
-      const auto next = year_month{date.year(), date.month()} + months{1};
-      const auto next_start = sys_days{next / 1}.time_since_epoch().count() * day;
-      return {static_cast<int>(date.year()) * 12 + static_cast<unsigned>(date.month()) - 1,
-              next_start};
+      return detail::calendar_window(options.window, t);
     }
 
     // Brings `a` to the window holding `now`: a new calendar window starts from zero; a rolling
@@ -369,15 +408,10 @@ class spend_budget {
       auto& a = account_for(key);
       roll(a, now);
       const auto when = room_in(a, usd, now);
-      const auto message = fmt::format(
-          "{}{}{}: ${:.4f} would pass the limit (${:.4f} spent and ${:.4f} in flight of ${:.2f}); "
-          "{}",
-          options.name, key.empty() ? "" : " for ", key, usd, a.spent, a.reserved, a.limit,
-          !when ? std::string("it never fits")
-                : fmt::format("room again in {:.0f} s",
-                              std::chrono::duration<double>(*when).count()));
+      const auto refusal =
+          detail::over_budget(options.name, key, usd, a.spent, a.reserved, a.limit, when);
       lock.unlock();
-      throw weir::exception::refusal(error::over_budget, message, when);
+      throw refusal;
     }
 
     void settle(account& a, double reserved, double spent, time_point now) {
@@ -478,7 +512,7 @@ class spend_budget_stage {
   bool try_enter(slot& s, stage_context<Clock>& context) {
     const auto& call = context.call;
     s.held.emplace(budget_.reserve(budget_.key_for(call.tenant, provider_),
-                                   estimate(call.estimated_usage()), context.now));
+                                   price_.of(call.estimated_usage()), context.now));
     return true;
   }
 
@@ -493,18 +527,13 @@ class spend_budget_stage {
     const auto& call = context.call;
     const auto estimated = call.estimated_usage();
     const auto used = call.actual_usage(estimated);
-    held->settle(used == estimated ? held->amount() : estimate(used));
+    held->settle(used == estimated ? held->amount() : price_.of(used));
     return {};
   }
 
   void abandon(slot& s) { s.held.reset(); }
 
  private:
-  double estimate(const usage& u) const {
-    if (u.input_tokens || u.output_tokens) return price_.of(u.input_tokens, u.output_tokens);
-    return price_.of_total(u.tokens);
-  }
-
   spend_budget<Clock> budget_;
   weir::price price_;
   std::string provider_;

@@ -396,7 +396,7 @@ class router {
                     out.budget, out.key.empty() ? "" : " for ", out.key,
                     out.room ? fmt::format("; room again in {:.0f} s",
                                            std::chrono::duration<double>(*out.room).count())
-                             : std::string("; it never fits")),
+                             : std::string("; no room before calls in flight settle, if ever")),
         out.room);
   }
 
