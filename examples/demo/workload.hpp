@@ -83,6 +83,26 @@ inline std::vector<provider_setup> default_fleet() {
   return fleet;
 }
 
+// The router's catalog of a fleet, every provider with `breaker`.
+inline weir::routing::catalog catalog_of(const std::vector<provider_setup>& fleet,
+                                         const weir::circuit_breaker_options& breaker) {
+  weir::routing::catalog models;
+  for (const auto& p : fleet) {
+    models.add(weir::routing::provider_spec{
+        .name = p.name, .breaker = breaker, .default_cooldown = std::chrono::seconds(1)});
+    for (const auto& m : p.models)
+      models.add(weir::routing::model_spec{.provider = p.name,
+                                           .id = m.id,
+                                           .input_price = m.input_price,
+                                           .output_price = m.output_price,
+                                           .capability = m.capability,
+                                           .context_window = m.context_window,
+                                           .requests_per_minute = m.requests_per_minute,
+                                           .tokens_per_minute = m.tokens_per_minute});
+  }
+  return models;
+}
+
 // One request of the agent workload.
 struct job {
   std::size_t id = 0;  // sent as x-weir-request, so a server's log can be matched to the client's
@@ -365,20 +385,7 @@ class weir_run {
   weir_run(asio::io_context& io, std::vector<provider_setup> fleet, run_options options,
            progress& live)
       : io_(io), fleet_(std::move(fleet)), options_(options), log_(fleet_, live) {
-    weir::routing::catalog models;
-    for (const auto& p : fleet_) {
-      models.add(weir::routing::provider_spec{
-          .name = p.name, .breaker = options_.breaker, .default_cooldown = 1s});
-      for (const auto& m : p.models)
-        models.add(weir::routing::model_spec{.provider = p.name,
-                                             .id = m.id,
-                                             .input_price = m.input_price,
-                                             .output_price = m.output_price,
-                                             .capability = m.capability,
-                                             .context_window = m.context_window,
-                                             .requests_per_minute = m.requests_per_minute,
-                                             .tokens_per_minute = m.tokens_per_minute});
-    }
+    auto models = catalog_of(fleet_, options_.breaker);
     router_type::options_type ro;
     ro.max_attempts = 6;
     if (options_.fallback_budget) ro.fallback_budget.emplace(*options_.fallback_budget);

@@ -53,7 +53,7 @@ struct key_limit {
 };
 
 struct keyed_limiter_options {
-  key_limit limit{};  // every key's limit, unless limit_of gives one
+  key_limit limit{};  // every key's limit, unless limit_of gives one (then it may be empty)
   // The limit of a key, asked when the key is first seen (and again when it returns after being
   // dropped as idle). Called without any lock held. Up to 65 536 distinct limits.
   std::function<key_limit(std::string_view key)> limit_of{};
@@ -239,7 +239,9 @@ class keyed_limiter {
   struct state {
     state(executor_type ex, keyed_limiter_options o)
         : executor(std::move(ex)), options(std::move(o)) {
-      default_shape = shapes.intern(options.limit, options.name);
+      // With limit_of, `limit` may be left empty: every key's limit comes from the function.
+      if (!options.limit_of || options.limit.rate.per_second != 0)
+        default_shape = shapes.intern(options.limit, options.name);
       const auto n = std::bit_ceil(std::max<std::size_t>(options.shards, 1));
       shard_bits = static_cast<unsigned>(std::countr_zero(n));
       shards = std::make_unique<shard[]>(n);
