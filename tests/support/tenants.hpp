@@ -14,6 +14,7 @@
 #include <boost/asio.hpp>
 #include <catch2/catch.hpp>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <functional>

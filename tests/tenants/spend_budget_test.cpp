@@ -220,3 +220,84 @@ TEST_CASE("a budget stage releases what an inner refusal never sent and charges 
   CHECK(cancelled.done);
   CHECK_FALSE(overall.fits("", 0.01));  // charged: it may have been sent
 }
+
+TEST_CASE("four threads reserving from one budget never pass it together",
+          "[budget][concurrency]") {
+  budget shared({.limit = 1.0, .per = weir::budget_scope::tenant});
+  std::atomic<int> admitted{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&] {
+      for (int i = 0; i < 2'000; ++i) {
+        auto r = shared.try_reserve("acme", 0.001);
+        if (!r) continue;
+        ++admitted;
+        if (i % 2) r->settle(0.001);  // the others settle their estimate when destroyed
+      }
+    });
+  for (auto& t : threads) t.join();
+  CHECK(admitted.load() == 1000);
+  const auto s = shared.status();
+  REQUIRE(s.size() == 1);
+  CHECK(s[0].spent <= 1.0 + 1e-9);
+  CHECK(s[0].reserved == Approx(0).margin(1e-9));
+}
+
+TEST_CASE("a fair queue shared by four threads admits each request exactly once",
+          "[request_queue][concurrency]") {
+  asio::io_context io(4);
+  weir::request_queue queue(io.get_executor(),
+                            {.max_concurrent = 3, .max_queued = 10'000, .fair_between_tenants = true});
+  std::atomic<int> admitted{0}, refused{0};
+  const std::array<std::string, 5> tenants{"a", "b", "c", "d", "e"};
+  for (int i = 0; i < 2'000; ++i)
+    asio::post(io, [&, i] {
+      queue.async_admit(weir::priority::normal, tenants[static_cast<std::size_t>(i) % 5],
+                        [&](weir::error_code ec, weir::permit p) {
+                          if (ec) return void(++refused);
+                          ++admitted;
+                          p.release();
+                        });
+    });
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) threads.emplace_back([&] { io.run(); });
+  for (auto& t : threads) t.join();
+  CHECK(admitted.load() == 2'000);
+  CHECK(refused.load() == 0);
+  CHECK(queue.in_flight() == 0);
+  CHECK(queue.queued() == 0);
+}
+
+TEST_CASE("keyed waits from four threads, some cancelled, leave each key exact",
+          "[keyed][concurrency]") {
+  asio::io_context io(4);
+  weir::keyed_limiter<> limits(io.get_executor(),
+                               {.limit = {.rate = weir::per_second(2'000), .burst = 5}});
+  std::atomic<int> admitted{0}, aborted{0};
+  // A wait and its cancellation run on one strand (a cancellation slot is not thread-safe);
+  // the four strands run on four threads.
+  std::vector<asio::strand<asio::io_context::executor_type>> strands;
+  for (int k = 0; k < 4; ++k) strands.push_back(asio::make_strand(io));
+  std::vector<std::unique_ptr<asio::cancellation_signal>> signals;
+  for (int i = 0; i < 400; ++i) signals.push_back(std::make_unique<asio::cancellation_signal>());
+  for (int i = 0; i < 400; ++i) {
+    auto& strand = strands[static_cast<std::size_t>(i % 4)];
+    auto& signal = *signals[static_cast<std::size_t>(i)];
+    asio::post(strand, [&, i] {
+      limits.async_acquire(
+          fmt::format("k{}", i % 4), 1,
+          asio::bind_cancellation_slot(
+              signal.slot(), asio::bind_executor(strand, [&](weir::error_code ec,
+                                                             std::chrono::nanoseconds) {
+                (ec ? aborted : admitted)++;
+              })));
+      if (i % 3 == 0)
+        asio::post(strand, [&] { signal.emit(asio::cancellation_type::terminal); });
+    });
+  }
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) threads.emplace_back([&] { io.run(); });
+  for (auto& t : threads) t.join();
+  CHECK(admitted.load() + aborted.load() == 400);
+  CHECK(admitted.load() >= 400 - 134);
+}
