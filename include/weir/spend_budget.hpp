@@ -168,6 +168,66 @@ inline weir::exception over_budget(std::string_view budget, std::string_view key
       when);
 }
 
+// The key a budget of `scope` charges a call under.
+inline std::string_view budget_key(budget_scope scope, std::string_view tenant,
+                                   std::string_view provider) noexcept {
+  switch (scope) {
+    case budget_scope::tenant: return tenant;
+    case budget_scope::provider: return provider;
+    case budget_scope::overall: break;
+  }
+  return {};
+}
+
+// What a budget's stages share (the local one reserves on entry, the Redis one waits for its
+// round trip): the reservation a call holds and how it ends. A call refused before it was sent
+// releases it; one that ended settles the actual cost (from call_context's actual tokens, else
+// the estimate); one unwound with no outcome (cancelled further out) is charged its estimate,
+// since it may have been sent.
+template <class Budget>
+class budget_stage_base {
+ public:
+  using clock_type = typename Budget::clock_type;
+
+  budget_stage_base(Budget budget, weir::price p, std::string provider)
+      : budget_(std::move(budget)), price_(p), provider_(std::move(provider)) {}
+
+  std::string_view name() const noexcept { return budget_.name(); }
+
+  struct slot {
+    std::optional<typename Budget::reservation> held;
+  };
+  static constexpr bool values_succeed = true;
+
+  template <class Outcome>
+  stage_action exit(slot& s, stage_context<clock_type>& context, const Outcome& result) {
+    auto held = std::exchange(s.held, std::nullopt);
+    if (!held) return {};
+    if (result.refused_locally()) {
+      held->release();
+      return {};
+    }
+    const auto estimated = context.call.estimated_usage();
+    const auto used = context.call.actual_usage(estimated);
+    held->settle(used == estimated ? held->amount() : price_.of(used));
+    return {};
+  }
+
+  void abandon(slot& s) { s.held.reset(); }
+
+ protected:
+  std::string_view key_of(const basic_call_context<clock_type>& call) const noexcept {
+    return budget_key(budget_.scope(), call.tenant, provider_);
+  }
+  double estimate_of(const basic_call_context<clock_type>& call) const noexcept {
+    return price_.of(call.estimated_usage());
+  }
+
+  Budget budget_;
+  weir::price price_;
+  std::string provider_;
+};
+
 // Checks what every spend budget's options must satisfy.
 inline void validate(const spend_budget_options& o) {
   if (!(o.limit >= 0) || !std::isfinite(o.limit))
@@ -273,12 +333,7 @@ class spend_budget {
 
   // The key a call is charged under: its tenant, the given provider, or none.
   std::string_view key_for(std::string_view tenant, std::string_view provider) const noexcept {
-    switch (scope()) {
-      case budget_scope::tenant: return tenant;
-      case budget_scope::provider: return provider;
-      case budget_scope::overall: break;
-    }
-    return {};
+    return detail::budget_key(scope(), tenant, provider);
   }
 
   // The budget as a pipeline stage for calls priced at `p` (and, for a per-provider budget,
@@ -489,54 +544,21 @@ class spend_budget {
   std::shared_ptr<state> state_;
 };
 
-// A spend budget in a pipeline: reserves the call's estimated cost at `price` on entry, settles
-// the actual cost (from call_context's actual tokens, else the estimate) when the call ends, and
-// releases the reservation when the call was refused before it was sent. A call unwound with no
-// outcome (cancelled further out) is charged its estimate: it may have been sent.
+// A spend budget in a pipeline: reserves the call's estimated cost at `price` on entry (see
+// detail::budget_stage_base for how the call settles).
 template <class Clock>
-class spend_budget_stage {
+class spend_budget_stage : public detail::budget_stage_base<spend_budget<Clock>> {
+  using base = detail::budget_stage_base<spend_budget<Clock>>;
+
  public:
-  using clock_type = Clock;
-
-  spend_budget_stage(spend_budget<Clock> budget, weir::price p, std::string provider)
-      : budget_(std::move(budget)), price_(p), provider_(std::move(provider)) {}
-
-  std::string_view name() const noexcept { return budget_.name(); }
-
-  struct slot {
-    std::optional<typename spend_budget<Clock>::reservation> held;
-  };
-  static constexpr bool values_succeed = true;
+  using base::base;
   static constexpr bool reads_clock = true;
 
-  bool try_enter(slot& s, stage_context<Clock>& context) {
-    const auto& call = context.call;
-    s.held.emplace(budget_.reserve(budget_.key_for(call.tenant, provider_),
-                                   price_.of(call.estimated_usage()), context.now));
+  bool try_enter(typename base::slot& s, stage_context<Clock>& context) {
+    s.held.emplace(this->budget_.reserve(this->key_of(context.call),
+                                         this->estimate_of(context.call), context.now));
     return true;
   }
-
-  template <class Outcome>
-  stage_action exit(slot& s, stage_context<Clock>& context, const Outcome& result) {
-    auto held = std::exchange(s.held, std::nullopt);
-    if (!held) return {};
-    if (result.refused_locally()) {
-      held->release();
-      return {};
-    }
-    const auto& call = context.call;
-    const auto estimated = call.estimated_usage();
-    const auto used = call.actual_usage(estimated);
-    held->settle(used == estimated ? held->amount() : price_.of(used));
-    return {};
-  }
-
-  void abandon(slot& s) { s.held.reset(); }
-
- private:
-  spend_budget<Clock> budget_;
-  weir::price price_;
-  std::string provider_;
 };
 
 // Appends the budgets' spend to `out` in the Prometheus text format: spent, reserved and limit

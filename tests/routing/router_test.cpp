@@ -462,3 +462,55 @@ TEST_CASE("a budget steers the router to a cheaper model, then refuses at once s
   CHECK(status[0].spent == Approx(0.010));
   CHECK(status[0].reserved == 0);
 }
+
+TEST_CASE("agents looping through the router cannot spend past a budget, however many at once",
+          "[routing][router][budget]") {
+  // 32 agents, each call estimated at 1000 input and 500 output tokens and reporting between
+  // 100 and 500 output tokens after 50–250 ms of virtual time; each agent stops at its first
+  // refusal. b-large is preferred while it fits, then a-small.
+  for (unsigned seed : {1u, 2u}) {
+    weir::testing::manual_clock::reset();
+    asio::io_context io;
+    weir::spend_budget<clock_type> overall({.name = "overall", .limit = 0.05});
+    options o = unpaced();
+    o.strategy = [](const weir::routing::basic_candidate<clock_type>& m) {
+      return -m.model.capability;
+    };
+    o.budgets = {overall};
+    o.usage_of = [](const fake_response& r) { return std::optional(r.usage); };
+    router_type r(io.get_executor(), two_models(), o);
+    std::mt19937 random(seed);
+    double billed = 0;
+    provider a, b;
+    for (auto* p : {&a, &b}) {
+      p->latency = std::chrono::milliseconds(50 + random() % 200);
+      p->script = [&](const weir::routing::model_spec& m, clock_type::time_point) {
+        const weir::token_usage used{.input_tokens = 1000, .output_tokens = 100 + random() % 401};
+        billed += m.cost(used.input_tokens, used.output_tokens);
+        return fake_response::ok(used);
+      };
+    }
+    r.connect("a", a.call<prompt>());
+    r.connect("b", b.call<prompt>());
+    int refused = 0;
+    auto agent = [&]() -> asio::awaitable<void> {
+      for (;;) {
+        try {
+          auto op = r.route(prompt{}, {.input_tokens = 1000, .output_tokens = 500});
+          co_await std::move(op);
+        } catch (const weir::exception& e) {
+          CHECK(e.code() == weir::error::over_budget);
+          ++refused;
+          co_return;
+        }
+      }
+    };
+    for (int i = 0; i < 32; ++i) asio::co_spawn(io, agent(), asio::detached);
+    advance<clock_type>(io, 60s);
+    CHECK(refused == 32);
+    CHECK(billed <= 0.05 + 1e-12);
+    CHECK(b.calls() > 0);
+    CHECK(a.calls() > 0);  // the cheaper model took what the dearer one no longer fit
+    CHECK(overall.status().at(0).spent == Approx(billed));
+  }
+}

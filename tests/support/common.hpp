@@ -8,11 +8,24 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/system/system_error.hpp>
 
+#include <chrono>
 #include <exception>
 #include <optional>
 #include <utility>
 
 namespace weir::testing {
+
+// Records how a limiter's acquisition completed.
+struct acquisition {
+  std::optional<weir::error_code> result;
+  std::chrono::nanoseconds waited{-1};
+  auto handler() {
+    return [this](weir::error_code ec, std::chrono::nanoseconds w) {
+      result = ec;
+      waited = w;
+    };
+  }
+};
 
 // Runs an awaitable as a coroutine and keeps how it ended.
 template <class T>

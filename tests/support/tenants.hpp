@@ -5,9 +5,9 @@
 #include "common.hpp"
 
 #include <weir/keyed_limiter.hpp>
-#include <weir/spend_budget.hpp>
 #include <weir/pipeline.hpp>
 #include <weir/request_queue.hpp>
+#include <weir/spend_budget.hpp>
 #include <weir/testing/manual_clock.hpp>
 
 #include <fmt/format.h>
@@ -30,16 +30,4 @@ using clock_type = weir::testing::manual_clock;
 using weir::testing::advance;
 using weir::testing::run_ready;
 
-namespace {
-// How an acquisition completed.
-struct keyed_acquisition {
-  std::optional<weir::error_code> result;
-  std::chrono::nanoseconds waited{-1};
-  auto handler() {
-    return [this](weir::error_code ec, std::chrono::nanoseconds w) {
-      result = ec;
-      waited = w;
-    };
-  }
-};
-}  // namespace
+using weir::testing::acquisition;

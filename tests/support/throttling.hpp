@@ -2,6 +2,8 @@
 // tests/CMakeLists.txt).
 #pragma once
 
+#include "common.hpp"
+
 #include <weir/pipeline.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
@@ -27,16 +29,4 @@ using bucket_type = weir::token_bucket<clock_type>;
 using weir::testing::advance;
 using weir::testing::run_ready;
 
-namespace {
-// Records how an acquisition completed.
-struct acquisition {
-  std::optional<weir::error_code> result;
-  std::chrono::nanoseconds waited{-1};
-  auto handler() {
-    return [this](weir::error_code ec, std::chrono::nanoseconds w) {
-      result = ec;
-      waited = w;
-    };
-  }
-};
-}  // namespace
+using weir::testing::acquisition;

@@ -92,7 +92,7 @@ TEST_CASE("async_acquire waits its key's turn, refuses past max_wait, gives back
   keyed limits(io.get_executor(), {.limit = {.rate = weir::per_second(1), .burst = 1}});
   REQUIRE(limits.try_acquire("a"));
 
-  keyed_acquisition first, refused, other;
+  acquisition first, refused, other;
   limits.async_acquire("a", 1, first.handler());
   limits.async_acquire("a", 1, 500ms, refused.handler());
   limits.async_acquire("b", 1, other.handler());
@@ -106,7 +106,7 @@ TEST_CASE("async_acquire waits its key's turn, refuses past max_wait, gives back
   CHECK(first.waited == 1s);
 
   // A wait cancelled half way returns its unit: the next caller is served when it would have been.
-  keyed_acquisition cancelled;
+  acquisition cancelled;
   asio::cancellation_signal signal;
   limits.async_acquire("a", 1, asio::bind_cancellation_slot(signal.slot(), cancelled.handler()));
   advance<clock_type>(io, 500ms);

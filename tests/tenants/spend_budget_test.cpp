@@ -246,8 +246,8 @@ TEST_CASE("four threads reserving from one budget never pass it together",
 TEST_CASE("a fair queue shared by four threads admits each request exactly once",
           "[request_queue][concurrency]") {
   asio::io_context io(4);
-  weir::request_queue queue(io.get_executor(),
-                            {.max_concurrent = 3, .max_queued = 10'000, .fair_between_tenants = true});
+  weir::request_queue queue(
+      io.get_executor(), {.max_concurrent = 3, .max_queued = 10'000, .fair_between_tenants = true});
   std::atomic<int> admitted{0}, refused{0};
   const std::array<std::string, 5> tenants{"a", "b", "c", "d", "e"};
   for (int i = 0; i < 2'000; ++i)
@@ -287,12 +287,11 @@ TEST_CASE("keyed waits from four threads, some cancelled, leave each key exact",
       limits.async_acquire(
           fmt::format("k{}", i % 4), 1,
           asio::bind_cancellation_slot(
-              signal.slot(), asio::bind_executor(strand, [&](weir::error_code ec,
-                                                             std::chrono::nanoseconds) {
+              signal.slot(),
+              asio::bind_executor(strand, [&](weir::error_code ec, std::chrono::nanoseconds) {
                 (ec ? aborted : admitted)++;
               })));
-      if (i % 3 == 0)
-        asio::post(strand, [&] { signal.emit(asio::cancellation_type::terminal); });
+      if (i % 3 == 0) asio::post(strand, [&] { signal.emit(asio::cancellation_type::terminal); });
     });
   }
   std::vector<std::thread> threads;

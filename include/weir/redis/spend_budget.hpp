@@ -167,12 +167,7 @@ class spend_budget {
   const std::string& name() const noexcept { return state_->options.name; }
   budget_scope scope() const noexcept { return state_->options.per; }
   std::string_view key_for(std::string_view tenant, std::string_view provider) const noexcept {
-    switch (scope()) {
-      case budget_scope::tenant: return tenant;
-      case budget_scope::provider: return provider;
-      case budget_scope::overall: break;
-    }
-    return {};
+    return weir::detail::budget_key(scope(), tenant, provider);
   }
 
   redis_budget_stage<Clock> stage(weir::price p, std::string provider = {}) const {
@@ -310,49 +305,19 @@ class spend_budget {
 // The shared budget in a pipeline: as weir::spend_budget's stage, with the reservation made in
 // Redis (every call waits one round trip) and settled in the background.
 template <class Clock>
-class redis_budget_stage {
+class redis_budget_stage : public weir::detail::budget_stage_base<spend_budget<Clock>> {
+  using base = weir::detail::budget_stage_base<spend_budget<Clock>>;
+
  public:
-  using clock_type = Clock;
+  using base::base;
 
-  redis_budget_stage(spend_budget<Clock> budget, weir::price p, std::string provider)
-      : budget_(std::move(budget)), price_(p), provider_(std::move(provider)) {}
+  bool try_enter(typename base::slot&, stage_context<Clock>&) { return false; }
 
-  std::string_view name() const noexcept { return budget_.name(); }
-
-  struct slot {
-    std::optional<typename spend_budget<Clock>::reservation> held;
-  };
-  static constexpr bool values_succeed = true;
-
-  bool try_enter(slot&, stage_context<Clock>&) { return false; }
-
-  boost::asio::awaitable<void> wait_enter(slot& s, stage_context<Clock>& context) {
-    const auto& call = context.call;
-    auto held = co_await budget_.reserve(std::string(budget_.key_for(call.tenant, provider_)),
-                                         price_.of(call.estimated_usage()));
+  boost::asio::awaitable<void> wait_enter(typename base::slot& s, stage_context<Clock>& context) {
+    auto held = co_await this->budget_.reserve(std::string(this->key_of(context.call)),
+                                               this->estimate_of(context.call));
     s.held.emplace(std::move(held));
   }
-
-  template <class Outcome>
-  stage_action exit(slot& s, stage_context<Clock>& context, const Outcome& result) {
-    auto held = std::exchange(s.held, std::nullopt);
-    if (!held) return {};
-    if (result.refused_locally()) {
-      held->release();
-      return {};
-    }
-    const auto estimated = context.call.estimated_usage();
-    const auto used = context.call.actual_usage(estimated);
-    held->settle(used == estimated ? held->amount() : price_.of(used));
-    return {};
-  }
-
-  void abandon(slot& s) { s.held.reset(); }
-
- private:
-  spend_budget<Clock> budget_;
-  weir::price price_;
-  std::string provider_;
 };
 
 }  // namespace weir::redis
