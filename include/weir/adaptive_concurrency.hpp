@@ -12,6 +12,7 @@
 #pragma once
 
 #include <weir/error.hpp>
+#include <weir/events.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/stage.hpp>
 
@@ -22,6 +23,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 
 namespace weir {
@@ -169,27 +171,36 @@ class adaptive_concurrency {
   std::size_t in_flight() const { return state_->queue.in_flight(); }
   const std::string& name() const noexcept { return state_->options.name; }
 
+  // A change of the limit in force.
+  struct change {
+    std::size_t from = 0;
+    std::size_t to = 0;
+    std::chrono::nanoseconds baseline{0};
+  };
+
   // A call was admitted: true when it is one of a probe's calls (pass it back when it ends).
   bool admitted() {
     std::lock_guard lock(state_->mutex);
     return state_->estimate.admit();
   }
   // What a call taught: its latency (from admission), or that it was dropped (a timeout, an
-  // overloaded server), or nothing (cancelled, refused before it was sent).
-  void record(std::chrono::nanoseconds latency, std::size_t in_flight_at_start, bool probe) {
+  // overloaded server), or nothing (cancelled, refused before it was sent). Says how the limit
+  // moved, if it did.
+  std::optional<change> record(std::chrono::nanoseconds latency, std::size_t in_flight_at_start,
+                               bool probe = false) {
     std::lock_guard lock(state_->mutex);
-    if (state_->estimate.sample(latency, in_flight_at_start, probe)) state_->apply();
+    return state_->apply(state_->estimate.sample(latency, in_flight_at_start, probe));
   }
-  void record_drop(bool probe) {
+  std::optional<change> record_drop(bool probe = false) {
     std::lock_guard lock(state_->mutex);
     bool changed = state_->estimate.drop();
     if (probe) changed |= state_->estimate.probe_lost();
-    if (changed) state_->apply();
+    return state_->apply(changed);
   }
-  void record_nothing(bool probe) {
-    if (!probe) return;
+  std::optional<change> record_nothing(bool probe) {
+    if (!probe) return std::nullopt;
     std::lock_guard lock(state_->mutex);
-    if (state_->estimate.probe_lost()) state_->apply();
+    return state_->apply(state_->estimate.probe_lost());
   }
 
   adaptive_concurrency_stage<Clock, Executor> stage() const {
@@ -222,8 +233,15 @@ class adaptive_concurrency {
       return o;
     }
 
-    // Under the mutex.
-    void apply() { queue.set_max_concurrent(static_cast<std::size_t>(estimate.limit())); }
+    // Under the mutex: the queue follows the estimate.
+    std::optional<change> apply(bool changed) {
+      if (!changed) return std::nullopt;
+      const auto from = queue.max_concurrent();
+      const auto to = static_cast<std::size_t>(estimate.limit());
+      if (from == to) return std::nullopt;
+      queue.set_max_concurrent(to);
+      return change{from, to, estimate.baseline()};
+    }
 
     const adaptive_concurrency_options options;
     basic_request_queue<Executor> queue;
@@ -274,12 +292,16 @@ class adaptive_concurrency_stage {
   template <class Outcome>
   stage_action exit(slot& s, stage_context<Clock>& context, const Outcome& result) {
     queue_.exit(s.held, context, result);
+    std::optional<typename adaptive_concurrency<Clock, Executor>::change> moved;
     if (result.reached_provider() && context.judged == verdict::success)
-      limit_.record(Clock::now() - s.admitted, s.in_flight, s.probe);
+      moved = limit_.record(Clock::now() - s.admitted, s.in_flight, s.probe);
     else if (result.reached_provider() && context.judged == verdict::retryable)
-      limit_.record_drop(s.probe);
+      moved = limit_.record_drop(s.probe);
     else
-      limit_.record_nothing(s.probe);
+      moved = limit_.record_nothing(s.probe);
+    if (moved && context.listening())
+      context.emit(concurrency_changed{context.call.operation, moved->from, moved->to,
+                                       moved->baseline, name()});
     return {};
   }
 

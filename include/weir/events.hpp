@@ -118,9 +118,20 @@ struct budget_alert {
   double limit = 0;            // USD
 };
 
-using event = std::variant<attempt_started, attempt_succeeded, attempt_failed, retry_scheduled,
-                           throttled, rejected, server_rate_limited, breaker_changed, route_chosen,
-                           provider_cooling, route_fallback, fleet_connection, budget_alert>;
+// An adaptive concurrency limit moved (a window's latency against the no-load one, a drop, or a
+// probe of the no-load latency starting or ending).
+struct concurrency_changed {
+  std::string_view operation;
+  std::size_t from = 0;
+  std::size_t to = 0;
+  std::chrono::nanoseconds baseline{0};  // the no-load latency it compares with
+  std::string_view policy{};
+};
+
+using event =
+    std::variant<attempt_started, attempt_succeeded, attempt_failed, retry_scheduled, throttled,
+                 rejected, server_rate_limited, breaker_changed, route_chosen, provider_cooling,
+                 route_fallback, fleet_connection, budget_alert, concurrency_changed>;
 
 // Any callable taking the event; empty means nobody is listening.
 using observer = std::function<void(const event&)>;
@@ -230,6 +241,10 @@ struct fmt::formatter<weir::event> {
                                     v.provider, v.model, weir::detail::milliseconds(v.duration));
             return fmt::format_to(ctx.out(), "{}: provider {} cooling down for {:.1f} ms", op,
                                   v.provider, weir::detail::milliseconds(v.duration));
+          } else if constexpr (std::is_same_v<T, concurrency_changed>) {
+            return fmt::format_to(ctx.out(), "{}: concurrency limit {} -> {} (no-load {:.1f} ms){}",
+                                  op, v.from, v.to, weir::detail::milliseconds(v.baseline),
+                                  by(v.policy));
           } else if constexpr (std::is_same_v<T, budget_alert>) {
             return fmt::format_to(ctx.out(), "budget {}{}{}: ${:.4f} of ${:.2f} spent ({:.0f}%)",
                                   v.budget, v.key.empty() ? "" : " for ", v.key, v.spent, v.limit,

@@ -81,3 +81,123 @@ TEST_CASE("an adaptive limit finds a model server's capacity without queueing at
       CHECK(f.p99 <= 2 * 460ms);
     }
 }
+
+namespace {
+using adaptive_type = weir::adaptive_concurrency<clock_type>;
+
+// Feeds whole windows of calls that took `latency` with the limit's worth in flight.
+void windows(adaptive_type& a, int n, std::chrono::nanoseconds latency, double busy = 1.0) {
+  for (int w = 0; w < n; ++w) {
+    const auto in_flight = static_cast<std::size_t>(static_cast<double>(a.limit()) * busy);
+    const auto size = std::max<std::size_t>(16, 2 * a.limit());
+    for (std::size_t i = 0; i < size; ++i) a.record(latency, in_flight);
+  }
+}
+}  // namespace
+
+TEST_CASE("the limit grows while latency stays at the no-load latency, up to max_limit",
+          "[adaptive_concurrency]") {
+  asio::io_context io;
+  adaptive_type a(io.get_executor(), {.initial_limit = 4, .max_limit = 12, .probe_every = 1'000});
+  windows(a, 1, 100ms);  // the first window sets the no-load latency
+  const auto before = a.limit();
+  windows(a, 10, 100ms);
+  CHECK(a.limit() > before);
+  windows(a, 200, 100ms);
+  CHECK(a.limit() == 12);
+}
+
+TEST_CASE("the limit comes down when latency rises, to min_limit at most, and recovers",
+          "[adaptive_concurrency]") {
+  asio::io_context io;
+  adaptive_type a(io.get_executor(), {.initial_limit = 40, .min_limit = 6, .probe_every = 1'000});
+  windows(a, 1, 100ms);
+  windows(a, 5, 300ms);  // three times slower: queueing
+  const auto after_rise = a.limit();
+  CHECK(after_rise < 40);
+  windows(a, 100, 300ms);  // the ratio alone would settle at 4 (headroom over half)
+  CHECK(a.limit() == 6);
+  windows(a, 100, 100ms);  // back to the no-load latency
+  CHECK(a.limit() > 10);
+}
+
+TEST_CASE("no growth without the load to show it; a drop backs off at once",
+          "[adaptive_concurrency]") {
+  asio::io_context io;
+  adaptive_type a(io.get_executor(), {.initial_limit = 20, .probe_every = 1'000});
+  windows(a, 1, 100ms);
+  windows(a, 50, 100ms, 0.25);  // a quarter of the limit in flight: nothing learned
+  CHECK(a.limit() == 20);
+  const auto moved = a.record_drop();
+  REQUIRE(moved);
+  CHECK(moved->from == 20);
+  CHECK(moved->to == 18);
+  CHECK(a.limit() == 18);
+}
+
+TEST_CASE("a probe at half the limit measures the no-load latency afresh",
+          "[adaptive_concurrency]") {
+  asio::io_context io;
+  adaptive_type a(io.get_executor(), {.initial_limit = 10, .probe_every = 2});
+  windows(a, 1, 100ms);
+  CHECK(a.baseline() == 100ms);
+  windows(a, 1, 100ms);  // the second window starts a probe
+  CHECK(a.limit() == 5);
+  // The server became slower for good: the probe's 32 calls take 200 ms.
+  for (int i = 0; i < 32; ++i) a.record(200ms, 4, a.admitted());
+  CHECK(a.baseline() == 150ms);  // half way to the probe's mean
+  CHECK(a.limit() >= 10);
+}
+
+TEST_CASE("an adaptive limit's options are checked", "[adaptive_concurrency]") {
+  asio::io_context io;
+  auto invalid = [&](weir::adaptive_concurrency_options o) {
+    try {
+      adaptive_type a(io.get_executor(), std::move(o));
+    } catch (const weir::exception& e) {
+      return e.code() == weir::error::invalid_argument;
+    }
+    return false;
+  };
+  CHECK(invalid({.min_limit = 0}));
+  CHECK(invalid({.initial_limit = 300}));
+  CHECK(invalid({.min_limit = 8, .max_limit = 4}));
+  CHECK(invalid({.smoothing = 0}));
+}
+
+TEST_CASE("in a pipeline the limit's changes are events and a Prometheus gauge",
+          "[adaptive_concurrency]") {
+  asio::io_context io;
+  server_type server(io.get_executor(),
+                     {.workers = 4, .service = weir::testing::fixed_service(100ms)});
+  weir::adaptive_concurrency<clock_type> adaptive(io.get_executor(),
+                                                  {.initial_limit = 1, .name = "vllm"});
+  weir::metrics seen("self-hosted");
+  std::vector<std::string> lines;
+  auto guarded = weir::pipeline(
+      weir::pipeline_options{
+          .watch = weir::fan_out(seen.observer(),
+                                 [&](const weir::event& e) {
+                                   if (std::holds_alternative<weir::concurrency_changed>(e))
+                                     lines.push_back(fmt::format("{}", e));
+                                 })},
+      adaptive);
+  for (int c = 0; c < 16; ++c)
+    asio::co_spawn(
+        io,
+        [&]() -> asio::awaitable<void> {
+          for (int i = 0; i < 50; ++i) {
+            weir::basic_call_context<clock_type> ctx{.operation = "chat"};
+            co_await guarded(ctx, [&] { return server.serve(); });
+          }
+        },
+        asio::detached);
+  advance<clock_type>(io, 120s);
+  REQUIRE_FALSE(lines.empty());
+  CHECK(lines.front() == "chat: concurrency limit 1 -> 2 (no-load 100.0 ms) by vllm");
+  std::string page;
+  weir::write_prometheus(page, {&seen});
+  CHECK_THAT(page, Catch::Matchers::Contains(fmt::format(
+                       "weir_concurrency_limit{{pipeline=\"self-hosted\",policy=\"vllm\"}} {}",
+                       adaptive.limit())));
+}

@@ -3,6 +3,7 @@
 
 #include "common.hpp"
 
+#include <weir/metrics.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/testing/manual_clock.hpp>
 #include <weir/testing/model_server.hpp>
