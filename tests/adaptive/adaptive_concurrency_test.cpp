@@ -201,3 +201,46 @@ TEST_CASE("in a pipeline the limit's changes are events and a Prometheus gauge",
                        "weir_concurrency_limit{{pipeline=\"self-hosted\",policy=\"vllm\"}} {}",
                        adaptive.limit())));
 }
+
+TEST_CASE("under the router, a self-hosted model's calls go through the adaptive limit",
+          "[adaptive_concurrency][routing]") {
+  using response = weir::testing::fake_response;
+  struct ask {};
+  asio::io_context io;
+  server_type server(io.get_executor(),
+                     {.workers = 4, .service = weir::testing::exponential_service(100ms)});
+  weir::adaptive_concurrency<clock_type> adaptive(io.get_executor(), {.initial_limit = 1});
+  auto guarded = weir::pipeline(adaptive);
+  weir::routing::catalog models;
+  models.add(weir::routing::model_spec{.provider = "local", .id = "llama", .capability = 5});
+  weir::routing::basic_router_options<response, clock_type, weir::testing::fake_classifier> o;
+  o.adaptation.reset();
+  weir::routing::router<ask, response, clock_type, weir::testing::fake_classifier> r(
+      io.get_executor(), models, o);
+  r.connect("local",
+            [&](const weir::routing::model_spec&, const ask&) -> asio::awaitable<response> {
+              weir::basic_call_context<clock_type> ctx{.operation = "generate"};
+              const unsigned status = co_await guarded(ctx, [&] { return server.serve(); });
+              co_return response{.status = status};
+            });
+  int answered = 0;
+  for (int c = 0; c < 32; ++c)
+    asio::co_spawn(
+        io,
+        [&]() -> asio::awaitable<void> {
+          while (clock_type::now() < weir::testing::manual_clock::start_time + 60s) {
+            auto op = r.route(ask{}, {.input_tokens = 100});
+            co_await std::move(op);
+            ++answered;
+          }
+        },
+        asio::detached);
+  advance<clock_type>(io, 65s);
+  const auto s = server.stats();
+  // 4 workers of 100 ms for 60 s: 2400 at capacity; the limit found them and queued little.
+  CHECK(s.served >= 2'000);
+  CHECK(answered == static_cast<int>(s.served));
+  CHECK(adaptive.limit() >= 2);  // half the limit during a probe
+  CHECK(adaptive.limit() <= 10);
+  CHECK(s.longest_queue <= 8);  // the 32 routes waited here, not at the server
+}

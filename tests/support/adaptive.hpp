@@ -5,6 +5,8 @@
 
 #include <weir/metrics.hpp>
 #include <weir/request_queue.hpp>
+#include <weir/routing/router.hpp>
+#include <weir/testing/fake_provider.hpp>
 #include <weir/testing/manual_clock.hpp>
 #include <weir/testing/model_server.hpp>
 
