@@ -49,6 +49,10 @@ struct adaptive_concurrency_options {
   // looks (Gradient2's queue size). Small, so that the probe at half the limit stays under the
   // server's own concurrency.
   double headroom = 2;
+  // Until the first window whose latency shows a queue (or the first drop), the limit doubles
+  // each window, as TCP's slow start: otherwise a limit that starts far below a large server's
+  // grows by only smoothing × headroom calls a window.
+  bool slow_start = true;
   std::string name = "adaptive_concurrency";
 };
 
@@ -87,15 +91,46 @@ class gradient_estimate {
     if (count_ < std::max(options_.min_window, static_cast<std::size_t>(2 * limit_))) return false;
     const double mean = sum_ / static_cast<double>(count_);
     const bool app_limited = static_cast<double>(busiest_) < limit_ / 2;
+    const auto busiest_at_end = busiest_;
     sum_ = 0;
     count_ = 0;
     busiest_ = 0;
     const auto before = static_cast<std::size_t>(limit());
     if (baseline_ == 0) baseline_ = mean;
+    if (slow_start_) {
+      if (baseline_ / mean >= slow_start_exit) {
+        // Only a limit that was reached doubles (as TCP's congestion window validation): one
+        // that was not says nothing of what the server takes.
+        if (busiest_at_end >= static_cast<std::size_t>(limit_)) set(limit_ * 2);
+        return after_window(before);
+      }
+      slow_start_ = false;  // the queue has shown: from here on the gradient steers
+    }
     const double gradient = std::clamp(options_.latency_tolerance * baseline_ / mean, 0.5, 1.0);
     double target = limit_ * gradient + options_.headroom;
     if (app_limited) target = std::min(target, limit_);  // no growth without the load to show it
     set(limit_ * (1 - options_.smoothing) + target * options_.smoothing);
+    return after_window(before);
+  }
+
+  // A probe call that ended without a latency to count (failed, cancelled, refused).
+  bool probe_lost() { return probing_ && probe_ended(-1); }
+
+  // A call that timed out or that the server refused as overloaded: back off at once.
+  bool drop() {
+    slow_start_ = false;
+    const auto before = static_cast<std::size_t>(limit());
+    set(limit_ * 0.9);
+    return static_cast<std::size_t>(limit()) != before;
+  }
+
+ private:
+  // A window's mean at least this fraction of the baseline's speed is no queue yet: a 16-sample
+  // mean of exponential service times strays by a quarter either way.
+  static constexpr double slow_start_exit = 0.75;
+
+  // Every probe_every windows a probe begins. True when the limit in force changed.
+  bool after_window(std::size_t before) {
     if (++windows_ % options_.probe_every == 0) {
       probing_ = true;
       probe_admitted_ = probe_ended_ = 0;
@@ -104,17 +139,6 @@ class gradient_estimate {
     return static_cast<std::size_t>(limit()) != before;
   }
 
-  // A probe call that ended without a latency to count (failed, cancelled, refused).
-  bool probe_lost() { return probing_ && probe_ended(-1); }
-
-  // A call that timed out or that the server refused as overloaded: back off at once.
-  bool drop() {
-    const auto before = static_cast<std::size_t>(limit());
-    set(limit_ * 0.9);
-    return static_cast<std::size_t>(limit()) != before;
-  }
-
- private:
   // One of the probe's calls ended (a latency, or -1 for none); when the last has, the probe's
   // mean becomes the baseline and the limit returns.
   bool probe_ended(double latency) {
@@ -137,6 +161,7 @@ class gradient_estimate {
 
   adaptive_concurrency_options options_;
   double limit_;
+  bool slow_start_ = options_.slow_start;
   double sum_ = 0;
   std::size_t count_ = 0;
   std::size_t busiest_ = 0;
@@ -169,6 +194,7 @@ class adaptive_concurrency {
     return state_->estimate.baseline();
   }
   std::size_t in_flight() const { return state_->queue.in_flight(); }
+  std::size_t queued() const { return state_->queue.queued(); }
   const std::string& name() const noexcept { return state_->options.name; }
 
   // A change of the limit in force.

@@ -99,6 +99,7 @@ struct route_fallback {
   std::string_view model;
   verdict cause = verdict::retryable;
   bool context_exceeded = false;  // the request did not fit; a larger context window is needed
+  bool refused_locally = false;   // the model's own stages had no room (queue full, budget spent)
 };
 
 // The router lost (or found again) the fleet it shares what it learns with: while it is lost,
@@ -258,6 +259,9 @@ struct fmt::formatter<weir::event> {
             if (v.context_exceeded)
               return fmt::format_to(ctx.out(),
                                     "{}: {}/{} context window too small, trying a larger one", op,
+                                    v.provider, v.model);
+            if (v.refused_locally)
+              return fmt::format_to(ctx.out(), "{}: {}/{} has no room here, falling back", op,
                                     v.provider, v.model);
             return fmt::format_to(ctx.out(), "{}: {}/{} failed ({}), falling back", op, v.provider,
                                   v.model, v.cause);

@@ -107,10 +107,33 @@ TEST_CASE("the limit grows while latency stays at the no-load latency, up to max
   CHECK(a.limit() == 12);
 }
 
+TEST_CASE("slow start doubles the limit each window until a queue shows, then the gradient steers",
+          "[adaptive_concurrency]") {
+  asio::io_context io;
+  adaptive_type a(io.get_executor(), {.initial_limit = 2, .probe_every = 1'000});
+  windows(a, 1, 100ms);  // sets the no-load latency, and no queue: 4
+  CHECK(a.limit() == 4);
+  windows(a, 3, 120ms);  // a fifth slower is noise, not a queue yet
+  CHECK(a.limit() == 32);
+  windows(a, 1, 100ms, 0.25);  // no growth without the load to show it
+  CHECK(a.limit() == 32);
+  windows(a, 1, 200ms);  // half the speed: 32 × 0.8 + (32 × 0.5 + 2) × 0.2 = 29.2
+  CHECK(a.limit() == 29);
+  windows(a, 1, 100ms);  // slow start is over: growth by smoothing × headroom, 29.6
+  CHECK(a.limit() == 29);
+  adaptive_type dropped(io.get_executor(), {.initial_limit = 8});
+  dropped.record_drop();  // a drop ends slow start too
+  windows(dropped, 1, 100ms);
+  CHECK(dropped.limit() == 7);
+}
+
 TEST_CASE("the limit comes down when latency rises, to min_limit at most, and recovers",
           "[adaptive_concurrency]") {
   asio::io_context io;
-  adaptive_type a(io.get_executor(), {.initial_limit = 40, .min_limit = 6, .probe_every = 1'000});
+  adaptive_type a(io.get_executor(), {.initial_limit = 40,
+                                      .min_limit = 6,
+                                      .probe_every = 1'000,
+                                      .slow_start = false});
   windows(a, 1, 100ms);
   windows(a, 5, 300ms);  // three times slower: queueing
   const auto after_rise = a.limit();
@@ -124,7 +147,8 @@ TEST_CASE("the limit comes down when latency rises, to min_limit at most, and re
 TEST_CASE("no growth without the load to show it; a drop backs off at once",
           "[adaptive_concurrency]") {
   asio::io_context io;
-  adaptive_type a(io.get_executor(), {.initial_limit = 20, .probe_every = 1'000});
+  adaptive_type a(io.get_executor(),
+                  {.initial_limit = 20, .probe_every = 1'000, .slow_start = false});
   windows(a, 1, 100ms);
   windows(a, 50, 100ms, 0.25);  // a quarter of the limit in flight: nothing learned
   CHECK(a.limit() == 20);
@@ -138,7 +162,7 @@ TEST_CASE("no growth without the load to show it; a drop backs off at once",
 TEST_CASE("a probe at half the limit measures the no-load latency afresh",
           "[adaptive_concurrency]") {
   asio::io_context io;
-  adaptive_type a(io.get_executor(), {.initial_limit = 10, .probe_every = 2});
+  adaptive_type a(io.get_executor(), {.initial_limit = 10, .probe_every = 2, .slow_start = false});
   windows(a, 1, 100ms);
   CHECK(a.baseline() == 100ms);
   windows(a, 1, 100ms);  // the second window starts a probe

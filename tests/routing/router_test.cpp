@@ -33,6 +33,34 @@ TEST_CASE("the cheapest capable model is chosen, and capability and context filt
   CHECK(a.calls() + b.calls() == 4);
 }
 
+TEST_CASE("a model whose own queue is full is passed over for the request, not failed",
+          "[routing][router]") {
+  asio::io_context io;
+  std::vector<std::string> seen;
+  options o = unpaced();
+  o.watch = [&](const weir::event& e) { seen.push_back(fmt::format("{}", e)); };
+  router_type r(io.get_executor(), two_models(), o);
+  int refused = 0;
+  r.connect("a",
+            [&](const weir::routing::model_spec&, const prompt&) -> asio::awaitable<fake_response> {
+              ++refused;
+              throw weir::exception::refusal(weir::error::queue_full, "request_queue");
+              co_return fake_response::ok();
+            });
+  provider b;
+  r.connect("b", b.call<prompt>());
+  auto spilled = route_now(io, r);
+  REQUIRE(spilled.value);
+  CHECK(spilled.value->route.model == "b-large");
+  CHECK(spilled.value->route.attempts == 2);
+  CHECK(refused == 1);
+  CHECK(std::find(seen.begin(), seen.end(), "call: a/a-small has no room here, falling back") !=
+        seen.end());
+  // The breaker counted nothing against a: the next request tries it first again.
+  route_now(io, r);
+  CHECK(refused == 2);
+}
+
 TEST_CASE("a 429 saying the quota is spent for 20 s sends the next 20 s to b, then back to a",
           "[routing][router]") {
   asio::io_context io;

@@ -598,7 +598,7 @@ class router {
     auto& m = *s.models[i];
     auto& p = *s.providers[m.provider];
     const auto& spec = *m.spec;
-    bool context_exceeded = false;
+    bool context_exceeded = false, refused_locally = false;
     switch (judged.kind) {
       case verdict::success: return false;
       case verdict::rate_limited:
@@ -623,6 +623,13 @@ class router {
         break;
       case verdict::retryable: route.tried()[i] = 1; break;
       case verdict::fatal:
+        if (result.refused_locally()) {
+          // The model's own stages turned the call away before sending (its queue is full, its
+          // budget spent): this model has no room for the request now, another may.
+          route.tried()[i] = 1;
+          refused_locally = true;
+          break;
+        }
         if (result.cancelled() || !s.options.context_exceeded ||
             !s.options.context_exceeded(result))
           return false;
@@ -632,7 +639,8 @@ class router {
         context_exceeded = true;
         break;
     }
-    s.emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind, context_exceeded});
+    s.emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind, context_exceeded,
+                          refused_locally});
     route.last_failure = failure_of(result, spec, judged);
     return true;
   }
