@@ -173,8 +173,8 @@ const char* breaker_name(weir::breaker_state s) {
 
 // Where the live view reads what the run has learned, and what the local servers hold.
 struct live_sources {
-  demo::status_source status;                                      // weir's router, if any
-  demo::concurrency_source concurrency;                            // weir's learned limits
+  demo::status_source status;                                     // weir's router, if any
+  demo::concurrency_source concurrency;                           // weir's learned limits
   std::function<std::size_t(const std::string&)> server_waiting;  // a self-hosted server's queue
   std::map<std::string, std::size_t> workers;                     // of each self-hosted server
   std::map<std::string, double> capacity;  // requests/s with all of a server's workers busy
@@ -224,11 +224,11 @@ std::vector<std::string> view(const std::string& mode, const demo::progress& liv
       if (auto l = learned.find(name); l != learned.end())
         limit = fmt::format("in flight {:>2} of a learned {:>2}, {} waiting here",
                             l->second.in_flight, l->second.limit, l->second.queued);
-      lines.push_back(fmt::format(
-          "  {:<10} {:5.1f}/s of ~{:4.1f}/s [{}] {:3.0f}%  sent {:>4}  {} workers: {}; "
-          "{} waiting there",
-          name, rate, capacity, bar(use, 20), use * 100, t.sent, workers->second, limit,
-          sources.server_waiting ? sources.server_waiting(name) : 0));
+      lines.push_back(
+          fmt::format("  {:<10} {:5.1f}/s of ~{:4.1f}/s [{}] {:3.0f}%  sent {:>4}  {} workers: {}; "
+                      "{} waiting there",
+                      name, rate, capacity, bar(use, 20), use * 100, t.sent, workers->second, limit,
+                      sources.server_waiting ? sources.server_waiting(name) : 0));
       continue;
     }
     const double limit = limits.contains(name) ? limits[name] : t.limit_per_second;
@@ -428,20 +428,21 @@ int main(int argc, char** argv) {
   if (s.base_url.empty()) {
     fleet = demo::default_fleet();
     if (s.self_hosted) fleet.push_back(demo::self_hosted_provider());
-    fmt::print("weir-demo: {} requests at concurrency {} against {} local providers:\n",
-               s.requests, s.concurrency, s.self_hosted ? "four" : "three");
+    fmt::print("weir-demo: {} requests at concurrency {} against {} local providers:\n", s.requests,
+               s.concurrency, s.self_hosted ? "four" : "three");
     for (const auto& p : fleet)
       for (const auto& m : p.models)
         if (p.workers > 0)
-          fmt::print("  {:<10} {:<14} capability {:.0f}  self-hosted, free: {} workers, no rate "
-                     "limit, latency grows with its queue\n",
-                     p.name, m.id, m.capability, p.workers);
+          fmt::print(
+              "  {:<10} {:<14} capability {:.0f}  self-hosted, free: {} workers, no rate "
+              "limit, latency grows with its queue\n",
+              p.name, m.id, m.capability, p.workers);
         else
           fmt::print(
-            "  {:<10} {:<14} capability {:.0f}  ${:>5.2f}/${:>5.2f} per M tokens  "
-            "{:>4.0f} req/min {:>7.0f} tokens/min\n",
-            p.name, m.id, m.capability, m.input_price, m.output_price, m.requests_per_minute,
-            m.tokens_per_minute);
+              "  {:<10} {:<14} capability {:.0f}  ${:>5.2f}/${:>5.2f} per M tokens  "
+              "{:>4.0f} req/min {:>7.0f} tokens/min\n",
+              p.name, m.id, m.capability, m.input_price, m.output_price, m.requests_per_minute,
+              m.tokens_per_minute);
   } else {
     std::string key;
     if (!s.api_key_env.empty()) {

@@ -130,10 +130,8 @@ TEST_CASE("slow start doubles the limit each window until a queue shows, then th
 TEST_CASE("the limit comes down when latency rises, to min_limit at most, and recovers",
           "[adaptive_concurrency]") {
   asio::io_context io;
-  adaptive_type a(io.get_executor(), {.initial_limit = 40,
-                                      .min_limit = 6,
-                                      .probe_every = 1'000,
-                                      .slow_start = false});
+  adaptive_type a(io.get_executor(),
+                  {.initial_limit = 40, .min_limit = 6, .probe_every = 1'000, .slow_start = false});
   windows(a, 1, 100ms);
   windows(a, 5, 300ms);  // three times slower: queueing
   const auto after_rise = a.limit();
@@ -267,4 +265,59 @@ TEST_CASE("under the router, a self-hosted model's calls go through the adaptive
   CHECK(adaptive.limit() >= 2);  // half the limit during a probe
   CHECK(adaptive.limit() <= 10);
   CHECK(s.longest_queue <= 8);  // the 32 routes waited here, not at the server
+}
+
+namespace {
+// A call that yields to the executor a few times, counting how many run at once.
+asio::awaitable<int> yielding_call(std::atomic<int>& running, std::atomic<int>& most) {
+  const int now = ++running;
+  for (int seen = most.load(); now > seen && !most.compare_exchange_weak(seen, now);) {
+  }
+  for (int i = 0; i < 3; ++i)
+    co_await asio::post(co_await asio::this_coro::executor, asio::use_awaitable);
+  --running;
+  co_return 1;
+}
+}  // namespace
+
+TEST_CASE("an adaptive limit shared by four threads admits each call once, within its bounds",
+          "[adaptive_concurrency][concurrency]") {
+  asio::io_context io(4);
+  weir::adaptive_concurrency<> adaptive(
+      io.get_executor(),
+      {.initial_limit = 2, .max_limit = 6, .max_queued = 10'000, .min_window = 4});
+  std::atomic<int> changes{0};
+  auto guarded = weir::pipeline(
+      weir::pipeline_options{.watch =
+                                 [&](const weir::event& e) {
+                                   if (std::holds_alternative<weir::concurrency_changed>(e))
+                                     ++changes;
+                                 }},
+      adaptive);
+  std::atomic<int> running{0}, most{0}, answered{0}, failed{0};
+  for (int c = 0; c < 64; ++c)
+    asio::co_spawn(
+        io,
+        [&]() -> asio::awaitable<void> {
+          for (int i = 0; i < 50; ++i) {
+            weir::call_context ctx{.operation = "chat"};
+            try {
+              co_await guarded(ctx, [&] { return yielding_call(running, most); });
+              ++answered;
+            } catch (const std::exception&) {
+              ++failed;
+            }
+          }
+        },
+        asio::detached);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) threads.emplace_back([&] { io.run(); });
+  for (auto& t : threads) t.join();
+  CHECK(answered.load() == 64 * 50);
+  CHECK(failed.load() == 0);
+  CHECK(most.load() <= 6);  // never past max_limit
+  CHECK(adaptive.in_flight() == 0);
+  CHECK(adaptive.queued() == 0);
+  CHECK(adaptive.limit() >= 1);
+  CHECK(adaptive.limit() <= 6);
 }

@@ -480,6 +480,11 @@ TEST_CASE("a budget steers the router to a cheaper model, then refuses at once s
   CHECK(std::find(seen.begin(), seen.end(),
                   "call: rejected (over budget) by router, retry after 28800000.0 ms") !=
         seen.end());
+  // A request no model could ever take is no provider's, not over budget.
+  auto impossible =
+      route_now(io, r, {.input_tokens = 1000, .min_capability = 100, .tenant = "acme"});
+  REQUIRE(impossible.error);
+  CHECK(impossible.error->code() == weir::error::no_provider_available);
   // Another tenant has its own budget.
   auto other = route_now(io, r, {.input_tokens = 1000, .tenant = "globex"});
   REQUIRE(other.value);

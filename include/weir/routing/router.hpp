@@ -434,7 +434,9 @@ class router {
     out.room.reset();
     bool any = false;
     for (std::size_t i = 0; i < s.models.size(); ++i) {
-      if (tried[i]) continue;
+      // A model that could never take the request is not "over budget": with no model that
+      // could, the request is no provider's, whatever the budgets.
+      if (tried[i] || !fits(s.models[i]->view(), c, route.min_context)) continue;
       const auto& spec = *s.models[i]->spec;
       const double cost = spec.cost(c.input_tokens, c.output_tokens);
       for (const auto& b : s.options.budgets) {
@@ -504,24 +506,21 @@ class router {
                                           const route_progress& route, time_point now) {
     auto& m = *s.models[i];
     auto& p = *s.providers[m.provider];
-    const auto unreserve = [&] {
-      if (m.limits) m.limits->settle(route.estimate, usage{.requests = 0}, now);
-    };
     if (!p.call) {
-      unreserve();
+      m.unreserve(route.estimate, now);
       throw weir::exception(error::invalid_argument,
                             fmt::format("router: provider {} is not connected", m.spec->provider));
     }
     const auto& budget = s.options.fallback_budget;
     if (route.record.attempts > 0 && budget && !budget->try_withdraw()) {
-      unreserve();
+      m.unreserve(route.estimate, now);
       s.emit(rejected{c.operation, rejection::budget_exhausted, {}, "router"});
       throw weir::exception(error::budget_exhausted, "router: the fallback budget is spent", {},
                             route.last_failure, route.record.attempts);
     }
     auto ticket = p.breaker.try_admit();
     if (!ticket.admitted) {
-      unreserve();
+      m.unreserve(route.estimate, now);
       return std::nullopt;
     }
     return ticket;
