@@ -18,9 +18,7 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cmath>
 #include <cstdint>
-#include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -37,13 +35,12 @@ struct adaptive_concurrency_options {
   double smoothing = 0.2;  // the weight of each new estimate
   // Latency samples per estimate: at least this many, and at least twice the limit.
   std::size_t min_window = 16;
-  // The no-load latency is the lowest window mean seen, measured afresh every this many windows
-  // by one window at half the limit (as BBR probes its minimum RTT), so that it follows a server
-  // that became slower for good but never drifts up with the queue it is there to detect.
+  // The no-load latency is the first window's mean, measured afresh every this many windows by a
+  // probe at half the limit (as BBR probes its minimum RTT), so that it follows a server that
+  // became slower for good but never drifts up with the queue it is there to detect.
   std::size_t probe_every = 30;
   // How much slower than the no-load latency a window's mean may be before the limit comes down
-  // (as Envoy's buffer): the baseline is the lowest of noisy window means, so it sits below the
-  // true no-load latency; without slack the limit would settle under the server's capacity.
+  // (as Envoy's buffer), as a factor: 1 tolerates none; 1.2 lets a fifth of queueing pass.
   double latency_tolerance = 1.0;
   // Calls the estimate adds on top of what the latency ratio allows: how far past the knee it
   // looks (Gradient2's queue size). Small, so that the probe at half the limit stays under the
@@ -72,8 +69,8 @@ class gradient_estimate {
     return std::chrono::nanoseconds(static_cast<std::int64_t>(baseline_));
   }
 
-  // A call is admitted: whether it is one of the probe's (the first min_window admitted under
-  // it; their mean, once every one of them has ended, is the new baseline: a probe that ended at
+  // A call is admitted: whether it is one of the probe's (the first 2 × min_window admitted
+  // under it; their mean, once every one of them has ended, is the new baseline: a probe that ended at
   // its first completions would keep the short calls and miss the long ones).
   bool admit() {
     if (!probing_ || probe_admitted_ == 2 * options_.min_window) return false;
@@ -116,7 +113,7 @@ class gradient_estimate {
   // A probe call that ended without a latency to count (failed, cancelled, refused).
   bool probe_lost() { return probing_ && probe_ended(-1); }
 
-  // A call that timed out or that the server refused as overloaded: back off at once.
+  // A call that failed in a way worth retrying (a timeout, a 5xx, a reset): back off at once.
   bool drop() {
     slow_start_ = false;
     const auto before = static_cast<std::size_t>(limit());

@@ -37,9 +37,7 @@ TEST_CASE("a model whose own queue is full is passed over for the request, not f
           "[routing][router]") {
   asio::io_context io;
   std::vector<std::string> seen;
-  options o = unpaced();
-  o.watch = [&](const weir::event& e) { seen.push_back(fmt::format("{}", e)); };
-  router_type r(io.get_executor(), two_models(), o);
+  router_type r(io.get_executor(), two_models(), unpaced_recording(seen));
   int refused = 0;
   r.connect("a",
             [&](const weir::routing::model_spec&, const prompt&) -> asio::awaitable<fake_response> {
@@ -65,9 +63,7 @@ TEST_CASE("a 429 saying the quota is spent for 20 s sends the next 20 s to b, th
           "[routing][router]") {
   asio::io_context io;
   std::vector<std::string> seen;
-  options o = unpaced();
-  o.watch = [&](const weir::event& e) { seen.push_back(fmt::format("{}", e)); };
-  router_type r(io.get_executor(), two_models(), o);
+  router_type r(io.get_executor(), two_models(), unpaced_recording(seen));
   provider a, b;
   const auto refused_at = clock_type::now();
   a.script = [&](const weir::routing::model_spec&, clock_type::time_point now) {
@@ -451,13 +447,12 @@ TEST_CASE("a budget steers the router to a cheaper model, then refuses at once s
                                         .window = weir::budget_window::daily(),
                                         .per = weir::budget_scope::tenant});
   std::vector<std::string> seen;
-  options o = unpaced();
+  options o = unpaced_recording(seen);
   // Prefer the most capable model: b-large, $0.003 for this request; a-small costs $0.001.
   o.strategy = [](const weir::routing::basic_candidate<clock_type>& m) {
     return -m.model.capability;
   };
   o.budgets = {daily};
-  o.watch = [&](const weir::event& e) { seen.push_back(fmt::format("{}", e)); };
   router_type r(io.get_executor(), two_models(), o);
   provider a, b;
   r.connect("a", a.call<prompt>());
