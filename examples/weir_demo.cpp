@@ -3,7 +3,8 @@
 // dashboard, a summary, and an SVG timeline. `--compare` first runs the naive way (fire; on a 429
 // sleep 1, 2, 4 ... s) on fresh providers, and puts the two side by side.
 //
-//     weir-demo [--requests N] [--concurrency N] [--seed N] [--compare] [--svg PATH] [--plain]
+//     weir-demo [--requests N] [--concurrency N] [--seed N] [--compare] [--self-hosted]
+//               [--svg PATH] [--plain]
 //     weir-demo --model NAME [--base-url https://api.example.com/v1] [--api-key-env VAR]
 //               [--dialect openai|anthropic] [--rpm N] [--tpm N]
 #include "demo/workload.hpp"
@@ -36,6 +37,8 @@ Usage: weir-demo [options]
   --concurrency N   requests in flight at once (default 32)
   --seed N          workload and fault seed (default 7)
   --compare         run the naive way first, then weir, and compare them
+  --self-hosted     add a fourth, free provider: a self-hosted model server with 4 workers that
+                    queues instead of refusing; weir learns how many calls it can take at once
   --svg PATH        where to write the timeline (default weir-demo-timeline.svg)
   --plain           log lines instead of the live dashboard (the default when not a terminal)
   --model NAME      run against a real endpoint instead of the local mocks, asking for NAME
@@ -55,6 +58,7 @@ struct settings {
   std::size_t concurrency = 32;
   std::uint64_t seed = 7;
   bool compare = false;
+  bool self_hosted = false;
   bool plain = false;
   std::string svg = "weir-demo-timeline.svg";
   std::string base_url, api_key_env, model;
@@ -97,6 +101,8 @@ settings parse(int argc, char** argv) {
       s.seed = number_flag<std::uint64_t>(flag, value(), 0, ~0ull);
     } else if (flag == "--compare") {
       s.compare = true;
+    } else if (flag == "--self-hosted") {
+      s.self_hosted = true;
     } else if (flag == "--plain") {
       s.plain = true;
     } else if (flag == "--svg") {
@@ -134,6 +140,7 @@ settings parse(int argc, char** argv) {
       if (const char* key = std::getenv(name); key && *key) s.api_key_env = name;
     }
     if (s.compare) bad_usage("--compare runs against the local mocks only");
+    if (s.self_hosted) bad_usage("--self-hosted runs against the local mocks only");
     try {
       weir::http::endpoint::parse(s.base_url);
     } catch (const std::exception& e) {
@@ -164,10 +171,23 @@ const char* breaker_name(weir::breaker_state s) {
   return "?";
 }
 
+// Where the live view reads what the run has learned, and what the local servers hold.
+struct live_sources {
+  demo::status_source status;                                     // weir's router, if any
+  demo::concurrency_source concurrency;                           // weir's learned limits
+  std::function<std::size_t(const std::string&)> server_waiting;  // a self-hosted server's queue
+  std::map<std::string, std::size_t> workers;                     // of each self-hosted server
+  std::map<std::string, double> capacity;  // requests/s with all of a server's workers busy
+};
+
 // Lines describing a run in progress: the progress bar, then one line per provider.
 std::vector<std::string> view(const std::string& mode, const demo::progress& live,
                               std::size_t total, double seconds, const demo::run_report& so_far,
-                              const demo::status_source& status) {
+                              const live_sources& sources) {
+  const auto& status = sources.status;
+  std::map<std::string, demo::concurrency_status> learned;
+  if (sources.concurrency)
+    for (auto& c : sources.concurrency()) learned[c.provider] = c;
   std::vector<std::string> lines;
   const auto done = live.done.load() + live.failed.load();
   const double fraction = static_cast<double>(done) / static_cast<double>(total);
@@ -196,6 +216,21 @@ std::vector<std::string> view(const std::string& mode, const demo::progress& liv
     for (int s = now - 3; s < now; ++s)
       if (auto it = t.sent_per_second.find(s); it != t.sent_per_second.end()) sent += it->second;
     const double rate = sent / 3;
+    if (auto workers = sources.workers.find(name); workers != sources.workers.end()) {
+      // A self-hosted server: its capacity, and the limit weir learned from its latency.
+      const double capacity = sources.capacity.at(name);
+      const double use = capacity > 0 ? rate / capacity : 0;
+      std::string limit = "fixed";
+      if (auto l = learned.find(name); l != learned.end())
+        limit = fmt::format("in flight {:>2} of a learned {:>2}, {} waiting here",
+                            l->second.in_flight, l->second.limit, l->second.queued);
+      lines.push_back(
+          fmt::format("  {:<10} {:5.1f}/s of ~{:4.1f}/s [{}] {:3.0f}%  sent {:>4}  {} workers: {}; "
+                      "{} waiting there",
+                      name, rate, capacity, bar(use, 20), use * 100, t.sent, workers->second, limit,
+                      sources.server_waiting ? sources.server_waiting(name) : 0));
+      continue;
+    }
     const double limit = limits.contains(name) ? limits[name] : t.limit_per_second;
     const double use = limit > 0 ? rate / limit : 0;
     std::string state = discovering.contains(name) ? "slow start, " : "";
@@ -215,7 +250,7 @@ std::vector<std::string> view(const std::string& mode, const demo::progress& liv
 template <class Run>
 demo::run_report drive(const std::string& mode, Run& run, asio::io_context& io,
                        demo::progress& live, const std::vector<demo::job>& jobs, bool live_view,
-                       const demo::status_source& status) {
+                       const live_sources& sources) {
   std::promise<void> finished;
   auto done = finished.get_future();
   run.start(jobs, [&] { finished.set_value(); });
@@ -225,7 +260,7 @@ demo::run_report drive(const std::string& mode, Run& run, asio::io_context& io,
   for (;;) {
     const bool over = done.wait_for(live_view ? 250ms : 1s) == std::future_status::ready;
     const double seconds = std::chrono::duration<double>(demo::steady::now() - start).count();
-    const auto lines = view(mode, live, jobs.size(), seconds, run.peek(), status);
+    const auto lines = view(mode, live, jobs.size(), seconds, run.peek(), sources);
     if (live_view) {
       if (drawn) fmt::print("\x1b[{}A", drawn);
       for (const auto& l : lines) fmt::print("\x1b[2K{}\n", l);
@@ -350,9 +385,20 @@ demo::run_report run_once(const std::string& mode, std::vector<demo::provider_se
   asio::io_context io(1);
   demo::progress live;
   Run run(io, fleet, {.concurrency = s.concurrency}, live);
-  demo::status_source status;
-  if constexpr (requires { run.status(); }) status = run.status();
-  auto report = drive(mode, run, io, live, jobs, live_view, status);
+  live_sources sources;
+  if constexpr (requires { run.status(); }) sources.status = run.status();
+  if constexpr (requires { run.concurrency(); }) sources.concurrency = run.concurrency();
+  for (const auto& p : fleet)
+    if (p.workers > 0) {
+      sources.workers[p.name] = p.workers;
+      sources.capacity[p.name] = demo::capacity_per_second(p, demo::mean_output_tokens(jobs));
+    }
+  if (mocks)
+    sources.server_waiting = [&](const std::string& name) -> std::size_t {
+      const auto* server = mocks->find(name);
+      return server ? server->stats().waiting : 0;
+    };
+  auto report = drive(mode, run, io, live, jobs, live_view, sources);
   if (mocks) {
     // The servers' own count, to compare with the client's.
     std::uint64_t served_429 = 0;
@@ -360,6 +406,13 @@ demo::run_report run_once(const std::string& mode, std::vector<demo::provider_se
       if (const auto* server = mocks->find(p.name)) served_429 += server->stats().status(429);
     fmt::print("{}: the providers answered 429 {} times; the client saw {}\n", mode, served_429,
                report.rate_limited);
+    for (const auto& p : fleet)
+      if (const auto* server = mocks->find(p.name); server && p.workers > 0)
+        fmt::print("{}: {} served {}, at most {} waited for its {} workers\n", mode, p.name,
+                   server->stats().status(200), server->stats().longest_queue, p.workers);
+    if (sources.concurrency)
+      for (const auto& c : sources.concurrency())
+        fmt::print("{}: the limit weir learned for {}: {} at once\n", mode, c.provider, c.limit);
   }
   return report;
 }
@@ -374,15 +427,22 @@ int main(int argc, char** argv) {
   auto jobs = demo::make_workload(s.requests, s.seed);
   if (s.base_url.empty()) {
     fleet = demo::default_fleet();
-    fmt::print("weir-demo: {} requests at concurrency {} against three local providers:\n",
-               s.requests, s.concurrency);
+    if (s.self_hosted) fleet.push_back(demo::self_hosted_provider());
+    fmt::print("weir-demo: {} requests at concurrency {} against {} local providers:\n", s.requests,
+               s.concurrency, s.self_hosted ? "four" : "three");
     for (const auto& p : fleet)
       for (const auto& m : p.models)
-        fmt::print(
-            "  {:<10} {:<14} capability {:.0f}  ${:>5.2f}/${:>5.2f} per M tokens  "
-            "{:>4.0f} req/min {:>7.0f} tokens/min\n",
-            p.name, m.id, m.capability, m.input_price, m.output_price, m.requests_per_minute,
-            m.tokens_per_minute);
+        if (p.workers > 0)
+          fmt::print(
+              "  {:<10} {:<14} capability {:.0f}  self-hosted, free: {} workers, no rate "
+              "limit, latency grows with its queue\n",
+              p.name, m.id, m.capability, p.workers);
+        else
+          fmt::print(
+              "  {:<10} {:<14} capability {:.0f}  ${:>5.2f}/${:>5.2f} per M tokens  "
+              "{:>4.0f} req/min {:>7.0f} tokens/min\n",
+              p.name, m.id, m.capability, m.input_price, m.output_price, m.requests_per_minute,
+              m.tokens_per_minute);
   } else {
     std::string key;
     if (!s.api_key_env.empty()) {

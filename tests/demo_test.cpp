@@ -79,6 +79,53 @@ TEST_CASE("the demo workload: every request accounted for, weir far below naive 
   CHECK(weir.rate_limited * 10 <= naive.rate_limited);
 }
 
+TEST_CASE("a self-hosted mock queues for its workers, without limit headers, 503 when full") {
+  demo::asio::io_context io(1);
+  // One worker and room for one to wait: of four requests sent together, those that find both
+  // taken are answered 503.
+  weir::testing::mock_provider server(io.get_executor(),
+                                      {.name = "local",
+                                       .models = {{"llama", 0, 0, 0}},
+                                       .base_latency = std::chrono::milliseconds(400),
+                                       .per_output_token = std::chrono::microseconds(0),
+                                       .workers = 1,
+                                       .max_queue = 1});
+  server.start();
+  const auto where = weir::http::endpoint::parse(server.base_url());
+  std::vector<std::unique_ptr<weir::http::chat_client>> clients;
+  std::vector<std::pair<unsigned, demo::steady::duration>> answers;
+  const auto start = demo::steady::now();
+  for (int i = 0; i < 4; ++i) {
+    clients.push_back(std::make_unique<weir::http::chat_client>(
+        io.get_executor(), weir::http::dialect::openai, where));
+    demo::asio::co_spawn(
+        io,
+        [&, c = clients.back().get()]() -> demo::asio::awaitable<void> {
+          const weir::http::chat_request ask{.model = "llama", .prompt = "hi", .max_tokens = 4};
+          auto res = co_await c->complete(ask, std::chrono::seconds(30));
+          answers.emplace_back(res.result_int(), demo::steady::now() - start);
+          if (res.result_int() == 200) {
+            CHECK(res["x-ratelimit-limit-requests"].empty());
+          }
+          if (answers.size() == 4) server.stop();
+        },
+        demo::asio::detached);
+  }
+  io.run();
+  REQUIRE(answers.size() == 4);
+  const auto stats = server.stats();
+  CHECK(stats.status(200) + stats.status(503) == 4);
+  CHECK(stats.status(200) >= 2);  // the first served and the one that waited
+  CHECK(stats.longest_queue == 1);
+  CHECK(stats.serving == 0);
+  CHECK(stats.waiting == 0);
+  // The one that waited took two services: the server queued it rather than serving it at once.
+  demo::steady::duration slowest{};
+  for (const auto& [status, took] : answers)
+    if (status == 200) slowest = std::max(slowest, took);
+  CHECK(slowest >= std::chrono::milliseconds(800));
+}
+
 TEST_CASE("the mock provider speaks both dialects with their rate-limit headers") {
   demo::asio::io_context io(1);
   weir::testing::mock_provider server(

@@ -358,3 +358,32 @@ TEST_CASE("two tenants through a fair queue in a pipeline: the flood does not ho
       CHECK(longest > 10s);
   }
 }
+
+TEST_CASE("max_concurrent changes at run time: raised, waiters go at once; lowered, slots drain",
+          "[request_queue]") {
+  asio::io_context io;
+  weir::request_queue queue(io.get_executor(), {.max_concurrent = 2, .max_queued = 10});
+  admission_log log;
+  auto a = queue.try_admit(), b = queue.try_admit();
+  for (int i = 0; i < 4; ++i) queue.async_admit(weir::priority::normal, log.handler("w"));
+  run_ready(io);
+  CHECK(log.order.empty());
+  queue.set_max_concurrent(4);
+  run_ready(io);
+  CHECK(log.order.size() == 2);
+  CHECK(queue.in_flight() == 4);
+  CHECK(queue.max_concurrent() == 4);
+
+  queue.set_max_concurrent(2);
+  a.release();  // 3 in flight, over the new limit: the waiter stays
+  run_ready(io);
+  CHECK(log.order.size() == 2);
+  CHECK(queue.in_flight() == 3);
+  b.release();  // 2: still not under it
+  run_ready(io);
+  CHECK(log.order.size() == 2);
+  log.release_one(io);  // 1 in flight: the next waiter goes
+  CHECK(log.order.size() == 3);
+  CHECK(queue.in_flight() == 2);
+  CHECK_THROWS_AS(queue.set_max_concurrent(0), weir::exception);
+}

@@ -3,6 +3,7 @@
 // demo test runs it in-process.
 #pragma once
 
+#include <weir/adaptive_concurrency.hpp>
 #include <weir/http/beast.hpp>
 #include <weir/http/client.hpp>
 #include <weir/http/usage.hpp>
@@ -58,6 +59,10 @@ struct provider_setup {
   double burst_seconds = 10;  // how much of a minute's limit the mock lets through at once
   std::string base_url{};     // empty: a local mock; otherwise a real endpoint
   std::string api_key{};      // sent as a header, never printed
+  // A self-hosted server (vLLM, TGI, Ollama): no rate limits, its requests take turns on this
+  // many workers (503 past max_queue waiting), so its latency climbs with load. 0: a hosted API.
+  std::size_t workers = 0;
+  std::size_t max_queue = 0;
 };
 
 // Three providers with the limits, prices and temperaments of the real ones, scaled so that the
@@ -81,6 +86,28 @@ inline std::vector<provider_setup> default_fleet() {
                               {"llama-70b", 7, 0.59, 0.79, 120, 150'000, 32'000}},
                    .faults = {.resets = 0.02, .outages = {{5'000ms, 11'000ms}}}});
   return fleet;
+}
+
+// A self-hosted model server for --self-hosted: free, as capable as the small hosted models, with
+// four workers that take 0.3 s plus 2 ms per token written (about 0.65 s a request).
+inline provider_setup self_hosted_provider() {
+  provider_setup p;  // assigned field by field: gcc 12 misreads the aggregate form
+  p.name = "vllm";
+  p.speaks = dialect::openai;
+  p.models.push_back({"llama-local", 6, 0, 0, 0, 0, 32'000});
+  p.base_latency = 300ms;
+  p.per_output_token = 2ms;
+  p.workers = 4;
+  p.max_queue = 256;
+  return p;
+}
+
+// Requests per second a self-hosted server can answer with every worker busy, for requests that
+// write `output_tokens` on average. 0 for a hosted API.
+inline double capacity_per_second(const provider_setup& p, double output_tokens) {
+  const double service = std::chrono::duration<double>(p.base_latency).count() +
+                         std::chrono::duration<double>(p.per_output_token).count() * output_tokens;
+  return p.workers > 0 && service > 0 ? static_cast<double>(p.workers) / service : 0;
 }
 
 // The router's catalog of a fleet, every provider with `breaker`.
@@ -155,7 +182,9 @@ class mock_fleet {
                                              .base_latency = p.base_latency,
                                              .per_output_token = p.per_output_token,
                                              .faults = p.faults,
-                                             .seed = seed + servers_.size()};
+                                             .seed = seed + servers_.size(),
+                                             .workers = p.workers,
+                                             .max_queue = p.max_queue};
       for (const auto& m : p.models)
         o.models.push_back({m.id, m.requests_per_minute, m.tokens_per_minute, m.context_window});
       servers_.push_back(
@@ -255,6 +284,17 @@ class recorder {
       ++live_.retries;
     }
   }
+  // An attempt counted by sent() that its provider's own queue refused before sending.
+  void not_sent(std::string_view provider) {
+    std::lock_guard lock(mutex_);
+    auto& t = tally(provider);
+    if (t.sent > 0) --t.sent;
+    for (auto it = t.sent_per_second.rbegin(); it != t.sent_per_second.rend(); ++it)
+      if (it->second > 0) {
+        --it->second;
+        break;
+      }
+  }
   void answered(std::string_view provider, unsigned status, double cost) {
     std::lock_guard lock(mutex_);
     auto& t = tally(provider);
@@ -332,6 +372,25 @@ struct run_options {
 // What a status line needs of a running router.
 using status_source = std::function<std::vector<weir::routing::model_status>()>;
 
+// What a status line shows of a self-hosted server: the client's learned limit and queue.
+struct concurrency_status {
+  std::string provider;
+  std::size_t limit = 0;
+  std::size_t in_flight = 0;
+  std::size_t queued = 0;
+};
+using concurrency_source = std::function<std::vector<concurrency_status>()>;
+
+// A self-hosted server's capacity stands in for the rate limit it does not have.
+inline void add_capacities(run_report& r, const std::vector<provider_setup>& fleet,
+                           double output_tokens) {
+  for (const auto& p : fleet)
+    if (const double capacity = capacity_per_second(p, output_tokens); capacity > 0) {
+      r.providers[p.name].limit_per_second += capacity;
+      r.limit_per_second += capacity;
+    }
+}
+
 // Requests per second a model's limits allow now, in the dimension that binds: its request limit,
 // or its token limit over the tokens a request takes, whichever is lower. 0 when neither is
 // known (yet).
@@ -343,6 +402,14 @@ inline double binding_limit(const weir::routing::model_status& m, double tokens_
     per_second = per_second > 0 ? std::min(per_second, by_tokens) : by_tokens;
   }
   return per_second;
+}
+
+// The tokens a mock writes for a request of the workload (uniformly from max_tokens / 4 to
+// max_tokens), on average.
+inline double mean_output_tokens(const std::vector<job>& jobs) {
+  double total = 0;
+  for (const auto& j : jobs) total += (std::max(1u, j.max_tokens / 4) + j.max_tokens) / 2.0;
+  return jobs.empty() ? 0 : total / static_cast<double>(jobs.size());
 }
 
 // The tokens a request of the workload is charged on arrival (prompt + max_tokens), on average.
@@ -410,6 +477,7 @@ class weir_run {
   // once, on an io thread, when every job has ended.
   void start(const std::vector<job>& jobs, std::function<void()> on_done) {
     tokens_per_request_ = mean_tokens(jobs);
+    output_tokens_ = mean_output_tokens(jobs);
     workers_.start(
         io_, options_.concurrency, [&] { return worker(jobs); }, std::move(on_done));
   }
@@ -425,32 +493,54 @@ class weir_run {
       r.providers[std::string(m.provider)].limit_per_second += allowed;
       r.limit_per_second += allowed;
     }
+    add_capacities(r, fleet_, output_tokens_);
     return r;
   }
   run_report peek() { return log_.snapshot(); }
   status_source status() {
     return [this] { return router_->status(); };
   }
+  // The learned limits of the self-hosted servers.
+  concurrency_source concurrency() {
+    return [this] {
+      std::vector<concurrency_status> all;
+      for (std::size_t i = 0; i < fleet_.size(); ++i)
+        if (const auto& a = connections_[i]->adaptive)
+          all.push_back({.provider = fleet_[i].name,
+                         .limit = a->limit(),
+                         .in_flight = a->in_flight(),
+                         .queued = a->queued()});
+      return all;
+    };
+  }
 
  private:
-  // One provider's HTTP client, wrapped in weir: at most `connections_per_provider` exchanges at
-  // once (the rest queue), and a deadline on each so a stalled server cannot hold a worker.
+  // One provider's HTTP client, wrapped in weir: a deadline on each exchange so a stalled server
+  // cannot hold a worker, and at most `connections_per_provider` exchanges at once (the rest
+  // queue) — or, for a self-hosted server, as many as its latency says it can take: an adaptive
+  // limit, whose short queue spills the rest over to the other providers.
   struct connection {
     connection(asio::any_io_executor ex, weir::http::endpoint where, asio::ssl::context* tls,
                const provider_setup& p, const run_options& o)
         : client(ex, p.speaks, std::move(where), p.api_key, tls),
           queue(ex, {.max_concurrent = o.connections_per_provider, .max_queued = 10'000}),
-          deadline(o.attempt_timeout) {}
+          deadline(o.attempt_timeout) {
+      if (p.workers > 0)
+        adaptive.emplace(ex, weir::adaptive_concurrency_options{.max_queued = 4, .name = p.name});
+    }
 
     asio::awaitable<response> send(const weir::routing::model_spec& m, const job& j) {
-      return weir::pipeline(queue, deadline)([this, &m, &j] {
+      auto exchange = [this, &m, &j] {
         weir::http::header_list request_id{{"x-weir-request", std::to_string(j.id)}};
         return client.complete(request_of(m.id, j), 2 * deadline.limit(), std::move(request_id));
-      });
+      };
+      if (adaptive) return weir::pipeline(*adaptive, deadline)(exchange);
+      return weir::pipeline(queue, deadline)(exchange);
     }
 
     weir::http::chat_client client;
     weir::request_queue queue;
+    std::optional<weir::adaptive_concurrency<steady>> adaptive;
     weir::timeout<steady> deadline;
   };
 
@@ -484,6 +574,10 @@ class weir_run {
     if (auto* c = std::get_if<weir::route_chosen>(&e)) {
       log_.sent(c->provider, c->attempt > 1);
     } else if (auto* f = std::get_if<weir::route_fallback>(&e)) {
+      if (f->refused_locally) {  // spilled over before it was sent
+        log_.not_sent(f->provider);
+        return;
+      }
       const unsigned status = f->cause == weir::verdict::rate_limited ? 429
                               : f->context_exceeded                   ? 400
                                                                       : 500;
@@ -511,6 +605,7 @@ class weir_run {
   std::optional<router_type> router_;
   std::atomic<std::size_t> next_{0};
   double tokens_per_request_ = 0;
+  double output_tokens_ = 0;
   worker_group workers_;
 };
 
@@ -531,6 +626,7 @@ class naive_run {
 
   void start(const std::vector<job>& jobs, std::function<void()> on_done) {
     tokens_per_request_ = mean_tokens(jobs);
+    output_tokens_ = mean_output_tokens(jobs);
     workers_.start(
         io_, options_.concurrency, [&] { return worker(jobs); }, std::move(on_done));
   }
@@ -550,6 +646,7 @@ class naive_run {
       }
       r.limit_per_second += t.limit_per_second;
     }
+    add_capacities(r, fleet_, output_tokens_);
     return r;
   }
   run_report peek() { return log_.snapshot(); }
@@ -619,6 +716,7 @@ class naive_run {
   std::deque<weir::http::chat_client> clients_;
   std::atomic<std::size_t> next_{0};
   double tokens_per_request_ = 0;
+  double output_tokens_ = 0;
   worker_group workers_;
 };
 

@@ -99,6 +99,7 @@ struct route_fallback {
   std::string_view model;
   verdict cause = verdict::retryable;
   bool context_exceeded = false;  // the request did not fit; a larger context window is needed
+  bool refused_locally = false;   // the model's own stages had no room (queue full, budget spent)
 };
 
 // The router lost (or found again) the fleet it shares what it learns with: while it is lost,
@@ -118,9 +119,20 @@ struct budget_alert {
   double limit = 0;            // USD
 };
 
-using event = std::variant<attempt_started, attempt_succeeded, attempt_failed, retry_scheduled,
-                           throttled, rejected, server_rate_limited, breaker_changed, route_chosen,
-                           provider_cooling, route_fallback, fleet_connection, budget_alert>;
+// An adaptive concurrency limit moved (a window's latency against the no-load one, a drop, or a
+// probe of the no-load latency starting or ending).
+struct concurrency_changed {
+  std::string_view operation;
+  std::size_t from = 0;
+  std::size_t to = 0;
+  std::chrono::nanoseconds baseline{0};  // the no-load latency it compares with
+  std::string_view policy{};
+};
+
+using event =
+    std::variant<attempt_started, attempt_succeeded, attempt_failed, retry_scheduled, throttled,
+                 rejected, server_rate_limited, breaker_changed, route_chosen, provider_cooling,
+                 route_fallback, fleet_connection, budget_alert, concurrency_changed>;
 
 // Any callable taking the event; empty means nobody is listening.
 using observer = std::function<void(const event&)>;
@@ -230,6 +242,10 @@ struct fmt::formatter<weir::event> {
                                     v.provider, v.model, weir::detail::milliseconds(v.duration));
             return fmt::format_to(ctx.out(), "{}: provider {} cooling down for {:.1f} ms", op,
                                   v.provider, weir::detail::milliseconds(v.duration));
+          } else if constexpr (std::is_same_v<T, concurrency_changed>) {
+            return fmt::format_to(ctx.out(), "{}: concurrency limit {} -> {} (no-load {:.1f} ms){}",
+                                  op, v.from, v.to, weir::detail::milliseconds(v.baseline),
+                                  by(v.policy));
           } else if constexpr (std::is_same_v<T, budget_alert>) {
             return fmt::format_to(ctx.out(), "budget {}{}{}: ${:.4f} of ${:.2f} spent ({:.0f}%)",
                                   v.budget, v.key.empty() ? "" : " for ", v.key, v.spent, v.limit,
@@ -243,6 +259,9 @@ struct fmt::formatter<weir::event> {
             if (v.context_exceeded)
               return fmt::format_to(ctx.out(),
                                     "{}: {}/{} context window too small, trying a larger one", op,
+                                    v.provider, v.model);
+            if (v.refused_locally)
+              return fmt::format_to(ctx.out(), "{}: {}/{} has no room here, falling back", op,
                                     v.provider, v.model);
             return fmt::format_to(ctx.out(), "{}: {}/{} failed ({}), falling back", op, v.provider,
                                   v.model, v.cause);

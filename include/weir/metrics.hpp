@@ -37,7 +37,8 @@ struct policy_metrics {
   std::uint64_t throttled = 0;  // calls it held
   double throttled_seconds = 0;
   std::array<std::uint64_t, rejection_kinds> rejections{};  // calls it refused, by rejection
-  std::optional<breaker_state> breaker{};  // a breaker's state, from its last change
+  std::optional<breaker_state> breaker{};          // a breaker's state, from its last change
+  std::optional<std::size_t> concurrency_limit{};  // an adaptive limit, from its last change
 };
 
 struct metrics_snapshot {
@@ -120,6 +121,8 @@ class metrics {
               add(fallbacks);
             } else if constexpr (std::is_same_v<T, budget_alert>) {
               add(budget_alerts);
+            } else if constexpr (std::is_same_v<T, concurrency_changed>) {
+              by_policy(v.policy, [&](policy_metrics& p) { p.concurrency_limit = v.to; });
             } else if constexpr (std::is_same_v<T, fleet_connection>) {
               add(fleet_losses, v.reachable ? 0 : 1);
             } else {
@@ -297,6 +300,16 @@ inline void write_prometheus(std::string& out, std::initializer_list<const metri
                          "weir_breaker_state{{pipeline=\"{}\",breaker=\"{}\",state=\"{}\"}} {}\n",
                          name, detail::prometheus_label(p.name), states[i],
                          static_cast<std::size_t>(*p.breaker) == i ? 1 : 0);
+  // Each adaptive concurrency limit, from its last change.
+  out +=
+      "# HELP weir_concurrency_limit An adaptive concurrency limit in force.\n"
+      "# TYPE weir_concurrency_limit gauge\n";
+  for (const auto& [name, s] : read)
+    for (const auto& p : s.policies)
+      if (p.concurrency_limit)
+        fmt::format_to(std::back_inserter(out),
+                       "weir_concurrency_limit{{pipeline=\"{}\",policy=\"{}\"}} {}\n", name,
+                       detail::prometheus_label(p.name), *p.concurrency_limit);
   // What each named policy held and refused.
   out +=
       "# HELP weir_policy_throttled_total Calls a limiter or queue held, by policy.\n"

@@ -226,7 +226,7 @@ class queue_level {
 // so a slot is never left free while someone waits for it.
 struct request_queue_state final : shutdown_hook {
   request_queue_state(boost::asio::any_io_executor ex, request_queue_options o)
-      : executor(std::move(ex)), options(std::move(o)) {
+      : executor(std::move(ex)), options(std::move(o)), limit(options.max_concurrent) {
     if (options.max_concurrent == 0)
       invalid_option(options.name.c_str(), "max_concurrent", options.max_concurrent,
                      "be at least 1");
@@ -242,7 +242,7 @@ struct request_queue_state final : shutdown_hook {
     // Sequentially consistent, like the counters' updates: a waiter that has just linked itself
     // must see a slot freed by a releaser that did not yet see the waiter.
     auto n = in_flight.load();
-    while (n < options.max_concurrent)
+    while (n < limit.load())
       if (in_flight.compare_exchange_weak(n, n + 1)) return true;
     return false;
   }
@@ -259,12 +259,23 @@ struct request_queue_state final : shutdown_hook {
       return;
     }
     std::unique_lock lock(mutex);
-    if (auto* next = pop()) {
-      lock.unlock();
-      next->complete({}, permit(self));
-      return;
-    }
+    // Over a limit that was lowered, the slot goes back instead of to the next waiter.
+    if (in_flight.load() <= limit.load())
+      if (auto* next = pop()) {
+        lock.unlock();
+        next->complete({}, permit(self));
+        return;
+      }
     in_flight.fetch_sub(1);
+  }
+
+  // A new limit: raised, the slots it adds go to waiters at once; lowered, calls in flight over
+  // it finish and their slots are not handed on until under it.
+  void set_limit(std::size_t n, const std::shared_ptr<request_queue_state>& self) {
+    if (n == 0) invalid_option(options.name.c_str(), "max_concurrent", n, "be at least 1");
+    std::unique_lock lock(mutex);
+    limit.store(n);
+    hand_out(lock, self);
   }
 
   // Under `lock`, which it releases: gives free slots to waiters, by priority then arrival.
@@ -317,6 +328,7 @@ struct request_queue_state final : shutdown_hook {
 
   boost::asio::any_io_executor executor;
   request_queue_options options;
+  std::atomic<std::size_t> limit;  // max_concurrent, until set_max_concurrent
   std::atomic<std::size_t> in_flight{0};
   std::atomic<std::size_t> queued{0};
   std::atomic<bool> shut_down{false};
@@ -492,6 +504,12 @@ class basic_request_queue {
   void give_back() noexcept { state_->release(state_); }
 
   std::size_t in_flight() const { return state_->in_flight.load(); }
+
+  // Changes max_concurrent at run time (an adaptive limit does). Raised, waiters take the new
+  // slots at once; lowered, the calls in flight finish and the queue admits again once under it.
+  // Throws weir::exception(invalid_argument) for 0.
+  void set_max_concurrent(std::size_t n) { state_->set_limit(n, state_); }
+  std::size_t max_concurrent() const { return state_->limit.load(); }
   std::size_t queued() const { return state_->queued.load(); }
 
   const executor_type& get_executor() const noexcept { return executor_; }

@@ -180,10 +180,11 @@ inline std::string_view budget_key(budget_scope scope, std::string_view tenant,
 }
 
 // What a budget's stages share (the local one reserves on entry, the Redis one waits for its
-// round trip): the reservation a call holds and how it ends. A call refused before it was sent
-// releases it; one that ended settles the actual cost (from call_context's actual tokens, else
-// the estimate); one unwound with no outcome (cancelled further out) is charged its estimate,
-// since it may have been sent.
+// round trip): the reservation a call holds and how it ends, by the router's rule. A call refused
+// before it was sent releases it; one that ended settles the actual cost from call_context's
+// actual tokens, else its estimate if it succeeded or was cancelled (it may have produced
+// tokens), else nothing (a failure that reports no usage); one unwound with no outcome
+// (cancelled further out) is charged its estimate, since it may have been sent.
 template <class Budget>
 class budget_stage_base {
  public:
@@ -197,7 +198,7 @@ class budget_stage_base {
   struct slot {
     std::optional<typename Budget::reservation> held;
   };
-  static constexpr bool values_succeed = true;
+  static constexpr bool reads_verdict = true;
 
   template <class Outcome>
   stage_action exit(slot& s, stage_context<clock_type>& context, const Outcome& result) {
@@ -207,9 +208,13 @@ class budget_stage_base {
       held->release();
       return {};
     }
-    const auto estimated = context.call.estimated_usage();
-    const auto used = context.call.actual_usage(estimated);
-    held->settle(used == estimated ? held->amount() : price_.of(used));
+    const auto& call = context.call;
+    if (call.actual_tokens || call.actual_input_tokens || call.actual_output_tokens)
+      held->settle(price_.of(call.actual_usage(call.estimated_usage())));
+    else if (context.judged == verdict::success || result.cancelled())
+      held->settle(held->amount());
+    else
+      held->settle(0);
     return {};
   }
 

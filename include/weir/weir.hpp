@@ -2,6 +2,7 @@
 // The umbrella header; each concept also has a header of its own.
 #pragma once
 
+#include <weir/adaptive_concurrency.hpp>
 #include <weir/alerts.hpp>
 #include <weir/backoff.hpp>
 #include <weir/circuit_breaker.hpp>

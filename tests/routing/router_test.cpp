@@ -33,13 +33,37 @@ TEST_CASE("the cheapest capable model is chosen, and capability and context filt
   CHECK(a.calls() + b.calls() == 4);
 }
 
+TEST_CASE("a model whose own queue is full is passed over for the request, not failed",
+          "[routing][router]") {
+  asio::io_context io;
+  std::vector<std::string> seen;
+  router_type r(io.get_executor(), two_models(), unpaced_recording(seen));
+  int refused = 0;
+  r.connect("a",
+            [&](const weir::routing::model_spec&, const prompt&) -> asio::awaitable<fake_response> {
+              ++refused;
+              throw weir::exception::refusal(weir::error::queue_full, "request_queue");
+              co_return fake_response::ok();
+            });
+  provider b;
+  r.connect("b", b.call<prompt>());
+  auto spilled = route_now(io, r);
+  REQUIRE(spilled.value);
+  CHECK(spilled.value->route.model == "b-large");
+  CHECK(spilled.value->route.attempts == 2);
+  CHECK(refused == 1);
+  CHECK(std::find(seen.begin(), seen.end(), "call: a/a-small has no room here, falling back") !=
+        seen.end());
+  // The breaker counted nothing against a: the next request tries it first again.
+  route_now(io, r);
+  CHECK(refused == 2);
+}
+
 TEST_CASE("a 429 saying the quota is spent for 20 s sends the next 20 s to b, then back to a",
           "[routing][router]") {
   asio::io_context io;
   std::vector<std::string> seen;
-  options o = unpaced();
-  o.watch = [&](const weir::event& e) { seen.push_back(fmt::format("{}", e)); };
-  router_type r(io.get_executor(), two_models(), o);
+  router_type r(io.get_executor(), two_models(), unpaced_recording(seen));
   provider a, b;
   const auto refused_at = clock_type::now();
   a.script = [&](const weir::routing::model_spec&, clock_type::time_point now) {
@@ -423,13 +447,12 @@ TEST_CASE("a budget steers the router to a cheaper model, then refuses at once s
                                         .window = weir::budget_window::daily(),
                                         .per = weir::budget_scope::tenant});
   std::vector<std::string> seen;
-  options o = unpaced();
+  options o = unpaced_recording(seen);
   // Prefer the most capable model: b-large, $0.003 for this request; a-small costs $0.001.
   o.strategy = [](const weir::routing::basic_candidate<clock_type>& m) {
     return -m.model.capability;
   };
   o.budgets = {daily};
-  o.watch = [&](const weir::event& e) { seen.push_back(fmt::format("{}", e)); };
   router_type r(io.get_executor(), two_models(), o);
   provider a, b;
   r.connect("a", a.call<prompt>());
@@ -452,6 +475,11 @@ TEST_CASE("a budget steers the router to a cheaper model, then refuses at once s
   CHECK(std::find(seen.begin(), seen.end(),
                   "call: rejected (over budget) by router, retry after 28800000.0 ms") !=
         seen.end());
+  // A request no model could ever take is no provider's, not over budget.
+  auto impossible =
+      route_now(io, r, {.input_tokens = 1000, .min_capability = 100, .tenant = "acme"});
+  REQUIRE(impossible.error);
+  CHECK(impossible.error->code() == weir::error::no_provider_available);
   // Another tenant has its own budget.
   auto other = route_now(io, r, {.input_tokens = 1000, .tenant = "globex"});
   REQUIRE(other.value);

@@ -64,6 +64,13 @@ options unpaced() {
   return o;
 }
 
+// unpaced(), writing each event's text into `seen`.
+options unpaced_recording(std::vector<std::string>& seen) {
+  options o = unpaced();
+  o.watch = [&seen](const weir::event& e) { seen.push_back(fmt::format("{}", e)); };
+  return o;
+}
+
 // A 429 that says the quota is spent for `retry_after`.
 fake_response exhausted(ns retry_after) {
   auto r = fake_response::too_many(retry_after);

@@ -8,6 +8,7 @@
 #include <weir/pipeline.hpp>
 #include <weir/request_queue.hpp>
 #include <weir/spend_budget.hpp>
+#include <weir/testing/fake_provider.hpp>
 #include <weir/testing/manual_clock.hpp>
 
 #include <fmt/format.h>

@@ -221,6 +221,47 @@ TEST_CASE("a budget stage releases what an inner refusal never sent and charges 
   CHECK_FALSE(overall.fits("", 0.01));  // charged: it may have been sent
 }
 
+namespace {
+// The fake provider's classifier for its responses, the default one for anything else.
+struct by_status {
+  template <class T>
+  weir::classification operator()(const weir::outcome<T>& o) const {
+    if constexpr (std::is_same_v<T, weir::testing::fake_response>)
+      return weir::testing::fake_classifier{}(o);
+    else
+      return weir::default_classifier{}(o);
+  }
+};
+
+asio::awaitable<weir::testing::fake_response> answer_with(unsigned status) {
+  weir::testing::fake_response r;
+  r.status = status;
+  co_return r;
+}
+}  // namespace
+
+TEST_CASE("a budget stage charges as the router does: usage, else the estimate for a success",
+          "[budget]") {
+  clock_type::set(at(utc(2026, 11, 30, 9)));
+  asio::io_context io;
+  budget overall({.limit = 10});
+  auto guarded = weir::pipeline(weir::basic_pipeline_options<by_status>{},
+                                overall.stage({.input_per_million = 1e6}));
+  const auto call = [&](unsigned status, std::optional<std::uint64_t> used) {
+    weir::basic_call_context<clock_type> ctx{.input_tokens = 1};  // $1 estimated
+    if (used) ctx.actual_input_tokens = *used;
+    weir::testing::finished<weir::testing::fake_response> f;
+    f.start(io, guarded(ctx, [status] { return answer_with(status); }));
+    run_ready(io);
+    return overall.status().at(0).spent;
+  };
+  CHECK(call(200, std::nullopt) == Approx(1));  // a success that reports nothing: the estimate
+  CHECK(call(200, 3) == Approx(4));             // what it reported
+  CHECK(call(500, std::nullopt) == Approx(4));  // a failure that reports nothing: nothing
+  CHECK(call(500, 2) == Approx(6));             // a failure that reports usage: that
+  CHECK(overall.status().at(0).reserved == Approx(0));
+}
+
 TEST_CASE("four threads reserving from one budget never pass it together",
           "[budget][concurrency]") {
   budget shared({.limit = 1.0, .per = weir::budget_scope::tenant});

@@ -434,7 +434,9 @@ class router {
     out.room.reset();
     bool any = false;
     for (std::size_t i = 0; i < s.models.size(); ++i) {
-      if (tried[i]) continue;
+      // A model that could never take the request is not "over budget": with no model that
+      // could, the request is no provider's, whatever the budgets.
+      if (tried[i] || !fits(s.models[i]->view(), c, route.min_context)) continue;
       const auto& spec = *s.models[i]->spec;
       const double cost = spec.cost(c.input_tokens, c.output_tokens);
       for (const auto& b : s.options.budgets) {
@@ -504,24 +506,21 @@ class router {
                                           const route_progress& route, time_point now) {
     auto& m = *s.models[i];
     auto& p = *s.providers[m.provider];
-    const auto unreserve = [&] {
-      if (m.limits) m.limits->settle(route.estimate, usage{.requests = 0}, now);
-    };
     if (!p.call) {
-      unreserve();
+      m.unreserve(route.estimate, now);
       throw weir::exception(error::invalid_argument,
                             fmt::format("router: provider {} is not connected", m.spec->provider));
     }
     const auto& budget = s.options.fallback_budget;
     if (route.record.attempts > 0 && budget && !budget->try_withdraw()) {
-      unreserve();
+      m.unreserve(route.estimate, now);
       s.emit(rejected{c.operation, rejection::budget_exhausted, {}, "router"});
       throw weir::exception(error::budget_exhausted, "router: the fallback budget is spent", {},
                             route.last_failure, route.record.attempts);
     }
     auto ticket = p.breaker.try_admit();
     if (!ticket.admitted) {
-      unreserve();
+      m.unreserve(route.estimate, now);
       return std::nullopt;
     }
     return ticket;
@@ -598,7 +597,7 @@ class router {
     auto& m = *s.models[i];
     auto& p = *s.providers[m.provider];
     const auto& spec = *m.spec;
-    bool context_exceeded = false;
+    bool context_exceeded = false, refused_locally = false;
     switch (judged.kind) {
       case verdict::success: return false;
       case verdict::rate_limited:
@@ -623,6 +622,13 @@ class router {
         break;
       case verdict::retryable: route.tried()[i] = 1; break;
       case verdict::fatal:
+        if (result.refused_locally()) {
+          // The model's own stages turned the call away before sending (its queue is full, its
+          // budget spent): this model has no room for the request now, another may.
+          route.tried()[i] = 1;
+          refused_locally = true;
+          break;
+        }
         if (result.cancelled() || !s.options.context_exceeded ||
             !s.options.context_exceeded(result))
           return false;
@@ -632,7 +638,8 @@ class router {
         context_exceeded = true;
         break;
     }
-    s.emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind, context_exceeded});
+    s.emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind, context_exceeded,
+                          refused_locally});
     route.last_failure = failure_of(result, spec, judged);
     return true;
   }

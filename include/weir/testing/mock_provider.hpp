@@ -3,6 +3,8 @@
 // per minute per model with a continuously refilled bucket, answers with each dialect's real
 // rate-limit headers and Retry-After on a 429, takes time in proportion to the tokens it writes,
 // and injects faults from a seeded generator or a schedule. It counts every answer it gave.
+// With `workers`, it is a self-hosted server instead (vLLM, TGI, Ollama): a model without limits
+// never refuses, its requests wait in line for one of the workers, so latency climbs with load.
 //
 //     weir::testing::mock_provider server(io.get_executor(), {
 //         .name = "openai", .models = {{.id = "gpt-mini", .requests_per_minute = 300}},
@@ -31,6 +33,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -45,7 +48,7 @@ namespace weir::testing {
 
 struct mock_model {
   std::string id;
-  double requests_per_minute = 600;
+  double requests_per_minute = 600;  // with tokens_per_minute 0: no limit and no limit headers
   double tokens_per_minute = 600'000;
   std::uint64_t context_window = 0;  // prompt + max_tokens above it: 400; 0: no check
 };
@@ -78,6 +81,10 @@ struct mock_provider_options {
   std::chrono::microseconds per_output_token{20};
   fault_profile faults{};
   std::uint64_t seed = 1;
+  // 0: every request is served at once (a hosted API). Otherwise the requests answered 200 take
+  // turns, first come first served, on this many workers; past `max_queue` waiting, 503.
+  std::size_t workers = 0;
+  std::size_t max_queue = 0;  // 0: no bound
 };
 
 // What the server answered, by kind. Every request read ends in exactly one of: a status, a
@@ -89,6 +96,10 @@ struct mock_stats {
   std::uint64_t stalls = 0;
   std::uint64_t input_tokens = 0;   // of successful answers
   std::uint64_t output_tokens = 0;  // of successful answers
+  // With workers: requests being served, waiting for a worker now, and the most that waited.
+  std::size_t serving = 0;
+  std::size_t waiting = 0;
+  std::size_t longest_queue = 0;
   // The x-weir-request header of every 200 answered without a stall (one the client may have
   // given up on is left out), for matching the server's view of a request to the client's.
   std::set<std::string> succeeded_requests{};
@@ -176,11 +187,13 @@ class mock_provider {
   struct limits {
     detail::mock::bucket requests, tokens;
     std::uint64_t context_window = 0;
+    bool unlimited = false;
   };
 
   // What to do with one request, decided at once under the lock; the waiting happens outside.
   struct plan {
     bool reset = false;
+    bool needs_worker = false;
     std::chrono::microseconds delay{0};
     response_type response{};
   };
@@ -201,8 +214,9 @@ class mock_provider {
           b.level = b.capacity;
           return b;
         };
-        buckets.emplace(
-            m.id, limits{make(m.requests_per_minute), make(m.tokens_per_minute), m.context_window});
+        buckets.emplace(m.id, limits{make(std::max(m.requests_per_minute, 1.0)),
+                                     make(std::max(m.tokens_per_minute, 1.0)), m.context_window,
+                                     m.requests_per_minute <= 0 && m.tokens_per_minute <= 0});
       }
     }
 
@@ -342,6 +356,16 @@ class mock_provider {
         return finish(400);
       }
 
+      if (options.workers > 0) {
+        if (options.max_queue > 0 && stats.serving >= options.workers &&
+            stats.waiting >= options.max_queue) {
+          set_error(res, 503, d, "overloaded_error", "server overloaded");
+          return finish(503);
+        }
+        p.needs_worker = true;
+      }
+      if (l.unlimited) return answer(p, req, *model, input, max_tokens, stalled, d, finish);
+
       // Like OpenAI, the request is charged its prompt plus max_tokens when it arrives.
       l.requests.refill(now);
       l.tokens.refill(now);
@@ -360,7 +384,14 @@ class mock_provider {
       l.requests.level -= 1;
       l.tokens.level -= cost;
       set_limit_headers(res, d, l, wall);
+      return answer(p, req, *model, input, max_tokens, stalled, d, finish);
+    }
 
+    // A 200 with the usage; the time it takes grows with the tokens written.
+    template <class Finish>
+    plan answer(plan& p, const request_type& req, std::string_view model, std::uint64_t input,
+                std::uint64_t max_tokens, bool stalled, dialect d, const Finish& finish) {
+      auto& res = p.response;
       const auto output = std::uniform_int_distribution<std::uint64_t>(
           std::max<std::uint64_t>(1, max_tokens / 4), max_tokens)(random);
       p.delay += options.base_latency + options.per_output_token * static_cast<long>(output);
@@ -374,14 +405,41 @@ class mock_provider {
               ? fmt::format(R"({{"id":"msg_{}","type":"message","role":"assistant","model":"{}",)"
                             R"("content":[{{"type":"text","text":"ok"}}],"stop_reason":"end_turn",)"
                             R"("usage":{{"input_tokens":{},"output_tokens":{}}}}})",
-                            id, *model, input, output)
+                            id, model, input, output)
               : fmt::format(
                     R"({{"id":"chatcmpl-{}","object":"chat.completion","model":"{}",)"
                     R"("choices":[{{"index":0,"message":{{"role":"assistant","content":"ok"}},)"
                     R"("finish_reason":"stop"}}],)"
                     R"("usage":{{"prompt_tokens":{},"completion_tokens":{},"total_tokens":{}}}}})",
-                    id, *model, input, output, input + output);
+                    id, model, input, output, input + output);
       return finish(200);
+    }
+
+    // On the strand. A waiter's timer never expires by itself: the worker that frees up cancels
+    // it, and the worker passes to it then.
+    boost::asio::awaitable<void> take_worker() {
+      boost::asio::steady_timer turn(executor, boost::asio::steady_timer::time_point::max());
+      {
+        std::lock_guard lock(mutex);
+        if (stats.serving < options.workers) {
+          ++stats.serving;
+          co_return;
+        }
+        line.push_back(&turn);
+        stats.waiting = line.size();
+        stats.longest_queue = std::max(stats.longest_queue, line.size());
+      }
+      co_await turn.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+    }
+    void free_worker() {
+      std::lock_guard lock(mutex);
+      if (line.empty()) {
+        --stats.serving;
+        return;
+      }
+      line.front()->cancel();  // the worker goes to the first in line
+      line.pop_front();
+      stats.waiting = line.size();
     }
 
     boost::asio::strand<boost::asio::any_io_executor> executor;
@@ -394,6 +452,7 @@ class mock_provider {
     clock::time_point started{};
     unsigned short port = 0;
     std::vector<std::weak_ptr<stream_type>> sessions;
+    std::deque<boost::asio::steady_timer*> line;  // waiting for a worker, oldest first
   };
 
   static boost::asio::awaitable<void> accept(std::shared_ptr<state> s) {
@@ -422,10 +481,12 @@ class mock_provider {
       auto [ec, n] = co_await http::async_read(*stream, buffer, req, as_tuple(use_awaitable));
       if (ec) co_return;
       auto p = s->decide(req);
+      if (p.needs_worker) co_await s->take_worker();
       if (p.delay.count() > 0) {
         boost::asio::steady_timer timer(s->executor, p.delay);
         co_await timer.async_wait(as_tuple(use_awaitable));
       }
+      if (p.needs_worker) s->free_worker();
       if (p.reset) {
         boost::system::error_code ignored;
         stream->socket().set_option(boost::asio::socket_base::linger(true, 0), ignored);
