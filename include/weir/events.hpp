@@ -129,10 +129,19 @@ struct concurrency_changed {
   std::string_view policy{};
 };
 
-using event =
-    std::variant<attempt_started, attempt_succeeded, attempt_failed, retry_scheduled, throttled,
-                 rejected, server_rate_limited, breaker_changed, route_chosen, provider_cooling,
-                 route_fallback, fleet_connection, budget_alert, concurrency_changed>;
+// A fallback replaced a failure with its alternative.
+struct fallback_used {
+  std::string_view operation;
+  verdict cause = verdict::retryable;  // the failure as the fallback's classifier judged it
+  error_code code{};                   // its code, when it had one
+  std::exception_ptr failure{};        // the failure itself; empty when it was a value (a 503)
+  std::string_view policy{};
+};
+
+using event = std::variant<attempt_started, attempt_succeeded, attempt_failed, retry_scheduled,
+                           throttled, rejected, server_rate_limited, breaker_changed, route_chosen,
+                           provider_cooling, route_fallback, fleet_connection, budget_alert,
+                           concurrency_changed, fallback_used>;
 
 // Any callable taking the event; empty means nobody is listening.
 using observer = std::function<void(const event&)>;
@@ -245,6 +254,13 @@ struct fmt::formatter<weir::event> {
           } else if constexpr (std::is_same_v<T, concurrency_changed>) {
             return fmt::format_to(ctx.out(), "{}: concurrency limit {} -> {} (no-load {:.1f} ms){}",
                                   op, v.from, v.to, weir::detail::milliseconds(v.baseline),
+                                  by(v.policy));
+          } else if constexpr (std::is_same_v<T, fallback_used>) {
+            // The code's message only: an exception's own text may quote a request.
+            if (v.code)
+              return fmt::format_to(ctx.out(), "{}: {} failure ({}), fallback{}", op, v.cause,
+                                    v.code.message(), by(v.policy));
+            return fmt::format_to(ctx.out(), "{}: {} failure, fallback{}", op, v.cause,
                                   by(v.policy));
           } else if constexpr (std::is_same_v<T, budget_alert>) {
             return fmt::format_to(ctx.out(), "budget {}{}{}: ${:.4f} of ${:.2f} spent ({:.0f}%)",

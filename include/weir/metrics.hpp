@@ -39,6 +39,7 @@ struct policy_metrics {
   std::array<std::uint64_t, rejection_kinds> rejections{};  // calls it refused, by rejection
   std::optional<breaker_state> breaker{};          // a breaker's state, from its last change
   std::optional<std::size_t> concurrency_limit{};  // an adaptive limit, from its last change
+  std::uint64_t fallbacks_used = 0;                // failures a fallback replaced
 };
 
 struct metrics_snapshot {
@@ -123,6 +124,8 @@ class metrics {
               add(budget_alerts);
             } else if constexpr (std::is_same_v<T, concurrency_changed>) {
               by_policy(v.policy, [&](policy_metrics& p) { p.concurrency_limit = v.to; });
+            } else if constexpr (std::is_same_v<T, fallback_used>) {
+              by_policy(v.policy, [&](policy_metrics& p) { ++p.fallbacks_used; });
             } else if constexpr (std::is_same_v<T, fleet_connection>) {
               add(fleet_losses, v.reachable ? 0 : 1);
             } else {
@@ -327,6 +330,15 @@ inline void write_prometheus(std::string& out, std::initializer_list<const metri
       fmt::format_to(std::back_inserter(out),
                      "weir_policy_throttled_seconds_total{{pipeline=\"{}\",policy=\"{}\"}} {}\n",
                      name, detail::prometheus_label(p.name), p.throttled_seconds);
+  out +=
+      "# HELP weir_policy_fallbacks_total Failures a fallback replaced, by policy.\n"
+      "# TYPE weir_policy_fallbacks_total counter\n";
+  for (const auto& [name, s] : read)
+    for (const auto& p : s.policies)
+      if (p.fallbacks_used > 0)
+        fmt::format_to(std::back_inserter(out),
+                       "weir_policy_fallbacks_total{{pipeline=\"{}\",policy=\"{}\"}} {}\n", name,
+                       detail::prometheus_label(p.name), p.fallbacks_used);
   out +=
       "# HELP weir_policy_rejections_total Calls refused without being tried, by policy.\n"
       "# TYPE weir_policy_rejections_total counter\n";

@@ -8,6 +8,7 @@
 #include <weir/circuit_breaker.hpp>
 #include <weir/error.hpp>
 #include <weir/events.hpp>
+#include <weir/fallback.hpp>
 #include <weir/keyed_limiter.hpp>
 #include <weir/metrics.hpp>
 #include <weir/outcome.hpp>

@@ -3,9 +3,13 @@
 
 #include <weir/error.hpp>
 
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/basic_waitable_timer.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
 #include <boost/system/system_error.hpp>
 
 #include <chrono>
@@ -14,6 +18,16 @@
 #include <utility>
 
 namespace weir::testing {
+
+// A call that takes `d` on `Clock`'s timers, then answers `v`: one to cancel while it runs.
+template <class Clock>
+boost::asio::awaitable<int> slow_answer(std::chrono::nanoseconds d, int v = 1) {
+  boost::asio::basic_waitable_timer<Clock> t(
+      co_await boost::asio::this_coro::executor,
+      std::chrono::duration_cast<typename Clock::duration>(d));
+  co_await t.async_wait(boost::asio::use_awaitable);
+  co_return v;
+}
 
 // Records how a limiter's acquisition completed.
 struct acquisition {

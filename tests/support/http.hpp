@@ -4,6 +4,7 @@
 
 #include <weir/http/adaptation.hpp>
 #include <weir/http/beast.hpp>
+#include <weir/http/classify.hpp>
 #include <weir/http/hints.hpp>
 #include <weir/http/parse.hpp>
 #include <weir/http/usage.hpp>
@@ -18,6 +19,7 @@
 #include <chrono>
 #include <deque>
 #include <initializer_list>
+#include <map>
 #include <string>
 #include <utility>
 

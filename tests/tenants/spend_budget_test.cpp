@@ -205,14 +205,7 @@ TEST_CASE("a budget stage releases what an inner refusal never sent and charges 
 
   asio::cancellation_signal cancel;
   weir::testing::finished<int> cancelled;
-  cancelled.start(io,
-                  guarded(ctx,
-                          [&]() -> asio::awaitable<int> {
-                            asio::basic_waitable_timer<clock_type> t(
-                                co_await asio::this_coro::executor, 1s);
-                            co_await t.async_wait(asio::use_awaitable);
-                            co_return 1;
-                          }),
+  cancelled.start(io, guarded(ctx, [] { return weir::testing::slow_answer<clock_type>(1s); }),
                   cancel.slot());
   run_ready(io);
   cancel.emit(asio::cancellation_type::terminal);

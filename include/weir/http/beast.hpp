@@ -6,6 +6,7 @@
 //     auto res = co_await retry([&] { return exchange(stream, req); });  // a Beast response
 #pragma once
 
+#include <weir/http/classify.hpp>
 #include <weir/http/hints.hpp>
 #include <weir/outcome.hpp>
 
@@ -31,13 +32,8 @@ hint_parser read_hints(const Fields& fields, std::chrono::system_clock::time_poi
   return parser;
 }
 
-// The status-code rule, before x-should-retry:
-//   2xx (and 1xx, 3xx)   success
-//   429                  rate_limited, with the parsed hint
-//   408, 409, 5xx, 529   retryable (a hint, e.g. Retry-After on a 503, is kept)
-//   other 4xx            fatal, unless listed in `retryable_statuses`
-// x-should-retry: true makes any failure retryable (a 429 stays rate_limited); false makes it
-// fatal.
+// Beast's responses judged by the status-code rule of classify.hpp (judge_status), with the
+// hints of every field; a string body is read for Gemini's retryDelay on a 429.
 struct response_classifier {
   std::vector<unsigned> retryable_statuses{};  // extra 4xx statuses worth retrying
 
@@ -45,29 +41,9 @@ struct response_classifier {
   classification judge(
       const beast_http::response<Body, Fields>& res,
       std::chrono::system_clock::time_point now = std::chrono::system_clock::now()) const {
-    const unsigned status = res.result_int();
-    // Successes carry hints too (limits, remaining): that is how the limiter stops before a 429.
-    const auto parsed = read_hints(res.base(), now);
-    if (status < 400) return {verdict::success, parsed.hint()};
-    classification c{verdict::fatal, parsed.hint()};
-    if constexpr (std::is_same_v<Body, beast_http::string_body>) {
-      if (status == 429 && !c.hint.retry_after)
-        c.hint.retry_after = parse_gemini_retry_delay(res.body());
-    }
-    if (status == 429) {
-      c.kind = verdict::rate_limited;
-    } else if (status == 408 || status == 409 || status >= 500 ||
-               std::find(retryable_statuses.begin(), retryable_statuses.end(), status) !=
-                   retryable_statuses.end()) {
-      c.kind = verdict::retryable;
-    }
-    if (auto should = parsed.should_retry()) {
-      if (!*should)
-        c.kind = verdict::fatal;
-      else if (c.kind == verdict::fatal)
-        c.kind = verdict::retryable;
-    }
-    return c;
+    std::string_view body;
+    if constexpr (std::is_same_v<Body, beast_http::string_body>) body = res.body();
+    return judge_status(res.result_int(), read_hints(res.base(), now), body, retryable_statuses);
   }
 
   // As a classifier: responses are judged by status and headers, errors and exceptions as

@@ -1,0 +1,117 @@
+// Turns chosen failures into a value or an alternative operation — a cached answer, a smaller
+// model, a canned reply — as Polly's and Resilience4j's fallback do, for code that does not use
+// the router (which falls back across models itself).
+//
+//     weir::fallback canned(
+//         [](const weir::outcome<reply>& failed) -> asio::awaitable<reply> {
+//           co_return reply{"The assistant is busy; try again in a minute."};
+//         },
+//         {.name = "canned reply", .watch = log});
+//     auto guarded = weir::pipeline(canned, retry, breaker);   // outermost: after the retries
+//     auto answer = co_await guarded(ctx, [&] { return client.complete(request); });
+//
+// The handler takes the failed outcome and returns a T or an asio::awaitable<T>; what it throws
+// is the call's failure. Which failures it replaces: those its classifier judges one of
+// `handles` (all of them by default), never a cancellation. With a classifier of responses
+// (http::response_classifier), a value can be a failure too: a 503 gets the canned reply. Each
+// use is a `fallback_used` event naming the original failure.
+#pragma once
+
+#include <weir/events.hpp>
+#include <weir/outcome.hpp>
+
+#include <boost/asio/awaitable.hpp>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace weir {
+
+struct fallback_options {
+  std::string name = "fallback";
+  std::string operation{};  // named in its events
+  // The failures it replaces, as the classifier judges them; a cancellation never is (a caller
+  // that asked to stop gets no substitute).
+  std::vector<verdict> handles{verdict::retryable, verdict::rate_limited, verdict::fatal};
+  observer watch{};  // fallback_used events; empty: none are built
+};
+
+namespace detail {
+template <class R>
+struct is_awaitable : std::false_type {};
+template <class T, class E>
+struct is_awaitable<boost::asio::awaitable<T, E>> : std::true_type {};
+
+// The code a failure carries, if any, for the event: never its text (a user's exception may
+// quote a request).
+inline error_code code_of(const std::exception_ptr& e) {
+  if (!e) return {};
+  try {
+    std::rethrow_exception(e);
+  } catch (const boost::system::system_error& x) {
+    return x.code();
+  } catch (...) {
+    return {};
+  }
+}
+}  // namespace detail
+
+// Copies share the handler and options. As a policy alone, `fallback(op)`; in a pipeline, it
+// wraps the policies after it.
+template <class Handler, class Classifier = default_classifier>
+class fallback {
+ public:
+  explicit fallback(Handler handler, fallback_options options = {}, Classifier classifier = {})
+      : state_(std::make_shared<const state>(
+            state{std::move(handler), std::move(classifier), std::move(options)})) {}
+
+  // Runs `op`; a failure it handles is replaced by the handler's answer.
+  template <class Op>
+  auto operator()(Op op) const {
+    using T = awaitable_value_t<std::invoke_result_t<Op&>>;
+    return run<T>(state_, std::move(op));
+  }
+
+  const std::string& name() const noexcept { return state_->options.name; }
+
+ private:
+  struct state {
+    Handler handler;
+    Classifier classifier;
+    fallback_options options;
+
+    bool handles(verdict kind) const {
+      return std::find(options.handles.begin(), options.handles.end(), kind) !=
+             options.handles.end();
+    }
+  };
+
+  template <class T, class Op>
+  static boost::asio::awaitable<T> run(std::shared_ptr<const state> s, Op op) {
+    auto result = co_await capture(op());
+    const classification judged = s->classifier(result);
+    if (judged.kind == verdict::success || result.cancelled() || !s->handles(judged.kind))
+      co_return std::move(result).get();
+    if (s->options.watch) {
+      const auto failure = result.failure();
+      const error_code code = result.has_error() ? result.error() : detail::code_of(failure);
+      const fallback_used used{s->options.operation, judged.kind, code, failure, s->options.name};
+      s->options.watch(used);
+    }
+    using answer = std::invoke_result_t<const Handler&, const outcome<T>&>;
+    if constexpr (detail::is_awaitable<answer>::value) {
+      auto alternative = s->handler(std::as_const(result));
+      co_return co_await std::move(alternative);
+    } else {
+      co_return s->handler(std::as_const(result));
+    }
+  }
+
+  std::shared_ptr<const state> state_;
+};
+
+}  // namespace weir

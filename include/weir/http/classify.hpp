@@ -1,0 +1,70 @@
+// Judging any HTTP client's response from its status and its header pairs, with no HTTP library
+// needed: libcurl's headers collected by a header callback, cpr's, a gateway's. Beast's responses
+// go through the same rule (beast.hpp).
+//
+//     std::vector<std::pair<std::string, std::string>> headers = ...;  // as the client gave them
+//     auto judged = weir::http::judge_status(status, headers);
+//     // judged.kind: success, retryable, rate_limited or fatal; judged.hint: Retry-After, limits
+#pragma once
+
+#include <weir/http/hints.hpp>
+#include <weir/outcome.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <span>
+#include <string_view>
+
+namespace weir::http {
+
+// Every rate-limit header among `headers`, a range of name/value pairs (anything with `first`
+// and `second` that convert to std::string_view), merged (see hints.hpp).
+template <class Headers>
+hint_parser read_header_pairs(const Headers& headers, std::chrono::system_clock::time_point now =
+                                                          std::chrono::system_clock::now()) {
+  hint_parser parser(now);
+  for (const auto& [name, value] : headers)
+    parser.add(std::string_view(name), std::string_view(value));
+  return parser;
+}
+
+// The status-code rule, before x-should-retry:
+//   2xx (and 1xx, 3xx)   success
+//   429                  rate_limited, with the parsed hint
+//   408, 409, 5xx, 529   retryable (a hint, e.g. Retry-After on a 503, is kept)
+//   other 4xx            fatal, unless listed in `retryable_statuses`
+// x-should-retry: true makes any failure retryable (a 429 stays rate_limited); false makes it
+// fatal. `body` is read only for Gemini's retryDelay on a 429 without Retry-After.
+inline classification judge_status(unsigned status, const hint_parser& parsed,
+                                   std::string_view body = {},
+                                   std::span<const unsigned> retryable_statuses = {}) {
+  // Successes carry hints too (limits, remaining): that is how the limiter stops before a 429.
+  if (status < 400) return {verdict::success, parsed.hint()};
+  classification c{verdict::fatal, parsed.hint()};
+  if (status == 429) {
+    c.kind = verdict::rate_limited;
+    if (!c.hint.retry_after && !body.empty()) c.hint.retry_after = parse_gemini_retry_delay(body);
+  } else if (status == 408 || status == 409 || status >= 500 ||
+             std::find(retryable_statuses.begin(), retryable_statuses.end(), status) !=
+                 retryable_statuses.end()) {
+    c.kind = verdict::retryable;
+  }
+  if (auto should = parsed.should_retry()) {
+    if (!*should)
+      c.kind = verdict::fatal;
+    else if (c.kind == verdict::fatal)
+      c.kind = verdict::retryable;
+  }
+  return c;
+}
+
+// A response from any client: its status and its header pairs.
+template <class Headers>
+classification judge_status(
+    unsigned status, const Headers& headers, std::string_view body = {},
+    std::span<const unsigned> retryable_statuses = {},
+    std::chrono::system_clock::time_point now = std::chrono::system_clock::now()) {
+  return judge_status(status, read_header_pairs(headers, now), body, retryable_statuses);
+}
+
+}  // namespace weir::http
