@@ -6,6 +6,9 @@
 #ifdef CONSUMER_HAS_REDIS
 #include <weir/redis/rate_limiter.hpp>
 #endif
+#ifdef CONSUMER_HAS_CURL
+#include <weir/curl.hpp>
+#endif
 
 #include <fmt/core.h>
 #include <boost/asio/io_context.hpp>
@@ -21,6 +24,10 @@ int main() {
 #ifdef CONSUMER_HAS_HTTP_CLIENT
   optional_parts &= weir::http::endpoint::parse("https://api.openai.com/v1").port == "443";
   fmt::print("consumer: weir::http_client\n");
+#endif
+#ifdef CONSUMER_HAS_CURL
+  optional_parts &= weir::curl::retryable(CURLE_COULDNT_CONNECT);
+  fmt::print("consumer: weir::curl\n");
 #endif
 #ifdef CONSUMER_HAS_REDIS
   optional_parts &= weir::redis::rate_limiter_options{}.name == "default";

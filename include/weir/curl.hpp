@@ -1,0 +1,411 @@
+// libcurl in weir (optional target weir::curl, Debian's libcurl4-openssl-dev): the HTTP client
+// many teams already have.
+//
+//  - `response` and `perform(easy)`: a blocking transfer that collects the status, the headers
+//    (of the last response, after redirects and 100 Continue) and the body; a failed transfer
+//    throws boost::system::system_error with its CURLcode in `curl_category()`.
+//  - `response_classifier`: judges an outcome<response> as any HTTP response is judged
+//    (http/classify.hpp: status, Retry-After, rate-limit headers) and a transfer's CURLcode as
+//    retryable (the connection failed or broke, a timeout) or fatal (a bad URL, a certificate
+//    refused, an option curl does not know).
+//  - `multi`: curl's multi-socket API driven by an Asio executor, so that many transfers share
+//    one thread: `co_await transfers.perform(easy)`; cancelling the await removes the transfer.
+//
+// As curl asks, call curl_global_init(CURL_GLOBAL_DEFAULT) once, before any thread makes handles.
+//
+//     weir::curl::multi transfers(io.get_executor());
+//     weir::curl::easy req(url);                       // an easy handle, cleaned up for you
+//     auto reply = co_await guarded([&] { return transfers.perform(req); });
+#pragma once
+
+#include <weir/http/classify.hpp>
+#include <weir/outcome.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/bind_executor.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/error.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/system/error_code.hpp>
+#include <boost/system/system_error.hpp>
+
+#include <curl/curl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace weir::curl {
+
+// CURLcode as an error_code. The messages are curl's own (curl_easy_strerror): they name the
+// failure, never the URL, a header or the body.
+class curl_error_category final : public boost::system::error_category {
+ public:
+  const char* name() const noexcept override { return "curl"; }
+  std::string message(int code) const override {
+    return curl_easy_strerror(static_cast<CURLcode>(code));
+  }
+};
+inline const boost::system::error_category& curl_category() noexcept {
+  static const curl_error_category category;
+  return category;
+}
+inline error_code make_error_code(CURLcode code) noexcept {
+  return {static_cast<int>(code), curl_category()};
+}
+
+// Whether a transfer that failed with `code` is worth trying again: the connection could not be
+// made or broke, or it timed out. A bad URL, a refused certificate, a misuse of curl are not.
+inline bool retryable(CURLcode code) noexcept {
+  switch (code) {
+    case CURLE_COULDNT_RESOLVE_PROXY:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_HTTP2:
+    case CURLE_PARTIAL_FILE:
+    case CURLE_OPERATION_TIMEDOUT:
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_SEND_ERROR:
+    case CURLE_RECV_ERROR:
+    case CURLE_HTTP2_STREAM:
+    case CURLE_HTTP3:
+    case CURLE_QUIC_CONNECT_ERROR:
+    case CURLE_AGAIN: return true;
+    default: return false;
+  }
+}
+
+// What a transfer brought back.
+struct response {
+  long status = 0;
+  std::vector<std::pair<std::string, std::string>> headers;  // of the last response, in order
+  std::string body;
+
+  // The first value of header `name`, any case; empty when there is none.
+  std::string_view header(std::string_view name) const {
+    for (const auto& [n, v] : headers)
+      if (std::equal(n.begin(), n.end(), name.begin(), name.end(), [](char a, char b) {
+            return std::tolower(static_cast<unsigned char>(a)) ==
+                   std::tolower(static_cast<unsigned char>(b));
+          }))
+        return v;
+    return {};
+  }
+};
+
+namespace detail {
+// CURLOPT_HEADERFUNCTION: one header line at a time. A status line starts a new response (after
+// a redirect or a 100 Continue only the last one's headers are kept).
+inline std::size_t collect_header(char* data, std::size_t size, std::size_t count, void* to) {
+  auto& r = *static_cast<response*>(to);
+  std::string_view line(data, size * count);
+  while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) line.remove_suffix(1);
+  if (line.starts_with("HTTP/")) {
+    r.headers.clear();
+  } else if (const auto colon = line.find(':'); colon != std::string_view::npos) {
+    auto value = line.substr(colon + 1);
+    while (!value.empty() && (value.front() == ' ' || value.front() == '\t'))
+      value.remove_prefix(1);
+    r.headers.emplace_back(std::string(line.substr(0, colon)), std::string(value));
+  }
+  return size * count;
+}
+inline std::size_t collect_body(char* data, std::size_t size, std::size_t count, void* to) {
+  static_cast<response*>(to)->body.append(data, size * count);
+  return size * count;
+}
+inline void check(CURLcode code, const char* what) {
+  if (code != CURLE_OK) throw boost::system::system_error(make_error_code(code), what);
+}
+}  // namespace detail
+
+// An easy handle that cleans itself up, with a response its callbacks fill.
+class easy {
+ public:
+  easy() : handle_(curl_easy_init()) {
+    if (!handle_) throw boost::system::system_error(make_error_code(CURLE_OUT_OF_MEMORY));
+  }
+  explicit easy(const std::string& url) : easy() { set(CURLOPT_URL, url.c_str()); }
+  ~easy() {
+    if (handle_) curl_easy_cleanup(handle_);
+    if (list_) curl_slist_free_all(list_);
+  }
+  easy(const easy&) = delete;
+  easy& operator=(const easy&) = delete;
+
+  template <class Value>
+  easy& set(CURLoption option, Value value) {
+    detail::check(curl_easy_setopt(handle_, option, value), "curl_easy_setopt");
+    return *this;
+  }
+  // Adds a request header ("Name: value"); the list lives as long as the handle.
+  easy& add_header(const std::string& line) {
+    auto* grown = curl_slist_append(list_, line.c_str());
+    if (!grown) throw boost::system::system_error(make_error_code(CURLE_OUT_OF_MEMORY));
+    list_ = grown;
+    return set(CURLOPT_HTTPHEADER, list_);
+  }
+  // A POST of `body` (copied: the handle may outlive the caller's string).
+  easy& post(std::string body) {
+    body_ = std::move(body);
+    set(CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(body_.size()));
+    return set(CURLOPT_POSTFIELDS, body_.c_str());
+  }
+
+  CURL* native() const noexcept { return handle_; }
+
+  // Points the handle's callbacks at a fresh response, for one transfer.
+  response& prepare() {
+    reply_ = response{};
+    set(CURLOPT_HEADERFUNCTION, &detail::collect_header);
+    set(CURLOPT_HEADERDATA, static_cast<void*>(&reply_));
+    set(CURLOPT_WRITEFUNCTION, &detail::collect_body);
+    set(CURLOPT_WRITEDATA, static_cast<void*>(&reply_));
+    return reply_;
+  }
+  // After a transfer ended with `code`: the response, or the failure thrown.
+  response finish(CURLcode code) {
+    detail::check(code, "curl transfer");
+    long status = 0;
+    curl_easy_getinfo(handle_, CURLINFO_RESPONSE_CODE, &status);
+    reply_.status = status;
+    return std::move(reply_);
+  }
+
+ private:
+  CURL* handle_ = nullptr;
+  curl_slist* list_ = nullptr;
+  std::string body_;
+  response reply_;
+};
+
+// A blocking transfer, as most curl code makes one: run it on a thread pool, not on an
+// io_context's thread.
+inline response perform(easy& handle) {
+  handle.prepare();
+  return handle.finish(curl_easy_perform(handle.native()));
+}
+
+// Judges a transfer: its response by status and headers, its failure by CURLcode; anything else
+// as default_classifier does.
+struct response_classifier {
+  std::vector<unsigned> retryable_statuses{};  // extra 4xx statuses worth retrying
+
+  classification judge(const response& r, std::chrono::system_clock::time_point now =
+                                              std::chrono::system_clock::now()) const {
+    return http::judge_status(static_cast<unsigned>(r.status), r.headers, r.body,
+                              retryable_statuses, now);
+  }
+
+  template <class T>
+  classification operator()(const outcome<T>& o) const {
+    if constexpr (std::is_same_v<T, response>)
+      if (o.has_value()) return judge(o.value());
+    const auto code = o.has_error() ? o.error() : code_of(o);
+    if (code.category() == curl_category()) {
+      classification c;
+      c.kind = retryable(static_cast<CURLcode>(code.value())) ? verdict::retryable : verdict::fatal;
+      return c;
+    }
+    return default_classifier{}(o);
+  }
+
+ private:
+  template <class T>
+  static error_code code_of(const outcome<T>& o) {
+    if (!o.has_exception()) return {};
+    try {
+      std::rethrow_exception(o.exception());
+    } catch (const boost::system::system_error& x) {
+      return x.code();
+    } catch (...) {
+      return {};
+    }
+  }
+};
+
+// curl's multi-socket API on an Asio executor: curl says which sockets to watch and when its
+// timer is due; the executor's reactor watches them, so any number of transfers share the
+// thread that runs it. Everything happens on one strand. Not copyable; destroy it with no
+// transfer in flight (cancel them first), on its executor's thread or after the executor stops.
+class multi {
+ public:
+  explicit multi(boost::asio::any_io_executor ex)
+      : strand_(boost::asio::make_strand(std::move(ex))),
+        timer_(strand_),
+        handle_(curl_multi_init()) {
+    if (!handle_) throw boost::system::system_error(make_error_code(CURLE_OUT_OF_MEMORY));
+    curl_multi_setopt(handle_, CURLMOPT_SOCKETFUNCTION, &multi::on_socket);
+    curl_multi_setopt(handle_, CURLMOPT_SOCKETDATA, this);
+    curl_multi_setopt(handle_, CURLMOPT_TIMERFUNCTION, &multi::on_timer);
+    curl_multi_setopt(handle_, CURLMOPT_TIMERDATA, this);
+  }
+  ~multi() {
+    for (auto& [easy, t] : transfers_) curl_multi_remove_handle(handle_, easy);
+    for (auto& [fd, w] : watched_) w->descriptor.release();  // curl closes its own sockets
+    curl_multi_cleanup(handle_);
+  }
+  multi(const multi&) = delete;
+  multi& operator=(const multi&) = delete;
+
+  // Runs the transfer of `handle` (which must outlive it), with any completion token: completes
+  // with (error_code, CURLcode), the error code set only by a cancellation (any type removes the
+  // transfer: operation_aborted); then read the response with handle.finish(code).
+  template <class CompletionToken>
+  auto async_transfer(easy& handle, CompletionToken&& token) {
+    return boost::asio::async_initiate<CompletionToken, void(error_code, CURLcode)>(
+        [this](auto handler, easy* h) { start(*h, std::move(handler)); }, token, &handle);
+  }
+
+  // The same as a coroutine: the response, or the CURLcode (or the cancellation) thrown.
+  boost::asio::awaitable<response> perform(easy& handle) {
+    auto [ec, code] =
+        co_await async_transfer(handle, boost::asio::as_tuple(boost::asio::use_awaitable));
+    if (ec) throw boost::system::system_error(ec);
+    co_return handle.finish(code);
+  }
+
+  std::size_t in_flight() const noexcept { return transfers_.size(); }
+
+ private:
+  using strand_type = boost::asio::strand<boost::asio::any_io_executor>;
+  using done_handler = std::function<void(error_code, CURLcode)>;
+
+  struct transfer {
+    std::uint64_t id = 0;  // so a late cancellation cannot end a later transfer of the handle
+    done_handler done;
+  };
+  struct watch {
+    explicit watch(const strand_type& s, curl_socket_t fd) : descriptor(s, fd) {}
+    boost::asio::posix::stream_descriptor descriptor;
+    int wanted = CURL_POLL_NONE;  // what curl asked to watch
+    bool reading = false, writing = false;
+  };
+
+  template <class Handler>
+  void start(easy& handle, Handler handler) {
+    auto slot = boost::asio::get_associated_cancellation_slot(handler);
+    auto work = std::make_shared<Handler>(std::move(handler));
+    CURL* e = handle.native();
+    const auto id = ++last_id_;
+    // The slot is the caller's: assigned here, on the caller's side, before anything can end.
+    if (slot.is_connected())
+      slot.assign([this, e, id](boost::asio::cancellation_type) {
+        boost::asio::dispatch(strand_, [this, e, id] {
+          end(e, boost::asio::error::operation_aborted, CURLE_OK, id);
+        });
+      });
+    boost::asio::dispatch(strand_, [this, &handle, e, work, id]() mutable {
+      handle.prepare();
+      transfers_[e] =
+          transfer{id, [work](error_code ec, CURLcode code) {
+                     auto h = std::move(*work);
+                     auto ex = boost::asio::get_associated_executor(h);
+                     boost::asio::post(ex, [h = std::move(h), ec, code]() mutable { h(ec, code); });
+                   }};
+      if (curl_multi_add_handle(handle_, e) != CURLM_OK) end(e, {}, CURLE_FAILED_INIT);
+    });
+  }
+
+  // On the strand: the transfer of `e` is over (or cancelled): its handler is called once.
+  // `id`: only if it is still that transfer.
+  void end(CURL* e, error_code ec, CURLcode code, std::uint64_t id = 0) {
+    auto it = transfers_.find(e);
+    if (it == transfers_.end() || (id != 0 && it->second.id != id)) return;  // already ended
+    auto done = std::move(it->second.done);
+    transfers_.erase(it);
+    curl_multi_remove_handle(handle_, e);
+    done(ec, code);
+  }
+
+  // On the strand: lets curl act on `fd` (or on its timeouts) and collects what finished.
+  void drive(curl_socket_t fd, int events) {
+    int running = 0;
+    curl_multi_socket_action(handle_, fd, events, &running);
+    int left = 0;
+    while (CURLMsg* m = curl_multi_info_read(handle_, &left))
+      if (m->msg == CURLMSG_DONE) end(m->easy_handle, {}, m->data.result);
+  }
+
+  // Called by curl, inside curl_multi_socket_action or add_handle, so on the strand.
+  static int on_socket(CURL*, curl_socket_t fd, int what, void* self, void*) {
+    auto& m = *static_cast<multi*>(self);
+    if (what == CURL_POLL_REMOVE) {
+      if (auto it = m.watched_.find(fd); it != m.watched_.end()) {
+        it->second->descriptor.cancel();
+        it->second->descriptor.release();  // curl closes the socket itself
+        m.watched_.erase(it);
+      }
+      return 0;
+    }
+    auto& w = m.watched_[fd];
+    if (!w) w = std::make_shared<watch>(m.strand_, fd);
+    w->wanted = what;
+    m.arm(fd, w);
+    return 0;
+  }
+
+  void arm(curl_socket_t fd, const std::shared_ptr<watch>& w) {
+    using boost::asio::posix::descriptor_base;
+    const auto wait = [this, fd, weak = std::weak_ptr<watch>(w)](descriptor_base::wait_type type,
+                                                                 bool watch::*busy, int event) {
+      auto watching = weak.lock();
+      watching.get()->*busy = true;
+      watching->descriptor.async_wait(type, [this, fd, weak, busy, event](error_code ec) {
+        auto ready = weak.lock();
+        if (!ready) return;  // curl stopped watching this socket
+        ready.get()->*busy = false;
+        if (ec) return;
+        drive(fd, event);
+        // curl may still want this socket watched, unless it let it go meanwhile.
+        if (auto it = watched_.find(fd); it != watched_.end() && it->second == ready)
+          arm(fd, ready);
+      });
+    };
+    if ((w->wanted & CURL_POLL_IN) && !w->reading)
+      wait(descriptor_base::wait_read, &watch::reading, CURL_CSELECT_IN);
+    if ((w->wanted & CURL_POLL_OUT) && !w->writing)
+      wait(descriptor_base::wait_write, &watch::writing, CURL_CSELECT_OUT);
+  }
+
+  static int on_timer(CURLM*, long timeout_ms, void* self) {
+    auto& m = *static_cast<multi*>(self);
+    if (timeout_ms < 0) {
+      m.timer_.cancel();
+      return 0;
+    }
+    m.timer_.expires_after(std::chrono::milliseconds(timeout_ms));
+    m.timer_.async_wait([&m](error_code ec) {
+      if (!ec) m.drive(CURL_SOCKET_TIMEOUT, 0);
+    });
+    return 0;
+  }
+
+  strand_type strand_;
+  boost::asio::steady_timer timer_;
+  CURLM* handle_ = nullptr;
+  std::atomic<std::uint64_t> last_id_{0};  // taken by start(), from any thread
+  std::map<CURL*, transfer> transfers_;
+  std::map<curl_socket_t, std::shared_ptr<watch>> watched_;
+};
+
+}  // namespace weir::curl

@@ -1,0 +1,164 @@
+// Specifications of weir/curl.hpp: curl's results judged, and its multi-socket API on Asio
+// against weir's mock provider on loopback (real sockets, short real time).
+#include <weir/curl.hpp>
+#include <weir/testing/mock_provider.hpp>
+
+#include <boost/asio.hpp>
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <thread>
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using ns = std::chrono::nanoseconds;
+
+namespace {
+void feed(weir::curl::response& r, std::string line) {
+  weir::curl::detail::collect_header(line.data(), 1, line.size(), &r);
+}
+
+// The mock on its own thread, for as long as the test runs.
+struct serving {
+  explicit serving(weir::testing::mock_provider_options o)
+      : server(io.get_executor(), std::move(o)) {
+    server.start();
+    thread = std::thread([this] { io.run(); });
+  }
+  ~serving() {
+    server.stop();
+    work.reset();
+    thread.join();
+  }
+  asio::io_context io;
+  asio::executor_work_guard<asio::io_context::executor_type> work{io.get_executor()};
+  weir::testing::mock_provider server;
+  std::thread thread;
+};
+
+const std::string chat_body =
+    R"({"model":"llama","messages":[{"role":"user","content":"hi"}],"max_tokens":4})";
+}  // namespace
+
+TEST_CASE("curl's headers: only the last response's, any case, judged as any response", "[curl]") {
+  weir::curl::response r;
+  feed(r, "HTTP/1.1 100 Continue\r\n");
+  feed(r, "X-Early: dropped\r\n");
+  feed(r, "\r\n");
+  feed(r, "HTTP/1.1 429 Too Many Requests\r\n");
+  feed(r, "Retry-After:  3\r\n");
+  feed(r, "x-ratelimit-remaining-requests: 0\r\n");
+  feed(r, "\r\n");
+  r.status = 429;
+  REQUIRE(r.headers.size() == 2);
+  CHECK(r.header("retry-after") == "3");
+  CHECK(r.header("X-RATELIMIT-REMAINING-REQUESTS") == "0");
+  CHECK(r.header("x-early").empty());
+  const auto judged = weir::curl::response_classifier{}.judge(r);
+  CHECK(judged.kind == weir::verdict::rate_limited);
+  CHECK(judged.hint.retry_after == ns(3s));
+  CHECK(judged.hint.requests.remaining == 0);
+}
+
+TEST_CASE("a transfer's CURLcode is retryable when the connection failed, fatal when misused",
+          "[curl]") {
+  weir::curl::response_classifier judge;
+  const auto failed = [&](CURLcode code) {
+    return judge(weir::outcome<weir::curl::response>::from_exception(std::make_exception_ptr(
+                     boost::system::system_error(weir::curl::make_error_code(code)))))
+        .kind;
+  };
+  for (auto code : {CURLE_COULDNT_CONNECT, CURLE_OPERATION_TIMEDOUT, CURLE_RECV_ERROR,
+                    CURLE_SEND_ERROR, CURLE_GOT_NOTHING, CURLE_COULDNT_RESOLVE_HOST})
+    CHECK(failed(code) == weir::verdict::retryable);
+  for (auto code : {CURLE_URL_MALFORMAT, CURLE_UNSUPPORTED_PROTOCOL, CURLE_PEER_FAILED_VERIFICATION,
+                    CURLE_BAD_FUNCTION_ARGUMENT})
+    CHECK(failed(code) == weir::verdict::fatal);
+  // curl's own words, which never carry the URL.
+  CHECK(weir::curl::make_error_code(CURLE_COULDNT_CONNECT).message() ==
+        "Couldn't connect to server");
+  // A cancellation is judged as everywhere else.
+  CHECK(
+      judge(weir::outcome<weir::curl::response>::from_error(asio::error::operation_aborted)).kind ==
+      weir::verdict::fatal);
+}
+
+TEST_CASE("curl's multi-socket API on Asio: transfers share a thread, a cancelled one is removed",
+          "[curl]") {
+  serving s({.name = "vllm",
+             .models = {{"llama", 0, 0, 0}},
+             .base_latency = std::chrono::microseconds(300'000),
+             .per_output_token = std::chrono::microseconds(0),
+             .workers = 8});
+  const auto url = s.server.base_url() + "/chat/completions";
+  asio::io_context io(1);
+  weir::curl::multi transfers(io.get_executor());
+  std::vector<std::unique_ptr<weir::curl::easy>> requests;
+  int answered = 0;
+  for (int i = 0; i < 6; ++i) {
+    requests.push_back(std::make_unique<weir::curl::easy>(url));
+    requests.back()->add_header("Content-Type: application/json").post(chat_body);
+    asio::co_spawn(io, transfers.perform(*requests.back()),
+                   [&](std::exception_ptr e, weir::curl::response r) {
+                     CHECK_FALSE(e);
+                     CHECK(r.status == 200);
+                     CHECK(r.body.find("chat.completion") != std::string::npos);
+                     ++answered;
+                   });
+  }
+  // A seventh, cancelled while the server works on it.
+  weir::curl::easy cancelled(url);
+  cancelled.add_header("Content-Type: application/json").post(chat_body);
+  asio::cancellation_signal cancel;
+  std::optional<weir::error_code> cancelled_with;
+  asio::co_spawn(
+      io, transfers.perform(cancelled),
+      asio::bind_cancellation_slot(cancel.slot(), [&](std::exception_ptr e, weir::curl::response) {
+        try {
+          if (e) std::rethrow_exception(e);
+          cancelled_with = weir::error_code{};
+        } catch (const boost::system::system_error& x) {
+          cancelled_with = x.code();
+        }
+      }));
+  asio::steady_timer soon(io, 100ms);
+  soon.async_wait([&](weir::error_code) { cancel.emit(asio::cancellation_type::terminal); });
+  const auto started = std::chrono::steady_clock::now();
+  io.run();
+  const auto took = std::chrono::steady_clock::now() - started;
+  CHECK(answered == 6);
+  REQUIRE(cancelled_with);
+  CHECK(*cancelled_with == asio::error::operation_aborted);
+  CHECK(transfers.in_flight() == 0);
+  // Six of 300 ms on eight workers at once: far less than one after another (1.8 s).
+  CHECK(took < 1500ms);
+  // The server saw the six; the one cancelled may have reached it.
+  CHECK(s.server.stats().status(200) >= 6);
+}
+
+TEST_CASE("a transfer to a closed port fails with curl's code, judged retryable", "[curl]") {
+  // A port that was free a moment ago: nothing listens there now.
+  unsigned short port = 0;
+  {
+    asio::io_context probe;
+    asio::ip::tcp::acceptor a(probe, {asio::ip::make_address_v4("127.0.0.1"), 0});
+    port = a.local_endpoint().port();
+  }
+  asio::io_context io(1);
+  weir::curl::multi transfers(io.get_executor());
+  weir::curl::easy request("http://127.0.0.1:" + std::to_string(port) + "/v1/chat/completions");
+  std::optional<weir::outcome<weir::curl::response>> ended;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        auto o = co_await weir::capture(transfers.perform(request));
+        ended.emplace(std::move(o));
+      },
+      asio::detached);
+  io.run();
+  REQUIRE(ended);
+  CHECK_FALSE(ended->has_value());
+  CHECK(weir::curl::response_classifier{}(*ended).kind == weir::verdict::retryable);
+}
