@@ -4,7 +4,7 @@
 // sleep 1, 2, 4 ... s) on fresh providers, and puts the two side by side.
 //
 //     weir-demo [--requests N] [--concurrency N] [--seed N] [--compare] [--self-hosted]
-//               [--svg PATH] [--plain]
+//               [--slow-tail] [--hedge] [--svg PATH] [--plain]
 //     weir-demo --model NAME [--base-url https://api.example.com/v1] [--api-key-env VAR]
 //               [--dialect openai|anthropic] [--rpm N] [--tpm N]
 #include "demo/workload.hpp"
@@ -39,6 +39,9 @@ Usage: weir-demo [options]
   --compare         run the naive way first, then weir, and compare them
   --self-hosted     add a fourth, free provider: a self-hosted model server with 4 workers that
                     queues instead of refusing; weir learns how many calls it can take at once
+  --slow-tail       the local providers stall one answer in twenty for 3 s
+  --hedge           weir hedges a request still unanswered at the p90 of the latencies it has
+                    seen (at most 8 at once, a tenth of the requests): compare the p99
   --svg PATH        where to write the timeline (default weir-demo-timeline.svg)
   --plain           log lines instead of the live dashboard (the default when not a terminal)
   --model NAME      run against a real endpoint instead of the local mocks, asking for NAME
@@ -59,6 +62,8 @@ struct settings {
   std::uint64_t seed = 7;
   bool compare = false;
   bool self_hosted = false;
+  bool slow_tail = false;
+  bool hedge = false;
   bool plain = false;
   std::string svg = "weir-demo-timeline.svg";
   std::string base_url, api_key_env, model;
@@ -103,6 +108,10 @@ settings parse(int argc, char** argv) {
       s.compare = true;
     } else if (flag == "--self-hosted") {
       s.self_hosted = true;
+    } else if (flag == "--slow-tail") {
+      s.slow_tail = true;
+    } else if (flag == "--hedge") {
+      s.hedge = true;
     } else if (flag == "--plain") {
       s.plain = true;
     } else if (flag == "--svg") {
@@ -141,6 +150,7 @@ settings parse(int argc, char** argv) {
     }
     if (s.compare) bad_usage("--compare runs against the local mocks only");
     if (s.self_hosted) bad_usage("--self-hosted runs against the local mocks only");
+    if (s.slow_tail) bad_usage("--slow-tail runs against the local mocks only");
     try {
       weir::http::endpoint::parse(s.base_url);
     } catch (const std::exception& e) {
@@ -292,6 +302,11 @@ void summary(const std::vector<demo::run_report>& runs) {
   row("429s seen", [](const auto& r) { return fmt::format("{}", r.rate_limited); });
   row("retries and fallbacks", [](const auto& r) { return fmt::format("{}", r.retries); });
   row("goodput", [](const auto& r) { return fmt::format("{:.1f}/s", r.goodput()); });
+  row("latency p50 / p99", [](const auto& r) {
+    return fmt::format("{:.2f}/{:.2f} s", r.latency_percentile(0.5), r.latency_percentile(0.99));
+  });
+  if (std::any_of(runs.begin(), runs.end(), [](const auto& r) { return r.hedges > 0; }))
+    row("hedges", [](const auto& r) { return fmt::format("{}", r.hedges); });
   // Against the limits in force (given, reported or discovered), in the dimension that binds,
   // with the burst the local mocks hold at the start.
   row("  of what the limits allow", [](const auto& r) {
@@ -384,7 +399,7 @@ demo::run_report run_once(const std::string& mode, std::vector<demo::provider_se
   if (s.base_url.empty()) mocks.emplace(fleet, s.seed);
   asio::io_context io(1);
   demo::progress live;
-  Run run(io, fleet, {.concurrency = s.concurrency}, live);
+  Run run(io, fleet, {.concurrency = s.concurrency, .hedge = s.hedge}, live);
   live_sources sources;
   if constexpr (requires { run.status(); }) sources.status = run.status();
   if constexpr (requires { run.concurrency(); }) sources.concurrency = run.concurrency();
@@ -428,6 +443,11 @@ int main(int argc, char** argv) {
   if (s.base_url.empty()) {
     fleet = demo::default_fleet();
     if (s.self_hosted) fleet.push_back(demo::self_hosted_provider());
+    if (s.slow_tail)
+      for (auto& p : fleet) {
+        p.faults.stalls = 0.05;
+        p.faults.stall = 3'000ms;
+      }
     fmt::print("weir-demo: {} requests at concurrency {} against {} local providers:\n", s.requests,
                s.concurrency, s.self_hosted ? "four" : "three");
     for (const auto& p : fleet)

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <weir/adaptive_concurrency.hpp>
+#include <weir/hedging.hpp>
 #include <weir/http/beast.hpp>
 #include <weir/http/client.hpp>
 #include <weir/http/usage.hpp>
@@ -243,6 +244,18 @@ struct run_report {
   std::set<std::size_t> succeeded;          // job ids reported successful
   double limit_per_second = 0;              // of the whole fleet, in the dimension that binds
   double burst_seconds = 0;  // how much of that rate the servers let through at once at the start
+  std::vector<double> latencies;  // seconds, of each completed request, start to answer
+  std::uint64_t hedges = 0;       // hedges started beside slow requests
+
+  // The latency below which a share `p` of the completed requests were answered.
+  double latency_percentile(double p) const {
+    if (latencies.empty()) return 0;
+    auto sorted = latencies;
+    const auto at = static_cast<std::size_t>(p * static_cast<double>(sorted.size() - 1));
+    std::nth_element(sorted.begin(), sorted.begin() + static_cast<std::ptrdiff_t>(at),
+                     sorted.end());
+    return sorted[at];
+  }
 
   // Completed requests per second.
   double goodput() const { return seconds > 0 ? completed / seconds : 0; }
@@ -318,8 +331,20 @@ class recorder {
     if (open && (spans.empty() || spans.back().second >= 0)) spans.emplace_back(now(), -1.0);
     if (!open && !spans.empty() && spans.back().second < 0) spans.back().second = now();
   }
+  void started(std::size_t job) {
+    std::lock_guard lock(mutex_);
+    began_[job] = now();
+  }
+  void hedged() {
+    std::lock_guard lock(mutex_);
+    ++report_.hedges;
+  }
   void finished(std::size_t job, bool ok, const std::string& why = {}) {
     std::lock_guard lock(mutex_);
+    if (auto it = began_.find(job); it != began_.end()) {
+      if (ok) report_.latencies.push_back(now() - it->second);
+      began_.erase(it);
+    }
     ++report_.endings[job];
     if (ok) report_.succeeded.insert(job);
     if (ok) {
@@ -357,6 +382,7 @@ class recorder {
   progress& live_;
   std::mutex mutex_;
   run_report report_;
+  std::map<std::size_t, double> began_;  // job id: when it started
 };
 
 struct run_options {
@@ -367,6 +393,7 @@ struct run_options {
   std::chrono::milliseconds attempt_timeout{5'000};
   std::size_t connections_per_provider = 16;
   std::chrono::milliseconds naive_backoff{1'000};  // the naive loop's first sleep, then doubled
+  bool hedge = false;  // weir: hedge a request still unanswered at the p90 of the latencies
 };
 
 // What a status line needs of a running router.
@@ -462,6 +489,12 @@ class weir_run {
     };
     ro.watch = [this](const weir::event& e) { observe(e); };
     router_.emplace(io.get_executor(), std::move(models), std::move(ro));
+    if (options_.hedge)
+      hedge_.emplace(weir::hedging_options{.delay_percentile = 0.9,
+                                           .max_in_flight = 8,
+                                           .budget = weir::retry_budget({.ratio = 0.1}),
+                                           .operation = "chat",
+                                           .watch = [this](const weir::event& e) { observe(e); }});
 
     for (const auto& p : fleet_) {
       auto& conn = connections_.emplace_back(std::make_unique<connection>(
@@ -549,15 +582,20 @@ class weir_run {
       const auto i = next_++;
       if (i >= jobs.size()) co_return;
       const auto& j = jobs[i];
+      log_.started(j.id);
       try {
+        // A hedge routes the request again: the router picks with what it knows then.
+        const auto route_once = [this, &j](unsigned) {
+          return router_->route(chat{&j}, {.input_tokens = j.input_tokens(),
+                                           .output_tokens = j.max_tokens,
+                                           .min_capability = j.min_capability,
+                                           .priority = j.priority,
+                                           .deadline = steady::now() + 60s,
+                                           .operation = "chat"});
+        };
         // The awaitable is made before the co_await: g++ 12 can free a temporary with a
         // destructor twice when it sits inside a co_await expression.
-        auto op = router_->route(chat{&j}, {.input_tokens = j.input_tokens(),
-                                            .output_tokens = j.max_tokens,
-                                            .min_capability = j.min_capability,
-                                            .priority = j.priority,
-                                            .deadline = steady::now() + 60s,
-                                            .operation = "chat"});
+        auto op = hedge_ ? (*hedge_)(route_once) : route_once(0);
         auto [res, route] = co_await std::move(op);
         const auto status = res.result_int();
         log_.answered(route.provider, status, route.cost);
@@ -584,6 +622,8 @@ class weir_run {
       log_.answered(f->provider, status, 0);
     } else if (auto* b = std::get_if<weir::breaker_changed>(&e)) {
       log_.breaker(b->operation, b->to);
+    } else if (std::holds_alternative<weir::hedge_started>(e)) {
+      log_.hedged();
     }
   }
 
@@ -603,6 +643,7 @@ class weir_run {
   std::optional<asio::ssl::context> tls_;
   std::vector<std::unique_ptr<connection>> connections_;
   std::optional<router_type> router_;
+  std::optional<weir::hedging<steady>> hedge_;
   std::atomic<std::size_t> next_{0};
   double tokens_per_request_ = 0;
   double output_tokens_ = 0;
@@ -674,6 +715,7 @@ class naive_run {
       const auto i = next_++;
       if (i >= jobs.size()) co_return;
       const auto& j = jobs[i];
+      log_.started(j.id);
       const auto target = cheapest(j);
       if (!target) {
         log_.finished(j.id, false, "no capable model");

@@ -18,6 +18,7 @@
 //     auto reply = co_await guarded([&] { return transfers.perform(req); });
 #pragma once
 
+#include <weir/error.hpp>
 #include <weir/http/classify.hpp>
 #include <weir/outcome.hpp>
 
@@ -220,26 +221,13 @@ struct response_classifier {
   classification operator()(const outcome<T>& o) const {
     if constexpr (std::is_same_v<T, response>)
       if (o.has_value()) return judge(o.value());
-    const auto code = o.has_error() ? o.error() : code_of(o);
+    const auto code = o.code();
     if (code.category() == curl_category()) {
       classification c;
       c.kind = retryable(static_cast<CURLcode>(code.value())) ? verdict::retryable : verdict::fatal;
       return c;
     }
     return default_classifier{}(o);
-  }
-
- private:
-  template <class T>
-  static error_code code_of(const outcome<T>& o) {
-    if (!o.has_exception()) return {};
-    try {
-      std::rethrow_exception(o.exception());
-    } catch (const boost::system::system_error& x) {
-      return x.code();
-    } catch (...) {
-      return {};
-    }
   }
 };
 
@@ -284,7 +272,8 @@ class multi {
     co_return handle.finish(code);
   }
 
-  std::size_t in_flight() const noexcept { return transfers_.size(); }
+  // Transfers started and not yet ended; from any thread.
+  std::size_t in_flight() const noexcept { return running_.load(); }
 
  private:
   using strand_type = boost::asio::strand<boost::asio::any_io_executor>;
@@ -315,13 +304,16 @@ class multi {
         });
       });
     boost::asio::dispatch(strand_, [this, &handle, e, work, id]() mutable {
+      done_handler done = [work](error_code ec, CURLcode code) {
+        auto h = std::move(*work);
+        auto ex = boost::asio::get_associated_executor(h);
+        boost::asio::post(ex, [h = std::move(h), ec, code]() mutable { h(ec, code); });
+      };
+      if (transfers_.contains(e))  // one handle, one transfer at a time
+        return done(weir::make_error_code(weir::error::invalid_argument), CURLE_OK);
       handle.prepare();
-      transfers_[e] =
-          transfer{id, [work](error_code ec, CURLcode code) {
-                     auto h = std::move(*work);
-                     auto ex = boost::asio::get_associated_executor(h);
-                     boost::asio::post(ex, [h = std::move(h), ec, code]() mutable { h(ec, code); });
-                   }};
+      transfers_[e] = transfer{id, std::move(done)};
+      ++running_;
       if (curl_multi_add_handle(handle_, e) != CURLM_OK) end(e, {}, CURLE_FAILED_INIT);
     });
   }
@@ -333,6 +325,7 @@ class multi {
     if (it == transfers_.end() || (id != 0 && it->second.id != id)) return;  // already ended
     auto done = std::move(it->second.done);
     transfers_.erase(it);
+    --running_;
     curl_multi_remove_handle(handle_, e);
     done(ec, code);
   }
@@ -404,6 +397,7 @@ class multi {
   boost::asio::steady_timer timer_;
   CURLM* handle_ = nullptr;
   std::atomic<std::uint64_t> last_id_{0};  // taken by start(), from any thread
+  std::atomic<std::size_t> running_{0};
   std::map<CURL*, transfer> transfers_;
   std::map<curl_socket_t, std::shared_ptr<watch>> watched_;
 };

@@ -138,10 +138,18 @@ struct fallback_used {
   std::string_view policy{};
 };
 
+// A hedge started beside a call's attempts still running.
+struct hedge_started {
+  std::string_view operation;
+  unsigned attempt = 1;               // 1 for the first hedge (0 is the call's first attempt)
+  std::chrono::nanoseconds after{0};  // since the call began
+  std::string_view policy{};
+};
+
 using event = std::variant<attempt_started, attempt_succeeded, attempt_failed, retry_scheduled,
                            throttled, rejected, server_rate_limited, breaker_changed, route_chosen,
                            provider_cooling, route_fallback, fleet_connection, budget_alert,
-                           concurrency_changed, fallback_used>;
+                           concurrency_changed, fallback_used, hedge_started>;
 
 // Any callable taking the event; empty means nobody is listening.
 using observer = std::function<void(const event&)>;
@@ -255,6 +263,9 @@ struct fmt::formatter<weir::event> {
             return fmt::format_to(ctx.out(), "{}: concurrency limit {} -> {} (no-load {:.1f} ms){}",
                                   op, v.from, v.to, weir::detail::milliseconds(v.baseline),
                                   by(v.policy));
+          } else if constexpr (std::is_same_v<T, hedge_started>) {
+            return fmt::format_to(ctx.out(), "{}: hedge {} after {:.1f} ms{}", op, v.attempt,
+                                  weir::detail::milliseconds(v.after), by(v.policy));
           } else if constexpr (std::is_same_v<T, fallback_used>) {
             // The code's message only: an exception's own text may quote a request.
             if (v.code)

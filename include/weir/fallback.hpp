@@ -45,19 +45,6 @@ template <class R>
 struct is_awaitable : std::false_type {};
 template <class T, class E>
 struct is_awaitable<boost::asio::awaitable<T, E>> : std::true_type {};
-
-// The code a failure carries, if any, for the event: never its text (a user's exception may
-// quote a request).
-inline error_code code_of(const std::exception_ptr& e) {
-  if (!e) return {};
-  try {
-    std::rethrow_exception(e);
-  } catch (const boost::system::system_error& x) {
-    return x.code();
-  } catch (...) {
-    return {};
-  }
-}
 }  // namespace detail
 
 // Copies share the handler and options. As a policy alone, `fallback(op)`; in a pipeline, it
@@ -98,8 +85,8 @@ class fallback {
       co_return std::move(result).get();
     if (s->options.watch) {
       const auto failure = result.failure();
-      const error_code code = result.has_error() ? result.error() : detail::code_of(failure);
-      const fallback_used used{s->options.operation, judged.kind, code, failure, s->options.name};
+      const fallback_used used{s->options.operation, judged.kind, result.code(), failure,
+                               s->options.name};
       s->options.watch(used);
     }
     using answer = std::invoke_result_t<const Handler&, const outcome<T>&>;

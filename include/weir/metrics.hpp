@@ -40,6 +40,7 @@ struct policy_metrics {
   std::optional<breaker_state> breaker{};          // a breaker's state, from its last change
   std::optional<std::size_t> concurrency_limit{};  // an adaptive limit, from its last change
   std::uint64_t fallbacks_used = 0;                // failures a fallback replaced
+  std::uint64_t hedges = 0;                        // hedges a hedging policy started
 };
 
 struct metrics_snapshot {
@@ -126,6 +127,8 @@ class metrics {
               by_policy(v.policy, [&](policy_metrics& p) { p.concurrency_limit = v.to; });
             } else if constexpr (std::is_same_v<T, fallback_used>) {
               by_policy(v.policy, [&](policy_metrics& p) { ++p.fallbacks_used; });
+            } else if constexpr (std::is_same_v<T, hedge_started>) {
+              by_policy(v.policy, [&](policy_metrics& p) { ++p.hedges; });
             } else if constexpr (std::is_same_v<T, fleet_connection>) {
               add(fleet_losses, v.reachable ? 0 : 1);
             } else {
@@ -339,6 +342,15 @@ inline void write_prometheus(std::string& out, std::initializer_list<const metri
         fmt::format_to(std::back_inserter(out),
                        "weir_policy_fallbacks_total{{pipeline=\"{}\",policy=\"{}\"}} {}\n", name,
                        detail::prometheus_label(p.name), p.fallbacks_used);
+  out +=
+      "# HELP weir_policy_hedges_total Hedges started beside slow calls, by policy.\n"
+      "# TYPE weir_policy_hedges_total counter\n";
+  for (const auto& [name, s] : read)
+    for (const auto& p : s.policies)
+      if (p.hedges > 0)
+        fmt::format_to(std::back_inserter(out),
+                       "weir_policy_hedges_total{{pipeline=\"{}\",policy=\"{}\"}} {}\n", name,
+                       detail::prometheus_label(p.name), p.hedges);
   out +=
       "# HELP weir_policy_rejections_total Calls refused without being tried, by policy.\n"
       "# TYPE weir_policy_rejections_total counter\n";

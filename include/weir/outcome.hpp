@@ -185,6 +185,20 @@ class outcome {
   // Neither a cancellation nor a local refusal: the provider answered (or failed to).
   bool reached_provider() const { return !cancelled() && !refused_locally(); }
 
+  // The failure's error code: the error, or a system_error's (so a weir::exception's) code;
+  // empty for a value or for another exception.
+  error_code code() const {
+    if (has_error()) return error();
+    if (!has_exception()) return {};
+    try {
+      std::rethrow_exception(exception());
+    } catch (const boost::system::system_error& x) {
+      return x.code();
+    } catch (...) {
+      return {};
+    }
+  }
+
   // The failure as an exception_ptr (empty for a value), for attaching as a cause.
   std::exception_ptr failure() const {
     if (has_exception()) return exception();

@@ -9,6 +9,7 @@
 #include <weir/error.hpp>
 #include <weir/events.hpp>
 #include <weir/fallback.hpp>
+#include <weir/hedging.hpp>
 #include <weir/keyed_limiter.hpp>
 #include <weir/metrics.hpp>
 #include <weir/outcome.hpp>
