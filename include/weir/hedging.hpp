@@ -13,7 +13,7 @@
 // In a pipeline it is a decorator: weir::pipeline(hedge, queue, retry) runs the policies after it
 // once per attempt (each hedge takes its own queue slot), calling the operation as op().
 //
-// The delay is fixed, or a percentile of the latencies of the calls it has seen. Hedges are
+// The delay is fixed, or a percentile of the first attempts' latencies it has seen. Hedges are
 // bounded: at most `max_hedges` per call, `max_in_flight` at once across calls, and, with a
 // `budget`, a share of the calls (each call deposits `ratio` of a hedge, each hedge withdraws
 // one); a hedge refused by a bound is not tried again for that call. A failure with no other
@@ -54,8 +54,8 @@ namespace weir {
 
 struct hedging_options {
   // The wait before a hedge: fixed, or (with delay_percentile) that percentile of the recent
-  // latencies of first attempts, once `min_samples` are known (`delay` until then). Pick a
-  // percentile below the share of slow calls you expect to hedge.
+  // latencies of first attempts, once `min_samples` are known (`delay` until then). Keep it
+  // under 1 − the share of slow calls: a percentile that falls in the tail hedges too late.
   std::chrono::nanoseconds delay = std::chrono::seconds(2);
   std::optional<double> delay_percentile{};  // in (0, 1): 0.95 hedges the slowest 5%
   std::size_t min_samples = 20;
