@@ -70,8 +70,8 @@ class gradient_estimate {
   }
 
   // A call is admitted: whether it is one of the probe's (the first 2 × min_window admitted
-  // under it; their mean, once every one of them has ended, is the new baseline: a probe that ended at
-  // its first completions would keep the short calls and miss the long ones).
+  // under it; their mean, once every one of them has ended, is the new baseline: a probe that ended
+  // at its first completions would keep the short calls and miss the long ones).
   bool admit() {
     if (!probing_ || probe_admitted_ == 2 * options_.min_window) return false;
     ++probe_admitted_;
