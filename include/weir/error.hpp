@@ -32,6 +32,8 @@ enum class error {
   unavailable,            // a shared store (e.g. Redis) the policy needs cannot be reached
   evicted,                // a full request_queue made room for a request of higher priority
   over_budget,            // the call's estimated cost would pass a spend budget; see retry_after
+  stream_broken,          // a stream failed after its first chunk: the caller has partial output,
+                          // so it is not retried; the cause says why
 };
 
 }  // namespace weir
@@ -77,6 +79,7 @@ class error_category_impl final : public boost::system::error_category {
       case error::unavailable: return "shared limiter unavailable";
       case error::evicted: return "evicted from the queue by a request of higher priority";
       case error::over_budget: return "spend budget exceeded";
+      case error::stream_broken: return "stream broke after its first chunk (not retried)";
     }
     return "unknown weir error";
   }

@@ -146,10 +146,33 @@ struct hedge_started {
   std::string_view policy{};
 };
 
+// How a stream that left a pipeline or the router ended.
+enum class stream_end {
+  completed,  // its last chunk came
+  broken,     // it failed after its first chunk (reset, stall past the idle timeout, deadline)
+  abandoned,  // the caller stopped reading (closed, cancelled or destroyed it) before the end
+};
+// Where a stream's settled tokens came from.
+enum class usage_source {
+  reported,   // the stream's final usage chunk
+  counted,    // output counted chunk by chunk; input the reported or estimated figure
+  estimated,  // nothing was known: the call's estimate
+};
+
+// A stream ended and its stages (or route) settled it.
+struct stream_ended {
+  std::string_view operation;
+  stream_end how = stream_end::completed;
+  std::uint64_t chunks = 0;
+  std::uint64_t tokens = 0;  // what was settled: input + output
+  usage_source source = usage_source::estimated;
+  std::chrono::nanoseconds time_to_first_token{0};
+};
+
 using event = std::variant<attempt_started, attempt_succeeded, attempt_failed, retry_scheduled,
                            throttled, rejected, server_rate_limited, breaker_changed, route_chosen,
                            provider_cooling, route_fallback, fleet_connection, budget_alert,
-                           concurrency_changed, fallback_used, hedge_started>;
+                           concurrency_changed, fallback_used, hedge_started, stream_ended>;
 
 // Any callable taking the event; empty means nobody is listening.
 using observer = std::function<void(const event&)>;
@@ -182,6 +205,22 @@ inline const char* name_of(rejection r) {
     case rejection::shut_down: return "shut down";
     case rejection::evicted: return "evicted";
     case rejection::over_budget: return "over budget";
+  }
+  return "?";
+}
+inline const char* name_of(stream_end e) {
+  switch (e) {
+    case stream_end::completed: return "completed";
+    case stream_end::broken: return "broke";
+    case stream_end::abandoned: return "was abandoned";
+  }
+  return "?";
+}
+inline const char* name_of(usage_source u) {
+  switch (u) {
+    case usage_source::reported: return "reported";
+    case usage_source::counted: return "counted";
+    case usage_source::estimated: return "estimated";
   }
   return "?";
 }
@@ -266,6 +305,12 @@ struct fmt::formatter<weir::event> {
           } else if constexpr (std::is_same_v<T, hedge_started>) {
             return fmt::format_to(ctx.out(), "{}: hedge {} after {:.1f} ms{}", op, v.attempt,
                                   weir::detail::milliseconds(v.after), by(v.policy));
+          } else if constexpr (std::is_same_v<T, stream_ended>) {
+            return fmt::format_to(
+                ctx.out(), "{}: stream {} after {} chunks (first in {:.1f} ms), {} tokens {}", op,
+                weir::detail::name_of(v.how), v.chunks,
+                weir::detail::milliseconds(v.time_to_first_token), v.tokens,
+                weir::detail::name_of(v.source));
           } else if constexpr (std::is_same_v<T, fallback_used>) {
             // The code's message only: an exception's own text may quote a request.
             if (v.code)

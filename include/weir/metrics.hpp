@@ -62,6 +62,9 @@ struct metrics_snapshot {
   std::uint64_t cooldowns = 0;           // providers the router cooled down on the server's word
   std::uint64_t fleet_losses = 0;        // times the router lost its fleet (routed on local state)
   std::uint64_t budget_alerts = 0;       // spend budget thresholds crossed
+  std::uint64_t streams_completed = 0;   // streams that reached their last chunk
+  std::uint64_t streams_broken = 0;      // streams that failed after their first chunk
+  std::uint64_t streams_abandoned = 0;   // streams the caller stopped reading
   std::vector<policy_metrics> policies;  // by the name in each event, in order of first event
 };
 
@@ -127,6 +130,10 @@ class metrics {
               by_policy(v.policy, [&](policy_metrics& p) { p.concurrency_limit = v.to; });
             } else if constexpr (std::is_same_v<T, fallback_used>) {
               by_policy(v.policy, [&](policy_metrics& p) { ++p.fallbacks_used; });
+            } else if constexpr (std::is_same_v<T, stream_ended>) {
+              add(v.how == stream_end::completed ? streams_completed
+                  : v.how == stream_end::broken  ? streams_broken
+                                                 : streams_abandoned);
             } else if constexpr (std::is_same_v<T, hedge_started>) {
               by_policy(v.policy, [&](policy_metrics& p) { ++p.hedges; });
             } else if constexpr (std::is_same_v<T, fleet_connection>) {
@@ -183,6 +190,9 @@ class metrics {
       s.cooldowns = get(cooldowns);
       s.fleet_losses = get(fleet_losses);
       s.budget_alerts = get(budget_alerts);
+      s.streams_completed = get(streams_completed);
+      s.streams_broken = get(streams_broken);
+      s.streams_abandoned = get(streams_abandoned);
       std::lock_guard lock(policies_mutex);
       s.policies = policies;
       return s;
@@ -194,6 +204,7 @@ class metrics {
     std::atomic<std::uint64_t> latency_ns{0};
     std::atomic<std::uint64_t> routed{0}, fallbacks{0}, cooldowns{0}, fleet_losses{0};
     std::atomic<std::uint64_t> budget_alerts{0};
+    std::atomic<std::uint64_t> streams_completed{0}, streams_broken{0}, streams_abandoned{0};
     std::array<std::atomic<std::uint64_t>, rejection_kinds> rejections{};
     std::array<std::atomic<std::uint64_t>, latency_bounds.size() + 1> latency_buckets{};
     std::atomic<breaker_state> breaker{breaker_state::closed};
@@ -258,6 +269,12 @@ inline void write_prometheus(std::string& out, std::initializer_list<const metri
        [](const metrics_snapshot& s) { return double(s.fleet_losses); }},
       {"weir_budget_alerts_total", "counter", "Spend budget thresholds crossed.",
        [](const metrics_snapshot& s) { return double(s.budget_alerts); }},
+      {"weir_streams_completed_total", "counter", "Streams that reached their last chunk.",
+       [](const metrics_snapshot& s) { return double(s.streams_completed); }},
+      {"weir_streams_broken_total", "counter", "Streams that failed after their first chunk.",
+       [](const metrics_snapshot& s) { return double(s.streams_broken); }},
+      {"weir_streams_abandoned_total", "counter", "Streams the caller stopped reading.",
+       [](const metrics_snapshot& s) { return double(s.streams_abandoned); }},
   };
   constexpr const char* reasons[] = {"queue_full",   "circuit_open", "budget_exhausted",
                                      "rate_limited", "shut_down",    "evicted",

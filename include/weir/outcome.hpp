@@ -16,6 +16,8 @@
 #include <exception>
 #include <initializer_list>
 #include <optional>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <variant>
@@ -99,6 +101,19 @@ struct classification {
 
   bool is_success() const noexcept { return kind == verdict::success; }
   bool is_failure() const noexcept { return kind != verdict::success; }
+};
+
+// A failure that carries its own judgement, for what a client throws instead of returning it as
+// a value: an HTTP error status met before a stream's first chunk (weir::http::status_error),
+// with the hint its headers gave. Every weir classifier judges it as it says.
+class judged_failure : public std::runtime_error {
+ public:
+  judged_failure(classification judged, const std::string& what)
+      : std::runtime_error(what), judged_(judged) {}
+  const classification& judged() const noexcept { return judged_; }
+
+ private:
+  classification judged_;
 };
 
 // A cancellation as Asio reports it: operation_aborted, or errc::operation_canceled.
@@ -256,12 +271,17 @@ struct default_classifier {
     } catch (const weir::exception& x) {
       // Retries that ran out failed as their last attempt did: a breaker outside the retry
       // counts a call whose every attempt failed as a failure, not as a weir error.
-      if (x.code() == error::retries_exhausted && x.cause()) {
+      // So does a stream that broke after its first chunk: a reset mid-stream is the provider's
+      // failure (nothing can retry it: the stream was delivered).
+      if ((x.code() == error::retries_exhausted || x.code() == error::stream_broken) &&
+          x.cause()) {
         auto c = classify(x.cause());
         if (x.retry_after()) c.hint.retry_after = x.retry_after();
         return c;
       }
       return classify(x.code(), x.retry_after());
+    } catch (const judged_failure& x) {
+      return x.judged();
     } catch (const boost::system::system_error& x) {
       return classify(x.code(), std::nullopt);
     } catch (const boost::asio::multiple_exceptions& x) {

@@ -452,7 +452,7 @@ struct driver {
         } else if constexpr (std::is_void_v<T>) {
           co_await inside<T, End>(s, ctx, op, env.attempt);
           result.emplace(outcome<T>::from_value({}));
-        } else if constexpr (plain_values) {
+        } else if constexpr (plain_values && !detail::settles_at_stream_end<T>) {
           auto value = co_await inside<T, End>(s, ctx, op, env.attempt);
           if (!watch) {  // the common case: straight back, no outcome built
             env.judged = verdict::success;
@@ -476,6 +476,18 @@ struct driver {
             if (auto why = detail::rejection_of(*ec); why && *why != rejection::circuit_open)
               env.emit(rejected{ctx.operation, *why, {}, name_at<Begin, End>(s, slots, depth)});
           }
+        }
+      }
+
+      // A stream came back with its first chunk: the stages stay entered until it ends, and
+      // their exits run then (see stream.hpp).
+      if constexpr (detail::settles_at_stream_end<T>) {
+        if (result->has_value()) {
+          T value = std::move(*result).get();
+          value.on_end(std::make_unique<settle_at_end<T, Begin, End, Keep>>(std::move(keep),
+                                                                         std::move(slots), env));
+          depth = Begin;
+          co_return value;
         }
       }
 
@@ -512,6 +524,49 @@ struct driver {
       ++env.attempt;
     }
   }
+
+  // The exits of the stages [Begin, End) a stream carried out of its call: run when it ends, with
+  // the tokens it produced (the success of a stream that completed or that the caller stopped
+  // reading; its failure if it broke). Holds the pipeline's state until then.
+  template <class T, std::size_t Begin, std::size_t End, class Keep>
+  struct settle_at_end final : stream_settler {
+    settle_at_end(Keep k, slots_type&& held, const stage_context<Clock>& env)
+        : keep(std::move(k)),
+          slots(std::move(held)),
+          call(env.call),
+          watch(env.watch),
+          attempt(env.attempt),
+          now(env.now) {}
+
+    void settle(stream_end how, const std::exception_ptr& failure, const stream_tally& tally,
+                std::chrono::nanoseconds time_to_first_token) noexcept override {
+      try {
+        shared* s = address_of(keep);
+        tally.settle_into(call);
+        stage_context<Clock> env{call, watch, attempt, now};
+        env.delivered = true;
+        std::optional<outcome<T>> result;
+        if (how == stream_end::broken)
+          result.emplace(outcome<T>::from_exception(failure));
+        else
+          result.emplace(outcome<T>::from_value(T{}));
+        std::size_t depth = End;
+        while (depth > Begin) exit<Begin, End>(s, slots, env, result, depth);
+        if (watch && Begin == 0)  // once per pipeline, from its outermost frame
+          env.emit(stream_ended{call.operation, how, tally.chunks,
+                                call.actual_tokens.value_or(call.estimated_usage().tokens),
+                                tally.source(), time_to_first_token});
+      } catch (...) {  // an observer threw: the stream's end must not
+      }
+    }
+
+    Keep keep;
+    slots_type slots;
+    context_type call;  // a copy: the caller's context may be gone when the stream ends
+    const observer* watch;
+    unsigned attempt;
+    time_point now;
+  };
 
   // Attempt events, when someone listens.
   template <class T>

@@ -224,7 +224,7 @@ class retry_stage {
       if constexpr (every_value_succeeds<Classifier>) {
         if (result.has_value()) return {};
       }
-      if (s.expired) return {};
+      if (s.expired || context.delivered) return {};
       const classification c = policy_.classifier()(result);
       if (c.kind == verdict::success || c.kind == verdict::fatal) return {};
       const unsigned failed_attempt = s.progress.attempt;

@@ -49,6 +49,7 @@
 #include <concepts>
 #include <cstdint>
 #include <exception>
+#include <memory>
 #include <optional>
 #include <string_view>
 #include <type_traits>
@@ -118,6 +119,54 @@ struct basic_call_context {
 };
 using call_context = basic_call_context<>;
 
+// What a stream's chunks said about its tokens, gathered as they passed (see stream.hpp).
+struct stream_tally {
+  std::uint64_t chunks = 0;
+  std::uint64_t counted_output_tokens = 0;                 // output counted chunk by chunk
+  std::optional<std::uint64_t> reported_input_tokens{};   // e.g. Anthropic's message_start
+  std::optional<std::uint64_t> reported_output_tokens{};  // the final usage chunk
+
+  usage_source source() const noexcept {
+    if (reported_output_tokens) return usage_source::reported;
+    if (counted_output_tokens > 0) return usage_source::counted;
+    return usage_source::estimated;
+  }
+
+  // Sets `call`'s actual tokens from what the stream told; where it told nothing the estimate
+  // stays. Input nobody reported is the estimate's (all of `tokens` when the estimate has no
+  // split): a broken stream is charged no less than what its prompt cost.
+  template <class Clock>
+  void settle_into(basic_call_context<Clock>& call) const {
+    const auto output = reported_output_tokens
+                            ? *reported_output_tokens
+                            : (counted_output_tokens > 0 ? std::optional(counted_output_tokens)
+                                                         : std::nullopt);
+    if (!output) return;
+    const std::uint64_t estimated_input =
+        call.input_tokens ? call.input_tokens
+                          : call.tokens - std::min(call.tokens, call.output_tokens);
+    call.actual_input_tokens = reported_input_tokens.value_or(estimated_input);
+    call.actual_output_tokens = *output;
+    call.actual_tokens = *call.actual_input_tokens + *output;
+  }
+};
+
+namespace detail {
+// What a stream runs when it ends: the exits of the stages (or the route's settlement) it
+// carries out of the pipeline that opened it, so a slot is held for the whole stream and tokens
+// settle to what it produced.
+struct stream_settler {
+  virtual ~stream_settler() = default;
+  virtual void settle(stream_end how, const std::exception_ptr& failure, const stream_tally& tally,
+                      std::chrono::nanoseconds time_to_first_token) noexcept = 0;
+};
+// A value that settles its stages when it ends, not when the call returns it: weir::stream.
+template <class T>
+concept settles_at_stream_end = requires(T& t, std::unique_ptr<stream_settler> p) {
+  t.on_end(std::move(p));
+};
+}  // namespace detail
+
 // What a stage's exit decided.
 struct stage_action {
   std::optional<std::chrono::nanoseconds> retry_after{};  // run the inside again after this wait
@@ -144,6 +193,9 @@ struct stage_context {
   unsigned attempt = 1;
   time_point now{};                   // the attempt's start, for stages that declare reads_clock
   verdict judged = verdict::success;  // for stages that declare reads_verdict, before exit
+  // The call's value already went to the caller: a stream settling at its end (see stream.hpp).
+  // Nothing can run it again, so no stage may ask to.
+  bool delivered = false;
 
   bool listening() const noexcept { return watch != nullptr; }
   void emit(const event& e) const {

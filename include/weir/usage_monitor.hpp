@@ -281,7 +281,7 @@ class usage_monitor_stage {
     if (result.refused_locally()) return {};
     const auto& call = context.call;
     monitor_.record({.requests = 1,
-                     .tokens = call.actual_tokens.value_or(call.tokens),
+                     .tokens = call.actual_usage(call.estimated_usage()).tokens,
                      .error = context.judged != verdict::success,
                      .rate_limited = context.judged == verdict::rate_limited},
                     context.now);

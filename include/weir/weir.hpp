@@ -21,6 +21,7 @@
 #include <weir/retry_budget.hpp>
 #include <weir/spend_budget.hpp>
 #include <weir/stage.hpp>
+#include <weir/stream.hpp>
 #include <weir/timeout.hpp>
 #include <weir/token_bucket.hpp>
 #include <weir/usage_monitor.hpp>

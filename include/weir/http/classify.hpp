@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <chrono>
 #include <span>
+#include <string>
 #include <string_view>
 
 namespace weir::http {
@@ -66,5 +67,26 @@ classification judge_status(
     std::chrono::system_clock::time_point now = std::chrono::system_clock::now()) {
   return judge_status(status, read_header_pairs(headers, now), body, retryable_statuses);
 }
+
+// An HTTP error status a client throws instead of returning, as a stream does for a status that
+// comes before its first chunk: judged by the status-code rule and the response's headers (a
+// 429's Retry-After is the hint), so retry, breaker and router treat it as they would the
+// response. Its message names the status only: never a body, which may quote the request.
+class status_error : public judged_failure {
+ public:
+  status_error(unsigned status, classification judged)
+      : judged_failure(judged, "HTTP status " + std::to_string(status)), status_(status) {}
+
+  // From the status and the response's header pairs.
+  template <class Headers>
+  static status_error from(unsigned status, const Headers& headers, std::string_view body = {}) {
+    return status_error(status, judge_status(status, headers, body));
+  }
+
+  unsigned status() const noexcept { return status_; }
+
+ private:
+  unsigned status_;
+};
 
 }  // namespace weir::http

@@ -15,16 +15,22 @@
 // and appears in no error message; the client logs nothing.
 #pragma once
 
+#include <weir/http/classify.hpp>
+#include <weir/http/sse.hpp>
 #include <weir/http/usage.hpp>
+#include <weir/stream.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ssl.hpp>
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/http/buffer_body.hpp>
 #include <boost/beast/http/message.hpp>
+#include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/read.hpp>
 #include <boost/beast/http/string_body.hpp>
 #include <boost/beast/http/write.hpp>
@@ -34,6 +40,7 @@
 #include <cstdio>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -79,6 +86,71 @@ struct endpoint {
   }
 };
 
+namespace detail {
+using plain_stream = boost::beast::tcp_stream;
+using tls_stream = boost::beast::ssl_stream<boost::beast::tcp_stream>;
+struct connection {
+  template <class... Args>
+  explicit connection(Args&&... args) : stream(std::forward<Args>(args)...) {}
+  std::variant<plain_stream, tls_stream> stream;
+  boost::beast::flat_buffer buffer;
+};
+}  // namespace detail
+
+// A response whose body is still arriving: its status and headers, and the body piece by piece.
+// It owns its connection, which is closed when it is destroyed.
+class body_stream {
+ public:
+  unsigned status() const noexcept { return parser_.get().result_int(); }
+  const boost::beast::http::fields& headers() const noexcept { return parser_.get().base(); }
+
+  // The next piece of the body as it arrives; nullopt once it has all come. Each read may take
+  // up to `timeout` (a backstop: weir::stream's idle timeout is the one to set). Cancellable.
+  boost::asio::awaitable<std::optional<std::string>> read_some() {
+    namespace beast_http = boost::beast::http;
+    while (!parser_.is_done()) {
+      parser_.get().body().data = piece_;
+      parser_.get().body().size = sizeof piece_;
+      std::visit([&](auto& s) { boost::beast::get_lowest_layer(s).expires_after(timeout_); },
+                 connection_->stream);
+      auto [ec, n] = co_await std::visit(
+          [&](auto& s) {
+            return beast_http::async_read_some(
+                s, connection_->buffer, parser_,
+                boost::asio::as_tuple(boost::asio::use_awaitable));
+          },
+          connection_->stream);
+      if (ec && ec != beast_http::error::need_buffer) throw boost::system::system_error(ec);
+      const std::size_t got = sizeof piece_ - parser_.get().body().size;
+      if (got > 0) co_return std::string(piece_, got);
+    }
+    co_return std::nullopt;
+  }
+
+  // Reads the rest of the body whole (for an error status: what the server said).
+  boost::asio::awaitable<std::string> read_all(std::size_t at_most = 64 * 1024) {
+    std::string all;
+    while (all.size() < at_most)
+      if (auto piece = co_await read_some())
+        all += *piece;
+      else
+        break;
+    co_return all;
+  }
+
+ private:
+  friend class client;
+  body_stream(std::unique_ptr<detail::connection> c, std::chrono::steady_clock::duration timeout)
+      : connection_(std::move(c)), timeout_(timeout) {
+    parser_.body_limit(boost::none);
+  }
+
+  std::unique_ptr<detail::connection> connection_;
+  std::chrono::steady_clock::duration timeout_;
+  boost::beast::http::response_parser<boost::beast::http::buffer_body> parser_;
+  char piece_[4096];
+};
+
 // POSTs to one endpoint over pooled keep-alive connections. Safe to share across threads.
 class client {
  public:
@@ -97,16 +169,7 @@ class client {
   // Every argument is taken by value: the coroutine outlives the caller's expressions.
   boost::asio::awaitable<response> post(std::string target, std::string body, header_list headers,
                                         std::chrono::steady_clock::duration timeout) {
-    namespace beast_http = boost::beast::http;
-    beast_http::request<beast_http::string_body> req{beast_http::verb::post, where_.path + target,
-                                                     11};
-    req.set(beast_http::field::host, where_.host);
-    req.set(beast_http::field::user_agent, "weir");
-    req.set(beast_http::field::content_type, "application/json");
-    for (const auto& [name, value] : headers) req.set(name, value);
-    req.body() = std::move(body);
-    req.keep_alive(true);
-    req.prepare_payload();
+    auto req = request(std::move(target), std::move(body), headers);
 
     auto conn = take();
     if (!conn) conn = co_await open(timeout);
@@ -121,22 +184,62 @@ class client {
     co_return res;
   }
 
- private:
-  using plain_stream = boost::beast::tcp_stream;
-  using tls_stream = boost::beast::ssl_stream<boost::beast::tcp_stream>;
+  // POSTs like post() but returns as soon as the response's headers came, its body still
+  // arriving (a stream of server-sent events). `timeout` bounds the connection, the headers and
+  // each read. The connection is the body_stream's.
+  boost::asio::awaitable<std::shared_ptr<body_stream>> post_streamed(
+      std::string target, std::string body, header_list headers,
+      std::chrono::steady_clock::duration timeout) {
+    namespace beast_http = boost::beast::http;
+    auto req = request(std::move(target), std::move(body), headers);
+    req.set(beast_http::field::accept, "text/event-stream");
+    auto conn = take();
+    if (!conn) conn = co_await open(timeout);
+    std::shared_ptr<body_stream> out(new body_stream(std::move(conn), timeout));
+    auto& c = *out->connection_;
+    std::visit([&](auto& s) { boost::beast::get_lowest_layer(s).expires_after(timeout); },
+               c.stream);
+    if (auto* plain = std::get_if<plain_stream>(&c.stream))
+      co_await send_for_headers(*plain, req, c.buffer, out->parser_);
+    else
+      co_await send_for_headers(std::get<tls_stream>(c.stream), req, c.buffer, out->parser_);
+    co_return out;
+  }
 
-  struct connection {
-    template <class... Args>
-    explicit connection(Args&&... args) : stream(std::forward<Args>(args)...) {}
-    std::variant<plain_stream, tls_stream> stream;
-    boost::beast::flat_buffer buffer;
-  };
+ private:
+  boost::beast::http::request<boost::beast::http::string_body> request(std::string target,
+                                                                       std::string body,
+                                                                       const header_list& headers) {
+    namespace beast_http = boost::beast::http;
+    beast_http::request<beast_http::string_body> req{beast_http::verb::post, where_.path + target,
+                                                     11};
+    req.set(beast_http::field::host, where_.host);
+    req.set(beast_http::field::user_agent, "weir");
+    req.set(beast_http::field::content_type, "application/json");
+    for (const auto& [name, value] : headers) req.set(name, value);
+    req.body() = std::move(body);
+    req.keep_alive(true);
+    req.prepare_payload();
+    return req;
+  }
+
+  using plain_stream = detail::plain_stream;
+  using tls_stream = detail::tls_stream;
+  using connection = detail::connection;
 
   template <class Stream, class Request>
   static boost::asio::awaitable<void> exchange(Stream& s, const Request& req,
                                                boost::beast::flat_buffer& buffer, response& res) {
     co_await boost::beast::http::async_write(s, req, boost::asio::use_awaitable);
     co_await boost::beast::http::async_read(s, buffer, res, boost::asio::use_awaitable);
+  }
+
+  template <class Stream, class Request, class Parser>
+  static boost::asio::awaitable<void> send_for_headers(Stream& s, const Request& req,
+                                                       boost::beast::flat_buffer& buffer,
+                                                       Parser& parser) {
+    co_await boost::beast::http::async_write(s, req, boost::asio::use_awaitable);
+    co_await boost::beast::http::async_read_header(s, buffer, parser, boost::asio::use_awaitable);
   }
 
   std::unique_ptr<connection> take() {
@@ -196,6 +299,7 @@ struct chat_request {
   std::string model;
   std::string prompt;
   unsigned max_tokens = 256;
+  bool stream = false;  // server-sent events (chat_client::stream sets it)
 };
 
 // `text` as the inside of a JSON string.
@@ -228,9 +332,16 @@ inline std::string chat_body(dialect d, const chat_request& r) {
   const std::string prompt = json_escaped(r.prompt);
   const std::string max_tokens = std::to_string(r.max_tokens);
   const std::string messages = R"("messages":[{"role":"user","content":")" + prompt + R"("}])";
+  // Streamed, OpenAI sends the usage only when asked, in a last chunk.
+  const std::string streamed =
+      !r.stream                  ? ""
+      : d == dialect::anthropic ? R"(,"stream":true)"
+                                : R"(,"stream":true,"stream_options":{"include_usage":true})";
   if (d == dialect::anthropic)
-    return R"({"model":")" + model + R"(","max_tokens":)" + max_tokens + "," + messages + "}";
-  return R"({"model":")" + model + R"(",)" + messages + R"(,"max_tokens":)" + max_tokens + "}";
+    return R"({"model":")" + model + R"(","max_tokens":)" + max_tokens + "," + messages +
+           streamed + "}";
+  return R"({"model":")" + model + R"(",)" + messages + R"(,"max_tokens":)" + max_tokens +
+         streamed + "}";
 }
 
 // Relative to the API root.
@@ -245,6 +356,46 @@ inline header_list auth_headers(dialect d, std::string_view api_key) {
     return {{"x-api-key", std::string(api_key)}, {"anthropic-version", "2023-06-01"}};
   return {{"authorization", "Bearer " + std::string(api_key)}};
 }
+
+// The server-sent events of a streamed chat response, in order, to the end of the answer.
+class event_source {
+ public:
+  event_source(std::shared_ptr<body_stream> body, dialect speaks)
+      : body_(std::move(body)), speaks_(speaks) {}
+
+  // The next event; nullopt at the end (OpenAI's [DONE], Anthropic's message_stop, or the end of
+  // the body). Keep-alive pings are skipped. An error event in the stream (Anthropic sends an
+  // overloaded_error so) throws a judged_failure, retryable.
+  boost::asio::awaitable<std::optional<sse::event>> next() {
+    for (;;) {
+      if (done_) co_return std::nullopt;
+      if (auto e = parser_.next()) {
+        if (sse::is_done(*e) || e->type == "message_stop") {
+          done_ = true;
+          co_return std::nullopt;
+        }
+        if (e->type == "ping") continue;
+        if (e->type == "error")
+          throw judged_failure({verdict::retryable, {}}, "the stream sent an error event");
+        co_return e;
+      }
+      auto piece = co_await body_->read_some();
+      if (!piece) {
+        done_ = true;
+        co_return std::nullopt;
+      }
+      parser_.feed(*piece);
+    }
+  }
+
+  dialect speaks() const noexcept { return speaks_; }
+
+ private:
+  std::shared_ptr<body_stream> body_;
+  dialect speaks_;
+  sse::parser parser_;
+  bool done_ = false;
+};
 
 // A chat API behind one endpoint, in one dialect, with one key.
 class chat_client {
@@ -262,6 +413,53 @@ class chat_client {
                                             header_list extra = {}) {
     extra.insert(extra.end(), auth_.begin(), auth_.end());
     return http_.post(chat_path(speaks_), chat_body(speaks_, r), std::move(extra), timeout);
+  }
+
+  // Sends `r` to be streamed and returns once the headers came: a 2xx as an event source; any
+  // other status read whole and thrown as status_error, judged by its status and headers (a
+  // 429's Retry-After is the hint), so retries and the router act on it as on a response.
+  boost::asio::awaitable<std::shared_ptr<event_source>> open_events(
+      chat_request r, std::chrono::steady_clock::duration timeout, header_list extra = {}) {
+    r.stream = true;
+    extra.insert(extra.end(), auth_.begin(), auth_.end());
+    auto body = co_await http_.post_streamed(chat_path(speaks_), chat_body(speaks_, r),
+                                             std::move(extra), timeout);
+    if (body->status() >= 300) {
+      const auto said = co_await body->read_all();
+      std::vector<std::pair<std::string_view, std::string_view>> headers;
+      for (const auto& field : body->headers())
+        headers.emplace_back(field.name_string(), field.value());
+      throw status_error::from(body->status(), headers, said);
+    }
+    co_return std::make_shared<event_source>(std::move(body), speaks_);
+  }
+
+  // The same as a weir::stream, returned with its first event (see stream.hpp): what a pipeline
+  // or the router streams. The dialect's tally counts the tokens unless `options` has one.
+  boost::asio::awaitable<weir::stream<sse::event>> stream(
+      chat_request r, stream_options<sse::event> options,
+      std::chrono::steady_clock::duration timeout, header_list extra = {}) {
+    if (!options.tally)
+      options.tally = speaks_ == dialect::anthropic ? sse::anthropic_tally : sse::openai_tally;
+    // The time to first token counts from the request: the headers come within it too.
+    const auto started = std::chrono::steady_clock::now();
+    std::shared_ptr<event_source> source;
+    if (options.first_token) {
+      auto opening = [&] { return open_events(r, timeout, extra); };
+      auto opened = co_await weir::detail::run_until<std::chrono::steady_clock,
+                                                     std::shared_ptr<event_source>>(
+          started + *options.first_token, opening);
+      if (opened.deadline_passed)
+        throw weir::exception(error::timeout, "the stream's first chunk did not come in time");
+      source = std::move(opened.result).get();
+      options.first_token = std::max<std::chrono::nanoseconds>(
+          std::chrono::nanoseconds(0),
+          *options.first_token - (std::chrono::steady_clock::now() - started));
+    } else {
+      source = co_await open_events(std::move(r), timeout, std::move(extra));
+    }
+    co_return co_await open_stream<sse::event>([source] { return source->next(); },
+                                               std::move(options));
   }
 
   dialect speaks() const noexcept { return speaks_; }

@@ -70,6 +70,11 @@ struct fault_profile {
   std::chrono::milliseconds random_429_max{5'000};  // ... to this
   std::chrono::milliseconds stall{10'000};
   std::vector<outage> outages{};
+  // For a streamed answer (a request with "stream": true), drawn when it is answered 200:
+  double slow_first_tokens = 0;  // the first chunk comes `first_token_delay` late
+  double stream_stalls = 0;      // half way, the stream stops for `stall`
+  double stream_resets = 0;      // half way, the connection is reset
+  std::chrono::milliseconds first_token_delay{3'000};
 };
 
 struct mock_provider_options {
@@ -95,7 +100,12 @@ struct mock_stats {
   std::uint64_t resets = 0;
   std::uint64_t stalls = 0;
   std::uint64_t input_tokens = 0;   // of successful answers
-  std::uint64_t output_tokens = 0;  // of successful answers
+  std::uint64_t output_tokens = 0;  // of successful answers (a stream's: what it sent)
+  // Streamed answers begun, and the faults drawn for them.
+  std::uint64_t streams = 0;
+  std::uint64_t slow_first_tokens = 0;
+  std::uint64_t stream_stalls = 0;
+  std::uint64_t stream_resets = 0;
   // With workers: requests being served, waiting for a worker now, and the most that waited.
   std::size_t serving = 0;
   std::size_t waiting = 0;
@@ -196,6 +206,11 @@ class mock_provider {
     bool needs_worker = false;
     std::chrono::microseconds delay{0};
     response_type response{};
+    // A streamed 200: server-sent events written in batches, `per_batch` apart, after `delay`.
+    std::vector<std::string> events{};
+    std::chrono::microseconds per_batch{0};
+    std::size_t fault_at = 0;  // events written before a stall or reset
+    bool stream_stall = false, stream_reset = false;
   };
 
   enum class dialect { openai, anthropic };
@@ -394,12 +409,14 @@ class mock_provider {
       auto& res = p.response;
       const auto output = std::uniform_int_distribution<std::uint64_t>(
           std::max<std::uint64_t>(1, max_tokens / 4), max_tokens)(random);
+      const auto id = stats.requests;
+      if (req.body().find(R"("stream":true)") != std::string::npos)
+        return stream(p, req, model, input, output, id, d, stalled, finish);
+      if (auto tag = req.find("x-weir-request"); tag != req.end() && !stalled)
+        stats.succeeded_requests.emplace(tag->value());
       p.delay += options.base_latency + options.per_output_token * static_cast<long>(output);
       stats.input_tokens += input;
       stats.output_tokens += output;
-      if (auto tag = req.find("x-weir-request"); tag != req.end() && !stalled)
-        stats.succeeded_requests.emplace(tag->value());
-      const auto id = stats.requests;
       res.body() =
           d == dialect::anthropic
               ? fmt::format(R"({{"id":"msg_{}","type":"message","role":"assistant","model":"{}",)"
@@ -414,6 +431,83 @@ class mock_provider {
                     id, model, input, output, input + output);
       return finish(200);
     }
+
+    // A 200 whose body is server-sent events in the dialect's form: the first chunk after the
+    // base latency, then one event per output token, written in batches.
+    template <class Finish>
+    plan stream(plan& p, const request_type& req, std::string_view model, std::uint64_t input,
+                std::uint64_t output, std::uint64_t id, dialect d, bool stalled,
+                const Finish& finish) {
+      auto& res = p.response;
+      const auto& f = options.faults;
+      ++stats.streams;
+      p.delay += options.base_latency;  // waited after the headers: the time to first token
+      if (chance(f.slow_first_tokens)) {
+        ++stats.slow_first_tokens;
+        p.delay += f.first_token_delay;
+      }
+      p.stream_stall = chance(f.stream_stalls);
+      p.stream_reset = !p.stream_stall && chance(f.stream_resets);
+      stats.stream_stalls += p.stream_stall;
+      stats.stream_resets += p.stream_reset;
+      if (auto tag = req.find("x-weir-request");
+          tag != req.end() && !stalled && !p.stream_stall && !p.stream_reset)
+        stats.succeeded_requests.emplace(tag->value());
+      p.per_batch = options.per_output_token * static_cast<long>(batch);
+      res.set(boost::beast::http::field::content_type, "text/event-stream");
+      res.set(boost::beast::http::field::cache_control, "no-cache");
+      res.chunked(true);
+      auto& e = p.events;
+      if (d == dialect::anthropic) {
+        e.push_back(fmt::format(
+            "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":"
+            "\"msg_{}\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"{}\","
+            "\"content\":[],\"usage\":{{\"input_tokens\":{},\"output_tokens\":1}}}}}}\n\n",
+            id, model, input));
+        e.push_back(
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,"
+            "\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n");
+        e.push_back("event: ping\ndata: {\"type\": \"ping\"}\n\n");
+        for (std::uint64_t t = 0; t < output; ++t)
+          e.push_back(
+              "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,"
+              "\"delta\":{\"type\":\"text_delta\",\"text\":\"ok \"}}\n\n");
+        e.push_back(
+            "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n");
+        e.push_back(fmt::format(
+            "event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":"
+            "\"end_turn\"}},\"usage\":{{\"output_tokens\":{}}}}}\n\n",
+            output));
+        e.push_back("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+      } else {
+        const auto chunk = [&](std::string_view choice, std::string_view usage) {
+          return fmt::format(
+              "data: {{\"id\":\"chatcmpl-{}\",\"object\":\"chat.completion.chunk\",\"model\":"
+              "\"{}\",\"choices\":[{}],\"usage\":{}}}\n\n",
+              id, model, choice, usage);
+        };
+        e.push_back(chunk(R"({"index":0,"delta":{"role":"assistant","content":""}})", "null"));
+        for (std::uint64_t t = 0; t < output; ++t)
+          e.push_back(chunk(R"({"index":0,"delta":{"content":"ok "}})", "null"));
+        e.push_back(chunk(R"({"index":0,"delta":{},"finish_reason":"stop"})", "null"));
+        if (req.body().find(R"("include_usage":true)") != std::string::npos)
+          e.push_back(chunk("", fmt::format(R"({{"prompt_tokens":{},"completion_tokens":{},)"
+                                            R"("total_tokens":{}}})",
+                                            input, output, input + output)));
+        e.push_back("data: [DONE]\n\n");
+      }
+      // The fault comes half way through the tokens; what was sent before it is what counts.
+      p.fault_at = (p.stream_stall || p.stream_reset) ? e.size() / 2 : e.size();
+      const std::size_t before_tokens = d == dialect::anthropic ? 3 : 1;
+      const std::uint64_t sent =
+          p.stream_reset ? std::min<std::uint64_t>(
+                               output, p.fault_at > before_tokens ? p.fault_at - before_tokens : 0)
+                         : output;
+      stats.output_tokens += sent;
+      stats.input_tokens += input;
+      return finish(200);
+    }
+    static constexpr std::size_t batch = 8;  // events per write
 
     // On the strand. A waiter's timer never expires by itself: the worker that frees up cancels
     // it, and the worker passes to it then.
@@ -482,20 +576,72 @@ class mock_provider {
       if (ec) co_return;
       auto p = s->decide(req);
       if (p.needs_worker) co_await s->take_worker();
-      if (p.delay.count() > 0) {
+      if (p.delay.count() > 0 && p.events.empty()) {
         boost::asio::steady_timer timer(s->executor, p.delay);
         co_await timer.async_wait(as_tuple(use_awaitable));
       }
-      if (p.needs_worker) s->free_worker();
-      if (p.reset) {
+      const auto reset = [&] {
         boost::system::error_code ignored;
         stream->socket().set_option(boost::asio::socket_base::linger(true, 0), ignored);
         stream->socket().close(ignored);  // a linger of zero makes the close a reset
+      };
+      if (!p.events.empty()) {
+        const bool completed = co_await write_stream(s, *stream, p, reset);
+        if (p.needs_worker) s->free_worker();
+        if (!completed || !p.response.keep_alive()) co_return;
+        continue;
+      }
+      if (p.needs_worker) s->free_worker();
+      if (p.reset) {
+        reset();
         co_return;
       }
       auto [wec, w] = co_await http::async_write(*stream, p.response, as_tuple(use_awaitable));
       if (wec || !p.response.keep_alive()) co_return;
     }
+  }
+
+  // Writes a streamed answer's events in batches; false when the connection is gone (reset by
+  // the plan, or closed by the client).
+  template <class Reset>
+  static boost::asio::awaitable<bool> write_stream(std::shared_ptr<state> s, stream_type& stream,
+                                                   plan& p, const Reset& reset) {
+    namespace http = boost::beast::http;
+    using boost::asio::as_tuple;
+    using boost::asio::use_awaitable;
+    http::response<http::empty_body> head(p.response.result(), p.response.version());
+    for (const auto& field : p.response.base()) head.set(field.name_string(), field.value());
+    head.chunked(true);
+    http::response_serializer<http::empty_body> serializer(head);
+    auto [hec, h] = co_await http::async_write_header(stream, serializer, as_tuple(use_awaitable));
+    if (hec) co_return false;
+    boost::asio::steady_timer timer(s->executor, p.delay);
+    co_await timer.async_wait(as_tuple(use_awaitable));
+    std::string batch;
+    for (std::size_t i = 0; i < p.events.size();) {
+      if (i == p.fault_at) {
+        if (p.stream_reset) {
+          reset();
+          co_return false;
+        }
+        timer.expires_after(s->options.faults.stall);
+        co_await timer.async_wait(as_tuple(use_awaitable));
+      }
+      batch.clear();
+      const std::size_t end = std::min({p.events.size(), i + state::batch,
+                                        i < p.fault_at ? p.fault_at : p.events.size()});
+      for (; i < end; ++i) batch += p.events[i];
+      auto [wec, w] = co_await boost::asio::async_write(
+          stream, http::make_chunk(boost::asio::buffer(batch)), as_tuple(use_awaitable));
+      if (wec) co_return false;
+      if (i < p.events.size()) {
+        timer.expires_after(p.per_batch);
+        co_await timer.async_wait(as_tuple(use_awaitable));
+      }
+    }
+    auto [lec, l] = co_await boost::asio::async_write(stream, http::make_chunk_last(),
+                                                      as_tuple(use_awaitable));
+    co_return !lec;
   }
 
   std::shared_ptr<state> state_;

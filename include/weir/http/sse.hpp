@@ -1,0 +1,128 @@
+// Server-sent events, as the LLM APIs stream them: an incremental parser (bytes in, events out,
+// any split of the bytes), and the tallies that read tokens from OpenAI's chunks
+// (`stream_options.include_usage` puts the usage in a last chunk) and Anthropic's typed events
+// (`message_start` has the input, `message_delta` the output).
+//
+//     weir::http::sse::parser parser;
+//     parser.feed(bytes);
+//     while (auto e = parser.next()) handle(*e);
+#pragma once
+
+#include <weir/http/usage.hpp>
+#include <weir/stage.hpp>
+
+#include <cstddef>
+#include <deque>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+
+namespace weir::http::sse {
+
+struct event {
+  std::string type = "message";  // the `event:` field; "message" when there is none
+  std::string data;              // the `data:` lines, joined by newlines
+  std::string id;
+};
+
+// OpenAI's last event: `data: [DONE]`.
+inline bool is_done(const event& e) noexcept { return e.data == "[DONE]"; }
+
+// The event stream format of the HTML standard: lines end in LF, CRLF or CR; a blank line
+// dispatches the event; `:` starts a comment; `field: value` with one optional space. An event
+// with no data is not dispatched.
+class parser {
+ public:
+  void feed(std::string_view bytes) {
+    for (const char ch : bytes) {
+      if (after_cr_ && ch == '\n') {
+        after_cr_ = false;
+        continue;
+      }
+      after_cr_ = ch == '\r';
+      if (ch == '\r' || ch == '\n') {
+        line_ended();
+        line_.clear();
+      } else {
+        line_ += ch;
+      }
+    }
+  }
+
+  // The next complete event, in order.
+  std::optional<event> next() {
+    if (ready_.empty()) return std::nullopt;
+    std::optional<event> e(std::move(ready_.front()));
+    ready_.pop_front();
+    return e;
+  }
+
+ private:
+  void line_ended() {
+    if (line_.empty()) {
+      if (has_data_) {
+        if (!pending_.data.empty() && pending_.data.back() == '\n') pending_.data.pop_back();
+        ready_.push_back(std::move(pending_));
+      }
+      pending_ = event{};
+      has_data_ = false;
+      return;
+    }
+    if (line_.front() == ':') return;  // a comment (a keep-alive)
+    const auto colon = line_.find(':');
+    const std::string_view field = std::string_view(line_).substr(0, colon);
+    std::string_view value;
+    if (colon != std::string::npos) {
+      value = std::string_view(line_).substr(colon + 1);
+      if (!value.empty() && value.front() == ' ') value.remove_prefix(1);
+    }
+    if (field == "data") {
+      pending_.data.append(value);
+      pending_.data += '\n';
+      has_data_ = true;
+    } else if (field == "event") {
+      pending_.type = value;
+    } else if (field == "id") {
+      pending_.id = value;
+    }
+  }
+
+  std::string line_;
+  bool after_cr_ = false;
+  event pending_{};
+  bool has_data_ = false;
+  std::deque<event> ready_;
+};
+
+// OpenAI's chunks (and every OpenAI-compatible server's): a chunk whose delta has content counts
+// one output token (the API sends about one per chunk); a chunk with a usage object reports both.
+inline void openai_tally(const event& e, stream_tally& tally) {
+  if (is_done(e)) return;
+  if (auto used = reported_usage(e.data)) {
+    tally.reported_input_tokens = used->input_tokens;
+    tally.reported_output_tokens = used->output_tokens;
+    return;
+  }
+  auto at = detail::json_key(e.data, "content");
+  if (at == std::string_view::npos) return;
+  while (at < e.data.size() && e.data[at] == ' ') ++at;
+  // A non-empty string ("" opens the stream, null closes it).
+  if (at + 1 < e.data.size() && e.data[at] == '"' && e.data[at + 1] != '"')
+    ++tally.counted_output_tokens;
+}
+
+// Anthropic's events: each text or JSON delta counts one output token; message_start reports
+// the input, message_delta the output so far (the last one, the total).
+inline void anthropic_tally(const event& e, stream_tally& tally) {
+  if (e.type == "content_block_delta") {
+    ++tally.counted_output_tokens;
+  } else if (e.type == "message_start") {
+    tally.reported_input_tokens = detail::json_number(e.data, "input_tokens");
+  } else if (e.type == "message_delta") {
+    if (auto out = detail::json_number(e.data, "output_tokens"))
+      tally.reported_output_tokens = out;
+  }
+}
+
+}  // namespace weir::http::sse

@@ -1,0 +1,364 @@
+// Specifications of weir/stream.hpp: streamed calls through a pipeline, on virtual time.
+#include "support/common.hpp"
+#include "support/pipeline.hpp"
+
+#include <weir/stream.hpp>
+
+#include <deque>
+#include <memory>
+
+namespace {
+// One chunk of a scripted stream: a token of text, or the final usage.
+struct piece {
+  std::string text;
+  std::optional<weir::token_usage> usage{};
+};
+using piece_stream = weir::basic_stream<piece, clock_type>;
+
+void count_pieces(const piece& p, weir::stream_tally& t) {
+  if (p.usage) {
+    t.reported_input_tokens = p.usage->input_tokens;
+    t.reported_output_tokens = p.usage->output_tokens;
+  } else {
+    ++t.counted_output_tokens;
+  }
+}
+
+// What a scripted server does next, after `after` on the virtual clock.
+struct step {
+  enum kind_type { chunk, usage, end, reset } kind = chunk;
+  ns after = 100ms;
+  weir::token_usage used{};
+};
+
+// A server's stream as a list of steps; each open() plays `scripts[n]` for the n-th attempt.
+struct scripted {
+  std::vector<std::vector<step>> scripts;
+  int opened = 0;
+  int pulls_cancelled = 0;
+
+  static asio::awaitable<std::optional<piece>> play(std::shared_ptr<std::deque<step>> left,
+                                                    int* cancelled) {
+    if (left->empty()) co_return std::nullopt;
+    const step s = left->front();
+    left->pop_front();
+    asio::basic_waitable_timer<clock_type> t(co_await asio::this_coro::executor,
+                                             std::chrono::duration_cast<clock_type::duration>(s.after));
+    auto [ec] = co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
+    if (ec) {
+      ++*cancelled;
+      throw boost::system::system_error(ec);
+    }
+    switch (s.kind) {
+      case step::chunk: co_return piece{"tok"};
+      case step::usage: co_return piece{"", s.used};
+      case step::end: co_return std::nullopt;
+      case step::reset: throw boost::system::system_error(asio::error::connection_reset);
+    }
+    co_return std::nullopt;
+  }
+
+  // The operation a pipeline runs.
+  auto operator()(weir::stream_options<piece> options = {.tally = count_pieces}) {
+    return [this, options] {
+      const auto& script = scripts[std::min<std::size_t>(opened, scripts.size() - 1)];
+      ++opened;
+      auto left = std::make_shared<std::deque<step>>(script.begin(), script.end());
+      return weir::open_stream_on<piece, clock_type>(
+          [left, c = &pulls_cancelled] { return play(left, c); }, options);
+    };
+  }
+};
+
+std::vector<step> tokens(int n, ns first = 100ms, ns between = 100ms) {
+  std::vector<step> s{{step::chunk, first}};
+  for (int i = 1; i < n; ++i) s.push_back({step::chunk, between});
+  return s;
+}
+
+// Reads a stream to its end (or its failure), keeping what came.
+struct reader {
+  std::vector<std::string> texts;
+  std::exception_ptr error;
+  bool done = false;
+  asio::awaitable<void> read(piece_stream& s) {
+    try {
+      while (auto p = co_await s.next()) texts.push_back(p->text);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    done = true;
+  }
+};
+
+const weir::exception* as_weir(const std::exception_ptr& e) {
+  try {
+    if (e) std::rethrow_exception(e);
+  } catch (const weir::exception& x) {
+    static thread_local std::optional<weir::exception> kept;
+    kept.emplace(x);
+    return &*kept;
+  } catch (...) {
+  }
+  return nullptr;
+}
+}  // namespace
+
+TEST_CASE("a streamed call returns at its first chunk and holds its queue slot until it ends",
+          "[stream]") {
+  asio::io_context io;
+  weir::request_queue queue(io.get_executor(), {.max_concurrent = 1, .max_queued = 4});
+  weir::usage_monitor<clock_type> monitor({.window = 60s, .buckets = 60});
+  std::vector<weir::stream_ended> ended;
+  auto guarded = weir::pipeline(weir::basic_pipeline_options<>{.watch =
+                                                                   [&](const weir::event& e) {
+                                                                     if (auto* s = std::get_if<
+                                                                             weir::stream_ended>(
+                                                                             &e))
+                                                                       ended.push_back(*s);
+                                                                   }},
+                                monitor, queue);
+  scripted server;
+  auto script = tokens(4, 300ms);
+  script.push_back({step::usage, 100ms, {200, 40}});
+  script.push_back({step::end, 10ms});
+  server.scripts = {script};
+
+  context ctx{.tokens = 1000, .operation = "chat"};
+  weir::testing::finished<piece_stream> first;
+  first.start(io, guarded(ctx, server()));
+  advance<clock_type>(io, 299ms);
+  CHECK_FALSE(first.done);
+  advance<clock_type>(io, 1ms);
+  REQUIRE(first.value);  // at the first chunk, not the last
+  CHECK(first.value->report().time_to_first_token == 300ms);
+  CHECK(queue.in_flight() == 1);
+
+  // A second call waits for the slot the stream holds.
+  scripted other;
+  other.scripts = {tokens(1)};
+  context ctx2{.tokens = 10};
+  weir::testing::finished<piece_stream> second;
+  second.start(io, guarded(ctx2, other()));
+  advance<clock_type>(io, 10s);
+  CHECK(other.opened == 0);
+  CHECK(monitor.totals().requests == 0);  // the stream has not settled
+
+  reader r;
+  asio::co_spawn(io, r.read(*first.value), asio::detached);
+  advance<clock_type>(io, 1s);
+  REQUIRE(r.done);
+  CHECK_FALSE(r.error);
+  CHECK(r.texts.size() == 5);  // four tokens and the usage chunk
+  const auto report = first.value->report();
+  CHECK(report.end == weir::stream_end::completed);
+  CHECK(report.tally.source() == weir::usage_source::reported);
+  CHECK(monitor.totals().tokens == 240);  // settled to the reported usage, not the estimate
+  REQUIRE(ended.size() == 1);
+  CHECK(ended[0].tokens == 240);
+  CHECK(ended[0].chunks == 5);
+  CHECK(ended[0].source == weir::usage_source::reported);
+
+  advance<clock_type>(io, 1s);
+  CHECK(other.opened == 1);  // the slot came back at the stream's end
+  CHECK(second.value);
+}
+
+TEST_CASE("no first token within first_token is a retryable timeout: the retry opens a new stream",
+          "[stream]") {
+  asio::io_context io;
+  weir::retry<clock_type> retry({.max_attempts = 3, .backoff = weir::backoff::constant(1s)});
+  auto guarded = weir::pipeline(retry);
+  scripted server;
+  server.scripts = {tokens(3, 30s), tokens(3, 200ms)};
+  weir::testing::finished<piece_stream> call;
+  context ctx{.tokens = 100};
+  call.start(io, guarded(ctx, server({.first_token = 2s, .tally = count_pieces})));
+  advance<clock_type>(io, 2s);
+  CHECK_FALSE(call.done);
+  CHECK(server.pulls_cancelled == 1);  // the slow first chunk's read was cancelled
+  advance<clock_type>(io, 1s + 200ms);
+  REQUIRE(call.value);
+  CHECK(server.opened == 2);
+  CHECK(call.value->report().time_to_first_token == 200ms);
+}
+
+TEST_CASE("a stream broken after its first chunk is not retried; the error says so, and tokens "
+          "settle to what was counted",
+          "[stream]") {
+  asio::io_context io;
+  weir::retry<clock_type> retry({.max_attempts = 5, .backoff = weir::backoff::constant(1s)});
+  weir::circuit_breaker<clock_type> breaker({.consecutive_failures = 1, .break_duration = 30s});
+  weir::usage_monitor<clock_type> monitor({.window = 60s, .buckets = 60});
+  auto guarded = weir::pipeline(retry, breaker, monitor);
+  scripted server;
+  auto script = tokens(3);
+  script.push_back({step::reset, 50ms});
+  server.scripts = {script};
+
+  context ctx{.input_tokens = 500, .output_tokens = 300};
+  weir::testing::finished<piece_stream> call;
+  call.start(io, guarded(ctx, server()));
+  advance<clock_type>(io, 100ms);
+  REQUIRE(call.value);
+  reader r;
+  asio::co_spawn(io, r.read(*call.value), asio::detached);
+  advance<clock_type>(io, 10s);
+  REQUIRE(r.done);
+  CHECK(r.texts.size() == 3);  // what came before the reset reached the caller
+  const auto* broken = as_weir(r.error);
+  REQUIRE(broken);
+  CHECK(broken->code() == weir::error::stream_broken);
+  CHECK(std::string(broken->what()).find("not retried") != std::string::npos);
+  CHECK(weir::detail::weir_code(broken->cause()) == weir::error_code(asio::error::connection_reset));
+  CHECK(server.opened == 1);  // never retried
+
+  const auto report = call.value->report();
+  CHECK(report.end == weir::stream_end::broken);
+  CHECK(report.tally.source() == weir::usage_source::counted);
+  CHECK(monitor.totals().tokens == 500 + 3);  // the estimated prompt and the three tokens seen
+  CHECK(monitor.totals().errors == 1);
+  CHECK(breaker.state() == weir::breaker_state::open);  // a reset mid-stream is a failure
+
+  // Reading again gives the same error: a broken stream stays broken.
+  reader again;
+  asio::co_spawn(io, again.read(*call.value), asio::detached);
+  advance<clock_type>(io, 1ms);
+  CHECK(as_weir(again.error));
+}
+
+TEST_CASE("a stream that stalls past its idle timeout, or runs past its total, breaks", "[stream]") {
+  asio::io_context io;
+  scripted server;
+  auto stall = tokens(2);
+  stall.push_back({step::chunk, 10s});
+  server.scripts = {stall};
+  auto guarded = weir::pipeline(weir::retry<clock_type>({.max_attempts = 3}));
+
+  SECTION("idle") {
+    context ctx{.tokens = 10};
+    weir::testing::finished<piece_stream> call;
+    call.start(io, guarded(ctx, server({.idle = 1s, .tally = count_pieces})));
+    advance<clock_type>(io, 100ms);
+    REQUIRE(call.value);
+    reader r;
+    asio::co_spawn(io, r.read(*call.value), asio::detached);
+    advance<clock_type>(io, 100ms + 999ms);
+    CHECK_FALSE(r.done);
+    advance<clock_type>(io, 1ms);
+    REQUIRE(r.done);
+    const auto* e = as_weir(r.error);
+    REQUIRE(e);
+    CHECK(e->code() == weir::error::stream_broken);
+    CHECK(weir::detail::weir_code(e->cause()) == weir::error_code(weir::error::timeout));
+    CHECK(server.pulls_cancelled == 1);
+  }
+  SECTION("total") {
+    context ctx{.tokens = 10};
+    weir::testing::finished<piece_stream> call;
+    call.start(io, guarded(ctx, server({.idle = 30s, .total = 3s, .tally = count_pieces})));
+    advance<clock_type>(io, 100ms);
+    REQUIRE(call.value);
+    reader r;
+    asio::co_spawn(io, r.read(*call.value), asio::detached);
+    advance<clock_type>(io, 2899ms);
+    CHECK_FALSE(r.done);
+    advance<clock_type>(io, 1ms);
+    REQUIRE(r.done);
+    CHECK(as_weir(r.error));
+    CHECK(r.texts.size() == 2);
+  }
+}
+
+TEST_CASE("a stream the caller stops reading is abandoned: its slot comes back, and it settles "
+          "what it produced, or the estimate when nothing is known",
+          "[stream]") {
+  asio::io_context io;
+  weir::request_queue queue(io.get_executor(), {.max_concurrent = 1, .max_queued = 4});
+  weir::usage_monitor<clock_type> monitor({.window = 60s, .buckets = 60});
+  auto guarded = weir::pipeline(monitor, queue);
+  scripted server;
+  server.scripts = {tokens(10)};
+  context ctx{.input_tokens = 100, .output_tokens = 50};
+
+  SECTION("closed, with its chunks counted") {
+    weir::testing::finished<piece_stream> call;
+    call.start(io, guarded(ctx, server()));
+    advance<clock_type>(io, 100ms);
+    REQUIRE(call.value);
+    CHECK(queue.in_flight() == 1);
+    call.value->close();
+    CHECK(queue.in_flight() == 0);
+    CHECK(call.value->report().end == weir::stream_end::abandoned);
+    CHECK(call.value->report().tally.source() == weir::usage_source::counted);
+    CHECK(monitor.totals().tokens == 100 + 1);
+  }
+  SECTION("destroyed, with no tally: the estimate") {
+    {
+      weir::testing::finished<piece_stream> call;
+      call.start(io, guarded(ctx, server({})));
+      advance<clock_type>(io, 100ms);
+      REQUIRE(call.value);
+      CHECK(queue.in_flight() == 1);
+    }
+    CHECK(queue.in_flight() == 0);
+    CHECK(monitor.totals().tokens == 150);
+    CHECK(monitor.totals().errors == 0);  // the provider did nothing wrong
+  }
+  SECTION("a cancelled read") {
+    weir::testing::finished<piece_stream> call;
+    call.start(io, guarded(ctx, server()));
+    advance<clock_type>(io, 100ms);
+    REQUIRE(call.value);
+    asio::cancellation_signal stop;
+    weir::testing::finished<int> read;
+    read.start(
+        io,
+        [](piece_stream& s) -> asio::awaitable<int> {
+          int n = 0;
+          while (co_await s.next()) ++n;
+          co_return n;
+        }(*call.value),
+        stop.slot());
+    advance<clock_type>(io, 250ms);  // the first chunk and two more
+    stop.emit(asio::cancellation_type::terminal);
+    advance<clock_type>(io, 1ms);
+    REQUIRE(read.done);
+    CHECK(read.code() == weir::error_code(asio::error::operation_aborted));
+    CHECK(server.pulls_cancelled == 1);
+    CHECK(queue.in_flight() == 0);
+    CHECK(call.value->report().end == weir::stream_end::abandoned);
+    CHECK(monitor.totals().tokens == 100 + 3);
+  }
+}
+
+TEST_CASE("a stream that fails before its first chunk falls back; a hedge's first chunk wins",
+          "[stream]") {
+  asio::io_context io;
+  SECTION("fallback") {
+    scripted failing, spare;
+    failing.scripts = {{{step::reset, 100ms}}};
+    spare.scripts = {tokens(2)};
+    weir::fallback to_spare([&](const weir::outcome<piece_stream>&) { return spare()(); });
+    weir::testing::finished<piece_stream> call;
+    call.start(io, to_spare(failing()));
+    advance<clock_type>(io, 1s);
+    REQUIRE(call.value);
+    CHECK(spare.opened == 1);
+    CHECK(call.value->report().tally.chunks == 1);
+  }
+  SECTION("hedging") {
+    scripted server;
+    server.scripts = {tokens(3, 5s), tokens(3, 300ms)};
+    weir::hedging<clock_type> hedge({.delay = 1s});
+    weir::testing::finished<piece_stream> call;
+    call.start(io, hedge([&](unsigned) { return server()(); }));
+    advance<clock_type>(io, 1s + 299ms);
+    CHECK_FALSE(call.done);
+    advance<clock_type>(io, 1ms);
+    REQUIRE(call.value);
+    CHECK(call.value->report().time_to_first_token == 300ms);
+    CHECK(server.opened == 2);
+    CHECK(server.pulls_cancelled == 1);  // the slow first attempt was cancelled
+  }
+}
