@@ -2,6 +2,7 @@
 #include "support/common.hpp"
 #include "support/pipeline.hpp"
 
+#include <weir/routing/router.hpp>
 #include <weir/stream.hpp>
 
 #include <deque>
@@ -361,4 +362,66 @@ TEST_CASE("a stream that fails before its first chunk falls back; a hedge's firs
     CHECK(server.opened == 2);
     CHECK(server.pulls_cancelled == 1);  // the slow first attempt was cancelled
   }
+}
+
+namespace {
+using stream_router = weir::routing::router<std::string, piece_stream, clock_type>;
+weir::routing::catalog cheap_and_dear() {
+  weir::routing::catalog c;
+  c.add(weir::routing::model_spec{
+      .provider = "a", .id = "a-small", .input_price = 1, .output_price = 2, .capability = 5});
+  c.add(weir::routing::model_spec{
+      .provider = "b", .id = "b-large", .input_price = 3, .output_price = 6, .capability = 8});
+  return c;
+}
+}  // namespace
+
+TEST_CASE("the router falls back when a stream fails before its first chunk, and settles the "
+          "stream it returned when that ends",
+          "[stream][router]") {
+  asio::io_context io;
+  std::vector<std::string> seen;
+  std::vector<weir::stream_ended> ended;
+  stream_router::options_type o;
+  o.adaptation.reset();
+  o.watch = [&](const weir::event& e) {
+    seen.push_back(fmt::format("{}", e));
+    if (auto* s = std::get_if<weir::stream_ended>(&e)) ended.push_back(*s);
+  };
+  stream_router router(io.get_executor(), cheap_and_dear(), o);
+  scripted a, b;
+  a.scripts = {{{step::reset, 200ms}}};
+  auto script = tokens(3, 400ms);
+  script.push_back({step::reset, 50ms});
+  b.scripts = {script};
+  router.connect("a", [&](const weir::routing::model_spec&, const std::string&) { return a()(); });
+  router.connect("b", [&](const weir::routing::model_spec&, const std::string&) { return b()(); });
+
+  weir::testing::finished<weir::routing::routed<piece_stream>> call;
+  call.start(io, router.route("hi", {.input_tokens = 100, .output_tokens = 50}));
+  advance<clock_type>(io, 599ms);
+  CHECK_FALSE(call.done);
+  advance<clock_type>(io, 1ms);
+  REQUIRE(call.value);
+  const auto& record = call.value->route;
+  CHECK(record.model == "b-large");
+  REQUIRE(record.steps.size() == 2);  // both attempts, the failed one first
+  CHECK(record.steps[0].result == weir::verdict::retryable);
+  CHECK(record.steps[1].latency == 400ms);  // to the first chunk
+  CHECK(router.status()[1].errors == 0);    // b has not settled yet
+
+  reader r;
+  asio::co_spawn(io, r.read(call.value->response), asio::detached);
+  advance<clock_type>(io, 1s);
+  REQUIRE(r.done);
+  CHECK(as_weir(r.error));
+  CHECK(a.opened == 1);
+  CHECK(b.opened == 1);  // a stream broken after its first chunk is not routed again
+  REQUIRE(ended.size() == 1);
+  CHECK(ended[0].how == weir::stream_end::broken);
+  CHECK(ended[0].source == weir::usage_source::counted);
+  CHECK(ended[0].tokens == 100 + 3);
+  const auto status = router.status();
+  CHECK(status[1].errors == 1);  // the broken stream was b's failure
+  CHECK(status[1].tokens_per_minute == Approx(103));
 }

@@ -533,18 +533,18 @@ class router {
     std::optional<token_usage> used{};  // what the response reported
     std::uint64_t tokens = 0;           // settled: reported, or the estimate
   };
+  // A stream (see weir/stream.hpp) is judged at its first chunk and settled at its end.
+  static constexpr bool streamed = weir::detail::settles_at_stream_end<Response>;
+
   static lesson learn(state& s, std::size_t i, const ticket_type& ticket,
                       const outcome<Response>& result, time_point started, time_point finished,
                       route_progress& route) {
     auto& m = *s.models[i];
-    auto& p = *s.providers[m.provider];
     const auto latency = std::chrono::duration_cast<nanos>(finished - started);
     lesson l{.judged = s.options.classifier(result), .used = std::nullopt};
     // A cancelled call, or one the provider's own code refused before sending, is no answer:
     // the breaker gets its ticket back (a probe must not close it), the pacing learns nothing.
-    // A 429 is the cooldown's business, not the breaker's (circuit_breaker_options says why).
     const bool answered = result.reached_provider();
-    p.breaker.settle(ticket, answered, l.judged.kind);
     if (m.adapt && answered) {
       m.adapt->observe(l.judged, started, finished);
       if (s.options.shared_state)
@@ -552,26 +552,98 @@ class router {
             known && m.shared_limit.exchange(known->per_second) != known->per_second)
           s.options.shared_state->publish_limit(m.spec->provider, m.spec->id, known->per_second);
     }
+    // A stream's latency is its time to first token.
     route.record.steps.push_back({m.spec->provider, m.spec->id, l.judged.kind, latency});
     if (l.judged.is_success()) s.note_latency(m, latency);
     if (answered && l.judged.kind == verdict::retryable) s.note_failure_latency(m, latency);
 
-    if (l.judged.is_success() && s.options.usage_of) l.used = s.options.usage_of(result.value());
-    const usage spent = l.used ? usage{.requests = 1,
-                                       .tokens = l.used->input_tokens + l.used->output_tokens,
-                                       .input_tokens = l.used->input_tokens,
-                                       .output_tokens = l.used->output_tokens}
-                               : (l.judged.is_success() ? route.estimate : usage{.requests = 1});
-    l.tokens = spent.tokens;
-    if (answered)
-      m.monitor.record({.requests = 1,
-                        .tokens = l.tokens,
-                        .error = l.judged.kind == verdict::retryable,
-                        .rate_limited = l.judged.kind == verdict::rate_limited},
-                       started);
-    if (m.limits) m.limits->settle(route.estimate, spent, finished);
+    if constexpr (streamed) {
+      l.tokens = route.estimate.tokens;
+      if (l.judged.is_success()) return l;  // the rest when the stream ends (stream_settlement)
+    } else {
+      if (l.judged.is_success() && s.options.usage_of) l.used = s.options.usage_of(result.value());
+    }
+    l.tokens = settle_answer(s, i, ticket, answered, l.judged.kind, l.used, route.estimate, started,
+                             finished);
     return l;
   }
+
+  // What the end of an answer teaches: the breaker (its ticket), the usage window, and the
+  // limits settled to `used` (the estimate for a success that did not say). Returns the tokens
+  // settled. A 429 is the cooldown's business, not the breaker's (circuit_breaker_options says
+  // why).
+  static std::uint64_t settle_answer(state& s, std::size_t i, const ticket_type& ticket,
+                                     bool answered, verdict kind,
+                                     const std::optional<token_usage>& used, const usage& estimate,
+                                     time_point started, time_point finished) {
+    auto& m = *s.models[i];
+    s.providers[m.provider]->breaker.settle(ticket, answered, kind);
+    const usage spent = used ? usage{.requests = 1,
+                                     .tokens = used->input_tokens + used->output_tokens,
+                                     .input_tokens = used->input_tokens,
+                                     .output_tokens = used->output_tokens}
+                             : (kind == verdict::success ? estimate : usage{.requests = 1});
+    if (answered)
+      m.monitor.record({.requests = 1,
+                        .tokens = spent.tokens,
+                        .error = kind == verdict::retryable,
+                        .rate_limited = kind == verdict::rate_limited},
+                       started);
+    if (m.limits) m.limits->settle(estimate, spent, finished);
+    return spent.tokens;
+  }
+
+  // A stream a route returned, settled when it ends: the model's breaker ticket and limits, its
+  // usage window and the spend budgets, to the tokens it produced (see stage.hpp's
+  // stream_tally); a stream that broke is a failure of the model, one abandoned by the caller
+  // is not.
+  struct stream_settlement final : weir::detail::stream_settler {
+    std::shared_ptr<state> s;
+    std::size_t model;
+    ticket_type ticket;
+    std::vector<typename spend_budget<Clock>::reservation> charges;
+    usage estimate;
+    std::uint64_t input_tokens = 0, output_tokens = 0;  // the request's estimate
+    std::string operation;
+    time_point started;
+
+    stream_settlement(std::shared_ptr<state> st, std::size_t i, ticket_type t,
+                      std::vector<typename spend_budget<Clock>::reservation> held,
+                      const route_progress& route, const constraints& c, time_point at)
+        : s(std::move(st)),
+          model(i),
+          ticket(t),
+          charges(std::move(held)),
+          estimate(route.estimate),
+          input_tokens(c.input_tokens),
+          output_tokens(c.output_tokens),
+          operation(c.operation),
+          started(at) {}
+
+    void settle(stream_end how, const std::exception_ptr& failure, const stream_tally& tally,
+                nanos time_to_first_token) noexcept override {
+      try {
+        verdict kind = verdict::success;
+        if (how == stream_end::broken)
+          kind = s->options.classifier(outcome<Response>::from_exception(failure)).kind;
+        basic_call_context<Clock> call{.input_tokens = input_tokens,
+                                       .output_tokens = output_tokens};
+        tally.settle_into(call);
+        std::optional<token_usage> used;
+        if (call.actual_output_tokens)
+          used = token_usage{*call.actual_input_tokens, *call.actual_output_tokens};
+        const auto tokens =
+            settle_answer(*s, model, ticket, true, kind, used, estimate, started, Clock::now());
+        const auto& spec = *s->models[model]->spec;
+        const double cost = used ? spec.cost(used->input_tokens, used->output_tokens)
+                                 : spec.cost(input_tokens, output_tokens);
+        for (auto& r : charges) r.settle(cost);
+        s->emit(stream_ended{operation, how, tally.chunks, tokens, tally.source(),
+                             time_to_first_token});
+      } catch (...) {  // an observer threw: the stream's end must not
+      }
+    }
+  };
 
   // What an attempt cost the budgets: the reported usage, else the estimate for a success or a
   // cancelled call (it may have produced tokens), nothing for a failure that says nothing or a
@@ -711,6 +783,18 @@ class router {
           s->providers[s->models[i]->provider]->call(spec, std::as_const(request)));
       const auto finished = Clock::now();
       const auto l = learn(*s, i, *ticket, result, started, finished, route);
+      if constexpr (streamed) {
+        if (l.judged.is_success()) {
+          Response stream = std::move(result).get();
+          stream.on_end(std::make_unique<stream_settlement>(s, i, *ticket, std::move(*charges),
+                                                            route, c, started));
+          route.record.provider = spec.provider;
+          route.record.model = spec.id;
+          route.record.settled_tokens = l.tokens;  // the estimate: the stream's report has the rest
+          route.record.cost = spec.cost(c.input_tokens, c.output_tokens);
+          co_return routed<Response>{std::move(stream), std::move(route.record)};
+        }
+      }
       settle_budgets(*charges, spec, c, result, l);
 
       if (l.judged.kind == verdict::success ||
