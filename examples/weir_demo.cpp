@@ -4,7 +4,7 @@
 // sleep 1, 2, 4 ... s) on fresh providers, and puts the two side by side.
 //
 //     weir-demo [--requests N] [--concurrency N] [--seed N] [--compare] [--self-hosted]
-//               [--slow-tail] [--hedge] [--svg PATH] [--plain]
+//               [--slow-tail] [--hedge] [--no-stream] [--svg PATH] [--plain]
 //     weir-demo --model NAME [--base-url https://api.example.com/v1] [--api-key-env VAR]
 //               [--dialect openai|anthropic] [--rpm N] [--tpm N]
 #include "demo/workload.hpp"
@@ -42,6 +42,8 @@ Usage: weir-demo [options]
   --slow-tail       the local providers stall one answer in twenty for 3 s
   --hedge           weir hedges a request still unanswered at the p90 of the latencies it has
                     seen (at most 8 at once, a tenth of the requests): compare the p99
+  --no-stream       weir asks for whole answers; by default it streams them (server-sent
+                    events) and shows the time to first token
   --svg PATH        where to write the timeline (default weir-demo-timeline.svg)
   --plain           log lines instead of the live dashboard (the default when not a terminal)
   --model NAME      run against a real endpoint instead of the local mocks, asking for NAME
@@ -64,6 +66,7 @@ struct settings {
   bool self_hosted = false;
   bool slow_tail = false;
   bool hedge = false;
+  bool stream = true;
   bool plain = false;
   std::string svg = "weir-demo-timeline.svg";
   std::string base_url, api_key_env, model;
@@ -112,6 +115,8 @@ settings parse(int argc, char** argv) {
       s.slow_tail = true;
     } else if (flag == "--hedge") {
       s.hedge = true;
+    } else if (flag == "--no-stream") {
+      s.stream = false;
     } else if (flag == "--plain") {
       s.plain = true;
     } else if (flag == "--svg") {
@@ -203,11 +208,16 @@ std::vector<std::string> view(const std::string& mode, const demo::progress& liv
   const double fraction = static_cast<double>(done) / static_cast<double>(total);
   const double eta =
       done ? seconds / static_cast<double>(done) * static_cast<double>(total - done) : 0;
+  const std::string first_token =
+      so_far.first_tokens.empty()
+          ? std::string()
+          : fmt::format("  first token p50 {:.2f} s p95 {:.2f} s", so_far.first_token_percentile(0.5),
+                        so_far.first_token_percentile(0.95));
   lines.push_back(
       fmt::format("{:<5} [{}] {:>4}/{} {:5.1f} s  ETA {:4.1f} s  failed {}  429s {}  "
-                  "retries {}",
+                  "retries {}{}",
                   mode, bar(fraction, 30), done, total, seconds, eta, live.failed.load(),
-                  live.rate_limited.load(), live.retries.load()));
+                  live.rate_limited.load(), live.retries.load(), first_token));
   std::map<std::string, std::pair<weir::breaker_state, double>> breakers;
   std::map<std::string, double> limits;  // requests/s in force: given, reported or discovered
   std::set<std::string> discovering;
@@ -305,6 +315,16 @@ void summary(const std::vector<demo::run_report>& runs) {
   row("latency p50 / p99", [](const auto& r) {
     return fmt::format("{:.2f}/{:.2f} s", r.latency_percentile(0.5), r.latency_percentile(0.99));
   });
+  if (std::any_of(runs.begin(), runs.end(), [](const auto& r) { return !r.first_tokens.empty(); })) {
+    row("first token p50 / p95", [](const auto& r) {
+      if (r.first_tokens.empty()) return std::string("not streamed");
+      return fmt::format("{:.2f}/{:.2f} s", r.first_token_percentile(0.5),
+                         r.first_token_percentile(0.95));
+    });
+    row("streams broken, restarted", [](const auto& r) {
+      return fmt::format("{}", r.streams_restarted);
+    });
+  }
   if (std::any_of(runs.begin(), runs.end(), [](const auto& r) { return r.hedges > 0; }))
     row("hedges", [](const auto& r) { return fmt::format("{}", r.hedges); });
   // Against the limits in force (given, reported or discovered), in the dimension that binds,
@@ -399,7 +419,7 @@ demo::run_report run_once(const std::string& mode, std::vector<demo::provider_se
   if (s.base_url.empty()) mocks.emplace(fleet, s.seed);
   asio::io_context io(1);
   demo::progress live;
-  Run run(io, fleet, {.concurrency = s.concurrency, .hedge = s.hedge}, live);
+  Run run(io, fleet, {.concurrency = s.concurrency, .hedge = s.hedge, .stream = s.stream}, live);
   live_sources sources;
   if constexpr (requires { run.status(); }) sources.status = run.status();
   if constexpr (requires { run.concurrency(); }) sources.concurrency = run.concurrency();

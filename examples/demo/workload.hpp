@@ -74,18 +74,20 @@ inline std::vector<provider_setup> default_fleet() {
                    .speaks = dialect::openai,
                    .models = {{"gpt-mini", 6, 0.15, 0.60, 240, 240'000, 128'000},
                               {"gpt-large", 9, 2.50, 10.00, 90, 120'000, 128'000}},
-                   .faults = {.server_errors = 0.02}});
+                   .faults = {.server_errors = 0.02, .slow_first_tokens = 0.03}});
   fleet.push_back({.name = "anthropic",
                    .speaks = dialect::anthropic,
                    .models = {{"claude-haiku", 7, 0.80, 4.00, 180, 200'000, 200'000},
                               {"claude-sonnet", 9, 3.00, 15.00, 90, 120'000, 200'000}},
-                   .faults = {.overloaded = 0.04}});
+                   .faults = {.overloaded = 0.04, .stream_stalls = 0.01}});
   // The cheapest, with the tightest limits and a stretch of outage in the middle of the run.
   fleet.push_back({.name = "groq",
                    .speaks = dialect::openai,
                    .models = {{"llama-8b", 5, 0.05, 0.08, 180, 150'000, 8'000},
                               {"llama-70b", 7, 0.59, 0.79, 120, 150'000, 32'000}},
-                   .faults = {.resets = 0.02, .outages = {{5'000ms, 11'000ms}}}});
+                   .faults = {.resets = 0.02,
+                              .outages = {{5'000ms, 11'000ms}},
+                              .stream_resets = 0.01}});
   return fleet;
 }
 
@@ -245,12 +247,18 @@ struct run_report {
   double limit_per_second = 0;              // of the whole fleet, in the dimension that binds
   double burst_seconds = 0;  // how much of that rate the servers let through at once at the start
   std::vector<double> latencies;  // seconds, of each completed request, start to answer
-  std::uint64_t hedges = 0;       // hedges started beside slow requests
+  std::vector<double> first_tokens;  // seconds, of each streamed request, start to first chunk
+  std::uint64_t hedges = 0;          // hedges started beside slow requests
+  std::uint64_t streams_restarted = 0;  // streams broken after their first chunk, sent again
 
   // The latency below which a share `p` of the completed requests were answered.
-  double latency_percentile(double p) const {
-    if (latencies.empty()) return 0;
-    auto sorted = latencies;
+  double latency_percentile(double p) const { return percentile(latencies, p); }
+  // The same of the times to first token.
+  double first_token_percentile(double p) const { return percentile(first_tokens, p); }
+
+  static double percentile(const std::vector<double>& values, double p) {
+    if (values.empty()) return 0;
+    auto sorted = values;
     const auto at = static_cast<std::size_t>(p * static_cast<double>(sorted.size() - 1));
     std::nth_element(sorted.begin(), sorted.begin() + static_cast<std::ptrdiff_t>(at),
                      sorted.end());
@@ -339,6 +347,15 @@ class recorder {
     std::lock_guard lock(mutex_);
     ++report_.hedges;
   }
+  void first_token(std::size_t job) {
+    std::lock_guard lock(mutex_);
+    if (auto it = began_.find(job); it != began_.end())
+      report_.first_tokens.push_back(now() - it->second);
+  }
+  void stream_restarted() {
+    std::lock_guard lock(mutex_);
+    ++report_.streams_restarted;
+  }
   void finished(std::size_t job, bool ok, const std::string& why = {}) {
     std::lock_guard lock(mutex_);
     if (auto it = began_.find(job); it != began_.end()) {
@@ -394,6 +411,12 @@ struct run_options {
   std::size_t connections_per_provider = 16;
   std::chrono::milliseconds naive_backoff{1'000};  // the naive loop's first sleep, then doubled
   bool hedge = false;  // weir: hedge a request still unanswered at the p90 of the latencies
+  // weir streams the answers (server-sent events): the router acts until the first token, which
+  // must come within `first_token`; a stream quiet for `idle` is broken, and sent again (at most
+  // twice) by the worker, which then knows it starts over.
+  bool stream = true;
+  std::chrono::milliseconds first_token{2'000};
+  std::chrono::milliseconds idle{2'000};
 };
 
 // What a status line needs of a running router.
@@ -475,20 +498,41 @@ class weir_run {
  public:
   using router_type =
       weir::routing::router<chat, response, steady, weir::http::response_classifier>;
+  using event_stream = weir::stream<weir::http::sse::event>;
+  using stream_router_type =
+      weir::routing::router<chat, event_stream, steady, weir::http::response_classifier>;
 
   weir_run(asio::io_context& io, std::vector<provider_setup> fleet, run_options options,
            progress& live)
       : io_(io), fleet_(std::move(fleet)), options_(options), log_(fleet_, live) {
     auto models = catalog_of(fleet_, options_.breaker);
-    router_type::options_type ro;
-    ro.max_attempts = 6;
-    if (options_.fallback_budget) ro.fallback_budget.emplace(*options_.fallback_budget);
-    ro.usage_of = [](const response& r) { return demo::usage_of(r); };
-    ro.context_exceeded = [](const weir::outcome<response>& o) {
-      return o.has_value() && weir::http::context_length_exceeded(o.value());
+    const auto configure = [&](auto& ro) {
+      ro.max_attempts = 6;
+      if (options_.fallback_budget) ro.fallback_budget.emplace(*options_.fallback_budget);
+      ro.watch = [this](const weir::event& e) { observe(e); };
     };
-    ro.watch = [this](const weir::event& e) { observe(e); };
-    router_.emplace(io.get_executor(), std::move(models), std::move(ro));
+    if (options_.stream) {
+      stream_router_type::options_type ro;
+      configure(ro);
+      ro.context_exceeded = [](const weir::outcome<event_stream>& o) {
+        try {
+          if (!o.has_value()) std::rethrow_exception(o.failure());
+        } catch (const weir::http::status_error& e) {
+          return e.context_exceeded();
+        } catch (...) {
+        }
+        return false;
+      };
+      stream_router_.emplace(io.get_executor(), std::move(models), std::move(ro));
+    } else {
+      router_type::options_type ro;
+      configure(ro);
+      ro.usage_of = [](const response& r) { return demo::usage_of(r); };
+      ro.context_exceeded = [](const weir::outcome<response>& o) {
+        return o.has_value() && weir::http::context_length_exceeded(o.value());
+      };
+      router_.emplace(io.get_executor(), std::move(models), std::move(ro));
+    }
     if (options_.hedge)
       hedge_.emplace(weir::hedging_options{.delay_percentile = 0.9,
                                            .max_in_flight = 8,
@@ -499,10 +543,16 @@ class weir_run {
     for (const auto& p : fleet_) {
       auto& conn = connections_.emplace_back(std::make_unique<connection>(
           io.get_executor(), weir::http::endpoint::parse(p.base_url), tls(), p, options_));
-      router_->connect(p.name,
-                       [c = conn.get()](const weir::routing::model_spec& m, const chat& request) {
-                         return c->send(m, *request.work);
-                       });
+      if (stream_router_)
+        stream_router_->connect(
+            p.name, [c = conn.get()](const weir::routing::model_spec& m, const chat& request) {
+              return c->send_streamed(m, *request.work);
+            });
+      else
+        router_->connect(p.name,
+                         [c = conn.get()](const weir::routing::model_spec& m, const chat& request) {
+                           return c->send(m, *request.work);
+                         });
     }
   }
 
@@ -521,7 +571,7 @@ class weir_run {
     auto r = log_.take("weir", requests);
     r.limit_per_second = 0;
     for (auto& [name, t] : r.providers) t.limit_per_second = 0;
-    for (const auto& m : router_->status()) {
+    for (const auto& m : status()()) {
       const double allowed = binding_limit(m, tokens_per_request_);
       r.providers[std::string(m.provider)].limit_per_second += allowed;
       r.limit_per_second += allowed;
@@ -531,7 +581,7 @@ class weir_run {
   }
   run_report peek() { return log_.snapshot(); }
   status_source status() {
-    return [this] { return router_->status(); };
+    return [this] { return stream_router_ ? stream_router_->status() : router_->status(); };
   }
   // The learned limits of the self-hosted servers.
   concurrency_source concurrency() {
@@ -557,7 +607,8 @@ class weir_run {
                const provider_setup& p, const run_options& o)
         : client(ex, p.speaks, std::move(where), p.api_key, tls),
           queue(ex, {.max_concurrent = o.connections_per_provider, .max_queued = 10'000}),
-          deadline(o.attempt_timeout) {
+          deadline(o.attempt_timeout),
+          streaming{.first_token = o.first_token, .idle = o.idle, .total = 60s} {
       if (p.workers > 0)
         adaptive.emplace(ex, weir::adaptive_concurrency_options{.max_queued = 4, .name = p.name});
     }
@@ -571,10 +622,24 @@ class weir_run {
       return weir::pipeline(queue, deadline)(exchange);
     }
 
+    // The same, streamed: the deadline bounds the wait for the first token, and the queue's
+    // slot is held until the stream ends.
+    asio::awaitable<event_stream> send_streamed(const weir::routing::model_spec& m,
+                                                const job& j) {
+      auto exchange = [this, &m, &j] {
+        weir::http::header_list request_id{{"x-weir-request", std::to_string(j.id)}};
+        return client.stream(request_of(m.id, j), streaming, 2 * deadline.limit(),
+                             std::move(request_id));
+      };
+      if (adaptive) return weir::pipeline(*adaptive, deadline)(exchange);
+      return weir::pipeline(queue, deadline)(exchange);
+    }
+
     weir::http::chat_client client;
     weir::request_queue queue;
     std::optional<weir::adaptive_concurrency<steady>> adaptive;
     weir::timeout<steady> deadline;
+    weir::stream_options<weir::http::sse::event> streaming;
   };
 
   asio::awaitable<void> worker(const std::vector<job>& jobs) {
@@ -583,6 +648,10 @@ class weir_run {
       if (i >= jobs.size()) co_return;
       const auto& j = jobs[i];
       log_.started(j.id);
+      if (stream_router_) {
+        co_await stream_job(j);
+        continue;
+      }
       try {
         // A hedge routes the request again: the router picks with what it knows then.
         const auto route_once = [this, &j](unsigned) {
@@ -606,6 +675,67 @@ class weir_run {
         log_.finished(j.id, false, "unexpected failure");
       }
     }
+  }
+
+  weir::routing::basic_route_constraints<steady> constraints_of(const job& j) const {
+    return {.input_tokens = j.input_tokens(),
+            .output_tokens = j.max_tokens,
+            .min_capability = j.min_capability,
+            .priority = j.priority,
+            .deadline = steady::now() + 60s,
+            .operation = "chat"};
+  }
+
+  // One job, streamed: routed until its first token, then read to the end. A stream that breaks
+  // after its first token is not retried by weir (the caller has part of an answer); this caller
+  // chooses to start over, at most twice, and counts it.
+  asio::awaitable<void> stream_job(const job& j) {
+    for (int restarts = 0;; ++restarts) {
+      try {
+        const auto route_once = [this, &j](unsigned) {
+          return stream_router_->route(chat{&j}, constraints_of(j));
+        };
+        // A hedge routes again, when the first token is late (see worker()).
+        auto op = hedge_ ? (*hedge_)(route_once) : route_once(0);
+        auto [answer, route] = co_await std::move(op);
+        if (restarts == 0) log_.first_token(j.id);
+        std::size_t events = 0;
+        for (;;) {
+          auto event = co_await answer.next();
+          if (!event) break;
+          ++events;
+        }
+        const auto tally = answer.report().tally;
+        double cost = route.cost;
+        if (tally.reported_output_tokens)
+          cost = price(route.model, tally.reported_input_tokens.value_or(j.input_tokens()),
+                       *tally.reported_output_tokens);
+        log_.answered(route.provider, 200, cost);
+        log_.finished(j.id, true);
+        co_return;
+      } catch (const weir::exception& e) {
+        if (e.code() == weir::error::stream_broken && restarts < 2) {
+          log_.stream_restarted();
+          continue;
+        }
+        log_.finished(j.id, false, e.code().message());
+        co_return;
+      } catch (const std::exception&) {
+        log_.finished(j.id, false, "unexpected failure");
+        co_return;
+      }
+    }
+  }
+
+  // What `model` charges for the tokens, in USD.
+  double price(std::string_view model, std::uint64_t input, std::uint64_t output) const {
+    for (const auto& p : fleet_)
+      for (const auto& m : p.models)
+        if (m.id == model)
+          return (static_cast<double>(input) * m.input_price +
+                  static_cast<double>(output) * m.output_price) /
+                 1e6;
+    return 0;
   }
 
   void observe(const weir::event& e) {
@@ -644,6 +774,7 @@ class weir_run {
   std::vector<std::unique_ptr<connection>> connections_;
   std::optional<router_type> router_;
   std::optional<weir::hedging<steady>> hedge_;
+  std::optional<stream_router_type> stream_router_;
   std::atomic<std::size_t> next_{0};
   double tokens_per_request_ = 0;
   double output_tokens_ = 0;

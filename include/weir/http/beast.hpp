@@ -63,17 +63,6 @@ struct response_classifier {
   struct is_response<beast_http::response<Body, Fields>> : std::true_type {};
 };
 
-// Whether an error response says the prompt did not fit the model's context window, as OpenAI
-// ("context_length_exceeded"), Anthropic ("prompt is too long") and OpenAI-compatible servers
-// ("maximum context length") word it. For router_options::context_exceeded.
-inline bool context_length_exceeded(unsigned status, std::string_view body) {
-  if (status != 400 && status != 413) return false;
-  for (std::string_view marker :
-       {"context_length_exceeded", "prompt is too long", "maximum context length"})
-    if (body.find(marker) != std::string_view::npos) return true;
-  return false;
-}
-
 template <class Fields>
 bool context_length_exceeded(const beast_http::response<beast_http::string_body, Fields>& res) {
   return context_length_exceeded(res.result_int(), res.body());

@@ -68,25 +68,44 @@ classification judge_status(
   return judge_status(status, read_header_pairs(headers, now), body, retryable_statuses);
 }
 
+// Whether an error response says the prompt did not fit the model's context window, as OpenAI
+// ("context_length_exceeded"), Anthropic ("prompt is too long") and OpenAI-compatible servers
+// ("maximum context length") word it. For router_options::context_exceeded.
+inline bool context_length_exceeded(unsigned status, std::string_view body) {
+  if (status != 400 && status != 413) return false;
+  for (std::string_view marker :
+       {"context_length_exceeded", "prompt is too long", "maximum context length"})
+    if (body.find(marker) != std::string_view::npos) return true;
+  return false;
+}
+
 // An HTTP error status a client throws instead of returning, as a stream does for a status that
 // comes before its first chunk: judged by the status-code rule and the response's headers (a
 // 429's Retry-After is the hint), so retry, breaker and router treat it as they would the
 // response. Its message names the status only: never a body, which may quote the request.
 class status_error : public judged_failure {
  public:
-  status_error(unsigned status, classification judged)
-      : judged_failure(judged, "HTTP status " + std::to_string(status)), status_(status) {}
+  status_error(unsigned status, classification judged, bool context_exceeded = false)
+      : judged_failure(judged, "HTTP status " + std::to_string(status)),
+        status_(status),
+        context_exceeded_(context_exceeded) {}
 
-  // From the status and the response's header pairs.
+  // From the status, the response's header pairs and its body (read for Gemini's retryDelay and
+  // for a context overflow, kept by neither).
   template <class Headers>
   static status_error from(unsigned status, const Headers& headers, std::string_view body = {}) {
-    return status_error(status, judge_status(status, headers, body));
+    return status_error(status, judge_status(status, headers, body),
+                        context_length_exceeded(status, body));
   }
 
   unsigned status() const noexcept { return status_; }
+  // The server said the prompt does not fit the model's context window (for the router's
+  // context_exceeded).
+  bool context_exceeded() const noexcept { return context_exceeded_; }
 
  private:
   unsigned status_;
+  bool context_exceeded_;
 };
 
 }  // namespace weir::http

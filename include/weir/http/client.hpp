@@ -422,8 +422,12 @@ class chat_client {
       chat_request r, std::chrono::steady_clock::duration timeout, header_list extra = {}) {
     r.stream = true;
     extra.insert(extra.end(), auth_.begin(), auth_.end());
-    auto body = co_await http_.post_streamed(chat_path(speaks_), chat_body(speaks_, r),
-                                             std::move(extra), timeout);
+    // Named before the co_await: g++ 12 can destroy a temporary with a destructor that sits in
+    // a co_await expression twice.
+    std::string path = chat_path(speaks_);
+    std::string json = chat_body(speaks_, r);
+    auto sending = http_.post_streamed(std::move(path), std::move(json), std::move(extra), timeout);
+    auto body = co_await std::move(sending);
     if (body->status() >= 300) {
       const auto said = co_await body->read_all();
       std::vector<std::pair<std::string_view, std::string_view>> headers;
@@ -456,10 +460,12 @@ class chat_client {
           std::chrono::nanoseconds(0),
           *options.first_token - (std::chrono::steady_clock::now() - started));
     } else {
-      source = co_await open_events(std::move(r), timeout, std::move(extra));
+      auto opening = open_events(std::move(r), timeout, std::move(extra));
+      source = co_await std::move(opening);
     }
-    co_return co_await open_stream<sse::event>([source] { return source->next(); },
-                                               std::move(options));
+    auto pull = [source] { return source->next(); };
+    auto first = open_stream<sse::event>(std::move(pull), std::move(options));
+    co_return co_await std::move(first);
   }
 
   dialect speaks() const noexcept { return speaks_; }
