@@ -130,10 +130,6 @@ inline std::size_t collect_header(char* data, std::size_t size, std::size_t coun
   }
   return size * count;
 }
-inline std::size_t collect_body(char* data, std::size_t size, std::size_t count, void* to) {
-  static_cast<response*>(to)->body.append(data, size * count);
-  return size * count;
-}
 inline void check(CURLcode code, const char* what) {
   if (code != CURLE_OK) throw boost::system::system_error(make_error_code(code), what);
 }
@@ -172,6 +168,13 @@ class easy {
     return set(CURLOPT_POSTFIELDS, body_.c_str());
   }
 
+  // Hands the body to `f` piece by piece as it arrives (a stream of server-sent events) instead
+  // of keeping it in the response. With a multi, `f` runs on the multi's strand.
+  easy& on_data(std::function<void(std::string_view)> f) {
+    on_data_ = std::move(f);
+    return *this;
+  }
+
   CURL* native() const noexcept { return handle_; }
 
   // Points the handle's callbacks at a fresh response, for one transfer.
@@ -179,8 +182,8 @@ class easy {
     reply_ = response{};
     set(CURLOPT_HEADERFUNCTION, &detail::collect_header);
     set(CURLOPT_HEADERDATA, static_cast<void*>(&reply_));
-    set(CURLOPT_WRITEFUNCTION, &detail::collect_body);
-    set(CURLOPT_WRITEDATA, static_cast<void*>(&reply_));
+    set(CURLOPT_WRITEFUNCTION, &easy::write_body);
+    set(CURLOPT_WRITEDATA, static_cast<void*>(this));
     return reply_;
   }
   // After a transfer ended with `code`: the response, or the failure thrown.
@@ -193,10 +196,20 @@ class easy {
   }
 
  private:
+  static std::size_t write_body(char* data, std::size_t size, std::size_t count, void* to) {
+    auto& self = *static_cast<easy*>(to);
+    if (self.on_data_)
+      self.on_data_(std::string_view(data, size * count));
+    else
+      self.reply_.body.append(data, size * count);
+    return size * count;
+  }
+
   CURL* handle_ = nullptr;
   curl_slist* list_ = nullptr;
   std::string body_;
   response reply_;
+  std::function<void(std::string_view)> on_data_;
 };
 
 // A blocking transfer, as most curl code makes one: run it on a thread pool, not on an
