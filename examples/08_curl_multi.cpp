@@ -76,17 +76,20 @@ struct streamed_transfer {
 // Starts the transfer on `transfers` and returns its stream once the first event came. A status
 // other than 200 (a 429 with its Retry-After) fails it before then, judged by its headers.
 asio::awaitable<weir::stream<sse::event>> start_streamed(weir::curl::multi& transfers,
-                                                      std::shared_ptr<streamed_transfer> t) {
+                                                         std::shared_ptr<streamed_transfer> t) {
   t->request.on_data([raw = t.get()](std::string_view bytes) { raw->feed(bytes); });
-  asio::co_spawn(co_await asio::this_coro::executor, transfers.perform(t->request),
-                 [t](std::exception_ptr e, weir::curl::response r) {
-                   if (!e && r.status != 200)
-                     e = std::make_exception_ptr(
-                         weir::http::status_error::from(static_cast<unsigned>(r.status), r.headers));
-                   t->end(e);
-                 });
-  auto first = weir::open_stream<sse::event>([t] { return t->next(); },
-                                             {.first_token = 5s, .idle = 2s, .tally = sse::openai_tally});
+  // The executor first: g++ 12 destroys a temporary with a destructor (the handler below, which
+  // holds `t`) twice when its full expression has a co_await in it.
+  const auto ex = co_await asio::this_coro::executor;
+  asio::co_spawn(
+      ex, transfers.perform(t->request), [t](std::exception_ptr e, weir::curl::response r) {
+        if (!e && r.status != 200)
+          e = std::make_exception_ptr(
+              weir::http::status_error::from(static_cast<unsigned>(r.status), r.headers));
+        t->end(e);
+      });
+  auto first = weir::open_stream<sse::event>(
+      [t] { return t->next(); }, {.first_token = 5s, .idle = 2s, .tally = sse::openai_tally});
   co_return co_await std::move(first);
 }
 

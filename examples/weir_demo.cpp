@@ -211,8 +211,8 @@ std::vector<std::string> view(const std::string& mode, const demo::progress& liv
   const std::string first_token =
       so_far.first_tokens.empty()
           ? std::string()
-          : fmt::format("  first token p50 {:.2f} s p95 {:.2f} s", so_far.first_token_percentile(0.5),
-                        so_far.first_token_percentile(0.95));
+          : fmt::format("  first token p50 {:.2f} s p95 {:.2f} s",
+                        so_far.first_token_percentile(0.5), so_far.first_token_percentile(0.95));
   lines.push_back(
       fmt::format("{:<5} [{}] {:>4}/{} {:5.1f} s  ETA {:4.1f} s  failed {}  429s {}  "
                   "retries {}{}",
@@ -315,15 +315,15 @@ void summary(const std::vector<demo::run_report>& runs) {
   row("latency p50 / p99", [](const auto& r) {
     return fmt::format("{:.2f}/{:.2f} s", r.latency_percentile(0.5), r.latency_percentile(0.99));
   });
-  if (std::any_of(runs.begin(), runs.end(), [](const auto& r) { return !r.first_tokens.empty(); })) {
+  if (std::any_of(runs.begin(), runs.end(),
+                  [](const auto& r) { return !r.first_tokens.empty(); })) {
     row("first token p50 / p95", [](const auto& r) {
       if (r.first_tokens.empty()) return std::string("not streamed");
       return fmt::format("{:.2f}/{:.2f} s", r.first_token_percentile(0.5),
                          r.first_token_percentile(0.95));
     });
-    row("streams broken, restarted", [](const auto& r) {
-      return fmt::format("{}", r.streams_restarted);
-    });
+    row("streams broken, restarted",
+        [](const auto& r) { return fmt::format("{}", r.streams_restarted); });
   }
   if (std::any_of(runs.begin(), runs.end(), [](const auto& r) { return r.hedges > 0; }))
     row("hedges", [](const auto& r) { return fmt::format("{}", r.hedges); });

@@ -43,8 +43,9 @@ struct scripted {
     if (left->empty()) co_return std::nullopt;
     const step s = left->front();
     left->pop_front();
-    asio::basic_waitable_timer<clock_type> t(co_await asio::this_coro::executor,
-                                             std::chrono::duration_cast<clock_type::duration>(s.after));
+    asio::basic_waitable_timer<clock_type> t(
+        co_await asio::this_coro::executor,
+        std::chrono::duration_cast<clock_type::duration>(s.after));
     auto [ec] = co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
     if (ec) {
       ++*cancelled;
@@ -111,14 +112,13 @@ TEST_CASE("a streamed call returns at its first chunk and holds its queue slot u
   weir::request_queue queue(io.get_executor(), {.max_concurrent = 1, .max_queued = 4});
   weir::usage_monitor<clock_type> monitor({.window = 60s, .buckets = 60});
   std::vector<weir::stream_ended> ended;
-  auto guarded = weir::pipeline(weir::basic_pipeline_options<>{.watch =
-                                                                   [&](const weir::event& e) {
-                                                                     if (auto* s = std::get_if<
-                                                                             weir::stream_ended>(
-                                                                             &e))
-                                                                       ended.push_back(*s);
-                                                                   }},
-                                monitor, queue);
+  auto guarded = weir::pipeline(
+      weir::basic_pipeline_options<>{.watch =
+                                         [&](const weir::event& e) {
+                                           if (auto* s = std::get_if<weir::stream_ended>(&e))
+                                             ended.push_back(*s);
+                                         }},
+      monitor, queue);
   scripted server;
   auto script = tokens(4, 300ms);
   script.push_back({step::usage, 100ms, {200, 40}});
@@ -184,9 +184,10 @@ TEST_CASE("no first token within first_token is a retryable timeout: the retry o
   CHECK(call.value->report().time_to_first_token == 200ms);
 }
 
-TEST_CASE("a stream broken after its first chunk is not retried; the error says so, and tokens "
-          "settle to what was counted",
-          "[stream]") {
+TEST_CASE(
+    "a stream broken after its first chunk is not retried; the error says so, and tokens "
+    "settle to what was counted",
+    "[stream]") {
   asio::io_context io;
   weir::retry<clock_type> retry({.max_attempts = 5, .backoff = weir::backoff::constant(1s)});
   weir::circuit_breaker<clock_type> breaker({.consecutive_failures = 1, .break_duration = 30s});
@@ -211,7 +212,8 @@ TEST_CASE("a stream broken after its first chunk is not retried; the error says 
   REQUIRE(broken);
   CHECK(broken->code() == weir::error::stream_broken);
   CHECK(std::string(broken->what()).find("not retried") != std::string::npos);
-  CHECK(weir::detail::weir_code(broken->cause()) == weir::error_code(asio::error::connection_reset));
+  CHECK(weir::detail::weir_code(broken->cause()) ==
+        weir::error_code(asio::error::connection_reset));
   CHECK(server.opened == 1);  // never retried
 
   const auto report = call.value->report();
@@ -228,7 +230,8 @@ TEST_CASE("a stream broken after its first chunk is not retried; the error says 
   CHECK(as_weir(again.error));
 }
 
-TEST_CASE("a stream that stalls past its idle timeout, or runs past its total, breaks", "[stream]") {
+TEST_CASE("a stream that stalls past its idle timeout, or runs past its total, breaks",
+          "[stream]") {
   asio::io_context io;
   scripted server;
   auto stall = tokens(2);
@@ -271,9 +274,10 @@ TEST_CASE("a stream that stalls past its idle timeout, or runs past its total, b
   }
 }
 
-TEST_CASE("a stream the caller stops reading is abandoned: its slot comes back, and it settles "
-          "what it produced, or the estimate when nothing is known",
-          "[stream]") {
+TEST_CASE(
+    "a stream the caller stops reading is abandoned: its slot comes back, and it settles "
+    "what it produced, or the estimate when nothing is known",
+    "[stream]") {
   asio::io_context io;
   weir::request_queue queue(io.get_executor(), {.max_concurrent = 1, .max_queued = 4});
   weir::usage_monitor<clock_type> monitor({.window = 60s, .buckets = 60});
@@ -376,9 +380,10 @@ weir::routing::catalog cheap_and_dear() {
 }
 }  // namespace
 
-TEST_CASE("the router falls back when a stream fails before its first chunk, and settles the "
-          "stream it returned when that ends",
-          "[stream][router]") {
+TEST_CASE(
+    "the router falls back when a stream fails before its first chunk, and settles the "
+    "stream it returned when that ends",
+    "[stream][router]") {
   asio::io_context io;
   std::vector<std::string> seen;
   std::vector<weir::stream_ended> ended;

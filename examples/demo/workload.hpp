@@ -81,13 +81,12 @@ inline std::vector<provider_setup> default_fleet() {
                               {"claude-sonnet", 9, 3.00, 15.00, 90, 120'000, 200'000}},
                    .faults = {.overloaded = 0.04, .stream_stalls = 0.01}});
   // The cheapest, with the tightest limits and a stretch of outage in the middle of the run.
-  fleet.push_back({.name = "groq",
-                   .speaks = dialect::openai,
-                   .models = {{"llama-8b", 5, 0.05, 0.08, 180, 150'000, 8'000},
-                              {"llama-70b", 7, 0.59, 0.79, 120, 150'000, 32'000}},
-                   .faults = {.resets = 0.02,
-                              .outages = {{5'000ms, 11'000ms}},
-                              .stream_resets = 0.01}});
+  fleet.push_back(
+      {.name = "groq",
+       .speaks = dialect::openai,
+       .models = {{"llama-8b", 5, 0.05, 0.08, 180, 150'000, 8'000},
+                  {"llama-70b", 7, 0.59, 0.79, 120, 150'000, 32'000}},
+       .faults = {.resets = 0.02, .outages = {{5'000ms, 11'000ms}}, .stream_resets = 0.01}});
   return fleet;
 }
 
@@ -246,9 +245,9 @@ struct run_report {
   std::set<std::size_t> succeeded;          // job ids reported successful
   double limit_per_second = 0;              // of the whole fleet, in the dimension that binds
   double burst_seconds = 0;  // how much of that rate the servers let through at once at the start
-  std::vector<double> latencies;  // seconds, of each completed request, start to answer
-  std::vector<double> first_tokens;  // seconds, of each streamed request, start to first chunk
-  std::uint64_t hedges = 0;          // hedges started beside slow requests
+  std::vector<double> latencies;        // seconds, of each completed request, start to answer
+  std::vector<double> first_tokens;     // seconds, of each streamed request, start to first chunk
+  std::uint64_t hedges = 0;             // hedges started beside slow requests
   std::uint64_t streams_restarted = 0;  // streams broken after their first chunk, sent again
 
   // The latency below which a share `p` of the completed requests were answered.
@@ -624,8 +623,7 @@ class weir_run {
 
     // The same, streamed: the deadline bounds the wait for the first token, and the queue's
     // slot is held until the stream ends.
-    asio::awaitable<event_stream> send_streamed(const weir::routing::model_spec& m,
-                                                const job& j) {
+    asio::awaitable<event_stream> send_streamed(const weir::routing::model_spec& m, const job& j) {
       auto exchange = [this, &m, &j] {
         weir::http::header_list request_id{{"x-weir-request", std::to_string(j.id)}};
         return client.stream(request_of(m.id, j), streaming, 2 * deadline.limit(),

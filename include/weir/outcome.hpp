@@ -273,8 +273,7 @@ struct default_classifier {
       // counts a call whose every attempt failed as a failure, not as a weir error.
       // So does a stream that broke after its first chunk: a reset mid-stream is the provider's
       // failure (nothing can retry it: the stream was delivered).
-      if ((x.code() == error::retries_exhausted || x.code() == error::stream_broken) &&
-          x.cause()) {
+      if ((x.code() == error::retries_exhausted || x.code() == error::stream_broken) && x.cause()) {
         auto c = classify(x.cause());
         if (x.retry_after()) c.hint.retry_after = x.retry_after();
         return c;

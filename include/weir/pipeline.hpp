@@ -485,7 +485,7 @@ struct driver {
         if (result->has_value()) {
           T value = std::move(*result).get();
           value.on_end(std::make_unique<settle_at_end<T, Begin, End, Keep>>(std::move(keep),
-                                                                         std::move(slots), env));
+                                                                            std::move(slots), env));
           depth = Begin;
           co_return value;
         }

@@ -122,7 +122,7 @@ using call_context = basic_call_context<>;
 // What a stream's chunks said about its tokens, gathered as they passed (see stream.hpp).
 struct stream_tally {
   std::uint64_t chunks = 0;
-  std::uint64_t counted_output_tokens = 0;                 // output counted chunk by chunk
+  std::uint64_t counted_output_tokens = 0;                // output counted chunk by chunk
   std::optional<std::uint64_t> reported_input_tokens{};   // e.g. Anthropic's message_start
   std::optional<std::uint64_t> reported_output_tokens{};  // the final usage chunk
 
@@ -137,10 +137,10 @@ struct stream_tally {
   // split): a broken stream is charged no less than what its prompt cost.
   template <class Clock>
   void settle_into(basic_call_context<Clock>& call) const {
-    const auto output = reported_output_tokens
-                            ? *reported_output_tokens
-                            : (counted_output_tokens > 0 ? std::optional(counted_output_tokens)
-                                                         : std::nullopt);
+    const auto output =
+        reported_output_tokens
+            ? *reported_output_tokens
+            : (counted_output_tokens > 0 ? std::optional(counted_output_tokens) : std::nullopt);
     if (!output) return;
     const std::uint64_t estimated_input =
         call.input_tokens ? call.input_tokens

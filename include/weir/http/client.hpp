@@ -21,10 +21,10 @@
 #include <weir/stream.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ssl.hpp>
-#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
@@ -115,9 +115,8 @@ class body_stream {
                  connection_->stream);
       auto [ec, n] = co_await std::visit(
           [&](auto& s) {
-            return beast_http::async_read_some(
-                s, connection_->buffer, parser_,
-                boost::asio::as_tuple(boost::asio::use_awaitable));
+            return beast_http::async_read_some(s, connection_->buffer, parser_,
+                                               boost::asio::as_tuple(boost::asio::use_awaitable));
           },
           connection_->stream);
       if (ec && ec != beast_http::error::need_buffer) throw boost::system::system_error(ec);
@@ -333,13 +332,13 @@ inline std::string chat_body(dialect d, const chat_request& r) {
   const std::string max_tokens = std::to_string(r.max_tokens);
   const std::string messages = R"("messages":[{"role":"user","content":")" + prompt + R"("}])";
   // Streamed, OpenAI sends the usage only when asked, in a last chunk.
-  const std::string streamed =
-      !r.stream                  ? ""
-      : d == dialect::anthropic ? R"(,"stream":true)"
-                                : R"(,"stream":true,"stream_options":{"include_usage":true})";
+  const std::string streamed = !r.stream ? ""
+                               : d == dialect::anthropic
+                                   ? R"(,"stream":true)"
+                                   : R"(,"stream":true,"stream_options":{"include_usage":true})";
   if (d == dialect::anthropic)
-    return R"({"model":")" + model + R"(","max_tokens":)" + max_tokens + "," + messages +
-           streamed + "}";
+    return R"({"model":")" + model + R"(","max_tokens":)" + max_tokens + "," + messages + streamed +
+           "}";
   return R"({"model":")" + model + R"(",)" + messages + R"(,"max_tokens":)" + max_tokens +
          streamed + "}";
 }

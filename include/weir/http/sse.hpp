@@ -120,8 +120,7 @@ inline void anthropic_tally(const event& e, stream_tally& tally) {
   } else if (e.type == "message_start") {
     tally.reported_input_tokens = detail::json_number(e.data, "input_tokens");
   } else if (e.type == "message_delta") {
-    if (auto out = detail::json_number(e.data, "output_tokens"))
-      tally.reported_output_tokens = out;
+    if (auto out = detail::json_number(e.data, "output_tokens")) tally.reported_output_tokens = out;
   }
 }
 

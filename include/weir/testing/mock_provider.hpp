@@ -628,8 +628,8 @@ class mock_provider {
         co_await timer.async_wait(as_tuple(use_awaitable));
       }
       batch.clear();
-      const std::size_t end = std::min({p.events.size(), i + state::batch,
-                                        i < p.fault_at ? p.fault_at : p.events.size()});
+      const std::size_t end = std::min(
+          {p.events.size(), i + state::batch, i < p.fault_at ? p.fault_at : p.events.size()});
       for (; i < end; ++i) batch += p.events[i];
       auto [wec, w] = co_await boost::asio::async_write(
           stream, http::make_chunk(boost::asio::buffer(batch)), as_tuple(use_awaitable));
@@ -639,8 +639,8 @@ class mock_provider {
         co_await timer.async_wait(as_tuple(use_awaitable));
       }
     }
-    auto [lec, l] = co_await boost::asio::async_write(stream, http::make_chunk_last(),
-                                                      as_tuple(use_awaitable));
+    auto [lec, l] =
+        co_await boost::asio::async_write(stream, http::make_chunk_last(), as_tuple(use_awaitable));
     co_return !lec;
   }
 
