@@ -176,6 +176,119 @@ TEST_CASE("the mock provider speaks both dialects with their rate-limit headers"
   CHECK(stats.status(400) == 1);
 }
 
+namespace {
+// How one streamed request through the chat client ended.
+struct streamed {
+  std::size_t events = 0;
+  weir::stream_report report{};
+  std::exception_ptr failure{};  // before the first event (open) or after it (next)
+  bool opened = false;
+};
+
+streamed stream_once(weir::testing::mock_provider_options options, weir::http::dialect speaks,
+                     weir::stream_options<weir::http::sse::event> timeouts = {}) {
+  demo::asio::io_context io(1);
+  weir::testing::mock_provider server(io.get_executor(), std::move(options));
+  server.start();
+  weir::http::chat_client client(io.get_executor(), speaks,
+                                 weir::http::endpoint::parse(server.base_url()));
+  streamed out;
+  demo::asio::co_spawn(
+      io,
+      [&]() -> demo::asio::awaitable<void> {
+        const weir::http::chat_request ask{
+            .model = "small", .prompt = std::string(40, 'x'), .max_tokens = 12};
+        try {
+          auto s = co_await client.stream(ask, timeouts, std::chrono::seconds(10));
+          out.opened = true;
+          for (;;) {
+            auto e = co_await s.next();
+            if (!e) break;
+            ++out.events;
+          }
+          out.report = s.report();
+        } catch (...) {
+          out.failure = std::current_exception();
+        }
+        server.stop();
+      },
+      demo::asio::detached);
+  io.run();
+  return out;
+}
+
+weir::testing::mock_provider_options streaming_mock(weir::testing::fault_profile faults = {}) {
+  weir::testing::mock_provider_options o{.name = "m",
+                                         .models = {{"small", 600, 100'000, 0}},
+                                         .base_latency = std::chrono::microseconds(1'000),
+                                         .per_output_token = std::chrono::microseconds(100)};
+  o.faults = std::move(faults);
+  return o;
+}
+
+weir::error_code code_of(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const boost::system::system_error& x) {
+    return x.code();
+  } catch (...) {
+  }
+  return {};
+}
+}  // namespace
+
+TEST_CASE("the mock provider streams both dialects, and the client reads their usage") {
+  using weir::http::dialect;
+  for (const auto d : {dialect::openai, dialect::anthropic}) {
+    const auto got = stream_once(streaming_mock(), d);
+    INFO((d == dialect::openai ? "openai" : "anthropic"));
+    REQUIRE(got.opened);
+    CHECK_FALSE(got.failure);
+    CHECK(got.report.end == weir::stream_end::completed);
+    // The final usage chunk is the server's count; the chunks with text, one token each.
+    REQUIRE(got.report.tally.reported_output_tokens);
+    CHECK(*got.report.tally.reported_output_tokens == got.report.tally.counted_output_tokens);
+    CHECK(got.report.tally.reported_input_tokens == 10u);
+    CHECK(got.report.tally.source() == weir::usage_source::reported);
+    CHECK(got.events == got.report.tally.chunks);
+  }
+}
+
+TEST_CASE("the mock provider's stream faults: a slow first token, a stall and a reset half way") {
+  using namespace std::chrono_literals;
+  using weir::http::dialect;
+  SECTION("a slow first token is a timeout before the stream opens: retryable") {
+    const auto got = stream_once(streaming_mock({.slow_first_tokens = 1, .first_token_delay = 2s}),
+                                 dialect::openai, {.first_token = 200ms});
+    CHECK_FALSE(got.opened);
+    CHECK(code_of(got.failure) == weir::error_code(weir::error::timeout));
+    CHECK(weir::default_classifier::classify(got.failure).kind == weir::verdict::retryable);
+  }
+  SECTION("a stall half way breaks the stream at the idle timeout") {
+    const auto got = stream_once(streaming_mock({.stall = 2'000ms, .stream_stalls = 1}),
+                                 dialect::anthropic, {.idle = 200ms});
+    REQUIRE(got.opened);
+    CHECK(code_of(got.failure) == weir::error_code(weir::error::stream_broken));
+    CHECK(got.events > 0);
+  }
+  SECTION("a reset half way breaks the stream; the tokens it sent are counted") {
+    const auto got = stream_once(streaming_mock({.stream_resets = 1}), dialect::openai);
+    REQUIRE(got.opened);
+    CHECK(code_of(got.failure) == weir::error_code(weir::error::stream_broken));
+    CHECK(got.events > 0);
+  }
+  SECTION("a 429 before the stream is a status_error judged by its Retry-After") {
+    auto options = streaming_mock({.random_429 = 1, .random_429_min = 2'000ms,
+                                   .random_429_max = 2'000ms});
+    const auto got = stream_once(options, dialect::anthropic);
+    CHECK_FALSE(got.opened);
+    const auto judged = weir::default_classifier::classify(got.failure);
+    CHECK(judged.kind == weir::verdict::rate_limited);
+    REQUIRE(judged.hint.retry_after);
+    CHECK(*judged.hint.retry_after == std::chrono::seconds(2));
+  }
+}
+
 TEST_CASE("chaos: faults everywhere and an outage: every request ends once, typed, honestly") {
   using namespace std::chrono_literals;
   // 20% 500s, 10% 429s with a random Retry-After, resets, stalls longer than the client's

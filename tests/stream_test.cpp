@@ -430,3 +430,66 @@ TEST_CASE(
   CHECK(status[1].errors == 1);  // the broken stream was b's failure
   CHECK(status[1].tokens_per_minute == Approx(103));
 }
+
+TEST_CASE("streams through a pipeline shared by four threads settle every slot and token",
+          "[stream][concurrency]") {
+  asio::io_context io(4);
+  weir::request_queue queue(io.get_executor(), {.max_concurrent = 8, .max_queued = 10'000});
+  weir::usage_monitor<> monitor({.window = 1h, .buckets = 60});
+  weir::circuit_breaker<> breaker({.consecutive_failures = 1'000'000});
+  weir::rate_limits<> limits(io.get_executor(), {.tokens = weir::limit::per_minute(6e10, 1'000'000)});
+  weir::retry<> retry({.max_attempts = 2, .backoff = weir::backoff::constant(0ns)});
+  auto guarded = weir::pipeline(retry, breaker, limits, monitor, queue);
+  std::atomic<int> read_to_end{0}, broken{0}, abandoned{0};
+  for (int i = 0; i < 1200; ++i)
+    asio::co_spawn(
+        io,
+        [&, i]() -> asio::awaitable<void> {
+          weir::call_context ctx{.input_tokens = 10, .output_tokens = 10};
+          // Five chunks, each after a trip through the executor; one stream in three breaks
+          // after its third, one in three is closed by its reader after its first.
+          // (Named before the co_await: g++ 12 destroys a temporary holding a shared_ptr twice
+          // when its full expression has a co_await.)
+          auto left = std::make_shared<int>(0);
+          auto open = [left, i] {
+            return weir::open_stream<piece>(
+                [left, i]() -> asio::awaitable<std::optional<piece>> {
+                  const auto ex = co_await asio::this_coro::executor;
+                  co_await asio::post(ex, asio::use_awaitable);
+                  const int n = (*left)++;
+                  if (i % 3 == 1 && n == 3)
+                    throw boost::system::system_error(asio::error::connection_reset);
+                  if (n == 5) co_return std::nullopt;
+                  co_return piece{"tok"};
+                },
+                {.tally = count_pieces});
+          };
+          auto s = co_await guarded(ctx, open);
+          try {
+            if (i % 3 == 2) {
+              s.close();
+              ++abandoned;
+              co_return;
+            }
+            for (;;) {
+              auto p = co_await s.next();
+              if (!p) break;
+            }
+            ++read_to_end;
+          } catch (const weir::exception&) {
+            ++broken;
+          }
+        },
+        asio::detached);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) threads.emplace_back([&] { io.run(); });
+  for (auto& t : threads) t.join();
+  CHECK(read_to_end == 400);
+  CHECK(broken == 400);
+  CHECK(abandoned == 400);
+  CHECK(queue.in_flight() == 0);
+  CHECK(monitor.totals().requests == 1200);
+  CHECK(monitor.totals().errors == 400);
+  // Settled to what was counted: 5, 3 and 1 output tokens over the estimated 10 of input.
+  CHECK(monitor.totals().tokens == 400 * (10 + 5) + 400 * (10 + 3) + 400 * (10 + 1));
+}
