@@ -651,18 +651,11 @@ class weir_run {
         continue;
       }
       try {
-        // A hedge routes the request again: the router picks with what it knows then.
-        const auto route_once = [this, &j](unsigned) {
-          return router_->route(chat{&j}, {.input_tokens = j.input_tokens(),
-                                           .output_tokens = j.max_tokens,
-                                           .min_capability = j.min_capability,
-                                           .priority = j.priority,
-                                           .deadline = steady::now() + 60s,
-                                           .operation = "chat"});
-        };
-        // The awaitable is made before the co_await: g++ 12 can free a temporary with a
-        // destructor twice when it sits inside a co_await expression.
-        auto op = hedge_ ? (*hedge_)(route_once) : route_once(0);
+        // A hedge routes the request again, to another provider's model. The awaitable is made
+        // before the co_await: g++ 12 can free a temporary with a destructor twice when it sits
+        // inside a co_await expression.
+        auto op = hedge_ ? router_->route_hedged(chat{&j}, constraints_of(j), *hedge_)
+                         : router_->route(chat{&j}, constraints_of(j));
         auto [res, route] = co_await std::move(op);
         const auto status = res.result_int();
         log_.answered(route.provider, status, route.cost);
@@ -690,11 +683,9 @@ class weir_run {
   asio::awaitable<void> stream_job(const job& j) {
     for (int restarts = 0;; ++restarts) {
       try {
-        const auto route_once = [this, &j](unsigned) {
-          return stream_router_->route(chat{&j}, constraints_of(j));
-        };
-        // A hedge routes again, when the first token is late (see worker()).
-        auto op = hedge_ ? (*hedge_)(route_once) : route_once(0);
+        // A hedge routes again when the first token is late (see worker()).
+        auto op = hedge_ ? stream_router_->route_hedged(chat{&j}, constraints_of(j), *hedge_)
+                         : stream_router_->route(chat{&j}, constraints_of(j));
         auto [answer, route] = co_await std::move(op);
         if (restarts == 0) log_.first_token(j.id);
         std::size_t events = 0;

@@ -1,4 +1,5 @@
 // Specifications of weir/routing/router.hpp, on virtual time against scripted providers.
+#include "../support/common.hpp"
 #include "../support/routing.hpp"
 
 TEST_CASE("the cheapest capable model is chosen, and capability and context filter",
@@ -540,5 +541,47 @@ TEST_CASE("agents looping through the router cannot spend past a budget, however
     CHECK(b.calls() > 0);
     CHECK(a.calls() > 0);  // the cheaper model took what the dearer one no longer fit
     CHECK(overall.status().at(0).spent == Approx(billed));
+  }
+}
+
+TEST_CASE("a hedged route tries the next-best model of another provider when the first is slow; "
+          "the first answer wins and the record lists both attempts",
+          "[routing][router][hedging]") {
+  asio::io_context io;
+  router_type r(io.get_executor(), two_models(), unpaced());
+  provider a, b;
+  a.latency = 5s;  // the cheap model's answer is late
+  b.latency = 100ms;
+  r.connect("a", a.call<prompt>());
+  r.connect("b", b.call<prompt>());
+  const constraints c{.input_tokens = 100, .output_tokens = 50};
+
+  SECTION("the hedge wins") {
+    weir::testing::finished<weir::routing::routed<fake_response>> call;
+    call.start(io, r.route_hedged(prompt{"hi"}, c, weir::hedging<clock_type>({.delay = 1s})));
+    advance<clock_type>(io, 1s + 99ms);
+    CHECK_FALSE(call.done);
+    advance<clock_type>(io, 1ms);
+    REQUIRE(call.value);
+    const auto& route = call.value->route;
+    CHECK(route.model == "b-large");  // another provider's model: the next best
+    REQUIRE(route.steps.size() == 2);
+    CHECK(route.steps[0].model == "b-large");
+    CHECK(route.steps[0].result == weir::verdict::success);
+    CHECK(route.steps[1].model == "a-small");  // cancelled, listed when it ended
+    CHECK(route.steps[1].result == weir::verdict::fatal);
+    CHECK(route.attempts == 2);
+    CHECK(a.answered(200) == 0);  // the slow answer never came
+    CHECK(r.status()[0].breaker == weir::breaker_state::closed);
+    CHECK(r.status()[0].errors == 0);  // a cancelled loser is not the provider's failure
+  }
+  SECTION("the cost ceiling allows no hedge: the first attempt's answer, late") {
+    weir::testing::finished<weir::routing::routed<fake_response>> call;
+    call.start(io, r.route_hedged(prompt{"hi"}, c, weir::hedging<clock_type>({.delay = 1s}),
+                                  /*max_hedge_cost=*/100 * 1 / 1e6 + 50 * 2 / 1e6));
+    advance<clock_type>(io, 5s);
+    REQUIRE(call.value);
+    CHECK(call.value->route.model == "a-small");
+    CHECK(b.calls() == 0);
   }
 }

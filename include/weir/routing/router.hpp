@@ -15,6 +15,7 @@
 #include <weir/circuit_breaker.hpp>
 #include <weir/detail/small_buffer.hpp>
 #include <weir/error.hpp>
+#include <weir/hedging.hpp>
 #include <weir/events.hpp>
 #include <weir/http/adaptation.hpp>
 #include <weir/outcome.hpp>
@@ -40,9 +41,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <stdexcept>
@@ -102,6 +105,36 @@ class router {
   // tests/reliability/correctness_test.cpp runs those spellings under ASan.
   boost::asio::awaitable<routed<Response>> route(Request request, constraints c) {
     return run(state_, std::move(request), std::move(c));
+  }
+
+  // Routes `request` with hedging (weir/hedging.hpp: its delay, fixed or a percentile of the
+  // first attempts' latencies, and its bounds: hedges per call, in flight, and a retry budget's
+  // share of calls). When the route has no answer after the delay — for a stream, no first token
+  // — a hedge routes it again, on the next-best model of another provider than those the route
+  // has chosen so far, within `max_hedge_cost` (USD at the estimates) when given. The first
+  // answer wins; the others are cancelled and waited for, their reservations returned. The
+  // route record lists the attempts of every route, the losers' included (a cancelled one as
+  // fatal), in the order they ended.
+  boost::asio::awaitable<routed<Response>> route_hedged(Request request, constraints c,
+                                                        weir::hedging<Clock> hedge,
+                                                        std::optional<double> max_hedge_cost = {}) {
+    auto race = std::make_shared<hedge_race>();
+    auto attempt = [s = state_, race, request = std::move(request), c,
+                    max_hedge_cost](unsigned n) {
+      constraints mine = c;
+      if (n > 0) {
+        race->exclude_chosen(mine.excluded_providers);
+        if (max_hedge_cost)
+          mine.max_cost = mine.max_cost ? std::min(*mine.max_cost, *max_hedge_cost)
+                                        : *max_hedge_cost;
+      }
+      return run(s, request, std::move(mine), race);
+    };
+    auto hedged = hedge(std::move(attempt));
+    auto answer = co_await std::move(hedged);
+    answer.route.steps = race->steps();
+    answer.route.attempts = static_cast<unsigned>(answer.route.steps.size());
+    co_return answer;
   }
 
   // Which model route() would choose now, without reserving anything (nullopt: none has room).
@@ -401,6 +434,33 @@ class router {
   }
 
   // One route's progress: what it has tried, what it learned, what it will report.
+  // What the routes of one hedged request share: the providers chosen so far (a hedge avoids
+  // them) and every attempt's step.
+  struct hedge_race {
+    void chose(const std::string& provider) {
+      std::lock_guard lock(mutex);
+      if (std::find(providers.begin(), providers.end(), provider) == providers.end())
+        providers.push_back(provider);
+    }
+    void ended(const route_step& step) {
+      std::lock_guard lock(mutex);
+      all_steps.push_back(step);
+    }
+    // Adds the chosen providers to `excluded` (views of strings that live as long as the race).
+    void exclude_chosen(std::vector<std::string_view>& excluded) {
+      std::lock_guard lock(mutex);
+      excluded.insert(excluded.end(), providers.begin(), providers.end());
+    }
+    std::vector<route_step> steps() {
+      std::lock_guard lock(mutex);
+      return all_steps;
+    }
+
+    std::mutex mutex;
+    std::deque<std::string> providers;  // a deque: the views handed out stay valid
+    std::vector<route_step> all_steps;
+  };
+
   struct route_progress {
     route_progress(const state& s, const constraints& c)
         : tried_flags(s.models.size(), 0),
@@ -420,6 +480,7 @@ class router {
     usage estimate;
     route_record record;
     std::exception_ptr last_failure;
+    std::shared_ptr<hedge_race> race{};  // when the route is one of a hedged request's
   };
 
   // Marks in `out` the models this request may not try: those it tried, and those whose
@@ -554,6 +615,7 @@ class router {
     }
     // A stream's latency is its time to first token.
     route.record.steps.push_back({m.spec->provider, m.spec->id, l.judged.kind, latency});
+    if (route.race) route.race->ended(route.record.steps.back());
     if (l.judged.is_success()) s.note_latency(m, latency);
     if (answered && l.judged.kind == verdict::retryable) s.note_failure_latency(m, latency);
 
@@ -728,8 +790,10 @@ class router {
 
   // The route loop: pick a model (or wait for one), admit, send, learn, and answer or fall back.
   static boost::asio::awaitable<routed<Response>> run(std::shared_ptr<state> s, Request request,
-                                                      constraints c) {
+                                                      constraints c,
+                                                      std::shared_ptr<hedge_race> race = {}) {
     route_progress route(*s, c);
+    route.race = std::move(race);
     std::optional<priced_out_models> priced;
     if (!s->options.budgets.empty()) priced.emplace(s->models.size());
     boost::asio::basic_waitable_timer<Clock> timer(co_await boost::asio::this_coro::executor);
@@ -776,6 +840,7 @@ class router {
 
       const auto& spec = *s->models[i]->spec;
       ++route.record.attempts;
+      if (route.race) route.race->chose(spec.provider);
       s->emit(route_chosen{c.operation, spec.provider, spec.id, route.record.attempts,
                            spec.cost(c.input_tokens, c.output_tokens)});
       const auto started = Clock::now();
