@@ -585,3 +585,51 @@ TEST_CASE("a hedged route tries the next-best model of another provider when the
     CHECK(b.calls() == 0);
   }
 }
+
+TEST_CASE("hedged routes cut the p99 of a provider with a slow tail to the hedge's delay plus the "
+          "next model's latency (virtual time)",
+          "[routing][router][hedging]") {
+  asio::io_context io;
+  router_type r(io.get_executor(), two_models(), unpaced());
+  // The cheap model answers in 100 ms, but one call in twenty takes 3 s; the other in 150 ms.
+  unsigned a_calls = 0;
+  r.connect("a", [&](const weir::routing::model_spec& m, const prompt&) {
+    const bool slow = ++a_calls % 20 == 7;
+    return [](ns took, std::string model) -> asio::awaitable<fake_response> {
+      co_await weir::testing::slow_answer<clock_type>(took);
+      auto answer = fake_response::ok();
+      answer.model = std::move(model);
+      co_return answer;
+    }(slow ? ns(3s) : ns(100ms), m.id);
+  });
+  provider b;
+  b.latency = 150ms;
+  r.connect("b", b.call<prompt>());
+
+  // Latencies of 200 calls one after another, sorted.
+  const auto latencies = [&](bool hedged) {
+    std::vector<ns> took;
+    weir::hedging<clock_type> hedge({.delay = 300ms});
+    for (int i = 0; i < 200; ++i) {
+      const auto start = clock_type::now();
+      std::optional<ns> latency;
+      const constraints c{.input_tokens = 100, .output_tokens = 50};
+      auto route = hedged ? r.route_hedged(prompt{"hi"}, c, hedge) : r.route(prompt{"hi"}, c);
+      asio::co_spawn(io, std::move(route), [&](std::exception_ptr e, auto) {
+        if (!e) latency = clock_type::now() - start;
+      });
+      advance<clock_type>(io, 5s);
+      REQUIRE(latency);
+      took.push_back(*latency);
+    }
+    std::sort(took.begin(), took.end());
+    return took;
+  };
+  const auto plain = latencies(false);
+  const auto hedged = latencies(true);
+  const auto p99 = [](const std::vector<ns>& sorted) { return sorted[sorted.size() * 99 / 100]; };
+  CHECK(p99(plain) == 3s);
+  CHECK(p99(hedged) == 300ms + 150ms);  // the slow call's hedge on b answered first
+  CHECK(hedged.front() == 100ms);       // the fast calls are not slowed
+  CHECK(b.calls() == 10);               // one hedge per slow call, no more
+}
