@@ -533,7 +533,9 @@ class weir_run {
       router_.emplace(io.get_executor(), std::move(models), std::move(ro));
     }
     if (options_.hedge)
-      hedge_.emplace(weir::hedging_options{.delay_percentile = 0.9,
+      // Half a second until twenty answers have shown what the p90 is.
+      hedge_.emplace(weir::hedging_options{.delay = 500ms,
+                                           .delay_percentile = 0.9,
                                            .max_in_flight = 8,
                                            .budget = weir::retry_budget({.ratio = 0.1}),
                                            .operation = "chat",
