@@ -278,8 +278,8 @@ TEST_CASE("the mock provider's stream faults: a slow first token, a stall and a 
     CHECK(got.events > 0);
   }
   SECTION("a 429 before the stream is a status_error judged by its Retry-After") {
-    auto options = streaming_mock({.random_429 = 1, .random_429_min = 2'000ms,
-                                   .random_429_max = 2'000ms});
+    auto options =
+        streaming_mock({.random_429 = 1, .random_429_min = 2'000ms, .random_429_max = 2'000ms});
     const auto got = stream_once(options, dialect::anthropic);
     CHECK_FALSE(got.opened);
     const auto judged = weir::default_classifier::classify(got.failure);

@@ -93,17 +93,7 @@ struct reader {
   }
 };
 
-const weir::exception* as_weir(const std::exception_ptr& e) {
-  try {
-    if (e) std::rethrow_exception(e);
-  } catch (const weir::exception& x) {
-    static thread_local std::optional<weir::exception> kept;
-    kept.emplace(x);
-    return &*kept;
-  } catch (...) {
-  }
-  return nullptr;
-}
+using weir::testing::weir_exception;
 }  // namespace
 
 TEST_CASE("a streamed call returns at its first chunk and holds its queue slot until it ends",
@@ -208,7 +198,7 @@ TEST_CASE(
   advance<clock_type>(io, 10s);
   REQUIRE(r.done);
   CHECK(r.texts.size() == 3);  // what came before the reset reached the caller
-  const auto* broken = as_weir(r.error);
+  const auto* broken = weir_exception(r.error);
   REQUIRE(broken);
   CHECK(broken->code() == weir::error::stream_broken);
   CHECK(std::string(broken->what()).find("not retried") != std::string::npos);
@@ -227,7 +217,7 @@ TEST_CASE(
   reader again;
   asio::co_spawn(io, again.read(*call.value), asio::detached);
   advance<clock_type>(io, 1ms);
-  CHECK(as_weir(again.error));
+  CHECK(weir_exception(again.error));
 }
 
 TEST_CASE("a stream that stalls past its idle timeout, or runs past its total, breaks",
@@ -251,7 +241,7 @@ TEST_CASE("a stream that stalls past its idle timeout, or runs past its total, b
     CHECK_FALSE(r.done);
     advance<clock_type>(io, 1ms);
     REQUIRE(r.done);
-    const auto* e = as_weir(r.error);
+    const auto* e = weir_exception(r.error);
     REQUIRE(e);
     CHECK(e->code() == weir::error::stream_broken);
     CHECK(weir::detail::weir_code(e->cause()) == weir::error_code(weir::error::timeout));
@@ -269,7 +259,7 @@ TEST_CASE("a stream that stalls past its idle timeout, or runs past its total, b
     CHECK_FALSE(r.done);
     advance<clock_type>(io, 1ms);
     REQUIRE(r.done);
-    CHECK(as_weir(r.error));
+    CHECK(weir_exception(r.error));
     CHECK(r.texts.size() == 2);
   }
 }
@@ -419,7 +409,7 @@ TEST_CASE(
   asio::co_spawn(io, r.read(call.value->response), asio::detached);
   advance<clock_type>(io, 1s);
   REQUIRE(r.done);
-  CHECK(as_weir(r.error));
+  CHECK(weir_exception(r.error));
   CHECK(a.opened == 1);
   CHECK(b.opened == 1);  // a stream broken after its first chunk is not routed again
   REQUIRE(ended.size() == 1);
@@ -437,7 +427,8 @@ TEST_CASE("streams through a pipeline shared by four threads settle every slot a
   weir::request_queue queue(io.get_executor(), {.max_concurrent = 8, .max_queued = 10'000});
   weir::usage_monitor<> monitor({.window = 1h, .buckets = 60});
   weir::circuit_breaker<> breaker({.consecutive_failures = 1'000'000});
-  weir::rate_limits<> limits(io.get_executor(), {.tokens = weir::limit::per_minute(6e10, 1'000'000)});
+  weir::rate_limits<> limits(io.get_executor(),
+                             {.tokens = weir::limit::per_minute(6e10, 1'000'000)});
   weir::retry<> retry({.max_attempts = 2, .backoff = weir::backoff::constant(0ns)});
   auto guarded = weir::pipeline(retry, breaker, limits, monitor, queue);
   std::atomic<int> read_to_end{0}, broken{0}, abandoned{0};

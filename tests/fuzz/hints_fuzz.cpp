@@ -1,12 +1,15 @@
-// libFuzzer target for every rate-limit parser. The input is fed whole to each value parser, and
-// split into "name: value" lines for the header-set parser. Built by scripts/fuzz (clang).
+// libFuzzer target for every parser of what a server sends: the rate-limit parsers (the input
+// whole to each value parser, split into "name: value" lines for the header-set parser) and the
+// server-sent events parser with its token tallies. Built by scripts/fuzz (clang).
 #include <weir/http/hints.hpp>
 #include <weir/http/parse.hpp>
+#include <weir/http/sse.hpp>
 
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
+#include <vector>
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   using namespace weir::http;
@@ -36,6 +39,29 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const auto colon = line.find(':');
     if (colon != std::string_view::npos) parser.add(line.substr(0, colon), line.substr(colon + 1));
   }
+  // Server-sent events: the same events whatever the split of the bytes, and tallies that count
+  // no more tokens than there were events.
+  const auto events = [](std::string_view first, std::string_view second) {
+    sse::parser p;
+    p.feed(first);
+    p.feed(second);
+    std::vector<sse::event> out;
+    while (auto e = p.next()) out.push_back(std::move(*e));
+    return out;
+  };
+  const auto whole = events(input, {});
+  const std::size_t cut = size > 0 ? data[0] % (size + 1) : 0;
+  const auto split = events(input.substr(0, cut), input.substr(cut));
+  if (whole.size() != split.size()) __builtin_trap();
+  weir::stream_tally openai, anthropic;
+  for (std::size_t i = 0; i < whole.size(); ++i) {
+    if (whole[i].type != split[i].type || whole[i].data != split[i].data) __builtin_trap();
+    sse::openai_tally(whole[i], openai);
+    sse::anthropic_tally(whole[i], anthropic);
+  }
+  if (openai.counted_output_tokens > whole.size() || anthropic.counted_output_tokens > whole.size())
+    __builtin_trap();
+
   const auto h = parser.hint();
   check_wait(h.retry_after);
   for (const auto* s : {&h.requests, &h.tokens, &h.input_tokens, &h.output_tokens}) {

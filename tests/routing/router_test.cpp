@@ -544,9 +544,10 @@ TEST_CASE("agents looping through the router cannot spend past a budget, however
   }
 }
 
-TEST_CASE("a hedged route tries the next-best model of another provider when the first is slow; "
-          "the first answer wins and the record lists both attempts",
-          "[routing][router][hedging]") {
+TEST_CASE(
+    "a hedged route tries the next-best model of another provider when the first is slow; "
+    "the first answer wins and the record lists both attempts",
+    "[routing][router][hedging]") {
   asio::io_context io;
   router_type r(io.get_executor(), two_models(), unpaced());
   provider a, b;
@@ -586,9 +587,10 @@ TEST_CASE("a hedged route tries the next-best model of another provider when the
   }
 }
 
-TEST_CASE("hedged routes cut the p99 of a provider with a slow tail to the hedge's delay plus the "
-          "next model's latency (virtual time)",
-          "[routing][router][hedging]") {
+TEST_CASE(
+    "hedged routes cut the p99 of a provider with a slow tail to the hedge's delay plus the "
+    "next model's latency (virtual time)",
+    "[routing][router][hedging]") {
   asio::io_context io;
   router_type r(io.get_executor(), two_models(), unpaced());
   // The cheap model answers in 100 ms, but one call in twenty takes 3 s; the other in 150 ms.

@@ -41,6 +41,20 @@ struct acquisition {
   }
 };
 
+// The weir::exception in `e`, if that is what it holds (a copy, valid until the next call on
+// this thread).
+inline const weir::exception* weir_exception(const std::exception_ptr& e) {
+  try {
+    if (e) std::rethrow_exception(e);
+  } catch (const weir::exception& x) {
+    static thread_local std::optional<weir::exception> kept;
+    kept.emplace(x);
+    return &*kept;
+  } catch (...) {
+  }
+  return nullptr;
+}
+
 // Runs an awaitable as a coroutine and keeps how it ended.
 template <class T>
 struct finished {
@@ -81,17 +95,7 @@ struct finished {
     return {};
   }
 
-  const weir::exception* weir_error() const {
-    try {
-      if (error) std::rethrow_exception(error);
-    } catch (const weir::exception& x) {
-      static thread_local std::optional<weir::exception> kept;
-      kept.emplace(x);
-      return &*kept;
-    } catch (...) {
-    }
-    return nullptr;
-  }
+  const weir::exception* weir_error() const { return weir_exception(error); }
 };
 
 }  // namespace weir::testing

@@ -15,8 +15,8 @@
 #include <weir/circuit_breaker.hpp>
 #include <weir/detail/small_buffer.hpp>
 #include <weir/error.hpp>
-#include <weir/hedging.hpp>
 #include <weir/events.hpp>
+#include <weir/hedging.hpp>
 #include <weir/http/adaptation.hpp>
 #include <weir/outcome.hpp>
 #include <weir/rate_limits.hpp>
@@ -119,14 +119,13 @@ class router {
                                                         weir::hedging<Clock> hedge,
                                                         std::optional<double> max_hedge_cost = {}) {
     auto race = std::make_shared<hedge_race>();
-    auto attempt = [s = state_, race, request = std::move(request), c,
-                    max_hedge_cost](unsigned n) {
+    auto attempt = [s = state_, race, request = std::move(request), c, max_hedge_cost](unsigned n) {
       constraints mine = c;
       if (n > 0) {
         race->exclude_chosen(mine.excluded_providers);
         if (max_hedge_cost)
-          mine.max_cost = mine.max_cost ? std::min(*mine.max_cost, *max_hedge_cost)
-                                        : *max_hedge_cost;
+          mine.max_cost =
+              mine.max_cost ? std::min(*mine.max_cost, *max_hedge_cost) : *max_hedge_cost;
       }
       return run(s, request, std::move(mine), race);
     };
