@@ -4,7 +4,7 @@
 // sleep 1, 2, 4 ... s) on fresh providers, and puts the two side by side.
 //
 //     weir-demo [--requests N] [--concurrency N] [--seed N] [--compare] [--self-hosted]
-//               [--slow-tail] [--hedge] [--no-stream] [--svg PATH] [--plain]
+//               [--slow-tail] [--hedge] [--no-stream] [--fallback] [--svg PATH] [--plain]
 //     weir-demo --model NAME [--base-url https://api.example.com/v1] [--api-key-env VAR]
 //               [--dialect openai|anthropic] [--rpm N] [--tpm N]
 #include "demo/workload.hpp"
@@ -44,6 +44,7 @@ Usage: weir-demo [options]
                     seen (at most 8 at once, a tenth of the requests): compare the p99
   --no-stream       weir asks for whole answers; by default it streams them (server-sent
                     events) and shows the time to first token
+  --fallback        a request weir gives up on gets a canned reply (weir::fallback), counted
   --svg PATH        where to write the timeline (default weir-demo-timeline.svg)
   --plain           log lines instead of the live dashboard (the default when not a terminal)
   --model NAME      run against a real endpoint instead of the local mocks, asking for NAME
@@ -67,6 +68,7 @@ struct settings {
   bool slow_tail = false;
   bool hedge = false;
   bool stream = true;
+  bool fallback = false;
   bool plain = false;
   std::string svg = "weir-demo-timeline.svg";
   std::string base_url, api_key_env, model;
@@ -117,6 +119,8 @@ settings parse(int argc, char** argv) {
       s.hedge = true;
     } else if (flag == "--no-stream") {
       s.stream = false;
+    } else if (flag == "--fallback") {
+      s.fallback = true;
     } else if (flag == "--plain") {
       s.plain = true;
     } else if (flag == "--svg") {
@@ -308,6 +312,8 @@ void summary(const std::vector<demo::run_report>& runs) {
   };
   row("completed", [](const auto& r) { return fmt::format("{}/{}", r.completed, r.requests); });
   row("failed", [](const auto& r) { return fmt::format("{}", r.failed); });
+  if (std::any_of(runs.begin(), runs.end(), [](const auto& r) { return r.canned > 0; }))
+    row("canned replies (fallback)", [](const auto& r) { return fmt::format("{}", r.canned); });
   row("time", [](const auto& r) { return fmt::format("{:.1f} s", r.seconds); });
   row("429s seen", [](const auto& r) { return fmt::format("{}", r.rate_limited); });
   row("retries and fallbacks", [](const auto& r) { return fmt::format("{}", r.retries); });
@@ -419,7 +425,10 @@ demo::run_report run_once(const std::string& mode, std::vector<demo::provider_se
   if (s.base_url.empty()) mocks.emplace(fleet, s.seed);
   asio::io_context io(1);
   demo::progress live;
-  Run run(io, fleet, {.concurrency = s.concurrency, .hedge = s.hedge, .stream = s.stream}, live);
+  Run run(
+      io, fleet,
+      {.concurrency = s.concurrency, .hedge = s.hedge, .stream = s.stream, .fallback = s.fallback},
+      live);
   live_sources sources;
   if constexpr (requires { run.status(); }) sources.status = run.status();
   if constexpr (requires { run.concurrency(); }) sources.concurrency = run.concurrency();
@@ -524,5 +533,5 @@ int main(int argc, char** argv) {
   }
   fmt::print("\ntimeline: {}\n", s.svg);
   const auto& weir_run = runs.back();
-  return weir_run.completed + weir_run.failed == weir_run.requests ? 0 : 1;
+  return weir_run.completed + weir_run.canned + weir_run.failed == weir_run.requests ? 0 : 1;
 }

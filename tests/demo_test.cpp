@@ -372,3 +372,25 @@ TEST_CASE("the chat client writes each dialect's request, escaped, and parses en
   CHECK_THROWS_AS(weir::http::endpoint::parse("http://:80/v1"), std::invalid_argument);
   CHECK_THROWS_AS(weir::http::endpoint::parse("http://host:/v1"), std::invalid_argument);
 }
+
+TEST_CASE("the demo's fallback: a request the router gives up on gets the canned reply, once") {
+  using namespace std::chrono_literals;
+  auto fleet = tight_fleet();
+  for (auto& p : fleet) p.faults.outages = {{0ms, 600'000ms}};  // every provider down
+  auto jobs = demo::make_workload(20, 9);
+  for (auto& j : jobs) j.prompt.resize(std::min<std::size_t>(j.prompt.size(), 2'000));
+  demo::mock_fleet servers(fleet, 31);
+  demo::asio::io_context io(1);
+  demo::progress live;
+  demo::weir_run run(
+      io, fleet,
+      {.concurrency = 4, .breaker = {.consecutive_failures = 1'000'000}, .fallback = true}, live);
+  run.start(jobs, [] {});
+  io.run();
+  const auto report = run.report(jobs.size());
+  CHECK(report.canned == jobs.size());  // every one, after the router tried every model
+  CHECK(report.completed == 0);
+  CHECK(report.failed == 0);
+  for (const auto& [id, times] : report.endings) CHECK(times == 1);
+  CHECK(servers.find("openai")->stats().status(503) > 0);
+}

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <weir/adaptive_concurrency.hpp>
+#include <weir/fallback.hpp>
 #include <weir/hedging.hpp>
 #include <weir/http/beast.hpp>
 #include <weir/http/client.hpp>
@@ -237,8 +238,9 @@ struct run_report {
   std::size_t requests = 0;
   std::uint64_t completed = 0;
   std::uint64_t failed = 0;
-  std::uint64_t rate_limited = 0;                 // 429 answers seen
-  std::uint64_t retries = 0;                      // attempts beyond the first
+  std::uint64_t canned = 0;        // answered by the fallback's canned reply (--fallback)
+  std::uint64_t rate_limited = 0;  // 429 answers seen
+  std::uint64_t retries = 0;       // attempts beyond the first
   std::map<std::string, std::uint64_t> failures;  // by error message
   std::map<std::string, provider_tally> providers;
   std::map<std::size_t, unsigned> endings;  // by job id: how many times it ended (must be 1)
@@ -272,6 +274,9 @@ struct run_report {
     return allowed > 0 ? static_cast<double>(completed) / allowed : 0;
   }
 };
+
+// How a job ended: answered by a model, by the fallback's canned reply, or not at all.
+enum class job_end { completed, canned, failed };
 
 // Live counters a dashboard reads while a run goes on.
 struct progress {
@@ -356,7 +361,11 @@ class recorder {
     ++report_.streams_restarted;
   }
   void finished(std::size_t job, bool ok, const std::string& why = {}) {
+    finished(job, ok ? job_end::completed : job_end::failed, why);
+  }
+  void finished(std::size_t job, job_end how, const std::string& why = {}) {
     std::lock_guard lock(mutex_);
+    const bool ok = how == job_end::completed;
     if (auto it = began_.find(job); it != began_.end()) {
       if (ok) report_.latencies.push_back(now() - it->second);
       began_.erase(it);
@@ -365,6 +374,9 @@ class recorder {
     if (ok) report_.succeeded.insert(job);
     if (ok) {
       ++report_.completed;
+      ++live_.done;
+    } else if (how == job_end::canned) {
+      ++report_.canned;
       ++live_.done;
     } else {
       ++report_.failed;
@@ -414,6 +426,8 @@ struct run_options {
   // must come within `first_token`; a stream quiet for `idle` is broken, and sent again (at most
   // twice) by the worker, which then knows it starts over.
   bool stream = true;
+  // A job the router gives up on gets a canned reply from a weir::fallback around it.
+  bool fallback = false;
   std::chrono::milliseconds first_token{2'000};
   std::chrono::milliseconds idle{2'000};
 };
@@ -541,6 +555,13 @@ class weir_run {
                                            .operation = "chat",
                                            .watch = [this](const weir::event& e) { observe(e); }});
 
+    if (options_.fallback)
+      canned_.emplace(
+          [](const weir::outcome<served>&) { return served::canned; },
+          weir::fallback_options{.name = "canned reply",
+                                 .operation = "chat",
+                                 .watch = [this](const weir::event& e) { observe(e); }});
+
     for (const auto& p : fleet_) {
       auto& conn = connections_.emplace_back(std::make_unique<connection>(
           io.get_executor(), weir::http::endpoint::parse(p.base_url), tls(), p, options_));
@@ -642,30 +663,28 @@ class weir_run {
     weir::stream_options<weir::http::sse::event> streaming;
   };
 
+  // How a job was answered: by a model, or by the fallback's canned reply.
+  enum class served { by_model, canned };
+
   asio::awaitable<void> worker(const std::vector<job>& jobs) {
     for (;;) {
       const auto i = next_++;
       if (i >= jobs.size()) co_return;
       const auto& j = jobs[i];
       log_.started(j.id);
-      if (stream_router_) {
-        co_await stream_job(j);
-        continue;
-      }
       try {
-        // A hedge routes the request again, to another provider's model. The awaitable is made
-        // before the co_await: g++ 12 can free a temporary with a destructor twice when it sits
-        // inside a co_await expression.
-        auto op = hedge_ ? router_->route_hedged(chat{&j}, constraints_of(j), *hedge_)
-                         : router_->route(chat{&j}, constraints_of(j));
-        auto [res, route] = co_await std::move(op);
-        const auto status = res.result_int();
-        log_.answered(route.provider, status, route.cost);
-        log_.finished(j.id, status == 200, status == 200 ? "" : fmt::format("HTTP {}", status));
+        // The awaitable is made before the co_await: g++ 12 can free a temporary with a
+        // destructor twice when it sits inside a co_await expression.
+        auto serve = [this, &j] { return stream_router_ ? stream_answer(j) : whole_answer(j); };
+        auto op = canned_ ? (*canned_)(serve) : serve();
+        const served how = co_await std::move(op);
+        log_.finished(j.id, how == served::by_model ? job_end::completed : job_end::canned);
+      } catch (const weir::http::status_error& e) {
+        log_.finished(j.id, job_end::failed, fmt::format("HTTP {}", e.status()));
       } catch (const weir::exception& e) {
-        log_.finished(j.id, false, e.code().message());
+        log_.finished(j.id, job_end::failed, e.code().message());
       } catch (const std::exception&) {
-        log_.finished(j.id, false, "unexpected failure");
+        log_.finished(j.id, job_end::failed, "unexpected failure");
       }
     }
   }
@@ -679,22 +698,31 @@ class weir_run {
             .operation = "chat"};
   }
 
+  // One job, whole: routed (hedged, with --hedge, to another provider's model) to its answer. A
+  // status the router returns rather than retries (a 400) is the job's failure.
+  asio::awaitable<served> whole_answer(const job& j) {
+    auto op = hedge_ ? router_->route_hedged(chat{&j}, constraints_of(j), *hedge_)
+                     : router_->route(chat{&j}, constraints_of(j));
+    auto [res, route] = co_await std::move(op);
+    const auto status = res.result_int();
+    log_.answered(route.provider, status, route.cost);
+    if (status != 200) throw weir::http::status_error(status, {weir::verdict::fatal, {}});
+    co_return served::by_model;
+  }
+
   // One job, streamed: routed until its first token, then read to the end. A stream that breaks
   // after its first token is not retried by weir (the caller has part of an answer); this caller
   // chooses to start over, at most twice, and counts it.
-  asio::awaitable<void> stream_job(const job& j) {
+  asio::awaitable<served> stream_answer(const job& j) {
     for (int restarts = 0;; ++restarts) {
       try {
-        // A hedge routes again when the first token is late (see worker()).
         auto op = hedge_ ? stream_router_->route_hedged(chat{&j}, constraints_of(j), *hedge_)
                          : stream_router_->route(chat{&j}, constraints_of(j));
         auto [answer, route] = co_await std::move(op);
         if (restarts == 0) log_.first_token(j.id);
-        std::size_t events = 0;
         for (;;) {
           auto event = co_await answer.next();
           if (!event) break;
-          ++events;
         }
         const auto tally = answer.report().tally;
         double cost = route.cost;
@@ -702,18 +730,10 @@ class weir_run {
           cost = price(route.model, tally.reported_input_tokens.value_or(j.input_tokens()),
                        *tally.reported_output_tokens);
         log_.answered(route.provider, 200, cost);
-        log_.finished(j.id, true);
-        co_return;
+        co_return served::by_model;
       } catch (const weir::exception& e) {
-        if (e.code() == weir::error::stream_broken && restarts < 2) {
-          log_.stream_restarted();
-          continue;
-        }
-        log_.finished(j.id, false, e.code().message());
-        co_return;
-      } catch (const std::exception&) {
-        log_.finished(j.id, false, "unexpected failure");
-        co_return;
+        if (e.code() != weir::error::stream_broken || restarts == 2) throw;
+        log_.stream_restarted();
       }
     }
   }
@@ -765,6 +785,8 @@ class weir_run {
   std::vector<std::unique_ptr<connection>> connections_;
   std::optional<router_type> router_;
   std::optional<weir::hedging<steady>> hedge_;
+  using canned_reply = weir::fallback<served (*)(const weir::outcome<served>&)>;
+  std::optional<canned_reply> canned_;
   std::optional<stream_router_type> stream_router_;
   std::atomic<std::size_t> next_{0};
   double tokens_per_request_ = 0;
