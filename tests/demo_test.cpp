@@ -181,7 +181,8 @@ namespace {
 struct streamed {
   std::size_t events = 0;
   weir::stream_report report{};
-  std::exception_ptr failure{};  // before the first event (open) or after it (next)
+  weir::classification judged{};  // the stream, as the default classifier judged it when it came
+  std::exception_ptr failure{};   // before the first event (open) or after it (next)
   bool opened = false;
 };
 
@@ -201,6 +202,10 @@ streamed stream_once(weir::testing::mock_provider_options options, weir::http::d
         try {
           auto s = co_await client.stream(ask, timeouts, std::chrono::seconds(10));
           out.opened = true;
+          auto opened =
+              weir::outcome<weir::stream<weir::http::sse::event>>::from_value(std::move(s));
+          out.judged = weir::default_classifier{}(opened);
+          s = std::move(opened).get();
           for (;;) {
             auto e = co_await s.next();
             if (!e) break;
@@ -251,6 +256,10 @@ TEST_CASE("the mock provider streams both dialects, and the client reads their u
     CHECK(got.report.tally.reported_input_tokens == 10u);
     CHECK(got.report.tally.source() == weir::usage_source::reported);
     CHECK(got.events == got.report.tally.chunks);
+    // The 200's rate-limit headers reach the classifier, and through it the pacing.
+    CHECK(got.judged.kind == weir::verdict::success);
+    CHECK(got.judged.hint.requests.limit == 600);
+    CHECK(got.judged.hint.requests.remaining == 599);
   }
 }
 

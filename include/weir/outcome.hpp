@@ -116,6 +116,14 @@ class judged_failure : public std::runtime_error {
   classification judged_;
 };
 
+// A value that carries what its response's headers said (a weir::stream: the headers came
+// before its first chunk), so a classifier can hand the limits and what remains of them to the
+// pacing as it does for a whole response.
+template <class T>
+concept carries_server_hint = !std::is_void_v<T> && requires(const T& v) {
+  { v.server_hint() } -> std::convertible_to<rate_limit_hint>;
+};
+
 // A cancellation as Asio reports it: operation_aborted, or errc::operation_canceled.
 inline bool is_cancellation(const error_code& ec) noexcept {
   return ec == boost::asio::error::operation_aborted ||
@@ -241,7 +249,10 @@ concept classifier_for = requires(const C& c, const outcome<T>& o) {
 struct default_classifier {
   template <class T>
   classification operator()(const outcome<T>& o) const {
-    if (o.has_value()) return {};
+    if (o.has_value()) {
+      if constexpr (carries_server_hint<T>) return {verdict::success, o.value().server_hint()};
+      return {};
+    }
     if (o.has_error()) return classify(o.error(), std::nullopt);
     return classify(o.exception());
   }

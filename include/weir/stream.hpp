@@ -61,6 +61,9 @@ struct stream_options {
   // Reads each chunk into the tally: output tokens counted, the final usage when reported.
   // weir/http/sse.hpp has OpenAI's and Anthropic's. Empty: tokens settle to the estimate.
   std::function<void(const Chunk&, stream_tally&)> tally{};
+  // What the response's headers said (rate-limit headers): the classifiers hand it to the pacing
+  // when the stream is judged at its first chunk, as they would a whole response's.
+  rate_limit_hint server_hint{};
 };
 
 // How a stream went, so far.
@@ -148,6 +151,10 @@ class basic_stream {
   }
 
   bool ended() const noexcept { return !state_ || state_->report.end.has_value(); }
+  // What the response's headers said (stream_options::server_hint).
+  rate_limit_hint server_hint() const {
+    return state_ ? state_->options.server_hint : rate_limit_hint{};
+  }
   // How it went so far (an empty report for a default-made stream).
   stream_report report() const { return state_ ? state_->report : stream_report{}; }
 

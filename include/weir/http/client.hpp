@@ -359,8 +359,8 @@ inline header_list auth_headers(dialect d, std::string_view api_key) {
 // The server-sent events of a streamed chat response, in order, to the end of the answer.
 class event_source {
  public:
-  event_source(std::shared_ptr<body_stream> body, dialect speaks)
-      : body_(std::move(body)), speaks_(speaks) {}
+  event_source(std::shared_ptr<body_stream> body, dialect speaks, rate_limit_hint hint = {})
+      : body_(std::move(body)), speaks_(speaks), hint_(std::move(hint)) {}
 
   // The next event; nullopt at the end (OpenAI's [DONE], Anthropic's message_stop, or the end of
   // the body). Keep-alive pings are skipped. An error event in the stream (Anthropic sends an
@@ -388,10 +388,13 @@ class event_source {
   }
 
   dialect speaks() const noexcept { return speaks_; }
+  // What the response's rate-limit headers said.
+  const rate_limit_hint& server_hint() const noexcept { return hint_; }
 
  private:
   std::shared_ptr<body_stream> body_;
   dialect speaks_;
+  rate_limit_hint hint_;
   sse::parser parser_;
   bool done_ = false;
 };
@@ -427,14 +430,15 @@ class chat_client {
     std::string json = chat_body(speaks_, r);
     auto sending = http_.post_streamed(std::move(path), std::move(json), std::move(extra), timeout);
     auto body = co_await std::move(sending);
+    std::vector<std::pair<std::string_view, std::string_view>> headers;
+    for (const auto& field : body->headers())
+      headers.emplace_back(field.name_string(), field.value());
     if (body->status() >= 300) {
       const auto said = co_await body->read_all();
-      std::vector<std::pair<std::string_view, std::string_view>> headers;
-      for (const auto& field : body->headers())
-        headers.emplace_back(field.name_string(), field.value());
       throw status_error::from(body->status(), headers, said);
     }
-    co_return std::make_shared<event_source>(std::move(body), speaks_);
+    auto hint = read_header_pairs(headers).hint();
+    co_return std::make_shared<event_source>(std::move(body), speaks_, std::move(hint));
   }
 
   // The same as a weir::stream, returned with its first event (see stream.hpp): what a pipeline
@@ -462,6 +466,7 @@ class chat_client {
       auto opening = open_events(std::move(r), timeout, std::move(extra));
       source = co_await std::move(opening);
     }
+    options.server_hint = source->server_hint();
     auto pull = [source] { return source->next(); };
     auto first = open_stream<sse::event>(std::move(pull), std::move(options));
     co_return co_await std::move(first);
