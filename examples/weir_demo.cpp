@@ -323,9 +323,9 @@ void summary(const std::vector<demo::run_report>& runs) {
   });
   if (std::any_of(runs.begin(), runs.end(),
                   [](const auto& r) { return !r.first_tokens.empty(); })) {
-    row("first token p50/p95/p99", [](const auto& r) {
+    row("first token p50/p95/p99 (s)", [](const auto& r) {
       if (r.first_tokens.empty()) return std::string("not streamed");
-      return fmt::format("{:.2f}/{:.2f}/{:.2f} s", r.first_token_percentile(0.5),
+      return fmt::format("{:.2f}/{:.1f}/{:.1f}", r.first_token_percentile(0.5),
                          r.first_token_percentile(0.95), r.first_token_percentile(0.99));
     });
     row("streams broken, restarted",
