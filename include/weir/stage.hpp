@@ -17,7 +17,9 @@
 //   exit         the call (or what is inside this stage) ended with the outcome: an outcome<T>,
 //                or, for a stage that declares `values_succeed`, weir::plain_success when the
 //                call returned a value nobody needs to judge. The action may ask to run the
-//                inside again after a wait (a retry) or replace the outcome with an error.
+//                inside again after a wait (a retry) or replace the outcome with an error;
+//                not when context.delivered is set (a stream settling at its end, see
+//                stream.hpp: its value already reached the caller).
 //   abandon      the call was unwound while this stage held it, with no outcome (cancelled in a
 //                wait further out, or its coroutine destroyed): give back what it took.
 //

@@ -145,7 +145,8 @@ class basic_stream {
   }
 
   // Stops reading: the stream ends `abandoned` (if it had not ended) and settles what it
-  // produced. The pull is dropped; close the connection under it yourself if it is still open.
+  // produced. The pull is dropped, and with it what it holds (a connection). Not while a next()
+  // is running: cancel that one instead, which abandons the stream the same way.
   void close() noexcept {
     if (state_ && !state_->report.end) end(*state_, stream_end::abandoned, {});
   }
