@@ -180,3 +180,34 @@ TEST_CASE("a request above the token burst waits for room instead of being refus
       limits.async_acquire({.requests = 1, .tokens = std::uint64_t{1} << 62}, a.handler()),
       Catch::Contains("tokens: cost 4611686018427387904"));
 }
+
+TEST_CASE("a call estimated at zero tokens waits behind a token debt and reserves what calls use",
+          "[rate_limits]") {
+  // 100 tokens a second, one at a time: a call that used 500 tokens more than it said leaves a
+  // debt of 5 s. Before, 1 000 calls estimated at zero were all admitted at once, each settled
+  // at 500, and left 5 000 s of debt.
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.tokens = weir::limit{weir::per_second(100), 1}});
+  const weir::usage zero{.requests = 1, .tokens = 0};
+  const weir::usage used{.requests = 1, .tokens = 500};
+  limits.settle(zero, used);
+  CHECK_FALSE(limits.try_acquire(zero));
+  CHECK(limits.time_until(zero) == 5s);  // the debt, then 500 tokens: what such calls use
+
+  // 1 000 callers, each estimating zero and settling at 500 when admitted, for a minute.
+  int admitted = 0;
+  for (int i = 0; i < 1000; ++i)
+    limits.async_acquire(zero, [&](weir::error_code ec, std::chrono::nanoseconds) {
+      if (ec) return;
+      ++admitted;
+      limits.settle(zero, used);
+    });
+  advance<clock_type>(io, 60s);
+  CHECK(admitted >= 11);
+  CHECK(admitted <= 13);  // one per 5 s: 500 tokens at 100 a second
+  // A zero estimate with no usage learnt yet still waits for a debt to be paid.
+  limits_type unknown(io.get_executor(), {.tokens = weir::limit{weir::per_second(100), 1}});
+  CHECK(unknown.try_acquire({.requests = 1, .tokens = 500}));  // above the burst: into debt
+  CHECK(unknown.time_until(zero) == 5s - 10ms);
+}

@@ -40,6 +40,9 @@ struct limit_snapshot {
   // without one says nothing about its period: weir never assumes a minute.
   std::optional<std::chrono::nanoseconds> window{};
   weir::refill refill = refill::unknown;
+  // The reset was rounded up to a whole number of these (a second, for resets sent as delta or
+  // epoch seconds or an HTTP-date): the window may open up to this much sooner.
+  std::optional<std::chrono::nanoseconds> reset_rounded_to{};
 
   bool empty() const noexcept { return !limit && !remaining && !reset_after && !window; }
   // The server said this dimension has nothing left.
@@ -47,11 +50,15 @@ struct limit_snapshot {
 
   // How long until the next unit is there when nothing is left: the whole reset for a fixed
   // window; for a continuously refilling limit one unit's share of it (reset / limit), since the
-  // reset is the time until the limit is *full* again. nullopt when the reset is unknown.
+  // reset is the time until the limit is *full* again. nullopt when the reset is unknown. A reset
+  // rounded up is an upper bound: the earliest the window can open is one rounding sooner (a
+  // server that says "1" of a window that opens in 30 ms would otherwise cost a whole second).
   std::optional<std::chrono::nanoseconds> next_unit_after() const noexcept {
     if (!reset_after) return std::nullopt;
     if (refill == refill::continuous && limit && *limit > 0)
       return std::chrono::nanoseconds(reset_after->count() / *limit);
+    if (reset_rounded_to)
+      return std::max(std::chrono::nanoseconds::zero(), *reset_after - *reset_rounded_to);
     return reset_after;
   }
 

@@ -190,15 +190,36 @@ class rate_limits {
       limits[d] = l;
     }
 
-    // The next unit is due one new interval after the last one. A pause or a queue further
-    // ahead than the old burst is left as it is: the server or the waiters set it.
+    // The next unit is due one new interval after the last one admitted. A pause or a debt
+    // further ahead than the old burst is left as it is: the server or the usage set it. Waiters
+    // already queued keep their units and are re-priced at the new rate, in order, so a lower
+    // rate holds them back at once and a higher one brings them forward.
     void reconfigure(std::size_t d, limit l, detail::nanos now) {
       const auto before = limits[d] ? interval[d] : 0;
       const auto before_tolerance = tolerance[d];
       configure(d, l);
-      if (before == 0 || tat[d] - now > before_tolerance) return;
-      const auto delta = interval[d] - before;
-      if (delta > 0 || tat[d] > now) tat[d] += delta;
+      auto* head = waiters.front();
+      // What is already admitted ends here: at the head waiter's start, or at TAT.
+      auto admitted = head ? head->reservation.end[d] - head->reservation.increment[d] : tat[d];
+      if (before != 0 && admitted - now <= before_tolerance) {
+        const auto delta = interval[d] - before;
+        if (delta > 0 || admitted > now) admitted += delta;
+      }
+      if (!head) {
+        tat[d] = admitted;
+        return;
+      }
+      std::array<detail::nanos, dims> before_head;
+      for (std::size_t i = 0; i < dims; ++i)
+        before_head[i] = head->reservation.end[i] - head->reservation.increment[i];
+      before_head[d] = admitted;
+      for (auto* w = head; w; w = w->next) {
+        auto& increment = w->reservation.increment[d];
+        if (before != 0) increment = increment / before * interval[d];
+      }
+      const auto shift = detail::restack(head, before_head, tolerance);
+      for (std::size_t i = 0; i < dims; ++i) tat[i] -= shift[i];
+      waiters.arm();
     }
 
     static constexpr const char* names[dims] = {"requests", "tokens", "input_tokens",
@@ -206,12 +227,18 @@ class rate_limits {
 
     // What reserving `cost` now would do, without doing it. A cost above a burst waits for an
     // empty limiter (see detail::reserve); one that would overflow throws invalid_argument.
+    // A dimension the cost does not use must not be in debt (its TAT more than the burst ahead):
+    // a call estimated at zero tokens is settled at what it used, so it waits for the debt too.
     std::pair<reservation_type, detail::nanos> plan(const usage& cost, detail::nanos now) const {
       reservation_type r{{}, tat, now};
       detail::nanos wait = 0;
-      const auto n = units(cost);
+      const auto n = with_typical_units(units(cost));
       for (std::size_t d = 0; d < dims; ++d) {
-        if (!limits[d] || n[d] == 0) continue;
+        if (!limits[d]) continue;
+        if (n[d] == 0) {
+          wait = std::max(wait, tat[d] - tolerance[d] - now);
+          continue;
+        }
         r.increment[d] = detail::cost_increment(n[d], interval[d], names[d]);
         const auto t = detail::reserve(tat[d], now, r.increment[d], tolerance[d]);
         r.end[d] = t.new_tat;
@@ -288,12 +315,27 @@ class rate_limits {
 
     void shutdown() override { waiters.shutdown(); }
 
+    // A dimension estimated at zero is taken as the mean of what settled calls used on it: an
+    // estimate of nothing means "unknown" (every model call uses tokens), and reserving nothing
+    // would let a thousand such calls through at once, each charged later. Settling one
+    // substitutes the same way, so the estimate and its settlement agree (up to the mean moving
+    // in between).
+    std::array<std::uint64_t, dims> with_typical_units(std::array<std::uint64_t, dims> n) const {
+      for (std::size_t d = 0; d < dims; ++d)
+        if (n[d] == 0 && limits[d]) n[d] = static_cast<std::uint64_t>(std::llround(typical[d]));
+      return n;
+    }
+
     void settle(const usage& estimated, const usage& actual, detail::nanos now) {
-      const auto est = units(estimated);
       const auto got = units(actual);
       std::lock_guard lock(mutex);
-      std::array<detail::nanos, dims> refund{};
-      bool any_refund = false;
+      const auto est = with_typical_units(units(estimated));
+      for (std::size_t d = 0; d < dims; ++d)
+        if (limits[d])
+          typical[d] = typical[d] == 0 ? static_cast<double>(got[d])
+                                       : typical[d] + (static_cast<double>(got[d]) - typical[d]) / 8;
+      std::array<detail::nanos, dims> charge{}, refund{};
+      bool any = false;
       // A server may report any number: the charge is bounded (a day of the limit) so that the
       // clock arithmetic cannot overflow; a refund never exceeds what was taken.
       constexpr std::uint64_t day_ns = 86'400'000'000'000;
@@ -301,26 +343,27 @@ class rate_limits {
         if (!limits[d] || est[d] == got[d]) continue;
         const auto most =
             std::max<std::uint64_t>(1, day_ns / static_cast<std::uint64_t>(interval[d]));
-        if (got[d] > est[d]) {
-          // Charged even past the burst: the server counted it, so the limiter must too.
-          tat[d] = std::max(tat[d], now) +
-                   interval[d] * static_cast<detail::nanos>(std::min(got[d] - est[d], most));
-        } else {
+        // Charged even past the burst: the server counted it, so the limiter must too.
+        if (got[d] > est[d])
+          charge[d] = interval[d] * static_cast<detail::nanos>(std::min(got[d] - est[d], most));
+        else
           refund[d] = interval[d] * static_cast<detail::nanos>(std::min(est[d] - got[d], most));
-          any_refund = true;
-        }
+        any = true;
       }
-      if (!any_refund) return;
+      if (!any) return;
       if (waiters.empty()) {
-        for (std::size_t d = 0; d < dims; ++d) tat[d] -= refund[d];
+        for (std::size_t d = 0; d < dims; ++d)
+          tat[d] = charge[d] ? std::max(tat[d], now) + charge[d] : tat[d] - refund[d];
         return;
       }
-      // The refund goes to the waiters: re-stack them as if the first one had found that much
-      // more room when it arrived.
+      // The waiters are re-stacked as if the first one had found that much more (a refund) or
+      // less (a charge: a debt is paid before anyone queued behind it) room when it arrived.
       auto* head = waiters.front();
       std::array<detail::nanos, dims> before_head;
-      for (std::size_t d = 0; d < dims; ++d)
-        before_head[d] = head->reservation.end[d] - head->reservation.increment[d] - refund[d];
+      for (std::size_t d = 0; d < dims; ++d) {
+        const auto start = head->reservation.end[d] - head->reservation.increment[d];
+        before_head[d] = charge[d] ? std::max(start, now) + charge[d] : start - refund[d];
+      }
       const auto shift = detail::restack(head, before_head, tolerance);
       for (std::size_t d = 0; d < dims; ++d) tat[d] -= shift[d];
       waiters.arm();
@@ -351,6 +394,7 @@ class rate_limits {
     std::array<detail::nanos, dims> interval{};
     std::array<detail::nanos, dims> tolerance{};
     std::array<detail::nanos, dims> tat{};
+    std::array<double, dims> typical{};  // mean units per settled call, per dimension
   };
 
   std::shared_ptr<state> state_;

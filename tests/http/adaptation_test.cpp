@@ -34,7 +34,7 @@ TEST_CASE("a 429 that says only Retry-After is one decrease, not a pause of the 
   asio::io_context io;
   limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(10), 1}});
   weir::http::server_adaptation<clock_type> adapt(limits);
-  CHECK(adapt.request_rate()->per_second == Approx(9.7));  // 3% headroom under the known limit
+  CHECK(adapt.state().rate.per_second == Approx(9.7));  // 3% headroom under the known limit
   const auto sent = clock_type::now();
   clock_type::advance(50ms);
   adapt.observe({weir::verdict::rate_limited, {.retry_after = 7s}}, sent, clock_type::now());
@@ -72,7 +72,7 @@ TEST_CASE("the adaptation as a pipeline stage reads every answer and ignores can
   };
   asio::co_spawn(io, guarded(cancelled), asio::detached);
   io.run();
-  CHECK(adapt.request_rate()->per_second == Approx(9.7));
+  CHECK(adapt.request_rate()->per_second == Approx(9.7));  // in force from the first call
 
   // A 429 saying the quota is spent, returned as a value: the adaptation pauses the limits and
   // decreases, exactly as when fed by hand.
@@ -287,4 +287,113 @@ TEST_CASE("dates and epoch resets far outside any real reset cannot overflow",
   CHECK(parse_rfc3339("9999-12-31T23:59:59Z") == std::nullopt);
   CHECK(parse_rfc3339("0001-01-01T00:00:00Z") == std::nullopt);
   CHECK(hints({{"X-RateLimit-Reset", "9007199254740992"}}).requests.reset_after == max_hint);
+}
+
+namespace {
+weir::http::server_adaptation<clock_type>* adapt_debug = nullptr;
+// A status and the tokens the server counted, as the pacing tests' operations return them.
+struct paced_reply {
+  int status = 200;
+};
+// 429 is a refusal that says only Retry-After: 1, as nginx configured so sends it.
+struct paced_classifier {
+  template <class T>
+  weir::classification operator()(const weir::outcome<T>& o) const {
+    if (!o.has_value()) return weir::default_classifier{}(o);
+    if constexpr (std::is_same_v<T, paced_reply>)
+      if (o.value().status == 429) return {weir::verdict::rate_limited, {.retry_after = 1s}};
+    return {};
+  }
+};
+
+// `workers` callers send through `pipeline` as fast as it lets them, for `length` of virtual time;
+// each call reaches `server` half a round trip after it is sent. The first request the server sees
+// after `early_refusal` is refused whatever the rate (one early 429). Returns what the server
+// served in each second.
+template <class Pipeline>
+std::vector<int> drive_pipeline(asio::io_context& io, Pipeline& pipeline, strict_server& server,
+                                ns length, ns rtt, int workers, std::uint64_t estimate,
+                                std::uint64_t actual, std::optional<ns> early_refusal) {
+  const auto start = clock_type::now();
+  std::vector<int> served(static_cast<std::size_t>(length / 1s) + 1);
+  bool refused_early = false;
+  auto sleep = [](ns d) -> asio::awaitable<void> {
+    asio::basic_waitable_timer<clock_type> t(co_await asio::this_coro::executor, d);
+    co_await t.async_wait(asio::use_awaitable);
+  };
+  auto worker = [&]() -> asio::awaitable<void> {
+    while (clock_type::now() - start < length) {
+      weir::basic_call_context<clock_type> ctx{.tokens = estimate};
+      try {
+        co_await pipeline(ctx, [&]() -> asio::awaitable<paced_reply> {
+          co_await sleep(rtt / 2);
+          const auto at = clock_type::now();
+          bool ok = server.admit(at);
+          if (ok && early_refusal && !refused_early && at - start >= *early_refusal) {
+            refused_early = true;
+            ok = false;
+          }
+          if (ok) ++served[static_cast<std::size_t>((at - start) / 1s)];
+          if (std::getenv("PACE_DEBUG") && at - start < 8s)
+            fmt::print("{:.4f} {} rate {:.3f} ceil {:.3f}\n", std::chrono::duration<double>(at - start).count(), ok ? "ok" : "REFUSED", adapt_debug ? adapt_debug->state().rate.per_second : 0.0, adapt_debug && adapt_debug->state().ceiling ? adapt_debug->state().ceiling->per_second : 0.0);
+          co_await sleep(rtt / 2);
+          if (ok) ctx.actual_tokens = actual;
+          co_return paced_reply{ok ? 200 : 429};
+        });
+      } catch (const weir::exception&) {
+      }
+    }
+  };
+  for (int i = 0; i < workers; ++i) asio::co_spawn(io, worker(), asio::detached);
+  weir::testing::advance<clock_type>(io, length + 1min);
+  return served;
+}
+}  // namespace
+
+TEST_CASE("refunds and one early refusal do not collapse the pacing of a strict server",
+          "[http][adaptation][pipeline]") {
+  // Before: a storm of refusals in the first seconds, then one request a minute for good.
+  for (std::uint64_t actual : {40u, 20u}) {
+    clock_type::reset();
+    asio::io_context io;
+    limits_type limits(io.get_executor(), {.requests = weir::limit::per_minute(600),
+                                           .tokens = weir::limit::per_minute(600 * 40)});
+    weir::http::server_adaptation<clock_type> adapt(limits);
+    adapt_debug = &adapt;
+    weir::retry<clock_type, paced_classifier> retry({.max_attempts = 4});
+    auto guarded = weir::pipeline(retry, limits, adapt.stage(paced_classifier{}));
+    strict_server server{100ms};
+    const auto served =
+        drive_pipeline(io, guarded, server, 60s, 80ms, 8, 40, actual, std::optional<ns>(500ms));
+    int late = 0;
+    for (std::size_t s = 30; s < 60; ++s) late += served[s];
+    std::string per_second;
+    for (auto n : served) per_second += std::to_string(n) + " ";
+    INFO("actual " << actual << ": served per second " << per_second << "; pacing "
+                   << adapt.state().rate.per_second << "/s, ceiling "
+                   << adapt.state().ceiling->per_second);
+    CHECK(late >= 0.95 * 10 * 30);
+  }
+}
+
+TEST_CASE("an adaptation changes nothing in its limiter until it is used",
+          "[http][adaptation]") {
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(10), 1}});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  CHECK(limits.get_limit(weir::dimension::requests)->rate.per_second == 10);  // before: 9.7
+  CHECK(adapt.state().rate.per_second == Approx(9.7));  // what it will pace at
+  auto stage = adapt.stage(weir::http::response_classifier{});  // made, not used
+  CHECK(adapt.request_rate()->per_second == 10);
+
+  auto guarded = weir::pipeline(limits, stage);
+  asio::co_spawn(io, guarded([]() -> asio::awaitable<int> { co_return 1; }), asio::detached);
+  io.run();
+  CHECK(adapt.request_rate()->per_second == Approx(9.7));
+
+  limits_type discovered(io.get_executor(), {});
+  weir::http::server_adaptation<clock_type> discover(discovered);
+  CHECK_FALSE(discovered.get_limit(weir::dimension::requests));
+  discover.engage();
+  CHECK(discover.request_rate()->per_second == 2);  // slow start's first rate
 }

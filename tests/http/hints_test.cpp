@@ -95,9 +95,10 @@ TEST_CASE("the IETF RateLimit and RateLimit-Policy fields", "[http][hints]") {
       {{"RateLimit-Policy", R"("default";q=100;w=60, "bytes";q=1000;w=60;qu="content-bytes")"},
        {"RateLimit", R"("default";r=45;t=20, "bytes";r=0;t=50)"}});
   // w is the window: 100 per minute here, 10 per second below. content-bytes is not paced.
-  CHECK(h.requests == weir::limit_snapshot{100, 45, ns(20s), ns(60s)});
+  constexpr auto unknown = weir::refill::unknown;
+  CHECK(h.requests == weir::limit_snapshot{100, 45, ns(20s), ns(60s), unknown, ns(1s)});
   auto single = hints({{"ratelimit-policy", "burst;q=10;w=1"}, {"ratelimit", "burst;r=0;t=1"}});
-  CHECK(single.requests == weir::limit_snapshot{10, 0, ns(1s), ns(1s)});
+  CHECK(single.requests == weir::limit_snapshot{10, 0, ns(1s), ns(1s), unknown, ns(1s)});
   auto policy_only = hints({{"RateLimit-Policy", R"("default";q=20;w=1)"}});
   CHECK(policy_only.requests == weir::limit_snapshot{20, {}, {}, ns(1s)});
 }
@@ -107,13 +108,37 @@ TEST_CASE("the older RateLimit-* and X-RateLimit-* forms, resets told apart by m
   CHECK(hints({{"RateLimit-Limit", "10, 10;w=1, 50;w=60"},
                {"RateLimit-Remaining", "3"},
                {"RateLimit-Reset", "4"}})
-            .requests == weir::limit_snapshot{10, 3, ns(4s)});
+            .requests == weir::limit_snapshot{10, 3, ns(4s), {}, weir::refill::unknown, ns(1s)});
   const auto epoch =
       std::chrono::duration_cast<std::chrono::seconds>(noon.time_since_epoch()).count() + 90;
   CHECK(hints({{"X-RateLimit-Reset", std::to_string(epoch)}}).requests.reset_after == ns(90s));
   CHECK(hints({{"X-RateLimit-Reset", "Sat, 28 Nov 2026 12:00:10 GMT"}}).requests.reset_after ==
         ns(10s));
   CHECK(hints({{"x-ratelimit-limit", "60"}, {"x-ratelimit-remaining", "59"}}).requests.limit == 60);
+}
+
+TEST_CASE("a reset in whole seconds is an upper bound: nothing left waits for its lower bound",
+          "[http][hints]") {
+  // A fixed window of 20 a second that opens in 30 ms, its reset rounded up to 1: before, weir
+  // paused a whole second each time it read remaining 0, and reached half the limit.
+  auto delta = hints({{"RateLimit-Limit", "20"}, {"RateLimit-Remaining", "0"},
+                      {"RateLimit-Reset", "1"}});
+  CHECK(delta.requests.next_unit_after() == ns(0));
+  CHECK(delta.exhausted_for() == ns(0));
+  const auto epoch =
+      std::chrono::duration_cast<std::chrono::seconds>(noon.time_since_epoch()).count() + 3;
+  auto at_epoch = hints({{"X-RateLimit-Limit", "20"}, {"X-RateLimit-Remaining", "0"},
+                         {"X-RateLimit-Reset", std::to_string(epoch)}},
+                        noon + 400ms);  // the window opens between 1.6 s and 2.6 s from now
+  REQUIRE(at_epoch.requests.next_unit_after());
+  CHECK(std::abs((*at_epoch.requests.next_unit_after() - 1600ms).count()) < 1000);
+  auto ietf = hints({{"RateLimit-Policy", R"("w";q=20;w=1)"}, {"RateLimit", R"("w";r=0;t=1)"}});
+  CHECK(ietf.requests.next_unit_after() == ns(0));
+  // Go durations and RFC 3339 times with fractions are taken as they are.
+  auto openai = hints({{"x-ratelimit-limit-requests", "20"},
+                       {"x-ratelimit-remaining-requests", "0"},
+                       {"x-ratelimit-reset-requests", "1s"}});
+  CHECK(openai.requests.next_unit_after() == ns(50ms));
 }
 
 TEST_CASE("Gemini's RESOURCE_EXHAUSTED body with a RetryInfo retryDelay", "[http][hints]") {

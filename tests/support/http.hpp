@@ -9,6 +9,7 @@
 #include <weir/http/parse.hpp>
 #include <weir/http/usage.hpp>
 #include <weir/pipeline.hpp>
+#include <weir/retry.hpp>
 #include <weir/testing/manual_clock.hpp>
 #include <weir/token_bucket.hpp>
 

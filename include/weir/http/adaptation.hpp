@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -103,12 +104,20 @@ class adaptation_core {
       rate_ = options.initial_rate.per_second;
       burst_ = options.initial_burst;
     }
-    apply(Clock::now());
+  }
+
+  // The limiter is left as it was configured until the adaptation is first used: its stage
+  // admits a call, or it observes an answer or a limit.
+  void engage(time_point now) {
+    if (engaged_.load(std::memory_order_acquire)) return;
+    std::lock_guard lock(mutex_);
+    engage_locked(now);
   }
 
   // Feeds one classified response to a request sent at `sent`.
   void observe(const classification& c, time_point sent, time_point now) {
     std::lock_guard lock(mutex_);
+    engage_locked(now);
     note_timing(sent, now);
     const limit_snapshot* snapshots[4] = {&c.hint.requests, &c.hint.tokens, &c.hint.input_tokens,
                                           &c.hint.output_tokens};
@@ -148,6 +157,7 @@ class adaptation_core {
   // taken as if this server had reported it.
   void learn_request_limit(weir::rate limit, time_point now = Clock::now()) {
     std::lock_guard lock(mutex_);
+    engage_locked(now);
     learn_limit(dimension::requests, limit.per_second, 0, now);
   }
 
@@ -187,6 +197,12 @@ class adaptation_core {
       fail("initial_rate must be finite and at least min_rate");
     if (!(o.burst_fraction > 0)) fail("burst_fraction must be positive");
     if (o.assumed_window && o.assumed_window->count() <= 0) fail("assumed_window must be positive");
+  }
+
+  void engage_locked(time_point now) {
+    if (engaged_.load(std::memory_order_relaxed)) return;
+    apply(now);
+    engaged_.store(true, std::memory_order_release);
   }
 
   double hold() const { return *ceiling_ * (1 - options_.headroom); }
@@ -339,6 +355,7 @@ class adaptation_core {
   rate_limits<Clock> limits_;
   adaptation_options options_;
   mutable std::mutex mutex_;
+  std::atomic<bool> engaged_{false};  // the limiter follows rate_ and burst_ from then on
   double rate_ = 0;  // requests per second
   std::uint64_t burst_ = 1;
   std::optional<double> ceiling_, known_;  // per second
@@ -383,9 +400,13 @@ class server_adaptation {
     core_->learn_request_limit(limit, now);
   }
 
-  // The request rate now in force.
+  // The request rate now in force in the limiter: as configured until the adaptation is first
+  // used (its stage admits a call, or it observes something), then the paced rate.
   std::optional<weir::rate> request_rate() const { return core_->request_rate(); }
+  // The pacing the adaptation has chosen (in force once it is used).
   pacing_state state() const { return core_->state(); }
+  // Puts the chosen pacing in force now, without waiting for a first call or answer.
+  void engage(time_point now = Clock::now()) { core_->engage(now); }
 
   // The adaptation as a pipeline stage: every answer the call gets, judged by `classifier` (which
   // must read the server's hints, as http::response_classifier does), is observed with the time
@@ -418,6 +439,7 @@ class adaptation_stage {
 
   bool try_enter(slot& s, stage_context<Clock>&) {
     s.sent = Clock::now();
+    adaptation_.engage(s.sent);
     return true;
   }
 

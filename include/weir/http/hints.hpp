@@ -149,8 +149,10 @@ class hint_parser {
       limit_snapshot s;
       if (current) {
         s.remaining = current->r;
-        if (current->t)
+        if (current->t) {
           s.reset_after = std::chrono::seconds(std::min<std::int64_t>(*current->t, 86400));
+          s.reset_rounded_to = std::chrono::seconds(1);
+        }
       }
       if (policy) {
         s.limit = policy->q;
@@ -180,6 +182,7 @@ class hint_parser {
     detail::merge_min(into.remaining, s.remaining);
     detail::merge_max(into.reset_after, s.reset_after);
     detail::merge_max(into.window, s.window);
+    detail::merge_max(into.reset_rounded_to, s.reset_rounded_to);
     if (into.refill == refill::unknown || s.refill == refill::fixed_window) into.refill = s.refill;
   }
 
@@ -261,8 +264,10 @@ class hint_parser {
         const double now_s = std::chrono::duration<double>(now_.time_since_epoch()).count();
         const double seconds = static_cast<double>(*n);
         s.reset_after = detail::clamp_seconds(*n >= epoch_threshold ? seconds - now_s : seconds);
+        s.reset_rounded_to = std::chrono::seconds(1);
       } else if (auto date = parse_http_date(value)) {
         s.reset_after = until(std::chrono::sys_time<std::chrono::nanoseconds>(*date));
+        s.reset_rounded_to = std::chrono::seconds(1);
       }
     } else {
       return;

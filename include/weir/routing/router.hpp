@@ -234,7 +234,10 @@ class router {
         max_request_tokens = static_cast<std::uint64_t>(s.tokens_per_minute);
       }
       limits.emplace(ex, lo);
-      if (o.adaptation) adapt.emplace(*limits, *o.adaptation);
+      if (o.adaptation) {
+        adapt.emplace(*limits, *o.adaptation);
+        adapt->engage();  // every call to the model is paced by it, the first one included
+      }
     }
 
     model_view<Clock> view() const {
