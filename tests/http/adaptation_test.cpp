@@ -290,7 +290,6 @@ TEST_CASE("dates and epoch resets far outside any real reset cannot overflow",
 }
 
 namespace {
-weir::http::server_adaptation<clock_type>* adapt_debug = nullptr;
 // A status and the tokens the server counted, as the pacing tests' operations return them.
 struct paced_reply {
   int status = 200;
@@ -334,8 +333,6 @@ std::vector<int> drive_pipeline(asio::io_context& io, Pipeline& pipeline, strict
             ok = false;
           }
           if (ok) ++served[static_cast<std::size_t>((at - start) / 1s)];
-          if (std::getenv("PACE_DEBUG") && at - start < 8s)
-            fmt::print("{:.4f} {} rate {:.3f} ceil {:.3f}\n", std::chrono::duration<double>(at - start).count(), ok ? "ok" : "REFUSED", adapt_debug ? adapt_debug->state().rate.per_second : 0.0, adapt_debug && adapt_debug->state().ceiling ? adapt_debug->state().ceiling->per_second : 0.0);
           co_await sleep(rtt / 2);
           if (ok) ctx.actual_tokens = actual;
           co_return paced_reply{ok ? 200 : 429};
@@ -359,7 +356,6 @@ TEST_CASE("refunds and one early refusal do not collapse the pacing of a strict 
     limits_type limits(io.get_executor(), {.requests = weir::limit::per_minute(600),
                                            .tokens = weir::limit::per_minute(600 * 40)});
     weir::http::server_adaptation<clock_type> adapt(limits);
-    adapt_debug = &adapt;
     weir::retry<clock_type, paced_classifier> retry({.max_attempts = 4});
     auto guarded = weir::pipeline(retry, limits, adapt.stage(paced_classifier{}));
     strict_server server{100ms};
@@ -396,4 +392,98 @@ TEST_CASE("an adaptation changes nothing in its limiter until it is used",
   CHECK_FALSE(discovered.get_limit(weir::dimension::requests));
   discover.engage();
   CHECK(discover.request_rate()->per_second == 2);  // slow start's first rate
+}
+
+namespace {
+// A fixed window of `limit` per second, opening at `phase` past each second of the manual clock,
+// as web frameworks' limiter middlewares count. It reports the reset rounded up to whole seconds,
+// as epoch seconds (X-RateLimit-*) or as delta seconds (RateLimit-*), and refuses with a
+// Retry-After rounded up too. Refusals do not count.
+struct fixed_window_server {
+  int limit;
+  ns phase;
+  bool epoch;
+  std::int64_t window = -1;
+  int used = 0;
+
+  weir::classification answer(clock_type::time_point t) {
+    const auto since = t.time_since_epoch() - phase;
+    const auto index = static_cast<std::int64_t>(since / 1s);
+    if (index != window) window = index, used = 0;
+    const bool ok = used < limit;
+    if (ok) ++used;
+    const auto opens = phase + ns(1s) * (index + 1);  // on the manual clock
+    const auto wall = noon + t.time_since_epoch();
+    const auto left = opens - t.time_since_epoch();
+    const auto whole = [](ns d) { return std::to_string((d.count() + 999'999'999) / 1'000'000'000); };
+    std::vector<std::pair<std::string, std::string>> headers;
+    const auto remaining = std::to_string(limit - used);
+    if (epoch) {
+      const auto reset_at = noon.time_since_epoch() + opens;
+      headers = {{"X-RateLimit-Limit", std::to_string(limit)},
+                 {"X-RateLimit-Remaining", remaining},
+                 {"X-RateLimit-Reset", whole(reset_at)}};
+    } else {
+      headers = {{"RateLimit-Limit", std::to_string(limit)},
+                 {"RateLimit-Remaining", remaining},
+                 {"RateLimit-Reset", whole(left)}};
+    }
+    if (!ok) headers.emplace_back("Retry-After", whole(left));
+    return weir::http::judge_status(ok ? 200 : 429, headers, {}, {},
+                                    std::chrono::time_point_cast<sys::duration>(wall));
+  }
+};
+
+// As drive() above, for a server that answers with a classification read from its headers.
+template <class Server>
+counts drive_answers(limits_type& limits, weir::http::server_adaptation<clock_type>& adapt,
+                     Server& server, ns length, ns from, ns rtt, std::size_t in_flight) {
+  struct answer {
+    clock_type::time_point due, sent;
+    weir::classification judged;
+  };
+  std::deque<answer> answers;
+  const auto start = clock_type::now();
+  counts seen;
+  while (clock_type::now() - start < length) {
+    const auto now = clock_type::now();
+    while (!answers.empty() && answers.front().due <= now) {
+      const auto a = answers.front();
+      answers.pop_front();
+      adapt.observe(a.judged, a.sent, a.due);
+    }
+    const bool can_send = answers.size() < in_flight;
+    if (can_send && limits.try_acquire({.requests = 1}, now)) {
+      auto judged = server.answer(now);
+      if (now - start >= from) ++(judged.is_success() ? seen.served : seen.refused);
+      answers.push_back({now + rtt, now, judged});
+      continue;
+    }
+    ns step = can_send ? limits.time_until({.requests = 1}, now) : ns::max();
+    if (!answers.empty()) step = std::min<ns>(step, answers.front().due - now);
+    clock_type::advance(std::max<ns>(step, 1us));
+  }
+  return seen;
+}
+}  // namespace
+
+TEST_CASE("told the limit of a fixed window that reports whole-second resets, weir reaches 95%",
+          "[http][adaptation]") {
+  // Before: each "remaining 0" paused until the rounded-up reset, a whole second, and weir
+  // reached about half of the limit.
+  for (bool epoch : {true, false}) {
+    for (ns phase : {ns(0), ns(370ms)}) {
+      clock_type::reset();
+      asio::io_context io;
+      limits_type limits(io.get_executor(), {.requests = weir::limit::per_minute(20 * 60)});
+      weir::http::server_adaptation<clock_type> adapt(limits);
+      fixed_window_server server{20, phase, epoch};
+      const auto seen = drive_answers(limits, adapt, server, 60s, 10s, 80ms, 16);
+      INFO((epoch ? "epoch" : "delta") << " resets, phase " << phase.count() << ": "
+                                       << seen.served << " served, " << seen.refused
+                                       << " refused");
+      CHECK(seen.served >= 0.95 * 20 * 50);
+      CHECK(seen.refused <= 0.01 * seen.served);
+    }
+  }
 }

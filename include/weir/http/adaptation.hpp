@@ -260,7 +260,12 @@ class adaptation_core {
       return;
     }
     const double at_send = std::min(rate_, rate_at(sent));  // the rate it was refused at
-    ceiling_ = known_ ? std::min(*known_, at_send) : at_send;
+    // Slow start found where refusals begin. After it, a refusal at the hold point says the
+    // ceiling was about right, not that it is a headroom lower: setting it to the refused rate
+    // each time ratcheted it down by the headroom per refusal, for good.
+    double ceiling = at_send;
+    if (!slow_start_ && ceiling_) ceiling = std::min(*ceiling_, at_send / (1 - options_.headroom));
+    ceiling_ = known_ ? std::min(*known_, ceiling) : ceiling;
     slow_start_ = false;
     rate_ = std::max(options_.min_rate.per_second, at_send * options_.decrease);
     apply(now);
