@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -124,10 +125,13 @@ class adaptation_core {
     for (std::size_t d = 0; d < 4; ++d)
       if (auto per_second = reported_rate(d, *snapshots[d]))
         learn_limit(static_cast<dimension>(d), *per_second, *snapshots[d]->limit, now);
-    if (c.kind == verdict::rate_limited) {
+    const bool refused = c.kind == verdict::rate_limited;
+    if (refused || c.kind == verdict::success) note_answer(refused, sent, now);
+    if (refused) {
       // The server may say when it has room again; it never says how fast to come back, so a
-      // refusal is a congestion event either way.
-      if (sent > last_decrease_) congestion_event(sent, now);
+      // refusal is a congestion event, unless refusals have been seen not to follow the rate.
+      if (sent > last_decrease_ && !verdict_.pending && !within_noise())
+        congestion_event(sent, now);
     } else if (c.kind == verdict::success) {
       if (c.hint.exhausted())
         hold_here(now);  // the server is full at this rate: a warning before the refusal
@@ -250,6 +254,59 @@ class adaptation_core {
     }
   }
 
+  // Refusals that do not follow the rate (a flaky gateway's 429s) are told apart from congestion
+  // as TCP's loss-based control cannot: each decrease is judged by the answers to the requests
+  // sent after it. Congestion refusals fall when the rate does (or the share of successes rises);
+  // if they go on as before, they were noise: the decrease is undone, and refusals up to that
+  // share are no congestion event from then on. A lockout (most answers refusals) is always
+  // congestion.
+  void note_answer(bool refused, time_point sent, time_point now) {
+    if (verdict_.pending && sent > last_decrease_) {
+      ++verdict_.answers;
+      verdict_.refusals += refused ? 1 : 0;
+      const double share = verdict_.refusals / static_cast<double>(verdict_.answers);
+      // Too few answers to tell a share that fell from one that did not: wait for more, up to
+      // 64, unless most are refusals (a lockout is congestion at once).
+      const bool conclusive = verdict_.refusals_before * verdict_.answers >= 3 ||
+                              share >= verdict_.refusals_before || verdict_.answers >= 64;
+      if ((verdict_.answers >= verdict_.needed && conclusive) ||
+          (verdict_.answers >= 4 && share >= 0.5))
+        judge(share, now);
+    }
+    answer_bits_ = (answer_bits_ << 1) | (refused ? 1u : 0u);
+    answers_seen_ = std::min<unsigned>(answers_seen_ + 1, 32);
+    // What is no longer seen fades: a gateway that stopped failing.
+    if (!refused && recent_refusals() < noise_) noise_ -= (noise_ - recent_refusals()) / 256;
+  }
+
+  // The share of refusals among the last 32 answers (successes and refusals).
+  double recent_refusals() const {
+    if (answers_seen_ == 0) return 0;
+    const auto mask = answers_seen_ >= 32 ? 0xffffffffu : (1u << answers_seen_) - 1;
+    return std::popcount(answer_bits_ & mask) / static_cast<double>(answers_seen_);
+  }
+
+  bool within_noise() const {
+    return noise_ > 0 && recent_refusals() <= noise_ + std::max(0.05, noise_);
+  }
+
+  void judge(double share_after, time_point now) {
+    verdict_.pending = false;
+    const double success_before = 1 - verdict_.refusals_before;
+    const double success_after = 1 - share_after;
+    const bool followed_the_rate = share_after >= 0.5 || verdict_.refusals_before >= 0.5 ||
+                                   success_after > success_before * 1.08 + 0.01;
+    if (followed_the_rate) {
+      noise_ = std::min(noise_, share_after);  // what is left after a decrease bounds the noise
+      return;
+    }
+    noise_ = std::max(noise_, share_after);
+    rate_ = std::max(rate_, verdict_.rate);
+    ceiling_ = verdict_.ceiling;
+    slow_start_ = verdict_.slow_start;
+    apply(now);
+  }
+
   // A refusal of a request sent after the last decrease: one congestion event.
   void congestion_event(time_point sent, time_point now) {
     last_decrease_ = now;
@@ -259,6 +316,15 @@ class adaptation_core {
       apply(now);
       return;
     }
+    // Only under a known limit: while discovering, slow start's refusals at low rates are too
+    // few to judge by, and a lost decrease would overshoot.
+    if (known_)
+      verdict_ = {.pending = true,
+                .rate = rate_,
+                .ceiling = ceiling_,
+                .slow_start = slow_start_,
+                .refusals_before = recent_refusals(),
+                .needed = static_cast<unsigned>(std::clamp(rate_ * 2, 8.0, 32.0))};
     const double at_send = std::min(rate_, rate_at(sent));  // the rate it was refused at
     // Slow start found where refusals begin. After it, a refusal at the hold point says the
     // ceiling was about right, not that it is a headroom lower: setting it to the refused rate
@@ -348,6 +414,15 @@ class adaptation_core {
     next_history_ = (next_history_ + 1) % history_.size();
   }
 
+  // A decrease waiting to be judged by the answers to the requests sent after it.
+  struct pending_verdict {
+    bool pending = false;
+    double rate = 0;
+    std::optional<double> ceiling{};
+    bool slow_start = false;
+    double refusals_before = 0;  // the share of refusals among recent answers at the decrease
+    unsigned needed = 0, answers = 0, refusals = 0;
+  };
   struct window_estimate {
     std::int64_t outstanding = 0;
     nanos window{0};
@@ -368,6 +443,10 @@ class adaptation_core {
   unsigned quiet_ = 0;
   time_point last_decrease_ = time_point::min();
   double srtt_ = 0, gap_ = 0, sent_rate_ = 0;  // ns, ns, per second
+  std::uint32_t answer_bits_ = 0;  // the last 32 answers, newest lowest: 1 for a refusal
+  unsigned answers_seen_ = 0;      // up to 32
+  double noise_ = 0;               // the share of refusals that does not follow the rate
+  pending_verdict verdict_{};
   weir::detail::nanos last_response_ = 0;
   std::array<window_estimate, 4> inferred_{};
   std::array<rate_change, 32> history_{};
