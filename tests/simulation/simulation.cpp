@@ -23,6 +23,8 @@
 //     leaves every provider able to serve (no breaker stuck by a lost probe);
 //   - no timer is left pending, and the heap does not grow from scenario to scenario.
 #include <weir/circuit_breaker.hpp>
+#include <weir/http/adaptation.hpp>
+#include <weir/http/classify.hpp>
 #include <weir/pipeline.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>
@@ -47,9 +49,11 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <queue>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -784,8 +788,26 @@ void router_scenario(std::uint64_t seed, bool verbose) {
 
 std::size_t heap_in_use() { return mallinfo2().uordblks; }
 
-// One seed: the scenario, the same scenario with an observer, and (for some) the threaded check.
-void run_seed(std::uint64_t seed, bool verbose) {
+}  // namespace
+
+// Pacing against referee server models (issue 30), with the helpers above.
+#include "pacing.hpp"
+
+namespace {
+
+// What main() was asked for, beyond seeds.
+struct run_options {
+  bool verbose = false;
+  bool pacing_only = false;
+  pacing::report* pacing_report = nullptr;  // collect pacing results instead of failing
+};
+
+// One seed: the scenario, the same scenario with an observer, (for some) the threaded checks,
+// and a pacing scenario.
+void run_seed(std::uint64_t seed, const run_options& o) {
+  const bool verbose = o.verbose;
+  pacing::scenario(seed, verbose, o.pacing_report);
+  if (o.pacing_only) return;
   const auto plain = scenario(seed, false, verbose).run();
   const auto observed = scenario(seed, true, false).run();
   if (!(plain == observed)) {
@@ -812,7 +834,8 @@ std::optional<std::uint64_t> number(std::string_view s) {
 int main(int argc, char** argv) {
   std::uint64_t first = 1, count = 1000, soak_seconds = 0;
   std::optional<std::uint64_t> only;
-  bool verbose = false;
+  run_options options;
+  pacing::report pacing_report;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     const auto value = [&]() -> std::uint64_t {
@@ -833,11 +856,15 @@ int main(int argc, char** argv) {
     else if (arg == "--soak")
       soak_seconds = value();
     else if (arg == "--verbose")
-      verbose = true;
+      options.verbose = true;
+    else if (arg == "--pacing-only")
+      options.pacing_only = true;
+    else if (arg == "--pacing-report")
+      options.pacing_report = &pacing_report;
     else {
       fmt::print(stderr,
                  "usage: weir_simulation [--scenarios N] [--first S] [--seed N] [--soak SECONDS] "
-                 "[--verbose]\n");
+                 "[--verbose] [--pacing-only] [--pacing-report]\n");
       return 2;
     }
   }
@@ -853,8 +880,8 @@ int main(int argc, char** argv) {
         std::chrono::steady_clock::now() - started > std::chrono::seconds(soak_seconds))
       break;
     try {
-      if (verbose) fmt::print("seed {}\n", seed);
-      run_seed(seed, verbose);
+      if (options.verbose) fmt::print("seed {}\n", seed);
+      run_seed(seed, options);
     } catch (const violation& v) {
       fmt::print(stderr, "weir_simulation: seed {} broke an invariant: {}\n", seed, v.what());
       fmt::print(stderr, "replay: weir_simulation --seed {} --verbose\n", seed);
@@ -868,6 +895,13 @@ int main(int argc, char** argv) {
       fmt::print(stderr,
                  "weir_simulation: the heap grew by {} bytes over {} scenarios (to seed {})\n",
                  heap_in_use() - heap_after_warmup, ran - 100, seed);
+      return 1;
+    }
+  }
+  if (options.pacing_report) {
+    pacing_report.print();
+    if (!pacing_report.failures.empty()) {
+      fmt::print(stderr, "weir_simulation: pacing properties failed (seeds above)\n");
       return 1;
     }
   }

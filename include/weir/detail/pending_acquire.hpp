@@ -173,8 +173,10 @@ std::array<nanos, Dims> restack(waiter<reservation<Dims>>* first, std::array<nan
       const nanos end = std::max(prev_end[d], r.arrived) + r.increment[d];
       shift[d] = r.end[d] - end;
       r.end[d] = prev_end[d] = end;
-      // A dimension the waiter takes nothing from still holds it back while it is in debt.
-      ready = std::max(ready, end - effective_tolerance(r.increment[d], tolerance[d]));
+      // A limited dimension (tolerance > 0) that the waiter takes nothing from still holds it
+      // back while it is in debt; one without a limit never does.
+      if (r.increment[d] > 0 || tolerance[d] > 0)
+        ready = std::max(ready, end - effective_tolerance(r.increment[d], tolerance[d]));
     }
     w->ready_at = ready;
   }
