@@ -332,8 +332,9 @@ class rate_limits {
       const auto est = with_typical_units(units(estimated));
       for (std::size_t d = 0; d < dims; ++d)
         if (limits[d])
-          typical[d] = typical[d] == 0 ? static_cast<double>(got[d])
-                                       : typical[d] + (static_cast<double>(got[d]) - typical[d]) / 8;
+          typical[d] = typical[d] == 0
+                           ? static_cast<double>(got[d])
+                           : typical[d] + (static_cast<double>(got[d]) - typical[d]) / 8;
       std::array<detail::nanos, dims> charge{}, refund{};
       bool any = false;
       // A server may report any number: the charge is bounded (a day of the limit) so that the

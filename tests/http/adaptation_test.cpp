@@ -375,13 +375,12 @@ TEST_CASE("refunds and one early refusal do not collapse the pacing of a strict 
   }
 }
 
-TEST_CASE("an adaptation changes nothing in its limiter until it is used",
-          "[http][adaptation]") {
+TEST_CASE("an adaptation changes nothing in its limiter until it is used", "[http][adaptation]") {
   asio::io_context io;
   limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(10), 1}});
   weir::http::server_adaptation<clock_type> adapt(limits);
   CHECK(limits.get_limit(weir::dimension::requests)->rate.per_second == 10);  // before: 9.7
-  CHECK(adapt.state().rate.per_second == Approx(9.7));  // what it will pace at
+  CHECK(adapt.state().rate.per_second == Approx(9.7));          // what it will pace at
   auto stage = adapt.stage(weir::http::response_classifier{});  // made, not used
   CHECK(adapt.request_rate()->per_second == 10);
 
@@ -418,7 +417,9 @@ struct fixed_window_server {
     const auto opens = phase + ns(1s) * (index + 1);  // on the manual clock
     const auto wall = noon + t.time_since_epoch();
     const auto left = opens - t.time_since_epoch();
-    const auto whole = [](ns d) { return std::to_string((d.count() + 999'999'999) / 1'000'000'000); };
+    const auto whole = [](ns d) {
+      return std::to_string((d.count() + 999'999'999) / 1'000'000'000);
+    };
     std::vector<std::pair<std::string, std::string>> headers;
     const auto remaining = std::to_string(limit - used);
     if (epoch) {
@@ -482,9 +483,8 @@ TEST_CASE("told the limit of a fixed window that reports whole-second resets, we
       weir::http::server_adaptation<clock_type> adapt(limits);
       fixed_window_server server{20, phase, epoch};
       const auto seen = drive_answers(limits, adapt, server, 60s, 10s, 80ms, 16);
-      INFO((epoch ? "epoch" : "delta") << " resets, phase " << phase.count() << ": "
-                                       << seen.served << " served, " << seen.refused
-                                       << " refused");
+      INFO((epoch ? "epoch" : "delta") << " resets, phase " << phase.count() << ": " << seen.served
+                                       << " served, " << seen.refused << " refused");
       CHECK(seen.served >= 0.95 * 20 * 50);
       CHECK(seen.refused <= 0.01 * seen.served);
     }

@@ -121,13 +121,14 @@ TEST_CASE("a reset in whole seconds is an upper bound: nothing left waits for it
           "[http][hints]") {
   // A fixed window of 20 a second that opens in 30 ms, its reset rounded up to 1: before, weir
   // paused a whole second each time it read remaining 0, and reached half the limit.
-  auto delta = hints({{"RateLimit-Limit", "20"}, {"RateLimit-Remaining", "0"},
-                      {"RateLimit-Reset", "1"}});
+  auto delta =
+      hints({{"RateLimit-Limit", "20"}, {"RateLimit-Remaining", "0"}, {"RateLimit-Reset", "1"}});
   CHECK(delta.requests.next_unit_after() == ns(0));
   CHECK(delta.exhausted_for() == ns(0));
   const auto epoch =
       std::chrono::duration_cast<std::chrono::seconds>(noon.time_since_epoch()).count() + 3;
-  auto at_epoch = hints({{"X-RateLimit-Limit", "20"}, {"X-RateLimit-Remaining", "0"},
+  auto at_epoch = hints({{"X-RateLimit-Limit", "20"},
+                         {"X-RateLimit-Remaining", "0"},
                          {"X-RateLimit-Reset", std::to_string(epoch)}},
                         noon + 400ms);  // the window opens between 1.6 s and 2.6 s from now
   REQUIRE(at_epoch.requests.next_unit_after());

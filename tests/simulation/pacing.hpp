@@ -2,9 +2,9 @@
 //
 // Included by simulation.cpp after its helpers (violation, fail, pick, uniform, chance, sleep_for,
 // sim_clock), outside its anonymous namespace (g++ 12 refuses coroutine frames of types from an
-// anonymous namespace in a template with external linkage): one seed decides a server model, a limit,
-// a round trip and a client (what it is told of the limit, its token estimates, its callers, its
-// retries), runs it for 30–90 virtual seconds and checks what the *server* counted against the
+// anonymous namespace in a template with external linkage): one seed decides a server model, a
+// limit, a round trip and a client (what it is told of the limit, its token estimates, its callers,
+// its retries), runs it for 30–90 virtual seconds and checks what the *server* counted against the
 // properties of issue 30. The servers decide on their own counters, never weir's, and answer
 // with the status and header fields real ones send; weir reads them through judge_status, so
 // the real header parsing is exercised.
@@ -90,16 +90,35 @@ inline std::string go_duration(ns d) {
 // As Anthropic writes a reset: an RFC 3339 instant, in whole seconds (rounded up) or with ms.
 inline std::string rfc3339(std::chrono::system_clock::time_point t, bool whole_seconds) {
   using namespace std::chrono;
-  const auto at = whole_seconds ? time_point_cast<milliseconds>(ceil<seconds>(t))
-                                : ceil<milliseconds>(t);
+  const auto at =
+      whole_seconds ? time_point_cast<milliseconds>(ceil<seconds>(t)) : ceil<milliseconds>(t);
   const auto day = floor<days>(at);
   const year_month_day ymd(day);
   const hh_mm_ss hms(at - day);
-  const auto date = fmt::format("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}", static_cast<int>(ymd.year()),
-                                static_cast<unsigned>(ymd.month()), static_cast<unsigned>(ymd.day()),
-                                hms.hours().count(), hms.minutes().count(), hms.seconds().count());
+  const auto date =
+      fmt::format("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}", static_cast<int>(ymd.year()),
+                  static_cast<unsigned>(ymd.month()), static_cast<unsigned>(ymd.day()),
+                  hms.hours().count(), hms.minutes().count(), hms.seconds().count());
   if (whole_seconds) return date + "Z";
   return fmt::format("{}.{:03}Z", date, hms.subseconds().count());
+}
+
+// Moves virtual time by `d` through every timer deadline on the way, as manual_clock's advance()
+// does, with half its polls: each poll is a system call or two (the reactor), and a pacing run
+// steps through tens of thousands of deadlines.
+inline void step_through(asio::io_context& io, ns d) {
+  const auto target = sim_clock::now() + d;
+  for (;;) {
+    sim_clock::forget_deadline();
+    do io.restart();
+    while (io.poll() > 0);
+    const auto next = sim_clock::next_deadline();
+    if (!next || *next <= sim_clock::now() || *next > target) break;
+    sim_clock::set(*next);
+  }
+  sim_clock::set(target);
+  do io.restart();
+  while (io.poll() > 0);
 }
 
 // ---- the referees ------------------------------------------------------------------------------
@@ -164,7 +183,9 @@ class nginx_limit_req : public referee {
   double limit_at(ns at) const override { return per_second_ * scale(at); }
   std::string describe() const override {
     return fmt::format("nginx limit_req {}r/s burst={}{}", per_second_, burst_,
-                       burst_ == 0 ? "" : delay_ ? " (delay)" : " nodelay");
+                       burst_ == 0 ? ""
+                       : delay_    ? " (delay)"
+                                   : " nodelay");
   }
 
  private:
@@ -216,9 +237,8 @@ class fixed_window : public referee {
         break;
       case window_style::draft8:
         f = {{"RateLimit", fmt::format("\"default\";r={};t={}", remaining, whole_seconds_up(left))},
-             {"RateLimit-Policy", reports_window_
-                                      ? fmt::format("\"default\";q={};w={}", limit, w)
-                                      : fmt::format("\"default\";q={}", limit)}};
+             {"RateLimit-Policy", reports_window_ ? fmt::format("\"default\";q={};w={}", limit, w)
+                                                  : fmt::format("\"default\";q={}", limit)}};
         break;
     }
     if (!ok) f.emplace_back("Retry-After", whole_seconds_up(left));
@@ -304,8 +324,8 @@ class refilling_limits : public referee {
         mean_output_(mean_output),
         whole_seconds_(whole_second_resets) {
     buckets_.push_back({"requests", requests, requests});
-    buckets_.push_back({s == shape::openai ? "tokens" : "input-tokens", tokens_or_input,
-                        tokens_or_input});
+    buckets_.push_back(
+        {s == shape::openai ? "tokens" : "input-tokens", tokens_or_input, tokens_or_input});
     if (s == shape::anthropic) buckets_.push_back({"output-tokens", output, output});
   }
 
@@ -323,7 +343,8 @@ class refilling_limits : public referee {
     for (std::size_t d = 0; d < buckets_.size(); ++d)
       if (buckets_[d].level < cost[d]) {
         ok = false;
-        wait_s = std::max(wait_s, (cost[d] - buckets_[d].level) * window_s / (buckets_[d].limit * k));
+        wait_s =
+            std::max(wait_s, (cost[d] - buckets_[d].level) * window_s / (buckets_[d].limit * k));
       }
     if (ok)
       for (std::size_t d = 0; d < buckets_.size(); ++d) buckets_[d].level -= cost[d];
@@ -331,7 +352,8 @@ class refilling_limits : public referee {
     const auto now = wall_now();
     for (const auto& b : buckets_) {
       const double limit = b.limit * k;
-      const auto full_in = ns(static_cast<std::int64_t>((limit - b.level) / limit * window_s * 1e9));
+      const auto full_in =
+          ns(static_cast<std::int64_t>((limit - b.level) / limit * window_s * 1e9));
       const auto limit_s = std::to_string(static_cast<std::int64_t>(limit));
       const auto remaining = std::to_string(static_cast<std::int64_t>(std::max(0.0, b.level)));
       if (shape_ == shape::openai) {
@@ -341,10 +363,10 @@ class refilling_limits : public referee {
       } else {
         f.emplace_back(fmt::format("anthropic-ratelimit-{}-limit", b.name), limit_s);
         f.emplace_back(fmt::format("anthropic-ratelimit-{}-remaining", b.name), remaining);
-        f.emplace_back(fmt::format("anthropic-ratelimit-{}-reset", b.name),
-                       rfc3339(now + std::chrono::duration_cast<std::chrono::system_clock::duration>(
-                                         full_in),
-                               whole_seconds_));
+        f.emplace_back(
+            fmt::format("anthropic-ratelimit-{}-reset", b.name),
+            rfc3339(now + std::chrono::duration_cast<std::chrono::system_clock::duration>(full_in),
+                    whole_seconds_));
       }
     }
     if (!ok && shape_ == shape::anthropic)
@@ -355,7 +377,8 @@ class refilling_limits : public referee {
   double limit_at(ns at) const override {
     const double window_s = std::chrono::duration<double>(window_).count();
     double r = buckets_[0].limit;
-    if (shape_ == shape::openai) r = std::min(r, buckets_[1].limit / (mean_input_ + mean_output_));
+    if (shape_ == shape::openai)
+      r = std::min(r, buckets_[1].limit / (mean_input_ + mean_output_));
     else
       r = std::min({r, buckets_[1].limit / mean_input_, buckets_[2].limit / mean_output_});
     return r * scale(at) / window_s;
@@ -425,8 +448,8 @@ class flaky_gateway : public referee {
   bool reports_limit() const override { return inner_->reports_limit(); }
   bool is_rate_limit() const override { return inner_->is_rate_limit(); }
   std::string describe() const override {
-    return fmt::format("{} behind a gateway refusing {:.0f}% at random with {}",
-                       inner_->describe(), share_ * 100, with_503_ ? "503" : "429");
+    return fmt::format("{} behind a gateway refusing {:.0f}% at random with {}", inner_->describe(),
+                       share_ * 100, with_503_ ? "503" : "429");
   }
 
  private:
@@ -619,11 +642,13 @@ class run {
  private:
   job next_job() {
     const auto vary = [&](double mean) {
-      return static_cast<std::uint64_t>(std::max(1.0, mean * std::uniform_real_distribution<>(0.5, 1.5)(rng_)));
+      return static_cast<std::uint64_t>(
+          std::max(1.0, mean * std::uniform_real_distribution<>(0.5, 1.5)(rng_)));
     };
     return {vary(s_.mean_input), vary(s_.mean_output)};
   }
-  ns half_trip() { return s_.rtt / 2 + uniform(rng_, 0ns, s_.rtt / 20); }
+  // Small jitter: up to 2 ms each way.
+  ns half_trip() { return s_.rtt / 2 + uniform(rng_, 0ns, ns(2ms)); }
   ns since_start() const { return sim_clock::now() - start_; }
 
   reply decide(const job& j, sim_clock::time_point sent) {
@@ -631,7 +656,8 @@ class run {
     counted_.note(since_start(), r.status == 200);
     // The tokens the given limit counts: the total, or the input tokens of an input limit.
     if (r.status == 200)
-      counted_.note_tokens(sent - start_, static_cast<double>(s_.anthropic_dims ? j.input : j.total()));
+      counted_.note_tokens(sent - start_,
+                           static_cast<double>(s_.anthropic_dims ? j.input : j.total()));
     return r;
   }
 
@@ -666,9 +692,6 @@ class run {
         auto& c = *clients[e.who];
         if (e.arrives) {
           e.answer = decide(e.j, e.sent);
-          if (std::getenv("PACING_TRACE"))
-            fmt::print("+{:.3f} client {} sent +{:.3f}: {}\n", since_start().count() / 1e9, e.who,
-                       (e.sent - start_).count() / 1e9, e.answer.status);
           e.arrives = false;
           e.at = now + e.answer.delay + half_trip();
           e.order = order++;
@@ -681,7 +704,7 @@ class run {
           c.limits.settle(e.estimate, actual_of(e.j), now);
         c.sample(now);
       }
-      auto wake = events.empty() ? end : std::min(end, events.top().at);
+      auto wake = end;
       for (std::size_t k = 0; k < clients.size(); ++k) {
         auto& c = *clients[k];
         while (c.in_flight < s_.callers) {
@@ -694,11 +717,12 @@ class run {
             break;
           }
           ++c.in_flight;
-          events.push({now + half_trip(), order++, true, k, next[k]->first, next[k]->second, now,
-                       {}});
+          events.push(
+              {now + half_trip(), order++, true, k, next[k]->first, next[k]->second, now, {}});
           next[k].reset();
         }
       }
+      if (!events.empty()) wake = std::min(wake, events.top().at);
       sim_clock::advance(std::max<ns>(wake - now, 1us));
     }
   }
@@ -716,21 +740,21 @@ class run {
       }
     // A collapsed pacing may hold callers for longer than anyone cares to wait: half a minute
     // after the run they are cancelled, and each must then end at once.
-    advance<sim_clock>(io, s_.length + 30s);
+    step_through(io, s_.length + 30s);
     if (running > 0) {
       for (auto& signal : signals) signal.emit(asio::cancellation_type::terminal);
-      advance<sim_clock>(io, 10min);
+      step_through(io, 10min);
     }
     if (running > 0) {
       std::string limiters;
       for (auto& c : clients) {
         const auto st = c->adapt.state();
-        limiters += fmt::format("; a request waits {:.1f} s, paced {:.3f}/s",
-                                c->limits.time_until({.requests = 1}).count() / 1e9,
-                                st.rate.per_second);
+        limiters +=
+            fmt::format("; a request waits {:.1f} s, paced {:.3f}/s",
+                        c->limits.time_until({.requests = 1}).count() / 1e9, st.rate.per_second);
       }
-      fail("pacing: {} callers did not end 10 minutes after they were cancelled{}\n    {}",
-           running, limiters, s_.describe());
+      fail("pacing: {} callers did not end 10 minutes after they were cancelled{}\n    {}", running,
+           limiters, s_.describe());
     }
   }
 
@@ -807,12 +831,13 @@ class run {
   sim_clock::time_point start_{};
 };
 
-// ---- measures and properties ---------------------------------------------------------------------
+// ---- measures and properties
+// ---------------------------------------------------------------------
 
 struct measures {
-  double goodput = 0;   // admitted over the second half, as a fraction of the limit
-  double refusals = 0;  // refused among answers over the second half
-  ns longest_low{0};    // the longest stretch below 50% of the limit
+  double goodput = 0;                // admitted over the second half, as a fraction of the limit
+  double refusals = 0;               // refused among answers over the second half
+  ns longest_low{0};                 // the longest stretch below 50% of the limit
   std::optional<ns> worst_recovery;  // the longest return to ≥ 80% after a burst of refusals
   ns recovery_burst_at{0};
   std::optional<ns> follow_halve, follow_restore;
@@ -863,9 +888,10 @@ inline measures measure(const settings& s, const run_result& r, const referee& s
     const double refused = sum(pf, k - w, k), all = refused + sum(pa, k - w, k);
     const bool burst = refused >= 3 && refused >= 0.2 * all;
     const bool ends = burst && (k == n || [&] {
-      const double r2 = sum(pf, k + 1 - w, k + 1), all2 = r2 + sum(pa, k + 1 - w, k + 1);
-      return !(r2 >= 3 && r2 >= 0.2 * all2);
-    }());
+                        const double r2 = sum(pf, k + 1 - w, k + 1),
+                                     all2 = r2 + sum(pa, k + 1 - w, k + 1);
+                        return !(r2 >= 3 && r2 >= 0.2 * all2);
+                      }());
     if (!ends) continue;
     std::size_t back = k;
     while (back <= n && !good(back, 0.8)) ++back;
@@ -904,7 +930,8 @@ inline measures measure(const settings& s, const run_result& r, const referee& s
     double sent = 0;
     for (std::size_t i = half; i < n; ++i) sent += r.counted.tokens_sent[i];
     const double span = std::chrono::duration<double>(buckets(n - half)).count();
-    const double largest = s.anthropic_dims ? 1.5 * s.mean_input : 1.5 * (s.mean_input + s.mean_output);
+    const double largest =
+        s.anthropic_dims ? 1.5 * s.mean_input : 1.5 * (s.mean_input + s.mean_output);
     const double allowed =
         s.clients * (given->rate.per_second * span + static_cast<double>(given->burst)) +
         s.clients * s.callers * largest;
@@ -913,23 +940,25 @@ inline measures measure(const settings& s, const run_result& r, const referee& s
   return m;
 }
 
-// ---- drawing a scenario --------------------------------------------------------------------------
+// ---- drawing a scenario
+// --------------------------------------------------------------------------
 
 inline double log_uniform(std::mt19937_64& rng, double low, double high) {
   return std::exp(std::uniform_real_distribution<>(std::log(low), std::log(high))(rng));
 }
 
-inline settings draw(std::mt19937_64& rng) {
+inline settings draw(std::mt19937_64& rng, bool through_pipeline) {
   settings s;
+  s.pipeline = through_pipeline;
   const int model = pick(rng, 0, 11);
   const int twist = pick(rng, 0, 19);  // 0-10 none, 11-13 change, 14-16 flaky, 17-19 shared
   const double rate = log_uniform(rng, 2, 40);
   s.rtt = uniform(rng, 20ms, 300ms);
   s.length = twist >= 11 && twist <= 13 ? uniform(rng, 60s, 90s) : uniform(rng, 30s, 60s);
+  if (s.pipeline) s.length = s.length / 2 + 10s;  // an asio run costs ten times a drive loop's
   s.length = std::chrono::duration_cast<std::chrono::seconds>(s.length);
   s.mean_input = std::round(log_uniform(rng, 50, 2000));
   s.mean_output = std::round(log_uniform(rng, 10, 500));
-  s.pipeline = chance(rng, 0.35);
   s.retries = static_cast<retry_order>(pick(rng, 0, 2));
   s.attempts = s.retries == retry_order::none ? 1 : pick(rng, 2u, 4u);
   if (!s.pipeline) s.retries = retry_order::none, s.attempts = 1;
@@ -970,7 +999,7 @@ inline settings draw(std::mt19937_64& rng) {
     case 7:
     case 8: {
       // 4 legacy; 5, 6 draft-6 without and with the window; 7, 8 draft-8 without and with it.
-      const auto style = model == 4 ? window_style::legacy
+      const auto style = model == 4   ? window_style::legacy
                          : model <= 6 ? window_style::draft6
                                       : window_style::draft8;
       const bool reports = model == 6 || model == 8;
@@ -979,7 +1008,9 @@ inline settings draw(std::mt19937_64& rng) {
       static const char* names[] = {"fixed-legacy", "fixed-draft6", "fixed-draft8"};
       s.model = std::string(names[static_cast<int>(style)]) + (reports ? "-w" : "") +
                 (from_first ? "-first" : "-second");
-      make = [=] { return std::make_unique<fixed_window>(limit, window, from_first, style, reports); };
+      make = [=] {
+        return std::make_unique<fixed_window>(limit, window, from_first, style, reports);
+      };
       break;
     }
     case 9:
@@ -1000,35 +1031,42 @@ inline settings draw(std::mt19937_64& rng) {
       s.model = openai ? "openai" : "anthropic";
       s.token_server = true;
       s.anthropic_dims = !openai;
-      const double per_minute = std::round(rate * 60);
-      const double tokens_per_minute = std::round(per_minute * tokens_share * (s.mean_input + s.mean_output));
-      const double input_per_minute = std::round(per_minute * tokens_share * s.mean_input);
-      const double output_per_minute = std::round(per_minute * (tokens_share == 2.0 ? 2.0 : 0.7) * s.mean_output);
-      const auto shape = openai ? refilling_limits::shape::openai : refilling_limits::shape::anthropic;
+      // Over 10 s rather than a minute: a bucket that starts full holds a window's worth, which
+      // must be spent well before the second half, where the steady state is measured.
+      const ns refill_window = 10s;
+      const double per_window = std::round(rate * 10);
+      const double tokens_per_window =
+          std::round(per_window * tokens_share * (s.mean_input + s.mean_output));
+      const double input_per_window = std::round(per_window * tokens_share * s.mean_input);
+      const double output_per_window =
+          std::round(per_window * (tokens_share == 2.0 ? 2.0 : 0.7) * s.mean_output);
+      const auto shape =
+          openai ? refilling_limits::shape::openai : refilling_limits::shape::anthropic;
       const double mi = s.mean_input, mo = s.mean_output;
       make = [=] {
-        return std::make_unique<refilling_limits>(shape, ns(60s), per_minute,
-                                                  openai ? tokens_per_minute : input_per_minute,
-                                                  output_per_minute, mi, mo, whole_seconds);
+        return std::make_unique<refilling_limits>(shape, refill_window, per_window,
+                                                  openai ? tokens_per_window : input_per_window,
+                                                  output_per_window, mi, mo, whole_seconds);
       };
       {
-        refilling_limits probe(shape, ns(60s), per_minute,
-                               openai ? tokens_per_minute : input_per_minute, output_per_minute,
-                               mi, mo, whole_seconds);
+        refilling_limits probe(shape, refill_window, per_window,
+                               openai ? tokens_per_window : input_per_window, output_per_window, mi,
+                               mo, whole_seconds);
         requests_per_s = probe.limit_at(0s);
         if (given) {
           const auto minute = [](double n, double burst) {
-            return weir::limit{weir::per_minute(n), static_cast<std::uint64_t>(std::max(1.0, burst))};
+            return weir::limit{weir::per_second(n / 10),
+                               static_cast<std::uint64_t>(std::max(1.0, burst))};
           };
           const int which = pick(rng, 0, 4);  // 0-2 both, 3 requests only, 4 tokens only
-          if (which != 4) s.given_requests = weir::limit{weir::per_minute(per_minute), 1};
+          if (which != 4) s.given_requests = weir::limit{weir::per_second(per_window / 10), 1};
           if (which != 3) {
             const double burst = chance(rng, 0.5) ? 1.0 : 0.1;
             if (openai)
-              s.given_tokens = minute(tokens_per_minute, burst * tokens_per_minute);
+              s.given_tokens = minute(tokens_per_window, burst * tokens_per_window);
             else {
-              s.given_input = minute(input_per_minute, burst * input_per_minute);
-              s.given_output = minute(output_per_minute, burst * output_per_minute);
+              s.given_input = minute(input_per_window, burst * input_per_window);
+              s.given_output = minute(output_per_window, burst * output_per_window);
             }
           }
         }
@@ -1068,10 +1106,11 @@ inline settings draw(std::mt19937_64& rng) {
   if (given && !s.token_server) {
     s.given_requests = weir::limit{weir::per_second(requests_per_s / s.clients), 1};
     if (chance(rng, 0.4)) {
-      // A tokens limit that binds as much as the request limit does at true usage (×1) or at
-      // estimates twice as high (×2: issue 30's refund case).
-      s.tokens_factor = chance(rng, 0.5) ? 1.0 : 2.0;
-      const double per_s = requests_per_s / s.clients * s.tokens_factor * (s.mean_input + s.mean_output);
+      // A tokens limit that binds a little above the request limit at true usage (×1.3: requests
+      // vary ±50%) or at estimates twice as high (×2: issue 30's refund case).
+      s.tokens_factor = chance(rng, 0.5) ? 1.3 : 2.0;
+      const double per_s =
+          requests_per_s / s.clients * s.tokens_factor * (s.mean_input + s.mean_output);
       s.given_tokens = weir::limit{weir::per_second(per_s), 1};
     }
   } else if (given && s.clients > 1) {
@@ -1084,20 +1123,21 @@ inline settings draw(std::mt19937_64& rng) {
     share(s.given_output);
   }
   const bool told_tokens = s.given_tokens || s.given_input;
-  if (s.token_server || told_tokens)
-    s.estimate = static_cast<estimate_kind>(pick(rng, 1, 4));
+  if (s.token_server || told_tokens) s.estimate = static_cast<estimate_kind>(pick(rng, 1, 4));
   s.knowledge = given ? "given" : s.make_server(1, 0)->reports_limit() ? "reported" : "discovered";
 
   // Callers: mostly enough to send well above the limit, sometimes too few.
   const double needed =
-      requests_per_s * std::chrono::duration<double>(s.rtt + (concurrency ? service : 0ns)).count() /
-      s.clients;
+      requests_per_s *
+      std::chrono::duration<double>(s.rtt + (concurrency ? service : 0ns)).count() / s.clients;
   s.callers = pick(rng, 1, 64);
-  if (chance(rng, 0.8)) s.callers = std::max(s.callers, std::min(64, static_cast<int>(std::ceil(2 * needed))));
+  if (chance(rng, 0.8))
+    s.callers = std::max(s.callers, std::min(64, static_cast<int>(std::ceil(2 * needed))));
   return s;
 }
 
-// ---- a scenario, its properties and the report -----------------------------------------------------
+// ---- a scenario, its properties and the report
+// -----------------------------------------------------
 
 struct report_row {
   int runs = 0, checked = 0, failed = 0;
@@ -1120,8 +1160,9 @@ struct report {
           std::get<0>(key), std::get<1>(key), std::get<2>(key), r.runs, r.checked,
           100 * r.goodput / r.runs, 100 * r.goodput_min, 100 * r.refusals / r.runs,
           100 * r.refusals_max, r.decreases_max, r.failed);
-    fmt::print("\n(goodput and refusals over each run's second half; \"checked\": runs whose callers "
-               "could send above the limit, where the properties apply)\n");
+    fmt::print(
+        "\n(goodput and refusals over each run's second half; \"checked\": runs whose callers "
+        "could send above the limit, where the properties apply)\n");
     for (const auto& [property, seeds] : failures) {
       std::string some;
       for (std::size_t i = 0; i < std::min<std::size_t>(seeds.size(), 12); ++i)
@@ -1136,7 +1177,8 @@ struct report {
 // given: then every broken property is counted there and the run goes on.
 inline void scenario(std::uint64_t seed, bool verbose, report* collect) {
   std::mt19937_64 rng(seed ^ 0x9ac1e6);
-  const auto s = draw(rng);
+  // The asio pipeline for one seed in 32: its timers cost a system call or two per step.
+  const auto s = draw(rng, seed % 32 == 0);
   const auto probe = s.make_server(1, 0);
   const auto result = run(s, seed, s.flaky).go();
   const auto m = measure(s, result, *probe);
@@ -1179,14 +1221,16 @@ inline void scenario(std::uint64_t seed, bool verbose, report* collect) {
       check(*m.follow_restore <= 10s, "a restored limit is followed within 10 s",
             fmt::format("{:.1f} s", m.follow_restore->count() / 1e9));
     if (clean)
-      check(m.goodput >= 0.9 * clean->goodput,
-            "random refusals cost at most 10% of goodput",
+      check(m.goodput >= 0.9 * clean->goodput, "random refusals cost at most 10% of goodput",
             fmt::format("goodput {:.1f}% with them, {:.1f}% without", m.goodput * 100,
                         clean->goodput * 100));
   }
-  check(m.tokens_overshoot <= 1.0, "a token limit's debts are paid before anything else passes",
-        fmt::format("true tokens sent over the second half are {:.2f}x what the given limit allows",
-                    m.tokens_overshoot));
+  // What the limiter promises whatever the server does: a hard invariant in every run.
+  if (m.tokens_overshoot > 1.0)
+    fail(
+        "pacing: a token limit's debts are paid before anything else passes: true tokens sent "
+        "over the second half are {:.2f}x what the given limit allows\n    {}",
+        m.tokens_overshoot, s.describe());
 
   std::string states;
   for (const auto& st : result.states) states += "\n    pacing: " + st;

@@ -320,11 +320,11 @@ class adaptation_core {
     // few to judge by, and a lost decrease would overshoot.
     if (known_)
       verdict_ = {.pending = true,
-                .rate = rate_,
-                .ceiling = ceiling_,
-                .slow_start = slow_start_,
-                .refusals_before = recent_refusals(),
-                .needed = static_cast<unsigned>(std::clamp(rate_ * 2, 8.0, 32.0))};
+                  .rate = rate_,
+                  .ceiling = ceiling_,
+                  .slow_start = slow_start_,
+                  .refusals_before = recent_refusals(),
+                  .needed = static_cast<unsigned>(std::clamp(rate_ * 2, 8.0, 32.0))};
     const double at_send = std::min(rate_, rate_at(sent));  // the rate it was refused at
     // Slow start found where refusals begin. After it, a refusal at the hold point says the
     // ceiling was about right, not that it is a headroom lower: setting it to the refused rate
@@ -436,7 +436,7 @@ class adaptation_core {
   adaptation_options options_;
   mutable std::mutex mutex_;
   std::atomic<bool> engaged_{false};  // the limiter follows rate_ and burst_ from then on
-  double rate_ = 0;  // requests per second
+  double rate_ = 0;                   // requests per second
   std::uint64_t burst_ = 1;
   std::optional<double> ceiling_, known_;  // per second
   bool slow_start_ = false;
