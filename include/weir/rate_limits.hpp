@@ -23,6 +23,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -213,9 +214,11 @@ class rate_limits {
       for (std::size_t i = 0; i < dims; ++i)
         before_head[i] = head->reservation.end[i] - head->reservation.increment[i];
       before_head[d] = admitted;
+      // (Bounded as cost_increment bounds a cost: a rate cut cannot overflow the arithmetic.)
+      const auto most_units = std::numeric_limits<detail::nanos>::max() / 4 / interval[d];
       for (auto* w = head; w; w = w->next) {
         auto& increment = w->reservation.increment[d];
-        if (before != 0) increment = increment / before * interval[d];
+        if (before != 0) increment = std::min(increment / before, most_units) * interval[d];
       }
       const auto shift = detail::restack(head, before_head, tolerance);
       for (std::size_t i = 0; i < dims; ++i) tat[i] -= shift[i];
@@ -330,16 +333,19 @@ class rate_limits {
       const auto got = units(actual);
       std::lock_guard lock(mutex);
       const auto est = with_typical_units(units(estimated));
-      for (std::size_t d = 0; d < dims; ++d)
-        if (limits[d])
-          typical[d] = typical[d] == 0
-                           ? static_cast<double>(got[d])
-                           : typical[d] + (static_cast<double>(got[d]) - typical[d]) / 8;
+      // A server may report any number: what is learnt and charged is bounded (a day of the
+      // limit) so that the clock arithmetic cannot overflow; a refund never exceeds what was
+      // taken.
+      constexpr std::uint64_t day_ns = 86'400'000'000'000;
+      for (std::size_t d = 0; d < dims; ++d) {
+        if (!limits[d]) continue;
+        const auto most =
+            std::max<std::uint64_t>(1, day_ns / static_cast<std::uint64_t>(interval[d]));
+        const auto sample = static_cast<double>(std::min(got[d], most));
+        typical[d] = typical[d] == 0 ? sample : typical[d] + (sample - typical[d]) / 8;
+      }
       std::array<detail::nanos, dims> charge{}, refund{};
       bool any = false;
-      // A server may report any number: the charge is bounded (a day of the limit) so that the
-      // clock arithmetic cannot overflow; a refund never exceeds what was taken.
-      constexpr std::uint64_t day_ns = 86'400'000'000'000;
       for (std::size_t d = 0; d < dims; ++d) {
         if (!limits[d] || est[d] == got[d]) continue;
         const auto most =

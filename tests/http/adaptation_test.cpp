@@ -547,3 +547,33 @@ TEST_CASE("under a known limit, random refusals unrelated to the rate cost at mo
   CHECK(halved.served >= 0.6 * 10 * 30);
   CHECK(halved.refused <= 0.2 * (halved.served + halved.refused));
 }
+
+TEST_CASE("a reported limit that rises is followed; a whole-second reset infers no window",
+          "[http][adaptation]") {
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  const auto report = [&](const char* limit) {
+    adapt.observe(
+        {weir::verdict::success, hints({{"RateLimit-Policy", fmt::format(R"("d";q={};w=1)", limit)},
+                                        {"RateLimit", R"("d";r=5;t=1)"}})});
+  };
+  report("10");
+  CHECK(adapt.state().ceiling->per_second == Approx(10));
+  report("20");  // before: the ceiling stayed at 10, and the rate crept 2% per 100 successes
+  CHECK(adapt.state().ceiling->per_second == Approx(20));
+  for (int i = 0; i < 100; ++i) adapt.observe({weir::verdict::success, {}});
+  CHECK(adapt.request_rate()->per_second > 0.95 * 20 * 0.97);
+  report("10");  // a fall holds at once
+  CHECK(adapt.request_rate()->per_second == Approx(10 * 0.97));
+
+  // Anthropic's reset in whole seconds: a nearly full bucket says "+1 s" and would read as a
+  // window 20 times too long, overriding the limit given.
+  limits_type given(io.get_executor(), {.requests = weir::limit::per_minute(1200)});
+  weir::http::server_adaptation<clock_type> anthropic(given);
+  anthropic.observe({weir::verdict::success,
+                     hints({{"anthropic-ratelimit-requests-limit", "1200"},
+                            {"anthropic-ratelimit-requests-remaining", "1199"},
+                            {"anthropic-ratelimit-requests-reset", "2026-11-28T12:00:01Z"}})});
+  CHECK(anthropic.state().known->per_second == Approx(20));
+}

@@ -82,7 +82,8 @@ TEST_CASE("an Anthropic response's rate-limit headers", "[http][hints]") {
                   {"anthropic-ratelimit-output-tokens-limit", "8000"},
                   {"anthropic-ratelimit-tokens-remaining", "47000"},
                   {"retry-after", "20"}});
-  CHECK(h.requests == weir::limit_snapshot{50, 0, ns(20s), {}, weir::refill::continuous});
+  // Whole seconds are a reset rounded up; a fraction is taken as it is.
+  CHECK(h.requests == weir::limit_snapshot{50, 0, ns(20s), {}, weir::refill::continuous, ns(1s)});
   CHECK(h.input_tokens ==
         weir::limit_snapshot{40000, 39000, ns(1500ms), {}, weir::refill::continuous});
   CHECK(h.output_tokens.limit == 8000);

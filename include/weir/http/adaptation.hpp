@@ -217,7 +217,11 @@ class adaptation_core {
   std::optional<double> reported_rate(std::size_t d, const limit_snapshot& s) {
     if (!s.limit || *s.limit <= 0) return std::nullopt;
     std::optional<nanos> window = s.window;
-    if (!window && s.refill == refill::continuous && s.remaining && s.reset_after &&
+    // A reset rounded up to whole seconds measures nothing until it is many of them: a nearly
+    // full bucket that says "1 s" may be 50 ms from full, and the window would read 20× too long.
+    const bool precise_reset =
+        s.reset_after && (!s.reset_rounded_to || *s.reset_after >= 10 * *s.reset_rounded_to);
+    if (!window && s.refill == refill::continuous && s.remaining && precise_reset &&
         *s.remaining < *s.limit && s.reset_after->count() > 0) {
       // The sample with the most units outstanding measures the window most precisely.
       const auto outstanding = *s.limit - *s.remaining;
@@ -246,9 +250,12 @@ class adaptation_core {
     }
     if (known_ && std::abs(*known_ - per_second) <= 0.01 * per_second) return;
     known_ = per_second;
-    if (slow_start_ || !ceiling_ || *ceiling_ > per_second) {
-      slow_start_ = false;
-      ceiling_ = per_second;
+    // The server's word is the ceiling, lower or higher: a limit that rose is climbed to by
+    // recovery (a few percent of the gap per success), one that fell holds at once.
+    const bool higher = !slow_start_ && ceiling_ && *ceiling_ < per_second;
+    slow_start_ = false;
+    ceiling_ = per_second;
+    if (!higher || rate_ > hold()) {
       rate_ = hold();
       apply(now);
     }

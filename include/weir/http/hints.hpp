@@ -236,10 +236,14 @@ class hint_parser {
       s.limit = parse_count(value);
     else if (detail::iequals(field, "remaining"))
       s.remaining = parse_count(value);
-    else if (detail::iequals(field, "reset"))
+    else if (detail::iequals(field, "reset")) {
       s.reset_after = until(parse_rfc3339(value));
-    else
+      // Anthropic writes whole seconds ("...T12:00:01Z"): a reset rounded up, as above.
+      if (s.reset_after && detail::trim(value).find('.') == std::string_view::npos)
+        s.reset_rounded_to = std::chrono::seconds(1);
+    } else {
       return false;
+    }
     merge(*dim, s);
     return true;
   }
