@@ -1,5 +1,10 @@
 // A consumer of the installed package: it only needs find_package(weir) and weir::weir.
+#ifdef CONSUMER_CORE_ONLY
+#include <weir/error.hpp>
+#include <weir/token_bucket.hpp>
+#else
 #include <weir/weir.hpp>
+#endif
 #ifdef CONSUMER_HAS_HTTP_CLIENT
 #include <weir/http/client.hpp>
 #endif
