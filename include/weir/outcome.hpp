@@ -43,6 +43,9 @@ struct limit_snapshot {
   // The reset was rounded up to a whole number of these (a second, for resets sent as delta or
   // epoch seconds or an HTTP-date): the window may open up to this much sooner.
   std::optional<std::chrono::nanoseconds> reset_rounded_to{};
+  // The reset was sent as a moment (epoch seconds, a date), not a delay: every answer in one
+  // window names the same moment, whenever it was sent and however long it travelled.
+  bool reset_is_instant = false;
 
   bool empty() const noexcept { return !limit && !remaining && !reset_after && !window; }
   // The server said this dimension has nothing left.

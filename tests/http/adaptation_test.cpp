@@ -464,6 +464,51 @@ TEST_CASE("told the limit of a fixed window that reports whole-second resets, we
   }
 }
 
+TEST_CASE("told nothing, a fixed window that reports its resets in whole seconds is paced at it",
+          "[http][adaptation]") {
+  // The first answer after a window opens reports the whole window as its reset (a delay), or
+  // every answer in a window names the same moment (epoch seconds): either gives the window, and
+  // the limit over it is the rate. Before, such a limit was discovered by refusals: about 82% of
+  // it with 3-4% refused.
+  for (bool epoch : {true, false}) {
+    for (ns phase : {ns(0), ns(370ms)}) {
+      clock_type::reset();
+      asio::io_context io;
+      limits_type limits(io.get_executor(), {});
+      weir::http::server_adaptation<clock_type> adapt(limits);
+      fixed_window_server server{20, phase, epoch};
+      const auto seen = drive(limits, adapt, server, 60s, 10s, 80ms, 16);
+      INFO((epoch ? "epoch" : "delta") << " resets, phase " << phase.count() << ": " << seen.served
+                                       << " served, " << seen.refused << " refused");
+      CHECK(seen.served >= 0.93 * 20 * 50);
+      CHECK(seen.refused <= 0.01 * seen.served);
+      CHECK(adapt.state().known->per_second == Approx(20));
+    }
+  }
+}
+
+TEST_CASE("a limit the user gave is a cap the server's figure lowers but never raises",
+          "[http][adaptation]") {
+  // Four clients sharing a limit of 20/s, each told 5/s: the server reports the whole 20/s.
+  // Before, its word replaced the share, and each client paced at 19.4/s.
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit::per_minute(5 * 60)});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  const auto report = [&](int limit) {
+    adapt.observe(
+        {weir::verdict::success, hints({{"RateLimit-Policy", fmt::format(R"("d";q={};w=1)", limit)},
+                                        {"RateLimit", R"("d";r=5;t=1)"}})});
+  };
+  report(20);
+  CHECK(adapt.request_rate()->per_second <= 5);
+  report(4);  // the limit fell below the share
+  CHECK(adapt.request_rate()->per_second == Approx(4 * 0.97));
+  report(20);
+  for (int i = 0; i < 500; ++i) adapt.observe({weir::verdict::success, {}});
+  CHECK(adapt.request_rate()->per_second <= 5);
+  CHECK(adapt.request_rate()->per_second > 0.95 * 5 * 0.97);
+}
+
 namespace {
 // A strict limit behind a flaky gateway: besides the limit's own refusals, a share of requests is
 // refused at random with 429 and Retry-After: 1, whatever the rate.
@@ -549,4 +594,26 @@ TEST_CASE("a reported limit that rises is followed; a whole-second reset infers 
                             {"anthropic-ratelimit-requests-remaining", "1199"},
                             {"anthropic-ratelimit-requests-reset", "2026-11-28T12:00:01Z"}})});
   CHECK(anthropic.state().known->per_second == Approx(20));
+}
+
+TEST_CASE("one answer that says remaining 0 for a day does not hold the pace down for good",
+          "[http][adaptation]") {
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  const auto report = [&](const char* remaining, const char* reset) {
+    adapt.observe({weir::verdict::success, hints({{"x-ratelimit-limit-requests", "600"},
+                                                  {"x-ratelimit-remaining-requests", remaining},
+                                                  {"x-ratelimit-reset-requests", reset}})});
+    clock_type::advance(100ms);
+  };
+  report("599", "100ms");
+  CHECK(adapt.state().known->per_second == Approx(10));
+  report("0", "24h");  // an outlier: a window of a day, 600 a day
+  CHECK(adapt.state().known->per_second == Approx(600.0 / 86400));
+  // Ordinary answers that follow contradict it: a day's window would have given back nothing.
+  // Before, the sample with the most units outstanding was kept for good (0.007/s after 500).
+  for (int i = 0; i < 500; ++i) report("599", "100ms");
+  CHECK(adapt.state().known->per_second == Approx(10));
+  CHECK(adapt.state().ceiling->per_second == Approx(10));
 }

@@ -83,9 +83,10 @@ TEST_CASE("an Anthropic response's rate-limit headers", "[http][hints]") {
                   {"anthropic-ratelimit-tokens-remaining", "47000"},
                   {"retry-after", "20"}});
   // Whole seconds are a reset rounded up; a fraction is taken as it is.
-  CHECK(h.requests == weir::limit_snapshot{50, 0, ns(20s), {}, weir::refill::continuous, ns(1s)});
+  CHECK(h.requests ==
+        weir::limit_snapshot{50, 0, ns(20s), {}, weir::refill::continuous, ns(1s), true});
   CHECK(h.input_tokens ==
-        weir::limit_snapshot{40000, 39000, ns(1500ms), {}, weir::refill::continuous});
+        weir::limit_snapshot{40000, 39000, ns(1500ms), {}, weir::refill::continuous, {}, true});
   CHECK(h.output_tokens.limit == 8000);
   CHECK(h.tokens.remaining == 47000);
   CHECK(h.retry_after == ns(20s));
@@ -113,6 +114,9 @@ TEST_CASE("the older RateLimit-* and X-RateLimit-* forms, resets told apart by m
   const auto epoch =
       std::chrono::duration_cast<std::chrono::seconds>(noon.time_since_epoch()).count() + 90;
   CHECK(hints({{"X-RateLimit-Reset", std::to_string(epoch)}}).requests.reset_after == ns(90s));
+  // A moment, not a delay; a small number is a delay.
+  CHECK(hints({{"X-RateLimit-Reset", std::to_string(epoch)}}).requests.reset_is_instant);
+  CHECK_FALSE(hints({{"X-RateLimit-Reset", "90"}}).requests.reset_is_instant);
   CHECK(hints({{"X-RateLimit-Reset", "Sat, 28 Nov 2026 12:00:10 GMT"}}).requests.reset_after ==
         ns(10s));
   CHECK(hints({{"x-ratelimit-limit", "60"}, {"x-ratelimit-remaining", "59"}}).requests.limit == 60);

@@ -96,6 +96,8 @@ class adaptation_core {
   adaptation_core(rate_limits<Clock> limits, adaptation_options options)
       : limits_(std::move(limits)), options_(options) {
     validate(options);
+    for (std::size_t d = 0; d < 4; ++d)
+      if (auto l = limits_.get_limit(static_cast<dimension>(d))) given_[d] = l->rate.per_second;
     if (auto l = limits_.get_limit(dimension::requests)) {
       known_ = ceiling_ = l->rate.per_second;
       burst_ = l->burst;
@@ -123,15 +125,18 @@ class adaptation_core {
     const limit_snapshot* snapshots[4] = {&c.hint.requests, &c.hint.tokens, &c.hint.input_tokens,
                                           &c.hint.output_tokens};
     for (std::size_t d = 0; d < 4; ++d)
-      if (auto per_second = reported_rate(d, *snapshots[d]))
+      if (auto per_second = reported_rate(d, *snapshots[d], now))
         learn_limit(static_cast<dimension>(d), *per_second, *snapshots[d]->limit, now);
     const bool refused = c.kind == verdict::rate_limited;
-    if (refused || c.kind == verdict::success) note_answer(refused, sent, now);
+    // A refusal that says the limit has nothing left is the limit's, whoever spent it (other
+    // clients sharing it, say): never noise.
+    const bool spent = refused && c.hint.exhausted();
+    if (refused || c.kind == verdict::success) note_answer(refused, spent, sent, now);
     if (refused) {
       // The server may say when it has room again; it never says how fast to come back, so a
       // refusal is a congestion event, unless refusals have been seen not to follow the rate.
-      if (sent > last_decrease_ && !verdict_.pending && !within_noise())
-        congestion_event(sent, now);
+      if (sent > last_decrease_ && !verdict_.pending && (spent || !within_noise()))
+        congestion_event(sent, spent, now);
     } else if (c.kind == verdict::success) {
       if (c.hint.exhausted())
         hold_here(now);  // the server is full at this rate: a warning before the refusal
@@ -214,7 +219,7 @@ class adaptation_core {
   // The rate a snapshot reports, per second, when its period is known: said (the IETF policy's
   // w), inferred (a continuously refilling limit gives back limit − remaining in `reset`, so its
   // window is reset × limit / (limit − remaining)), or assumed by the options.
-  std::optional<double> reported_rate(std::size_t d, const limit_snapshot& s) {
+  std::optional<double> reported_rate(std::size_t d, const limit_snapshot& s, time_point now) {
     if (!s.limit || *s.limit <= 0) return std::nullopt;
     std::optional<nanos> window = s.window;
     // A reset rounded up to whole seconds measures nothing until it is many of them: a nearly
@@ -223,22 +228,32 @@ class adaptation_core {
         s.reset_after && (!s.reset_rounded_to || *s.reset_after >= 10 * *s.reset_rounded_to);
     if (!window && s.refill == refill::continuous && s.remaining && precise_reset &&
         *s.remaining < *s.limit && s.reset_after->count() > 0) {
-      // The sample with the most units outstanding measures the window most precisely.
-      const auto outstanding = *s.limit - *s.remaining;
-      if (outstanding >= inferred_[d].outstanding) {
-        inferred_[d] = {outstanding,
-                        nanos(static_cast<std::int64_t>(
-                            static_cast<double>(s.reset_after->count()) *
-                            static_cast<double>(*s.limit) / static_cast<double>(outstanding)))};
+      const auto outstanding = static_cast<double>(*s.limit - *s.remaining);
+      // The sample with the most units outstanding measures the window most precisely, and it
+      // stands while it holds: its units come back by its own reset, so it expires then, and a
+      // later sample with far fewer outstanding than it allows proves it wrong (one answer that
+      // says "remaining 0, reset 24 h" among ordinary ones must not hold the pace down).
+      const double expected = inferred_[d].outstanding_at(now);
+      if (outstanding >= expected || outstanding + 1 < expected / 2) {
+        const double window_ns = static_cast<double>(s.reset_after->count()) *
+                                 static_cast<double>(*s.limit) / outstanding;
+        inferred_[d] = {outstanding, now, now + *s.reset_after,
+                        nanos(static_cast<std::int64_t>(std::min(window_ns, longest_window_ns)))};
       }
     }
     if (!window && inferred_[d].outstanding > 0) window = inferred_[d].window;
+    if (!window && s.refill != refill::continuous && s.reset_after && s.reset_after->count() > 0)
+      window = resets_[d].window(*s.reset_after, s.reset_is_instant, now);
     if (!window) window = options_.assumed_window;
     if (!window || window->count() <= 0) return std::nullopt;
     return static_cast<double>(*s.limit) / std::chrono::duration<double>(*window).count();
   }
 
   void learn_limit(dimension dim, double per_second, std::int64_t per_window, time_point now) {
+    // A limit the user gave is a cap the server's word can lower but not raise: it may be this
+    // client's share of a limit the server reports whole.
+    if (const auto& given = given_[static_cast<std::size_t>(dim)])
+      per_second = std::min(per_second, *given);
     if (dim != dimension::requests) {
       const auto paced = per_second * (1 - options_.headroom);
       const auto current = limits_.get_limit(dim);
@@ -249,13 +264,20 @@ class adaptation_core {
       return;
     }
     if (known_ && std::abs(*known_ - per_second) <= 0.01 * per_second) return;
-    known_ = per_second;
-    // The server's word is the ceiling, lower or higher: a limit that rose is climbed to by
-    // recovery (a few percent of the gap per success), one that fell holds at once.
-    const bool higher = !slow_start_ && ceiling_ && *ceiling_ < per_second;
-    slow_start_ = false;
-    ceiling_ = per_second;
-    if (!higher || rate_ > hold()) {
+    const std::optional<double> before = std::exchange(known_, per_second);
+    if (slow_start_ || !before || !ceiling_) {
+      slow_start_ = false;
+      ceiling_ = per_second;  // the server's word is the ceiling
+      rate_ = hold();
+      apply(now);
+      return;
+    }
+    // A limit that moved moves the ceiling in proportion, not to itself: the ceiling may be this
+    // client's share of a limit others spend too, which the server's figure says nothing about.
+    // A limit that rose is climbed to by recovery (a few percent of the gap per success); one
+    // that fell holds at once.
+    ceiling_ = std::min(per_second, *ceiling_ * per_second / *before);
+    if (rate_ > hold()) {
       rate_ = hold();
       apply(now);
     }
@@ -267,10 +289,11 @@ class adaptation_core {
   // if they go on as before, they were noise: the decrease is undone, and refusals up to that
   // share are no congestion event from then on. A lockout (most answers refusals) is always
   // congestion.
-  void note_answer(bool refused, time_point sent, time_point now) {
+  void note_answer(bool refused, bool spent, time_point sent, time_point now) {
     if (verdict_.pending && sent > last_decrease_) {
       ++verdict_.answers;
       verdict_.refusals += refused ? 1 : 0;
+      verdict_.spent += spent ? 1 : 0;
       const double share = verdict_.refusals / static_cast<double>(verdict_.answers);
       // Too few answers to tell a share that fell from one that did not: wait for more, up to
       // 64, unless most are refusals (a lockout is congestion at once).
@@ -302,7 +325,8 @@ class adaptation_core {
     const double success_before = 1 - verdict_.refusals_before;
     const double success_after = 1 - share_after;
     const bool followed_the_rate = share_after >= 0.5 || verdict_.refusals_before >= 0.5 ||
-                                   success_after > success_before * 1.08 + 0.01;
+                                   success_after > success_before * 1.08 + 0.01 ||
+                                   2 * verdict_.spent >= verdict_.refusals;
     if (followed_the_rate) {
       noise_ = std::min(noise_, share_after);  // what is left after a decrease bounds the noise
       return;
@@ -315,7 +339,7 @@ class adaptation_core {
   }
 
   // A refusal of a request sent after the last decrease: one congestion event.
-  void congestion_event(time_point sent, time_point now) {
+  void congestion_event(time_point sent, bool spent, time_point now) {
     last_decrease_ = now;
     quiet_ = 0;
     if (burst_ > 1) {
@@ -335,9 +359,12 @@ class adaptation_core {
     const double at_send = std::min(rate_, rate_at(sent));  // the rate it was refused at
     // Slow start found where refusals begin. After it, a refusal at the hold point says the
     // ceiling was about right, not that it is a headroom lower: setting it to the refused rate
-    // each time ratcheted it down by the headroom per refusal, for good.
+    // each time ratcheted it down by the headroom per refusal, for good. Unless the server said
+    // the limit was spent: at the hold point, under the limit, someone else spends it too (a
+    // limit shared with other clients), and this client's share is lower.
     double ceiling = at_send;
-    if (!slow_start_ && ceiling_) ceiling = std::min(*ceiling_, at_send / (1 - options_.headroom));
+    if (!slow_start_ && ceiling_ && !spent)
+      ceiling = std::min(*ceiling_, at_send / (1 - options_.headroom));
     ceiling_ = known_ ? std::min(*known_, ceiling) : ceiling;
     slow_start_ = false;
     rate_ = std::max(options_.min_rate.per_second, at_send * options_.decrease);
@@ -429,11 +456,54 @@ class adaptation_core {
     bool slow_start = false;
     double refusals_before = 0;  // the share of refusals among recent answers at the decrease
     unsigned needed = 0, answers = 0, refusals = 0;
+    unsigned spent = 0;  // refusals that said the limit had nothing left
   };
+  // A window inferred from one sample: `outstanding` units at `taken`, all back by `returned`.
   struct window_estimate {
-    std::int64_t outstanding = 0;
+    double outstanding = 0;
+    time_point taken{}, returned{};
     nanos window{0};
+
+    double outstanding_at(time_point now) const {
+      if (outstanding <= 0 || now >= returned) return 0;
+      const auto left = std::chrono::duration<double>(returned - now).count();
+      const auto whole = std::chrono::duration<double>(returned - taken).count();
+      return whole > 0 ? outstanding * std::min(1.0, left / whole) : 0;
+    }
   };
+  // The window of a limit that opens anew (a fixed window, or a bucket's whole refill), from
+  // the resets its answers report.
+  struct window_from_resets {
+    // Resets sent as delays: the first answer after a window opens reports its whole length (to
+    // within one rounding up), so the window is the longest reset seen over the last two spans
+    // of two windows each; one that shortens is followed within four of the old ones.
+    nanos longest_now{0}, longest_before{0};
+    time_point since{};
+    // Resets sent as moments: every answer in a window names the same one, and the next window
+    // the moment one window later (idle windows between make the step a multiple: too slow,
+    // never too fast, until two windows follow each other).
+    std::optional<time_point> named{};
+    nanos step{0};
+
+    std::optional<nanos> window(nanos reset, bool instant, time_point now) {
+      if (instant) {
+        const auto moment = now + reset;
+        constexpr nanos same_moment = std::chrono::milliseconds(500);
+        if (named && moment - *named > same_moment) step = moment - *named;
+        if (!named || moment - *named > same_moment || *named - moment > same_moment)
+          named = moment;  // a new window, or the first, or a server clock set back
+        return step.count() > 0 ? std::optional<nanos>(step) : std::nullopt;
+      }
+      if (now - since > 2 * std::max(longest_now, longest_before)) {
+        longest_before = std::exchange(longest_now, nanos(0));
+        since = now;
+      }
+      longest_now = std::max(longest_now, reset);
+      return std::max(longest_now, longest_before);
+    }
+  };
+  // Inferred windows beyond a year are absurd, and would overflow nanoseconds.
+  static constexpr double longest_window_ns = 365.0 * 24 * 3600 * 1e9;
   struct rate_change {
     weir::detail::nanos since = 0;
     double rate = 0;
@@ -445,7 +515,8 @@ class adaptation_core {
   std::atomic<bool> engaged_{false};  // the limiter follows rate_ and burst_ from then on
   double rate_ = 0;                   // requests per second
   std::uint64_t burst_ = 1;
-  std::optional<double> ceiling_, known_;  // per second
+  std::optional<double> ceiling_, known_;         // per second
+  std::array<std::optional<double>, 4> given_{};  // per second, as configured in the limiter
   bool slow_start_ = false;
   unsigned quiet_ = 0;
   time_point last_decrease_ = time_point::min();
@@ -456,6 +527,7 @@ class adaptation_core {
   pending_verdict verdict_{};
   weir::detail::nanos last_response_ = 0;
   std::array<window_estimate, 4> inferred_{};
+  std::array<window_from_resets, 4> resets_{};
   std::array<rate_change, 32> history_{};
   std::size_t next_history_ = 0;
 };

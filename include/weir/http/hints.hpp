@@ -184,6 +184,7 @@ class hint_parser {
     detail::merge_max(into.window, s.window);
     detail::merge_max(into.reset_rounded_to, s.reset_rounded_to);
     if (into.refill == refill::unknown || s.refill == refill::fixed_window) into.refill = s.refill;
+    into.reset_is_instant = into.reset_is_instant || s.reset_is_instant;
   }
 
   const detail::ratelimit_item* find_policy(std::string_view name) const {
@@ -238,6 +239,7 @@ class hint_parser {
       s.remaining = parse_count(value);
     else if (detail::iequals(field, "reset")) {
       s.reset_after = until(parse_rfc3339(value));
+      s.reset_is_instant = true;
       // Anthropic writes whole seconds ("...T12:00:01Z"): a reset rounded up, as above.
       if (s.reset_after && detail::trim(value).find('.') == std::string_view::npos)
         s.reset_rounded_to = std::chrono::seconds(1);
@@ -269,9 +271,11 @@ class hint_parser {
         const double seconds = static_cast<double>(*n);
         s.reset_after = detail::clamp_seconds(*n >= epoch_threshold ? seconds - now_s : seconds);
         s.reset_rounded_to = std::chrono::seconds(1);
+        s.reset_is_instant = *n >= epoch_threshold;
       } else if (auto date = parse_http_date(value)) {
         s.reset_after = until(std::chrono::sys_time<std::chrono::nanoseconds>(*date));
         s.reset_rounded_to = std::chrono::seconds(1);
+        s.reset_is_instant = true;
       }
     } else {
       return;
