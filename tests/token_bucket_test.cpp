@@ -455,6 +455,12 @@ TEST_CASE("weir::unlimited admits everything, waiters included, and the bucket l
   CHECK(bucket.available() == 2);
   CHECK(bucket.try_acquire(2));
   CHECK_FALSE(bucket.try_acquire());
+  // A pause from before the limit was switched off does not come back with it.
+  bucket.pause_until(clock_type::now() + 1h);
+  bucket.set_rate(weir::unlimited);
+  bucket.set_rate(weir::per_second(1));
+  bucket.set_burst(2);
+  CHECK(bucket.available() == 2);
 
   bucket_type open(io.get_executor(), {.rate = weir::unlimited, .burst = 1});
   acquisition now;

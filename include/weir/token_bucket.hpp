@@ -408,7 +408,8 @@ class token_bucket {
                              : std::numeric_limits<detail::nanos>::min();
       detail::nanos restacked = 0;  // how far the pause pushed the last waiter back
       if (to.unlimited()) {
-        // Everyone queued is due now and holds nothing from here on.
+        // Everyone queued is due now and holds nothing from here on; a pause is forgotten.
+        paused_until = 0;
         for (auto* w = waiters.front(); w; w = w->next) {
           w->reservation.increment[0] = 0;
           w->ready_at = now;
