@@ -26,8 +26,8 @@ int steps_since_t0(clock_type::time_point at) {
   return static_cast<int>((at - clock_type::start_time + d / 2) / d);
 }
 
-// Go's AllowN step: at t_k, TokensAt says `tokens` and AllowN(n) answers `ok`. A `tokens` of
-// refused means AllowN refuses n as above the burst: weir's refuse mode throws instead.
+// Go's AllowN step: at t_k, TokensAt says `tokens` and AllowN(n) answers `ok`. An `ok` of
+// `refused` is Go refusing n as above the burst, which weir's refuse mode throws for instead.
 struct allow {
   int k;
   double tokens;
