@@ -265,15 +265,220 @@ TEST_CASE("async_acquire works with use_awaitable, deferred and callbacks", "[to
   CHECK(done == std::vector<std::string>{"awaitable", "deferred", "callback"});
 }
 
-TEST_CASE("set_rate and set_burst re-size the bucket at run time", "[token_bucket]") {
+TEST_CASE("set_rate and set_burst re-size the bucket at run time, keeping what it holds",
+          "[token_bucket]") {
   asio::io_context io;
   bucket_type bucket(io.get_executor(), {.rate = weir::per_second(1), .burst = 1});
-  bucket.set_burst(4);
+  bucket.set_burst(4);  // holds the 1 it had: a bigger bucket, not a fuller one
   bucket.set_rate(weir::per_second(4));
   CHECK(bucket.burst() == 4);
   CHECK(bucket.rate().per_second == Approx(4));
+  CHECK(bucket.available() == 1);
+  CHECK(bucket.time_until(4) == 750ms);
+  clock_type::advance(750ms);
   CHECK(bucket.try_acquire(4));
   CHECK(bucket.time_until(1) == 250ms);
+}
+
+// Issue 35: the bucket's level (units held, or owed) survives a change of rate or burst.
+TEST_CASE(
+    "raising the rate on a drained bucket brings its next unit forward (20 at 10/s to 20/s: "
+    "50 ms)",
+    "[token_bucket][issue35]") {
+  asio::io_context io;
+  bucket_type bucket(io.get_executor(), {.rate = weir::per_second(10), .burst = 20});
+  REQUIRE(bucket.try_acquire(20));
+  CHECK(bucket.time_until(1) == 100ms);
+  bucket.set_rate(weir::per_second(20));
+  CHECK(bucket.time_until(1) == 50ms);  // was 1050 ms: the time to full kept, not the level
+  CHECK(bucket.time_until(20) == 1s);
+  CHECK(bucket.available() == 0);
+}
+
+TEST_CASE("lowering the rate on a drained bucket frees nothing (20 at 10/s to 5/s)",
+          "[token_bucket][issue35]") {
+  asio::io_context io;
+  bucket_type bucket(io.get_executor(), {.rate = weir::per_second(10), .burst = 20});
+  REQUIRE(bucket.try_acquire(20));
+  bucket.set_rate(weir::per_second(5));
+  CHECK(bucket.available() == 0);  // was 10: half the burst released by a rate cut
+  CHECK_FALSE(bucket.try_acquire());
+  CHECK(bucket.time_until(1) == 200ms);
+  CHECK(bucket.time_until(20) == 4s);
+}
+
+TEST_CASE("lowering the burst on a drained bucket makes a smaller bucket, not a debt",
+          "[token_bucket][issue35]") {
+  asio::io_context io;
+  bucket_type bucket(io.get_executor(), {.rate = weir::per_second(10), .burst = 20});
+  REQUIRE(bucket.try_acquire(20));
+  bucket.set_burst(10);
+  CHECK(bucket.time_until(1) == 100ms);  // was 1100 ms: ten units of debt
+  CHECK(bucket.time_until(10) == 1s);
+  clock_type::advance(5s);
+  CHECK(bucket.available() == 10);  // and it holds no more than its new size
+}
+
+TEST_CASE("a part-full bucket keeps the units it holds through rate and burst changes",
+          "[token_bucket][issue35]") {
+  asio::io_context io;
+  bucket_type bucket(io.get_executor(), {.rate = weir::per_second(10), .burst = 20});
+  REQUIRE(bucket.try_acquire(10));
+  bucket.set_rate(weir::per_second(20));
+  CHECK(bucket.available() == 10);
+  CHECK(bucket.time_until(11) == 50ms);
+  bucket.set_burst(5);  // holds more than the new size: full
+  CHECK(bucket.available() == 5);
+  CHECK(bucket.time_until(5) == 0ns);
+  bucket.set_burst(20);  // a larger bucket fills at the rate
+  CHECK(bucket.available() == 5);
+  CHECK(bucket.time_until(6) == 50ms);
+  CHECK(bucket.time_until(20) == 750ms);
+}
+
+namespace {
+// Three waiters queued behind a drained bucket of burst 2 at 5/s (200 ms a unit): 2 units due at
+// 400 ms, 1 at 600 ms, 2 at 1000 ms. Returns when each is served, after `change` at 200 ms.
+template <class Change>
+std::vector<std::chrono::nanoseconds> served_after(Change change) {
+  asio::io_context io;
+  bucket_type bucket(io.get_executor(), {.rate = weir::per_second(5), .burst = 2});
+  const auto start = clock_type::now();
+  REQUIRE(bucket.try_acquire(2));
+  std::vector<std::chrono::nanoseconds> served;
+  for (std::uint64_t cost : {2, 1, 2})
+    bucket.async_acquire(cost, [&](weir::error_code ec, std::chrono::nanoseconds) {
+      if (!ec) served.push_back(clock_type::now() - start);
+    });
+  advance<clock_type>(io, 200ms);
+  change(bucket);
+  advance<clock_type>(io, 10s);
+  return served;
+}
+}  // namespace
+
+TEST_CASE("raising the rate brings queued waiters forward, in order", "[token_bucket][issue35]") {
+  CHECK(served_after([](bucket_type&) {}) ==
+        std::vector<std::chrono::nanoseconds>{400ms, 600ms, 1000ms});
+  // At 200 ms the bucket owes 6 units (1.2 s); at 10/s they are 600 ms.
+  CHECK(served_after([](bucket_type& b) { b.set_rate(weir::per_second(10)); }) ==
+        std::vector<std::chrono::nanoseconds>{300ms, 400ms, 600ms});
+}
+
+TEST_CASE("lowering the rate holds queued waiters back, in order, and frees nothing",
+          "[token_bucket][issue35]") {
+  CHECK(served_after([](bucket_type& b) {
+          b.set_rate(weir::per_second(2.5));
+          CHECK_FALSE(b.try_acquire());
+          CHECK(b.time_until(1) == 2s);  // 7 units owed at 400 ms, less the burst's 2
+        }) == std::vector<std::chrono::nanoseconds>{600ms, 1000ms, 1800ms});
+}
+
+TEST_CASE("a burst change leaves queued waiters' turns where they were",
+          "[token_bucket][issue35]") {
+  // Each waiter waits for the units it needs; the size of the bucket around them does not move
+  // that moment (none of these costs is above the new bursts).
+  for (std::uint64_t b : {2, 3, 8})
+    CHECK(served_after([b](bucket_type& bucket) { bucket.set_burst(b); }) ==
+          std::vector<std::chrono::nanoseconds>{400ms, 600ms, 1000ms});
+}
+
+TEST_CASE("a pause holds through a rate change", "[token_bucket][issue35]") {
+  asio::io_context io;
+  bucket_type bucket(io.get_executor(), {.rate = weir::per_second(10), .burst = 10});
+  bucket.pause_until(clock_type::now() + 20s);
+  acquisition a;
+  bucket.async_acquire(1, a.handler());
+  bucket.set_rate(weir::per_second(1000));
+  CHECK(bucket.time_until(1) == 20s + 1ms);
+  advance<clock_type>(io, 20s - 1ms);
+  CHECK_FALSE(a.result);
+  advance<clock_type>(io, 1ms);
+  REQUIRE(a.result);
+  CHECK_FALSE(*a.result);
+}
+
+TEST_CASE("a debt re-priced at a far slower rate saturates instead of overflowing",
+          "[token_bucket][issue35]") {
+  asio::io_context io;
+  bucket_type bucket(io.get_executor(), {.rate = weir::per_second(1e9), .burst = 1});
+  REQUIRE(bucket.try_acquire(std::uint64_t{1} << 40));  // a debt of ~18 minutes at 1e9/s
+  bucket.set_rate(weir::per_second(1e-8));              // 10^8 s a unit
+  CHECK(bucket.time_until(1) > std::chrono::hours(24 * 365 * 70));
+  bucket.set_rate(weir::per_second(1e9));
+  CHECK(bucket.time_until(1) > 0ns);
+}
+
+TEST_CASE("with above_burst::refuse a cost above the burst is invalid_argument, not a debt",
+          "[token_bucket][issue35]") {
+  asio::io_context io;
+  bucket_type bucket(
+      io.get_executor(),
+      {.rate = weir::per_second(5), .burst = 3, .above_burst = weir::above_burst::refuse});
+  CHECK_THROWS_WITH(bucket.try_acquire(4), Catch::Contains("cost 4 is above the burst 3"));
+  CHECK_THROWS_AS(bucket.time_until(4), weir::exception);
+  acquisition a;
+  CHECK_THROWS_AS(bucket.async_acquire(4, a.handler()), weir::exception);
+  CHECK(bucket.available() == 3);  // nothing was taken
+  CHECK(bucket.try_acquire(3));
+  bucket.set_burst(5);
+  bucket.async_acquire(4, a.handler());  // fits the new burst
+  advance<clock_type>(io, 800ms);
+  REQUIRE(a.result);
+  CHECK_FALSE(*a.result);
+  CHECK(bucket.options().above_burst == weir::above_burst::refuse);
+}
+
+TEST_CASE("weir::unlimited admits everything, waiters included, and the bucket leaves it full",
+          "[token_bucket][issue35]") {
+  asio::io_context io;
+  bucket_type bucket(io.get_executor(), {.rate = weir::per_second(1), .burst = 2});
+  REQUIRE(bucket.try_acquire(2));
+  acquisition first, second;
+  bucket.async_acquire(1, first.handler());
+  bucket.async_acquire(5, second.handler());
+  advance<clock_type>(io, 100ms);
+  bucket.set_rate(weir::unlimited);
+  run_ready(io);
+  REQUIRE(first.result);
+  REQUIRE(second.result);
+  CHECK_FALSE(*first.result);
+  CHECK_FALSE(*second.result);
+  CHECK(bucket.rate() == weir::unlimited);
+  CHECK(bucket.try_acquire(1'000'000'000));
+  CHECK(bucket.time_until(1'000'000'000) == 0ns);
+  CHECK(bucket.available() == std::numeric_limits<std::uint64_t>::max());
+  bucket.pause_until(clock_type::now() + 1h);  // the limit is off: nothing holds it
+  CHECK(bucket.try_acquire());
+
+  bucket.set_rate(weir::per_second(1));
+  CHECK(bucket.available() == 2);
+  CHECK(bucket.try_acquire(2));
+  CHECK_FALSE(bucket.try_acquire());
+  // A pause from before the limit was switched off does not come back with it.
+  bucket.pause_until(clock_type::now() + 1h);
+  bucket.set_rate(weir::unlimited);
+  bucket.set_rate(weir::per_second(1));
+  bucket.set_burst(2);
+  CHECK(bucket.available() == 2);
+
+  bucket_type open(io.get_executor(), {.rate = weir::unlimited, .burst = 1});
+  acquisition now;
+  open.async_acquire(1000, now.handler());
+  run_ready(io);
+  REQUIRE(now.result);
+  CHECK_FALSE(*now.result);
+}
+
+TEST_CASE("a rate of zero is invalid_argument, pointing to pause_until and weir::unlimited",
+          "[token_bucket][issue35]") {
+  asio::io_context io;
+  CHECK_THROWS_WITH(bucket_type(io.get_executor(), {.rate = weir::per_second(0), .burst = 1}),
+                    Catch::Contains("token_bucket: rate is 0/s") &&
+                        Catch::Contains("pause_until") && Catch::Contains("weir::unlimited"));
+  bucket_type bucket(io.get_executor(), {.rate = weir::per_second(1), .burst = 1});
+  CHECK_THROWS_AS(bucket.set_rate(weir::per_second(0)), weir::exception);
+  CHECK(bucket.rate().per_second == Approx(1));  // the refused change left the bucket as it was
 }
 
 TEST_CASE("pause_until holds the bucket empty until the given moment", "[token_bucket]") {

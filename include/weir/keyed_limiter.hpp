@@ -46,7 +46,7 @@ namespace weir {
 // What a keyed limiter counts for one call in a pipeline.
 enum class counts { requests, tokens };
 
-// One key's limit: `rate` units per second, `burst` at once.
+// One key's limit: `rate` units per second (weir::unlimited: no limit), `burst` at once.
 struct key_limit {
   weir::rate rate{};
   std::uint64_t burst = 1;
@@ -58,8 +58,11 @@ struct keyed_limiter_options {
   // dropped as idle). Called without any lock held. Up to 65 536 distinct limits.
   std::function<key_limit(std::string_view key)> limit_of{};
   weir::counts counts = weir::counts::requests;  // what a call costs in a pipeline
-  std::size_t shards = 64;                       // rounded up to a power of two
-  std::string name = "keyed_limiter";            // in events and refusals
+  // A cost above a key's burst: admitted from its full bucket into debt, or refused
+  // (invalid_argument), as token_bucket_options::above_burst.
+  weir::above_burst above_burst = weir::above_burst::debt;
+  std::size_t shards = 64;             // rounded up to a power of two
+  std::string name = "keyed_limiter";  // in events and refusals
 };
 
 namespace detail {
@@ -69,8 +72,9 @@ namespace detail {
 class limit_shapes {
  public:
   struct shape {
-    nanos interval;
+    nanos interval;  // 0: weir::unlimited, which admits everything
     nanos tolerance;
+    std::uint64_t burst;
   };
 
   ~limit_shapes() {
@@ -78,8 +82,10 @@ class limit_shapes {
   }
 
   std::uint32_t intern(key_limit limit, std::string_view who) {
-    const auto interval = emission_interval(limit.rate);
-    const shape s{interval, tolerance(interval, limit.burst)};
+    if (limit.burst == 0) invalid_option(who, "burst", limit.burst, "be at least 1");
+    const auto interval =
+        limit.rate.per_second == weir::unlimited.per_second ? 0 : emission_interval(limit.rate);
+    const shape s{interval, interval == 0 ? 0 : tolerance(interval, limit.burst), limit.burst};
     std::lock_guard lock(mutex_);
     if (auto it = index_.find({s.interval, s.tolerance}); it != index_.end()) return it->second;
     const auto i = static_cast<std::uint32_t>(index_.size());
@@ -121,11 +127,13 @@ class keyed_limiter {
   using acquire_signature = void(error_code, std::chrono::nanoseconds);
   using cost_type = std::uint64_t;
 
-  // Throws weir::exception(invalid_argument) for a default limit that is not a valid bucket.
+  // Throws weir::exception(invalid_argument) for a default limit that is not a valid bucket (a
+  // rate ≤ 0, a burst of 0).
   keyed_limiter(executor_type ex, keyed_limiter_options options)
       : state_(std::make_shared<state>(std::move(ex), std::move(options))) {}
 
-  // Takes `n` units from `key`'s bucket if they are there now; never waits.
+  // Takes `n` units from `key`'s bucket if they are there now; never waits. With
+  // above_burst::refuse, a cost above the key's burst throws invalid_argument.
   bool try_acquire(std::string_view key, std::uint64_t n = 1) {
     return state_->try_acquire(key, n, detail::to_nanos(Clock::now()), true);
   }
@@ -267,7 +275,14 @@ class keyed_limiter {
     }
 
     detail::nanos increment(const detail::key_entry& e, std::uint64_t n) const {
-      return detail::cost_increment(n, shapes[e.shape].interval, options.name.c_str());
+      const auto& sh = shapes[e.shape];
+      if (sh.interval == 0) return 0;
+      if (options.above_burst == above_burst::refuse && n > sh.burst)
+        throw weir::exception(
+            error::invalid_argument,
+            fmt::format("{}: cost {} is above the key's burst {}, and above_burst is refuse",
+                        options.name, n, sh.burst));
+      return detail::cost_increment(n, sh.interval, options.name.c_str());
     }
 
     bool try_acquire(std::string_view key, std::uint64_t n, detail::nanos now, bool may_reread) {

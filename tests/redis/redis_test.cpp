@@ -917,3 +917,14 @@ TEST_CASE("a budget shared by two processes: reservations from both count, alert
     after.release();
   });
 }
+
+TEST_CASE("a shared limit of zero or weir::unlimited is invalid_argument naming its field",
+          "[issue35]") {
+  asio::io_context io;
+  weir::redis::client redis(io.get_executor(), {.port = WEIR_REDIS_PORT});
+  for (const auto r : {weir::per_second(0), weir::unlimited})
+    CHECK_THROWS_WITH(weir::redis::rate_limiter<>(
+                          io.get_executor(), redis,
+                          {.name = unique_name("unlimited"), .requests = weir::limit{r, 1}}),
+                      Catch::Contains("redis rate_limiter: requests.rate is"));
+}

@@ -189,3 +189,48 @@ TEST_CASE("four threads on shared keys admit exactly each key's burst", "[keyed]
   CHECK(admitted.load() == 500 * 10);
   CHECK(limits.size() == 500);
 }
+
+// Issue 35: the rules token_bucket has for a cost above the burst, no limit and a rate of zero.
+TEST_CASE("a keyed limiter with above_burst::refuse refuses a cost above the key's burst",
+          "[keyed][issue35]") {
+  asio::io_context io;
+  keyed refusing(io.get_executor(), {.limit = {.rate = weir::per_second(5), .burst = 3},
+                                     .above_burst = weir::above_burst::refuse});
+  CHECK_THROWS_WITH(refusing.try_acquire("a", 4),
+                    Catch::Contains("cost 4 is above the key's burst 3"));
+  acquisition a;
+  CHECK_THROWS_AS(refusing.async_acquire("a", 4, a.handler()), weir::exception);
+  CHECK(refusing.try_acquire("a", 3));  // nothing was taken
+  keyed indebted(io.get_executor(), {.limit = {.rate = weir::per_second(5), .burst = 3}});
+  CHECK(indebted.try_acquire("a", 4));  // the default: from a full bucket, into debt
+  CHECK(indebted.time_until("a") == 400ms);
+}
+
+TEST_CASE("a key whose limit is weir::unlimited is admitted at once, whatever the cost",
+          "[keyed][issue35]") {
+  asio::io_context io;
+  keyed limits(io.get_executor(), {.limit_of =
+                                       [](std::string_view key) {
+                                         return key == "internal"
+                                                    ? weir::key_limit{.rate = weir::unlimited}
+                                                    : weir::key_limit{.rate = weir::per_second(1)};
+                                       },
+                                   .above_burst = weir::above_burst::refuse});
+  for (int i = 0; i < 100; ++i) CHECK(limits.try_acquire("internal", 1000));
+  CHECK(limits.time_until("internal", 1'000'000) == 0ns);
+  acquisition a;
+  limits.async_acquire("internal", 5, a.handler());
+  run_ready(io);
+  REQUIRE(a.result);
+  CHECK_FALSE(*a.result);
+  CHECK(limits.try_acquire("customer"));
+  CHECK_FALSE(limits.try_acquire("customer"));
+}
+
+TEST_CASE("a keyed limiter's rate of zero is invalid_argument", "[keyed][issue35]") {
+  asio::io_context io;
+  CHECK_THROWS_AS(keyed(io.get_executor(), {.limit = {.rate = weir::per_second(0), .burst = 1}}),
+                  weir::exception);
+  keyed limits(io.get_executor(), {.limit_of = [](std::string_view) { return weir::key_limit{}; }});
+  CHECK_THROWS_AS(limits.try_acquire("a"), weir::exception);
+}

@@ -81,6 +81,18 @@ inline nanos cost_increment(std::uint64_t units, nanos interval, const char* dim
   return interval * static_cast<nanos>(units);
 }
 
+// The most a limiter may owe (~73 years of refill): re-pricing a debt at a slower rate saturates
+// here instead of overflowing.
+inline constexpr nanos max_owed = std::numeric_limits<nanos>::max() / 4;
+
+// `owed` nanoseconds of refill at `from` per unit, re-priced at `to` per unit: the same units
+// (rounded down, so whole units stay whole), at most max_owed.
+constexpr nanos reprice(nanos owed, nanos from, nanos to) noexcept {
+  __extension__ using wide = __int128;  // owed × to may pass 2^63
+  const wide v = static_cast<wide>(owed) * to / from;
+  return v > max_owed ? max_owed : static_cast<nanos>(v);
+}
+
 // The smallest TAT at which nothing can be admitted before `until`.
 constexpr nanos tat_paused_until(nanos until, nanos interval, nanos tolerance) noexcept {
   return until + tolerance - interval;

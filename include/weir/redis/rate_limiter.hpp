@@ -245,9 +245,11 @@ class rate_limiter {
       for (const auto& [field, l] :
            {std::pair{"requests", &options.requests}, std::pair{"tokens", &options.tokens}}) {
         if (!*l) continue;
-        if (!((*l)->rate.per_second > 0))
+        // As token_bucket: no rate of zero. And no weir::unlimited: leave the dimension out.
+        if (!((*l)->rate.per_second > 0) || !std::isfinite((*l)->rate.per_second))
           weir::detail::invalid_option(who, fmt::format("{}.rate", field), (*l)->rate.per_second,
-                                       "be positive (per second)");
+                                       "be positive and finite (per second); for no limit, "
+                                       "leave the dimension out");
         if ((*l)->burst == 0)
           weir::detail::invalid_option(who, fmt::format("{}.burst", field), (*l)->burst,
                                        "be at least 1");
