@@ -140,6 +140,12 @@ class exception : public boost::system::system_error {
     return x;
   }
   bool refused_locally() const noexcept { return local_; }
+  // This failure as a local refusal: e.g. a deadline that passed before the call was sent.
+  exception as_refusal() const {
+    exception x = *this;
+    x.local_ = true;
+    return x;
+  }
 
  private:
   std::optional<std::chrono::nanoseconds> retry_after_;
