@@ -38,7 +38,8 @@ struct streamed_transfer {
   std::deque<sse::event> ready;
   bool ended = false;
   std::exception_ptr failure;
-  asio::steady_timer wake;  // cancelled when there is something to read
+  asio::steady_timer wake;         // cancelled when there is something to read
+  asio::cancellation_signal stop;  // removes the transfer from the multi
 
   void feed(std::string_view bytes) {
     parser.feed(bytes);
@@ -73,6 +74,18 @@ struct streamed_transfer {
   }
 };
 
+// Held by the stream's pull: when the stream is gone (read to the end, or abandoned by its
+// reader), a transfer still running is cancelled, not left to run on with nobody reading.
+struct transfer_reader {
+  std::shared_ptr<streamed_transfer> t;
+  explicit transfer_reader(std::shared_ptr<streamed_transfer> from) : t(std::move(from)) {}
+  transfer_reader(const transfer_reader&) = delete;
+  transfer_reader& operator=(const transfer_reader&) = delete;
+  ~transfer_reader() {
+    if (!t->ended) t->stop.emit(asio::cancellation_type::terminal);
+  }
+};
+
 // Starts the transfer on `transfers` and returns its stream once the first event came. A status
 // other than 200 (a 429 with its Retry-After) fails it before then, judged by its headers.
 asio::awaitable<weir::stream<sse::event>> start_streamed(weir::curl::multi& transfers,
@@ -81,15 +94,18 @@ asio::awaitable<weir::stream<sse::event>> start_streamed(weir::curl::multi& tran
   // The executor first: g++ 12 destroys a temporary with a destructor (the handler below, which
   // holds `t`) twice when its full expression has a co_await in it.
   const auto ex = co_await asio::this_coro::executor;
-  asio::co_spawn(
-      ex, transfers.perform(t->request), [t](std::exception_ptr e, weir::curl::response r) {
-        if (!e && r.status != 200)
-          e = std::make_exception_ptr(
-              weir::http::status_error::from(static_cast<unsigned>(r.status), r.headers));
-        t->end(e);
-      });
-  auto first = weir::open_stream<sse::event>(
-      [t] { return t->next(); }, {.first_token = 5s, .idle = 2s, .tally = sse::openai_tally});
+  asio::co_spawn(ex, transfers.perform(t->request),
+                 asio::bind_cancellation_slot(
+                     t->stop.slot(), [t](std::exception_ptr e, weir::curl::response r) {
+                       if (!e && r.status != 200)
+                         e = std::make_exception_ptr(weir::http::status_error::from(
+                             static_cast<unsigned>(r.status), r.headers));
+                       t->end(e);
+                     }));
+  auto reader = std::make_shared<transfer_reader>(t);
+  auto first =
+      weir::open_stream<sse::event>([reader] { return reader->t->next(); },
+                                    {.first_token = 5s, .idle = 2s, .tally = sse::openai_tally});
   co_return co_await std::move(first);
 }
 

@@ -2,6 +2,8 @@
 // (short) time, as weir-demo runs it.
 #include "demo/workload.hpp"
 
+#include <weir/testing/hostile_server.hpp>
+
 #include <catch2/catch.hpp>
 
 #include <future>
@@ -402,4 +404,207 @@ TEST_CASE("the demo's fallback: a request the router gives up on gets the canned
   CHECK(report.failed == 0);
   for (const auto& [id, times] : report.endings) CHECK(times == 1);
   CHECK(servers.find("openai")->stats().status(503) > 0);
+}
+
+// ---- Issue 36: the Beast client against a hostile server on loopback ---------------------------
+
+namespace {
+namespace asio = boost::asio;
+using hostile = weir::testing::hostile_server;
+
+// Runs `body` (a coroutine using the client) to its end on a fresh io_context; what it threw is
+// rethrown.
+template <class Body>
+void client_run(Body body) {
+  asio::io_context io(1);
+  std::exception_ptr failed;
+  asio::co_spawn(io, body(io.get_executor()), [&](std::exception_ptr e) { failed = e; });
+  io.run();
+  if (failed) std::rethrow_exception(failed);
+}
+
+weir::error_code code_of_failure(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const boost::system::system_error& e) {
+    return e.code();
+  }
+  return {};
+}
+
+std::string ok(std::string_view body, std::string_view headers = "") {
+  return fmt::format("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{}\r\n{}", body.size(), headers,
+                     body);
+}
+}  // namespace
+
+TEST_CASE("the Beast client skips 1xx responses and reads the final one", "[http][issue36]") {
+  for (std::string_view interim :
+       {"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n"}) {
+    hostile server({std::string(interim) + ok("first"), ok("second")});
+    client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+      weir::http::client c(ex, weir::http::endpoint::parse(server.url()));
+      const auto a = co_await c.post("/", "{}", {}, std::chrono::seconds(5));
+      const auto b = co_await c.post("/", "{}", {}, std::chrono::seconds(5));
+      CHECK(a.result_int() == 200);
+      CHECK(a.body() == "first");
+      CHECK(b.body() == "second");  // not the first caller's answer
+    });
+  }
+}
+
+TEST_CASE("a connection with bytes past the response is not reused", "[http][issue36]") {
+  hostile server({ok("first") + ok("stale"), ok("fresh")});
+  client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+    weir::http::client c(ex, weir::http::endpoint::parse(server.url()));
+    // (co_await outside CHECK: g++ 12 evaluates it twice there.)
+    const auto a = co_await c.post("/", "{}", {}, std::chrono::seconds(5));
+    const auto b = co_await c.post("/", "{}", {}, std::chrono::seconds(5));
+    CHECK(a.body() == "first");
+    CHECK(b.body() == "fresh");
+  });
+  CHECK(server.connections() == 2);
+}
+
+TEST_CASE("a header value with CR LF is refused before anything is sent, naming the header only",
+          "[http][issue36]") {
+  hostile server({ok("x")});
+  const std::string key = "sk-secret\r\nX-Injected: 1";
+  try {
+    weir::http::chat_client c(asio::system_executor(), weir::http::dialect::openai,
+                              weir::http::endpoint::parse(server.url()), key);
+    FAIL("a key with CR LF was taken");
+  } catch (const weir::exception& e) {
+    CHECK(e.code() == weir::error::invalid_argument);
+    const std::string what = e.what();
+    CHECK(what.find("authorization") != std::string::npos);
+    CHECK(what.find("sk-secret") == std::string::npos);
+    CHECK(what.find("Injected") == std::string::npos);
+  }
+  for (const std::string& value :
+       {std::string("a\r\nb"), std::string("a\0b", 3), std::string("a\nb")}) {
+    const auto code = code_of_failure([&] {
+      client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+        weir::http::client c(ex, weir::http::endpoint::parse(server.url()));
+        weir::http::header_list headers{{"x-request-id", value}};
+        co_await c.post("/", "{}", headers, std::chrono::seconds(5));
+      });
+    });
+    CHECK(code == weir::error::invalid_argument);
+  }
+  CHECK(server.requests().empty());
+}
+
+TEST_CASE("the Host header keeps a non-default port", "[http][issue36]") {
+  hostile server({ok("x")});
+  client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+    weir::http::client c(ex, weir::http::endpoint::parse(server.url()));
+    co_await c.post("/", "{}", {}, std::chrono::seconds(5));
+  });
+  REQUIRE(server.requests().size() == 1);
+  CHECK(server.requests()[0].find(fmt::format("Host: 127.0.0.1:{}\r\n", server.port())) !=
+        std::string::npos);
+}
+
+TEST_CASE("the Beast client's limits: headers over 8 KB are read, past the limits are fatal",
+          "[http][issue36]") {
+  const std::string big_headers = fmt::format("X-Padding: {}\r\n", std::string(20'000, 'p'));
+  auto post_with = [&](weir::http::response_limits limits, std::string reply) {
+    hostile server({std::move(reply)});
+    std::optional<unsigned> status;
+    const auto code = code_of_failure([&] {
+      client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+        weir::http::client c(ex, weir::http::endpoint::parse(server.url()), nullptr, limits);
+        status = (co_await c.post("/", "{}", {}, std::chrono::seconds(5))).result_int();
+      });
+    });
+    return std::pair(status, code);
+  };
+  CHECK(post_with({}, ok("x", big_headers)).first == 200u);
+  CHECK(post_with({.max_header_bytes = 4096}, ok("x", big_headers)).second ==
+        weir::error::limit_exceeded);
+  // 1xx responses count toward it: an endless run of them ends.
+  std::string interims;
+  for (int i = 0; i < 200; ++i) interims += "HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n";
+  CHECK(post_with({.max_header_bytes = 4096}, interims + ok("x")).second ==
+        weir::error::limit_exceeded);
+  CHECK(post_with({.max_body_bytes = 1024}, ok(std::string(2048, 'b'))).second ==
+        weir::error::limit_exceeded);
+  const auto limited = weir::outcome<int>::from_exception(std::make_exception_ptr(
+      weir::exception(weir::error::limit_exceeded, "http::client: the response's body passed")));
+  CHECK(weir::default_classifier{}(limited).kind == weir::verdict::fatal);
+}
+
+TEST_CASE("an endless event-stream line ends in limit_exceeded, its memory bounded",
+          "[http][issue36]") {
+  const std::string head =
+      "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+  const std::string endless_line =
+      fmt::format("100000\r\ndata: {}\r\n", std::string(0x100000 - 6, 'x'));
+  hostile server({head + endless_line});
+  const auto code = code_of_failure([&] {
+    client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+      weir::http::chat_client c(ex, weir::http::dialect::openai,
+                                weir::http::endpoint::parse(server.url()), "k", nullptr,
+                                {.max_sse_line_bytes = 64 * 1024});
+      const weir::http::chat_request ask{.model = "m", .prompt = "p"};
+      auto events = co_await c.open_events(ask, std::chrono::seconds(5));
+      while (co_await events->next()) {
+      }
+    });
+  });
+  CHECK(code == weir::error::limit_exceeded);
+}
+
+TEST_CASE(
+    "a stream past max_transfer_time ends, and an error body that trickles ends by its "
+    "timeout",
+    "[http][issue36]") {
+  SECTION("a stream that never ends") {
+    std::string events =
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+    for (int i = 0; i < 3000; ++i) events += "f\r\ndata: {\"n\":1}\n\n\r\n";
+    hostile server({events}, {.trickle_bytes = 64, .pause = std::chrono::milliseconds(20)});
+    const auto started = std::chrono::steady_clock::now();
+    const auto code = code_of_failure([&] {
+      client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+        weir::http::chat_client c(ex, weir::http::dialect::openai,
+                                  weir::http::endpoint::parse(server.url()), "k", nullptr,
+                                  {.max_transfer_time = std::chrono::milliseconds(300)});
+        const weir::http::chat_request ask{.model = "m", .prompt = "p"};
+        auto source = co_await c.open_events(ask, std::chrono::seconds(5));
+        while (co_await source->next()) {
+        }
+      });
+    });
+    CHECK(code == weir::error::limit_exceeded);
+    CHECK(std::chrono::steady_clock::now() - started < std::chrono::seconds(5));  // 20 s in all
+  }
+  SECTION("a 429 whose body comes a byte at a time") {
+    const std::string reply = fmt::format(
+        "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Length: 200\r\n\r\n{}",
+        std::string(200, 'e'));
+    hostile server({reply}, {.trickle_bytes = 1,
+                             .at_once = reply.size() - 200,
+                             .pause = std::chrono::milliseconds(20)});
+    const auto started = std::chrono::steady_clock::now();
+    std::optional<unsigned> status;
+    std::optional<std::chrono::nanoseconds> retry_after;
+    client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+      weir::http::chat_client c(ex, weir::http::dialect::openai,
+                                weir::http::endpoint::parse(server.url()), "k");
+      const weir::http::chat_request ask{.model = "m", .prompt = "p"};
+      try {
+        co_await c.open_events(ask, std::chrono::milliseconds(500));
+      } catch (const weir::http::status_error& e) {
+        status = e.status();
+        retry_after = e.judged().hint.retry_after;
+      }
+    });
+    CHECK(status == 429u);  // judged by what came, the Retry-After kept
+    CHECK(retry_after == std::chrono::seconds(7));
+    // The body is cut at the timeout, 0.5 s (it would take 4 s).
+    CHECK(std::chrono::steady_clock::now() - started < std::chrono::milliseconds(2500));
+  }
 }

@@ -10,6 +10,10 @@
 //    refused, an option curl does not know).
 //  - `multi`: curl's multi-socket API driven by an Asio executor, so that many transfers share
 //    one thread: `co_await transfers.perform(easy)`; cancelling the await removes the transfer.
+//  - Against a hostile or broken server (http/limits.hpp): a header line with CR, LF or NUL is
+//    refused by add_header; the headers and a body kept whole are bounded, and a transfer ends
+//    by max_transfer_time (CURLOPT_TIMEOUT_MS, which a later set() may change); passing a limit
+//    is weir::exception(limit_exceeded), fatal.
 //
 // As curl asks, call curl_global_init(CURL_GLOBAL_DEFAULT) once, before any thread makes handles.
 //
@@ -20,6 +24,7 @@
 
 #include <weir/error.hpp>
 #include <weir/http/classify.hpp>
+#include <weir/http/limits.hpp>
 #include <weir/outcome.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
@@ -140,6 +145,7 @@ class easy {
  public:
   easy() : handle_(curl_easy_init()) {
     if (!handle_) throw boost::system::system_error(make_error_code(CURLE_OUT_OF_MEMORY));
+    limit(http::response_limits{});
   }
   explicit easy(const std::string& url) : easy() { set(CURLOPT_URL, url.c_str()); }
   ~easy() {
@@ -154,8 +160,25 @@ class easy {
     detail::check(curl_easy_setopt(handle_, option, value), "curl_easy_setopt");
     return *this;
   }
-  // Adds a request header ("Name: value"); the list lives as long as the handle.
+  // What a response may be (http/limits.hpp); the defaults until called. Sets CURLOPT_TIMEOUT_MS.
+  easy& limit(const http::response_limits& limits) {
+    limits_ = limits;
+    return set(CURLOPT_TIMEOUT_MS,
+               static_cast<long>(
+                   std::chrono::duration_cast<std::chrono::milliseconds>(limits.max_transfer_time)
+                       .count()));
+  }
+
+  // Adds a request header ("Name: value"; curl's "Name:" and "Name;" too); the list lives as
+  // long as the handle. Throws weir::exception(invalid_argument) for a line that would inject
+  // (CR, LF, NUL in the value, a name that is not a token), naming the header, never the value.
   easy& add_header(const std::string& line) {
+    const auto end = line.find_first_of(":;");
+    if (end == std::string::npos)
+      throw weir::exception(error::invalid_argument,
+                            "curl::easy: a header line needs a ':' after the name");
+    http::check_header("curl::easy", std::string_view(line).substr(0, end),
+                       std::string_view(line).substr(end + 1));
     auto* grown = curl_slist_append(list_, line.c_str());
     if (!grown) throw boost::system::system_error(make_error_code(CURLE_OUT_OF_MEMORY));
     list_ = grown;
@@ -180,14 +203,29 @@ class easy {
   // Points the handle's callbacks at a fresh response, for one transfer.
   response& prepare() {
     reply_ = response{};
-    set(CURLOPT_HEADERFUNCTION, &detail::collect_header);
-    set(CURLOPT_HEADERDATA, static_cast<void*>(&reply_));
+    header_bytes_ = 0;
+    passed_ = nullptr;
+    set(CURLOPT_HEADERFUNCTION, &easy::write_header);
+    set(CURLOPT_HEADERDATA, static_cast<void*>(this));
     set(CURLOPT_WRITEFUNCTION, &easy::write_body);
     set(CURLOPT_WRITEDATA, static_cast<void*>(this));
     return reply_;
   }
-  // After a transfer ended with `code`: the response, or the failure thrown.
+  // After a transfer ended with `code`: the response, or the failure thrown (limit_exceeded
+  // for a response past the limits).
   response finish(CURLcode code) {
+    if (passed_) {
+      const bool headers = passed_ == &http::response_limits::max_header_bytes;
+      http::detail::limit_passed(
+          "curl::easy", headers ? "the response's headers" : "the response's body",
+          fmt::format("{} ({})", headers ? "max_header_bytes" : "max_body_bytes",
+                      limits_.*passed_));
+    }
+    if (code == CURLE_OPERATION_TIMEDOUT && ran_for() >= limits_.max_transfer_time)
+      http::detail::limit_passed(
+          "curl::easy", "the transfer",
+          fmt::format("max_transfer_time ({})",
+                      std::chrono::duration<double>(limits_.max_transfer_time)));
     detail::check(code, "curl transfer");
     long status = 0;
     curl_easy_getinfo(handle_, CURLINFO_RESPONSE_CODE, &status);
@@ -196,12 +234,34 @@ class easy {
   }
 
  private:
+  // How long the last transfer took, by curl's count.
+  std::chrono::microseconds ran_for() const {
+    curl_off_t us = 0;
+    curl_easy_getinfo(handle_, CURLINFO_TOTAL_TIME_T, &us);
+    return std::chrono::microseconds(us);
+  }
+
+  // Returning less than it was given makes curl end the transfer (CURLE_WRITE_ERROR).
+  static std::size_t write_header(char* data, std::size_t size, std::size_t count, void* to) {
+    auto& self = *static_cast<easy*>(to);
+    self.header_bytes_ += size * count;  // every response's, interim 1xx and redirects included
+    if (self.header_bytes_ > self.limits_.max_header_bytes) {
+      self.passed_ = &http::response_limits::max_header_bytes;
+      return 0;
+    }
+    return detail::collect_header(data, size, count, &self.reply_);
+  }
   static std::size_t write_body(char* data, std::size_t size, std::size_t count, void* to) {
     auto& self = *static_cast<easy*>(to);
-    if (self.on_data_)
+    if (self.on_data_) {
       self.on_data_(std::string_view(data, size * count));
-    else
+    } else {
+      if (self.reply_.body.size() + size * count > self.limits_.max_body_bytes) {
+        self.passed_ = &http::response_limits::max_body_bytes;
+        return 0;
+      }
       self.reply_.body.append(data, size * count);
+    }
     return size * count;
   }
 
@@ -210,6 +270,9 @@ class easy {
   std::string body_;
   response reply_;
   std::function<void(std::string_view)> on_data_;
+  http::response_limits limits_;
+  std::size_t header_bytes_ = 0;
+  std::size_t http::response_limits::*passed_ = nullptr;  // the limit the transfer passed
 };
 
 // A blocking transfer, as most curl code makes one: run it on a thread pool, not on an

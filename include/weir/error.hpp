@@ -34,6 +34,8 @@ enum class error {
   over_budget,            // the call's estimated cost would pass a spend budget; see retry_after
   stream_broken,          // a stream failed after its first chunk: the caller has partial output,
                           // so it is not retried; the cause says why
+  limit_exceeded,         // a response passed a limit its client sets (headers, body, an SSE line
+                          // or event, transfer time): the same request would again, so it is fatal
 };
 
 }  // namespace weir
@@ -80,6 +82,7 @@ class error_category_impl final : public boost::system::error_category {
       case error::evicted: return "evicted from the queue by a request of higher priority";
       case error::over_budget: return "spend budget exceeded";
       case error::stream_broken: return "stream broke after its first chunk (not retried)";
+      case error::limit_exceeded: return "a response passed a limit the client sets";
     }
     return "unknown weir error";
   }
@@ -140,6 +143,12 @@ class exception : public boost::system::system_error {
     return x;
   }
   bool refused_locally() const noexcept { return local_; }
+  // This failure as a local refusal: e.g. a deadline that passed before the call was sent.
+  exception as_refusal() const {
+    exception x = *this;
+    x.local_ = true;
+    return x;
+  }
 
  private:
   std::optional<std::chrono::nanoseconds> retry_after_;

@@ -123,6 +123,17 @@ inline std::optional<rejection> rejection_of(const error_code& ec) {
   return std::nullopt;
 }
 
+// A failure as a local refusal, when it is a weir::exception (see exception::as_refusal).
+inline std::exception_ptr as_local_refusal(std::exception_ptr failure) {
+  try {
+    std::rethrow_exception(failure);
+  } catch (const weir::exception& x) {
+    return std::make_exception_ptr(x.as_refusal());
+  } catch (...) {
+    return failure;
+  }
+}
+
 template <class P, class = void>
 struct clock_of {
   using type = void;
@@ -273,10 +284,29 @@ struct driver {
     return bound_of<Begin>(s, slots, depth, std::make_index_sequence<End - Begin>{});
   }
 
+  // The call's own deadline (ctx.deadline) is a bound like a stage's, set by no stage.
+  static constexpr std::size_t caller = stage_count;
+
+  // The earliest deadline on what is inside the entered stages [Begin, depth): theirs, or the
+  // call's own.
+  template <std::size_t Begin, std::size_t End>
+  [[gnu::always_inline]] static std::optional<bound> limit_of(shared* s, const slots_type& slots,
+                                                              const stage_context<Clock>& env,
+                                                              std::size_t depth) {
+    std::optional<bound> earliest;
+    if constexpr (any_bounds<Begin, End>) earliest = bound_of<Begin, End>(s, slots, depth);
+    if (const auto& d = env.call.deadline; d && (!earliest || *d < earliest->at))
+      earliest = bound{*d, caller};
+    return earliest;
+  }
+
   // The error the stage that set `b` gives for its deadline passing.
   template <std::size_t Begin, std::size_t End>
   static std::exception_ptr deadline_passed(shared* s, slots_type& slots, stage_context<Clock>& env,
                                             const bound& b, std::exception_ptr cause) {
+    if (b.owner == caller)
+      return std::make_exception_ptr(
+          weir::exception(error::timeout, "the call's deadline passed", {}, cause, env.attempt));
     std::exception_ptr e;
     at<Begin, End>(s, slots, b.owner, [&](auto& stage, auto& slot, auto) {
       if constexpr (bounds_inside<std::decay_t<decltype(stage)>>)
@@ -358,9 +388,13 @@ struct driver {
   };
 
   // The stage at `depth` asked to wait: waits, bounded by the deadlines of the stages outside it.
+  // A deadline that passes during the wait throws its error (a local refusal: nothing was sent),
+  // except when the stage admitted the call at that very instant: then the error is returned, and
+  // the caller counts the stage entered before failing, so its exit gives back what it took.
   template <std::size_t Begin, std::size_t End>
-  static boost::asio::awaitable<void> wait_at(shared* s, slots_type& slots,
-                                              stage_context<Clock>& env, std::size_t depth) {
+  static boost::asio::awaitable<std::exception_ptr> wait_at(shared* s, slots_type& slots,
+                                                            stage_context<Clock>& env,
+                                                            std::size_t depth) {
     std::optional<boost::asio::awaitable<void>> wait;
     at<Begin, End>(s, slots, depth, [&](auto& stage, auto& slot, auto) {
       if constexpr (requires { stage.wait_enter(slot, env); })
@@ -369,18 +403,20 @@ struct driver {
         throw weir::exception(error::invalid_argument,
                               "pipeline: a stage without wait_enter declined to enter");
     });
-    if constexpr (any_bounds<Begin, End>) {
-      if (const auto b = bound_of<Begin, End>(s, slots, depth)) {
-        auto waiting = [&] { return std::move(*wait); };
-        auto bounded = co_await detail::run_until<Clock, void>(b->at, waiting);
-        if (bounded.deadline_passed)
-          std::rethrow_exception(
-              deadline_passed<Begin, End>(s, slots, env, *b, bounded.result.failure()));
-        std::move(bounded.result).get();
-        co_return;
+    if (const auto b = limit_of<Begin, End>(s, slots, env, depth)) {
+      auto waiting = [&] { return std::move(*wait); };
+      auto bounded = co_await detail::run_until<Clock, void>(b->at, waiting);
+      if (bounded.deadline_passed) {
+        auto failure = as_local_refusal(
+            deadline_passed<Begin, End>(s, slots, env, *b, bounded.result.failure()));
+        if (bounded.result.has_value()) co_return failure;
+        std::rethrow_exception(failure);
       }
+      std::move(bounded.result).get();
+      co_return nullptr;
     }
     co_await std::move(*wait);
+    co_return nullptr;
   }
 
   // What is inside the stages [Begin, End): the call, or the next decorator around the rest.
@@ -430,24 +466,29 @@ struct driver {
       result.reset();
       depth = next;
       time_point started{};
+      bool called = false;  // every stage admitted the call and it was made
       if constexpr (any_reads_clock<Begin, End>) env.now = Clock::now();
       try {
+        if (ctx.deadline && Clock::now() >= *ctx.deadline)
+          throw weir::exception::refusal(error::timeout, "the call's deadline has passed");
         while (enter<Begin, End>(s, slots, env, depth), depth != End) {
           // The slow path: wait for the queue or a limiter, then go on with the next stage.
           const auto waited_from = Clock::now();
-          co_await wait_at<Begin, End>(s, slots, env, depth);
+          if (auto admitted_too_late = co_await wait_at<Begin, End>(s, slots, env, depth)) {
+            ++depth;
+            std::rethrow_exception(admitted_too_late);
+          }
           if (watch)
             env.emit(throttled{ctx.operation, Clock::now() - waited_from,
                                name_at<Begin, End>(s, slots, depth)});
           ++depth;
         }
+        called = true;
         if (watch) {
           started = Clock::now();
           env.emit(attempt_started{ctx.operation, env.attempt});
         }
-        std::optional<bound> limit;
-        if constexpr (any_bounds<Begin, End>) limit = bound_of<Begin, End>(s, slots, End);
-        if (limit) {
+        if (const auto limit = limit_of<Begin, End>(s, slots, env, End)) {
           result.emplace(co_await run_bounded<T, Begin, End>(s, slots, env, *limit, op));
         } else if constexpr (std::is_void_v<T>) {
           co_await inside<T, End>(s, ctx, op, env.attempt);
@@ -469,7 +510,7 @@ struct driver {
         auto failure = std::current_exception();
         result.emplace(outcome<T>::from_exception(failure));
         if (watch) {
-          if (depth == End) {
+          if (called) {
             report(s, env, *result, started);
           } else if (auto ec = detail::weir_code(failure)) {
             // Refused on the way in. (The breaker reports its own refusals, with retry_after.)
@@ -496,11 +537,16 @@ struct driver {
       for (;;) {
         again = exit<Begin, End>(s, slots, env, result, depth);
         if (!again) break;
-        std::optional<bound> limit;
-        if constexpr (any_bounds<Begin, End>) limit = bound_of<Begin, End>(s, slots, depth);
+        const auto limit = limit_of<Begin, End>(s, slots, env, depth);
         // A deadline outside the stage that asked cuts its wait short; the deadline's error then
-        // leaves the stages outside.
+        // leaves the stages outside. Nothing can be sent past the call's own deadline, so a wait
+        // that reaches it is not waited at all.
         const bool cut = limit && Clock::now() + *again >= limit->at;
+        if (cut && limit->owner == caller) {
+          result.emplace(outcome<T>::from_exception(
+              deadline_passed<Begin, End>(s, slots, env, *limit, result->failure())));
+          continue;
+        }
         boost::asio::basic_waitable_timer<Clock> backoff(co_await boost::asio::this_coro::executor);
         if (cut)
           backoff.expires_at(limit->at);

@@ -62,6 +62,14 @@ namespace weir {
 // order.
 enum class priority { interactive = 0, normal = 1, batch = 2 };
 
+namespace detail {
+// a + b, or the largest count when that would wrap: two huge estimates must not add up to a
+// small one that passes a limit.
+constexpr std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
+  return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+}  // namespace detail
+
 // What one call costs (or, after settle, cost) on each dimension.
 struct usage {
   std::uint64_t requests = 1;
@@ -92,8 +100,13 @@ struct basic_call_context {
   std::optional<std::uint64_t> actual_input_tokens{};
   std::optional<std::uint64_t> actual_output_tokens{};
   weir::priority priority = weir::priority::normal;  // for request_queue
-  // A limiter wait that would end past it fails at once with rate_limited; a queue wait still
-  // going on when it passes fails with timeout. Both are local refusals: nothing was sent.
+  // The call's deadline, kept by every stage and the router: nothing is sent after it and the
+  // call ends by it. A call whose deadline has passed is refused (timeout) before any stage is
+  // entered. A limiter wait that would end past it fails at once with rate_limited; a queue wait
+  // (or any stage's) still going on when it passes fails with timeout: local refusals, nothing
+  // was sent. A retry's backoff that would reach it is not waited: the call fails with timeout,
+  // the last failure its cause. The call itself, hedges included, is cancelled when it passes
+  // and fails with timeout.
   std::optional<typename Clock::time_point> deadline{};
   std::string_view operation{};  // named in events; never a request body or a key
   // Whose call this is (a tenant, user or API key's name): the key of keyed limits and budgets,
@@ -103,7 +116,7 @@ struct basic_call_context {
   // What the call costs the limiters: the estimate.
   usage estimated_usage() const {
     return {.requests = 1,
-            .tokens = tokens ? tokens : input_tokens + output_tokens,
+            .tokens = tokens ? tokens : detail::saturating_add(input_tokens, output_tokens),
             .input_tokens = input_tokens,
             .output_tokens = output_tokens};
   }
@@ -115,7 +128,7 @@ struct basic_call_context {
     if (actual_tokens)
       u.tokens = *actual_tokens;
     else if (actual_input_tokens || actual_output_tokens)
-      u.tokens = u.input_tokens + u.output_tokens;
+      u.tokens = detail::saturating_add(u.input_tokens, u.output_tokens);
     return u;
   }
 };
@@ -149,7 +162,7 @@ struct stream_tally {
                           : call.tokens - std::min(call.tokens, call.output_tokens);
     call.actual_input_tokens = reported_input_tokens.value_or(estimated_input);
     call.actual_output_tokens = *output;
-    call.actual_tokens = *call.actual_input_tokens + *output;
+    call.actual_tokens = detail::saturating_add(*call.actual_input_tokens, *output);
   }
 };
 

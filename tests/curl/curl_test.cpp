@@ -1,6 +1,7 @@
 // Specifications of weir/curl.hpp: curl's results judged, and its multi-socket API on Asio
 // against weir's mock provider on loopback (real sockets, short real time).
 #include <weir/curl.hpp>
+#include <weir/testing/hostile_server.hpp>
 #include <weir/testing/mock_provider.hpp>
 
 #include <boost/asio.hpp>
@@ -157,4 +158,73 @@ TEST_CASE("a transfer to a closed port fails with curl's code, judged retryable"
   REQUIRE(ended);
   CHECK_FALSE(ended->has_value());
   CHECK(weir::curl::response_classifier{}(*ended).kind == weir::verdict::retryable);
+}
+
+// ---- Issue 36: curl against a hostile server
+// -----------------------------------------------------
+
+namespace {
+// The error a blocking transfer of `request` ends with (empty for a response).
+weir::error_code failure_of(weir::curl::easy& request) {
+  try {
+    weir::curl::perform(request);
+  } catch (const boost::system::system_error& e) {
+    return e.code();
+  }
+  return {};
+}
+
+std::string ok_with(std::string_view body, std::string_view headers = "") {
+  return "HTTP/1.1 200 OK\r\nContent-Length: " + std::to_string(body.size()) + "\r\n" +
+         std::string(headers) + "\r\n" + std::string(body);
+}
+}  // namespace
+
+TEST_CASE("curl: a header line with CR LF or NUL is refused, naming the header only", "[curl]") {
+  weir::curl::easy request;
+  for (const std::string& line :
+       {std::string("Authorization: Bearer sk-secret\r\nX-Injected: 1"), std::string("X-Id: a\nb"),
+        std::string("X-Id: a\0b", 9), std::string("Bad Name: v"), std::string("no colon")}) {
+    try {
+      request.add_header(line);
+      FAIL("taken: a header that could inject");
+    } catch (const weir::exception& e) {
+      CHECK(e.code() == weir::error::invalid_argument);
+      CHECK(std::string(e.what()).find("sk-secret") == std::string::npos);
+    }
+  }
+  CHECK_NOTHROW(request.add_header("X-Id: 42"));
+  CHECK_NOTHROW(request.add_header("Expect:"));  // curl's way to drop a header
+}
+
+TEST_CASE("curl: headers, a whole body and the transfer time are bounded, fatally", "[curl]") {
+  const std::string big_headers = "X-Padding: " + std::string(20'000, 'p') + "\r\n";
+  SECTION("headers") {
+    weir::testing::hostile_server server({ok_with("x", big_headers)});
+    weir::curl::easy request(server.url());
+    request.limit({.max_header_bytes = 4096});
+    CHECK(failure_of(request) == weir::error::limit_exceeded);
+  }
+  SECTION("a body kept whole") {
+    weir::testing::hostile_server server({ok_with(std::string(4096, 'b')), ok_with("small")});
+    weir::curl::easy request(server.url());
+    request.limit({.max_body_bytes = 1024});
+    CHECK(failure_of(request) == weir::error::limit_exceeded);
+    CHECK(weir::curl::perform(request).body == "small");
+  }
+  SECTION("a transfer that never ends") {
+    weir::testing::hostile_server server(
+        {"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + std::string(100'000, 'b')},
+        {.trickle_bytes = 10, .pause = std::chrono::milliseconds(20)});
+    weir::curl::easy request(server.url());
+    request.limit({.max_transfer_time = std::chrono::milliseconds(300)});
+    const auto started = std::chrono::steady_clock::now();
+    const auto code = failure_of(request);
+    CHECK(code == weir::error::limit_exceeded);
+    CHECK(std::chrono::steady_clock::now() - started < std::chrono::seconds(5));  // 200 s in all
+    const auto judged = weir::curl::response_classifier{}(
+        weir::outcome<weir::curl::response>::from_exception(std::make_exception_ptr(
+            weir::exception(weir::error::limit_exceeded, "curl::easy: the transfer passed"))));
+    CHECK(judged.kind == weir::verdict::fatal);
+  }
 }

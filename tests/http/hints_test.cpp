@@ -208,3 +208,23 @@ TEST_CASE("x-should-retry parses true and false in any case", "[http][hints]") {
   CHECK(weir::http::parse_should_retry(" FALSE ") == false);
   CHECK(weir::http::parse_should_retry("yes") == std::nullopt);
 }
+
+TEST_CASE("long RateLimit and RateLimit-Policy lists match each item to its policy by name",
+          "[http][hints][issue36]") {
+  // 20 000 items on each field, the policies in the reverse order: each RateLimit item finds
+  // its own policy (pairwise, 2·10⁸ name comparisons; by name, n log n). The tightest is p0.
+  std::string policies, current;
+  const int n = 20'000;
+  for (int i = n - 1; i >= 0; --i)
+    policies += fmt::format("{}\"p{}\";q={};w=60", i == n - 1 ? "" : ", ", i, 100 + i);
+  for (int i = 0; i < n; ++i)
+    current += fmt::format("{}\"p{}\";r={};t=30", i == 0 ? "" : ", ", i, 50 + i);
+  const auto h = hints({{"RateLimit-Policy", policies}, {"RateLimit", current}});
+  CHECK(h.requests.limit == 100);
+  CHECK(h.requests.remaining == 50);
+  CHECK(h.requests.window == ns(60s));
+  // The first of two policies with one name is the one taken.
+  const auto twice =
+      hints({{"RateLimit-Policy", R"("a";q=5;w=1, "a";q=500;w=1)"}, {"RateLimit", R"("a";r=1)"}});
+  CHECK(twice.requests.limit == 5);
+}

@@ -19,3 +19,69 @@ TEST_CASE("the usage a response body reports, in OpenAI's and Anthropic's forms"
   CHECK_FALSE(reported_usage(R"({"usage": {"prompt_tokens": "many"}})"));
   CHECK_FALSE(reported_usage(""));
 }
+
+TEST_CASE("an absurd reported usage is clamped, and estimates that would wrap saturate",
+          "[http][usage][issue36]") {
+  const auto used = weir::http::reported_usage(
+      R"({"usage":{"prompt_tokens":1000000000000,"completion_tokens":5}})");
+  REQUIRE(used);
+  CHECK(used->input_tokens == weir::http::max_reported_tokens);
+  CHECK(used->output_tokens == 5);
+
+  weir::call_context huge{.input_tokens = 1ull << 63, .output_tokens = 1ull << 63};
+  CHECK(huge.estimated_usage().tokens == UINT64_MAX);  // not 0, which would pass any limit
+  huge.actual_input_tokens = UINT64_MAX;
+  huge.actual_output_tokens = 2;
+  CHECK(huge.actual_usage(huge.estimated_usage()).tokens == UINT64_MAX);
+}
+
+TEST_CASE("the SSE parser's line and event are bounded: past them, limit_exceeded",
+          "[http][sse][issue36]") {
+  auto code_of = [](auto f) {
+    try {
+      f();
+    } catch (const weir::exception& e) {
+      return e.code();
+    }
+    return weir::error_code{};
+  };
+  const weir::http::response_limits limits{.max_sse_line_bytes = 1024, .max_sse_event_bytes = 4096};
+  SECTION("one endless line, fed in pieces") {
+    weir::http::sse::parser p(limits);
+    CHECK(code_of([&] {
+            for (int i = 0; i < 1000; ++i) p.feed(std::string(100, 'x'));
+          }) == weir::error::limit_exceeded);
+  }
+  SECTION("an event of many short data lines") {
+    weir::http::sse::parser p(limits);
+    CHECK(code_of([&] {
+            for (int i = 0; i < 1000; ++i) p.feed("data: " + std::string(100, 'x') + "\n");
+          }) == weir::error::limit_exceeded);
+  }
+  SECTION("within the limits, events pass as before") {
+    weir::http::sse::parser p(limits);
+    p.feed("data: " + std::string(1000, 'x') + "\n\n");
+    const auto e = p.next();
+    REQUIRE(e);
+    CHECK(e->data.size() == 1000);
+  }
+}
+
+TEST_CASE("header values are checked at the boundary: control characters refused, by name",
+          "[http][issue36]") {
+  using weir::http::check_header;
+  CHECK_NOTHROW(check_header("t", "authorization", "Bearer sk-1\tok é"));
+  for (const std::string& bad : {std::string("k\r\nX-Evil: 1"), std::string("k\n"),
+                                 std::string("k\r"), std::string("k\0", 2), std::string("k\x7f")}) {
+    try {
+      check_header("t", "x-api-key", bad);
+      FAIL("taken");
+    } catch (const weir::exception& e) {
+      CHECK(e.code() == weir::error::invalid_argument);
+      CHECK(std::string(e.what()).find("x-api-key") != std::string::npos);
+      CHECK(std::string(e.what()).find("Evil") == std::string::npos);
+    }
+  }
+  CHECK_THROWS_AS(check_header("t", "x api key", "v"), weir::exception);
+  CHECK_THROWS_AS(check_header("t", "", "v"), weir::exception);
+}

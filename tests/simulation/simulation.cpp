@@ -380,7 +380,13 @@ class scenario {
     // Starts a call through the layers and the pipeline.
     auto start = [&](call_record& c) {
       std::function<asio::awaitable<int>()> inner = [&, pl = &pipeline] {
-        return (**pl)(c.ctx, [&] { return attempt(rng); });
+        return (**pl)(c.ctx, [&] {
+          // The caller's deadline: nothing is sent at or after it, whatever is around the call.
+          if (c.ctx.deadline && sim_clock::now() >= *c.ctx.deadline)
+            fail("an attempt was sent {} ns after its call's deadline",
+                 (sim_clock::now() - *c.ctx.deadline).count());
+          return attempt(rng);
+        });
       };
       for (auto it = layers.rbegin(); it != layers.rend(); ++it) {
         switch (*it) {
@@ -431,9 +437,13 @@ class scenario {
     }
     run_ready(io);
 
+    // An outer retry (standalone, it knows no deadline) may call the pipeline again after it.
+    const bool retried_outside = std::find(layers.begin(), layers.end(), 1) != layers.end();
     for (std::size_t i = 0; i < calls.size(); ++i) {
       const auto& c = calls[i];
       if (c.completions != 1) fail("call {} ended {} times", i, c.completions);
+      if (c.ctx.deadline && !retried_outside && c.ended > *c.ctx.deadline)
+        fail("call {} ended {} ns after its deadline", i, (c.ended - *c.ctx.deadline).count());
       t.endings.push_back(fmt::format("{} at +{}", c.result, (c.ended - t0).count()));
       if (verbose_)
         fmt::print("  call {:>2}: arrives +{} s{}{} -> {} at +{:.3f} s\n", i,

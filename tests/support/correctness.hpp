@@ -3,6 +3,7 @@
 #pragma once
 
 #include <weir/circuit_breaker.hpp>
+#include <weir/hedging.hpp>
 #include <weir/pipeline.hpp>
 #include <weir/rate_limits.hpp>
 #include <weir/request_queue.hpp>

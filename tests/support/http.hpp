@@ -6,7 +6,9 @@
 #include <weir/http/beast.hpp>
 #include <weir/http/classify.hpp>
 #include <weir/http/hints.hpp>
+#include <weir/http/limits.hpp>
 #include <weir/http/parse.hpp>
+#include <weir/http/sse.hpp>
 #include <weir/http/usage.hpp>
 #include <weir/pipeline.hpp>
 #include <weir/retry.hpp>

@@ -46,12 +46,14 @@ class limiter_stage {
 
   struct slot {
     usage taken{};
+    unsigned attempt = 0;  // the attempt that took it
   };
   static constexpr bool values_succeed = true;
   static constexpr bool reads_clock = true;
 
   bool try_enter(slot& s, stage_context<clock_type>& context) {
     s.taken = context.call.estimated_usage();
+    s.attempt = context.attempt;
     if constexpr (requires(const cost_type& c) {
                     { limiter_.try_acquire(c, context.now) } -> std::same_as<bool>;
                   })
@@ -71,11 +73,15 @@ class limiter_stage {
     if (ec) throw_refusal(ec, std::string(name()).c_str());  // e.g. a shared limiter unreachable
   }
 
-  // The estimate is settled against what the call says it used, when it says so.
+  // The estimate is settled against what the call says it used, when it says so. A call that was
+  // never sent (refused by a stage inside this one, or its deadline passed as it was admitted,
+  // with no retry inside having sent an earlier attempt) is given its whole estimate back.
   template <class Outcome>
-  stage_action exit(slot& s, stage_context<clock_type>& context, const Outcome&) {
+  stage_action exit(slot& s, stage_context<clock_type>& context, const Outcome& result) {
     if constexpr (settles || settles_async) {
-      const auto used = context.call.actual_usage(s.taken);
+      const bool never_sent = context.attempt == s.attempt && result.refused_locally();
+      const auto used =
+          never_sent ? usage{.requests = 0, .tokens = 0} : context.call.actual_usage(s.taken);
       if (used == s.taken) return {};
       if constexpr (settles)
         limiter_.settle(Limiter::cost_of(s.taken), Limiter::cost_of(used));

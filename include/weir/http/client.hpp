@@ -12,10 +12,15 @@
 //     auto used = weir::http::reported_usage(res.body());
 //
 // Link the target weir::http_client (weir::weir plus OpenSSL). The API key is sent as a header
-// and appears in no error message; the client logs nothing.
+// and appears in no error message; the client logs nothing. Against a hostile or broken server
+// (limits.hpp): a header value with CR, LF or NUL is refused before anything is sent; interim 1xx
+// responses are skipped and the final one read; a connection goes back to the pool only with
+// nothing unread on it; headers, whole bodies, event-stream lines and events and the transfer
+// time are bounded by response_limits, and passing one is limit_exceeded (fatal).
 #pragma once
 
 #include <weir/http/classify.hpp>
+#include <weir/http/limits.hpp>
 #include <weir/http/sse.hpp>
 #include <weir/http/usage.hpp>
 #include <weir/stream.hpp>
@@ -29,6 +34,8 @@
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http/buffer_body.hpp>
+#include <boost/beast/http/empty_body.hpp>
+#include <boost/beast/http/error.hpp>
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/read.hpp>
@@ -36,7 +43,9 @@
 #include <boost/beast/http/write.hpp>
 #include <boost/beast/ssl/ssl_stream.hpp>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <memory>
 #include <mutex>
@@ -74,6 +83,9 @@ struct endpoint {
     }
     const auto slash = text.find('/');
     const auto authority = text.substr(0, slash);
+    for (const char c : text)
+      if (static_cast<unsigned char>(c) <= 0x20 || c == 0x7f)
+        throw std::invalid_argument("endpoint: the URL holds a space or a control character");
     if (slash != std::string_view::npos) e.path = std::string(text.substr(slash));
     while (e.path.ends_with('/')) e.path.pop_back();
     const auto colon = authority.rfind(':');
@@ -95,6 +107,59 @@ struct connection {
   std::variant<plain_stream, tls_stream> stream;
   boost::beast::flat_buffer buffer;
 };
+
+using header_parser = boost::beast::http::response_parser<boost::beast::http::empty_body>;
+
+// Reads the final response's status line and headers into `header`, skipping interim 1xx
+// responses (103 Early Hints, 100 Continue; not 101, which ends the exchange): each one's bytes
+// count toward max_header_bytes, so an endless run of them ends too.
+template <class Stream>
+boost::asio::awaitable<void> read_final_header(Stream& s, boost::beast::flat_buffer& buffer,
+                                               std::optional<header_parser>& header,
+                                               const response_limits& limits) {
+  namespace beast_http = boost::beast::http;
+  std::size_t read = 0;
+  for (;;) {
+    header.emplace();
+    header->header_limit(static_cast<std::uint32_t>(
+        std::min<std::size_t>(limits.max_header_bytes - read, UINT32_MAX)));
+    auto [ec, n] = co_await beast_http::async_read_header(
+        s, buffer, *header, boost::asio::as_tuple(boost::asio::use_awaitable));
+    if (ec == beast_http::error::header_limit)
+      limit_passed("http::client", "the response's headers",
+                   fmt::format("max_header_bytes ({})", limits.max_header_bytes));
+    if (ec) throw boost::system::system_error(ec);
+    read += n;
+    const unsigned status = header->get().result_int();
+    if (status / 100 != 1 || status == 101) co_return;
+    if (read >= limits.max_header_bytes)
+      limit_passed("http::client", "the interim responses' headers",
+                   fmt::format("max_header_bytes ({})", limits.max_header_bytes));
+  }
+}
+
+// Reads the final response whole, within the limits.
+template <class Stream>
+boost::asio::awaitable<response> read_response(Stream& s, boost::beast::flat_buffer& buffer,
+                                               const response_limits& limits) {
+  namespace beast_http = boost::beast::http;
+  std::optional<header_parser> header;
+  co_await read_final_header(s, buffer, header, limits);
+  beast_http::response_parser<beast_http::string_body> whole(std::move(*header));
+  whole.body_limit(limits.max_body_bytes);  // for chunked bodies and bodies to the end
+  const auto passed = [&] {
+    limit_passed("http::client", "the response's body",
+                 fmt::format("max_body_bytes ({})", limits.max_body_bytes));
+  };
+  // A declared length was judged against the header parser's limit, not this one.
+  if (const auto length = whole.content_length(); length && *length > limits.max_body_bytes)
+    passed();
+  auto [ec, n] = co_await beast_http::async_read(s, buffer, whole,
+                                                 boost::asio::as_tuple(boost::asio::use_awaitable));
+  if (ec == beast_http::error::body_limit) passed();
+  if (ec) throw boost::system::system_error(ec);
+  co_return whole.release();
+}
 }  // namespace detail
 
 // A response whose body is still arriving: its status and headers, and the body piece by piece.
@@ -105,13 +170,55 @@ class body_stream {
   const boost::beast::http::fields& headers() const noexcept { return parser_.get().base(); }
 
   // The next piece of the body as it arrives; nullopt once it has all come. Each read may take
-  // up to `timeout` (a backstop: weir::stream's idle timeout is the one to set). Cancellable.
+  // up to `timeout` (a backstop: weir::stream's idle timeout is the one to set), and none goes
+  // past the transfer's max_transfer_time (then limit_exceeded). Cancellable.
   boost::asio::awaitable<std::optional<std::string>> read_some() {
+    return read_some_until(std::chrono::steady_clock::time_point::max());
+  }
+
+  // Reads the rest of the body whole (for an error status: what the server said), at most
+  // `at_most` bytes and for at most `timeout` in all: a body that trickles in ends there, with
+  // what came.
+  boost::asio::awaitable<std::string> read_all(std::size_t at_most = 64 * 1024) {
+    const auto until = std::chrono::steady_clock::now() + timeout_;
+    std::string all;
+    try {
+      while (all.size() < at_most)
+        if (auto piece = co_await read_some_until(until))
+          all += *piece;
+        else
+          break;
+    } catch (const boost::system::system_error& e) {
+      if (e.code() != boost::beast::error::timeout) throw;
+    }
+    all.resize(std::min(all.size(), at_most));
+    co_return all;
+  }
+
+ private:
+  friend class client;
+  using clock = std::chrono::steady_clock;
+
+  body_stream(std::unique_ptr<detail::connection> c, clock::duration timeout,
+              clock::time_point transfer_ends, std::chrono::nanoseconds max_transfer_time,
+              detail::header_parser&& header)
+      : connection_(std::move(c)),
+        timeout_(timeout),
+        transfer_ends_(transfer_ends),
+        max_transfer_time_(max_transfer_time),
+        parser_(std::move(header)) {
+    parser_.body_limit(boost::none);  // the SSE parser bounds what it keeps
+  }
+
+  boost::asio::awaitable<std::optional<std::string>> read_some_until(clock::time_point until) {
     namespace beast_http = boost::beast::http;
     while (!parser_.is_done()) {
       parser_.get().body().data = piece_;
       parser_.get().body().size = sizeof piece_;
-      std::visit([&](auto& s) { boost::beast::get_lowest_layer(s).expires_after(timeout_); },
+      const auto now = clock::now();
+      if (now >= transfer_ends_) transfer_too_long();
+      const auto expires = std::min({now + timeout_, until, transfer_ends_});
+      std::visit([&](auto& s) { boost::beast::get_lowest_layer(s).expires_at(expires); },
                  connection_->stream);
       auto [ec, n] = co_await std::visit(
           [&](auto& s) {
@@ -119,6 +226,7 @@ class body_stream {
                                                boost::asio::as_tuple(boost::asio::use_awaitable));
           },
           connection_->stream);
+      if (ec == boost::beast::error::timeout && clock::now() >= transfer_ends_) transfer_too_long();
       if (ec && ec != beast_http::error::need_buffer) throw boost::system::system_error(ec);
       const std::size_t got = sizeof piece_ - parser_.get().body().size;
       if (got > 0) co_return std::string(piece_, got);
@@ -126,26 +234,16 @@ class body_stream {
     co_return std::nullopt;
   }
 
-  // Reads the rest of the body whole (for an error status: what the server said).
-  boost::asio::awaitable<std::string> read_all(std::size_t at_most = 64 * 1024) {
-    std::string all;
-    while (all.size() < at_most)
-      if (auto piece = co_await read_some())
-        all += *piece;
-      else
-        break;
-    co_return all;
-  }
-
- private:
-  friend class client;
-  body_stream(std::unique_ptr<detail::connection> c, std::chrono::steady_clock::duration timeout)
-      : connection_(std::move(c)), timeout_(timeout) {
-    parser_.body_limit(boost::none);
+  [[noreturn]] void transfer_too_long() const {
+    detail::limit_passed(
+        "http::client", "the transfer",
+        fmt::format("max_transfer_time ({})", std::chrono::duration<double>(max_transfer_time_)));
   }
 
   std::unique_ptr<detail::connection> connection_;
-  std::chrono::steady_clock::duration timeout_;
+  clock::duration timeout_;
+  clock::time_point transfer_ends_;
+  std::chrono::nanoseconds max_transfer_time_;
   boost::beast::http::response_parser<boost::beast::http::buffer_body> parser_;
   char piece_[4096];
 };
@@ -154,32 +252,42 @@ class body_stream {
 class client {
  public:
   // `tls` is needed only for an https endpoint; it must outlive the client.
-  client(boost::asio::any_io_executor ex, endpoint where, boost::asio::ssl::context* tls = nullptr)
-      : executor_(std::move(ex)), where_(std::move(where)), tls_(tls) {
+  client(boost::asio::any_io_executor ex, endpoint where, boost::asio::ssl::context* tls = nullptr,
+         response_limits limits = {})
+      : executor_(std::move(ex)), where_(std::move(where)), tls_(tls), limits_(limits) {
     if (where_.tls && !tls_)
       throw std::invalid_argument("http::client: an https endpoint needs a TLS context");
   }
 
   const endpoint& where() const noexcept { return where_; }
+  const response_limits& limits() const noexcept { return limits_; }
 
   // POSTs `body` (JSON) to the endpoint's path + `target` and returns the response, whatever its
   // status. Throws boost::system::system_error on a connection failure, or
-  // beast::error::timeout when `timeout` passes during the exchange.
+  // beast::error::timeout when `timeout` passes during the exchange; weir::exception
+  // (invalid_argument) for a header that could inject, before sending; (limit_exceeded) for a
+  // response past the limits.
   // Every argument is taken by value: the coroutine outlives the caller's expressions.
   boost::asio::awaitable<response> post(std::string target, std::string body, header_list headers,
                                         std::chrono::steady_clock::duration timeout) {
     auto req = request(std::move(target), std::move(body), headers);
+    const auto within = std::min<std::chrono::steady_clock::duration>(
+        timeout,
+        std::chrono::duration_cast<std::chrono::steady_clock::duration>(limits_.max_transfer_time));
 
     auto conn = take();
-    if (!conn) conn = co_await open(timeout);
-    std::visit([&](auto& s) { boost::beast::get_lowest_layer(s).expires_after(timeout); },
+    if (!conn) conn = co_await open(within);
+    std::visit([&](auto& s) { boost::beast::get_lowest_layer(s).expires_after(within); },
                conn->stream);
     response res;
     if (auto* plain = std::get_if<plain_stream>(&conn->stream))
-      co_await exchange(*plain, req, conn->buffer, res);
+      res = co_await exchange(*plain, req, conn->buffer);
     else
-      co_await exchange(std::get<tls_stream>(conn->stream), req, conn->buffer, res);
-    if (res.keep_alive()) give_back(std::move(conn));
+      res = co_await exchange(std::get<tls_stream>(conn->stream), req, conn->buffer);
+    // Bytes past the response (a server that sent more than it said) would be the next
+    // caller's answer: such a connection is not reused.
+    if (res.keep_alive() && conn->buffer.size() == 0 && res.result_int() != 101)
+      give_back(std::move(conn));
     co_return res;
   }
 
@@ -192,17 +300,24 @@ class client {
     namespace beast_http = boost::beast::http;
     auto req = request(std::move(target), std::move(body), headers);
     req.set(beast_http::field::accept, "text/event-stream");
+    using clock = std::chrono::steady_clock;
+    const auto now = clock::now();
+    // No later than the end of time: max_transfer_time may be set to "none" (its max()).
+    const auto transfer_ends =
+        limits_.max_transfer_time >= clock::time_point::max() - now
+            ? clock::time_point::max()
+            : now + std::chrono::duration_cast<clock::duration>(limits_.max_transfer_time);
     auto conn = take();
     if (!conn) conn = co_await open(timeout);
-    std::shared_ptr<body_stream> out(new body_stream(std::move(conn), timeout));
-    auto& c = *out->connection_;
     std::visit([&](auto& s) { boost::beast::get_lowest_layer(s).expires_after(timeout); },
-               c.stream);
-    if (auto* plain = std::get_if<plain_stream>(&c.stream))
-      co_await send_for_headers(*plain, req, c.buffer, out->parser_);
+               conn->stream);
+    std::optional<detail::header_parser> header;
+    if (auto* plain = std::get_if<plain_stream>(&conn->stream))
+      co_await send_for_headers(*plain, req, conn->buffer, header);
     else
-      co_await send_for_headers(std::get<tls_stream>(c.stream), req, c.buffer, out->parser_);
-    co_return out;
+      co_await send_for_headers(std::get<tls_stream>(conn->stream), req, conn->buffer, header);
+    co_return std::shared_ptr<body_stream>(new body_stream(
+        std::move(conn), timeout, transfer_ends, limits_.max_transfer_time, std::move(*header)));
   }
 
  private:
@@ -212,10 +327,14 @@ class client {
     namespace beast_http = boost::beast::http;
     beast_http::request<beast_http::string_body> req{beast_http::verb::post, where_.path + target,
                                                      11};
-    req.set(beast_http::field::host, where_.host);
+    const bool default_port = where_.port == (where_.tls ? "443" : "80");
+    req.set(beast_http::field::host, default_port ? where_.host : where_.host + ":" + where_.port);
     req.set(beast_http::field::user_agent, "weir");
     req.set(beast_http::field::content_type, "application/json");
-    for (const auto& [name, value] : headers) req.set(name, value);
+    for (const auto& [name, value] : headers) {
+      check_header("http::client", name, value);
+      req.set(name, value);
+    }
     req.body() = std::move(body);
     req.keep_alive(true);
     req.prepare_payload();
@@ -226,19 +345,20 @@ class client {
   using tls_stream = detail::tls_stream;
   using connection = detail::connection;
 
+  // Sends `req` and reads the final response whole, within the limits.
   template <class Stream, class Request>
-  static boost::asio::awaitable<void> exchange(Stream& s, const Request& req,
-                                               boost::beast::flat_buffer& buffer, response& res) {
+  boost::asio::awaitable<response> exchange(Stream& s, const Request& req,
+                                            boost::beast::flat_buffer& buffer) const {
     co_await boost::beast::http::async_write(s, req, boost::asio::use_awaitable);
-    co_await boost::beast::http::async_read(s, buffer, res, boost::asio::use_awaitable);
+    co_return co_await detail::read_response(s, buffer, limits_);
   }
 
-  template <class Stream, class Request, class Parser>
-  static boost::asio::awaitable<void> send_for_headers(Stream& s, const Request& req,
-                                                       boost::beast::flat_buffer& buffer,
-                                                       Parser& parser) {
+  template <class Stream, class Request>
+  boost::asio::awaitable<void> send_for_headers(
+      Stream& s, const Request& req, boost::beast::flat_buffer& buffer,
+      std::optional<detail::header_parser>& header) const {
     co_await boost::beast::http::async_write(s, req, boost::asio::use_awaitable);
-    co_await boost::beast::http::async_read_header(s, buffer, parser, boost::asio::use_awaitable);
+    co_await detail::read_final_header(s, buffer, header, limits_);
   }
 
   std::unique_ptr<connection> take() {
@@ -285,6 +405,7 @@ class client {
   boost::asio::any_io_executor executor_;
   endpoint where_;
   boost::asio::ssl::context* tls_;
+  response_limits limits_;
   std::mutex mutex_;
   std::vector<std::unique_ptr<connection>> idle_;
 };
@@ -359,8 +480,9 @@ inline header_list auth_headers(dialect d, std::string_view api_key) {
 // The server-sent events of a streamed chat response, in order, to the end of the answer.
 class event_source {
  public:
-  event_source(std::shared_ptr<body_stream> body, dialect speaks, rate_limit_hint hint = {})
-      : body_(std::move(body)), speaks_(speaks), hint_(std::move(hint)) {}
+  event_source(std::shared_ptr<body_stream> body, dialect speaks, rate_limit_hint hint = {},
+               const response_limits& limits = {})
+      : body_(std::move(body)), speaks_(speaks), hint_(std::move(hint)), parser_(limits) {}
 
   // The next event; nullopt at the end (OpenAI's [DONE], Anthropic's message_stop, or the end of
   // the body). Keep-alive pings are skipped. An error event in the stream (Anthropic sends an
@@ -402,11 +524,16 @@ class event_source {
 // A chat API behind one endpoint, in one dialect, with one key.
 class chat_client {
  public:
+  // Throws weir::exception(invalid_argument) for a key that would inject a header (CR, LF, NUL),
+  // naming the header and not the key.
   chat_client(boost::asio::any_io_executor ex, dialect speaks, endpoint where,
-              std::string_view api_key = {}, boost::asio::ssl::context* tls = nullptr)
-      : http_(std::move(ex), std::move(where), tls),
+              std::string_view api_key = {}, boost::asio::ssl::context* tls = nullptr,
+              response_limits limits = {})
+      : http_(std::move(ex), std::move(where), tls, limits),
         speaks_(speaks),
-        auth_(auth_headers(speaks, api_key)) {}
+        auth_(auth_headers(speaks, api_key)) {
+    for (const auto& [name, value] : auth_) check_header("http::chat_client", name, value);
+  }
 
   // Sends `r` and returns the response, whatever its status (weir's classifier judges it; see
   // beast.hpp). `extra` headers go along, e.g. a request id.
@@ -438,7 +565,8 @@ class chat_client {
       throw status_error::from(body->status(), headers, said);
     }
     auto hint = read_header_pairs(headers).hint();
-    co_return std::make_shared<event_source>(std::move(body), speaks_, std::move(hint));
+    co_return std::make_shared<event_source>(std::move(body), speaks_, std::move(hint),
+                                             http_.limits());
   }
 
   // The same as a weir::stream, returned with its first event (see stream.hpp): what a pipeline

@@ -161,7 +161,13 @@ class hint_parser {
       }
       merge(h.requests, s);
     };
-    for (const auto& r : current_) read_ietf(&r, find_policy(r.name));
+    // Policies by name, looked up once per item: a long list on both fields stays n log n.
+    std::vector<const detail::ratelimit_item*> by_name;
+    by_name.reserve(policies_.size());
+    for (const auto& p : policies_) by_name.push_back(&p);
+    std::stable_sort(by_name.begin(), by_name.end(),
+                     [](const auto* a, const auto* b) { return a->name < b->name; });
+    for (const auto& r : current_) read_ietf(&r, find_policy(by_name, r.name));
     if (current_.empty())
       for (const auto& p : policies_) read_ietf(nullptr, &p);
     return h;
@@ -187,9 +193,13 @@ class hint_parser {
     into.reset_is_instant = into.reset_is_instant || s.reset_is_instant;
   }
 
-  const detail::ratelimit_item* find_policy(std::string_view name) const {
-    for (const auto& p : policies_)
-      if (p.name == name) return &p;
+  // The first policy named `name` in `by_name` (sorted by name, stably); the only one when there
+  // is a single policy.
+  const detail::ratelimit_item* find_policy(
+      const std::vector<const detail::ratelimit_item*>& by_name, std::string_view name) const {
+    const auto at = std::lower_bound(by_name.begin(), by_name.end(), name,
+                                     [](const auto* p, std::string_view n) { return p->name < n; });
+    if (at != by_name.end() && (*at)->name == name) return *at;
     return policies_.size() == 1 ? &policies_.front() : nullptr;
   }
 

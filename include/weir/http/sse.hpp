@@ -8,6 +8,7 @@
 //     while (auto e = parser.next()) handle(*e);
 #pragma once
 
+#include <weir/http/limits.hpp>
 #include <weir/http/usage.hpp>
 #include <weir/stage.hpp>
 
@@ -31,9 +32,14 @@ inline bool is_done(const event& e) noexcept { return e.data == "[DONE]"; }
 
 // The event stream format of the HTML standard: lines end in LF, CRLF or CR; a blank line
 // dispatches the event; `:` starts a comment; `field: value` with one optional space. An event
-// with no data is not dispatched.
+// with no data is not dispatched. A line or an event's data longer than the limits' is
+// limit_exceeded, thrown from feed: what it holds stays bounded whatever the server sends.
 class parser {
  public:
+  parser() : parser(response_limits{}) {}
+  explicit parser(const response_limits& limits)
+      : max_line_(limits.max_sse_line_bytes), max_event_(limits.max_sse_event_bytes) {}
+
   void feed(std::string_view bytes) {
     for (const char ch : bytes) {
       if (after_cr_ && ch == '\n') {
@@ -45,6 +51,8 @@ class parser {
         line_ended();
         line_.clear();
       } else {
+        if (line_.size() >= max_line_)
+          detail::limit_passed("sse::parser", "a line", fmt::format("{} bytes", max_line_));
         line_ += ch;
       }
     }
@@ -78,6 +86,8 @@ class parser {
       if (!value.empty() && value.front() == ' ') value.remove_prefix(1);
     }
     if (field == "data") {
+      if (pending_.data.size() + value.size() + 1 > max_event_)
+        detail::limit_passed("sse::parser", "an event's data", fmt::format("{} bytes", max_event_));
       pending_.data.append(value);
       pending_.data += '\n';
       has_data_ = true;
@@ -88,6 +98,8 @@ class parser {
     }
   }
 
+  std::size_t max_line_;
+  std::size_t max_event_;
   std::string line_;
   bool after_cr_ = false;
   event pending_{};
@@ -118,9 +130,10 @@ inline void anthropic_tally(const event& e, stream_tally& tally) {
   if (e.type == "content_block_delta") {
     ++tally.counted_output_tokens;
   } else if (e.type == "message_start") {
-    tally.reported_input_tokens = detail::json_number(e.data, "input_tokens");
+    tally.reported_input_tokens = detail::json_token_count(e.data, "input_tokens");
   } else if (e.type == "message_delta") {
-    if (auto out = detail::json_number(e.data, "output_tokens")) tally.reported_output_tokens = out;
+    if (auto out = detail::json_token_count(e.data, "output_tokens"))
+      tally.reported_output_tokens = out;
   }
 }
 

@@ -10,12 +10,18 @@
 
 #include <weir/stage.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
 
 namespace weir::http {
+
+// The most tokens one response is taken to have used on either side: more than any model's context
+// window today. A larger claim (a broken or hostile server's) is clamped to it, so one chunk
+// cannot charge the limiters hours of debt.
+inline constexpr std::uint64_t max_reported_tokens = 10'000'000;
 
 namespace detail {
 
@@ -47,6 +53,14 @@ inline std::optional<std::uint64_t> json_number(std::string_view body, std::stri
   return any ? std::optional(n) : std::nullopt;
 }
 
+// A token count after "key", clamped to max_reported_tokens.
+inline std::optional<std::uint64_t> json_token_count(std::string_view body, std::string_view key,
+                                                     std::size_t from = 0) {
+  const auto n = json_number(body, key, from);
+  if (!n) return n;
+  return std::min(*n, max_reported_tokens);
+}
+
 // The string after "key": without its escapes (the mocks' own requests need no more).
 inline std::optional<std::string> json_string(std::string_view body, std::string_view key) {
   auto at = json_key(body, key);
@@ -64,10 +78,10 @@ inline std::optional<std::string> json_string(std::string_view body, std::string
 inline std::optional<token_usage> reported_usage(std::string_view body) {
   const auto usage = detail::json_key(body, "usage");
   if (usage == std::string_view::npos) return std::nullopt;
-  if (auto in = detail::json_number(body, "prompt_tokens", usage))
-    return token_usage{*in, detail::json_number(body, "completion_tokens", usage).value_or(0)};
-  if (auto in = detail::json_number(body, "input_tokens", usage))
-    return token_usage{*in, detail::json_number(body, "output_tokens", usage).value_or(0)};
+  if (auto in = detail::json_token_count(body, "prompt_tokens", usage))
+    return token_usage{*in, detail::json_token_count(body, "completion_tokens", usage).value_or(0)};
+  if (auto in = detail::json_token_count(body, "input_tokens", usage))
+    return token_usage{*in, detail::json_token_count(body, "output_tokens", usage).value_or(0)};
   return std::nullopt;
 }
 

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <weir/circuit_breaker.hpp>
+#include <weir/detail/deadline.hpp>
 #include <weir/detail/small_buffer.hpp>
 #include <weir/error.hpp>
 #include <weir/events.hpp>
@@ -642,11 +643,13 @@ class router {
                                      time_point started, time_point finished) {
     auto& m = *s.models[i];
     s.providers[m.provider]->breaker.settle(ticket, answered, kind);
-    const usage spent = used ? usage{.requests = 1,
-                                     .tokens = used->input_tokens + used->output_tokens,
-                                     .input_tokens = used->input_tokens,
-                                     .output_tokens = used->output_tokens}
-                             : (kind == verdict::success ? estimate : usage{.requests = 1});
+    const usage spent =
+        used
+            ? usage{.requests = 1,
+                    .tokens = weir::detail::saturating_add(used->input_tokens, used->output_tokens),
+                    .input_tokens = used->input_tokens,
+                    .output_tokens = used->output_tokens}
+            : (kind == verdict::success ? estimate : usage{.requests = 1});
     if (answered)
       m.monitor.record({.requests = 1,
                         .tokens = spent.tokens,
@@ -790,6 +793,20 @@ class router {
     if (news) s->hear(*news, Clock::now());
   }
 
+  // One attempt, cancelled when the deadline passes (then a timeout, the cancellation its cause).
+  static boost::asio::awaitable<outcome<Response>> send_until(std::optional<time_point> deadline,
+                                                              const provider_entry& provider,
+                                                              const model_spec& spec,
+                                                              const Request& request) {
+    auto send = [&] { return provider.call(spec, request); };
+    if (!deadline) co_return co_await capture(send());
+    auto bounded = co_await detail::run_until<Clock, Response>(*deadline, send);
+    if (!bounded.deadline_passed) co_return std::move(bounded.result);
+    co_return outcome<Response>::from_exception(std::make_exception_ptr(
+        weir::exception(error::timeout, "router: the deadline passed during an attempt", {},
+                        bounded.result.failure())));
+  }
+
   // The route loop: pick a model (or wait for one), admit, send, learn, and answer or fall back.
   static boost::asio::awaitable<routed<Response>> run(std::shared_ptr<state> s, Request request,
                                                       constraints c,
@@ -804,6 +821,13 @@ class router {
     for (;;) {
       if (s->options.shared_state) co_await hear_from_fleet(s, c);
       const auto now = Clock::now();
+      if (c.deadline && now >= *c.deadline) {
+        // Nothing is sent past the deadline; with nothing sent at all, it is a local refusal.
+        weir::exception passed(error::timeout, "router: the deadline passed", {},
+                               route.last_failure, route.record.attempts);
+        if (route.record.attempts == 0) throw passed.as_refusal();
+        throw passed;
+      }
       if (route.record.attempts == s->options.max_attempts)
         throw weir::exception(error::retries_exhausted,
                               fmt::format("router: {} attempts failed", route.record.attempts), {},
@@ -846,8 +870,8 @@ class router {
       s->emit(route_chosen{c.operation, spec.provider, spec.id, route.record.attempts,
                            spec.cost(c.input_tokens, c.output_tokens)});
       const auto started = Clock::now();
-      auto result = co_await capture(
-          s->providers[s->models[i]->provider]->call(spec, std::as_const(request)));
+      auto result = co_await send_until(c.deadline, *s->providers[s->models[i]->provider], spec,
+                                        std::as_const(request));
       const auto finished = Clock::now();
       const auto l = learn(*s, i, *ticket, result, started, finished, route);
       if constexpr (streamed) {

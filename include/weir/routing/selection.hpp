@@ -25,7 +25,7 @@ namespace weir::routing {
 template <class Clock>
 usage cost_of(const basic_route_constraints<Clock>& c) {
   return {.requests = 1,
-          .tokens = c.input_tokens + c.output_tokens,
+          .tokens = weir::detail::saturating_add(c.input_tokens, c.output_tokens),
           .input_tokens = c.input_tokens,
           .output_tokens = c.output_tokens};
 }
@@ -33,7 +33,7 @@ usage cost_of(const basic_route_constraints<Clock>& c) {
 // The context window a request needs: what it asks for, and at least its own tokens.
 template <class Clock>
 std::uint64_t fitting_context(const basic_route_constraints<Clock>& c) {
-  return std::max(c.min_context, c.input_tokens + c.output_tokens);
+  return std::max(c.min_context, weir::detail::saturating_add(c.input_tokens, c.output_tokens));
 }
 
 // What selection reads of one model.
@@ -60,7 +60,7 @@ bool fits(const model_view<Clock>& m, const basic_route_constraints<Clock>& c,
   if (!c.allowed_providers.empty() && !listed(c.allowed_providers, s.provider)) return false;
   if (listed(c.excluded_providers, s.provider)) return false;
   if (c.max_cost && s.cost(c.input_tokens, c.output_tokens) > *c.max_cost) return false;
-  return c.input_tokens + c.output_tokens <= m.max_request_tokens;
+  return weir::detail::saturating_add(c.input_tokens, c.output_tokens) <= m.max_request_tokens;
 }
 
 // How long before a model may be tried, its limits aside: the longest of its provider's and its
