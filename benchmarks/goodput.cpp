@@ -327,8 +327,10 @@ class run {
           auto op = router_->route(0, {.input_tokens = 12, .output_tokens = 2, .deadline = end_});
           co_await std::move(op);
         } catch (const weir::exception& e) {
-          // A wait cut short by the end of the run is not a failure.
-          const bool cut = e.retry_after() && steady::now() + *e.retry_after() >= end_;
+          // A wait cut short by the end of the run is not a failure, nor a call that the run's
+          // end stopped (it is the call's deadline: the router ends the call by it).
+          const bool cut = steady::now() >= end_ ||
+                           (e.retry_after() && steady::now() + *e.retry_after() >= end_);
           if (!cut) ++failed_;
         }
         continue;
