@@ -1,6 +1,8 @@
 // Specifications of weir/http/adaptation.hpp: pacing steered by the server, on virtual time.
 #include "../support/http.hpp"
 
+#include <random>
+
 // ---- server-driven adaptation ---------------------------------------------------------------
 
 using clock_type = weir::testing::manual_clock;
@@ -615,4 +617,48 @@ TEST_CASE("one answer that says remaining 0 for a day does not hold the pace dow
   for (int i = 0; i < 500; ++i) report("599", "100ms");
   CHECK(adapt.state().known->per_second == Approx(10));
   CHECK(adapt.state().ceiling->per_second == Approx(10));
+}
+
+TEST_CASE("an unknown limit that doubles is found within seconds, as TCP CUBIC finds bandwidth",
+          "[http][adaptation]") {
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  strict_server server{std::chrono::duration_cast<ns>(1s / 10.0)};
+  drive(limits, adapt, server, 40s, 40s, 50ms, 32);
+  server.interval = std::chrono::duration_cast<ns>(1s / 20.0);
+  // Counted from 6 s after the change to 10 s after it.
+  const auto seen = drive(limits, adapt, server, 10s, 6s, 50ms, 32);
+  INFO(seen.served << " served, " << seen.refused << " refused, 6–10 s after the limit doubled");
+  CHECK(seen.served >= 0.8 * 20 * 4);
+  CHECK(seen.refused <= 0.1 * (seen.served + seen.refused));
+}
+
+namespace {
+// A strict server whose requests arrive up to `jitter` late, at random, as over a real network:
+// two requests sent one interval apart may arrive closer than that.
+struct jittery_strict_server {
+  strict_server inner;
+  ns jitter;
+  std::mt19937_64 rng{7};
+
+  weir::classification answer(clock_type::time_point t) {
+    return inner.answer(t + std::uniform_int_distribution<ns::rep>(0, jitter.count())(rng) * 1ns);
+  }
+};
+}  // namespace
+
+TEST_CASE("told a strict limit, network jitter costs a step of headroom, not a tenth of the rate",
+          "[http][adaptation]") {
+  clock_type::reset();
+  asio::io_context io;
+  const double limit = 19;
+  limits_type limits(io.get_executor(), {.requests = weir::limit::per_minute(limit * 60)});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  jittery_strict_server server{{std::chrono::duration_cast<ns>(1s / limit)}, 2ms};
+  const auto seen = drive(limits, adapt, server, 120s, 20s, 250ms, 48);
+  INFO(seen.served << " served, " << seen.refused << " refused over 100 s");
+  CHECK(seen.served >= 0.95 * limit * 100);
+  CHECK(seen.refused <= 0.01 * (seen.served + seen.refused));
 }

@@ -603,7 +603,7 @@ class run {
     sim_clock::reset();
     asio::io_context io;
     sim_clock::advance(uniform(rng_, 0ns, ns(1s)));  // the client starts at any phase of a second
-    start_ = sim_clock::now();
+    start_ = traced_ = sim_clock::now();
     std::vector<std::unique_ptr<client>> clients;
     for (int c = 0; c < s_.clients; ++c) {
       clients.push_back(std::make_unique<client>(io, s_));
@@ -647,6 +647,29 @@ class run {
     };
     return {vary(s_.mean_input), vary(s_.mean_output)};
   }
+  // WEIR_SIM_TRACE=1: the server's count and client 0's pacing every half second, to see why a
+  // seed fails.
+  void trace(const client& c, sim_clock::time_point now) {
+    const auto from = static_cast<std::size_t>((traced_ - start_) / bucket_width);
+    const auto to = static_cast<std::size_t>((now - start_) / bucket_width);
+    std::uint32_t ok = 0, refused = 0;
+    for (auto i = from; i < to && i < counted_.admitted.size(); ++i) {
+      ok += counted_.admitted[i];
+      refused += counted_.refused[i];
+    }
+    const auto seconds = std::chrono::duration<double>(now - traced_).count();
+    const auto st = c.adapt.state();
+    fmt::print(
+        "  {:6.1f} s  limit {:7.2f}/s  served {:7.2f}/s  refused {:6.2f}/s  paced {:7.2f}/s "
+        "ceiling {}\n",
+        std::chrono::duration<double>(now - start_).count(), server_->limit_at(now - start_),
+        ok / seconds, refused / seconds, st.rate.per_second,
+        st.ceiling ? fmt::format("{:.2f}/s", st.ceiling->per_second) : "none");
+    traced_ = now;
+  }
+  const bool trace_ = std::getenv("WEIR_SIM_TRACE") != nullptr;
+  sim_clock::time_point traced_{};
+
   // Small jitter: up to 2 ms each way.
   ns half_trip() { return s_.rtt / 2 + uniform(rng_, 0ns, ns(2ms)); }
   ns since_start() const { return sim_clock::now() - start_; }
@@ -703,6 +726,7 @@ class run {
         if (e.answer.status == 200 && e.estimate != actual_of(e.j))
           c.limits.settle(e.estimate, actual_of(e.j), now);
         c.sample(now);
+        if (trace_ && e.who == 0 && now - traced_ >= 500ms) trace(c, now);
       }
       auto wake = end;
       for (std::size_t k = 0; k < clients.size(); ++k) {

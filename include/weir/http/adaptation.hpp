@@ -52,9 +52,13 @@ struct adaptation_options {
   double decrease = 0.8;
   // After a decrease, each success closes this fraction of the gap to the hold point.
   double recovery = 0.05;
-  // Successes at the hold point without a refusal before probing `probe_step` above it (an
-  // unknown limit may have risen, or the last refusal was bad luck).
-  unsigned probe_after = 100;
+  // Successes at the hold point without a refusal before probing above it (an unknown limit may
+  // have risen, or the last refusal was bad luck), and two rounds at least since the last one.
+  // Probing raises the ceiling by `probe_step`, then by three times the last step each round
+  // (slow_start_round, or two round trips) that passes without a refusal once the rate has reached
+  // it: slowly near where refusals began, so that a steady limit costs few, then fast, so that a
+  // limit that doubled is found within seconds.
+  unsigned probe_after = 16;
   double probe_step = 0.02;
   // Discovery, when the limiter has no request limit: where slow start begins, and the fewest
   // successes per doubling (more when a round trip holds more requests).
@@ -265,6 +269,7 @@ class adaptation_core {
     }
     if (known_ && std::abs(*known_ - per_second) <= 0.01 * per_second) return;
     const std::optional<double> before = std::exchange(known_, per_second);
+    probe_step_ = 0;
     if (slow_start_ || !before || !ceiling_) {
       slow_start_ = false;
       ceiling_ = per_second;  // the server's word is the ceiling
@@ -340,10 +345,36 @@ class adaptation_core {
 
   // A refusal of a request sent after the last decrease: one congestion event.
   void congestion_event(time_point sent, bool spent, time_point now) {
-    last_decrease_ = now;
+    const auto previous = std::exchange(last_decrease_, now);
     quiet_ = 0;
+    const double step = std::exchange(probe_step_, 0.0);
     if (burst_ > 1) {
       burst_ = 1;  // a burst the server does not allow: shrink it before touching the rate
+      apply(now);
+      return;
+    }
+    const double at_send = std::min(rate_, rate_at(sent));  // the rate it was refused at
+    // An isolated refusal at the hold point of a known limit is the network's jitter bringing
+    // two requests closer than the server allows, not a lower limit: a step of one headroom
+    // answers it, where a full decrease would cost a tenth of the goodput each time. A second
+    // refusal soon after is congestion as usual.
+    const auto quiet_for =
+        std::max(nanos(std::chrono::seconds(2)), nanos(static_cast<std::int64_t>(16 * srtt_)));
+    if (known_ && !spent && !slow_start_ && ceiling_ && at_send <= hold() * 1.001 &&
+        now - previous > quiet_for && previous != time_point::min()) {
+      // Jitter that recurs is the network's: the lower ceiling stands longer each time.
+      ceiling_ = std::max(*ceiling_ * (1 - options_.headroom / 2), *known_ * 0.9);
+      patience_ = std::min(64u, patience_ * 2);
+      rate_ = std::max(options_.min_rate.per_second, at_send * (1 - options_.headroom));
+      apply(now);
+      return;
+    }
+    // A first probe refused: the limit is where it was. Back to the hold point, and the next
+    // probe waits twice as long (up to four times), so that a steady limit is seldom overshot.
+    if (step > 0 && step <= options_.probe_step && !spent && ceiling_) {
+      ceiling_ = *ceiling_ / (1 + step);
+      patience_ = std::min(4u, patience_ * 2);
+      rate_ = std::min(rate_, hold() * (1 - options_.headroom));
       apply(now);
       return;
     }
@@ -356,7 +387,6 @@ class adaptation_core {
                   .slow_start = slow_start_,
                   .refusals_before = recent_refusals(),
                   .needed = static_cast<unsigned>(std::clamp(rate_ * 2, 8.0, 32.0))};
-    const double at_send = std::min(rate_, rate_at(sent));  // the rate it was refused at
     // Slow start found where refusals begin. After it, a refusal at the hold point says the
     // ceiling was about right, not that it is a headroom lower: setting it to the refused rate
     // each time ratcheted it down by the headroom per refusal, for good. Unless the server said
@@ -367,6 +397,7 @@ class adaptation_core {
       ceiling = std::min(*ceiling_, at_send / (1 - options_.headroom));
     ceiling_ = known_ ? std::min(*known_, ceiling) : ceiling;
     slow_start_ = false;
+    patience_ = 1;
     rate_ = std::max(options_.min_rate.per_second, at_send * options_.decrease);
     apply(now);
   }
@@ -380,12 +411,11 @@ class adaptation_core {
     apply(now);
   }
 
+  // Only a rate that is used is tested by the server: an idle client learns nothing about the
+  // rates above what it sends.
+  bool sending(double share) const { return sent_rate_ == 0 || sent_rate_ >= share * rate_; }
+
   void grow(time_point now) {
-    // Only a rate that is used is tested by the server: an idle client learns nothing about the
-    // rates above what it sends.
-    const auto sending = [&](double share) {
-      return sent_rate_ == 0 || sent_rate_ >= share * rate_;
-    };
     if (slow_start_) {
       if (!sending(0.4)) return;
       const double round = std::max(srtt_, static_cast<double>(options_.slow_start_round.count()));
@@ -401,18 +431,36 @@ class adaptation_core {
       apply(now);
       return;
     }
+    probe(now);
     const double target = hold();
     if (rate_ < target) {
       rate_ += (target - rate_) * options_.recovery;
       if (target - rate_ < target * 1e-3) rate_ = target;
       apply(now);
-      return;
     }
-    if (!sending(0.8) || ++quiet_ < options_.probe_after) return;
-    quiet_ = 0;
+  }
+
+  // Raises the ceiling once the hold point has held for `probe_after` successes in use, and
+  // again each round the raised one holds.
+  void probe(time_point now) {
     if (known_ && *ceiling_ >= *known_) return;
-    ceiling_ = *ceiling_ * (1 + options_.probe_step);
+    if (rate_ < hold() * 0.98 || !sending(0.8)) return;
+    const auto round =
+        std::max(options_.slow_start_round, nanos(static_cast<std::int64_t>(2 * srtt_)));
+    if (probe_step_ == 0) {
+      if (++quiet_ < options_.probe_after * patience_ ||
+          now - last_decrease_ < 2 * round * patience_)
+        return;
+      probe_step_ = options_.probe_step;
+    } else {
+      if (now - last_probe_ < round) return;
+      probe_step_ = std::min(0.5, 3 * probe_step_);
+    }
+    last_probe_ = now;
+    ceiling_ = *ceiling_ * (1 + probe_step_);
     if (known_) ceiling_ = std::min(*ceiling_, *known_);
+    rate_ = hold();  // a probe is a step, tested for a round; recovery would take several
+    apply(now);
   }
 
   // Round-trip time and the rate requests are actually sent at, both smoothed.
@@ -518,7 +566,10 @@ class adaptation_core {
   std::optional<double> ceiling_, known_;         // per second
   std::array<std::optional<double>, 4> given_{};  // per second, as configured in the limiter
   bool slow_start_ = false;
-  unsigned quiet_ = 0;
+  unsigned quiet_ = 0;     // successes at the hold point before probing
+  unsigned patience_ = 1;  // probe_after multiplied: isolated refusals at a known limit raise it
+  double probe_step_ = 0;  // the last raise while probing; 0: not probing
+  time_point last_probe_{};
   time_point last_decrease_ = time_point::min();
   double srtt_ = 0, gap_ = 0, sent_rate_ = 0;  // ns, ns, per second
   std::uint32_t answer_bits_ = 0;  // the last 32 answers, newest lowest: 1 for a refusal
