@@ -1244,10 +1244,14 @@ inline void scenario(std::uint64_t seed, bool verbose, report* collect) {
     if (m.follow_restore)
       check(*m.follow_restore <= 10s, "a restored limit is followed within 10 s",
             fmt::format("{:.1f} s", m.follow_restore->count() / 1e9));
+    // The requests a gateway refuses at random are lost where nothing retries them, and a
+    // strict server has no room to take one in a lost one's place (it would come too early after
+    // the next): what the pacing answers for is the rest, at most 10% below the run without them.
     if (clean)
-      check(m.goodput >= 0.9 * clean->goodput, "random refusals cost at most 10% of goodput",
-            fmt::format("goodput {:.1f}% with them, {:.1f}% without", m.goodput * 100,
-                        clean->goodput * 100));
+      check(m.goodput >= 0.9 * (1 - s.flaky) * clean->goodput,
+            "random refusals cost at most 10% of goodput beyond their own share",
+            fmt::format("goodput {:.1f}% with {:.0f}% refused at random, {:.1f}% without",
+                        m.goodput * 100, s.flaky * 100, clean->goodput * 100));
   }
   // What the limiter promises whatever the server does: a hard invariant in every run.
   if (m.tokens_overshoot > 1.0)
