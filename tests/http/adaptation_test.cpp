@@ -287,6 +287,9 @@ TEST_CASE("adaptation options out of range are invalid_argument naming the field
                        weir::exception, names("assumed_window"));
   CHECK_THROWS_MATCHES(server_adaptation<clock_type>(limits, {.initial_burst = 0}), weir::exception,
                        names("initial_burst"));
+  // A burst of 10³⁰⁰ times a learned limit was cast to an integer: undefined behaviour.
+  CHECK_THROWS_MATCHES(server_adaptation<clock_type>(limits, {.burst_fraction = 1e300}),
+                       weir::exception, names("burst_fraction"));
 }
 
 TEST_CASE("dates and epoch resets far outside any real reset cannot overflow",

@@ -208,7 +208,7 @@ class adaptation_core {
     if (!(o.initial_rate.per_second >= o.min_rate.per_second) ||
         !std::isfinite(o.initial_rate.per_second))
       fail("initial_rate must be finite and at least min_rate");
-    if (!(o.burst_fraction > 0)) fail("burst_fraction must be positive");
+    if (!(o.burst_fraction > 0 && o.burst_fraction <= 1)) fail("burst_fraction must be in (0, 1]");
     if (o.assumed_window && o.assumed_window->count() <= 0) fail("assumed_window must be positive");
   }
 
@@ -262,8 +262,9 @@ class adaptation_core {
       const auto paced = per_second * (1 - options_.headroom);
       const auto current = limits_.get_limit(dim);
       if (current && std::abs(current->rate.per_second - paced) <= 0.01 * paced) return;
+      // Bounded before the cast: a double past 2⁶⁴ cast to an integer is undefined behaviour.
       const auto burst = static_cast<std::uint64_t>(
-          std::max(1.0, static_cast<double>(per_window) * options_.burst_fraction));
+          std::clamp(static_cast<double>(per_window) * options_.burst_fraction, 1.0, 0x1p62));
       limits_.set_limit(dim, {weir::per_second(paced), burst}, now);
       return;
     }
