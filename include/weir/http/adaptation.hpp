@@ -346,7 +346,8 @@ class adaptation_core {
 
   // A refusal of a request sent after the last decrease: one congestion event.
   void congestion_event(time_point sent, bool spent, time_point now) {
-    const auto previous = std::exchange(last_decrease_, now);
+    const auto quiet_since = since_decrease(now);
+    last_decrease_ = now;
     quiet_ = 0;
     const double step = std::exchange(probe_step_, 0.0);
     if (burst_ > 1) {
@@ -361,8 +362,8 @@ class adaptation_core {
     // refusal soon after is congestion as usual.
     const auto quiet_for =
         std::max(nanos(std::chrono::seconds(2)), nanos(static_cast<std::int64_t>(16 * srtt_)));
-    if (known_ && !spent && !slow_start_ && ceiling_ && at_send <= hold() * 1.001 &&
-        now - previous > quiet_for && previous != time_point::min()) {
+    if (known_ && !spent && !slow_start_ && ceiling_ && at_send <= hold() * 1.001 && quiet_since &&
+        *quiet_since > quiet_for) {
       // Jitter that recurs is the network's: the lower ceiling stands longer each time.
       ceiling_ = std::max(*ceiling_ * (1 - options_.headroom / 2), *known_ * 0.9);
       patience_ = std::min(64u, patience_ * 2);
@@ -412,6 +413,13 @@ class adaptation_core {
     apply(now);
   }
 
+  // The time since the last decrease; none before the first (time_point::min() must not be
+  // subtracted from: it overflows).
+  std::optional<nanos> since_decrease(time_point now) const {
+    if (last_decrease_ == time_point::min()) return std::nullopt;
+    return std::chrono::duration_cast<nanos>(now - last_decrease_);
+  }
+
   // Only a rate that is used is tested by the server: an idle client learns nothing about the
   // rates above what it sends.
   bool sending(double share) const { return sent_rate_ == 0 || sent_rate_ >= share * rate_; }
@@ -450,7 +458,7 @@ class adaptation_core {
         std::max(options_.slow_start_round, nanos(static_cast<std::int64_t>(2 * srtt_)));
     if (probe_step_ == 0) {
       if (++quiet_ < options_.probe_after * patience_ ||
-          now - last_decrease_ < 2 * round * patience_)
+          since_decrease(now).value_or(nanos::max()) < 2 * round * patience_)
         return;
       probe_step_ = options_.probe_step;
     } else {
