@@ -10,12 +10,12 @@
 //   weir_simulation --soak 600               as many scenarios as ten minutes allow
 //   weir_simulation --pacing-only --pacing-report --scenarios 10000
 //                                            only the pacing scenarios (pacing.hpp), with a table
-//                                            of goodput by server shape; fails on any property
+//                                            of goodput and refusals per server model, limit
+//                                            knowledge and estimate, and of the failures by twist,
+//                                            going on past failures; fails on any property
 //
 // The pacing properties (pacing.hpp) are counted in every run and printed at the end; they fail
 // it only with --pacing-report or --pacing-strict (several server shapes still break them).
-//                                            of goodput and refusals per server model, limit
-//                                            knowledge and estimate, going on past failures
 //
 // Invariants:
 //   - every call ends exactly once, with a value, a weir error, the operation's own failure, or
