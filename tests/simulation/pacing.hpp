@@ -200,7 +200,8 @@ class nginx_limit_req : public referee {
 enum class window_style { legacy, draft6, draft8 };
 
 // A fixed window of `limit` per `window`, opening on the wall clock's multiples of the window or
-// at the first request; refusals do not count. Resets in whole seconds, rounded up.
+// at the first request after the last window ended; refusals do not count. Resets in whole
+// seconds, rounded up.
 class fixed_window : public referee {
  public:
   fixed_window(int limit, ns window, bool from_first_request, window_style style,
@@ -213,10 +214,18 @@ class fixed_window : public referee {
 
   reply decide(ns at, const job&) override {
     const auto wall = wall_ns();
-    if (!origin_) origin_ = from_first_ ? wall : 0;
-    const auto index = (wall - *origin_) / window_.count();
-    const auto opens = *origin_ + (index + 1) * window_.count();
-    if (index != index_) index_ = index, used_ = 0;
+    std::int64_t opens = 0;
+    if (from_first_) {
+      // As Python's `limits` (Flask-Limiter) and most in-memory stores keep it: a window begins
+      // at the first request after the last one ended, so windows do not follow each other on
+      // whole seconds, and their whole-second resets step by one second or two.
+      if (!origin_ || wall >= *origin_ + window_.count()) origin_ = wall, used_ = 0;
+      opens = *origin_ + window_.count();
+    } else {
+      const auto index = wall / window_.count();
+      opens = (index + 1) * window_.count();
+      if (index != index_) index_ = index, used_ = 0;
+    }
     const int limit = std::max(1, static_cast<int>(limit_ * scale(at)));
     const bool ok = used_ < limit;
     if (ok) ++used_;

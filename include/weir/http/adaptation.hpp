@@ -537,19 +537,27 @@ class adaptation_core {
     nanos longest_now{0}, longest_before{0};
     time_point since{};
     // Resets sent as moments: every answer in a window names the same one, and the next window
-    // the moment one window later (idle windows between make the step a multiple: too slow,
-    // never too fast, until two windows follow each other).
+    // a moment at least one window later. The step between them is the window, or longer: idle
+    // time between windows, a window that begins only at the first request after the last one
+    // ended (Flask-Limiter's, most in-memory stores'), and moments rounded up to whole seconds
+    // make a 1 s window step by 1 s or 2 s. So the window is the shortest of the last steps,
+    // never the latest: a 2 s step read as the window halved the rate.
     std::optional<time_point> named{};
-    nanos step{0};
+    std::array<nanos, 4> steps{};
+    std::size_t next_step = 0;
 
     std::optional<nanos> window(nanos reset, bool instant, time_point now) {
       if (instant) {
         const auto moment = now + reset;
         constexpr nanos same_moment = std::chrono::milliseconds(500);
-        if (named && moment - *named > same_moment) step = moment - *named;
+        if (named && moment - *named > same_moment)
+          steps[next_step++ % steps.size()] = moment - *named;
         if (!named || moment - *named > same_moment || *named - moment > same_moment)
           named = moment;  // a new window, or the first, or a server clock set back
-        return step.count() > 0 ? std::optional<nanos>(step) : std::nullopt;
+        std::optional<nanos> shortest;
+        for (const auto step : steps)
+          if (step.count() > 0 && (!shortest || step < *shortest)) shortest = step;
+        return shortest;
       }
       if (now - since > 2 * std::max(longest_now, longest_before)) {
         longest_before = std::exchange(longest_now, nanos(0));
