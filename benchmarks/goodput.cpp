@@ -405,7 +405,7 @@ class run {
           // end stopped (it is the call's deadline: the router ends the call by it).
           const bool cut = steady::now() >= end_ ||
                            (e.retry_after() && steady::now() + *e.retry_after() >= end_);
-          if (!cut) ++failed_;
+          if (!cut && failed_++ == 0) fmt::print(stderr, "  first failure: {}\n", e.what());
         }
         continue;
       }

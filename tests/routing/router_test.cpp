@@ -242,6 +242,43 @@ TEST_CASE("five server errors open a's breaker, and b serves until a's probe suc
   CHECK(r.status().at(0).breaker == weir::breaker_state::closed);
 }
 
+TEST_CASE("with one model, a server error is retried after a backoff, not the end of the request",
+          "[routing][router]") {
+  // Before, a retryable failure marked the model tried for the request, and with no other model
+  // left the route failed at its first 503 whatever max_attempts allowed.
+  asio::io_context io;
+  weir::routing::catalog c;
+  c.add(weir::routing::provider_spec{.name = "a"});
+  c.add(weir::routing::model_spec{.provider = "a", .id = "a-only", .capability = 5});
+  options o = unpaced();
+  o.max_attempts = 4;
+  router_type r(io.get_executor(), c, o);
+  provider a;
+  std::vector<clock_type::time_point> sent;
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point now) {
+    sent.push_back(now);
+    return sent.size() <= 2 ? fake_response::server_error() : fake_response::ok();
+  };
+  r.connect("a", a.call<prompt>());
+
+  auto retried = route_now(io, r, {}, 10s);
+  REQUIRE(retried.value);
+  CHECK(retried.value->route.attempts == 3);
+  REQUIRE(sent.size() == 3);
+  // Full jitter under 200 ms, then 400 ms: never more, and the clock moved only by them.
+  CHECK(sent[1] - sent[0] <= 200ms);
+  CHECK(sent[2] - sent[1] <= 400ms);
+
+  // Failing every time, the route ends after max_attempts, with the last failure.
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point) {
+    return fake_response::server_error();
+  };
+  auto exhausted = route_now(io, r, {}, 10s);
+  REQUIRE(exhausted.error);
+  CHECK(exhausted.error->code() == weir::error::retries_exhausted);
+  CHECK(a.calls() == 3 + 4);
+}
+
 TEST_CASE("when every provider is out the error names the earliest time it frees up",
           "[routing][router]") {
   asio::io_context io;

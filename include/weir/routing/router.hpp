@@ -48,6 +48,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -398,6 +399,7 @@ class router {
     options_type options;
     std::vector<std::unique_ptr<provider_entry>> providers;
     std::vector<std::unique_ptr<model_entry>> models;
+    mutable std::atomic<std::uint32_t> route_seeds{1};  // each route's backoff jitter
     std::atomic<bool> fleet_reachable{true};
   };
 
@@ -464,13 +466,28 @@ class router {
     std::vector<route_step> all_steps;
   };
 
+  // What tried() holds for a model: not tried; failed in a way another attempt may not (fatal,
+  // too small a context, refused locally); failed in a way it may (a 5xx, a reset), tried again
+  // after a backoff once no other capable model is left.
+  enum : char { untried = 0, tried_for_good = 1, tried_retryable = 2 };
+
   struct route_progress {
     route_progress(const state& s, const constraints& c)
-        : tried_flags(s.models.size(), 0),
+        : tried_flags(s.models.size(), untried),
           retry_times(s.models.size(), 0),
           min_context(fitting_context(c)),
-          estimate(cost_of(c)) {
+          estimate(cost_of(c)),
+          random(s.route_seeds.fetch_add(1, std::memory_order_relaxed)) {
       record.estimated_tokens = estimate.tokens;
+    }
+
+    // The models that failed retryably may be tried again, after their backoff (not_before):
+    // false when there are none.
+    bool try_again_after_backoff() {
+      bool any = false;
+      for (auto& t : tried())
+        if (t == tried_retryable) t = untried, any = true;
+      return any;
     }
 
     std::span<char> tried() const { return tried_flags.span(); }
@@ -484,6 +501,9 @@ class router {
     route_record record;
     std::exception_ptr last_failure;
     std::shared_ptr<hedge_race> race{};  // when the route is one of a hedged request's
+    unsigned retryable_failures = 0;
+    nanos last_backoff{0};
+    std::minstd_rand random;  // the backoff's jitter
   };
 
   // Marks in `out` the models this request may not try: those it tried, and those whose
@@ -759,19 +779,28 @@ class router {
           route.not_before()[i] = weir::detail::to_nanos(finished) + wait.count();
         }
         break;
-      case verdict::retryable: route.tried()[i] = 1; break;
+      case verdict::retryable: {
+        // Another model first; this one again after a backoff if none is left, as a retry
+        // would: with one model, a 503 is retried rather than the end of the request.
+        route.tried()[i] = tried_retryable;
+        route.last_backoff = s.options.retry_backoff.delay(route.retryable_failures++,
+                                                           route.last_backoff, route.random);
+        route.not_before()[i] = std::max(
+            route.not_before()[i], weir::detail::to_nanos(finished) + route.last_backoff.count());
+        break;
+      }
       case verdict::fatal:
         if (result.refused_locally()) {
           // The model's own stages turned the call away before sending (its queue is full, its
           // budget spent): this model has no room for the request now, another may.
-          route.tried()[i] = 1;
+          route.tried()[i] = tried_for_good;
           refused_locally = true;
           break;
         }
         if (result.cancelled() || !s.options.context_exceeded ||
             !s.options.context_exceeded(result))
           return false;
-        route.tried()[i] = 1;
+        route.tried()[i] = tried_for_good;
         if (spec.context_window != 0)
           route.min_context = std::max(route.min_context, spec.context_window + 1);
         context_exceeded = true;
@@ -837,6 +866,7 @@ class router {
       const auto picked =
           s->pick(ranked, c, route.min_context, priced_out ? priced->skip.span() : route.tried(),
                   route.not_before(), now, true);
+      if (!picked && !ranked.any_capable && route.try_again_after_backoff()) continue;
       if (!picked && priced_out && !ranked.any_capable) refuse_over_budget(*s, c, *priced);
       if (!picked) {
         timer.expires_after(std::chrono::duration_cast<typename Clock::duration>(
@@ -860,7 +890,7 @@ class router {
       }
       if (!ticket) {
         for (auto& r : *charges) r.release();
-        route.tried()[i] = 1;
+        route.tried()[i] = tried_for_good;
         continue;
       }
 

@@ -2,6 +2,7 @@
 // options and the state it reports.
 #pragma once
 
+#include <weir/backoff.hpp>
 #include <weir/events.hpp>
 #include <weir/http/adaptation.hpp>
 #include <weir/outcome.hpp>
@@ -76,7 +77,12 @@ template <class Response, class Clock = std::chrono::steady_clock,
 struct basic_router_options {
   basic_strategy<Clock> strategy = strategies::cheapest<Clock>();
   unsigned max_attempts = 4;  // attempts per request, over all models
-  observer watch{};           // router and breaker events; empty: none built
+  // The wait before a model that failed retryably (a 5xx, a reset, a timeout) is tried again for
+  // the same request, once no other capable model is left to try.
+  weir::backoff retry_backoff =
+      weir::backoff::exponential(std::chrono::milliseconds(200), 2.0, std::chrono::seconds(5))
+          .with(weir::jitter::full);
+  observer watch{};  // router and breaker events; empty: none built
   // The tokens a response reports; without it the estimates are kept.
   std::function<std::optional<token_usage>(const Response&)> usage_of{};
   // Whether a fatal outcome means "the request does not fit this model's context": such a
