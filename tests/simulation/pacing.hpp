@@ -1224,6 +1224,41 @@ struct report {
     }
     for (const auto& m : first_messages) fmt::print("  {}\n", m);
   }
+
+  // The failures by twist, knowledge and property, one per line: "<twist> <knowledge> <count>
+  // <property>", the twist "-" for none. What --pacing-baseline compares against.
+  std::string baseline() const {
+    std::string out;
+    for (const auto& [family, properties] : by_family)
+      for (const auto& [property, n] : properties)
+        out += fmt::format("{} {} {} {}\n", family.first.empty() ? "-" : family.first,
+                           family.second, n, property);
+    return out;
+  }
+
+  // Against a baseline written by baseline(): each failure count that grew past it (by more than
+  // max(2, 10%), the slack of a change that moves a few seeds either way), as one line each.
+  std::vector<std::string> regressions(std::istream& known) const {
+    std::map<std::tuple<std::string, std::string, std::string>, int> before;
+    for (std::string line; std::getline(known, line);) {
+      std::istringstream in(line);
+      std::string twist, knowledge, property;
+      int n = 0;
+      if (!(in >> twist >> knowledge >> n) || !std::getline(in >> std::ws, property)) continue;
+      before[{twist, knowledge, property}] = n;
+    }
+    std::vector<std::string> worse;
+    for (const auto& [family, properties] : by_family)
+      for (const auto& [property, n] : properties) {
+        const auto twist = family.first.empty() ? std::string("-") : family.first;
+        const auto it = before.find({twist, family.second, property});
+        const int was = it == before.end() ? 0 : it->second;
+        if (n > was + std::max(2, was / 10))
+          worse.push_back(fmt::format("{} {}: {} failed {} times, {} in the baseline", twist,
+                                      family.second, property, n, was));
+      }
+    return worse;
+  }
 };
 
 // Runs the pacing scenario of `seed`. A broken property throws violation, unless `collect` is
