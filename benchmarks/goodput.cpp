@@ -20,6 +20,9 @@
 //     goodput [--seconds N] [--concurrency N,N] [--limiters strict-5,strict-20,...]
 //             [--clients naive,sdk,weir-given,weir-refunds,weir-discovering] [--check]
 //
+// GOODPUT_TRACE=1 prints the router's view of the model (its request limit, what it sent, its
+// 429s) every half second of a weir run, to see how it paces.
+//
 // --check runs the short regression set that ctest runs (label rig) and fails below floors set
 // well under the targets, so that a regression fails but a busy machine does not.
 #include <weir/http/beast.hpp>
@@ -342,6 +345,7 @@ class run {
     start_ = steady::now();
     end_ = start_ + length_;
     for (std::size_t w = 0; w < concurrency_; ++w) asio::co_spawn(io, worker(w), asio::detached);
+    if (router_ && std::getenv("GOODPUT_TRACE")) asio::co_spawn(io, trace(), asio::detached);
     std::optional<server_counts> at_start;
     std::thread sampler([&] {
       std::this_thread::sleep_until(start_ + measure_from);
@@ -384,6 +388,20 @@ class run {
     router_.emplace(io.get_executor(), std::move(c), std::move(o));
     router_->connect("rig",
                      [this](const weir::routing::model_spec&, const int&) { return send(); });
+  }
+
+  // GOODPUT_TRACE=1: the router's view of the model every half second, to see how it paces.
+  asio::awaitable<void> trace() {
+    asio::steady_timer tick(co_await asio::this_coro::executor);
+    while (steady::now() < end_) {
+      tick.expires_after(500ms);
+      co_await tick.async_wait(asio::use_awaitable);
+      const auto m = router_->status().at(0);
+      fmt::print(stderr, "  {:5.1f} s  limit {}/min  sent {:.0f}/min  429s {}  errors {}\n",
+                 std::chrono::duration<double>(steady::now() - start_).count(),
+                 m.requests_limit ? fmt::format("{:.0f}", *m.requests_limit) : "?",
+                 m.requests_per_minute, m.rate_limited, m.errors);
+    }
   }
 
   asio::awaitable<weir::http::response> send() {
