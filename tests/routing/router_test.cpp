@@ -3,6 +3,8 @@
 #include "../support/provider_errors.hpp"
 #include "../support/routing.hpp"
 
+#include <weir/metrics.hpp>
+
 TEST_CASE("the cheapest capable model is chosen, and capability and context filter",
           "[routing][router]") {
   asio::io_context io;
@@ -177,7 +179,10 @@ TEST_CASE("a Gemini per-day quota takes the model out until midnight Pacific; ot
           "[routing][router][refusals]") {
   asio::io_context io;
   std::vector<std::string> seen;
-  router_type r(io.get_executor(), two_models(), unpaced_recording(seen));
+  weir::metrics counted("router");
+  auto o = unpaced_recording(seen);
+  o.watch = weir::fan_out(o.watch, counted.observer());
+  router_type r(io.get_executor(), two_models(), o);
   provider a, b;
   const auto t0 = clock_type::now();
   fail_at(a, t0, 429, weir::testing::provider_errors::gemini_per_day);
@@ -191,6 +196,7 @@ TEST_CASE("a Gemini per-day quota takes the model out until midnight Pacific; ot
   CHECK(std::count(seen.begin(), seen.end(),
                    "call: a/a-small out for 72000.0 s: quota exhausted (gemini "
                    "RESOURCE_EXHAUSTED)") == 1);
+  CHECK(counted.read().exhaustions == 1);  // weir_exhausted_total: what an alert pages on
   // Its RetryInfo said 22 s: a minute later, and an hour before the reset, b still serves.
   advance<clock_type>(io, 1min);
   CHECK(route_now(io, r).value->route.provider == "b");
