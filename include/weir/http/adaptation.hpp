@@ -7,7 +7,8 @@
 //  - A limit it does not know is found by slow start: the rate doubles every round trip (every
 //    few successes at least) until the first refusal, then holds just under the rate at which
 //    refusals began, and after a long quiet stretch probes a little above it.
-//  - A refusal is a congestion event. Refusals of requests sent before the last decrease belong
+//  - A refusal is a congestion event: a 429, or a provider that says it is overloaded (Anthropic
+//    529, Groq 498, OpenAI 503 Slow Down), which pauses nothing. Refusals of requests sent before the last decrease belong
 //    to that decrease (one per round trip, as in TCP). An event first shrinks the burst to one;
 //    at burst one it multiplies the rate by `decrease`.
 //  - "Nothing left" pauses the dimension until its next unit: the whole reset for a fixed window,
@@ -131,7 +132,10 @@ class adaptation_core {
     for (std::size_t d = 0; d < 4; ++d)
       if (auto per_second = reported_rate(d, *snapshots[d], now))
         learn_limit(static_cast<dimension>(d), *per_second, *snapshots[d]->limit, now);
-    const bool refused = c.kind == verdict::rate_limited;
+    // An overloaded provider (Anthropic 529, Groq 498, OpenAI 503 Slow Down) says "send less"
+    // as a 429 does, though nothing of the account's limit is spent: a decrease, never a pause.
+    const bool refused =
+        c.kind == verdict::rate_limited || c.reason.cause == refusal_cause::overloaded;
     // A refusal that says the limit has nothing left is the limit's, whoever spent it (other
     // clients sharing it, say): never noise.
     const bool spent = refused && c.hint.exhausted();

@@ -149,6 +149,20 @@ class router {
 
   const catalog& models() const noexcept { return state_->catalog_; }
 
+  // Brings back the models with this id (of `provider` only, when given) that the router took out
+  // because a quota or the account's credit was spent, and their providers for the credit: once
+  // the bill is paid, say. Returns how many models it found.
+  std::size_t restore(std::string_view model, std::string_view provider = {}) {
+    std::size_t found = 0;
+    for (auto& m : state_->models) {
+      if (m->spec->id != model || (!provider.empty() && m->spec->provider != provider)) continue;
+      m->exhausted.clear();
+      state_->providers[m->provider]->exhausted.clear();
+      ++found;
+    }
+    return found;
+  }
+
   std::vector<model_status> status(time_point now = Clock::now()) const {
     std::vector<model_status> out;
     for (const auto& m : state_->models) {
@@ -161,8 +175,8 @@ class router {
       s.rate_limited = totals.rate_limited;
       s.errors = totals.errors;
       s.breaker = p.breaker.state();
-      s.cooling =
-          std::max({std::chrono::nanoseconds::zero(), p.cooldown.left(now), m->cooldown.left(now)});
+      s.cooling = std::max({std::chrono::nanoseconds::zero(), p.cooldown.left(now),
+                            m->cooldown.left(now), p.exhausted.left(now), m->exhausted.left(now)});
       s.latency = std::chrono::nanoseconds(m->latency_ns.load(std::memory_order_relaxed));
       const auto per_minute = [](weir::rate r) { return r.per_second * 60; };
       if (m->adapt) {
@@ -184,14 +198,22 @@ class router {
  private:
   using nanos = std::chrono::nanoseconds;
 
-  // Until when the server said a quota is exhausted; only ever moves later.
+  // Until when the server said a quota is exhausted; only ever moves later, but for clear().
   struct cooldown {
+    static constexpr std::int64_t until_cleared = std::numeric_limits<std::int64_t>::max();
+
+    // nanos::max() while it lasts until cleared.
     nanos left(time_point now) const {
-      return nanos(until_ns.load(std::memory_order_acquire)) -
-             std::chrono::duration_cast<nanos>(now.time_since_epoch());
+      const auto until = until_ns.load(std::memory_order_acquire);
+      if (until == until_cleared) return nanos::max();
+      return nanos(until) - std::chrono::duration_cast<nanos>(now.time_since_epoch());
     }
     void extend_to(time_point until) {
-      const auto ns = std::chrono::duration_cast<nanos>(until.time_since_epoch()).count();
+      extend_to_ns(std::chrono::duration_cast<nanos>(until.time_since_epoch()).count());
+    }
+    void hold_until_cleared() { extend_to_ns(until_cleared); }
+    void clear() { until_ns.store(0, std::memory_order_release); }
+    void extend_to_ns(std::int64_t ns) {
       auto seen = until_ns.load(std::memory_order_relaxed);
       while (ns > seen && !until_ns.compare_exchange_weak(seen, ns, std::memory_order_acq_rel)) {
       }
@@ -206,7 +228,8 @@ class router {
 
     const provider_spec* spec;
     circuit_breaker<Clock> breaker;
-    struct cooldown cooldown;  // for providers whose limits are per account
+    struct cooldown cooldown;   // for providers whose limits are per account
+    struct cooldown exhausted;  // the account's credit is spent (router::restore clears it)
     provider_call call;
   };
 
@@ -262,6 +285,7 @@ class router {
     std::uint64_t max_request_tokens = std::numeric_limits<std::uint64_t>::max();
     std::atomic<std::int64_t> latency_ns{0};
     struct cooldown cooldown;
+    struct cooldown exhausted;            // a quota is spent (router::restore clears it)
     std::atomic<double> shared_limit{0};  // the request limit last told to the fleet
   };
 
@@ -345,7 +369,8 @@ class router {
     // How long before model m may be tried, its limits aside (see blocked_for).
     nanos blocked(const model_entry& m, const constraints& c, time_point now) const {
       const auto& p = *providers[m.provider];
-      return blocked_for(p.cooldown.left(now), m.cooldown.left(now),
+      return blocked_for(std::max(p.cooldown.left(now), p.exhausted.left(now)),
+                         std::max(m.cooldown.left(now), m.exhausted.left(now)),
                          p.breaker.state() != breaker_state::closed
                              ? std::optional(p.breaker.time_until_admit(now))
                              : std::nullopt,
@@ -787,6 +812,23 @@ class router {
                                                            route.last_backoff, route.random);
         route.not_before()[i] = std::max(
             route.not_before()[i], weir::detail::to_nanos(finished) + route.last_backoff.count());
+        break;
+      }
+      case verdict::exhausted: {
+        // No retry helps before the quota resets or someone pays: the model (for the account's
+        // credit, its whole provider) is out until then, or until restore().
+        const bool whole_provider = judged.reason.cause == refusal_cause::billing ||
+                                    p.spec->cooldown_scope == cooldown_scope::provider;
+        const auto out_for =
+            judged.reason.resets_after ? judged.reason.resets_after : s.options.exhausted_for;
+        auto& out = whole_provider ? p.exhausted : m.exhausted;
+        if (out_for)
+          out.extend_to(finished + std::chrono::duration_cast<typename Clock::duration>(*out_for));
+        else
+          out.hold_until_cleared();
+        s.emit(provider_exhausted{c.operation, spec.provider, judged.reason, out_for,
+                                  whole_provider ? std::string_view{} : spec.id});
+        route.tried()[i] = tried_for_good;
         break;
       }
       case verdict::fatal:

@@ -111,6 +111,10 @@ struct basic_router_options {
   // reported usage, else the estimate for a success or a cancelled call, nothing for a failure
   // that reports none (providers do not bill those) or a call never sent.
   std::vector<spend_budget<Clock>> budgets{};
+  // How long a model stays out once its provider said a quota or the account's credit is spent
+  // and did not say when it comes back (OpenAI insufficient_quota, a 402). nullopt: until
+  // router::restore().
+  std::optional<std::chrono::nanoseconds> exhausted_for{};
 };
 template <class Response>
 using router_options = basic_router_options<Response>;
@@ -125,7 +129,9 @@ struct model_status {
   std::uint64_t rate_limited = 0;
   std::uint64_t errors = 0;
   breaker_state breaker = breaker_state::closed;
-  std::chrono::nanoseconds cooling{0};  // left of the model's (or its provider's) cooldown
+  // Left of the model's (or its provider's) cooldown, or of its time out for a spent quota
+  // (nanoseconds::max(): until router::restore()).
+  std::chrono::nanoseconds cooling{0};
   std::chrono::nanoseconds latency{0};
   // The limits in force, per minute: given in the catalog, reported by the server, or (for
   // requests, while no one said) where discovery found refusals begin. nullopt: unknown.
