@@ -359,7 +359,12 @@ class adaptation_core {
       apply(now);
       return;
     }
-    const double at_send = std::min(rate_, rate_at(sent));  // the rate it was refused at
+    double at_send = std::min(rate_, rate_at(sent));  // the rate it was refused at
+    // A window that refused and paused (HAProxy's sliding second: Retry-After 1, nothing left)
+    // judged what it saw, not the rate in force: after the pause the pace comes back at full
+    // rate, and the window fills in less than a second. Its ceiling is what it counted.
+    if (!known_ && !slow_start_ && spent)
+      if (const auto seen = seen_rate_before(sent)) at_send = std::min(at_send, *seen);
     // An isolated refusal at the hold point of a known limit is the network's jitter bringing
     // two requests closer than the server allows, not a lower limit: a step of one headroom
     // answers it, where a full decrease would cost a tenth of the goodput each time. A second
@@ -375,9 +380,10 @@ class adaptation_core {
       apply(now);
       return;
     }
-    // A first probe refused: the limit is where it was. Back to the hold point, and the next
-    // probe waits twice as long (up to four times), so that a steady limit is seldom overshot.
-    if (step > 0 && step <= options_.probe_step && !spent && ceiling_) {
+    // A first probe refused, even by a server that says it has nothing left (each such refusal
+    // costs a pause): the limit is where it was. Back to the hold point, and the next probe waits
+    // twice as long (up to four times), so that a steady limit is seldom overshot.
+    if (step > 0 && step <= options_.probe_step && ceiling_) {
       ceiling_ = *ceiling_ / (1 + step);
       patience_ = std::min(4u, patience_ * 2);
       rate_ = std::min(rate_, hold() * (1 - options_.headroom));
@@ -478,6 +484,8 @@ class adaptation_core {
 
   // Round-trip time and the rate requests are actually sent at, both smoothed.
   void note_timing(time_point sent, time_point now) {
+    sends_[next_send_] = weir::detail::to_nanos(sent);
+    next_send_ = (next_send_ + 1) % sends_.size();
     const double rtt = static_cast<double>(std::chrono::duration_cast<nanos>(now - sent).count());
     if (rtt >= 0) srtt_ = srtt_ == 0 ? rtt : srtt_ + 0.125 * (rtt - srtt_);
     const auto at = weir::detail::to_nanos(now);
@@ -487,6 +495,26 @@ class adaptation_core {
       if (gap_ > 0) sent_rate_ = 1e9 / gap_;
     }
     last_response_ = at;
+  }
+
+  // The rate the server saw in the second before `sent`, counted from the answers (those sent
+  // before a request are mostly answered before it): what a window that refused it counted.
+  // None when more were sent in that second than are remembered.
+  std::optional<double> seen_rate_before(time_point sent) const {
+    const auto at = weir::detail::to_nanos(sent);
+    constexpr weir::detail::nanos window = 1'000'000'000;
+    std::size_t in_window = 0;
+    bool older_seen = false;
+    for (const auto t : sends_) {
+      if (t == 0 || t > at) continue;
+      if (t > at - window)
+        ++in_window;
+      else
+        older_seen = true;
+    }
+    // Too few to count by (a slow limit): one more or less would move it by more than an eighth.
+    if (!older_seen || in_window < 8) return std::nullopt;
+    return static_cast<double>(in_window);
   }
 
   // The rate that was in force at `t` (the oldest remembered one if `t` is older).
@@ -600,6 +628,8 @@ class adaptation_core {
   weir::detail::nanos last_response_ = 0;
   std::array<window_estimate, 4> inferred_{};
   std::array<window_from_resets, 4> resets_{};
+  std::array<weir::detail::nanos, 128> sends_{};  // when the last answers' requests were sent
+  std::size_t next_send_ = 0;
   std::array<rate_change, 32> history_{};
   std::size_t next_history_ = 0;
 };
