@@ -679,22 +679,18 @@ class router {
   }
 
   // What the end of an answer teaches: the breaker (its ticket), the usage window, and the
-  // limits settled to `used` (the estimate for a success that did not say). Returns the tokens
-  // settled. A 429 is the cooldown's business, not the breaker's (circuit_breaker_options says
-  // why).
+  // limits settled to what the provider counts of `used` (the estimate for a success that did
+  // not say). Returns the tokens used: reported, or the estimate. A 429 is the cooldown's business,
+  // not the breaker's (circuit_breaker_options says why).
   static std::uint64_t settle_answer(state& s, std::size_t i, const ticket_type& ticket,
                                      bool answered, verdict kind,
                                      const std::optional<token_usage>& used, const usage& estimate,
                                      time_point started, time_point finished) {
     auto& m = *s.models[i];
     s.providers[m.provider]->breaker.settle(ticket, answered, kind);
-    const usage spent =
-        used
-            ? usage{.requests = 1,
-                    .tokens = weir::detail::saturating_add(used->input_tokens, used->output_tokens),
-                    .input_tokens = used->input_tokens,
-                    .output_tokens = used->output_tokens}
-            : (kind == verdict::success ? estimate : usage{.requests = 1});
+    // What the provider counts: at Anthropic, say, not the input read from its cache.
+    const usage spent = used ? m.spec->limited_usage(*used)
+                             : (kind == verdict::success ? estimate : usage{.requests = 1});
     if (answered)
       m.monitor.record({.requests = 1,
                         .tokens = spent.tokens,
@@ -702,7 +698,8 @@ class router {
                         .rate_limited = kind == verdict::rate_limited},
                        started);
     if (m.limits) m.limits->settle(estimate, spent, finished);
-    return spent.tokens;
+    return used ? weir::detail::saturating_add(used->input_tokens, used->output_tokens)
+                : spent.tokens;
   }
 
   // A stream a route returned, settled when it ends: the model's breaker ticket and limits, its
@@ -743,12 +740,14 @@ class router {
         tally.settle_into(call);
         std::optional<token_usage> used;
         if (call.actual_output_tokens)
-          used = token_usage{*call.actual_input_tokens, *call.actual_output_tokens};
+          used = token_usage{.input_tokens = *call.actual_input_tokens,
+                             .output_tokens = *call.actual_output_tokens,
+                             .cache_read_tokens = call.actual_cache_read_tokens.value_or(0),
+                             .cache_write_tokens = call.actual_cache_write_tokens.value_or(0)};
         const auto tokens =
             settle_answer(*s, model, ticket, true, kind, used, estimate, started, Clock::now());
         const auto& spec = *s->models[model]->spec;
-        const double cost = used ? spec.cost(used->input_tokens, used->output_tokens)
-                                 : spec.cost(input_tokens, output_tokens);
+        const double cost = used ? spec.cost(*used) : spec.cost(input_tokens, output_tokens);
         for (auto& r : charges) r.settle(cost);
         s->emit(stream_ended{operation, how, tally.chunks, tokens, tally.source(),
                              time_to_first_token});
@@ -766,7 +765,7 @@ class router {
     if (charges.empty()) return;
     double cost = 0;
     if (l.used)
-      cost = spec.cost(l.used->input_tokens, l.used->output_tokens);
+      cost = spec.cost(*l.used);
     else if (l.judged.is_success() || result.cancelled())
       cost = spec.cost(c.input_tokens, c.output_tokens);
     for (auto& r : charges) r.settle(cost);
@@ -966,8 +965,12 @@ class router {
         route.record.model = spec.id;
         if (l.judged.kind == verdict::success) {
           route.record.settled_tokens = l.tokens;
-          route.record.cost = l.used ? spec.cost(l.used->input_tokens, l.used->output_tokens)
-                                     : spec.cost(c.input_tokens, c.output_tokens);
+          route.record.cost =
+              l.used ? spec.cost(*l.used) : spec.cost(c.input_tokens, c.output_tokens);
+          if (l.used) {
+            route.record.cache_read_tokens = l.used->cache_read_tokens;
+            route.record.cache_write_tokens = l.used->cache_write_tokens;
+          }
         }
         co_return routed<Response>{std::move(result).get(), std::move(route.record)};
       }

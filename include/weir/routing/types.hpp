@@ -62,7 +62,11 @@ struct route_record {
   std::chrono::nanoseconds waited{0};  // time spent waiting for a model to have room
   std::uint64_t estimated_tokens = 0;
   std::uint64_t settled_tokens = 0;  // what the response reported, or the estimate
-  double cost = 0;                   // USD at the settled tokens
+  // Of the input the response reported, read from and written to the provider's prompt cache
+  // (a stream's are in its tally, at its end).
+  std::uint64_t cache_read_tokens = 0;
+  std::uint64_t cache_write_tokens = 0;
+  double cost = 0;  // USD at the settled tokens, cached ones at the cache's prices
 };
 
 template <class Response>
