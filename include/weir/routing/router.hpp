@@ -14,6 +14,7 @@
 
 #include <weir/circuit_breaker.hpp>
 #include <weir/detail/deadline.hpp>
+#include <weir/detail/session_caches.hpp>
 #include <weir/detail/small_buffer.hpp>
 #include <weir/error.hpp>
 #include <weir/events.hpp>
@@ -224,12 +225,16 @@ class router {
 
   struct provider_entry {
     provider_entry(const provider_spec& s, circuit_breaker_options breaker_options)
-        : spec(&s), breaker(std::move(breaker_options)) {}
+        : spec(&s),
+          breaker(std::move(breaker_options)),
+          cache_ttl(
+              std::chrono::duration_cast<typename Clock::duration>(s.cache_or_documented().ttl)) {}
 
     const provider_spec* spec;
     circuit_breaker<Clock> breaker;
     struct cooldown cooldown;   // for providers whose limits are per account
     struct cooldown exhausted;  // the account's credit is spent (router::restore clears it)
+    typename Clock::duration cache_ttl;  // how long its prompt cache lives after a use
     provider_call call;
   };
 
@@ -385,9 +390,17 @@ class router {
                                     std::span<const char> tried,
                                     std::span<const std::int64_t> not_before, time_point now,
                                     bool reserve) {
+      weir::detail::small_buffer<std::uint64_t, 32> cached(models.size(), 0);
+      const bool warm = !c.session.empty() && caches.read(c.session, now, cached.span());
       rank<Clock>(
-          r, [&](std::size_t i) { return models[i]->view(); }, c, min_context, tried, not_before,
-          now, options.strategy, [&](std::size_t i) { return blocked(*models[i], c, now); });
+          r,
+          [&](std::size_t i) {
+            auto view = models[i]->view();
+            if (warm) view.cached_input_tokens = cached.span()[i];
+            return view;
+          },
+          c, min_context, tried, not_before, now, options.strategy,
+          [&](std::size_t i) { return blocked(*models[i], c, now); });
       const auto cost = cost_of(c);
       return choose(r, [&](std::size_t i) {
         auto& limits = models[i]->limits;
@@ -424,6 +437,8 @@ class router {
     options_type options;
     std::vector<std::unique_ptr<provider_entry>> providers;
     std::vector<std::unique_ptr<model_entry>> models;
+    // Where each session's prompt is cached, for cache_affinity.
+    weir::detail::session_caches<Clock> caches;
     mutable std::atomic<std::uint32_t> route_seeds{1};  // each route's backoff jitter
     std::atomic<bool> fleet_reachable{true};
   };
@@ -945,6 +960,12 @@ class router {
                                         std::as_const(request));
       const auto finished = Clock::now();
       const auto l = learn(*s, i, *ticket, result, started, finished, route);
+      if (l.judged.is_success() && !c.session.empty()) {
+        // The provider now holds this prompt: the prefix the session's next request resends.
+        const auto prefix = l.used ? l.used->input_tokens : c.input_tokens;
+        s->caches.note(c.session, i, prefix, finished,
+                       s->providers[s->models[i]->provider]->cache_ttl);
+      }
       if constexpr (streamed) {
         if (l.judged.is_success()) {
           Response stream = std::move(result).get();

@@ -42,6 +42,10 @@ struct basic_route_constraints {
   bool wait_for_capacity = true;  // false: fail at once when no model has room now
   std::string_view operation{};   // named in events; never a request body or a key
   std::string_view tenant{};      // whose request: the key of per-tenant spend budgets
+  // The conversation (or agent) this request continues, whose earlier requests the providers
+  // may have cached: the router remembers where each session went, for cache_affinity. Empty:
+  // none. Never put a secret here.
+  std::string_view session{};
 };
 using route_constraints = basic_route_constraints<>;
 
