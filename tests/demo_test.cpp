@@ -178,6 +178,56 @@ TEST_CASE("the mock provider speaks both dialects with their rate-limit headers"
   CHECK(stats.status(400) == 1);
 }
 
+TEST_CASE("the mock provider caches prompt prefixes and reports the cache reads in both dialects",
+          "[cache]") {
+  demo::asio::io_context io(1);
+  weir::testing::mock_provider server(io.get_executor(),
+                                      {.name = "m",
+                                       .models = {{"small", 600, 600'000, 0}},
+                                       .base_latency = std::chrono::microseconds(0),
+                                       .prompt_cache_ttl = std::chrono::minutes(5)});
+  server.start();
+  const auto where = weir::http::endpoint::parse(server.base_url());
+  weir::http::chat_client openai(io.get_executor(), weir::http::dialect::openai, where);
+  weir::http::chat_client anthropic(io.get_executor(), weir::http::dialect::anthropic, where);
+  // A conversation: its second prompt resends the first (two whole 512-character blocks of it)
+  // and adds to it; the third resends the second.
+  std::string letters;
+  for (int i = 0; i < 1100; ++i) letters += static_cast<char>('a' + i % 26);
+  const std::string first = letters;
+  const std::string second = first + std::string(1000, 'y');
+  std::vector<demo::response> answers;
+  demo::asio::co_spawn(
+      io,
+      [&]() -> demo::asio::awaitable<void> {
+        for (auto [client, prompt] : {std::pair{&openai, &first}, std::pair{&openai, &second},
+                                      std::pair{&anthropic, &second}}) {
+          const weir::http::chat_request ask{.model = "small", .prompt = *prompt, .max_tokens = 4};
+          answers.push_back(co_await client->complete(ask, std::chrono::seconds(5)));
+        }
+        server.stop();
+      },
+      demo::asio::detached);
+  io.run();
+  REQUIRE(answers.size() == 3);
+  std::vector<weir::token_usage> used;
+  for (const auto& a : answers) {
+    REQUIRE(demo::usage_of(a));
+    used.push_back(*demo::usage_of(a));
+  }
+  CHECK(used[0].input_tokens == 275);
+  CHECK(used[0].cache_read_tokens == 0);
+  CHECK(used[1].input_tokens == 525);
+  CHECK(used[1].cache_read_tokens == 256);  // the first prompt's two whole blocks
+  CHECK(used[2].input_tokens == 525);       // Anthropic's three counts, added up
+  CHECK(used[2].cache_read_tokens == 512);  // the second prompt's four whole blocks
+  CHECK(used[2].cache_write_tokens == 0);
+  CHECK(answers[2].body().find(R"("cache_read_input_tokens":512)") != std::string::npos);
+  const auto stats = server.stats();
+  CHECK(stats.cache_read_tokens == 768);
+  CHECK(stats.cache_write_tokens == 512);  // two blocks, then two more
+}
+
 namespace {
 // How one streamed request through the chat client ended.
 struct streamed {

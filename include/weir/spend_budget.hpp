@@ -17,6 +17,7 @@
 #include <weir/error.hpp>
 #include <weir/events.hpp>
 #include <weir/metrics.hpp>
+#include <weir/price.hpp>
 #include <weir/stage.hpp>
 
 #include <fmt/format.h>
@@ -38,24 +39,6 @@
 #include <vector>
 
 namespace weir {
-
-// A model's prices, USD per million tokens.
-struct price {
-  double input_per_million = 0;
-  double output_per_million = 0;
-
-  double of(std::uint64_t input_tokens, std::uint64_t output_tokens) const noexcept {
-    return (static_cast<double>(input_tokens) * input_per_million +
-            static_cast<double>(output_tokens) * output_per_million) /
-           1e6;
-  }
-  // A call's cost by its usage: input and output at their rates, or a bare total at the dearer
-  // rate, so never under-estimated.
-  double of(const usage& u) const noexcept {
-    if (u.input_tokens || u.output_tokens) return of(u.input_tokens, u.output_tokens);
-    return static_cast<double>(u.tokens) * std::max(input_per_million, output_per_million) / 1e6;
-  }
-};
 
 // When a budget's spend starts again from zero.
 class budget_window {
@@ -210,7 +193,7 @@ class budget_stage_base {
     }
     const auto& call = context.call;
     if (call.actual_tokens || call.actual_input_tokens || call.actual_output_tokens)
-      held->settle(price_.of(call.actual_usage(call.estimated_usage())));
+      held->settle(cost_of(call));
     else if (context.judged == verdict::success || result.cancelled())
       held->settle(held->amount());
     else
@@ -226,6 +209,15 @@ class budget_stage_base {
   }
   double estimate_of(const basic_call_context<clock_type>& call) const noexcept {
     return price_.of(call.estimated_usage());
+  }
+  // What the call really cost: its cache reads and writes, when it reported them, at their rates.
+  double cost_of(const basic_call_context<clock_type>& call) const noexcept {
+    const auto used = call.actual_usage(call.estimated_usage());
+    if (!call.actual_cache_read_tokens && !call.actual_cache_write_tokens) return price_.of(used);
+    return price_.of(token_usage{.input_tokens = used.input_tokens,
+                                 .output_tokens = used.output_tokens,
+                                 .cache_read_tokens = call.actual_cache_read_tokens.value_or(0),
+                                 .cache_write_tokens = call.actual_cache_write_tokens.value_or(0)});
   }
 
   Budget budget_;

@@ -80,10 +80,14 @@ struct usage {
   friend bool operator==(const usage&, const usage&) = default;
 };
 
-// Tokens a response says it used.
+// Tokens a response says it used. input_tokens counts every input token, those read from or
+// written to the provider's prompt cache among them (OpenAI reports it so; Anthropic's
+// input_tokens leaves both out, and weir::http::reported_usage adds them back).
 struct token_usage {
   std::uint64_t input_tokens = 0;
   std::uint64_t output_tokens = 0;
+  std::uint64_t cache_read_tokens = 0;   // of input_tokens: read from the prompt cache
+  std::uint64_t cache_write_tokens = 0;  // of input_tokens: written to it
 };
 
 // What the policies read about one call.
@@ -99,6 +103,10 @@ struct basic_call_context {
   std::optional<std::uint64_t> actual_tokens{};
   std::optional<std::uint64_t> actual_input_tokens{};
   std::optional<std::uint64_t> actual_output_tokens{};
+  // Of the actual input tokens, those read from and written to the provider's prompt cache:
+  // spend budgets charge them at their own prices.
+  std::optional<std::uint64_t> actual_cache_read_tokens{};
+  std::optional<std::uint64_t> actual_cache_write_tokens{};
   weir::priority priority = weir::priority::normal;  // for request_queue
   // The call's deadline, kept by every stage and the router: nothing is sent after it and the
   // call ends by it. A call whose deadline has passed is refused (timeout) before any stage is
@@ -140,6 +148,9 @@ struct stream_tally {
   std::uint64_t counted_output_tokens = 0;                // output counted chunk by chunk
   std::optional<std::uint64_t> reported_input_tokens{};   // e.g. Anthropic's message_start
   std::optional<std::uint64_t> reported_output_tokens{};  // the final usage chunk
+  // Of the reported input, read from and written to the prompt cache.
+  std::optional<std::uint64_t> reported_cache_read_tokens{};
+  std::optional<std::uint64_t> reported_cache_write_tokens{};
 
   usage_source source() const noexcept {
     if (reported_output_tokens) return usage_source::reported;
@@ -163,6 +174,17 @@ struct stream_tally {
     call.actual_input_tokens = reported_input_tokens.value_or(estimated_input);
     call.actual_output_tokens = *output;
     call.actual_tokens = detail::saturating_add(*call.actual_input_tokens, *output);
+    if (reported_input_tokens) {
+      call.actual_cache_read_tokens = reported_cache_read_tokens;
+      call.actual_cache_write_tokens = reported_cache_write_tokens;
+    }
+  }
+
+  // Sets the reported input, cache counts included, from a usage the stream carried.
+  void report_input(const token_usage& used) noexcept {
+    reported_input_tokens = used.input_tokens;
+    reported_cache_read_tokens = used.cache_read_tokens;
+    reported_cache_write_tokens = used.cache_write_tokens;
   }
 };
 

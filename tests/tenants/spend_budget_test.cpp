@@ -255,6 +255,39 @@ TEST_CASE("a budget stage charges as the router does: usage, else the estimate f
   CHECK(overall.status().at(0).reserved == Approx(0));
 }
 
+TEST_CASE("a budget stage charges cache reads and writes at their own prices", "[budget][cache]") {
+  clock_type::set(at(utc(2026, 11, 30, 9)));
+  asio::io_context io;
+  budget overall({.limit = 100});
+  // Anthropic's rates for a $3 model: reads $0.30, 5-minute writes $3.75 per million.
+  const weir::price sonnet{.input_per_million = 3,
+                           .output_per_million = 15,
+                           .cached_input_per_million = 0.3,
+                           .cache_write_per_million = 3.75};
+  auto guarded = weir::pipeline(overall.stage(sonnet));
+  const auto call = [&](std::uint64_t read, std::uint64_t written) {
+    const double before = overall.status().empty() ? 0 : overall.status().at(0).spent;
+    weir::basic_call_context<clock_type> ctx{.input_tokens = 1'000'000, .output_tokens = 0};
+    weir::testing::finished<int> f;
+    f.start(io, guarded(ctx, [&]() -> asio::awaitable<int> {
+              ctx.actual_input_tokens = 1'000'000;
+              ctx.actual_output_tokens = 0;
+              if (read) ctx.actual_cache_read_tokens = read;
+              if (written) ctx.actual_cache_write_tokens = written;
+              co_return 0;
+            }));
+    run_ready(io);
+    return overall.status().at(0).spent - before;
+  };
+  CHECK(call(0, 0) == Approx(3.0));               // a million fresh input tokens
+  CHECK(call(900'000, 0) == Approx(0.3 + 0.27));  // 100k fresh, 900k read
+  CHECK(call(0, 1'000'000) == Approx(3.75));      // all written
+  CHECK(call(500'000, 500'000) == Approx(0.15 + 1.875));
+  // Without cache prices, cached tokens cost the input price: never under-charged.
+  CHECK(weir::price{.input_per_million = 3}.of(weir::token_usage{
+            .input_tokens = 1'000'000, .cache_read_tokens = 900'000}) == Approx(3.0));
+}
+
 TEST_CASE("four threads reserving from one budget never pass it together",
           "[budget][concurrency]") {
   budget shared({.limit = 1.0, .per = weir::budget_scope::tenant});

@@ -112,7 +112,7 @@ class parser {
 inline void openai_tally(const event& e, stream_tally& tally) {
   if (is_done(e)) return;
   if (auto used = reported_usage(e.data)) {
-    tally.reported_input_tokens = used->input_tokens;
+    tally.report_input(*used);
     tally.reported_output_tokens = used->output_tokens;
     return;
   }
@@ -125,15 +125,17 @@ inline void openai_tally(const event& e, stream_tally& tally) {
 }
 
 // Anthropic's events: each text or JSON delta counts one output token; message_start reports
-// the input, message_delta the output so far (the last one, the total).
+// the input (its cache reads and writes among it), message_delta the output so far (the last
+// one, the total) and, in newer versions of the API, the input again.
 inline void anthropic_tally(const event& e, stream_tally& tally) {
   if (e.type == "content_block_delta") {
     ++tally.counted_output_tokens;
   } else if (e.type == "message_start") {
-    tally.reported_input_tokens = detail::json_token_count(e.data, "input_tokens");
+    if (auto used = reported_usage(e.data)) tally.report_input(*used);
   } else if (e.type == "message_delta") {
     if (auto out = detail::json_token_count(e.data, "output_tokens"))
       tally.reported_output_tokens = out;
+    if (auto used = reported_usage(e.data)) tally.report_input(*used);
   }
 }
 

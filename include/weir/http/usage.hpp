@@ -3,9 +3,11 @@
 //
 //     ctx.actual_input_tokens = used->input_tokens;   // after auto used = reported_usage(body)
 //
-// OpenAI's and Groq's "usage": {"prompt_tokens", "completion_tokens"}, Anthropic's
-// "usage": {"input_tokens", "output_tokens"}. A small tolerant scan, not a JSON parser: it reads
-// the numbers of the "usage" object of a well-formed body and answers nullopt otherwise.
+// OpenAI's and Groq's "usage": {"prompt_tokens", "completion_tokens", "prompt_tokens_details":
+// {"cached_tokens"}}, Anthropic's "usage": {"input_tokens", "output_tokens",
+// "cache_read_input_tokens", "cache_creation_input_tokens"}. A small tolerant scan, not a JSON
+// parser: it reads the numbers of the "usage" object of a well-formed body and answers nullopt
+// otherwise.
 #pragma once
 
 #include <weir/stage.hpp>
@@ -75,14 +77,34 @@ inline std::optional<std::string> json_string(std::string_view body, std::string
 }  // namespace detail
 
 // The usage a response body reports, in OpenAI's or Anthropic's form; nullopt when it has none.
+// Cached input is part of input_tokens either way: OpenAI's prompt_tokens already count its
+// prompt_tokens_details.cached_tokens (cache reads; it bills no writes), while Anthropic's
+// input_tokens leave out cache_read_input_tokens and cache_creation_input_tokens, which are added.
 inline std::optional<token_usage> reported_usage(std::string_view body) {
   const auto usage = detail::json_key(body, "usage");
   if (usage == std::string_view::npos) return std::nullopt;
+  const auto count = [&](std::string_view key) {
+    return detail::json_token_count(body, key, usage).value_or(0);
+  };
   if (auto in = detail::json_token_count(body, "prompt_tokens", usage))
-    return token_usage{*in, detail::json_token_count(body, "completion_tokens", usage).value_or(0)};
-  if (auto in = detail::json_token_count(body, "input_tokens", usage))
-    return token_usage{*in, detail::json_token_count(body, "output_tokens", usage).value_or(0)};
-  return std::nullopt;
+    return token_usage{.input_tokens = *in,
+                       .output_tokens = count("completion_tokens"),
+                       .cache_read_tokens = std::min(*in, count("cached_tokens"))};
+  auto in = detail::json_token_count(body, "input_tokens", usage);
+  if (!in) return std::nullopt;
+  token_usage used{.input_tokens = *in, .output_tokens = count("output_tokens")};
+  if (auto read = detail::json_token_count(body, "cache_read_input_tokens", usage)) {
+    used.cache_read_tokens = *read;
+    used.cache_write_tokens = count("cache_creation_input_tokens");
+    used.input_tokens = std::min(max_reported_tokens, *in + *read + used.cache_write_tokens);
+  } else if (auto write = detail::json_token_count(body, "cache_creation_input_tokens", usage)) {
+    used.cache_write_tokens = *write;
+    used.input_tokens = std::min(max_reported_tokens, *in + *write);
+  } else {
+    // OpenAI's Responses API: input_tokens_details.cached_tokens, within input_tokens.
+    used.cache_read_tokens = std::min(*in, count("cached_tokens"));
+  }
+  return used;
 }
 
 }  // namespace weir::http

@@ -3,14 +3,21 @@
 //     {
 //       "providers": [
 //         {"name": "openai", "default_cooldown_seconds": 2, "cooldown_scope": "model",
-//          "breaker": {"consecutive_failures": 5, "break_seconds": 30}}
+//          "breaker": {"consecutive_failures": 5, "break_seconds": 30},
+//          "cache": {"read_factor": 0.5, "write_factor": 1, "reads_count_toward_limits": true,
+//                    "ttl_seconds": 300}}
 //       ],
 //       "models": [
 //         {"provider": "openai", "id": "gpt-4o-mini", "input_price": 0.15, "output_price": 0.6,
+//          "cached_input_price": 0.075, "cache_write_price": 0.15,
+//          "cache_reads_count_toward_limits": true,
 //          "capability": 7, "context_window": 128000,
 //          "requests_per_minute": 500, "tokens_per_minute": 200000}
 //       ]
 //     }
+//
+// A provider's "cache" and a model's cache fields are optional: what they leave out is the
+// provider's documented rule (routing::documented_cache_rules).
 //
 // Uses Boost.JSON's parser, which is compiled once per program: include <boost/json/src.hpp> in
 // exactly one of your source files (or link Boost::json).
@@ -225,6 +232,14 @@ class reader {
     return v->number;
   }
 
+  std::optional<bool> boolean(std::string_view key) {
+    const node* v = find(key);
+    if (!v) return std::nullopt;
+    if (v->type != node::kind::boolean)
+      throw catalog_error(field(key), v->line, "expected true or false");
+    return v->boolean;
+  }
+
   std::optional<std::uint64_t> count(std::string_view key, std::uint64_t max) {
     const node* v = find(key);
     if (!v) return std::nullopt;
@@ -298,6 +313,18 @@ inline provider_spec read_provider(const node& n, const std::string& path) {
     if (p.breaker.probe_timeout.count() <= 0)
       throw catalog_error(br.field("probe_timeout_seconds"), b->line, "must be positive");
   }
+  if (const node* c = r.find("cache")) {
+    // What the object leaves out is the provider's documented rule.
+    reader cr(*c, r.field("cache"));
+    auto rules = documented_cache_rules(p.name);
+    if (auto f = cr.number("read_factor", false, 100)) rules.read_factor = *f;
+    if (auto f = cr.number("write_factor", false, 100)) rules.write_factor = *f;
+    if (auto counts = cr.boolean("reads_count_toward_limits"))
+      rules.reads_count_toward_limits = *counts;
+    if (auto s = cr.number("ttl_seconds", false, max_seconds)) rules.ttl = seconds(*s);
+    cr.no_unknown_fields();
+    p.cache = rules;
+  }
   r.no_unknown_fields();
   return p;
 }
@@ -313,6 +340,9 @@ inline model_spec read_model(const node& n, const std::string& path) {
   m.context_window = r.count("context_window", std::uint64_t{1} << 40).value_or(0);
   m.requests_per_minute = r.number("requests_per_minute", false).value_or(0);
   m.tokens_per_minute = r.number("tokens_per_minute", false).value_or(0);
+  m.cached_input_price = r.number("cached_input_price", false);
+  m.cache_write_price = r.number("cache_write_price", false);
+  m.cache_reads_count = r.boolean("cache_reads_count_toward_limits");
   r.no_unknown_fields();
   return m;
 }

@@ -14,6 +14,7 @@
 
 #include <weir/circuit_breaker.hpp>
 #include <weir/detail/deadline.hpp>
+#include <weir/detail/session_caches.hpp>
 #include <weir/detail/small_buffer.hpp>
 #include <weir/error.hpp>
 #include <weir/events.hpp>
@@ -224,12 +225,16 @@ class router {
 
   struct provider_entry {
     provider_entry(const provider_spec& s, circuit_breaker_options breaker_options)
-        : spec(&s), breaker(std::move(breaker_options)) {}
+        : spec(&s),
+          breaker(std::move(breaker_options)),
+          cache_ttl(
+              std::chrono::duration_cast<typename Clock::duration>(s.cache_or_documented().ttl)) {}
 
     const provider_spec* spec;
     circuit_breaker<Clock> breaker;
     struct cooldown cooldown;   // for providers whose limits are per account
     struct cooldown exhausted;  // the account's credit is spent (router::restore clears it)
+    typename Clock::duration cache_ttl;  // how long its prompt cache lives after a use
     provider_call call;
   };
 
@@ -385,9 +390,17 @@ class router {
                                     std::span<const char> tried,
                                     std::span<const std::int64_t> not_before, time_point now,
                                     bool reserve) {
+      weir::detail::small_buffer<std::uint64_t, 32> cached(models.size(), 0);
+      const bool warm = !c.session.empty() && caches.read(c.session, now, cached.span());
       rank<Clock>(
-          r, [&](std::size_t i) { return models[i]->view(); }, c, min_context, tried, not_before,
-          now, options.strategy, [&](std::size_t i) { return blocked(*models[i], c, now); });
+          r,
+          [&](std::size_t i) {
+            auto view = models[i]->view();
+            if (warm) view.cached_input_tokens = cached.span()[i];
+            return view;
+          },
+          c, min_context, tried, not_before, now, options.strategy,
+          [&](std::size_t i) { return blocked(*models[i], c, now); });
       const auto cost = cost_of(c);
       return choose(r, [&](std::size_t i) {
         auto& limits = models[i]->limits;
@@ -424,6 +437,8 @@ class router {
     options_type options;
     std::vector<std::unique_ptr<provider_entry>> providers;
     std::vector<std::unique_ptr<model_entry>> models;
+    // Where each session's prompt is cached, for cache_affinity.
+    weir::detail::session_caches<Clock> caches;
     mutable std::atomic<std::uint32_t> route_seeds{1};  // each route's backoff jitter
     std::atomic<bool> fleet_reachable{true};
   };
@@ -679,22 +694,18 @@ class router {
   }
 
   // What the end of an answer teaches: the breaker (its ticket), the usage window, and the
-  // limits settled to `used` (the estimate for a success that did not say). Returns the tokens
-  // settled. A 429 is the cooldown's business, not the breaker's (circuit_breaker_options says
-  // why).
+  // limits settled to what the provider counts of `used` (the estimate for a success that did
+  // not say). Returns the tokens used: reported, or the estimate. A 429 is the cooldown's business,
+  // not the breaker's (circuit_breaker_options says why).
   static std::uint64_t settle_answer(state& s, std::size_t i, const ticket_type& ticket,
                                      bool answered, verdict kind,
                                      const std::optional<token_usage>& used, const usage& estimate,
                                      time_point started, time_point finished) {
     auto& m = *s.models[i];
     s.providers[m.provider]->breaker.settle(ticket, answered, kind);
-    const usage spent =
-        used
-            ? usage{.requests = 1,
-                    .tokens = weir::detail::saturating_add(used->input_tokens, used->output_tokens),
-                    .input_tokens = used->input_tokens,
-                    .output_tokens = used->output_tokens}
-            : (kind == verdict::success ? estimate : usage{.requests = 1});
+    // What the provider counts: at Anthropic, say, not the input read from its cache.
+    const usage spent = used ? m.spec->limited_usage(*used)
+                             : (kind == verdict::success ? estimate : usage{.requests = 1});
     if (answered)
       m.monitor.record({.requests = 1,
                         .tokens = spent.tokens,
@@ -702,7 +713,8 @@ class router {
                         .rate_limited = kind == verdict::rate_limited},
                        started);
     if (m.limits) m.limits->settle(estimate, spent, finished);
-    return spent.tokens;
+    return used ? weir::detail::saturating_add(used->input_tokens, used->output_tokens)
+                : spent.tokens;
   }
 
   // A stream a route returned, settled when it ends: the model's breaker ticket and limits, its
@@ -743,12 +755,14 @@ class router {
         tally.settle_into(call);
         std::optional<token_usage> used;
         if (call.actual_output_tokens)
-          used = token_usage{*call.actual_input_tokens, *call.actual_output_tokens};
+          used = token_usage{.input_tokens = *call.actual_input_tokens,
+                             .output_tokens = *call.actual_output_tokens,
+                             .cache_read_tokens = call.actual_cache_read_tokens.value_or(0),
+                             .cache_write_tokens = call.actual_cache_write_tokens.value_or(0)};
         const auto tokens =
             settle_answer(*s, model, ticket, true, kind, used, estimate, started, Clock::now());
         const auto& spec = *s->models[model]->spec;
-        const double cost = used ? spec.cost(used->input_tokens, used->output_tokens)
-                                 : spec.cost(input_tokens, output_tokens);
+        const double cost = used ? spec.cost(*used) : spec.cost(input_tokens, output_tokens);
         for (auto& r : charges) r.settle(cost);
         s->emit(stream_ended{operation, how, tally.chunks, tokens, tally.source(),
                              time_to_first_token});
@@ -766,7 +780,7 @@ class router {
     if (charges.empty()) return;
     double cost = 0;
     if (l.used)
-      cost = spec.cost(l.used->input_tokens, l.used->output_tokens);
+      cost = spec.cost(*l.used);
     else if (l.judged.is_success() || result.cancelled())
       cost = spec.cost(c.input_tokens, c.output_tokens);
     for (auto& r : charges) r.settle(cost);
@@ -946,6 +960,12 @@ class router {
                                         std::as_const(request));
       const auto finished = Clock::now();
       const auto l = learn(*s, i, *ticket, result, started, finished, route);
+      if (l.judged.is_success() && !c.session.empty()) {
+        // The provider now holds this prompt: the prefix the session's next request resends.
+        const auto prefix = l.used ? l.used->input_tokens : c.input_tokens;
+        s->caches.note(c.session, i, prefix, finished,
+                       s->providers[s->models[i]->provider]->cache_ttl);
+      }
       if constexpr (streamed) {
         if (l.judged.is_success()) {
           Response stream = std::move(result).get();
@@ -966,8 +986,12 @@ class router {
         route.record.model = spec.id;
         if (l.judged.kind == verdict::success) {
           route.record.settled_tokens = l.tokens;
-          route.record.cost = l.used ? spec.cost(l.used->input_tokens, l.used->output_tokens)
-                                     : spec.cost(c.input_tokens, c.output_tokens);
+          route.record.cost =
+              l.used ? spec.cost(*l.used) : spec.cost(c.input_tokens, c.output_tokens);
+          if (l.used) {
+            route.record.cache_read_tokens = l.used->cache_read_tokens;
+            route.record.cache_write_tokens = l.used->cache_write_tokens;
+          }
         }
         co_return routed<Response>{std::move(result).get(), std::move(route.record)};
       }

@@ -44,6 +44,7 @@ struct model_view {
   std::uint64_t max_request_tokens = std::numeric_limits<std::uint64_t>::max();
   std::chrono::nanoseconds latency{0};  // its smoothed latency; zero before the first answer
   const usage_monitor<Clock>* monitor = nullptr;
+  std::uint64_t cached_input_tokens = 0;  // of this request's input, in its prompt cache
 };
 
 // Whether the model could ever take the request, whatever its load: capable and large enough,
@@ -114,7 +115,8 @@ void rank(ranking& r, ViewOf&& view_of, const basic_route_constraints<Clock>& c,
         .estimated_cost = m.spec->cost(c.input_tokens, c.output_tokens),
         .latency = m.latency,
         .monitor = m.monitor,
-        .now = now};
+        .now = now,
+        .cached_input_tokens = std::min(m.cached_input_tokens, c.input_tokens)};
     const double s = strategy(candidate);
     score[i] = std::isnan(s) ? ranking::unranked : s;
   }

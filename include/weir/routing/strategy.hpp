@@ -7,7 +7,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <cstdint>
 #include <functional>
+#include <limits>
 
 namespace weir::routing {
 
@@ -20,6 +23,17 @@ struct basic_candidate {
   std::chrono::nanoseconds latency{0};
   const usage_monitor<Clock>* monitor = nullptr;
   typename Clock::time_point now{};
+  // Of the request's input, the tokens this model's prompt cache likely holds: the input the
+  // request's session sent on its last request here, while the provider's cache lives
+  // (cache_rules::ttl). Zero for a cold model or a request of no session.
+  std::uint64_t cached_input_tokens = 0;
+
+  // estimated_cost with the cached input at the cache's read price.
+  double estimated_cost_with_cache() const noexcept {
+    const double discount =
+        model.input_price - model.cached_input_price.value_or(model.input_price);
+    return estimated_cost - static_cast<double>(cached_input_tokens) * discount / 1e6;
+  }
 
   // The share of the model's per-minute limits left in the last minute, from 1 (idle or
   // unlimited) to 0. Computed on demand: it is a pass over the monitor's window.
@@ -48,6 +62,21 @@ basic_strategy<Clock> most_headroom() {
 template <class Clock = std::chrono::steady_clock>
 basic_strategy<Clock> lowest_latency() {
   return [](const basic_candidate<Clock>& c) { return static_cast<double>(c.latency.count()); };
+}
+
+// Keeps a conversation where its prompt is cached (route_constraints::session): a model the
+// session's cache is warm on is scored at its price with that prefix read from the cache, and
+// wins a tie; every other model at its full price, as in cheapest(). So a session stays on its
+// warm model while the cache lives and the model has room, and moves, to the cheapest with
+// room, when it has none (or, with `min_headroom`, when less than that share of its limits is
+// left) or when another model is cheaper even uncached.
+template <class Clock = std::chrono::steady_clock>
+basic_strategy<Clock> cache_affinity(double min_headroom = 0) {
+  return [min_headroom](const basic_candidate<Clock>& c) {
+    if (c.cached_input_tokens == 0 || (min_headroom > 0 && c.headroom() <= min_headroom))
+      return c.estimated_cost;
+    return std::nextafter(c.estimated_cost_with_cache(), -std::numeric_limits<double>::infinity());
+  };
 }
 
 // Everything in dollars: price + latency × dollars_per_second + (1 − headroom) ×

@@ -42,6 +42,10 @@ struct basic_route_constraints {
   bool wait_for_capacity = true;  // false: fail at once when no model has room now
   std::string_view operation{};   // named in events; never a request body or a key
   std::string_view tenant{};      // whose request: the key of per-tenant spend budgets
+  // The conversation (or agent) this request continues, whose earlier requests the providers
+  // may have cached: the router remembers where each session went, for cache_affinity. Empty:
+  // none. Never put a secret here.
+  std::string_view session{};
 };
 using route_constraints = basic_route_constraints<>;
 
@@ -62,7 +66,11 @@ struct route_record {
   std::chrono::nanoseconds waited{0};  // time spent waiting for a model to have room
   std::uint64_t estimated_tokens = 0;
   std::uint64_t settled_tokens = 0;  // what the response reported, or the estimate
-  double cost = 0;                   // USD at the settled tokens
+  // Of the input the response reported, read from and written to the provider's prompt cache
+  // (a stream's are in its tally, at its end).
+  std::uint64_t cache_read_tokens = 0;
+  std::uint64_t cache_write_tokens = 0;
+  double cost = 0;  // USD at the settled tokens, cached ones at the cache's prices
 };
 
 template <class Response>

@@ -42,6 +42,7 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 namespace weir::testing {
@@ -90,6 +91,13 @@ struct mock_provider_options {
   // turns, first come first served, on this many workers; past `max_queue` waiting, 503.
   std::size_t workers = 0;
   std::size_t max_queue = 0;  // 0: no bound
+  // A prompt cache as the providers keep one: a prompt's longest prefix, in whole blocks of
+  // `prompt_cache_block` characters, that the same model was sent within this time of its last
+  // use is read from the cache (reported as OpenAI's cached_tokens, Anthropic's
+  // cache_read_input_tokens); the prompt's other whole blocks are written to it (Anthropic's
+  // cache_creation_input_tokens). 0: no cache.
+  std::chrono::milliseconds prompt_cache_ttl{0};
+  std::size_t prompt_cache_block = 512;  // 128 tokens, OpenAI's increment
 };
 
 // What the server answered, by kind. Every request read ends in exactly one of: a status, a
@@ -99,8 +107,10 @@ struct mock_stats {
   std::map<unsigned, std::uint64_t> by_status{};
   std::uint64_t resets = 0;
   std::uint64_t stalls = 0;
-  std::uint64_t input_tokens = 0;   // of successful answers
-  std::uint64_t output_tokens = 0;  // of successful answers (a stream's: what it sent)
+  std::uint64_t input_tokens = 0;        // of successful answers
+  std::uint64_t output_tokens = 0;       // of successful answers (a stream's: what it sent)
+  std::uint64_t cache_read_tokens = 0;   // of their input, read from the prompt cache
+  std::uint64_t cache_write_tokens = 0;  // ... and written to it
   // Streamed answers begun, and the faults drawn for them.
   std::uint64_t streams = 0;
   std::uint64_t slow_first_tokens = 0;
@@ -379,7 +389,8 @@ class mock_provider {
         }
         p.needs_worker = true;
       }
-      if (l.unlimited) return answer(p, req, *model, input, max_tokens, stalled, d, finish);
+      if (l.unlimited)
+        return answer(p, req, *model, content, input, max_tokens, stalled, d, finish);
 
       // Like OpenAI, the request is charged its prompt plus max_tokens when it arrives.
       l.requests.refill(now);
@@ -399,19 +410,23 @@ class mock_provider {
       l.requests.level -= 1;
       l.tokens.level -= cost;
       set_limit_headers(res, d, l, wall);
-      return answer(p, req, *model, input, max_tokens, stalled, d, finish);
+      return answer(p, req, *model, content, input, max_tokens, stalled, d, finish);
     }
 
     // A 200 with the usage; the time it takes grows with the tokens written.
     template <class Finish>
-    plan answer(plan& p, const request_type& req, std::string_view model, std::uint64_t input,
-                std::uint64_t max_tokens, bool stalled, dialect d, const Finish& finish) {
+    plan answer(plan& p, const request_type& req, std::string_view model, std::string_view prompt,
+                std::uint64_t input, std::uint64_t max_tokens, bool stalled, dialect d,
+                const Finish& finish) {
       auto& res = p.response;
       const auto output = std::uniform_int_distribution<std::uint64_t>(
           std::max<std::uint64_t>(1, max_tokens / 4), max_tokens)(random);
       const auto id = stats.requests;
+      const auto cached = use_prompt_cache(model, prompt, clock::now(), input);
+      stats.cache_read_tokens += cached.read;
+      stats.cache_write_tokens += cached.written;
       if (req.body().find(R"("stream":true)") != std::string::npos)
-        return stream(p, req, model, input, output, id, d, stalled, finish);
+        return stream(p, req, model, input, output, cached, id, d, stalled, finish);
       if (auto tag = req.find("x-weir-request"); tag != req.end() && !stalled)
         stats.succeeded_requests.emplace(tag->value());
       p.delay += options.base_latency + options.per_output_token * static_cast<long>(output);
@@ -421,22 +436,74 @@ class mock_provider {
           d == dialect::anthropic
               ? fmt::format(R"({{"id":"msg_{}","type":"message","role":"assistant","model":"{}",)"
                             R"("content":[{{"type":"text","text":"ok"}}],"stop_reason":"end_turn",)"
-                            R"("usage":{{"input_tokens":{},"output_tokens":{}}}}})",
-                            id, model, input, output)
+                            R"("usage":{}}})",
+                            id, model, usage_json(d, input, output, cached))
               : fmt::format(
                     R"({{"id":"chatcmpl-{}","object":"chat.completion","model":"{}",)"
                     R"("choices":[{{"index":0,"message":{{"role":"assistant","content":"ok"}},)"
-                    R"("finish_reason":"stop"}}],)"
-                    R"("usage":{{"prompt_tokens":{},"completion_tokens":{},"total_tokens":{}}}}})",
-                    id, model, input, output, input + output);
+                    R"("finish_reason":"stop"}}],"usage":{}}})",
+                    id, model, usage_json(d, input, output, cached));
       return finish(200);
+    }
+
+    // What the prompt cache did for one prompt, in tokens.
+    struct cache_use {
+      std::uint64_t read = 0;
+      std::uint64_t written = 0;
+    };
+
+    // With a prompt cache: the longest prefix of whole blocks this model was sent within the TTL
+    // is read, the prompt's other whole blocks are written, and every block's life starts again.
+    // Blocks are told apart by a running hash (FNV-1a) of the model and the prompt up to them.
+    cache_use use_prompt_cache(std::string_view model, std::string_view prompt,
+                               clock::time_point now, std::uint64_t input) {
+      const auto ttl = options.prompt_cache_ttl;
+      const auto block = options.prompt_cache_block;
+      if (ttl.count() <= 0 || block == 0) return {};
+      std::uint64_t hash = 14695981039346656037ull;
+      const auto mix = [&](std::string_view bytes) {
+        for (const char ch : bytes)
+          hash = (hash ^ static_cast<unsigned char>(ch)) * 1099511628211ull;
+      };
+      mix(model);
+      mix(std::string_view("\0", 1));
+      std::size_t read_chars = 0, block_chars = 0;
+      bool reading = true;
+      for (std::size_t at = 0; at + block <= prompt.size(); at += block) {
+        mix(prompt.substr(at, block));
+        auto& until = prompt_cache[hash];
+        reading = reading && until > now;
+        if (reading) read_chars = at + block;
+        until = now + ttl;
+        block_chars = at + block;
+      }
+      if (prompt_cache.size() >= prompt_cache_sweep_at) {
+        std::erase_if(prompt_cache, [&](const auto& entry) { return entry.second <= now; });
+        prompt_cache_sweep_at = std::max<std::size_t>(4096, 2 * prompt_cache.size());
+      }
+      const auto read = std::min<std::uint64_t>(input, read_chars / 4);
+      return {read, std::min<std::uint64_t>(input - read, (block_chars - read_chars) / 4)};
+    }
+
+    // The usage object of an answer in the dialect's form: Anthropic's input_tokens leave out
+    // what was read from or written to the cache, OpenAI's prompt_tokens count it.
+    static std::string usage_json(dialect d, std::uint64_t input, std::uint64_t output,
+                                  cache_use cached) {
+      if (d == dialect::anthropic)
+        return fmt::format(R"({{"input_tokens":{},"cache_creation_input_tokens":{},)"
+                           R"("cache_read_input_tokens":{},"output_tokens":{}}})",
+                           input - cached.read - cached.written, cached.written, cached.read,
+                           output);
+      return fmt::format(R"({{"prompt_tokens":{},"completion_tokens":{},"total_tokens":{},)"
+                         R"("prompt_tokens_details":{{"cached_tokens":{}}}}})",
+                         input, output, input + output, cached.read);
     }
 
     // A 200 whose body is server-sent events in the dialect's form: the first chunk after the
     // base latency, then one event per output token, written in batches.
     template <class Finish>
     plan stream(plan& p, const request_type& req, std::string_view model, std::uint64_t input,
-                std::uint64_t output, std::uint64_t id, dialect d, bool stalled,
+                std::uint64_t output, cache_use cached, std::uint64_t id, dialect d, bool stalled,
                 const Finish& finish) {
       auto& res = p.response;
       const auto& f = options.faults;
@@ -462,8 +529,8 @@ class mock_provider {
         e.push_back(fmt::format(
             "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":"
             "\"msg_{}\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"{}\","
-            "\"content\":[],\"usage\":{{\"input_tokens\":{},\"output_tokens\":1}}}}}}\n\n",
-            id, model, input));
+            "\"content\":[],\"usage\":{}}}}}\n\n",
+            id, model, usage_json(d, input, 1, cached)));
         e.push_back(
             "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,"
             "\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n");
@@ -491,9 +558,7 @@ class mock_provider {
           e.push_back(chunk(R"({"index":0,"delta":{"content":"ok "}})", "null"));
         e.push_back(chunk(R"({"index":0,"delta":{},"finish_reason":"stop"})", "null"));
         if (req.body().find(R"("include_usage":true)") != std::string::npos)
-          e.push_back(chunk("", fmt::format(R"({{"prompt_tokens":{},"completion_tokens":{},)"
-                                            R"("total_tokens":{}}})",
-                                            input, output, input + output)));
+          e.push_back(chunk("", usage_json(d, input, output, cached)));
         e.push_back("data: [DONE]\n\n");
       }
       // The fault comes half way through the tokens; what was sent before it is what counts.
@@ -541,6 +606,9 @@ class mock_provider {
     mock_provider_options options;
     mutable std::mutex mutex;
     std::mt19937_64 random;
+    // The prompt cache: until when each block (by its hash) lives.
+    std::unordered_map<std::uint64_t, clock::time_point> prompt_cache;
+    std::size_t prompt_cache_sweep_at = 4096;
     std::map<std::string, limits, std::less<>> buckets;
     mock_stats stats;
     clock::time_point started{};

@@ -1,0 +1,45 @@
+// What tokens cost: a model's prices, USD per million tokens, with its prompt cache's own rates.
+#pragma once
+
+#include <weir/stage.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+namespace weir {
+
+struct price {
+  double input_per_million = 0;
+  double output_per_million = 0;
+  // Input read from the provider's prompt cache, and written to it. nullopt: the input price
+  // (no discount assumed, so a budget is never under-charged for a rate nobody gave).
+  std::optional<double> cached_input_per_million{};
+  std::optional<double> cache_write_per_million{};
+
+  double of(std::uint64_t input_tokens, std::uint64_t output_tokens) const noexcept {
+    return (static_cast<double>(input_tokens) * input_per_million +
+            static_cast<double>(output_tokens) * output_per_million) /
+           1e6;
+  }
+  // A call's cost by its usage: input and output at their rates, or a bare total at the dearer
+  // rate, so never under-estimated.
+  double of(const usage& u) const noexcept {
+    if (u.input_tokens || u.output_tokens) return of(u.input_tokens, u.output_tokens);
+    return static_cast<double>(u.tokens) * std::max(input_per_million, output_per_million) / 1e6;
+  }
+  // A call's cost by what the response reported: its cache reads and writes (part of its input
+  // tokens) at the cache's rates, the rest of the input at the input price.
+  double of(const token_usage& u) const noexcept {
+    const auto read = std::min(u.cache_read_tokens, u.input_tokens);
+    const auto written = std::min(u.cache_write_tokens, u.input_tokens - read);
+    const auto fresh = u.input_tokens - read - written;
+    return (static_cast<double>(fresh) * input_per_million +
+            static_cast<double>(read) * cached_input_per_million.value_or(input_per_million) +
+            static_cast<double>(written) * cache_write_per_million.value_or(input_per_million) +
+            static_cast<double>(u.output_tokens) * output_per_million) /
+           1e6;
+  }
+};
+
+}  // namespace weir
