@@ -2,6 +2,7 @@
 // (short) time, as weir-demo runs it.
 #include "demo/workload.hpp"
 
+#include <weir/retry.hpp>
 #include <weir/testing/hostile_server.hpp>
 
 #include <catch2/catch.hpp>
@@ -656,5 +657,135 @@ TEST_CASE(
     CHECK(retry_after == std::chrono::seconds(7));
     // The body is cut at the timeout, 0.5 s (it would take 4 s).
     CHECK(std::chrono::steady_clock::now() - started < std::chrono::milliseconds(2500));
+  }
+}
+
+// ---- Issue 31: errors inside a 200 stream, and times counted from the request ------------------
+
+using namespace std::chrono_literals;
+
+namespace {
+// A 200 event stream whose body is `events`.
+std::string event_stream(std::string_view events) {
+  return fmt::format(
+      "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {}\r\n\r\n{}",
+      events.size(), events);
+}
+const std::string openai_role =
+    "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+const std::string openai_hi = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+const std::string openai_done = "data: [DONE]\n\n";
+
+// What a streamed chat call through a retry came to: the events read, or the failure.
+struct streamed_call {
+  std::vector<weir::http::sse::event> events;
+  std::exception_ptr failure;
+  bool opened = false;
+  weir::stream_report report{};
+};
+
+streamed_call stream_through_retry(const hostile& server, weir::http::dialect speaks,
+                                   weir::stream_options<weir::http::sse::event> options = {}) {
+  streamed_call out;
+  client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+    weir::http::chat_client c(ex, speaks, weir::http::endpoint::parse(server.url()), "k");
+    weir::retry<> retry({.max_attempts = 3, .backoff = weir::backoff::constant(10ms)});
+    auto guarded = weir::pipeline(retry);
+    const weir::http::chat_request ask{.model = "m", .prompt = "p"};
+    weir::call_context ctx{.tokens = 10};
+    try {
+      auto s = co_await guarded(ctx, [&] { return c.stream(ask, options, 5s); });
+      out.opened = true;
+      for (;;) {
+        auto e = co_await s.next();
+        if (!e) break;
+        out.events.push_back(std::move(*e));
+      }
+      out.report = s.report();
+    } catch (...) {
+      out.failure = std::current_exception();
+    }
+  });
+  return out;
+}
+
+weir::verdict verdict_of(const std::exception_ptr& e) {
+  return weir::default_classifier{}(weir::outcome<int>::from_exception(e)).kind;
+}
+}  // namespace
+
+TEST_CASE("the Beast stream: an error event before content is retried as its type says",
+          "[http][issue31]") {
+  SECTION("OpenAI's rate limit, after the role chunk") {
+    hostile server(
+        {event_stream(openai_role +
+                      "data: {\"error\":{\"message\":\"Rate limit reached\",\"type\":\"requests\","
+                      "\"param\":null,\"code\":\"rate_limit_exceeded\"}}\n\n"),
+         event_stream(openai_role + openai_hi + openai_done)});
+    const auto got = stream_through_retry(server, weir::http::dialect::openai);
+    CHECK_FALSE(got.failure);
+    CHECK(server.requests().size() == 2);
+    REQUIRE(got.events.size() == 2);
+    CHECK(got.events[1].data.find("Hi") != std::string::npos);
+    CHECK(got.report.end == weir::stream_end::completed);
+  }
+  SECTION("Anthropic's overloaded error, after message_start") {
+    const std::string start =
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":"
+        "{\"input_tokens\":5}}}\n\n";
+    hostile server(
+        {event_stream(start + "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":"
+                              "\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n"),
+         event_stream(start + "event: content_block_delta\ndata: {\"type\":\"content_block_delta\","
+                              "\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n"
+                              "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")});
+    const auto got = stream_through_retry(server, weir::http::dialect::anthropic);
+    CHECK_FALSE(got.failure);
+    CHECK(server.requests().size() == 2);
+    REQUIRE(got.events.size() == 2);
+    CHECK(got.events[1].type == "content_block_delta");
+  }
+}
+
+TEST_CASE("the Beast stream: an error event after content breaks the stream with its verdict",
+          "[http][issue31]") {
+  hostile server({event_stream(openai_role + openai_hi +
+                               "data: {\"error\":{\"type\":\"tokens\",\"code\":"
+                               "\"rate_limit_exceeded\"}}\n\n" +
+                               openai_hi + openai_done)});
+  const auto got = stream_through_retry(server, weir::http::dialect::openai);
+  CHECK(got.opened);
+  CHECK(got.events.size() == 2);  // the role and the text; not the error, nor what followed it
+  REQUIRE(got.failure);
+  CHECK(weir::detail::weir_code(got.failure) == weir::error_code(weir::error::stream_broken));
+  CHECK(verdict_of(got.failure) == weir::verdict::rate_limited);
+  CHECK(server.requests().size() == 1);  // delivered, so not retried
+}
+
+TEST_CASE(
+    "the Beast stream counts its times from the request: a server that sends its headers with "
+    "the first token after 400 ms",
+    "[http][issue31]") {
+  const auto late = [] {
+    return std::make_unique<hostile>(
+        std::vector<std::string>{event_stream(openai_role + openai_hi + openai_done)},
+        weir::testing::hostile_server_options{.answer_after = 400ms});
+  };
+  SECTION("the time to first token includes the wait for the headers") {
+    const auto server = late();
+    const auto got = stream_through_retry(*server, weir::http::dialect::openai);
+    REQUIRE(got.opened);
+    CHECK(got.report.time_to_first_token >= 300ms);
+    CHECK(got.report.time_to_first_token < 5s);
+  }
+  SECTION("a total of 300 ms passes before the first token: a retryable timeout") {
+    const auto server = late();
+    const auto started = std::chrono::steady_clock::now();
+    const auto got = stream_through_retry(*server, weir::http::dialect::openai, {.total = 300ms});
+    CHECK_FALSE(got.opened);
+    REQUIRE(got.failure);
+    // Every attempt timed out (the server answers only the first, after 400 ms).
+    CHECK(verdict_of(got.failure) == weir::verdict::retryable);
+    CHECK(std::chrono::steady_clock::now() - started < 5s);
   }
 }

@@ -2,6 +2,7 @@
 #include "support/common.hpp"
 #include "support/pipeline.hpp"
 
+#include <weir/http/sse.hpp>
 #include <weir/routing/router.hpp>
 #include <weir/stream.hpp>
 
@@ -483,4 +484,225 @@ TEST_CASE("streams through a pipeline shared by four threads settle every slot a
   CHECK(monitor.totals().errors == 400);
   // Settled to what was counted: 5, 3 and 1 output tokens over the estimated 10 of input.
   CHECK(monitor.totals().tokens == 400 * (10 + 5) + 400 * (10 + 3) + 400 * (10 + 1));
+}
+
+// ---- Errors inside a stream that began 200 (issue 31) -------------------------------------------
+
+namespace {
+namespace sse = weir::http::sse;
+using event_stream = weir::basic_stream<sse::event, clock_type>;
+
+sse::event anthropic_event(std::string type, std::string data) {
+  sse::event e;
+  e.type = std::move(type);
+  e.data = std::move(data);
+  return e;
+}
+sse::event openai_chunk(std::string data) { return anthropic_event("message", std::move(data)); }
+sse::event openai_text(std::string_view text) {
+  return openai_chunk(fmt::format(R"({{"choices":[{{"delta":{{"content":"{}"}}}}]}})", text));
+}
+const sse::event openai_role =
+    openai_chunk(R"({"choices":[{"delta":{"role":"assistant","content":""}}]})");
+// As OpenAI words them; the message quotes what the caller sent, which no error may repeat.
+sse::event openai_error(std::string_view type, std::string_view code) {
+  return openai_chunk(fmt::format(
+      R"({{"error":{{"message":"about the secret prompt","type":"{}","param":null,"code":"{}"}}}})",
+      type, code));
+}
+const sse::event message_start = anthropic_event(
+    "message_start", R"({"type":"message_start","message":{"usage":{"input_tokens":25}}})");
+sse::event anthropic_error(std::string_view type) {
+  return anthropic_event(
+      "error",
+      fmt::format(R"({{"type":"error","error":{{"type":"{}","message":"secret prompt"}}}})", type));
+}
+
+// A server's event streams, one script per attempt, each event 100 ms after the one before.
+struct scripted_events {
+  std::vector<std::vector<sse::event>> scripts;
+  int opened = 0;
+
+  static asio::awaitable<std::optional<sse::event>> play(
+      std::shared_ptr<std::deque<sse::event>> left) {
+    asio::basic_waitable_timer<clock_type> t(co_await asio::this_coro::executor,
+                                             std::chrono::milliseconds(100));
+    co_await t.async_wait(asio::use_awaitable);
+    if (left->empty()) co_return std::nullopt;
+    std::optional<sse::event> e(std::move(left->front()));
+    left->pop_front();
+    co_return e;
+  }
+
+  auto operator()() {
+    return [this] {
+      const auto& script = scripts[std::min<std::size_t>(opened, scripts.size() - 1)];
+      ++opened;
+      auto left = std::make_shared<std::deque<sse::event>>(script.begin(), script.end());
+      return weir::open_stream_on<sse::event, clock_type>([left] { return play(left); },
+                                                          {.tally = sse::openai_tally,
+                                                           .in_band_error = sse::in_band_error,
+                                                           .opening = sse::opens_answer});
+    };
+  }
+};
+
+struct event_reader {
+  std::vector<sse::event> events;
+  std::exception_ptr error;
+  bool done = false;
+  asio::awaitable<void> read(event_stream& s) {
+    try {
+      while (auto e = co_await s.next()) events.push_back(std::move(*e));
+    } catch (...) {
+      error = std::current_exception();
+    }
+    done = true;
+  }
+};
+
+weir::verdict verdict_of(const std::exception_ptr& e) {
+  return weir::default_classifier{}(weir::outcome<int>::from_exception(e)).kind;
+}
+
+std::string what_of(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return x.what();
+  }
+}
+}  // namespace
+
+TEST_CASE(
+    "an error event before the first content fails the call as its type says: a rate limit is "
+    "retried, and the next attempt streams",
+    "[stream][issue31]") {
+  asio::io_context io;
+  std::vector<weir::verdict> retried;
+  weir::retry<clock_type> retry({.max_attempts = 3, .backoff = weir::backoff::constant(1s)});
+  weir::usage_monitor<clock_type> monitor({.window = 60s, .buckets = 60});
+  auto guarded = weir::pipeline(
+      weir::basic_pipeline_options<>{.watch =
+                                         [&](const weir::event& e) {
+                                           if (auto* r = std::get_if<weir::retry_scheduled>(&e))
+                                             retried.push_back(r->cause);
+                                         }},
+      retry, monitor);
+  scripted_events server;
+  // OpenAI's first chunk names the role and carries no text; the error comes after it.
+  server.scripts = {{openai_role, openai_error("requests", "rate_limit_exceeded")},
+                    {openai_role, openai_text("Hi"), openai_text(" there")}};
+  context ctx{.tokens = 100};
+  weir::testing::finished<event_stream> call;
+  call.start(io, guarded(ctx, server()));
+  advance<clock_type>(io, 200ms);
+  CHECK_FALSE(call.done);
+  CHECK(retried == std::vector{weir::verdict::rate_limited});
+  CHECK(monitor.totals().rate_limited == 1);
+  advance<clock_type>(io, 1s + 200ms);
+  REQUIRE(call.value);
+  CHECK(server.opened == 2);
+  CHECK(call.value->report().time_to_first_token == 200ms);  // the text's, not the role's
+
+  event_reader r;
+  asio::co_spawn(io, r.read(*call.value), asio::detached);
+  advance<clock_type>(io, 1s);
+  REQUIRE(r.done);
+  CHECK_FALSE(r.error);
+  REQUIRE(r.events.size() == 3);  // the role chunk held back, then the text
+  CHECK(r.events[0].data == openai_role.data);
+  CHECK(r.events[1].data == openai_text("Hi").data);
+  CHECK(call.value->report().end == weir::stream_end::completed);
+}
+
+TEST_CASE("Anthropic's overloaded error after message_start is retryable: the call is retried",
+          "[stream][issue31]") {
+  asio::io_context io;
+  std::vector<weir::verdict> retried;
+  weir::retry<clock_type> retry({.max_attempts = 3, .backoff = weir::backoff::constant(1s)});
+  auto guarded = weir::pipeline(
+      weir::basic_pipeline_options<>{.watch =
+                                         [&](const weir::event& e) {
+                                           if (auto* r = std::get_if<weir::retry_scheduled>(&e))
+                                             retried.push_back(r->cause);
+                                         }},
+      retry);
+  scripted_events server;
+  const auto delta = anthropic_event("content_block_delta",
+                                     R"({"type":"content_block_delta","delta":{"text":"Hi"}})");
+  server.scripts = {{message_start, anthropic_error("overloaded_error")}, {message_start, delta}};
+  context ctx{.tokens = 100};
+  weir::testing::finished<event_stream> call;
+  call.start(io, guarded(ctx, server()));
+  advance<clock_type>(io, 200ms + 1s + 200ms);
+  REQUIRE(call.value);
+  CHECK(server.opened == 2);
+  CHECK(retried == std::vector{weir::verdict::retryable});
+}
+
+TEST_CASE("an in-band error of a spent quota or a bad request is not retried, and says which",
+          "[stream][issue31]") {
+  struct answer {
+    sse::event error;
+    weir::verdict judged;
+    const char* says;
+  };
+  for (const auto& [error, judged, says] :
+       {answer{openai_error("insufficient_quota", "insufficient_quota"), weir::verdict::exhausted,
+               "insufficient_quota"},
+        answer{anthropic_error("billing_error"), weir::verdict::exhausted, "billing_error"},
+        answer{openai_error("invalid_request_error", "null"), weir::verdict::fatal,
+               "invalid_request_error"}}) {
+    INFO(error.data);
+    asio::io_context io;
+    weir::retry<clock_type> retry({.max_attempts = 3, .backoff = weir::backoff::constant(1s)});
+    auto guarded = weir::pipeline(retry);
+    scripted_events server;
+    server.scripts = {{error}, {openai_text("Hi")}};
+    context ctx{.tokens = 100};
+    weir::testing::finished<event_stream> call;
+    call.start(io, guarded(ctx, server()));
+    advance<clock_type>(io, 10s);
+    REQUIRE(call.done);
+    REQUIRE(call.error);
+    CHECK(server.opened == 1);
+    CHECK(verdict_of(call.error) == judged);
+    const auto what = what_of(call.error);
+    CHECK(what.find(says) != std::string::npos);
+    CHECK(what.find("secret") == std::string::npos);
+  }
+}
+
+TEST_CASE(
+    "an error event after content breaks the stream with its verdict, settled as a failure and "
+    "not retried",
+    "[stream][issue31]") {
+  asio::io_context io;
+  weir::retry<clock_type> retry({.max_attempts = 5, .backoff = weir::backoff::constant(1s)});
+  weir::circuit_breaker<clock_type> breaker({.consecutive_failures = 1, .break_duration = 30s});
+  weir::usage_monitor<clock_type> monitor({.window = 60s, .buckets = 60});
+  auto guarded = weir::pipeline(retry, breaker, monitor);
+  scripted_events server;
+  server.scripts = {{openai_role, openai_text("Hi"), openai_text(" there"),
+                     openai_error("server_error", "null"), openai_text("never")}};
+  context ctx{.tokens = 100};
+  weir::testing::finished<event_stream> call;
+  call.start(io, guarded(ctx, server()));
+  advance<clock_type>(io, 200ms);
+  REQUIRE(call.value);
+  event_reader r;
+  asio::co_spawn(io, r.read(*call.value), asio::detached);
+  advance<clock_type>(io, 10s);
+  REQUIRE(r.done);
+  CHECK(r.events.size() == 3);  // the error is not handed over as content
+  const auto* broken = weir_exception(r.error);
+  REQUIRE(broken);
+  CHECK(broken->code() == weir::error::stream_broken);
+  CHECK(verdict_of(r.error) == weir::verdict::retryable);  // a server error, as a 500 is
+  CHECK(what_of(broken->cause()).find("server_error") != std::string::npos);
+  CHECK(call.value->report().end == weir::stream_end::broken);
+  CHECK(server.opened == 1);
+  CHECK(monitor.totals().errors == 1);
+  CHECK(breaker.state() == weir::breaker_state::open);
 }

@@ -4,17 +4,23 @@
 //       auto body = co_await client.start(request);  // your client: headers read, body pending
 //       co_return co_await weir::open_stream<weir::http::sse::event>(
 //           [body]() { return body->next_event(); },  // awaitable<optional<event>>; nullopt: end
-//           {.first_token = 10s, .idle = 5s, .total = 120s, .tally = weir::http::sse::openai_tally});
+//           {.first_token = 10s, .idle = 5s, .total = 120s, .tally = weir::http::sse::openai_tally,
+//            .in_band_error = weir::http::sse::in_band_error,
+//            .opening = weir::http::sse::opens_answer});
 //     };
 //     auto reply = co_await guarded(ctx, open);  // returns at the first chunk
 //     while (auto chunk = co_await reply.next()) print(chunk->data);
 //
-// open_stream returns when the first chunk has come, so everything around it — retry, breaker,
+// open_stream returns when the first chunk has come (the first that carries the answer: chunks
+// that only open it are held back with it), so everything around it — retry, breaker,
 // timeout, fallback, hedging, the router's fallback to another model — acts until the first
 // token and no further: a stream that fails before it (or takes longer than `first_token`) is an
 // ordinary failure, retryable, and no chunk of it was seen by the caller. After it the caller owns
 // the stream: a failure then (a reset, a stall past `idle`, `total` passed) throws
 // weir::exception(stream_broken) from next(), with the cause, and is never retried silently.
+// An error the server sends inside a stream that began 200 (stream_options::in_band_error) is
+// such a failure, judged as its type says: a rate limit or an overload before the first chunk is
+// retried and paced, a spent quota is `exhausted`; after it, it breaks the stream.
 //
 // The stages a stream passed through stay entered until it ends: the queue's slot and the
 // breaker's ticket are held, and the limiters, budgets and usage monitor settle when it ends, to
@@ -22,7 +28,7 @@
 // Anthropic's `message_delta`), else the output counted chunk by chunk, else the estimate;
 // report().tally.source() says which, as does the stream_ended event. A stream the caller stops
 // reading (close(), a cancelled next(), or destroyed) ends `abandoned` and settles what it
-// produced up to then.
+// produced up to then; one that broke settles as a failure of its cause's verdict.
 //
 // One coroutine reads a stream at a time, like any Asio I/O object.
 #pragma once
@@ -38,6 +44,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -61,6 +68,16 @@ struct stream_options {
   // Reads each chunk into the tally: output tokens counted, the final usage when reported.
   // weir/http/sse.hpp has OpenAI's and Anthropic's. Empty: tokens settle to the estimate.
   std::function<void(const Chunk&, stream_tally&)> tally{};
+  // Reads each chunk for an error the server sent inside the stream (weir/http/sse.hpp's
+  // in_band_error): the failure it returns is not handed over as a chunk. Before the first chunk
+  // it is the call's failure, judged as it says (retried, paced, counted by the breaker); after
+  // it, it breaks the stream and is the break's cause. Empty: every chunk is content.
+  std::function<std::exception_ptr(const Chunk&)> in_band_error{};
+  // Whether a chunk only opens the answer (Anthropic's message_start, OpenAI's role-only first
+  // delta: sse::opens_answer) rather than carrying it: open_stream holds such chunks back and
+  // returns at the first that carries the answer, so that an error sent after them is still the
+  // call's failure, and the time to first token is the first content's. Empty: none does.
+  std::function<bool(const Chunk&)> opening{};
   // What the response's headers said (rate-limit headers): the classifiers hand it to the pacing
   // when the stream is judged at its first chunk, as they would a whole response's.
   rate_limit_hint server_hint{};
@@ -100,9 +117,9 @@ class basic_stream {
   boost::asio::awaitable<std::optional<Chunk>> next() {
     if (!state_) co_return std::nullopt;
     auto& st = *state_;
-    if (st.first) {
-      std::optional<Chunk> out(std::move(st.first));
-      st.first.reset();
+    if (!st.held.empty()) {
+      std::optional<Chunk> out(std::move(st.held.front()));
+      st.held.pop_front();
       co_return out;
     }
     if (st.report.end) {
@@ -133,6 +150,8 @@ class basic_stream {
         co_return std::nullopt;
       }
       std::optional<Chunk> out(std::move(got).get());
+      if (auto failure = in_band_error(st, *out))
+        std::rethrow_exception(end(st, stream_end::broken, broken(st, failure)));
       count(st, *out);
       co_return out;
     }
@@ -176,13 +195,14 @@ class basic_stream {
 
  private:
   template <class C, class K, class P>
-  friend boost::asio::awaitable<basic_stream<C, K>> open_stream_on(P, stream_options<C>);
+  friend boost::asio::awaitable<basic_stream<C, K>> open_stream_from(typename K::time_point, P,
+                                                                     stream_options<C>);
 
   struct state {
     pull_type pull;
     stream_options<Chunk> options;
     time_point opened{};
-    std::optional<Chunk> first{};  // read by open_stream, not yet by the caller
+    std::deque<Chunk> held{};  // read by open_stream, not yet by the caller
     stream_report report{};
     std::exception_ptr failure{};  // what next() rethrows once the stream broke
     std::vector<std::unique_ptr<detail::stream_settler>> settlers{};
@@ -202,6 +222,10 @@ class basic_stream {
     auto bounded = co_await detail::run_until<Clock, std::optional<Chunk>>(*deadline, op);
     passed = bounded.deadline_passed;
     co_return std::move(bounded.result);
+  }
+
+  static std::exception_ptr in_band_error(const state& st, const Chunk& chunk) {
+    return st.options.in_band_error ? st.options.in_band_error(chunk) : nullptr;
   }
 
   static void count(state& st, const Chunk& chunk) {
@@ -237,16 +261,21 @@ using stream = basic_stream<Chunk>;
 
 // Opens a stream over `pull` (a callable returning asio::awaitable<std::optional<Chunk>>, nullopt
 // at the end; copied, so hold a connection by shared_ptr) and returns it once its first chunk
-// has come. Throws what the pull threw before it, or weir::exception(timeout) when `first_token`
-// (or `total`) passed first. A stream with no chunk at all is returned ended.
+// has come. Throws what the pull threw before it, the failure an in-band error stands for
+// (stream_options::in_band_error), or weir::exception(timeout) when `first_token` (or `total`)
+// passed first. A stream with no chunk at all is returned ended. The stream's times
+// (`first_token`, `total`, report().time_to_first_token) count from `sent`, when the request
+// went out: a client that opens the stream once the response's headers came passes the time it
+// sent the request, so that the wait for the headers counts too.
 template <class Chunk, class Clock, class Pull>
-boost::asio::awaitable<basic_stream<Chunk, Clock>> open_stream_on(Pull pull,
-                                                                  stream_options<Chunk> options) {
+boost::asio::awaitable<basic_stream<Chunk, Clock>> open_stream_from(typename Clock::time_point sent,
+                                                                    Pull pull,
+                                                                    stream_options<Chunk> options) {
   using stream_type = basic_stream<Chunk, Clock>;
   auto st = std::make_unique<typename stream_type::state>();
   st->pull = std::move(pull);
   st->options = std::move(options);
-  st->opened = Clock::now();
+  st->opened = sent;
   std::optional<typename Clock::time_point> deadline;
   const auto tighten = [&](std::optional<std::chrono::nanoseconds> d) {
     if (!d) return;
@@ -256,22 +285,35 @@ boost::asio::awaitable<basic_stream<Chunk, Clock>> open_stream_on(Pull pull,
   tighten(st->options.first_token);
   tighten(st->options.total);
 
-  bool passed = false;
-  auto got = co_await stream_type::pull(*st, deadline, passed);
-  if (passed)
-    throw weir::exception(error::timeout, "the stream's first chunk did not come in time");
-  auto first = std::move(got).get();  // a failure before the first chunk is the call's
+  // To the first chunk that carries the answer: a failure before it is the call's.
+  for (;;) {
+    bool passed = false;
+    auto got = co_await stream_type::pull(*st, deadline, passed);
+    if (passed)
+      throw weir::exception(error::timeout, "the stream's first chunk did not come in time");
+    auto chunk = std::move(got).get();
+    if (!chunk) {
+      st->report.end = stream_end::completed;
+      st->pull = nullptr;
+      break;
+    }
+    if (auto failure = stream_type::in_band_error(*st, *chunk)) std::rethrow_exception(failure);
+    stream_type::count(*st, *chunk);
+    const bool opening = st->options.opening && st->options.opening(*chunk);
+    st->held.push_back(std::move(*chunk));
+    if (!opening) break;
+  }
   st->report.time_to_first_token =
       std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - st->opened);
-  if (first) {
-    stream_type::count(*st, *first);
-    st->first = std::move(first);
-  } else {
-    st->report.end = stream_end::completed;
-    st->pull = nullptr;
-  }
   stream_type opened(std::move(st));
   co_return opened;
+}
+
+// The same, its times counted from now.
+template <class Chunk, class Clock, class Pull>
+boost::asio::awaitable<basic_stream<Chunk, Clock>> open_stream_on(Pull pull,
+                                                                  stream_options<Chunk> options) {
+  return open_stream_from<Chunk, Clock>(Clock::now(), std::move(pull), std::move(options));
 }
 
 template <class Chunk, class Clock = std::chrono::steady_clock, class Pull>

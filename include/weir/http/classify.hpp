@@ -8,6 +8,7 @@
 //     // judged.hint: Retry-After, limits; judged.reason: a quota or credit spent, an overload
 #pragma once
 
+#include <weir/events.hpp>
 #include <weir/http/hints.hpp>
 #include <weir/http/refusals.hpp>
 #include <weir/outcome.hpp>
@@ -17,6 +18,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -94,6 +96,71 @@ inline bool context_length_exceeded(unsigned status, std::string_view body) {
   return false;
 }
 
+namespace detail {
+// ": overloaded (anthropic overloaded_error), resets in 9h12m", or nothing for no reason.
+inline std::string describe_refusal(const refusal_reason& why) {
+  if (why.cause == refusal_cause::none) return {};
+  auto text = fmt::format(": {} ({} {})", weir::detail::name_of(why.cause),
+                          weir::detail::name_of(why.shape), why.code);
+  if (why.resets_after)
+    text += fmt::format(", resets in {}",
+                        std::chrono::duration_cast<std::chrono::seconds>(*why.resets_after));
+  return text;
+}
+
+// The status a provider answers an error of this type or code with when it can still choose one
+// (before a stream's headers): OpenAI's and Anthropic's documented types and codes; a number
+// between 400 and 599 (OpenRouter's code) is the status itself.
+inline std::optional<unsigned> status_of_error_type(std::string_view type) {
+  static constexpr std::pair<std::string_view, unsigned> known[] = {
+      {"invalid_request_error", 400}, {"authentication_error", 401},
+      {"permission_error", 403},      {"not_found_error", 404},
+      {"request_too_large", 413},     {"rate_limit_error", 429},
+      {"rate_limit_exceeded", 429},   {"insufficient_quota", 429},
+      {"billing_error", 402},         {"api_error", 500},
+      {"server_error", 500},          {"slow_down", 503},
+      {"timeout_error", 504},         {"overloaded_error", 529}};
+  for (const auto& [name, status] : known)
+    if (type == name) return status;
+  if (type.size() == 3 && type >= "400" && type <= "599" &&
+      std::all_of(type.begin(), type.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    return static_cast<unsigned>(std::stoul(std::string(type)));
+  return std::nullopt;
+}
+}  // namespace detail
+
+// An error the server sent inside a stream that had begun with a 200 (OpenAI's
+// `data: {"error":...}`, Anthropic's `event: error`), judged as the answer with the status its
+// type stands for would be (judge_status): before the stream's first chunk it fails the call,
+// after it breaks the stream. Its message names the type and the verdict, never the server's
+// message, which may quote the request.
+class stream_error : public judged_failure {
+ public:
+  stream_error(std::string_view type, classification judged)
+      : judged_failure(judged, fmt::format("the stream sent an error event ({}): {}{}", type,
+                                           weir::detail::name_of(judged.kind),
+                                           detail::describe_refusal(judged.reason))) {}
+
+  // Judges `error`, the JSON the event carried (`{"error":{"type":...}}` or Anthropic's
+  // `{"type":"error","error":{...}}`), by the first type or code in it that the providers
+  // document (detail::status_of_error_type); one of no known type as a server error (500,
+  // retryable).
+  static stream_error from(std::string_view error, std::chrono::system_clock::time_point now =
+                                                       std::chrono::system_clock::now()) {
+    std::optional<unsigned> status;
+    std::string_view type = "of an unknown type";
+    for (std::string_view key : {"type", "code"}) {
+      if (status) break;
+      detail::for_each_json_value(error, key, [&](std::string_view value) {
+        status = detail::status_of_error_type(value);
+        if (status) type = value;
+        return status.has_value();
+      });
+    }
+    return stream_error(type, judge_status(status.value_or(500), hint_parser(now), error));
+  }
+};
+
 // An HTTP error status a client throws instead of returning, as a stream does for a status that
 // comes before its first chunk: judged by judge_status from the response's headers and body (a
 // 429's Retry-After is the hint), so retry, breaker and router treat it as they would the
@@ -122,14 +189,7 @@ class status_error : public judged_failure {
  private:
   // "HTTP status 429: quota exhausted (gemini RESOURCE_EXHAUSTED), resets in 9h12m"
   static std::string describe(unsigned status, const refusal_reason& why) {
-    auto text = "HTTP status " + std::to_string(status);
-    if (why.cause == refusal_cause::none) return text;
-    text += fmt::format(": {} ({} {})", weir::detail::name_of(why.cause),
-                        weir::detail::name_of(why.shape), why.code);
-    if (why.resets_after)
-      text += fmt::format(", resets in {}",
-                          std::chrono::duration_cast<std::chrono::seconds>(*why.resets_after));
-    return text;
+    return "HTTP status " + std::to_string(status) + detail::describe_refusal(why);
   }
 
   unsigned status_;

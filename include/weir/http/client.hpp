@@ -485,8 +485,9 @@ class event_source {
       : body_(std::move(body)), speaks_(speaks), hint_(std::move(hint)), parser_(limits) {}
 
   // The next event; nullopt at the end (OpenAI's [DONE], Anthropic's message_stop, or the end of
-  // the body). Keep-alive pings are skipped. An error event in the stream (Anthropic sends an
-  // overloaded_error so) throws a judged_failure, retryable.
+  // the body). Keep-alive pings are skipped. An error event in the stream (OpenAI's
+  // `data: {"error":...}`, Anthropic's `event: error`) throws an http::stream_error, judged by its
+  // type (sse::in_band_error).
   boost::asio::awaitable<std::optional<sse::event>> next() {
     for (;;) {
       if (done_) co_return std::nullopt;
@@ -496,8 +497,7 @@ class event_source {
           co_return std::nullopt;
         }
         if (e->type == "ping") continue;
-        if (e->type == "error")
-          throw judged_failure({verdict::retryable, {}}, "the stream sent an error event");
+        if (auto failure = sse::in_band_error(*e)) std::rethrow_exception(failure);
         co_return e;
       }
       auto piece = co_await body_->read_some();
@@ -569,34 +569,37 @@ class chat_client {
                                              http_.limits());
   }
 
-  // The same as a weir::stream, returned with its first event (see stream.hpp): what a pipeline
-  // or the router streams. The dialect's tally counts the tokens unless `options` has one.
+  // The same as a weir::stream, returned with its first event that carries the answer, those
+  // that open it held with it (see stream.hpp): what a pipeline or the router streams. The
+  // dialect's tally counts the tokens unless `options` has one. Its times (first_token, total,
+  // time to first token) count from the request: the headers come within them too. An error
+  // event before then fails the call as its type says; one after breaks the stream.
   boost::asio::awaitable<weir::stream<sse::event>> stream(
       chat_request r, stream_options<sse::event> options,
       std::chrono::steady_clock::duration timeout, header_list extra = {}) {
+    using clock = std::chrono::steady_clock;
     if (!options.tally)
       options.tally = speaks_ == dialect::anthropic ? sse::anthropic_tally : sse::openai_tally;
-    // The time to first token counts from the request: the headers come within it too.
-    const auto started = std::chrono::steady_clock::now();
+    if (!options.opening) options.opening = sse::opens_answer;
+    const auto sent = clock::now();
+    std::optional<std::chrono::nanoseconds> headers_within;
+    for (const auto& bound : {options.first_token, options.total})
+      if (bound && (!headers_within || *bound < *headers_within)) headers_within = bound;
     std::shared_ptr<event_source> source;
-    if (options.first_token) {
+    if (headers_within) {
       auto opening = [&] { return open_events(r, timeout, extra); };
-      auto opened = co_await weir::detail::run_until<std::chrono::steady_clock,
-                                                     std::shared_ptr<event_source>>(
-          started + *options.first_token, opening);
+      auto opened = co_await weir::detail::run_until<clock, std::shared_ptr<event_source>>(
+          sent + std::chrono::duration_cast<clock::duration>(*headers_within), opening);
       if (opened.deadline_passed)
         throw weir::exception(error::timeout, "the stream's first chunk did not come in time");
       source = std::move(opened.result).get();
-      options.first_token = std::max<std::chrono::nanoseconds>(
-          std::chrono::nanoseconds(0),
-          *options.first_token - (std::chrono::steady_clock::now() - started));
     } else {
       auto opening = open_events(std::move(r), timeout, std::move(extra));
       source = co_await std::move(opening);
     }
     options.server_hint = source->server_hint();
     auto pull = [source] { return source->next(); };
-    auto first = open_stream<sse::event>(std::move(pull), std::move(options));
+    auto first = open_stream_from<sse::event, clock>(sent, std::move(pull), std::move(options));
     co_return co_await std::move(first);
   }
 

@@ -8,12 +8,14 @@
 //     while (auto e = parser.next()) handle(*e);
 #pragma once
 
+#include <weir/http/classify.hpp>
 #include <weir/http/limits.hpp>
 #include <weir/http/usage.hpp>
 #include <weir/stage.hpp>
 
 #include <cstddef>
 #include <deque>
+#include <exception>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -106,6 +108,47 @@ class parser {
   bool has_data_ = false;
   std::deque<event> ready_;
 };
+
+// The failure an error event inside a stream stands for, judged by its type (http::stream_error:
+// rate limits, overloads, a spent quota or credit, a bad request, as their statuses would be),
+// or nullptr for any other event. Reads OpenAI's `data: {"error": {...}}` (its chunks and every
+// OpenAI-compatible server's) and Anthropic's `event: error`. For stream_options::in_band_error,
+// so that an error is never handed over as content.
+inline std::exception_ptr in_band_error(const event& e) {
+  // `{"error":` at the start of the data, blanks allowed: an error object, not a chunk whose
+  // text mentions one.
+  const auto is_error_object = [](std::string_view data) {
+    std::size_t at = 0;
+    const auto skip_blanks = [&] {
+      while (at < data.size() &&
+             (data[at] == ' ' || data[at] == '\t' || data[at] == '\n' || data[at] == '\r'))
+        ++at;
+    };
+    const auto take = [&](std::string_view token) {
+      skip_blanks();
+      if (!data.substr(at).starts_with(token)) return false;
+      at += token.size();
+      return true;
+    };
+    return take("{") && take("\"error\"") && take(":");
+  };
+  if (e.type != "error" && !is_error_object(e.data)) return nullptr;
+  return std::make_exception_ptr(stream_error::from(e.data));
+}
+
+// Whether an event only opens the answer, carrying none of it: Anthropic's message_start and
+// content_block_start (and a ping), OpenAI's first delta with its role and no content or tool
+// call. For stream_options::opening, so that an error sent after them is still retried.
+inline bool opens_answer(const event& e) {
+  if (e.type == "message_start" || e.type == "content_block_start" || e.type == "ping") return true;
+  if (e.type != "message" || detail::json_key(e.data, "role") == std::string_view::npos ||
+      detail::json_key(e.data, "tool_calls") != std::string_view::npos)
+    return false;
+  bool carries = false;
+  detail::for_each_json_value(
+      e.data, "content", [&](std::string_view v) { return carries = !v.empty() && v != "null"; });
+  return !carries;
+}
 
 // OpenAI's chunks (and every OpenAI-compatible server's): a chunk whose delta has content counts
 // one output token (the API sends about one per chunk); a chunk with a usage object reports both.

@@ -40,6 +40,9 @@ struct hostile_server_options {
   std::size_t trickle_bytes = 0;
   std::size_t at_once = 0;
   std::chrono::milliseconds pause{0};
+  // Each reply's first byte waits this long after its request (a server that sends its headers
+  // with its first token).
+  std::chrono::milliseconds answer_after{0};
   // With no reply left for a request, the connection stays open, sending nothing (true), or
   // closes.
   bool hold_open = true;
@@ -132,6 +135,10 @@ class hostile_server {
     namespace asio = boost::asio;
     const std::size_t step = options_.trickle_bytes ? options_.trickle_bytes : reply.size();
     asio::steady_timer timer(io_);
+    if (options_.answer_after.count() > 0) {
+      timer.expires_after(options_.answer_after);
+      co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
+    }
     for (std::size_t at = 0; at < reply.size();) {
       const std::size_t n = at == 0 && options_.at_once ? options_.at_once : step;
       auto [ec, written] = co_await asio::async_write(socket, asio::buffer(reply.substr(at, n)),
