@@ -4,6 +4,8 @@
 //  - `response` and `perform(easy)`: a blocking transfer that collects the status, the headers
 //    (of the last response, after redirects and 100 Continue) and the body; a failed transfer
 //    throws boost::system::system_error with its CURLcode in `curl_category()`.
+//  - A response judges itself (response::judged, the status rule of http/classify.hpp), so any
+//    policy, even with no classifier named, retries a 429 and fails a 400: none is a success.
 //  - `response_classifier`: judges an outcome<response> as any HTTP response is judged
 //    (http/classify.hpp: status, Retry-After, rate-limit headers) and a transfer's CURLcode as
 //    retryable (the connection failed or broke, a timeout) or fatal (a bad URL, a certificate
@@ -115,6 +117,14 @@ struct response {
           }))
         return v;
     return {};
+  }
+
+  // How any weir classifier judges it (http/classify.hpp's status rule): so default_classifier,
+  // and every policy built without a classifier, retries a 429 or a 503 and fails a 400, instead
+  // of calling them successes.
+  classification judged(std::chrono::system_clock::time_point now =
+                            std::chrono::system_clock::now()) const {
+    return http::judge_status(static_cast<unsigned>(status), headers, body, {}, now);
   }
 };
 

@@ -1,6 +1,7 @@
 // Specifications of weir/curl.hpp: curl's results judged, and its multi-socket API on Asio
 // against weir's mock provider on loopback (real sockets, short real time).
 #include <weir/curl.hpp>
+#include <weir/retry.hpp>
 #include <weir/testing/hostile_server.hpp>
 #include <weir/testing/mock_provider.hpp>
 
@@ -227,4 +228,40 @@ TEST_CASE("curl: headers, a whole body and the transfer time are bounded, fatall
             weir::exception(weir::error::limit_exceeded, "curl::easy: the transfer passed"))));
     CHECK(judged.kind == weir::verdict::fatal);
   }
+}
+
+// ---- Issue 31: curl safe by default -------------------------------------------------------------
+
+namespace {
+std::string status_only(std::string_view status_line, std::string_view headers = "") {
+  return "HTTP/1.1 " + std::string(status_line) + "\r\nContent-Length: 0\r\n" +
+         std::string(headers) + "\r\n";
+}
+}  // namespace
+
+TEST_CASE("curl: with no classifier named, a 429 is retried and a 400 is not", "[curl]") {
+  weir::testing::hostile_server server({status_only("429 Too Many Requests", "Retry-After: 0\r\n"),
+                                        ok_with("fine"), status_only("400 Bad Request"),
+                                        ok_with("never asked for")});
+  asio::io_context io(1);
+  weir::curl::multi transfers(io.get_executor());
+  weir::retry<> retry({.max_attempts = 3, .backoff = weir::backoff::constant(1ms)});
+  weir::curl::easy request(server.url());
+  std::optional<weir::curl::response> after_429, after_400;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        after_429 = co_await retry([&] { return transfers.perform(request); });
+        after_400 = co_await retry([&] { return transfers.perform(request); });
+      },
+      [](std::exception_ptr e) { CHECK_FALSE(e); });
+  io.run();
+  REQUIRE(after_429);
+  CHECK(after_429->status == 200);
+  CHECK(after_429->body == "fine");
+  REQUIRE(after_400);
+  CHECK(after_400->status == 400);  // a failing value goes back as it is, once
+  CHECK(server.requests().size() == 3);
+  CHECK(weir::default_classifier{}(weir::outcome<weir::curl::response>::from_value(*after_400))
+            .kind == weir::verdict::fatal);
 }
