@@ -4,16 +4,24 @@
 // count) in three modes: strict (burst 0), burst=10 nodelay, and burst=10 with delay; and
 // HAProxy's stick-table rate (a sliding one-second window in which refusals do count, so a
 // client that keeps knocking stays locked out), which also reports X-RateLimit-Limit and
-// -Remaining without a window. Both are started here in a scratch directory on loopback ports,
-// never as system services.
+// -Remaining without a window; Flask-Limiter (Python's limiter middleware, Debian's
+// python3-flask-limiter) with a fixed one-second window from its first request, reporting
+// X-RateLimit-Reset in whole epoch seconds; and nginx's strict limit behind a 10% chance of a
+// 503 decided before the limit is (a flaky gateway). All are started here in a scratch
+// directory on loopback ports, never as system services.
 //
 // The clients: the naive loop (on a 429 sleep 1, 2, 4 ... s, five retries), an SDK-style client
 // (two retries, 0.5 s doubling with 25% jitter, Retry-After honoured up to 60 s: what the
-// official OpenAI and Anthropic SDKs do), weir's router told the limit, and weir's router
-// discovering it. Each runs `concurrency` workers that send as fast as they are let for the run.
+// official OpenAI and Anthropic SDKs do), weir's router told the limit, weir's router told the
+// limit and a tokens-per-minute limit its estimates (42 tokens) bind at while every answer
+// reports 14 (a refund on every call), and weir's router discovering the limit. Each runs
+// `concurrency` workers that send as fast as they are let for the run.
 //
 //     goodput [--seconds N] [--concurrency N,N] [--limiters strict-5,strict-20,...]
-//             [--clients naive,sdk,weir-given,weir-discovering] [--check]
+//             [--clients naive,sdk,weir-given,weir-refunds,weir-discovering] [--check]
+//
+// GOODPUT_TRACE=1 prints the router's view of the model (its request limit, what it sent, its
+// 429s) every half second of a weir run, to see how it paces.
 //
 // --check runs the short regression set that ctest runs (label rig) and fails below floors set
 // well under the targets, so that a regression fails but a busy machine does not.
@@ -54,7 +62,7 @@ constexpr std::string_view reply_body =
     R"({"id":"r","choices":[{"message":{"role":"assistant","content":"ok"}}],)"
     R"("usage":{"prompt_tokens":12,"completion_tokens":2,"total_tokens":14}})";
 
-enum class algorithm { strict, burst_nodelay, delay, sliding_window };
+enum class algorithm { strict, burst_nodelay, delay, sliding_window, fixed_window, flaky_strict };
 
 struct limiter {
   std::string name;
@@ -64,16 +72,53 @@ struct limiter {
 };
 
 std::vector<limiter> all_limiters() {
-  return {
-      {"strict-5", algorithm::strict, 5},     {"strict-20", algorithm::strict, 20},
-      {"strict-100", algorithm::strict, 100}, {"burst-nodelay-20", algorithm::burst_nodelay, 20},
-      {"delay-20", algorithm::delay, 20},     {"haproxy-window-20", algorithm::sliding_window, 20}};
+  return {{"strict-5", algorithm::strict, 5},
+          {"strict-20", algorithm::strict, 20},
+          {"strict-100", algorithm::strict, 100},
+          {"burst-nodelay-20", algorithm::burst_nodelay, 20},
+          {"delay-20", algorithm::delay, 20},
+          {"haproxy-window-20", algorithm::sliding_window, 20},
+          {"flask-fixed-20", algorithm::fixed_window, 20},
+          {"flaky-503-strict-20", algorithm::flaky_strict, 20}};
 }
 
 // Requests the server answered, by status, counted on its side.
 struct server_counts {
-  std::uint64_t ok = 0, refused = 0;
+  std::uint64_t ok = 0, refused = 0, unavailable = 0;  // 200, 429, 503
 };
+
+// Flask-Limiter's fixed window, run by Debian's Python (not a virtualenv's): the limit is the
+// middleware's; the app only answers and counts what it answered, on the server's side.
+constexpr std::string_view flask_server = R"(import sys
+from flask import Flask
+from flask_limiter import Limiter
+from werkzeug.serving import WSGIRequestHandler, run_simple
+
+port, per_second, body = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+app = Flask(__name__)
+limiter = Limiter(lambda: "everyone", app=app, headers_enabled=True, strategy="fixed-window",
+                  storage_uri="memory://")
+counts = {200: 0, 429: 0}
+
+@app.after_request
+def count(response):
+    if response.status_code in counts:
+        counts[response.status_code] += 1
+    return response
+
+@app.post("/v1/chat/completions")
+@limiter.limit(f"{per_second} per 1 second")
+def chat():
+    return app.response_class(body, mimetype="application/json")
+
+@app.get("/counts")
+@limiter.exempt
+def tally():
+    return f"{counts[200]} {counts[429]}"
+
+WSGIRequestHandler.protocol_version = "HTTP/1.1"
+run_simple("127.0.0.1", port, app, threaded=True)
+)";
 
 // nginx and HAProxy, started in `dir` on ports from `base_port`, stopped by the destructor.
 class rig {
@@ -83,9 +128,16 @@ class rig {
     unsigned port = base_port;
     const unsigned backend = port++, stats = port++;
     stats_port_ = stats;
-    std::string nginx_servers, haproxy_frontends;
+    std::string nginx_servers, haproxy_frontends, nginx_maps;
     for (auto& l : limiters) {
       l.port = port++;
+      if (l.kind == algorithm::fixed_window) {
+        write("flask_fixed_window.py", std::string(flask_server));
+        spawn({"/usr/bin/python3", (dir_ / "flask_fixed_window.py").string(),
+               std::to_string(l.port), std::to_string(static_cast<int>(l.rate)),
+               std::string(reply_body)});
+        continue;
+      }
       if (l.kind == algorithm::sliding_window) {
         const auto n = static_cast<int>(l.rate);
         haproxy_frontends += fmt::format(
@@ -101,19 +153,30 @@ class rig {
             fmt::arg("body", escaped(reply_body)));
         continue;
       }
-      const char* mode = l.kind == algorithm::strict          ? ""
-                         : l.kind == algorithm::burst_nodelay ? " burst=10 nodelay"
-                                                              : " burst=10";
+      const char* mode = l.kind == algorithm::burst_nodelay ? " burst=10 nodelay"
+                         : l.kind == algorithm::delay       ? " burst=10"
+                                                            : "";
+      // The gateway's 503 is decided in nginx's rewrite phase, before limit_req counts the
+      // request: what it refuses costs the limit nothing.
+      std::string flaky;
+      if (l.kind == algorithm::flaky_strict) {
+        nginx_maps += fmt::format(
+            "  split_clients \"${{request_id}}\" ${name}_fails {{\n"
+            "    10% 1;\n    * 0;\n  }}\n",
+            fmt::arg("name", l.name));
+        flaky = fmt::format("      if (${}_fails) {{ return 503; }}\n", l.name);
+      }
       nginx_servers += fmt::format(
           "  limit_req_zone $server_port zone={name}:1m rate={rate}r/s;\n"
           "  server {{\n    listen 127.0.0.1:{port};\n"
           "    access_log {dir}/{name}.log counts;\n"
-          "    location /v1/ {{\n      limit_req zone={name}{mode};\n"
+          "    location /v1/ {{\n{flaky}      limit_req zone={name}{mode};\n"
           "      add_header Retry-After 1 always;\n"
           "      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n"
           "      proxy_pass http://model;\n    }}\n  }}\n",
           fmt::arg("name", l.name), fmt::arg("rate", static_cast<int>(l.rate)),
-          fmt::arg("port", l.port), fmt::arg("dir", dir_.string()), fmt::arg("mode", mode));
+          fmt::arg("port", l.port), fmt::arg("dir", dir_.string()), fmt::arg("mode", mode),
+          fmt::arg("flaky", flaky));
     }
     write("nginx.conf",
           fmt::format("worker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\n"
@@ -126,9 +189,10 @@ class rig {
                       "  upstream model {{ server 127.0.0.1:{backend}; keepalive 64; }}\n"
                       "  server {{\n    listen 127.0.0.1:{backend};\n    access_log off;\n"
                       "    default_type application/json;\n"
-                      "    location / {{ return 200 '{body}'; }}\n  }}\n{servers}}}\n",
+                      "    location / {{ return 200 '{body}'; }}\n  }}\n{maps}{servers}}}\n",
                       fmt::arg("dir", dir_.string()), fmt::arg("backend", backend),
-                      fmt::arg("body", reply_body), fmt::arg("servers", nginx_servers)));
+                      fmt::arg("body", reply_body), fmt::arg("maps", nginx_maps),
+                      fmt::arg("servers", nginx_servers)));
     write("haproxy.cfg", fmt::format("global\n  maxconn 4096\ndefaults\n  mode http\n"
                                      "  timeout connect 1s\n  timeout client 60s\n"
                                      "  timeout server 60s\n{}frontend stats\n"
@@ -151,6 +215,10 @@ class rig {
   // Every answer so far, as the server counted it.
   server_counts counts(const limiter& l) const {
     server_counts c;
+    if (l.kind == algorithm::fixed_window) {
+      std::istringstream(http_get(l.port, "/counts")) >> c.ok >> c.refused;
+      return c;
+    }
     if (l.kind == algorithm::sliding_window) {
       // HAProxy's own statistics: the frontend's 2xx and 4xx answers.
       std::istringstream csv(http_get(stats_port_, "/stats;csv"));
@@ -168,6 +236,7 @@ class rig {
     for (std::string stamp, status; log >> stamp >> status;) {
       if (status == "200") ++c.ok;
       if (status == "429") ++c.refused;
+      if (status == "503") ++c.unavailable;
     }
     return c;
   }
@@ -239,13 +308,14 @@ class rig {
 
 // ---- the clients ------------------------------------------------------------------------------
 
-enum class client { naive, sdk, weir_given, weir_discovering };
+enum class client { naive, sdk, weir_given, weir_refunds, weir_discovering };
 
 const char* name_of(client c) {
   switch (c) {
     case client::naive: return "naive retry loop";
     case client::sdk: return "SDK-style retries";
     case client::weir_given: return "weir, limit given";
+    case client::weir_refunds: return "weir, given, refunds";
     case client::weir_discovering: return "weir, discovering";
   }
   return "?";
@@ -271,10 +341,11 @@ class run {
     asio::io_context io(1);
     const auto base = fmt::format("http://127.0.0.1:{}/v1", limiter_.port);
     client_.emplace(io.get_executor(), weir::http::endpoint::parse(base));
-    if (who_ == client::weir_given || who_ == client::weir_discovering) make_router(io);
+    if (who_ != client::naive && who_ != client::sdk) make_router(io);
     start_ = steady::now();
     end_ = start_ + length_;
     for (std::size_t w = 0; w < concurrency_; ++w) asio::co_spawn(io, worker(w), asio::detached);
+    if (router_ && std::getenv("GOODPUT_TRACE")) asio::co_spawn(io, trace(), asio::detached);
     std::optional<server_counts> at_start;
     std::thread sampler([&] {
       std::this_thread::sleep_until(start_ + measure_from);
@@ -289,7 +360,8 @@ class run {
     client_.reset();
     const auto at_end = referee_.counts(limiter_);
     run_result r;
-    r.measured = {at_end.ok - at_start->ok, at_end.refused - at_start->refused};
+    r.measured = {at_end.ok - at_start->ok, at_end.refused - at_start->refused,
+                  at_end.unavailable - at_start->unavailable};
     r.failed = failed_;
     r.measured_seconds =
         std::chrono::duration<double>(steady::now() - (start_ + measure_from)).count();
@@ -303,15 +375,33 @@ class run {
   void make_router(asio::io_context& io) {
     weir::routing::catalog c;
     c.add(weir::routing::provider_spec{.name = "rig"});
+    const bool given = who_ != client::weir_discovering;
     c.add(weir::routing::model_spec{
         .provider = "rig",
         .id = "m",
-        .requests_per_minute = who_ == client::weir_given ? limiter_.rate * 60 : 0});
+        .requests_per_minute = given ? limiter_.rate * 60 : 0,
+        // Binding at the estimate (42 tokens a call), where each answer reports 14.
+        .tokens_per_minute =
+            who_ == client::weir_refunds ? limiter_.rate * 60 * estimated_tokens : 0});
     router_type::options_type o;
     o.max_attempts = 8;
     router_.emplace(io.get_executor(), std::move(c), std::move(o));
     router_->connect("rig",
                      [this](const weir::routing::model_spec&, const int&) { return send(); });
+  }
+
+  // GOODPUT_TRACE=1: the router's view of the model every half second, to see how it paces.
+  asio::awaitable<void> trace() {
+    asio::steady_timer tick(co_await asio::this_coro::executor);
+    while (steady::now() < end_) {
+      tick.expires_after(500ms);
+      co_await tick.async_wait(asio::use_awaitable);
+      const auto m = router_->status().at(0);
+      fmt::print(stderr, "  {:5.1f} s  limit {}/min  sent {:.0f}/min  429s {}  errors {}\n",
+                 std::chrono::duration<double>(steady::now() - start_).count(),
+                 m.requests_limit ? fmt::format("{:.0f}", *m.requests_limit) : "?",
+                 m.requests_per_minute, m.rate_limited, m.errors);
+    }
   }
 
   asio::awaitable<weir::http::response> send() {
@@ -324,14 +414,16 @@ class run {
     while (steady::now() < end_) {
       if (router_) {
         try {
-          auto op = router_->route(0, {.input_tokens = 12, .output_tokens = 2, .deadline = end_});
+          const std::uint64_t output = who_ == client::weir_refunds ? estimated_tokens - 12 : 2;
+          auto op =
+              router_->route(0, {.input_tokens = 12, .output_tokens = output, .deadline = end_});
           co_await std::move(op);
         } catch (const weir::exception& e) {
           // A wait cut short by the end of the run is not a failure, nor a call that the run's
           // end stopped (it is the call's deadline: the router ends the call by it).
           const bool cut = steady::now() >= end_ ||
                            (e.retry_after() && steady::now() + *e.retry_after() >= end_);
-          if (!cut) ++failed_;
+          if (!cut && failed_++ == 0) fmt::print(stderr, "  first failure: {}\n", e.what());
         }
         continue;
       }
@@ -369,6 +461,8 @@ class run {
         std::chrono::duration<double>(base * jitter));
   }
 
+  static constexpr double estimated_tokens = 42;  // the refunds client's estimate of a call
+
   const rig& referee_;
   const limiter& limiter_;
   client who_;
@@ -392,11 +486,13 @@ std::vector<std::string> split(std::string_view s) {
 }
 
 client client_named(std::string_view n) {
-  for (auto c : {client::naive, client::sdk, client::weir_given, client::weir_discovering}) {
-    const std::string_view flag = c == client::naive        ? "naive"
-                                  : c == client::sdk        ? "sdk"
-                                  : c == client::weir_given ? "weir-given"
-                                                            : "weir-discovering";
+  for (auto c : {client::naive, client::sdk, client::weir_given, client::weir_refunds,
+                 client::weir_discovering}) {
+    const std::string_view flag = c == client::naive          ? "naive"
+                                  : c == client::sdk          ? "sdk"
+                                  : c == client::weir_given   ? "weir-given"
+                                  : c == client::weir_refunds ? "weir-refunds"
+                                                              : "weir-discovering";
     if (flag == n) return c;
   }
   throw std::invalid_argument(fmt::format("unknown client '{}'", n));
@@ -455,7 +551,11 @@ int main(int argc, char** argv) {
   }
 
   auto limiters = all_limiters();
-  if (!limiter_names.empty() && !check)
+  if (check) {
+    limiter_names.clear();
+    for (const auto& f : floors) limiter_names.push_back(f.limiter);
+  }
+  if (!limiter_names.empty())
     std::erase_if(limiters, [&](const limiter& l) {
       return std::find(limiter_names.begin(), limiter_names.end(), l.name) == limiter_names.end();
     });
@@ -468,16 +568,20 @@ int main(int argc, char** argv) {
         if (l.name == n) return l;
       throw std::invalid_argument(fmt::format("unknown limiter '{}'", n));
     };
-    fmt::print("{:<18} {:<20} {:>5} {:>9} {:>10} {:>8} {:>7}  {}\n", "limiter", "client", "conc.",
-               "goodput", "of limit", "429s", "failed", "measured");
+    fmt::print("{:<20} {:<20} {:>5} {:>9} {:>10} {:>8} {:>7} {:>7}  {}\n", "limiter", "client",
+               "conc.", "goodput", "of limit", "429s", "503s", "failed", "measured");
     const auto report = [&](const limiter& l, client who, std::size_t conc, const run_result& r,
                             double from) {
       const double goodput = static_cast<double>(r.measured.ok) / r.measured_seconds;
-      const auto answered = r.measured.ok + r.measured.refused;
-      const double refused = answered ? static_cast<double>(r.measured.refused) / answered : 0;
-      fmt::print("{:<18} {:<20} {:>5} {:>7.1f}/s {:>9.0f}% {:>7.1f}% {:>7}  after {:.0f} s\n",
-                 l.name, name_of(who), conc, goodput, 100 * goodput / l.rate, 100 * refused,
-                 r.failed, from);
+      const auto answered = r.measured.ok + r.measured.refused + r.measured.unavailable;
+      const auto share = [&](std::uint64_t n) {
+        return answered ? 100 * static_cast<double>(n) / static_cast<double>(answered) : 0.0;
+      };
+      const double refused = share(r.measured.refused) / 100;
+      fmt::print(
+          "{:<20} {:<20} {:>5} {:>7.1f}/s {:>9.0f}% {:>7.1f}% {:>6.1f}% {:>7}  after {:.0f} s\n",
+          l.name, name_of(who), conc, goodput, 100 * goodput / l.rate, 100 * refused,
+          share(r.measured.unavailable), r.failed, from);
       std::fflush(stdout);
       return std::pair{goodput / l.rate, refused};
     };

@@ -3,7 +3,8 @@
 
 # Debian 12 packages weir needs to build its tests, examples and benchmarks.
 WEIR_PACKAGES=(g++ cmake ninja-build pkg-config libboost1.81-dev catch2 libfmt-dev libbenchmark-dev
-  libssl-dev libhiredis-dev libcurl4-openssl-dev redis-server nginx-light haproxy)
+  libssl-dev libhiredis-dev libcurl4-openssl-dev redis-server nginx-light haproxy
+  python3-flask-limiter)
 
 weir_missing_packages() {
   local missing=() p

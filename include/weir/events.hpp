@@ -92,6 +92,16 @@ struct provider_cooling {
   std::chrono::nanoseconds duration{0};
   std::string_view model{};
 };
+// The router takes a model (or, with an empty model, every model of the provider) out of its
+// routes: the provider said a quota or the account's credit is spent. For `out_for`, the quota's
+// reset as the provider's rule says; nullopt: until router::restore(). One to page on.
+struct provider_exhausted {
+  std::string_view operation;
+  std::string_view provider;
+  refusal_reason reason{};
+  std::optional<std::chrono::nanoseconds> out_for{};
+  std::string_view model{};
+};
 // An attempt on this model failed and the router moves on to another candidate.
 struct route_fallback {
   std::string_view operation;
@@ -169,10 +179,11 @@ struct stream_ended {
   std::chrono::nanoseconds time_to_first_token{0};
 };
 
-using event = std::variant<attempt_started, attempt_succeeded, attempt_failed, retry_scheduled,
-                           throttled, rejected, server_rate_limited, breaker_changed, route_chosen,
-                           provider_cooling, route_fallback, fleet_connection, budget_alert,
-                           concurrency_changed, fallback_used, hedge_started, stream_ended>;
+using event =
+    std::variant<attempt_started, attempt_succeeded, attempt_failed, retry_scheduled, throttled,
+                 rejected, server_rate_limited, breaker_changed, route_chosen, provider_cooling,
+                 route_fallback, fleet_connection, budget_alert, concurrency_changed, fallback_used,
+                 hedge_started, stream_ended, provider_exhausted>;
 
 // Any callable taking the event; empty means nobody is listening.
 using observer = std::function<void(const event&)>;
@@ -193,6 +204,7 @@ inline const char* name_of(verdict v) {
     case verdict::retryable: return "retryable";
     case verdict::rate_limited: return "rate-limited";
     case verdict::fatal: return "fatal";
+    case verdict::exhausted: return "exhausted";
   }
   return "?";
 }
@@ -298,6 +310,15 @@ struct fmt::formatter<weir::event> {
                                     v.provider, v.model, weir::detail::milliseconds(v.duration));
             return fmt::format_to(ctx.out(), "{}: provider {} cooling down for {:.1f} ms", op,
                                   v.provider, weir::detail::milliseconds(v.duration));
+          } else if constexpr (std::is_same_v<T, provider_exhausted>) {
+            const auto who = v.model.empty() ? fmt::format("provider {}", v.provider)
+                                             : fmt::format("{}/{}", v.provider, v.model);
+            const auto why = fmt::format("{} ({} {})", weir::detail::name_of(v.reason.cause),
+                                         weir::detail::name_of(v.reason.shape), v.reason.code);
+            if (v.out_for)
+              return fmt::format_to(ctx.out(), "{}: {} out for {:.1f} s: {}", op, who,
+                                    std::chrono::duration<double>(*v.out_for).count(), why);
+            return fmt::format_to(ctx.out(), "{}: {} out until restored: {}", op, who, why);
           } else if constexpr (std::is_same_v<T, concurrency_changed>) {
             return fmt::format_to(ctx.out(), "{}: concurrency limit {} -> {} (no-load {:.1f} ms){}",
                                   op, v.from, v.to, weir::detail::milliseconds(v.baseline),

@@ -36,7 +36,8 @@ struct fallback_options {
   std::string operation{};  // named in its events
   // The failures it replaces, as the classifier judges them; a cancellation never is (a caller
   // that asked to stop gets no substitute).
-  std::vector<verdict> handles{verdict::retryable, verdict::rate_limited, verdict::fatal};
+  std::vector<verdict> handles{verdict::retryable, verdict::rate_limited, verdict::fatal,
+                               verdict::exhausted};
   observer watch{};  // fallback_used events; empty: none are built
 };
 

@@ -58,10 +58,11 @@ struct metrics_snapshot {
   std::array<std::uint64_t, latency_bounds.size() + 1> latency_buckets{};
   breaker_state breaker = breaker_state::closed;  // after the last change of any breaker
   std::uint64_t routed = 0;                       // router attempts sent to a model
-  std::uint64_t fallbacks = 0;           // router attempts that failed over to another candidate
-  std::uint64_t cooldowns = 0;           // providers the router cooled down on the server's word
-  std::uint64_t fleet_losses = 0;        // times the router lost its fleet (routed on local state)
-  std::uint64_t budget_alerts = 0;       // spend budget thresholds crossed
+  std::uint64_t fallbacks = 0;      // router attempts that failed over to another candidate
+  std::uint64_t cooldowns = 0;      // providers the router cooled down on the server's word
+  std::uint64_t exhaustions = 0;    // models the router took out: a quota or the credit was spent
+  std::uint64_t fleet_losses = 0;   // times the router lost its fleet (routed on local state)
+  std::uint64_t budget_alerts = 0;  // spend budget thresholds crossed
   std::uint64_t streams_completed = 0;   // streams that reached their last chunk
   std::uint64_t streams_broken = 0;      // streams that failed after their first chunk
   std::uint64_t streams_abandoned = 0;   // streams the caller stopped reading
@@ -136,6 +137,8 @@ class metrics {
                                                  : streams_abandoned);
             } else if constexpr (std::is_same_v<T, hedge_started>) {
               by_policy(v.policy, [&](policy_metrics& p) { ++p.hedges; });
+            } else if constexpr (std::is_same_v<T, provider_exhausted>) {
+              add(exhaustions);
             } else if constexpr (std::is_same_v<T, fleet_connection>) {
               add(fleet_losses, v.reachable ? 0 : 1);
             } else {
@@ -188,6 +191,7 @@ class metrics {
       s.routed = get(routed);
       s.fallbacks = get(fallbacks);
       s.cooldowns = get(cooldowns);
+      s.exhaustions = get(exhaustions);
       s.fleet_losses = get(fleet_losses);
       s.budget_alerts = get(budget_alerts);
       s.streams_completed = get(streams_completed);
@@ -202,7 +206,8 @@ class metrics {
     std::atomic<std::uint64_t> attempts{0}, successes{0}, failures{0}, retries{0};
     std::atomic<std::uint64_t> throttled_count{0}, throttled_ns{0}, server_rate_limited_count{0};
     std::atomic<std::uint64_t> latency_ns{0};
-    std::atomic<std::uint64_t> routed{0}, fallbacks{0}, cooldowns{0}, fleet_losses{0};
+    std::atomic<std::uint64_t> routed{0}, fallbacks{0}, cooldowns{0}, exhaustions{0},
+        fleet_losses{0};
     std::atomic<std::uint64_t> budget_alerts{0};
     std::atomic<std::uint64_t> streams_completed{0}, streams_broken{0}, streams_abandoned{0};
     std::array<std::atomic<std::uint64_t>, rejection_kinds> rejections{};
@@ -265,6 +270,9 @@ inline void write_prometheus(std::string& out, std::initializer_list<const metri
        [](const metrics_snapshot& s) { return double(s.fallbacks); }},
       {"weir_cooldowns_total", "counter", "Provider cooldowns ordered by a server.",
        [](const metrics_snapshot& s) { return double(s.cooldowns); }},
+      {"weir_exhausted_total", "counter",
+       "Models taken out of routes because a quota or the account's credit was spent.",
+       [](const metrics_snapshot& s) { return double(s.exhaustions); }},
       {"weir_fleet_losses_total", "counter", "Times the router lost its fleet's shared state.",
        [](const metrics_snapshot& s) { return double(s.fleet_losses); }},
       {"weir_budget_alerts_total", "counter", "Spend budget thresholds crossed.",

@@ -18,6 +18,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <variant>
@@ -103,11 +104,62 @@ enum class verdict {
   retryable,     // a transient failure; trying again may succeed
   rate_limited,  // the server (or a limiter) asked us to slow down; the hint says how long
   fatal,         // trying again cannot help (bad request, cancellation, ...)
+  exhausted,     // a quota or the account's credit is spent: nothing passes until it resets or is
+                 // paid for, so it is never retried (the reason says which and when)
 };
+
+// What a refusal said beyond its status, read from the provider's error body.
+enum class refusal_cause : std::uint8_t {
+  none,
+  overloaded,  // the provider is short of capacity for everyone: retryable, a sign to send less
+  quota,       // a per-period quota is spent: it comes back at the period's reset
+  billing,     // the account's credit or spend limit is spent: it comes back when someone pays
+               // (or, for a monthly limit, with the month)
+};
+
+// The dialect of the error body that said so.
+enum class provider_shape : std::uint8_t { unknown, openai, anthropic, gemini, groq, openrouter };
+
+// Why a server refused, when its body said more than "slow down". Never holds body text: `code`
+// is one of weir's literals naming the provider's short code ("insufficient_quota").
+struct refusal_reason {
+  refusal_cause cause = refusal_cause::none;
+  provider_shape shape = provider_shape::unknown;
+  std::string_view code{};
+  // From the answer until the quota comes back, where the provider's rule says (Gemini's per-day
+  // quotas at midnight Pacific); nullopt when nothing but payment brings it back, or unknown.
+  std::optional<std::chrono::nanoseconds> resets_after{};
+
+  friend bool operator==(const refusal_reason&, const refusal_reason&) = default;
+};
+
+namespace detail {
+inline const char* name_of(refusal_cause c) {
+  switch (c) {
+    case refusal_cause::none: return "none";
+    case refusal_cause::overloaded: return "overloaded";
+    case refusal_cause::quota: return "quota exhausted";
+    case refusal_cause::billing: return "credit exhausted";
+  }
+  return "?";
+}
+inline const char* name_of(provider_shape s) {
+  switch (s) {
+    case provider_shape::unknown: return "unknown";
+    case provider_shape::openai: return "openai";
+    case provider_shape::anthropic: return "anthropic";
+    case provider_shape::gemini: return "gemini";
+    case provider_shape::groq: return "groq";
+    case provider_shape::openrouter: return "openrouter";
+  }
+  return "?";
+}
+}  // namespace detail
 
 struct classification {
   verdict kind = verdict::success;
   rate_limit_hint hint{};
+  refusal_reason reason{};
 
   bool is_success() const noexcept { return kind == verdict::success; }
   bool is_failure() const noexcept { return kind != verdict::success; }

@@ -226,7 +226,8 @@ class retry_stage {
       }
       if (s.expired || context.delivered) return {};
       const classification c = policy_.classifier()(result);
-      if (c.kind == verdict::success || c.kind == verdict::fatal) return {};
+      if (c.kind == verdict::success || c.kind == verdict::fatal || c.kind == verdict::exhausted)
+        return {};
       const unsigned failed_attempt = s.progress.attempt;
       auto d = policy_.next(s.progress, c, result.failure());
       if (d.error) {

@@ -1,6 +1,8 @@
 // libFuzzer target for every parser of what a server sends: the rate-limit parsers (the input
 // whole to each value parser, split into "name: value" lines for the header-set parser) and the
-// server-sent events parser with its token tallies. Built by scripts/fuzz (clang).
+// server-sent events parser with its token tallies, and the error-body reader (refusals.hpp) with
+// the input as the body of each status it reads. Built by scripts/fuzz (clang).
+#include <weir/http/classify.hpp>
 #include <weir/http/hints.hpp>
 #include <weir/http/parse.hpp>
 #include <weir/http/sse.hpp>
@@ -61,6 +63,20 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   }
   if (openai.counted_output_tokens > whole.size() || anthropic.counted_output_tokens > whole.size())
     __builtin_trap();
+
+  // An error body: a reason names a code exactly when it has a cause, a reset is within the
+  // month it can be, and only a quota or credit spent is exhausted.
+  for (unsigned status : {400u, 402u, 403u, 429u, 498u, 503u, 529u}) {
+    const auto why = read_refusal(status, input, now);
+    if ((why.cause == weir::refusal_cause::none) != why.code.empty()) __builtin_trap();
+    if (why.resets_after &&
+        (why.resets_after->count() <= 0 || *why.resets_after > std::chrono::days(32)))
+      __builtin_trap();
+    const auto judged = judge_status(status, parser, input);
+    const bool spent =
+        why.cause == weir::refusal_cause::quota || why.cause == weir::refusal_cause::billing;
+    if ((judged.kind == weir::verdict::exhausted) != spent) __builtin_trap();
+  }
 
   const auto h = parser.hint();
   check_wait(h.retry_after);

@@ -252,6 +252,7 @@ TEST_CASE("a spent fallback budget ends routes with budget_exhausted", "[reliabi
   asio::io_context io;
   options o = unpaced();
   o.fallback_budget.emplace(weir::retry_budget_options{.ratio = 0, .reserve = 2, .capacity = 2});
+  o.max_attempts = 2;  // each model once: a third attempt would retry a after its backoff
   router_type r(io.get_executor(), two_models(), o);
   provider a, b;
   a.script = b.script = [](const weir::routing::model_spec&, clock_type::time_point) {

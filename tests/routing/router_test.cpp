@@ -1,6 +1,9 @@
 // Specifications of weir/routing/router.hpp, on virtual time against scripted providers.
 #include "../support/common.hpp"
+#include "../support/provider_errors.hpp"
 #include "../support/routing.hpp"
+
+#include <weir/metrics.hpp>
 
 TEST_CASE("the cheapest capable model is chosen, and capability and context filter",
           "[routing][router]") {
@@ -157,6 +160,135 @@ TEST_CASE("a spent quota cools the model, or the whole provider when its limits 
   }
 }
 
+namespace {
+// 2026-11-28 12:00 UTC: 04:00 in Mountain View, 20 h before Gemini's per-day quotas reset.
+const auto wall_noon = std::chrono::system_clock::time_point(
+                           std::chrono::sys_days(std::chrono::year(2026) / 11 / 28)) +
+                       12h;
+
+// `p` answers `status` with `body` to a call at `t0`, and every other call with success.
+void fail_at(provider& p, clock_type::time_point t0, unsigned status, std::string_view body) {
+  p.script = [=](const weir::routing::model_spec&, clock_type::time_point now) {
+    return now == t0 ? fake_response{.status = status, .body = std::string(body), .wall = wall_noon}
+                     : fake_response::ok();
+  };
+}
+}  // namespace
+
+TEST_CASE("a Gemini per-day quota takes the model out until midnight Pacific; others serve",
+          "[routing][router][refusals]") {
+  asio::io_context io;
+  std::vector<std::string> seen;
+  weir::metrics counted("router");
+  auto o = unpaced_recording(seen);
+  o.watch = weir::fan_out(o.watch, counted.observer());
+  router_type r(io.get_executor(), two_models(), o);
+  provider a, b;
+  const auto t0 = clock_type::now();
+  fail_at(a, t0, 429, weir::testing::provider_errors::gemini_per_day);
+  r.connect("a", a.call<prompt>());
+  r.connect("b", b.call<prompt>());
+
+  auto first = route_now(io, r);
+  REQUIRE(first.value);
+  CHECK(first.value->route.model == "b-large");
+  CHECK(first.value->route.steps.at(0).result == weir::verdict::exhausted);
+  CHECK(std::count(seen.begin(), seen.end(),
+                   "call: a/a-small out for 72000.0 s: quota exhausted (gemini "
+                   "RESOURCE_EXHAUSTED)") == 1);
+  CHECK(counted.read().exhaustions == 1);  // weir_exhausted_total: what an alert pages on
+  // Its RetryInfo said 22 s: a minute later, and an hour before the reset, b still serves.
+  advance<clock_type>(io, 1min);
+  CHECK(route_now(io, r).value->route.provider == "b");
+  advance<clock_type>(io, 20h - 1min - 1ms);
+  CHECK(route_now(io, r).value->route.provider == "b");
+  CHECK(r.status(clock_type::now()).at(0).cooling == 1ms);
+  advance<clock_type>(io, 1ms);
+  CHECK(route_now(io, r).value->route.provider == "a");
+  CHECK(a.calls() == 2);
+}
+
+TEST_CASE("a spent credit takes the provider out until restore(), or for exhausted_for",
+          "[routing][router][refusals]") {
+  namespace errors = weir::testing::provider_errors;
+  for (const auto& [status, body] :
+       {std::pair{429u, errors::openai_insufficient_quota},
+        std::pair{402u, errors::anthropic_billing}, std::pair{402u, errors::openrouter_credits}}) {
+    clock_type::reset();
+    asio::io_context io;
+    weir::routing::catalog c = two_models();
+    c.add(weir::routing::model_spec{
+        .provider = "a", .id = "a-large", .input_price = 2, .capability = 8});
+    std::vector<std::string> seen;
+    auto o = unpaced_recording(seen);
+    const bool timed = status == 402 && body == errors::openrouter_credits;
+    if (timed) o.exhausted_for = 1h;
+    router_type r(io.get_executor(), c, o);
+    provider a, b;
+    const auto t0 = clock_type::now();
+    fail_at(a, t0, status, body);
+    r.connect("a", a.call<prompt>());
+    r.connect("b", b.call<prompt>());
+    INFO(body);
+    auto first = route_now(io, r);
+    REQUIRE(first.value);
+    // The account is spent: a's other model is not tried either.
+    CHECK(first.value->route.provider == "b");
+    CHECK(first.value->route.attempts == 2);
+    CHECK(a.calls() == 1);
+    const auto paged = std::find_if(seen.begin(), seen.end(), [](const std::string& e) {
+      return e.starts_with("call: provider a out ");
+    });
+    REQUIRE(paged != seen.end());
+    CHECK(paged->find(timed ? "out for 3600.0 s: credit exhausted"
+                            : "out until restored: credit exhausted") != std::string::npos);
+    CHECK(paged->find("secret") == std::string::npos);
+
+    advance<clock_type>(io, 59min);
+    CHECK(route_now(io, r).value->route.provider == "b");
+    advance<clock_type>(io, 1min);
+    if (timed) {
+      CHECK(route_now(io, r).value->route.provider == "a");
+      continue;
+    }
+    advance<clock_type>(io, 1000h);
+    CHECK(route_now(io, r).value->route.provider == "b");
+    CHECK(r.status(clock_type::now()).at(0).cooling == ns::max());
+    CHECK(r.restore("no-such-model") == 0);
+    CHECK(r.restore("a-small") == 1);
+    CHECK(route_now(io, r).value->route.provider == "a");
+    CHECK(a.calls() == 2);
+  }
+}
+
+TEST_CASE("an overloaded provider is failed over for this request only, and no quota is spent",
+          "[routing][router][refusals]") {
+  namespace errors = weir::testing::provider_errors;
+  for (const auto& [status, body] :
+       {std::pair{529u, errors::anthropic_overloaded}, std::pair{498u, errors::groq_flex},
+        std::pair{503u, errors::openai_slow_down}}) {
+    clock_type::reset();
+    asio::io_context io;
+    std::vector<std::string> seen;
+    router_type r(io.get_executor(), two_models(), unpaced_recording(seen));
+    provider a, b;
+    const auto t0 = clock_type::now();
+    fail_at(a, t0, status, body);
+    r.connect("a", a.call<prompt>());
+    r.connect("b", b.call<prompt>());
+    INFO(status);
+    auto first = route_now(io, r);
+    REQUIRE(first.value);
+    CHECK(first.value->route.provider == "b");
+    CHECK(first.value->route.steps.at(0).result == weir::verdict::retryable);
+    advance<clock_type>(io, 1ms);
+    CHECK(route_now(io, r).value->route.provider == "a");  // not cooled, not taken out
+    CHECK(std::none_of(seen.begin(), seen.end(), [](const std::string& e) {
+      return e.find(" out ") != std::string::npos || e.find("cooling") != std::string::npos;
+    }));
+  }
+}
+
 TEST_CASE("a model the catalog gives no limit is paced by discovery, just under its server's",
           "[routing][router]") {
   asio::io_context io;
@@ -240,6 +372,43 @@ TEST_CASE("five server errors open a's breaker, and b serves until a's probe suc
   CHECK(route_now(io, r).value->route.provider == "a");  // the probe
   CHECK(changes.back().second == weir::breaker_state::closed);
   CHECK(r.status().at(0).breaker == weir::breaker_state::closed);
+}
+
+TEST_CASE("with one model, a server error is retried after a backoff, not the end of the request",
+          "[routing][router]") {
+  // Before, a retryable failure marked the model tried for the request, and with no other model
+  // left the route failed at its first 503 whatever max_attempts allowed.
+  asio::io_context io;
+  weir::routing::catalog c;
+  c.add(weir::routing::provider_spec{.name = "a"});
+  c.add(weir::routing::model_spec{.provider = "a", .id = "a-only", .capability = 5});
+  options o = unpaced();
+  o.max_attempts = 4;
+  router_type r(io.get_executor(), c, o);
+  provider a;
+  std::vector<clock_type::time_point> sent;
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point now) {
+    sent.push_back(now);
+    return sent.size() <= 2 ? fake_response::server_error() : fake_response::ok();
+  };
+  r.connect("a", a.call<prompt>());
+
+  auto retried = route_now(io, r, {}, 10s);
+  REQUIRE(retried.value);
+  CHECK(retried.value->route.attempts == 3);
+  REQUIRE(sent.size() == 3);
+  // Full jitter under 200 ms, then 400 ms: never more, and the clock moved only by them.
+  CHECK(sent[1] - sent[0] <= 200ms);
+  CHECK(sent[2] - sent[1] <= 400ms);
+
+  // Failing every time, the route ends after max_attempts, with the last failure.
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point) {
+    return fake_response::server_error();
+  };
+  auto exhausted = route_now(io, r, {}, 10s);
+  REQUIRE(exhausted.error);
+  CHECK(exhausted.error->code() == weir::error::retries_exhausted);
+  CHECK(a.calls() == 3 + 4);
 }
 
 TEST_CASE("when every provider is out the error names the earliest time it frees up",

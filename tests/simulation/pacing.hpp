@@ -32,7 +32,8 @@
 //   concurrency          503 past N in flight (reported only: no rate property applies)
 // and twists on top of one: "+change" (the limit halves at a third of the run and comes back at
 // two thirds), "+flaky" (a gateway answers 5–20% 429s or 503s at random, in front of the
-// limit), "+shared" (2–4 clients, each with its own limiter and adaptation, share the limit).
+// limit), "+shared" (2–4 clients, each with its own limiter and adaptation, share the limit; a
+// strict nginx limit gets a burst of 4 when shared, as uncoordinated clients need).
 //
 // Properties, per seed (while the callers could send well above the limit):
 //   - steady-state goodput (what the server admitted over the second half) ≥ 95% of the limit
@@ -199,7 +200,8 @@ class nginx_limit_req : public referee {
 enum class window_style { legacy, draft6, draft8 };
 
 // A fixed window of `limit` per `window`, opening on the wall clock's multiples of the window or
-// at the first request; refusals do not count. Resets in whole seconds, rounded up.
+// at the first request after the last window ended; refusals do not count. Resets in whole
+// seconds, rounded up.
 class fixed_window : public referee {
  public:
   fixed_window(int limit, ns window, bool from_first_request, window_style style,
@@ -212,10 +214,18 @@ class fixed_window : public referee {
 
   reply decide(ns at, const job&) override {
     const auto wall = wall_ns();
-    if (!origin_) origin_ = from_first_ ? wall : 0;
-    const auto index = (wall - *origin_) / window_.count();
-    const auto opens = *origin_ + (index + 1) * window_.count();
-    if (index != index_) index_ = index, used_ = 0;
+    std::int64_t opens = 0;
+    if (from_first_) {
+      // As Python's `limits` (Flask-Limiter) and most in-memory stores keep it: a window begins
+      // at the first request after the last one ended, so windows do not follow each other on
+      // whole seconds, and their whole-second resets step by one second or two.
+      if (!origin_ || wall >= *origin_ + window_.count()) origin_ = wall, used_ = 0;
+      opens = *origin_ + window_.count();
+    } else {
+      const auto index = wall / window_.count();
+      opens = (index + 1) * window_.count();
+      if (index != index_) index_ = index, used_ = 0;
+    }
     const int limit = std::max(1, static_cast<int>(limit_ * scale(at)));
     const bool ok = used_ < limit;
     if (ok) ++used_;
@@ -1003,8 +1013,18 @@ inline settings draw(std::mt19937_64& rng, bool through_pipeline) {
   switch (model) {
     case 0:
     case 1:
-      s.model = "nginx-strict";
       requests_per_s = nginx_rate;
+      if (twist >= 17) {
+        // A limit with no burst cannot be shared by clients that do not coordinate: two
+        // requests from two clients within one emission interval collide however each paces
+        // (at 97% of the limit, only a few percent of the phases between two clients avoid it).
+        // Shared, nginx gets the burst of one per client that such a zone needs; a limit with no
+        // burst is shared through one limiter (weir::redis's fleet), not by pacing.
+        s.model = "nginx-nodelay";
+        make = [=] { return std::make_unique<nginx_limit_req>(nginx_rate, 4, false); };
+        break;
+      }
+      s.model = "nginx-strict";
       make = [=] { return std::make_unique<nginx_limit_req>(nginx_rate, 0, false); };
       break;
     case 2:
@@ -1172,6 +1192,8 @@ struct report_row {
 struct report {
   std::map<std::tuple<std::string, std::string, std::string>, report_row> rows;
   std::map<std::string, std::vector<std::uint64_t>> failures;  // property -> seeds
+  // Failures by twist ("" for none, "+change", ...) and limit knowledge, per property.
+  std::map<std::pair<std::string, std::string>, std::map<std::string, int>> by_family;
   std::vector<std::string> first_messages;
 
   void print() const {
@@ -1193,7 +1215,49 @@ struct report {
         some += fmt::format(" {}", seeds[i]);
       fmt::print("property failed {} times: {} — seeds{}\n", seeds.size(), property, some);
     }
+    if (!by_family.empty()) fmt::print("\nfailures by twist and limit knowledge:\n");
+    for (const auto& [family, properties] : by_family) {
+      std::string line;
+      for (const auto& [property, n] : properties) line += fmt::format(" {} {};", n, property);
+      fmt::print("  {:<8} {:<10}{}\n", family.first.empty() ? "-" : family.first, family.second,
+                 line);
+    }
     for (const auto& m : first_messages) fmt::print("  {}\n", m);
+  }
+
+  // The failures by twist, knowledge and property, one per line: "<twist> <knowledge> <count>
+  // <property>", the twist "-" for none. What --pacing-baseline compares against.
+  std::string baseline() const {
+    std::string out;
+    for (const auto& [family, properties] : by_family)
+      for (const auto& [property, n] : properties)
+        out += fmt::format("{} {} {} {}\n", family.first.empty() ? "-" : family.first,
+                           family.second, n, property);
+    return out;
+  }
+
+  // Against a baseline written by baseline(): each failure count that grew past it (by more than
+  // max(2, 10%), the slack of a change that moves a few seeds either way), as one line each.
+  std::vector<std::string> regressions(std::istream& known) const {
+    std::map<std::tuple<std::string, std::string, std::string>, int> before;
+    for (std::string line; std::getline(known, line);) {
+      std::istringstream in(line);
+      std::string twist, knowledge, property;
+      int n = 0;
+      if (!(in >> twist >> knowledge >> n) || !std::getline(in >> std::ws, property)) continue;
+      before[{twist, knowledge, property}] = n;
+    }
+    std::vector<std::string> worse;
+    for (const auto& [family, properties] : by_family)
+      for (const auto& [property, n] : properties) {
+        const auto twist = family.first.empty() ? std::string("-") : family.first;
+        const auto it = before.find({twist, family.second, property});
+        const int was = it == before.end() ? 0 : it->second;
+        if (n > was + std::max(2, was / 10))
+          worse.push_back(fmt::format("{} {}: {} failed {} times, {} in the baseline", twist,
+                                      family.second, property, n, was));
+      }
+    return worse;
   }
 };
 
@@ -1284,7 +1348,11 @@ inline void scenario(std::uint64_t seed, bool verbose, report* collect) {
     row.refusals += m.refusals;
     row.refusals_max = std::max(row.refusals_max, m.refusals);
     row.decreases_max = std::max(row.decreases_max, m.decreases_per_rtt);
+    const auto twist = s.model.find('+');
+    auto& family = collect->by_family[{
+        twist == std::string::npos ? std::string() : s.model.substr(twist), s.knowledge}];
     for (const auto& [property, details] : broken) {
+      ++family[property];
       auto& seeds = collect->failures[property];
       if (seeds.size() < 2)
         collect->first_messages.push_back(

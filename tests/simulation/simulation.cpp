@@ -10,12 +10,14 @@
 //   weir_simulation --soak 600               as many scenarios as ten minutes allow
 //   weir_simulation --pacing-only --pacing-report --scenarios 10000
 //                                            only the pacing scenarios (pacing.hpp), with a table
-//                                            of goodput by server shape; fails on any property
+//                                            of goodput and refusals per server model, limit
+//                                            knowledge and estimate, and of the failures by twist,
+//                                            going on past failures; fails on any property
 //
 // The pacing properties (pacing.hpp) are counted in every run and printed at the end; they fail
-// it only with --pacing-report or --pacing-strict (several server shapes still break them).
-//                                            of goodput and refusals per server model, limit
-//                                            knowledge and estimate, going on past failures
+// it only with --pacing-report or --pacing-strict (several server shapes still break them), or
+// with --pacing-baseline FILE when one fails more often than FILE says (what CI runs; written by
+// --write-pacing-baseline FILE).
 //
 // Invariants:
 //   - every call ends exactly once, with a value, a weir error, the operation's own failure, or
@@ -56,6 +58,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
@@ -63,6 +66,7 @@
 #include <optional>
 #include <queue>
 #include <random>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -859,6 +863,7 @@ int main(int argc, char** argv) {
   // server shapes still break them (issue 30). The limiter's own invariants always fail it.
   pacing::report pacing_report;
   bool print_pacing_table = false, pacing_strict = false;
+  std::string baseline_file, write_baseline_file;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     const auto value = [&]() -> std::uint64_t {
@@ -888,11 +893,16 @@ int main(int argc, char** argv) {
       pacing_strict = true;
     else if (arg == "--pacing-every")
       options.pacing_every = std::max<std::uint64_t>(1, value());
+    else if (arg == "--pacing-baseline" && i + 1 < argc)
+      baseline_file = argv[++i];
+    else if (arg == "--write-pacing-baseline" && i + 1 < argc)
+      write_baseline_file = argv[++i];
     else {
       fmt::print(
           stderr,
           "usage: weir_simulation [--scenarios N] [--first S] [--seed N] [--soak SECONDS] "
-          "[--verbose] [--pacing-only] [--pacing-report] [--pacing-strict] [--pacing-every N]\n");
+          "[--verbose] [--pacing-only] [--pacing-report] [--pacing-strict] [--pacing-every N] "
+          "[--pacing-baseline FILE] [--write-pacing-baseline FILE]\n");
       return 2;
     }
   }
@@ -924,6 +934,23 @@ int main(int argc, char** argv) {
       fmt::print(stderr,
                  "weir_simulation: the heap grew by {} bytes over {} scenarios (to seed {})\n",
                  heap_in_use() - heap_after_warmup, ran - 100, seed);
+      return 1;
+    }
+  }
+  if (!write_baseline_file.empty()) std::ofstream(write_baseline_file) << pacing_report.baseline();
+  if (!baseline_file.empty()) {
+    std::ifstream known(baseline_file);
+    if (!known) {
+      fmt::print(stderr, "weir_simulation: cannot read {}\n", baseline_file);
+      return 2;
+    }
+    const auto worse = pacing_report.regressions(known);
+    for (const auto& w : worse) fmt::print(stderr, "weir_simulation: pacing got worse: {}\n", w);
+    if (!worse.empty()) {
+      fmt::print(stderr,
+                 "weir_simulation: a pacing property fails more often than in {} (first seeds: "
+                 "--pacing-only --pacing-report)\n",
+                 baseline_file);
       return 1;
     }
   }

@@ -7,7 +7,8 @@
 //  - A limit it does not know is found by slow start: the rate doubles every round trip (every
 //    few successes at least) until the first refusal, then holds just under the rate at which
 //    refusals began, and after a long quiet stretch probes a little above it.
-//  - A refusal is a congestion event. Refusals of requests sent before the last decrease belong
+//  - A refusal is a congestion event: a 429, or a provider that says it is overloaded (Anthropic
+//    529, Groq 498, OpenAI 503 Slow Down), which pauses nothing. Refusals of requests sent before the last decrease belong
 //    to that decrease (one per round trip, as in TCP). An event first shrinks the burst to one;
 //    at burst one it multiplies the rate by `decrease`.
 //  - "Nothing left" pauses the dimension until its next unit: the whole reset for a fixed window,
@@ -131,7 +132,10 @@ class adaptation_core {
     for (std::size_t d = 0; d < 4; ++d)
       if (auto per_second = reported_rate(d, *snapshots[d], now))
         learn_limit(static_cast<dimension>(d), *per_second, *snapshots[d]->limit, now);
-    const bool refused = c.kind == verdict::rate_limited;
+    // An overloaded provider (Anthropic 529, Groq 498, OpenAI 503 Slow Down) says "send less"
+    // as a 429 does, though nothing of the account's limit is spent: a decrease, never a pause.
+    const bool refused =
+        c.kind == verdict::rate_limited || c.reason.cause == refusal_cause::overloaded;
     // A refusal that says the limit has nothing left is the limit's, whoever spent it (other
     // clients sharing it, say): never noise.
     const bool spent = refused && c.hint.exhausted();
@@ -537,19 +541,27 @@ class adaptation_core {
     nanos longest_now{0}, longest_before{0};
     time_point since{};
     // Resets sent as moments: every answer in a window names the same one, and the next window
-    // the moment one window later (idle windows between make the step a multiple: too slow,
-    // never too fast, until two windows follow each other).
+    // a moment at least one window later. The step between them is the window, or longer: idle
+    // time between windows, a window that begins only at the first request after the last one
+    // ended (Flask-Limiter's, most in-memory stores'), and moments rounded up to whole seconds
+    // make a 1 s window step by 1 s or 2 s. So the window is the shortest of the last steps,
+    // never the latest: a 2 s step read as the window halved the rate.
     std::optional<time_point> named{};
-    nanos step{0};
+    std::array<nanos, 4> steps{};
+    std::size_t next_step = 0;
 
     std::optional<nanos> window(nanos reset, bool instant, time_point now) {
       if (instant) {
         const auto moment = now + reset;
         constexpr nanos same_moment = std::chrono::milliseconds(500);
-        if (named && moment - *named > same_moment) step = moment - *named;
+        if (named && moment - *named > same_moment)
+          steps[next_step++ % steps.size()] = moment - *named;
         if (!named || moment - *named > same_moment || *named - moment > same_moment)
           named = moment;  // a new window, or the first, or a server clock set back
-        return step.count() > 0 ? std::optional<nanos>(step) : std::nullopt;
+        std::optional<nanos> shortest;
+        for (const auto step : steps)
+          if (step.count() > 0 && (!shortest || step < *shortest)) shortest = step;
+        return shortest;
       }
       if (now - since > 2 * std::max(longest_now, longest_before)) {
         longest_before = std::exchange(longest_now, nanos(0));

@@ -4,11 +4,16 @@
 //
 //     std::vector<std::pair<std::string, std::string>> headers = ...;  // as the client gave them
 //     auto judged = weir::http::judge_status(status, headers);
-//     // judged.kind: success, retryable, rate_limited or fatal; judged.hint: Retry-After, limits
+//     // judged.kind: success, retryable, rate_limited, exhausted or fatal;
+//     // judged.hint: Retry-After, limits; judged.reason: a quota or credit spent, an overload
 #pragma once
 
 #include <weir/http/hints.hpp>
+#include <weir/http/refusals.hpp>
 #include <weir/outcome.hpp>
+
+#include <fmt/chrono.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <chrono>
@@ -29,23 +34,33 @@ hint_parser read_header_pairs(const Headers& headers, std::chrono::system_clock:
   return parser;
 }
 
-// The status-code rule, before x-should-retry:
-//   2xx (and 1xx, 3xx)   success
-//   429                  rate_limited, with the parsed hint
-//   408, 409, 5xx, 529   retryable (a hint, e.g. Retry-After on a 503, is kept)
-//   other 4xx            fatal, unless listed in `retryable_statuses`
-// x-should-retry: true makes any failure retryable (a 429 stays rate_limited); false makes it
-// fatal. `body` is read only for Gemini's retryDelay on a 429 without Retry-After.
+// The rule, from the status and what the body says (refusals.hpp), before x-should-retry:
+//   2xx (and 1xx, 3xx)      success
+//   a quota or credit spent exhausted, never retried (OpenAI insufficient_quota, Anthropic
+//                           billing, Gemini per-day quota, 402): reason says whose, when it resets
+//   429                     rate_limited, with the parsed hint
+//   408, 409, 5xx, 498      retryable (a hint, e.g. Retry-After on a 503, is kept); the reason
+//                           says overloaded for Anthropic 529, Groq 498, OpenAI 503 Slow Down
+//   other 4xx               fatal, unless listed in `retryable_statuses`
+// x-should-retry: true makes any failure but exhausted retryable (a 429 stays rate_limited);
+// false makes it fatal. `body` is read for the refusal and for Gemini's retryDelay on a 429
+// without Retry-After; nothing of it is kept but weir's name for the provider's short code.
 inline classification judge_status(unsigned status, const hint_parser& parsed,
                                    std::string_view body = {},
                                    std::span<const unsigned> retryable_statuses = {}) {
   // Successes carry hints too (limits, remaining): that is how the limiter stops before a 429.
   if (status < 400) return {verdict::success, parsed.hint()};
-  classification c{verdict::fatal, parsed.hint()};
+  classification c{verdict::fatal, parsed.hint(), read_refusal(status, body, parsed.now())};
+  const auto cause = c.reason.cause;
+  if (cause == refusal_cause::quota || cause == refusal_cause::billing) {
+    c.kind = verdict::exhausted;
+    return c;
+  }
   if (status == 429) {
     c.kind = verdict::rate_limited;
     if (!c.hint.retry_after && !body.empty()) c.hint.retry_after = parse_gemini_retry_delay(body);
   } else if (status == 408 || status == 409 || status >= 500 ||
+             cause == refusal_cause::overloaded ||
              std::find(retryable_statuses.begin(), retryable_statuses.end(), status) !=
                  retryable_statuses.end()) {
     c.kind = verdict::retryable;
@@ -80,13 +95,14 @@ inline bool context_length_exceeded(unsigned status, std::string_view body) {
 }
 
 // An HTTP error status a client throws instead of returning, as a stream does for a status that
-// comes before its first chunk: judged by the status-code rule and the response's headers (a
+// comes before its first chunk: judged by judge_status from the response's headers and body (a
 // 429's Retry-After is the hint), so retry, breaker and router treat it as they would the
-// response. Its message names the status only: never a body, which may quote the request.
+// response. Its message names the status and the refusal's reason only: never a body, which may
+// quote the request.
 class status_error : public judged_failure {
  public:
   status_error(unsigned status, classification judged, bool context_exceeded = false)
-      : judged_failure(judged, "HTTP status " + std::to_string(status)),
+      : judged_failure(judged, describe(status, judged.reason)),
         status_(status),
         context_exceeded_(context_exceeded) {}
 
@@ -104,6 +120,18 @@ class status_error : public judged_failure {
   bool context_exceeded() const noexcept { return context_exceeded_; }
 
  private:
+  // "HTTP status 429: quota exhausted (gemini RESOURCE_EXHAUSTED), resets in 9h12m"
+  static std::string describe(unsigned status, const refusal_reason& why) {
+    auto text = "HTTP status " + std::to_string(status);
+    if (why.cause == refusal_cause::none) return text;
+    text += fmt::format(": {} ({} {})", weir::detail::name_of(why.cause),
+                        weir::detail::name_of(why.shape), why.code);
+    if (why.resets_after)
+      text += fmt::format(", resets in {}",
+                          std::chrono::duration_cast<std::chrono::seconds>(*why.resets_after));
+    return text;
+  }
+
   unsigned status_;
   bool context_exceeded_;
 };

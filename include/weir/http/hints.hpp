@@ -112,6 +112,8 @@ class hint_parser {
   // `now` turns dates (HTTP-date, RFC 3339, epoch seconds) into waits.
   explicit hint_parser(std::chrono::system_clock::time_point now = std::chrono::system_clock::now())
       : now_(now) {}
+  // When the answer came, as given.
+  std::chrono::system_clock::time_point now() const noexcept { return now_; }
 
   void add(std::string_view name, std::string_view value) {
     using detail::iequals;

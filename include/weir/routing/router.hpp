@@ -48,6 +48,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -148,6 +149,20 @@ class router {
 
   const catalog& models() const noexcept { return state_->catalog_; }
 
+  // Brings back the models with this id (of `provider` only, when given) that the router took out
+  // because a quota or the account's credit was spent, and their providers for the credit: once
+  // the bill is paid, say. Returns how many models it found.
+  std::size_t restore(std::string_view model, std::string_view provider = {}) {
+    std::size_t found = 0;
+    for (auto& m : state_->models) {
+      if (m->spec->id != model || (!provider.empty() && m->spec->provider != provider)) continue;
+      m->exhausted.clear();
+      state_->providers[m->provider]->exhausted.clear();
+      ++found;
+    }
+    return found;
+  }
+
   std::vector<model_status> status(time_point now = Clock::now()) const {
     std::vector<model_status> out;
     for (const auto& m : state_->models) {
@@ -160,8 +175,8 @@ class router {
       s.rate_limited = totals.rate_limited;
       s.errors = totals.errors;
       s.breaker = p.breaker.state();
-      s.cooling =
-          std::max({std::chrono::nanoseconds::zero(), p.cooldown.left(now), m->cooldown.left(now)});
+      s.cooling = std::max({std::chrono::nanoseconds::zero(), p.cooldown.left(now),
+                            m->cooldown.left(now), p.exhausted.left(now), m->exhausted.left(now)});
       s.latency = std::chrono::nanoseconds(m->latency_ns.load(std::memory_order_relaxed));
       const auto per_minute = [](weir::rate r) { return r.per_second * 60; };
       if (m->adapt) {
@@ -183,14 +198,22 @@ class router {
  private:
   using nanos = std::chrono::nanoseconds;
 
-  // Until when the server said a quota is exhausted; only ever moves later.
+  // Until when the server said a quota is exhausted; only ever moves later, but for clear().
   struct cooldown {
+    static constexpr std::int64_t until_cleared = std::numeric_limits<std::int64_t>::max();
+
+    // nanos::max() while it lasts until cleared.
     nanos left(time_point now) const {
-      return nanos(until_ns.load(std::memory_order_acquire)) -
-             std::chrono::duration_cast<nanos>(now.time_since_epoch());
+      const auto until = until_ns.load(std::memory_order_acquire);
+      if (until == until_cleared) return nanos::max();
+      return nanos(until) - std::chrono::duration_cast<nanos>(now.time_since_epoch());
     }
     void extend_to(time_point until) {
-      const auto ns = std::chrono::duration_cast<nanos>(until.time_since_epoch()).count();
+      extend_to_ns(std::chrono::duration_cast<nanos>(until.time_since_epoch()).count());
+    }
+    void hold_until_cleared() { extend_to_ns(until_cleared); }
+    void clear() { until_ns.store(0, std::memory_order_release); }
+    void extend_to_ns(std::int64_t ns) {
       auto seen = until_ns.load(std::memory_order_relaxed);
       while (ns > seen && !until_ns.compare_exchange_weak(seen, ns, std::memory_order_acq_rel)) {
       }
@@ -205,7 +228,8 @@ class router {
 
     const provider_spec* spec;
     circuit_breaker<Clock> breaker;
-    struct cooldown cooldown;  // for providers whose limits are per account
+    struct cooldown cooldown;   // for providers whose limits are per account
+    struct cooldown exhausted;  // the account's credit is spent (router::restore clears it)
     provider_call call;
   };
 
@@ -261,6 +285,7 @@ class router {
     std::uint64_t max_request_tokens = std::numeric_limits<std::uint64_t>::max();
     std::atomic<std::int64_t> latency_ns{0};
     struct cooldown cooldown;
+    struct cooldown exhausted;            // a quota is spent (router::restore clears it)
     std::atomic<double> shared_limit{0};  // the request limit last told to the fleet
   };
 
@@ -344,7 +369,8 @@ class router {
     // How long before model m may be tried, its limits aside (see blocked_for).
     nanos blocked(const model_entry& m, const constraints& c, time_point now) const {
       const auto& p = *providers[m.provider];
-      return blocked_for(p.cooldown.left(now), m.cooldown.left(now),
+      return blocked_for(std::max(p.cooldown.left(now), p.exhausted.left(now)),
+                         std::max(m.cooldown.left(now), m.exhausted.left(now)),
                          p.breaker.state() != breaker_state::closed
                              ? std::optional(p.breaker.time_until_admit(now))
                              : std::nullopt,
@@ -398,6 +424,7 @@ class router {
     options_type options;
     std::vector<std::unique_ptr<provider_entry>> providers;
     std::vector<std::unique_ptr<model_entry>> models;
+    mutable std::atomic<std::uint32_t> route_seeds{1};  // each route's backoff jitter
     std::atomic<bool> fleet_reachable{true};
   };
 
@@ -464,13 +491,28 @@ class router {
     std::vector<route_step> all_steps;
   };
 
+  // What tried() holds for a model: not tried; failed in a way another attempt may not (fatal,
+  // too small a context, refused locally); failed in a way it may (a 5xx, a reset), tried again
+  // after a backoff once no other capable model is left.
+  enum : char { untried = 0, tried_for_good = 1, tried_retryable = 2 };
+
   struct route_progress {
     route_progress(const state& s, const constraints& c)
-        : tried_flags(s.models.size(), 0),
+        : tried_flags(s.models.size(), untried),
           retry_times(s.models.size(), 0),
           min_context(fitting_context(c)),
-          estimate(cost_of(c)) {
+          estimate(cost_of(c)),
+          random(s.route_seeds.fetch_add(1, std::memory_order_relaxed)) {
       record.estimated_tokens = estimate.tokens;
+    }
+
+    // The models that failed retryably may be tried again, after their backoff (not_before):
+    // false when there are none.
+    bool try_again_after_backoff() {
+      bool any = false;
+      for (auto& t : tried())
+        if (t == tried_retryable) t = untried, any = true;
+      return any;
     }
 
     std::span<char> tried() const { return tried_flags.span(); }
@@ -484,6 +526,9 @@ class router {
     route_record record;
     std::exception_ptr last_failure;
     std::shared_ptr<hedge_race> race{};  // when the route is one of a hedged request's
+    unsigned retryable_failures = 0;
+    nanos last_backoff{0};
+    std::minstd_rand random;  // the backoff's jitter
   };
 
   // Marks in `out` the models this request may not try: those it tried, and those whose
@@ -759,19 +804,45 @@ class router {
           route.not_before()[i] = weir::detail::to_nanos(finished) + wait.count();
         }
         break;
-      case verdict::retryable: route.tried()[i] = 1; break;
+      case verdict::retryable: {
+        // Another model first; this one again after a backoff if none is left, as a retry
+        // would: with one model, a 503 is retried rather than the end of the request.
+        route.tried()[i] = tried_retryable;
+        route.last_backoff = s.options.retry_backoff.delay(route.retryable_failures++,
+                                                           route.last_backoff, route.random);
+        route.not_before()[i] = std::max(
+            route.not_before()[i], weir::detail::to_nanos(finished) + route.last_backoff.count());
+        break;
+      }
+      case verdict::exhausted: {
+        // No retry helps before the quota resets or someone pays: the model (for the account's
+        // credit, its whole provider) is out until then, or until restore().
+        const bool whole_provider = judged.reason.cause == refusal_cause::billing ||
+                                    p.spec->cooldown_scope == cooldown_scope::provider;
+        const auto out_for =
+            judged.reason.resets_after ? judged.reason.resets_after : s.options.exhausted_for;
+        auto& out = whole_provider ? p.exhausted : m.exhausted;
+        if (out_for)
+          out.extend_to(finished + std::chrono::duration_cast<typename Clock::duration>(*out_for));
+        else
+          out.hold_until_cleared();
+        s.emit(provider_exhausted{c.operation, spec.provider, judged.reason, out_for,
+                                  whole_provider ? std::string_view{} : spec.id});
+        route.tried()[i] = tried_for_good;
+        break;
+      }
       case verdict::fatal:
         if (result.refused_locally()) {
           // The model's own stages turned the call away before sending (its queue is full, its
           // budget spent): this model has no room for the request now, another may.
-          route.tried()[i] = 1;
+          route.tried()[i] = tried_for_good;
           refused_locally = true;
           break;
         }
         if (result.cancelled() || !s.options.context_exceeded ||
             !s.options.context_exceeded(result))
           return false;
-        route.tried()[i] = 1;
+        route.tried()[i] = tried_for_good;
         if (spec.context_window != 0)
           route.min_context = std::max(route.min_context, spec.context_window + 1);
         context_exceeded = true;
@@ -837,6 +908,7 @@ class router {
       const auto picked =
           s->pick(ranked, c, route.min_context, priced_out ? priced->skip.span() : route.tried(),
                   route.not_before(), now, true);
+      if (!picked && !ranked.any_capable && route.try_again_after_backoff()) continue;
       if (!picked && priced_out && !ranked.any_capable) refuse_over_budget(*s, c, *priced);
       if (!picked) {
         timer.expires_after(std::chrono::duration_cast<typename Clock::duration>(
@@ -860,7 +932,7 @@ class router {
       }
       if (!ticket) {
         for (auto& r : *charges) r.release();
-        route.tried()[i] = 1;
+        route.tried()[i] = tried_for_good;
         continue;
       }
 

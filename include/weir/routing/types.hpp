@@ -2,6 +2,7 @@
 // options and the state it reports.
 #pragma once
 
+#include <weir/backoff.hpp>
 #include <weir/events.hpp>
 #include <weir/http/adaptation.hpp>
 #include <weir/outcome.hpp>
@@ -76,7 +77,12 @@ template <class Response, class Clock = std::chrono::steady_clock,
 struct basic_router_options {
   basic_strategy<Clock> strategy = strategies::cheapest<Clock>();
   unsigned max_attempts = 4;  // attempts per request, over all models
-  observer watch{};           // router and breaker events; empty: none built
+  // The wait before a model that failed retryably (a 5xx, a reset, a timeout) is tried again for
+  // the same request, once no other capable model is left to try.
+  weir::backoff retry_backoff =
+      weir::backoff::exponential(std::chrono::milliseconds(200), 2.0, std::chrono::seconds(5))
+          .with(weir::jitter::full);
+  observer watch{};  // router and breaker events; empty: none built
   // The tokens a response reports; without it the estimates are kept.
   std::function<std::optional<token_usage>(const Response&)> usage_of{};
   // Whether a fatal outcome means "the request does not fit this model's context": such a
@@ -105,6 +111,10 @@ struct basic_router_options {
   // reported usage, else the estimate for a success or a cancelled call, nothing for a failure
   // that reports none (providers do not bill those) or a call never sent.
   std::vector<spend_budget<Clock>> budgets{};
+  // How long a model stays out once its provider said a quota or the account's credit is spent
+  // and did not say when it comes back (OpenAI insufficient_quota, a 402). nullopt: until
+  // router::restore().
+  std::optional<std::chrono::nanoseconds> exhausted_for{};
 };
 template <class Response>
 using router_options = basic_router_options<Response>;
@@ -119,7 +129,9 @@ struct model_status {
   std::uint64_t rate_limited = 0;
   std::uint64_t errors = 0;
   breaker_state breaker = breaker_state::closed;
-  std::chrono::nanoseconds cooling{0};  // left of the model's (or its provider's) cooldown
+  // Left of the model's (or its provider's) cooldown, or of its time out for a spent quota
+  // (nanoseconds::max(): until router::restore()).
+  std::chrono::nanoseconds cooling{0};
   std::chrono::nanoseconds latency{0};
   // The limits in force, per minute: given in the catalog, reported by the server, or (for
   // requests, while no one said) where discovery found refusals begin. nullopt: unknown.

@@ -6,6 +6,7 @@
 //     router.connect("a", a.call<my_request>());
 #pragma once
 
+#include <weir/http/classify.hpp>
 #include <weir/outcome.hpp>
 #include <weir/routing/catalog.hpp>
 #include <weir/routing/router.hpp>
@@ -31,6 +32,9 @@ struct fake_response {
   token_usage usage{};
   std::string model{};  // filled in with the model that answered
   bool context_overflow = false;
+  std::string body{};  // an error's body, read as http::judge_status reads one
+  // When the answer came by the wall clock, for the reset of a per-day quota its body names.
+  std::chrono::system_clock::time_point wall{};
 
   static fake_response ok(token_usage used = {}) { return {.status = 200, .usage = used}; }
   static fake_response too_many(std::chrono::nanoseconds retry_after) {
@@ -41,19 +45,17 @@ struct fake_response {
   static fake_response server_error() { return {.status = 500}; }
 };
 
-// 2xx success, 429 rate-limited, 5xx retryable, other 4xx fatal; hints kept.
+// As http::judge_status judges the status and body (2xx success, 429 rate-limited, a spent quota
+// or credit exhausted, 5xx and overloads retryable, other 4xx fatal), with the response's hints.
 struct fake_classifier {
   classification operator()(const outcome<fake_response>& o) const {
     if (!o.has_value()) return default_classifier{}(o);
     const auto& r = o.value();
-    verdict kind = verdict::fatal;
-    if (r.status < 400)
-      kind = verdict::success;
-    else if (r.status == 429)
-      kind = verdict::rate_limited;
-    else if (r.status >= 500)
-      kind = verdict::retryable;
-    return {kind, r.hint};
+    auto c = http::judge_status(r.status, http::hint_parser(r.wall), r.body);
+    const auto from_body = c.hint.retry_after;  // Gemini's retryDelay
+    c.hint = r.hint;
+    if (!c.hint.retry_after) c.hint.retry_after = from_body;
+    return c;
   }
 };
 
