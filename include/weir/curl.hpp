@@ -4,12 +4,17 @@
 //  - `response` and `perform(easy)`: a blocking transfer that collects the status, the headers
 //    (of the last response, after redirects and 100 Continue) and the body; a failed transfer
 //    throws boost::system::system_error with its CURLcode in `curl_category()`.
+//  - A response judges itself (response::judged, the status rule of http/classify.hpp), so any
+//    policy, even with no classifier named, retries a 429 and fails a 400: none is a success.
 //  - `response_classifier`: judges an outcome<response> as any HTTP response is judged
 //    (http/classify.hpp: status, Retry-After, rate-limit headers) and a transfer's CURLcode as
 //    retryable (the connection failed or broke, a timeout) or fatal (a bad URL, a certificate
 //    refused, an option curl does not know).
 //  - `multi`: curl's multi-socket API driven by an Asio executor, so that many transfers share
-//    one thread: `co_await transfers.perform(easy)`; cancelling the await removes the transfer.
+//    one thread: `co_await transfers.perform(easy)`; cancelling the await removes the transfer,
+//    and destroying the multi ends every transfer with operation_aborted.
+//  - `open_event_stream`: a streamed transfer's server-sent events as a weir::stream, returned
+//    at the first event; the transfer is removed when the stream ends, however it ends.
 //  - Against a hostile or broken server (http/limits.hpp): a header line with CR, LF or NUL is
 //    refused by add_header; the headers and a body kept whole are bounded, and a transfer ends
 //    by max_transfer_time (CURLOPT_TIMEOUT_MS, which a later set() may change); passing a limit
@@ -25,7 +30,9 @@
 #include <weir/error.hpp>
 #include <weir/http/classify.hpp>
 #include <weir/http/limits.hpp>
+#include <weir/http/sse.hpp>
 #include <weir/outcome.hpp>
+#include <weir/stream.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/as_tuple.hpp>
@@ -33,13 +40,16 @@
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/error.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
+#include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/system/error_code.hpp>
 #include <boost/system/system_error.hpp>
@@ -51,9 +61,13 @@
 #include <cctype>
 #include <chrono>
 #include <cstdint>
+#include <deque>
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -115,6 +129,14 @@ struct response {
           }))
         return v;
     return {};
+  }
+
+  // How any weir classifier judges it (http/classify.hpp's status rule): so default_classifier,
+  // and every policy built without a classifier, retries a 429 or a 503 and fails a 400, instead
+  // of calling them successes.
+  classification judged(
+      std::chrono::system_clock::time_point now = std::chrono::system_clock::now()) const {
+    return http::judge_status(static_cast<unsigned>(status), headers, body, {}, now);
   }
 };
 
@@ -192,19 +214,22 @@ class easy {
   }
 
   // Hands the body to `f` piece by piece as it arrives (a stream of server-sent events) instead
-  // of keeping it in the response. With a multi, `f` runs on the multi's strand.
+  // of keeping it in the response. With a multi, `f` runs on the multi's strand. An exception
+  // `f` throws ends the transfer, and finish() throws it.
   easy& on_data(std::function<void(std::string_view)> f) {
     on_data_ = std::move(f);
     return *this;
   }
 
   CURL* native() const noexcept { return handle_; }
+  const http::response_limits& limits() const noexcept { return limits_; }
 
   // Points the handle's callbacks at a fresh response, for one transfer.
   response& prepare() {
     reply_ = response{};
     header_bytes_ = 0;
     passed_ = nullptr;
+    refused_ = nullptr;
     set(CURLOPT_HEADERFUNCTION, &easy::write_header);
     set(CURLOPT_HEADERDATA, static_cast<void*>(this));
     set(CURLOPT_WRITEFUNCTION, &easy::write_body);
@@ -214,6 +239,7 @@ class easy {
   // After a transfer ended with `code`: the response, or the failure thrown (limit_exceeded
   // for a response past the limits).
   response finish(CURLcode code) {
+    if (refused_) std::rethrow_exception(std::exchange(refused_, nullptr));
     if (passed_) {
       const bool headers = passed_ == &http::response_limits::max_header_bytes;
       http::detail::limit_passed(
@@ -256,7 +282,12 @@ class easy {
   static std::size_t write_body(char* data, std::size_t size, std::size_t count, void* to) {
     auto& self = *static_cast<easy*>(to);
     if (self.on_data_) {
-      self.on_data_(std::string_view(data, size * count));
+      try {
+        self.on_data_(std::string_view(data, size * count));
+      } catch (...) {
+        self.refused_ = std::current_exception();
+        return 0;
+      }
     } else {
       if (self.reply_.body.size() + size * count > self.limits_.max_body_bytes) {
         self.passed_ = &http::response_limits::max_body_bytes;
@@ -275,6 +306,7 @@ class easy {
   http::response_limits limits_;
   std::size_t header_bytes_ = 0;
   std::size_t http::response_limits::*passed_ = nullptr;  // the limit the transfer passed
+  std::exception_ptr refused_;                            // what on_data threw
 };
 
 // A blocking transfer, as most curl code makes one: run it on a thread pool, not on an
@@ -311,8 +343,9 @@ struct response_classifier {
 
 // curl's multi-socket API on an Asio executor: curl says which sockets to watch and when its
 // timer is due; the executor's reactor watches them, so any number of transfers share the
-// thread that runs it. Everything happens on one strand. Not copyable; destroy it with no
-// transfer in flight (cancel them first), on its executor's thread or after the executor stops.
+// thread that runs it. Everything happens on one strand. Not copyable. Destroy it on its
+// executor's thread (or once nothing runs the executor): every transfer still running completes
+// then with operation_aborted.
 class multi {
  public:
   explicit multi(boost::asio::any_io_executor ex)
@@ -325,10 +358,15 @@ class multi {
     curl_multi_setopt(handle_, CURLMOPT_TIMERFUNCTION, &multi::on_timer);
     curl_multi_setopt(handle_, CURLMOPT_TIMERDATA, this);
   }
+  // Every transfer still running ends with operation_aborted, its handler called once.
   ~multi() {
-    for (auto& [easy, t] : transfers_) curl_multi_remove_handle(handle_, easy);
+    life_.reset();  // a cancellation or a start still on its way finds the multi gone
+    auto ending = std::move(transfers_);
+    for (auto& [easy, t] : ending) curl_multi_remove_handle(handle_, easy);
     for (auto& [fd, w] : watched_) w->descriptor.release();  // curl closes its own sockets
     curl_multi_cleanup(handle_);
+    running_ -= ending.size();
+    for (auto& [easy, t] : ending) t.done(boost::asio::error::operation_aborted, CURLE_OK);
   }
   multi(const multi&) = delete;
   multi& operator=(const multi&) = delete;
@@ -375,25 +413,36 @@ class multi {
     CURL* e = handle.native();
     const auto id = ++last_id_;
     // The slot is the caller's: assigned here, on the caller's side, before anything can end.
+    // Posted, not dispatched: curl must not lose a handle inside one of its own callbacks.
     if (slot.is_connected())
-      slot.assign([this, e, id](boost::asio::cancellation_type) {
-        boost::asio::dispatch(strand_, [this, e, id] {
-          end(e, boost::asio::error::operation_aborted, CURLE_OK, id);
+      slot.assign(
+          [life = std::weak_ptr(life_), strand = strand_, e, id](boost::asio::cancellation_type) {
+            boost::asio::post(strand, [life, e, id] {
+              if (auto self = life.lock())
+                (*self)->end(e, boost::asio::error::operation_aborted, CURLE_OK, id);
+            });
+          });
+    done_handler done = [work](error_code ec, CURLcode code) {
+      auto h = std::move(*work);
+      auto ex = boost::asio::get_associated_executor(h);
+      boost::asio::post(ex, [h = std::move(h), ec, code]() mutable { h(ec, code); });
+    };
+    boost::asio::dispatch(
+        strand_, [life = std::weak_ptr(life_), &handle, e, done = std::move(done), id]() mutable {
+          const auto self = life.lock();
+          if (!self) return done(boost::asio::error::operation_aborted, CURLE_OK);
+          (*self)->add(handle, e, std::move(done), id);
         });
-      });
-    boost::asio::dispatch(strand_, [this, &handle, e, work, id]() mutable {
-      done_handler done = [work](error_code ec, CURLcode code) {
-        auto h = std::move(*work);
-        auto ex = boost::asio::get_associated_executor(h);
-        boost::asio::post(ex, [h = std::move(h), ec, code]() mutable { h(ec, code); });
-      };
-      if (transfers_.contains(e))  // one handle, one transfer at a time
-        return done(weir::make_error_code(weir::error::invalid_argument), CURLE_OK);
-      handle.prepare();
-      transfers_[e] = transfer{id, std::move(done)};
-      ++running_;
-      if (curl_multi_add_handle(handle_, e) != CURLM_OK) end(e, {}, CURLE_FAILED_INIT);
-    });
+  }
+
+  // On the strand: starts the transfer of `e`.
+  void add(easy& handle, CURL* e, done_handler done, std::uint64_t id) {
+    if (transfers_.contains(e))  // one handle, one transfer at a time
+      return done(weir::make_error_code(weir::error::invalid_argument), CURLE_OK);
+    handle.prepare();
+    transfers_[e] = transfer{id, std::move(done)};
+    ++running_;
+    if (curl_multi_add_handle(handle_, e) != CURLM_OK) end(e, {}, CURLE_FAILED_INIT);
   }
 
   // On the strand: the transfer of `e` is over (or cancelled): its handler is called once.
@@ -478,6 +527,170 @@ class multi {
   std::atomic<std::size_t> running_{0};
   std::map<CURL*, transfer> transfers_;
   std::map<curl_socket_t, std::shared_ptr<watch>> watched_;
+  // Held by the multi alone: what runs later on the strand (a start, a cancellation) holds it
+  // weakly, and does nothing once the multi is gone.
+  std::shared_ptr<multi*> life_ = std::make_shared<multi*>(this);
 };
+
+namespace detail {
+// One streamed transfer's events, handed from curl's write callback (on the multi's strand) to
+// the coroutine reading the stream (on its own executor): under a mutex, a waiting read's
+// handler posted to its executor, as any Asio operation completes.
+class event_feed : public std::enable_shared_from_this<event_feed> {
+ public:
+  using event = http::sse::event;
+  using read_handler = std::function<void(std::exception_ptr, std::optional<event>)>;
+
+  explicit event_feed(std::unique_ptr<easy> request)
+      : request(std::move(request)), parser_(this->request->limits()) {}
+
+  const std::unique_ptr<easy> request;
+  boost::asio::cancellation_signal stop;  // removes the transfer from the multi
+
+  // curl's write callback: a 2xx body is parsed as it comes; any other is kept (to the body
+  // limit) to be judged with its status when the transfer ends. A parser's limit_exceeded ends
+  // the transfer (easy::on_data).
+  void feed(std::string_view bytes) {
+    if (status_ == 0) curl_easy_getinfo(request->native(), CURLINFO_RESPONSE_CODE, &status_);
+    if (status_ < 200 || status_ > 299) {
+      error_body_.append(bytes.substr(0, request->limits().max_body_bytes - error_body_.size()));
+      return;
+    }
+    parser_.feed(bytes);
+    std::unique_lock lock(mutex_);
+    while (auto e = parser_.next()) ready_.push_back(std::move(*e));
+    wake(lock);
+  }
+
+  // The transfer ended (cancelled when `ec` is set): what it failed with is the stream's.
+  void finish(error_code ec, CURLcode code) {
+    std::exception_ptr failure;
+    try {
+      if (ec) throw boost::system::system_error(ec);
+      const auto r = request->finish(code);
+      if (r.status < 200 || r.status > 299)
+        throw http::status_error::from(static_cast<unsigned>(r.status), r.headers, error_body_);
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    std::unique_lock lock(mutex_);
+    running_ = false;
+    failure_ = failure;
+    wake(lock);
+  }
+
+  // Nobody reads the stream any more: the transfer, if it still runs, is removed.
+  void cancel() {
+    {
+      std::lock_guard lock(mutex_);
+      if (!running_) return;
+    }
+    stop.emit(boost::asio::cancellation_type::terminal);
+  }
+
+  // The next event: nullopt at the body's end or at `[DONE]`; the transfer's failure thrown.
+  // Completion signature: void(std::exception_ptr, std::optional<http::sse::event>). Cancelling
+  // it (any type) completes it with operation_aborted.
+  template <class CompletionToken>
+  auto async_next(CompletionToken&& token) {
+    return boost::asio::async_initiate<CompletionToken,
+                                       void(std::exception_ptr, std::optional<event>)>(
+        [self = shared_from_this()](auto handler) {
+          auto slot = boost::asio::get_associated_cancellation_slot(handler);
+          auto work = std::make_shared<decltype(handler)>(std::move(handler));
+          std::unique_lock lock(self->mutex_);
+          self->waiting_ = [work](std::exception_ptr failure, std::optional<event> e) {
+            auto h = std::move(*work);
+            auto ex = boost::asio::get_associated_executor(h);
+            boost::asio::post(ex, [h = std::move(h), failure, e = std::move(e)]() mutable {
+              h(failure, std::move(e));
+            });
+          };
+          if (slot.is_connected())
+            slot.assign([weak = std::weak_ptr(self)](boost::asio::cancellation_type) {
+              auto feed = weak.lock();
+              if (!feed) return;
+              std::unique_lock lock(feed->mutex_);
+              if (auto waiting = std::exchange(feed->waiting_, nullptr)) {
+                lock.unlock();
+                waiting(std::make_exception_ptr(
+                            boost::system::system_error(boost::asio::error::operation_aborted)),
+                        std::nullopt);
+              }
+            });
+          self->wake(lock);
+        },
+        token);
+  }
+
+ private:
+  // Completes the waiting read, if there is one and something to hand it.
+  void wake(std::unique_lock<std::mutex>& lock) {
+    if (!waiting_) return;
+    std::optional<event> next;
+    if (!ready_.empty() && !done_) {
+      next = std::move(ready_.front());
+      ready_.pop_front();
+      if (http::sse::is_done(*next)) {
+        done_ = true;
+        next.reset();
+      }
+    } else if (running_ && !done_) {
+      return;
+    }
+    auto waiting = std::exchange(waiting_, nullptr);
+    const auto failure = done_ ? nullptr : failure_;
+    lock.unlock();
+    waiting(failure, std::move(next));
+  }
+
+  http::sse::parser parser_;  // on the multi's strand
+  long status_ = 0;
+  std::string error_body_;
+  std::mutex mutex_;  // guards what follows
+  std::deque<event> ready_;
+  read_handler waiting_;
+  bool running_ = true;
+  bool done_ = false;  // `[DONE]` came
+  std::exception_ptr failure_;
+};
+
+// Held by a stream's pull, so dropped when the stream ends (read to its end, closed, broken or
+// destroyed): a transfer still running then is removed, not left to run on with no reader.
+struct event_reader {
+  explicit event_reader(std::shared_ptr<event_feed> f) : feed(std::move(f)) {}
+  event_reader(const event_reader&) = delete;
+  event_reader& operator=(const event_reader&) = delete;
+  ~event_reader() { feed->cancel(); }
+  std::shared_ptr<event_feed> feed;
+};
+}  // namespace detail
+
+// Starts the transfer of `request` on `transfers` and returns its body's server-sent events as a
+// weir::stream once the first has come (stream.hpp: `options` time it and count its tokens). A
+// failure before then is the call's, retried by the policies around it as any: an answer other
+// than 2xx (judged by its status, headers and body, http::status_error), a CURLcode, a limit
+// passed, `first_token` passed. `data: [DONE]` ends the stream. However the stream ends — read to
+// its end, closed, broken, or destroyed — a transfer still running is removed from the multi.
+inline boost::asio::awaitable<stream<http::sse::event>> open_event_stream(
+    multi& transfers, std::unique_ptr<easy> request,
+    stream_options<http::sse::event> options = {}) {
+  auto feed = std::make_shared<detail::event_feed>(std::move(request));
+  feed->request->on_data([raw = feed.get()](std::string_view bytes) { raw->feed(bytes); });
+  // The executor first: g++ 12 destroys a temporary with a destructor twice when its full
+  // expression has a co_await in it.
+  const auto ex = co_await boost::asio::this_coro::executor;
+  transfers.async_transfer(
+      *feed->request,
+      boost::asio::bind_cancellation_slot(
+          feed->stop.slot(), boost::asio::bind_executor(ex, [feed](error_code ec, CURLcode code) {
+            feed->finish(ec, code);
+          })));
+  auto reader = std::make_shared<detail::event_reader>(feed);
+  auto first = open_stream<http::sse::event>(
+      [reader] { return reader->feed->async_next(boost::asio::use_awaitable); },
+      std::move(options));
+  co_return co_await std::move(first);
+}
 
 }  // namespace weir::curl

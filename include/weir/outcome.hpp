@@ -186,6 +186,14 @@ concept carries_server_hint = !std::is_void_v<T> && requires(const T& v) {
   { v.server_hint() } -> std::convertible_to<rate_limit_hint>;
 };
 
+// A value that carries its own judgement (weir::curl::response: an HTTP answer judged by its
+// status and headers), so that the default classifier fails a 429 without being told how to read
+// one. A classifier of the caller's own still decides as it likes.
+template <class T>
+concept carries_judgement = !std::is_void_v<T> && requires(const T& v) {
+  { v.judged() } -> std::convertible_to<classification>;
+};
+
 // A cancellation as Asio reports it: operation_aborted, or errc::operation_canceled.
 inline bool is_cancellation(const error_code& ec) noexcept {
   return ec == boost::asio::error::operation_aborted ||
@@ -304,7 +312,8 @@ concept classifier_for = requires(const C& c, const outcome<T>& o) {
   { c(o) } -> std::convertible_to<classification>;
 };
 
-// The classifier used when none is given: values succeed; cancellation and weir's own
+// The classifier used when none is given: values succeed, unless they carry their own judgement
+// (carries_judgement: a response that says 429 is rate-limited); cancellation and weir's own
 // rejections (queue full, budget spent, ...) are fatal, since repeating them only adds load;
 // a weir::rate_limited or circuit_open failure is rate-limited with its retry_after; any other
 // error or exception is retryable. HTTP-aware classifiers live in weir/http.
@@ -312,6 +321,7 @@ struct default_classifier {
   template <class T>
   classification operator()(const outcome<T>& o) const {
     if (o.has_value()) {
+      if constexpr (carries_judgement<T>) return o.value().judged();
       if constexpr (carries_server_hint<T>) return {verdict::success, o.value().server_hint()};
       return {};
     }
@@ -366,11 +376,16 @@ struct default_classifier {
 
 // Whether a classifier calls every value a success, so that a policy may hand a value straight
 // back without building an outcome (a saving on every successful call). Specialise it for your
-// own classifiers that never fail a value.
+// own classifiers that never fail a value; a value that carries_judgement is judged all the same.
 template <class Classifier>
 inline constexpr bool every_value_succeeds = false;
 template <>
 inline constexpr bool every_value_succeeds<default_classifier> = true;
+
+// Whether `Classifier` calls every value of type T a success.
+template <class Classifier, class T>
+inline constexpr bool every_value_of_succeeds =
+    every_value_succeeds<Classifier> && !carries_judgement<T>;
 
 static_assert(classifier_for<default_classifier, int>);
 static_assert(classifier_for<default_classifier, void>);

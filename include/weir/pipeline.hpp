@@ -493,7 +493,8 @@ struct driver {
         } else if constexpr (std::is_void_v<T>) {
           co_await inside<T, End>(s, ctx, op, env.attempt);
           result.emplace(outcome<T>::from_value({}));
-        } else if constexpr (plain_values && !detail::settles_at_stream_end<T>) {
+        } else if constexpr (plain_values && !detail::settles_at_stream_end<T> &&
+                             !carries_judgement<T>) {
           auto value = co_await inside<T, End>(s, ctx, op, env.attempt);
           if (!watch) {  // the common case: straight back, no outcome built
             env.judged = verdict::success;

@@ -221,7 +221,7 @@ class retry_stage {
     if constexpr (is_plain_success<Outcome>) {
       return {};
     } else {
-      if constexpr (every_value_succeeds<Classifier>) {
+      if constexpr (every_value_of_succeeds<Classifier, typename Outcome::value_type>) {
         if (result.has_value()) return {};
       }
       if (s.expired || context.delivered) return {};

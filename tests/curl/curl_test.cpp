@@ -1,6 +1,8 @@
 // Specifications of weir/curl.hpp: curl's results judged, and its multi-socket API on Asio
 // against weir's mock provider on loopback (real sockets, short real time).
+#include <weir/circuit_breaker.hpp>
 #include <weir/curl.hpp>
+#include <weir/retry.hpp>
 #include <weir/testing/hostile_server.hpp>
 #include <weir/testing/mock_provider.hpp>
 
@@ -227,4 +229,198 @@ TEST_CASE("curl: headers, a whole body and the transfer time are bounded, fatall
             weir::exception(weir::error::limit_exceeded, "curl::easy: the transfer passed"))));
     CHECK(judged.kind == weir::verdict::fatal);
   }
+}
+
+// ---- Issue 31: curl safe by default -------------------------------------------------------------
+
+namespace {
+std::string status_only(std::string_view status_line, std::string_view headers = "") {
+  return "HTTP/1.1 " + std::string(status_line) + "\r\nContent-Length: 0\r\n" +
+         std::string(headers) + "\r\n";
+}
+
+// Runs `io` in short turns until `done` holds or `limit` (real time) passed.
+template <class Done>
+void run_until(asio::io_context& io, Done done, std::chrono::milliseconds limit = 5s) {
+  const auto until = std::chrono::steady_clock::now() + limit;
+  while (!done() && std::chrono::steady_clock::now() < until) {
+    io.restart();
+    io.run_for(5ms);
+  }
+}
+}  // namespace
+
+TEST_CASE("curl: with no classifier named, a 429 is retried with its hint and a 400 is not",
+          "[curl]") {
+  weir::testing::hostile_server server({status_only("429 Too Many Requests", "Retry-After: 0\r\n"),
+                                        ok_with("fine"), status_only("400 Bad Request"),
+                                        ok_with("never asked for")});
+  asio::io_context io(1);
+  weir::curl::multi transfers(io.get_executor());
+  weir::retry<> retry({.max_attempts = 3, .backoff = weir::backoff::constant(1ms)});
+  weir::curl::easy request(server.url());
+  std::optional<weir::curl::response> after_429, after_400;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        after_429 = co_await retry([&] { return transfers.perform(request); });
+        after_400 = co_await retry([&] { return transfers.perform(request); });
+      },
+      [](std::exception_ptr e) { CHECK_FALSE(e); });
+  io.run();
+  REQUIRE(after_429);
+  CHECK(after_429->status == 200);
+  CHECK(after_429->body == "fine");
+  REQUIRE(after_400);
+  CHECK(after_400->status == 400);  // a failing value goes back as it is, once
+  CHECK(server.requests().size() == 3);
+  CHECK(weir::default_classifier{}(weir::outcome<weir::curl::response>::from_value(*after_400))
+            .kind == weir::verdict::fatal);
+  // The server's hint goes with the verdict, as response_classifier's does.
+  weir::curl::response slow_down{429, {{"Retry-After", "7"}}, {}};
+  const auto judged =
+      weir::default_classifier{}(weir::outcome<weir::curl::response>::from_value(slow_down));
+  CHECK(judged.kind == weir::verdict::rate_limited);
+  CHECK(judged.hint.retry_after == std::chrono::seconds(7));
+}
+
+TEST_CASE("curl: with no classifier named, the breaker counts 5xx answers and opens", "[curl]") {
+  weir::testing::hostile_server server(
+      {status_only("503 Service Unavailable"), status_only("502 Bad Gateway"), ok_with("late")});
+  asio::io_context io(1);
+  weir::curl::multi transfers(io.get_executor());
+  weir::circuit_breaker<> breaker({.consecutive_failures = 2, .break_duration = 60s});
+  weir::curl::easy request(server.url());
+  std::vector<long> statuses;
+  std::optional<weir::error_code> third;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        for (int i = 0; i < 2; ++i)
+          statuses.push_back((co_await breaker([&] { return transfers.perform(request); })).status);
+        try {
+          co_await breaker([&] { return transfers.perform(request); });
+          third = weir::error_code{};
+        } catch (const boost::system::system_error& e) {
+          third = e.code();
+        }
+      },
+      [](std::exception_ptr e) { CHECK_FALSE(e); });
+  io.run();
+  CHECK(statuses == std::vector<long>{503, 502});
+  CHECK(breaker.state() == weir::breaker_state::open);
+  REQUIRE(third);
+  CHECK(*third == weir::error::circuit_open);
+  CHECK(server.requests().size() == 2);
+}
+
+TEST_CASE("curl: destroying a multi ends every awaited transfer with operation_aborted, once",
+          "[curl]") {
+  weir::testing::hostile_server server({});  // reads the requests, never answers
+  asio::io_context io(1);
+  auto transfers = std::make_unique<weir::curl::multi>(io.get_executor());
+  std::vector<std::unique_ptr<weir::curl::easy>> requests;
+  std::vector<std::vector<weir::error_code>> ended(5);
+  for (std::size_t i = 0; i < 5; ++i) {
+    requests.push_back(std::make_unique<weir::curl::easy>(server.url()));
+    asio::co_spawn(
+        io,
+        [&, i]() -> asio::awaitable<void> {
+          try {
+            co_await transfers->perform(*requests[i]);
+            ended[i].push_back({});
+          } catch (const boost::system::system_error& e) {
+            ended[i].push_back(e.code());
+          }
+        },
+        asio::detached);
+  }
+  run_until(io, [&] { return server.requests().size() == 5; });
+  REQUIRE(server.requests().size() == 5);
+  CHECK(transfers->in_flight() == 5);
+  transfers.reset();
+  io.restart();
+  io.run();
+  for (const auto& e : ended) {
+    REQUIRE(e.size() == 1);
+    CHECK(e.front() == asio::error::operation_aborted);
+  }
+}
+
+namespace {
+// An event stream that goes on for hours: its headers and first event at once, then one event
+// every 50 ms.
+weir::testing::hostile_server endless_events() {
+  const std::string head =
+      "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
+  const std::string event = "data: {\"choices\":[{\"delta\":{\"content\":\"tok\"}}]}\n\n";
+  std::string reply = head;
+  for (int i = 0; i < 200'000; ++i) reply += event;
+  return weir::testing::hostile_server(
+      {reply},
+      {.trickle_bytes = event.size(), .at_once = head.size() + event.size(), .pause = 50ms});
+}
+}  // namespace
+
+TEST_CASE("curl: a streamed transfer is removed when its stream is closed, broken or destroyed",
+          "[curl]") {
+  auto server = endless_events();
+  asio::io_context io(1);
+  weir::curl::multi transfers(io.get_executor());
+  std::optional<weir::stream<weir::http::sse::event>> kept;
+  std::size_t running_while_read = 0;
+  std::string first;
+  std::optional<weir::error_code> broke_with;
+  const std::string how = GENERATE("closed", "broken", "destroyed");
+  CAPTURE(how);
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        auto events = co_await weir::curl::open_event_stream(
+            transfers, std::make_unique<weir::curl::easy>(server.url()),
+            {.idle = how == "broken" ? std::optional<ns>(10ms) : std::nullopt,
+             .tally = weir::http::sse::openai_tally});
+        first = (co_await events.next()).value().data;
+        running_while_read = transfers.in_flight();
+        if (how == "broken") {
+          try {
+            co_await events.next();  // the next event is 50 ms away: past `idle`
+          } catch (const boost::system::system_error& e) {
+            broke_with = e.code();
+          }
+        } else if (how == "closed") {
+          events.close();
+          kept.emplace(std::move(events));  // closed, not destroyed
+        }
+      },
+      [](std::exception_ptr e) { CHECK_FALSE(e); });
+  run_until(io, [&] { return server.connections_ended() == 1; });
+  CHECK(first.find("tok") != std::string::npos);
+  CHECK(running_while_read == 1);
+  CHECK(server.connections_ended() == 1);  // the server saw the connection closed
+  CHECK(transfers.in_flight() == 0);
+  if (how == "broken") CHECK(broke_with == weir::error::stream_broken);
+}
+
+TEST_CASE("curl: a streamed transfer answered 429 fails before its first event, judged", "[curl]") {
+  weir::testing::hostile_server server(
+      {"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nContent-Length: 20\r\n\r\n"
+       "{\"error\":\"slow\"}    "});
+  asio::io_context io(1);
+  weir::curl::multi transfers(io.get_executor());
+  std::optional<weir::outcome<weir::stream<weir::http::sse::event>>> opened;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        opened.emplace(co_await weir::capture(weir::curl::open_event_stream(
+            transfers, std::make_unique<weir::curl::easy>(server.url()))));
+      },
+      asio::detached);
+  io.run();
+  REQUIRE(opened);
+  REQUIRE_FALSE(opened->has_value());
+  const auto judged = weir::default_classifier{}(*opened);
+  CHECK(judged.kind == weir::verdict::rate_limited);
+  CHECK(judged.hint.retry_after == std::chrono::seconds(3));
+  CHECK(transfers.in_flight() == 0);
 }

@@ -25,6 +25,7 @@
 #include <cctype>
 #include <chrono>
 #include <cstddef>
+#include <exception>
 #include <mutex>
 #include <string>
 #include <string_view>
@@ -78,6 +79,11 @@ class hostile_server {
     std::lock_guard lock(mutex_);
     return connections_;
   }
+  // Connections the server has let go: the client closed them (or it did, with hold_open off).
+  std::size_t connections_ended() const {
+    std::lock_guard lock(mutex_);
+    return connections_ended_;
+  }
 
  private:
   using tcp = boost::asio::ip::tcp;
@@ -91,7 +97,10 @@ class hostile_server {
         std::lock_guard lock(mutex_);
         ++connections_;
       }
-      boost::asio::co_spawn(io_, serve(std::move(socket)), boost::asio::detached);
+      boost::asio::co_spawn(io_, serve(std::move(socket)), [this](std::exception_ptr) {
+        std::lock_guard lock(mutex_);
+        ++connections_ended_;
+      });
     }
   }
 
@@ -176,6 +185,7 @@ class hostile_server {
   std::vector<std::string> requests_;
   std::size_t next_ = 0;
   std::size_t connections_ = 0;
+  std::size_t connections_ended_ = 0;
 };
 
 }  // namespace weir::testing
