@@ -672,9 +672,15 @@ struct event_reader {
 // than 2xx (judged by its status, headers and body, http::status_error), a CURLcode, a limit
 // passed, `first_token` passed. `data: [DONE]` ends the stream. However the stream ends — read to
 // its end, closed, broken, or destroyed — a transfer still running is removed from the multi.
+// Unless `options` say otherwise, an error event inside the stream (OpenAI's `data: {"error"…}`,
+// Anthropic's `event: error`) is judged by its type, and the opening events that carry no
+// content yet (Anthropic's `message_start`, a role-only first chunk) are held back, as the Beast
+// chat_client::stream does.
 inline boost::asio::awaitable<stream<http::sse::event>> open_event_stream(
     multi& transfers, std::unique_ptr<easy> request,
     stream_options<http::sse::event> options = {}) {
+  if (!options.in_band_error) options.in_band_error = http::sse::in_band_error;
+  if (!options.opening) options.opening = http::sse::opens_answer;
   auto feed = std::make_shared<detail::event_feed>(std::move(request));
   feed->request->on_data([raw = feed.get()](std::string_view bytes) { raw->feed(bytes); });
   // The executor first: g++ 12 destroys a temporary with a destructor twice when its full

@@ -424,3 +424,28 @@ TEST_CASE("curl: a streamed transfer answered 429 fails before its first event, 
   CHECK(judged.hint.retry_after == std::chrono::seconds(3));
   CHECK(transfers.in_flight() == 0);
 }
+
+TEST_CASE("curl: an error event inside a 200 stream fails the call before its first content",
+          "[curl]") {
+  // Before, the error event was the stream's first chunk: a success, its text handed over as
+  // content. Anthropic sends message_start before its overloaded error: held back, then judged.
+  weir::testing::hostile_server server(
+      {"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 126\r\n\r\n"
+       "event: message_start\ndata: {\"type\":\"message_start\"}\n\n"
+       "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\n"});
+  asio::io_context io(1);
+  weir::curl::multi transfers(io.get_executor());
+  std::optional<weir::outcome<weir::stream<weir::http::sse::event>>> opened;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        opened.emplace(co_await weir::capture(weir::curl::open_event_stream(
+            transfers, std::make_unique<weir::curl::easy>(server.url()))));
+      },
+      asio::detached);
+  io.run();
+  REQUIRE(opened);
+  REQUIRE_FALSE(opened->has_value());
+  CHECK(weir::default_classifier{}(*opened).kind == weir::verdict::retryable);
+  CHECK(transfers.in_flight() == 0);
+}
