@@ -814,6 +814,8 @@ std::size_t heap_in_use() { return mallinfo2().uordblks; }
 
 // Pacing against referee server models (issue 30), with the helpers above.
 #include "pacing.hpp"
+// Every stage of the library composed on virtual time (issue 30, item 4).
+#include "stages.hpp"
 
 namespace {
 
@@ -841,6 +843,7 @@ void run_seed(std::uint64_t seed, const run_options& o) {
     fail("an observer changed the calls");
   }
   router_scenario(seed, verbose);
+  stages::scenario(seed, verbose).run();
   if (seed % 10 == 0) threaded_bucket_check(seed);
   if (seed % 10 == 5) threaded_queue_check(seed);
 }
