@@ -121,7 +121,8 @@ struct nothing {
   }
 };
 
-// `Inner` (or, when absent, nothing) with its checks around every hook.
+// `Inner` with its checks around every hook; when it is absent, calls pass straight through
+// (and its checks see nothing).
 template <class Inner>
 class watched {
  public:
@@ -141,9 +142,10 @@ class watched {
   static constexpr bool reads_verdict = true;
 
   bool try_enter(slot& s, stage_env& c) {
+    if (!inner_) return true;
     s.v = visit_of(c.call);
     bool ok = true;
-    if (inner_) {
+    {
       try {
         ok = inner_->try_enter(s.inner, c);
       } catch (...) {
@@ -175,16 +177,16 @@ class watched {
 
   template <class Outcome>
   weir::stage_action exit(slot& s, stage_env& c, const Outcome& o) {
-    weir::stage_action action;
-    if (inner_) action = inner_->exit(s.inner, c, o);
+    if (!inner_) return {};
+    auto action = inner_->exit(s.inner, c, o);
     leave(s, {false, o.refused_locally(), o.cancelled(), c.judged, c.delivered}, &c.call);
     checks_->after();
     return action;
   }
 
   void abandon(slot& s) {
-    if constexpr (requires { inner_->abandon(s.inner); })
-      if (inner_) inner_->abandon(s.inner);
+    if (!inner_) return;
+    if constexpr (requires { inner_->abandon(s.inner); }) inner_->abandon(s.inner);
     leave(s, {.abandoned = true}, nullptr);
     checks_->after();
   }
@@ -657,13 +659,13 @@ struct setup {
         hedge_outer(std::make_shared<hedge_outer_checks>(n)),
         hedge_inner(std::make_shared<hedge_inner_checks>(rng, n, *hedge_outer)),
         fallback_books(std::make_shared<fallback_checks>(rng, n)),
-        w0(std::nullopt, outermost),
+        w0(nothing{}, outermost),
         w_keyed(present(rng, keyed->limiter.stage()), keyed),
         w_budget(present(rng, budget->budget.stage(budget->price)), budget),
         w_queue(present(rng, queue->queue.stage()), queue),
         w_adaptive(present(rng, adaptive->limit.stage()), adaptive),
-        w_hedge_outer(std::nullopt, hedge_outer),
-        w_hedge_inner(std::nullopt, hedge_inner),
+        w_hedge_outer(nothing{}, hedge_outer),
+        w_hedge_inner(nothing{}, hedge_inner),
         hedge(hedge_inner->hedge),
         fallback(fallback_answer{fallback_books}, {.handles = fallback_books->handles}),
         retry(retry_options(rng)) {
