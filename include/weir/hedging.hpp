@@ -206,12 +206,12 @@ class hedging {
       r.done.push_back(false);
       try {
         auto call = invoke(op, attempt);
-        asio::co_spawn(strand, attempt_into<T>(r, attempt, std::move(call)),
-                       asio::bind_cancellation_slot(r.stops.back()->slot(),
-                                                    [&r](std::exception_ptr) {
-                                                      --r.spawned;
-                                                      r.wake.cancel();
-                                                    }));
+        asio::co_spawn(
+            strand, attempt_into<T>(r, attempt, std::move(call)),
+            asio::bind_cancellation_slot(r.stops.back()->slot(), [&r](std::exception_ptr) {
+              --r.spawned;
+              r.wake.cancel();
+            }));
         ++r.running;
         ++r.spawned;
       } catch (...) {  // the operation threw before it could start

@@ -251,12 +251,11 @@ class keyed_checks final : public checks {
   keyed_checks(asio::io_context& io, std::mt19937_64& rng, std::size_t calls, int tenants)
       : checks("keyed_limiter", calls),
         limits_(make_limits(rng, tenants)),
-        limiter(io.get_executor(),
-                {.limit_of = [limits = limits_](std::string_view key) {
-                   const auto& s = limits.at(std::string(key));
-                   return weir::key_limit{
-                       weir::per_second(1e9 / static_cast<double>(s.interval.count())), s.burst};
-                 }}) {}
+        limiter(io.get_executor(), {.limit_of = [limits = limits_](std::string_view key) {
+                  const auto& s = limits.at(std::string(key));
+                  return weir::key_limit{
+                      weir::per_second(1e9 / static_cast<double>(s.interval.count())), s.burst};
+                }}) {}
 
   void declined(const visit& v) override {
     if (tried_.insert(std::string(v.tenant)).second)
@@ -351,9 +350,10 @@ class budget_checks final : public checks {
     for (const auto& s : a.settled)
       if (s.window == w) spent += s.usd, above += s.above_estimate;
     if (spent > limit_ * (1 + 1e-9) + above + 1e-12)
-      complain("${:.6f} spent in the window, past the limit ${:.6f} plus ${:.6f} spent above "
-               "estimates",
-               spent, limit_, above);
+      complain(
+          "${:.6f} spent in the window, past the limit ${:.6f} plus ${:.6f} spent above "
+          "estimates",
+          spent, limit_, above);
   }
 
   void at_quiescence() override {
@@ -415,7 +415,11 @@ class queue_checks final : public checks {
               {.max_concurrent = max_concurrent_,
                .max_queued = pick<std::size_t>(rng, 1, 30),
                .fair_between_tenants = true,
-               .weight_of = [w = weights_](std::string_view t) { return w.at(std::string(t)); },
+               .weight_of =
+                   [w = weights_](std::string_view t) {
+                     const auto it = w.find(std::string(t));
+                     return it == w.end() ? 1.0 : it->second;  // "" when the queue is not fair
+                   },
                .evict_lower_priority = chance(rng, 0.3)}) {}
 
   void waiting(const visit& v) override {
@@ -522,8 +526,8 @@ class hedge_inner_checks final : public checks {
       : checks("hedging (attempts)", calls), outer_(outer), hedge(make_options(rng)) {}
 
   void admitted(const visit& v, bool) override {
-    const auto allowed = (1 + max_hedges_) * static_cast<std::size_t>(std::max(
-                                                 0, outer_.per_call[v.call].entered));
+    const auto allowed =
+        (1 + max_hedges_) * static_cast<std::size_t>(std::max(0, outer_.per_call[v.call].entered));
     if (static_cast<std::size_t>(per_call[v.call].entered) > allowed)
       complain("call {} made {} attempts through the hedge, more than {}", v.call,
                per_call[v.call].entered, allowed);
@@ -718,14 +722,14 @@ template <int Shape>
 auto make_pipeline(const setup& s) {
   weir::basic_pipeline_options<stage_classifier> o;
   if constexpr (Shape == 0)
-    return weir::pipeline(o, s.w0, s.fallback, s.w_hedge_outer, s.hedge, s.w_hedge_inner,
-                          s.w_keyed, s.w_budget, s.w_queue, s.w_adaptive, s.retry);
+    return weir::pipeline(o, s.w0, s.fallback, s.w_hedge_outer, s.hedge, s.w_hedge_inner, s.w_keyed,
+                          s.w_budget, s.w_queue, s.w_adaptive, s.retry);
   else if constexpr (Shape == 1)
     return weir::pipeline(o, s.w0, s.w_budget, s.retry, s.w_queue, s.fallback, s.w_hedge_outer,
                           s.hedge, s.w_hedge_inner, s.w_keyed, s.w_adaptive);
   else
-    return weir::pipeline(o, s.w0, s.retry, s.w_adaptive, s.w_hedge_outer, s.hedge,
-                          s.w_hedge_inner, s.fallback, s.w_queue, s.w_keyed, s.w_budget);
+    return weir::pipeline(o, s.w0, s.retry, s.w_adaptive, s.w_hedge_outer, s.hedge, s.w_hedge_inner,
+                          s.fallback, s.w_queue, s.w_keyed, s.w_budget);
 }
 constexpr int shapes = 3;
 
@@ -862,8 +866,7 @@ class scenario {
   }
 
   template <int Shape, class T>
-  void run_shape(asio::io_context& io, std::mt19937_64& rng, setup& s, std::size_t n,
-                 int tenants) {
+  void run_shape(asio::io_context& io, std::mt19937_64& rng, setup& s, std::size_t n, int tenants) {
     auto pipeline = make_pipeline<Shape>(s);
     constexpr bool streams = std::is_same_v<T, stream_type>;
 
@@ -930,10 +933,10 @@ class scenario {
       if (c.completions != 1) fail("stages: call {} ended {} times", i, c.completions);
       if (c.reading) fail("stages: call {}'s stream is still being read at quiescence", i);
       if (verbose_)
-        fmt::print("  call {:>2} ({}, priority {}): arrives +{:.3f} s{}{} -> {} at +{:.3f} s\n",
-                   i, c.ctx.tenant, static_cast<int>(c.ctx.priority),
-                   std::chrono::duration<double>(c.arrival).count(),
-                   c.cancel_at ? " (cancel)" : "", c.cancelled ? " cancelled" : "", c.result,
+        fmt::print("  call {:>2} ({}, priority {}): arrives +{:.3f} s{}{} -> {} at +{:.3f} s\n", i,
+                   c.ctx.tenant, static_cast<int>(c.ctx.priority),
+                   std::chrono::duration<double>(c.arrival).count(), c.cancel_at ? " (cancel)" : "",
+                   c.cancelled ? " cancelled" : "", c.result,
                    std::chrono::duration<double>(c.ended - t0).count());
     }
     for (auto* k : s.all()) {
@@ -980,7 +983,8 @@ class scenario {
     // kept outside it, and a call refused before any stage).
     if (fallback_outermost && !weir::is_cancellation(e) && s.outermost->per_call[i].entered > 0 &&
         !(c.ctx.deadline && c.ended >= *c.ctx.deadline)) {
-      auto o = e ? weir::outcome<T>::from_exception(e) : weir::outcome<T>::from_value(std::move(value));
+      auto o =
+          e ? weir::outcome<T>::from_exception(e) : weir::outcome<T>::from_value(std::move(value));
       if (s.fallback_books->handled(stage_classifier{}(o)))
         s.outermost->complain("call {} ended with {}, which the fallback handles", i, c.result);
       if (!e) value = std::move(o).get();
