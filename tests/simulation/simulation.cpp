@@ -854,7 +854,9 @@ void run_seed(std::uint64_t seed, const run_options& o) {
     fail("an observer changed the calls");
   }
   router_scenario(seed, verbose);
-  stages::scenario(seed, verbose).run();
+  // Two seeds in five: the stages' scenario costs about 5 ms, and CI's 10 000 seeds may grow by
+  // some 20 s at most (4 000 compositions per run; --soak runs as many as time allows).
+  if (seed % 5 < 2) stages::scenario(seed, verbose).run();
   if (seed % 10 == 0) threaded_bucket_check(seed);
   if (seed % 10 == 5) threaded_queue_check(seed);
 }
