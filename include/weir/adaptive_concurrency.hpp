@@ -94,8 +94,12 @@ class gradient_estimate {
     busiest_ = 0;
     const auto before = static_cast<std::size_t>(limit());
     if (baseline_ == 0) baseline_ = mean;
+    // How much faster the no-load latency is than this window's. A window of answers that took
+    // no time at all (a cache, a fallback inside this stage) shows no queue: 0 / 0 would make the
+    // limit NaN for good, and the queue's max_concurrent 2^63.
+    const double speed = mean > 0 ? baseline_ / mean : 1.0;
     if (slow_start_) {
-      if (baseline_ / mean >= slow_start_exit) {
+      if (speed >= slow_start_exit) {
         // Only a limit that was reached doubles (as TCP's congestion window validation): one
         // that was not says nothing of what the server takes.
         if (busiest_at_end >= static_cast<std::size_t>(limit_)) set(limit_ * 2);
@@ -103,7 +107,7 @@ class gradient_estimate {
       }
       slow_start_ = false;  // the queue has shown: from here on the gradient steers
     }
-    const double gradient = std::clamp(options_.latency_tolerance * baseline_ / mean, 0.5, 1.0);
+    const double gradient = std::clamp(options_.latency_tolerance * speed, 0.5, 1.0);
     double target = limit_ * gradient + options_.headroom;
     if (app_limited) target = std::min(target, limit_);  // no growth without the load to show it
     set(limit_ * (1 - options_.smoothing) + target * options_.smoothing);

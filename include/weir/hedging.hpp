@@ -166,6 +166,9 @@ class hedging {
     std::vector<bool> done;                                                // one per attempt
     std::deque<std::pair<unsigned, outcome<T>>> ended;  // (attempt, outcome), not yet read
     std::size_t running = 0;
+    // Attempts whose co_spawn has not completed yet: until it has, it uses the cancellation slot
+    // of the attempt's signal, so the race (which owns the signals) must wait for them too.
+    std::size_t spawned = 0;
     std::size_t hedges_held = 0;  // this call's share of state::hedges
   };
 
@@ -205,8 +208,12 @@ class hedging {
         auto call = invoke(op, attempt);
         asio::co_spawn(
             strand, attempt_into<T>(r, attempt, std::move(call)),
-            asio::bind_cancellation_slot(r.stops.back()->slot(), [](std::exception_ptr) {}));
+            asio::bind_cancellation_slot(r.stops.back()->slot(), [&r](std::exception_ptr) {
+              --r.spawned;
+              r.wake.cancel();
+            }));
         ++r.running;
+        ++r.spawned;
       } catch (...) {  // the operation threw before it could start
         r.ended.emplace_back(attempt, outcome<T>::from_exception(std::current_exception()));
         r.done[attempt] = true;
@@ -271,7 +278,7 @@ class hedging {
       if (!r.done[i]) r.stops[i]->emit(asio::cancellation_type::terminal);
     if (caller_cancelled)
       co_await asio::this_coro::reset_cancellation_state(asio::disable_cancellation());
-    while (r.running > 0) {
+    while (r.running > 0 || r.spawned > 0) {
       r.wake.expires_at(Clock::time_point::max());
       co_await r.wake.async_wait(asio::as_tuple(asio::use_awaitable));
     }

@@ -117,7 +117,7 @@ class keyed_limiter_stage;
 
 // Copies share one set of buckets. Operations follow token_bucket's: try_acquire never waits;
 // async_acquire waits its turn (FIFO per key) with a completion token and per-operation
-// cancellation, which gives the reserved units back.
+// cancellation, which gives the reserved units back when no later wait holds a turn after them.
 template <class Clock = std::chrono::steady_clock, class Executor = boost::asio::any_io_executor>
 class keyed_limiter {
  public:
@@ -219,6 +219,7 @@ class keyed_limiter {
     std::shared_ptr<state> s;
     std::string key;
     detail::nanos increment;
+    detail::nanos reserved_until;  // the key's tat once this wait had reserved its turn
     time_point started;
     time_point ready_at;
     std::unique_ptr<timer_type> timer{};
@@ -232,7 +233,7 @@ class keyed_limiter {
     template <class Self>
     void operator()(Self& self, error_code ec) {
       if (ec || self.cancelled() != boost::asio::cancellation_type::none) {
-        s->give_back(key, increment);
+        s->give_back(key, increment, reserved_until);
         return self.complete(boost::asio::error::operation_aborted, Clock::now() - started);
       }
       self.complete({}, Clock::now() - started);
@@ -331,18 +332,19 @@ class keyed_limiter {
       lock.unlock();
       if (r.wait <= 0) return detail::post_completion(executor, std::move(handler), {}, {});
       boost::asio::async_compose<Handler, acquire_signature>(
-          wait_for_turn{self, std::move(key), inc, detail::from_nanos<Clock>(now),
+          wait_for_turn{self, std::move(key), inc, r.new_tat, detail::from_nanos<Clock>(now),
                         detail::from_nanos<Clock>(now + r.wait)},
           handler, executor);
     }
 
-    // A cancelled wait's units return to its key. Waiters reserved after it keep their turns;
-    // the next new one may take the returned units.
-    void give_back(std::string_view key, detail::nanos increment) {
+    // A cancelled wait's units return to its key if it was the last to reserve. Otherwise the
+    // waiters reserved after it keep their turns and the units are lost: returned, they would let
+    // a new caller take a turn beside a later waiter's, past the key's limit.
+    void give_back(std::string_view key, detail::nanos increment, detail::nanos reserved_until) {
       const auto hash = detail::key_hash(key);
       auto& sh = shard_of(hash);
       std::lock_guard lock(sh.mutex);
-      if (auto* e = sh.table.find(key, hash)) e->tat -= increment;
+      if (auto* e = sh.table.find(key, hash); e && e->tat == reserved_until) e->tat -= increment;
     }
 
     void settle(std::string_view key, std::uint64_t estimate, std::uint64_t actual,

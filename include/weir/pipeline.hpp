@@ -482,6 +482,9 @@ struct driver {
             env.emit(throttled{ctx.operation, Clock::now() - waited_from,
                                name_at<Begin, End>(s, slots, depth)});
           ++depth;
+          // The stages after a wait decide at the time they are entered: a limiter or a budget
+          // deciding at the attempt's start would admit into the past (or an earlier window).
+          if constexpr (any_reads_clock<Begin, End>) env.now = Clock::now();
         }
         called = true;
         if (watch) {

@@ -26,7 +26,8 @@
 // Optional declarations, each read at compile time:
 //   static constexpr bool values_succeed   this stage never judges a value a failure, so a value
 //                                          may pass as plain_success (the pipeline's fast path)
-//   static constexpr bool reads_clock      set context.now once per attempt for this stage
+//   static constexpr bool reads_clock      set context.now at the attempt's start, and again
+//                                          after each wait on the way in, for this stage
 //   static constexpr bool reads_verdict    set context.verdict (the pipeline's classifier on
 //                                          the outcome) before exit
 //   std::optional<time_point> inside_deadline(const slot&)
@@ -228,7 +229,8 @@ struct stage_context {
   const basic_call_context<Clock>& call;
   const observer* watch = nullptr;  // null when nobody listens
   unsigned attempt = 1;
-  time_point now{};                   // the attempt's start, for stages that declare reads_clock
+  time_point now{};  // when the stage is entered (the attempt's start, or the end of the last
+                     // wait before it), for stages that declare reads_clock
   verdict judged = verdict::success;  // for stages that declare reads_verdict, before exit
   // The call's value already went to the caller: a stream settling at its end (see stream.hpp).
   // Nothing can run it again, so no stage may ask to.
