@@ -515,3 +515,39 @@ TEST_CASE("a 4-thread io_context hammering one bucket admits exactly the allowed
   for (auto& t : threads) t.join();
   CHECK(admitted.load() == 1100);
 }
+
+TEST_CASE("a token_bucket stage gives back the unit of a call an inner stage refused",
+          "[token_bucket][pipeline]") {
+  asio::io_context io;
+  bucket_type bucket(io.get_executor(), {.rate = weir::per_second(1), .burst = 1});
+  weir::request_queue full(io.get_executor(), {.max_concurrent = 1, .max_queued = 0});
+  auto held = full.try_admit();
+  auto guarded = weir::pipeline(bucket.stage(), full);
+  weir::testing::finished<int> refused;
+  refused.start(io, guarded([] { return []() -> asio::awaitable<int> { co_return 1; }(); }));
+  run_ready(io);
+  CHECK(refused.code() == weir::error::queue_full);
+  // The refused call was never sent: its unit is back, so the next call need not wait 1 s.
+  CHECK(bucket.try_acquire(1, clock_type::now()));
+}
+
+TEST_CASE("a token_bucket refund releases the first waiter earlier, in order", "[token_bucket]") {
+  asio::io_context io;
+  bucket_type bucket(io.get_executor(), {.rate = weir::per_second(1), .burst = 1});
+  REQUIRE(bucket.try_acquire(1, clock_type::now()));
+  acquisition first, second;
+  bucket.async_acquire(1, first.handler());
+  bucket.async_acquire(1, second.handler());
+  run_ready(io);
+  CHECK_FALSE(first.result);
+  bucket.settle(1, 0, clock_type::now());  // the unit taken comes back: first is due now
+  run_ready(io);
+  REQUIRE(first.result);
+  CHECK_FALSE(*first.result);
+  CHECK_FALSE(second.result);
+  advance<clock_type>(io, 999ms);
+  CHECK_FALSE(second.result);
+  advance<clock_type>(io, 1ms);  // at 1 s instead of 2 s
+  REQUIRE(second.result);
+  CHECK_FALSE(*second.result);
+}

@@ -50,9 +50,9 @@ class token_bucket {
   using executor_type = Executor;
   // Completion: (error, waited). On rate_limited, `waited` is the wait that max_wait refused.
   using acquire_signature = void(error_code, std::chrono::nanoseconds);
-  // In a pipeline, each call takes one unit.
+  // In a pipeline, each call takes one unit; a call never sent is settled at none (refunded).
   using cost_type = std::uint64_t;
-  static cost_type cost_of(const usage&) noexcept { return 1; }
+  static cost_type cost_of(const usage& u) noexcept { return u.requests; }
 
   // Throws weir::exception(invalid_argument) for a burst of 0 or a rate ≤ 0: a bucket that never
   // refills is a misconfiguration (pause_until holds a bucket shut; weir::unlimited opens it).
@@ -70,6 +70,12 @@ class token_bucket {
   // At the caller's `now`, exactly: the bucket does not read the clock itself.
   bool try_acquire(std::uint64_t n, time_point now) {
     return state_->try_acquire(n, detail::to_nanos(now), false);
+  }
+
+  // Settles a take of `estimate` units at `actual`: a refund goes to the queued waiters first
+  // (the first moves up), else back to the bucket, never past full; extra is charged as debt.
+  void settle(std::uint64_t estimate, std::uint64_t actual, time_point now = Clock::now()) {
+    state_->settle(estimate, actual, detail::to_nanos(now));
   }
 
   // How long until `n` units are available (zero if they are there now).
@@ -356,6 +362,36 @@ class token_bucket {
         tat_.fetch_sub(shift[0], std::memory_order_acq_rel);
       }
       waiters.arm();
+    }
+
+    // Under mutex, as withdraw: the waiters re-stack as if the first had found that much more
+    // room (a refund) or less (a charge: a debt is paid before anyone queued behind it). Without
+    // waiters a refund moves TAT back, never past a full bucket; a charge goes even past the
+    // burst, as the units were used.
+    void settle(std::uint64_t estimate, std::uint64_t actual, detail::nanos now) {
+      std::lock_guard lock(mutex);
+      const auto sh = current();
+      if (sh.unlimited() || estimate == actual) return;
+      const bool refund = actual < estimate;
+      const auto amount = detail::cost_increment(refund ? estimate - actual : actual - estimate,
+                                                 sh.interval, "token_bucket");
+      const auto moved_end = [&](detail::nanos end) {
+        return refund ? std::min(end, std::max(end - amount, now)) : std::max(end, now) + amount;
+      };
+      if (auto* head = waiters.front()) {
+        const auto& r = head->reservation;
+        const auto start = r.end[0] - r.increment[0];
+        const auto before_head = refund ? start - amount : moved_end(start);
+        const auto shift =
+            detail::restack(head, std::array<detail::nanos, 1>{before_head}, {sh.tolerance()});
+        tat_.fetch_sub(shift[0], std::memory_order_acq_rel);
+        waiters.arm();
+        return;
+      }
+      auto tat = tat_.load(std::memory_order_relaxed);
+      while (!tat_.compare_exchange_weak(tat, moved_end(tat), std::memory_order_acq_rel,
+                                         std::memory_order_relaxed)) {
+      }
     }
 
     void shutdown() override { waiters.shutdown(); }
