@@ -158,6 +158,68 @@ TEST_CASE("a cancelled call cancels every attempt and waits for them", "[hedging
   CHECK(hedge.hedges_in_flight() == 0);
 }
 
+TEST_CASE("used alone, a deadline before the delay sends no hedge and ends the call then (timeout)",
+          "[hedging][issue36]") {
+  asio::io_context io;
+  hedging_type hedge({.delay = 1s});
+  int calls = 0, aborted = 0;
+  context ctx{.deadline = clock_type::now() + 300ms};
+  weir::testing::finished<int> f;
+  f.start(io, hedge(ctx, [&](unsigned) {
+            ++calls;
+            return takes(10s, 1, &aborted);
+          }));
+  advance<clock_type>(io, 300ms - 1ns);
+  CHECK_FALSE(f.done);
+  advance<clock_type>(io, 1ns);
+  REQUIRE(f.done);
+  CHECK(f.code() == weir::error::timeout);
+  CHECK(aborted == 1);  // the first attempt, cancelled and waited for
+  advance<clock_type>(io, 5s);
+  CHECK(calls == 1);
+  CHECK(hedge.hedges_in_flight() == 0);
+}
+
+TEST_CASE("used alone, a failure at the deadline starts no hedge; timeout, the failure its cause",
+          "[hedging][issue36]") {
+  asio::io_context io;
+  hedging_type hedge({.delay = 1s, .max_hedges = 2});
+  int calls = 0;
+  context ctx{.deadline = clock_type::now() + 300ms};
+  weir::testing::finished<int> f;
+  // The first attempt fails at 100 ms and is hedged at once; the hedge fails at the deadline.
+  f.start(io, hedge(ctx, [&](unsigned attempt) {
+            ++calls;
+            return fails_after(attempt == 0 ? 100ms : 200ms);
+          }));
+  advance<clock_type>(io, 300ms);
+  REQUIRE(f.done);
+  CHECK(f.code() == weir::error::timeout);
+  REQUIRE(f.weir_error());
+  CHECK(f.weir_error()->cause());
+  advance<clock_type>(io, 5s);
+  CHECK(calls == 2);
+}
+
+TEST_CASE("used alone, a deadline already passed sends nothing (timeout, a local refusal)",
+          "[hedging][issue36]") {
+  asio::io_context io;
+  hedging_type hedge({.delay = 100ms});
+  int calls = 0;
+  context ctx{.deadline = clock_type::now()};
+  weir::testing::finished<int> f;
+  f.start(io, hedge(ctx, [&](unsigned) {
+            ++calls;
+            return takes(1s, 1);
+          }));
+  run_ready(io);
+  REQUIRE(f.done);
+  CHECK(f.code() == weir::error::timeout);
+  CHECK(weir::outcome<int>::from_exception(f.error).refused_locally());
+  advance<clock_type>(io, 5s);
+  CHECK(calls == 0);
+}
+
 TEST_CASE("against a slow tail, hedging at the observed p85 cuts the p99 many times", "[hedging]") {
   // One call in twenty takes 3 s instead of 100-200 ms, as a generation stuck behind a long one
   // (so a hedge of a slow call is itself slow once in twenty: 0.25% of calls, under the p99).

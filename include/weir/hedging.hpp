@@ -11,7 +11,9 @@
 //     });
 //
 // In a pipeline it is a decorator: weir::pipeline(hedge, queue, retry) runs the policies after it
-// once per attempt (each hedge takes its own queue slot), calling the operation as op().
+// once per attempt (each hedge takes its own queue slot), calling the operation as op(), and the
+// pipeline keeps the call's deadline. Used alone, it takes the caller's context as a pipeline
+// does, for its deadline: hedge(ctx, op).
 //
 // The delay is fixed, or a percentile of the first attempts' latencies it has seen. Hedges are
 // bounded: at most `max_hedges` per call, `max_in_flight` at once across calls, and, with a
@@ -26,6 +28,7 @@
 #include <weir/events.hpp>
 #include <weir/outcome.hpp>
 #include <weir/retry_budget.hpp>
+#include <weir/stage.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/as_tuple.hpp>
@@ -82,7 +85,17 @@ class hedging {
   template <class Op>
   auto operator()(Op op) const {
     using T = awaitable_value_t<decltype(invoke(op, 0u))>;
-    return run<T>(state_, std::move(op));
+    return run<T>(state_, std::move(op), std::nullopt);
+  }
+
+  // The same within the caller's deadline (ctx.deadline; the rest of ctx is not read, nor kept):
+  // no attempt starts at or after it, and when it passes the call fails with timeout (the last
+  // failure, if any, its cause), the attempts still running cancelled and waited for. A deadline
+  // already passed sends nothing: timeout, a local refusal.
+  template <class Op>
+  auto operator()(const basic_call_context<Clock>& ctx, Op op) const {
+    using T = awaitable_value_t<decltype(invoke(op, 0u))>;
+    return run<T>(state_, std::move(op), ctx.deadline);
   }
 
   // The wait before a hedge now.
@@ -172,12 +185,17 @@ class hedging {
     std::size_t hedges_held = 0;  // this call's share of state::hedges
   };
 
+  using deadline_type = std::optional<typename Clock::time_point>;
+
   template <class T, class Op>
-  static boost::asio::awaitable<T> run(std::shared_ptr<state> s, Op op) {
+  static boost::asio::awaitable<T> run(std::shared_ptr<state> s, Op op, deadline_type deadline) {
     namespace asio = boost::asio;
+    if (deadline && Clock::now() >= *deadline)
+      throw weir::exception::refusal(error::timeout,
+                                     s->options.name + ": the call's deadline has passed");
     auto strand = asio::make_strand(co_await asio::this_coro::executor);
     // The race runs on a strand of the caller's executor; the caller's cancellation reaches it.
-    co_return co_await asio::co_spawn(strand, coordinate<T>(s, std::move(op), strand),
+    co_return co_await asio::co_spawn(strand, coordinate<T>(s, std::move(op), strand, deadline),
                                       asio::use_awaitable);
   }
 
@@ -194,7 +212,8 @@ class hedging {
 
   template <class T, class Op>
   static boost::asio::awaitable<T> coordinate(
-      std::shared_ptr<state> s, Op op, boost::asio::strand<boost::asio::any_io_executor> strand) {
+      std::shared_ptr<state> s, Op op, boost::asio::strand<boost::asio::any_io_executor> strand,
+      deadline_type deadline) {
     namespace asio = boost::asio;
     // Cancellation is read, not thrown: the attempts must be waited for whatever happens.
     co_await asio::this_coro::throw_if_cancelled(false);
@@ -223,10 +242,16 @@ class hedging {
     unsigned attempts = 1;
     auto hedge_at = started + std::chrono::duration_cast<typename Clock::duration>(s->delay());
     std::optional<outcome<T>> won, last_failure;
-    bool caller_cancelled = false;
+    bool caller_cancelled = false, deadline_passed = false;
+    const auto past_deadline = [&] { return deadline && Clock::now() >= *deadline; };
 
     const auto try_hedge = [&] {
-      if (attempts > s->options.max_hedges || !s->take_hedge()) return false;
+      if (attempts > s->options.max_hedges) return false;
+      if (past_deadline()) {  // nothing starts at or after it
+        deadline_passed = true;
+        return false;
+      }
+      if (!s->take_hedge()) return false;
       ++r.hedges_held;
       if (s->options.watch) {
         const hedge_started e{
@@ -242,11 +267,16 @@ class hedging {
     while (!won && (r.running > 0 || !r.ended.empty())) {
       if (r.ended.empty()) {
         const bool can_hedge = attempts <= s->options.max_hedges;
-        r.wake.expires_at(can_hedge ? hedge_at : Clock::time_point::max());
+        const auto until = can_hedge ? hedge_at : Clock::time_point::max();
+        r.wake.expires_at(deadline ? std::min(until, *deadline) : until);
         auto [ec] = co_await r.wake.async_wait(asio::as_tuple(asio::use_awaitable));
         const asio::cancellation_state cancel = co_await asio::this_coro::cancellation_state;
         if (cancel.cancelled() != asio::cancellation_type::none) {
           caller_cancelled = true;
+          break;
+        }
+        if (r.ended.empty() && past_deadline()) {  // an attempt that ended then is read first
+          deadline_passed = true;
           break;
         }
         if (!ec && can_hedge && Clock::now() >= hedge_at) {
@@ -284,6 +314,9 @@ class hedging {
     }
     s->hedges -= r.hedges_held;
     if (caller_cancelled) throw boost::system::system_error(boost::asio::error::operation_aborted);
+    if (deadline_passed && !won)
+      throw weir::exception(error::timeout, s->options.name + ": the call's deadline passed", {},
+                            last_failure ? last_failure->failure() : nullptr, attempts);
     auto& ending = won ? *won : *last_failure;
     if constexpr (std::is_void_v<T>) {
       std::move(ending).get();
