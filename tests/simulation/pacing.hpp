@@ -16,7 +16,8 @@
 //
 // Server models:
 //   nginx-strict         limit_req, no burst: GCRA decided in whole milliseconds, 429 +
-//                        Retry-After: 1 (sent on every answer, as `add_header ... always` does)
+//                        Retry-After: 1 (sent on every answer, as `add_header ... always` does); goodput
+//                        is measured against what a perfect pacer gets through the jitter
 //   nginx-delay          burst N: the excess up to N is delayed, not refused
 //   nginx-nodelay        burst N nodelay
 //   fixed-legacy         a fixed window: X-RateLimit-Limit/Remaining/Reset (epoch seconds,
@@ -53,6 +54,7 @@ namespace pacing {
 
 using header_fields = std::vector<std::pair<std::string, std::string>>;
 constexpr ns bucket_width = 100ms;  // the resolution of the server's tallies
+constexpr ns max_jitter = 2ms;      // added to each way of a round trip, uniformly from zero
 inline ns buckets(std::size_t n) { return bucket_width * static_cast<std::int64_t>(n); }
 
 // The wall clock the servers and weir's header parser share: a fixed epoch plus virtual time.
@@ -143,6 +145,9 @@ class referee {
   virtual reply decide(ns at, const job& j) = 0;
   // The requests per second it allows at `at`, sustained (tokens at their mean).
   virtual double limit_at(ns at) const = 0;
+  // What the properties measure goodput against: the limit, or less where no client could reach
+  // it through the network's jitter.
+  virtual double reachable_at(ns at) const { return limit_at(at); }
   // Whether its answers report the limit with its period, so that a client may learn it.
   virtual bool reports_limit() const { return false; }
   // Whether the rate properties apply (a concurrency limit is no rate).
@@ -182,6 +187,15 @@ class nginx_limit_req : public referee {
     return {200, std::move(fields), held};
   }
   double limit_at(ns at) const override { return per_second_ * scale(at); }
+  // A limit with no burst refuses a request that arrives a millisecond early, and jitter of up
+  // to max_jitter brings some that early however evenly they are sent: the best any client can
+  // do is what a perfect pacer gets through with at most 0.5% refused.
+  double reachable_at(ns at) const override {
+    if (burst_ != 0) return limit_at(at);
+    auto& reach = scale(at) < 1 ? reach_halved_ : reach_;
+    if (reach == 0) reach = perfect_pacer_goodput(limit_at(at));
+    return reach;
+  }
   std::string describe() const override {
     return fmt::format("nginx limit_req {}r/s burst={}{}", per_second_, burst_,
                        burst_ == 0 ? ""
@@ -195,6 +209,36 @@ class nginx_limit_req : public referee {
   bool delay_;
   bool seen_ = false;
   std::int64_t excess_ = 0, last_ms_ = 0;
+  mutable double reach_ = 0, reach_halved_ = 0;
+
+  // The admitted rate of the fastest even pace (in steps of 0.25% of the limit) whose arrivals,
+  // each late by up to max_jitter, are refused at most 0.5% of the time by this module's rule.
+  static double perfect_pacer_goodput(double per_second) {
+    const auto rate = static_cast<std::int64_t>(std::llround(per_second * 1000));
+    std::mt19937_64 rng(static_cast<std::uint64_t>(rate));
+    constexpr int arrivals = 4000;
+    std::vector<double> late(arrivals);
+    for (auto& l : late) l = uniform(rng, 0ns, max_jitter).count() / 1e6;  // ms
+    const double phase = uniform(rng, 0ns, ns(1ms)).count() / 1e6;
+    for (double pace = 1.0; pace > 0.8; pace -= 0.0025) {
+      const double interval_ms = 1000 / (per_second * pace);
+      std::int64_t excess = 0, last_ms = 0;
+      int refused = 0;
+      for (int i = 0; i < arrivals; ++i) {
+        const auto ms = static_cast<std::int64_t>(phase + i * interval_ms + late[i]);
+        const auto e =
+            i == 0 ? 0 : std::max<std::int64_t>(0, excess - rate * (ms - last_ms) / 1000 + 1000);
+        if (e > 0) {
+          ++refused;
+          continue;
+        }
+        excess = e;
+        last_ms = ms;
+      }
+      if (refused <= arrivals / 200) return per_second * pace * (1 - refused / double(arrivals));
+    }
+    return per_second * 0.8;
+  }
 };
 
 enum class window_style { legacy, draft6, draft8 };
@@ -455,6 +499,7 @@ class flaky_gateway : public referee {
     return inner_->decide(at, j);
   }
   double limit_at(ns at) const override { return inner_->limit_at(at); }
+  double reachable_at(ns at) const override { return inner_->reachable_at(at); }
   bool reports_limit() const override { return inner_->reports_limit(); }
   bool is_rate_limit() const override { return inner_->is_rate_limit(); }
   std::string describe() const override {
@@ -633,7 +678,7 @@ class run {
 
     run_result r{std::move(counted_), {}, {}, {}, start_};
     for (std::size_t i = 0; i < r.counted.admitted.size(); ++i)
-      r.expected.push_back(server_->limit_at(buckets(i) + bucket_width / 2) *
+      r.expected.push_back(server_->reachable_at(buckets(i) + bucket_width / 2) *
                            std::chrono::duration<double>(bucket_width).count());
     for (auto& c : clients) {
       const auto st = c->adapt.state();
@@ -681,7 +726,7 @@ class run {
   sim_clock::time_point traced_{};
 
   // Small jitter: up to 2 ms each way.
-  ns half_trip() { return s_.rtt / 2 + uniform(rng_, 0ns, ns(2ms)); }
+  ns half_trip() { return s_.rtt / 2 + uniform(rng_, 0ns, max_jitter); }
   ns since_start() const { return sim_clock::now() - start_; }
 
   reply decide(const job& j, sim_clock::time_point sent) {
@@ -1354,7 +1399,8 @@ inline void scenario(std::uint64_t seed, bool verbose, report* collect) {
     for (const auto& [property, details] : broken) {
       ++family[property];
       auto& seeds = collect->failures[property];
-      if (seeds.size() < 2)
+      static const bool every_seed = std::getenv("WEIR_SIM_EVERY_FAILURE") != nullptr;
+      if (seeds.size() < 2 || every_seed)
         collect->first_messages.push_back(
             fmt::format("seed {}: {}: {}\n    {}", seed, property, details, summary));
       seeds.push_back(seed);

@@ -368,14 +368,16 @@ class adaptation_core {
     // An isolated refusal at the hold point of a known limit is the network's jitter bringing
     // two requests closer than the server allows, not a lower limit: a step of one headroom
     // answers it, where a full decrease would cost a tenth of the goodput each time. A second
-    // refusal soon after is congestion as usual.
+    // refusal soon after is congestion as usual, unless refusals stay rare (2 of the last 32
+    // answers): a fast strict limit refuses a few of any pace close to it.
     const auto quiet_for =
         std::max(nanos(std::chrono::seconds(2)), nanos(static_cast<std::int64_t>(16 * srtt_)));
+    const bool rare = answers_seen_ >= 32 && recent_refusals() <= 2.0 / 32;
     if (known_ && !spent && !slow_start_ && ceiling_ && at_send <= hold() * 1.001 && quiet_since &&
-        *quiet_since > quiet_for) {
+        (*quiet_since > quiet_for || rare)) {
       // Jitter that recurs is the network's: the lower ceiling stands longer each time.
-      ceiling_ = std::max(*ceiling_ * (1 - options_.headroom / 2), *known_ * 0.9);
-      patience_ = std::min(64u, patience_ * 2);
+      ceiling_ = std::max(*ceiling_ * (1 - options_.headroom / 4), *known_ * 0.9);
+      patience_ = std::min(16u, patience_ * 2);
       rate_ = std::max(options_.min_rate.per_second, at_send * (1 - options_.headroom));
       apply(now);
       return;
