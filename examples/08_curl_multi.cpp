@@ -3,9 +3,9 @@
 // transfer's body into a weir::stream of server-sent events: the pipeline around it — a retry
 // and a bounded queue — acts until the first event, the queue's slot is held until the stream
 // ends, and however it ends (read to the end, closed, broken) the transfer is removed, not left
-// to run on. One caller in eight closes its stream after the first token, asking for an answer
-// of 400 tokens it no longer wants. The server is weir's mock in its self-hosted form: 16
-// workers, 200 ms to the first token, tokens 5 ms apart, no rate limit.
+// to run on. One caller in eight closes its stream after its first token, of an answer of 2,000
+// to 8,000 tokens (10 to 40 s to write) it no longer wants. The server is weir's mock in its
+// self-hosted form: 16 workers, 200 ms to the first token, tokens 5 ms apart, no rate limit.
 //
 //     example_08_curl_multi
 #include <weir/curl.hpp>
@@ -47,7 +47,7 @@ int main() {
   const auto url = server.base_url() + "/chat/completions";
   const int calls = 64;
   const auto closes_early = [](int i) { return i % 8 == 0; };
-  const unsigned long_answer = 400;
+  const unsigned long_answer = 8'000;
   int streamed = 0, closed = 0, failed = 0;
   std::uint64_t events = 0, tokens = 0;
   std::vector<double> first_tokens;
@@ -104,16 +104,13 @@ int main() {
   std::sort(first_tokens.begin(), first_tokens.end());
   const auto median = first_tokens.empty() ? 0.0 : first_tokens[first_tokens.size() / 2];
   const auto seen = server.stats();
-  // What the server sent to the streams closed early: a few tokens each before it saw the
-  // connection go, of the 100 to 400 it would have written to a transfer left running.
-  const auto sent_after_close = seen.output_tokens - std::min(seen.output_tokens, tokens);
   fmt::print(
       "{} of {} streamed curl transfers read to the end in {:.2f} s on one thread: {} events, {} "
       "tokens; first token after {:.0f} ms (median); at most {} waited for the server's 16 "
-      "workers; {} closed after their first token, the server sent them {} tokens in all\n",
-      streamed, calls, seconds, events, tokens, median * 1000, seen.longest_queue, closed,
-      sent_after_close);
-  // The time is reported, not judged: a busy machine must not fail the example.
-  const bool cancelled = sent_after_close < closed * (long_answer / 4);
-  return streamed + closed == calls && failed == 0 && cancelled ? 0 : 1;
+      "workers; {} closed after their first token, their transfers removed\n",
+      streamed, calls, seconds, events, tokens, median * 1000, seen.longest_queue, closed);
+  // The time is reported, not judged, but for this: a transfer left running after its stream
+  // was closed would have held the run for at least 10 s.
+  const bool removed = seconds < 8;
+  return streamed + closed == calls && failed == 0 && removed ? 0 : 1;
 }

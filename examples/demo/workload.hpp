@@ -17,6 +17,7 @@
 #include <weir/timeout.hpp>
 
 #include <fmt/format.h>
+#include <boost/asio/redirect_error.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -151,8 +152,9 @@ struct job {
 };
 
 // Varied sizes and needs: mostly small and undemanding, some long, some needing the best model;
-// two in five are turns of six-turn conversations (eight at a time, interleaved), each turn
-// resending the conversation so far plus 150 to 350 tokens, as an agent does. Every prompt begins
+// half are turns of six-turn conversations (eight at a time, interleaved) that open with 600 to
+// 1,000 tokens of instructions and context, each turn resending the conversation so far plus 100
+// to 200 tokens, as an agent does. Every prompt begins
 // with its own name, so only a conversation's own earlier turns share a prefix with it.
 inline std::vector<job> make_workload(std::size_t n, std::uint64_t seed) {
   constexpr std::size_t open_conversations = 8, turns = 6;
@@ -172,18 +174,18 @@ inline std::vector<job> make_workload(std::size_t n, std::uint64_t seed) {
     const double kind = std::uniform_real_distribution<>(0, 1)(random);
     job j;
     j.id = i;
-    if (kind < 0.4) {
+    if (kind < 0.5) {
       auto& c = open[tokens_from(0, static_cast<int>(open_conversations) - 1)];
       if (!c) {
         c.emplace();
         c->session = fmt::format("conversation-{}", conversations++);
         c->prompt = c->session + ": ";
-        c->prompt.append(tokens_from(300, 600) * 4, 'x');  // its instructions and context
-        c->min_capability = kind < 0.3 ? 5 : 7;
+        c->prompt.append(tokens_from(600, 1'000) * 4, 'x');  // its instructions and context
+        c->min_capability = kind < 0.35 ? 5 : 7;
       } else {
         j.after = c->last;
       }
-      c->prompt.append(tokens_from(150, 350) * 4, 'x');  // the last answer and the next question
+      c->prompt.append(tokens_from(100, 200) * 4, 'x');  // the last answer and the next question
       j.prompt = c->prompt;
       j.session = c->session;
       j.min_capability = c->min_capability;
@@ -191,11 +193,11 @@ inline std::vector<job> make_workload(std::size_t n, std::uint64_t seed) {
       c->last = i;
       if (++c->turns == turns) c.reset();
     } else {
-      const auto tokens = kind < 0.5 ? tokens_from(4'000, 12'000) : tokens_from(100, 1'200);
+      const auto tokens = kind < 0.55 ? tokens_from(4'000, 12'000) : tokens_from(100, 1'200);
       j.prompt = fmt::format("request {}: ", i);
       j.prompt.resize(std::max(j.prompt.size(), tokens * 4), 'x');
       j.max_tokens = static_cast<unsigned>(tokens_from(50, 500));
-      j.min_capability = kind < 0.7 ? 5 : kind < 0.92 ? 7 : 9;
+      j.min_capability = kind < 0.75 ? 5 : kind < 0.93 ? 7 : 9;
       j.priority = i % 4 == 0 ? weir::priority::batch : weir::priority::normal;
     }
     jobs.push_back(std::move(j));
@@ -210,9 +212,9 @@ class turn_order {
  public:
   asio::awaitable<void> wait_for(std::size_t job) {
     if (ended_.contains(job)) co_return;
+    const auto ex = co_await asio::this_coro::executor;
     auto& signal = waiting_[job];
-    signal = std::make_unique<asio::steady_timer>(co_await asio::this_coro::executor,
-                                                  asio::steady_timer::time_point::max());
+    signal = std::make_unique<asio::steady_timer>(ex, asio::steady_timer::time_point::max());
     boost::system::error_code cancelled;
     co_await signal->async_wait(asio::redirect_error(asio::use_awaitable, cancelled));
     waiting_.erase(job);
