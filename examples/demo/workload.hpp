@@ -230,13 +230,18 @@ class turn_order {
 };
 
 // What an answer cost by the usage it reported, its cache reads and writes at the model's cache
-// prices; and what the same tokens cost at the full input price.
+// prices; what the same tokens cost at the full input price; and what its cache reads saved.
 struct charge {
   double cost = 0;
   double at_full_price = 0;
+  double saved_by_reads = 0;
 };
 inline charge charge_of(const weir::routing::model_spec& m, const weir::token_usage& used) {
-  return {m.cost(used), m.cost(used.input_tokens, used.output_tokens)};
+  const double at_full_price = m.cost(used.input_tokens, used.output_tokens);
+  const weir::token_usage reads_only{.input_tokens = used.input_tokens,
+                                     .output_tokens = used.output_tokens,
+                                     .cache_read_tokens = used.cache_read_tokens};
+  return {m.cost(used), at_full_price, at_full_price - m.cost(reads_only)};
 }
 
 // What a job asks of `model`.
@@ -333,6 +338,7 @@ struct run_report {
   std::uint64_t input_tokens = 0;
   std::uint64_t cached_input_tokens = 0;
   double cost_at_full_input_price = 0;
+  double saved_by_cache_reads = 0;  // the input price less the cache's, on the tokens read
 
   // The latency below which a share `p` of the completed requests were answered.
   double latency_percentile(double p) const { return percentile(latencies, p); }
@@ -359,6 +365,8 @@ struct run_report {
   }
   // What the cache saved against the full input price, net of what cache writes cost above it.
   double saved_by_cache() const { return cost_at_full_input_price - cost(); }
+  // What cache writes cost above the input price (Anthropic's 1.25x).
+  double cache_write_premium() const { return saved_by_cache_reads - saved_by_cache(); }
 
   // Completed requests per second.
   double goodput() const { return seconds > 0 ? completed / seconds : 0; }
@@ -425,7 +433,7 @@ class recorder {
     std::lock_guard lock(mutex_);
     auto& t = tally(provider);
     if (status == 200) {
-      succeeded(provider, {cost, cost});
+      succeeded(provider, {cost, cost, 0});
     } else if (status == 429) {
       ++t.rate_limited;
       ++report_.rate_limited;
@@ -510,6 +518,7 @@ class recorder {
     ++t.succeeded;
     t.cost += c.cost;
     report_.cost_at_full_input_price += c.at_full_price;
+    report_.saved_by_cache_reads += c.saved_by_reads;
   }
 
   steady::time_point start_;
