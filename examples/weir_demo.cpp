@@ -217,11 +217,17 @@ std::vector<std::string> view(const std::string& mode, const demo::progress& liv
           ? std::string()
           : fmt::format("  first token p50 {:.2f} s p95 {:.2f} s",
                         so_far.first_token_percentile(0.5), so_far.first_token_percentile(0.95));
+  // Input tokens read from the prompt cache, and what that saved against the full input price.
+  const std::string cache =
+      so_far.input_tokens == 0
+          ? std::string()
+          : fmt::format("  cache hits {:.0f}% of input, saved ${:.3f}",
+                        100 * so_far.cache_hit_rate(), so_far.saved_by_cache_reads);
   lines.push_back(
       fmt::format("{:<5} [{}] {:>4}/{} {:5.1f} s  ETA {:4.1f} s  failed {}  429s {}  "
-                  "retries {}{}",
+                  "retries {}{}{}",
                   mode, bar(fraction, 30), done, total, seconds, eta, live.failed.load(),
-                  live.rate_limited.load(), live.retries.load(), first_token));
+                  live.rate_limited.load(), live.retries.load(), first_token, cache));
   std::map<std::string, std::pair<weir::breaker_state, double>> breakers;
   std::map<std::string, double> limits;  // requests/s in force: given, reported or discovered
   std::set<std::string> discovering;
@@ -339,11 +345,19 @@ void summary(const std::vector<demo::run_report>& runs) {
     if (!(r.limit_per_second > 0)) return std::string("unknown");
     return fmt::format("{:.0f}%", 100 * r.share_of_limits());
   });
-  row("cost", [](const auto& r) {
-    double total = 0;
-    for (const auto& [name, t] : r.providers) total += t.cost;
-    return fmt::format("${:.4f}", total);
+  row("cost", [](const auto& r) { return fmt::format("${:.4f}", r.cost()); });
+  // Conversations resend their prefix; with cache affinity weir keeps each on its warm model.
+  row("cache hits (of input tokens)",
+      [](const auto& r) { return fmt::format("{:.0f}%", 100 * r.cache_hit_rate()); });
+  // Against the full input price. The mocks cache every prompt, as if each asked for it, so
+  // Anthropic's writes at 1.25x the input price are paid on requests never sent again too.
+  row("  saved by cache reads", [](const auto& r) {
+    const double full = r.cost_at_full_input_price;
+    return fmt::format("${:.4f} {:.0f}%", r.saved_by_cache_reads,
+                       full > 0 ? 100 * r.saved_by_cache_reads / full : 0.0);
   });
+  row("  paid for cache writes",
+      [](const auto& r) { return fmt::format("${:.4f}", r.cache_write_premium()); });
   for (const auto& [name, t] : runs.front().providers) {
     fmt::print("{:<28}", fmt::format("  {}: done / 429 / cost", name));
     for (const auto& r : runs) {

@@ -82,6 +82,34 @@ TEST_CASE("the demo workload: every request accounted for, weir far below naive 
   CHECK(weir.rate_limited * 10 <= naive.rate_limited);
 }
 
+TEST_CASE(
+    "the demo workload: its conversations read their prefixes from the prompt caches, and the "
+    "report counts the hits and the money saved",
+    "[cache]") {
+  const auto jobs = demo::make_workload(80, 3);
+  std::size_t turns = 0;
+  for (const auto& j : jobs) turns += j.after.has_value();
+  REQUIRE(turns >= 10);  // later turns of conversations, each resending the one before
+
+  demo::mock_fleet* servers = nullptr;
+  std::unique_ptr<demo::mock_fleet> holder;
+  const auto weir = run<demo::weir_run>(tight_fleet(), jobs, servers, holder);
+  REQUIRE(weir.completed == jobs.size());
+  std::uint64_t read = 0;
+  for (const char* name : {"openai", "anthropic"})
+    read += servers->find(name)->stats().cache_read_tokens;
+  INFO("cache hits " << weir.cache_hit_rate() << " of " << weir.input_tokens
+                     << " input tokens; cost $" << weir.cost() << ", at the full input price $"
+                     << weir.cost_at_full_input_price << ", saved by reads $"
+                     << weir.saved_by_cache_reads);
+  CHECK(weir.cached_input_tokens == read);  // every read the servers reported, counted once
+  CHECK(weir.cache_hit_rate() > 0.1);
+  // Cache reads at 0.1x (Anthropic) and 0.5x (OpenAI) the input price; Anthropic's writes at
+  // 1.25x are paid besides.
+  CHECK(weir.saved_by_cache_reads > 0.05 * weir.cost_at_full_input_price);
+  CHECK(weir.cache_write_premium() > 0);
+}
+
 TEST_CASE("a self-hosted mock queues for its workers, without limit headers, 503 when full") {
   demo::asio::io_context io(1);
   // One worker and room for one to wait: of four requests sent together, those that find both

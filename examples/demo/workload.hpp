@@ -17,6 +17,7 @@
 #include <weir/timeout.hpp>
 
 #include <fmt/format.h>
+#include <boost/asio/redirect_error.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -65,6 +66,8 @@ struct provider_setup {
   // many workers (503 past max_queue waiting), so its latency climbs with load. 0: a hosted API.
   std::size_t workers = 0;
   std::size_t max_queue = 0;
+  // How long a local mock keeps a prompt prefix cached after its last use (0: no cache).
+  std::chrono::milliseconds prompt_cache_ttl{5min};
 };
 
 // Three providers with the limits, prices and temperaments of the real ones, scaled so that the
@@ -140,27 +143,105 @@ struct job {
   unsigned max_tokens = 256;
   double min_capability = 5;
   weir::priority priority = weir::priority::normal;
+  // A turn of a conversation: its key (the router keeps a session where its cache is warm), and
+  // the turn before it, whose answer it waits for. Empty / nullopt: a request on its own.
+  std::string session{};
+  std::optional<std::size_t> after{};
 
   std::uint64_t input_tokens() const { return std::max<std::uint64_t>(1, prompt.size() / 4); }
 };
 
-// Varied sizes and needs: mostly small and undemanding, some long, some needing the best model.
+// Varied sizes and needs: mostly small and undemanding, some long, some needing the best model;
+// half are turns of six-turn conversations (eight at a time, interleaved) that open with 600 to
+// 1,000 tokens of instructions and context, each turn resending the conversation so far plus 100
+// to 200 tokens, as an agent does. Every prompt begins
+// with its own name, so only a conversation's own earlier turns share a prefix with it.
 inline std::vector<job> make_workload(std::size_t n, std::uint64_t seed) {
+  constexpr std::size_t open_conversations = 8, turns = 6;
+  struct conversation {
+    std::string session, prompt;
+    double min_capability = 5;
+    std::size_t turns = 0, last = 0;
+  };
+  std::vector<std::optional<conversation>> open(open_conversations);
+  std::size_t conversations = 0;
   std::mt19937_64 random(seed);
+  const auto tokens_from = [&](int low, int high) {
+    return static_cast<std::size_t>(std::uniform_int_distribution<>(low, high)(random));
+  };
   std::vector<job> jobs;
   for (std::size_t i = 0; i < n; ++i) {
     const double kind = std::uniform_real_distribution<>(0, 1)(random);
-    const auto tokens = kind < 0.1 ? std::uniform_int_distribution<>(4'000, 12'000)(random)
-                                   : std::uniform_int_distribution<>(100, 1'200)(random);
     job j;
     j.id = i;
-    j.prompt.assign(static_cast<std::size_t>(tokens) * 4, 'x');
-    j.max_tokens = static_cast<unsigned>(std::uniform_int_distribution<>(50, 500)(random));
-    j.min_capability = kind < 0.6 ? 5 : kind < 0.9 ? 7 : 9;
-    j.priority = i % 4 == 0 ? weir::priority::batch : weir::priority::normal;
+    if (kind < 0.5) {
+      auto& c = open[tokens_from(0, static_cast<int>(open_conversations) - 1)];
+      if (!c) {
+        c.emplace();
+        c->session = fmt::format("conversation-{}", conversations++);
+        c->prompt = c->session + ": ";
+        c->prompt.append(tokens_from(600, 1'000) * 4, 'x');  // its instructions and context
+        c->min_capability = kind < 0.35 ? 5 : 7;
+      } else {
+        j.after = c->last;
+      }
+      c->prompt.append(tokens_from(100, 200) * 4, 'x');  // the last answer and the next question
+      j.prompt = c->prompt;
+      j.session = c->session;
+      j.min_capability = c->min_capability;
+      j.max_tokens = static_cast<unsigned>(tokens_from(50, 300));
+      c->last = i;
+      if (++c->turns == turns) c.reset();
+    } else {
+      const auto tokens = kind < 0.55 ? tokens_from(4'000, 12'000) : tokens_from(100, 1'200);
+      j.prompt = fmt::format("request {}: ", i);
+      j.prompt.resize(std::max(j.prompt.size(), tokens * 4), 'x');
+      j.max_tokens = static_cast<unsigned>(tokens_from(50, 500));
+      j.min_capability = kind < 0.75 ? 5 : kind < 0.93 ? 7 : 9;
+      j.priority = i % 4 == 0 ? weir::priority::batch : weir::priority::normal;
+    }
     jobs.push_back(std::move(j));
   }
   return jobs;
+}
+
+// Lets a conversation's turn wait until the turn before it has ended, as its user waits for the
+// answer before writing again. Jobs are taken in order, so the turn waited for has a worker
+// already. Used from one io thread.
+class turn_order {
+ public:
+  asio::awaitable<void> wait_for(std::size_t job) {
+    if (ended_.contains(job)) co_return;
+    const auto ex = co_await asio::this_coro::executor;
+    auto& signal = waiting_[job];
+    signal = std::make_unique<asio::steady_timer>(ex, asio::steady_timer::time_point::max());
+    boost::system::error_code cancelled;
+    co_await signal->async_wait(asio::redirect_error(asio::use_awaitable, cancelled));
+    waiting_.erase(job);
+  }
+  void ended(std::size_t job) {
+    ended_.insert(job);
+    if (auto it = waiting_.find(job); it != waiting_.end()) it->second->cancel();
+  }
+
+ private:
+  std::set<std::size_t> ended_;
+  std::map<std::size_t, std::unique_ptr<asio::steady_timer>> waiting_;
+};
+
+// What an answer cost by the usage it reported, its cache reads and writes at the model's cache
+// prices; what the same tokens cost at the full input price; and what its cache reads saved.
+struct charge {
+  double cost = 0;
+  double at_full_price = 0;
+  double saved_by_reads = 0;
+};
+inline charge charge_of(const weir::routing::model_spec& m, const weir::token_usage& used) {
+  const double at_full_price = m.cost(used.input_tokens, used.output_tokens);
+  const weir::token_usage reads_only{.input_tokens = used.input_tokens,
+                                     .output_tokens = used.output_tokens,
+                                     .cache_read_tokens = used.cache_read_tokens};
+  return {m.cost(used), at_full_price, at_full_price - m.cost(reads_only)};
 }
 
 // What a job asks of `model`.
@@ -187,7 +268,8 @@ class mock_fleet {
                                              .faults = p.faults,
                                              .seed = seed + servers_.size(),
                                              .workers = p.workers,
-                                             .max_queue = p.max_queue};
+                                             .max_queue = p.max_queue,
+                                             .prompt_cache_ttl = p.prompt_cache_ttl};
       for (const auto& m : p.models)
         o.models.push_back({m.id, m.requests_per_minute, m.tokens_per_minute, m.context_window});
       servers_.push_back(
@@ -251,6 +333,12 @@ struct run_report {
   std::vector<double> first_tokens;     // seconds, of each streamed request, start to first chunk
   std::uint64_t hedges = 0;             // hedges started beside slow requests
   std::uint64_t streams_restarted = 0;  // streams broken after their first chunk, sent again
+  // The prompt cache, over the answers that reported their usage: their input tokens, those read
+  // from the cache; and what every answer would have cost at the full input price.
+  std::uint64_t input_tokens = 0;
+  std::uint64_t cached_input_tokens = 0;
+  double cost_at_full_input_price = 0;
+  double saved_by_cache_reads = 0;  // the input price less the cache's, on the tokens read
 
   // The latency below which a share `p` of the completed requests were answered.
   double latency_percentile(double p) const { return percentile(latencies, p); }
@@ -265,6 +353,20 @@ struct run_report {
                      sorted.end());
     return sorted[at];
   }
+
+  double cost() const {
+    double total = 0;
+    for (const auto& [name, t] : providers) total += t.cost;
+    return total;
+  }
+  // Input tokens read from the prompt cache, as a share of all input tokens.
+  double cache_hit_rate() const {
+    return input_tokens ? static_cast<double>(cached_input_tokens) / input_tokens : 0;
+  }
+  // What the cache saved against the full input price, net of what cache writes cost above it.
+  double saved_by_cache() const { return cost_at_full_input_price - cost(); }
+  // What cache writes cost above the input price (Anthropic's 1.25x).
+  double cache_write_premium() const { return saved_by_cache_reads - saved_by_cache(); }
 
   // Completed requests per second.
   double goodput() const { return seconds > 0 ? completed / seconds : 0; }
@@ -320,12 +422,18 @@ class recorder {
         break;
       }
   }
+  // An answer whose usage was reported (a 200): its cost, and what the prompt cache did for it.
+  void answered(std::string_view provider, const weir::token_usage& used, const charge& c) {
+    std::lock_guard lock(mutex_);
+    succeeded(provider, c);
+    report_.input_tokens += used.input_tokens;
+    report_.cached_input_tokens += used.cache_read_tokens;
+  }
   void answered(std::string_view provider, unsigned status, double cost) {
     std::lock_guard lock(mutex_);
     auto& t = tally(provider);
     if (status == 200) {
-      ++t.succeeded;
-      t.cost += cost;
+      succeeded(provider, {cost, cost, 0});
     } else if (status == 429) {
       ++t.rate_limited;
       ++report_.rate_limited;
@@ -404,6 +512,13 @@ class recorder {
  private:
   provider_tally& tally(std::string_view provider) {
     return report_.providers[std::string(provider)];
+  }
+  void succeeded(std::string_view provider, const charge& c) {
+    auto& t = tally(provider);
+    ++t.succeeded;
+    t.cost += c.cost;
+    report_.cost_at_full_input_price += c.at_full_price;
+    report_.saved_by_cache_reads += c.saved_by_reads;
   }
 
   steady::time_point start_;
@@ -517,10 +632,16 @@ class weir_run {
 
   weir_run(asio::io_context& io, std::vector<provider_setup> fleet, run_options options,
            progress& live)
-      : io_(io), fleet_(std::move(fleet)), options_(options), log_(fleet_, live) {
-    auto models = catalog_of(fleet_, options_.breaker);
+      : io_(io),
+        fleet_(std::move(fleet)),
+        options_(options),
+        log_(fleet_, live),
+        prices_(catalog_of(fleet_, options_.breaker)) {
+    auto models = prices_;
     const auto configure = [&](auto& ro) {
       ro.max_attempts = 6;
+      // A conversation stays on the model whose prompt cache holds it while that has room.
+      ro.strategy = weir::routing::strategies::cache_affinity<steady>();
       if (options_.fallback_budget) ro.fallback_budget.emplace(*options_.fallback_budget);
       ro.watch = [this](const weir::event& e) { observe(e); };
     };
@@ -671,6 +792,7 @@ class weir_run {
       const auto i = next_++;
       if (i >= jobs.size()) co_return;
       const auto& j = jobs[i];
+      if (j.after) co_await order_.wait_for(*j.after);
       log_.started(j.id);
       try {
         // The awaitable is made before the co_await: g++ 12 can free a temporary with a
@@ -686,6 +808,7 @@ class weir_run {
       } catch (const std::exception&) {
         log_.finished(j.id, job_end::failed, "unexpected failure");
       }
+      order_.ended(j.id);
     }
   }
 
@@ -695,7 +818,8 @@ class weir_run {
             .min_capability = j.min_capability,
             .priority = j.priority,
             .deadline = steady::now() + 60s,
-            .operation = "chat"};
+            .operation = "chat",
+            .session = j.session};
   }
 
   // One job, whole: routed (hedged, with --hedge, to another provider's model) to its answer. A
@@ -705,7 +829,11 @@ class weir_run {
                      : router_->route(chat{&j}, constraints_of(j));
     auto [res, route] = co_await std::move(op);
     const auto status = res.result_int();
-    log_.answered(route.provider, status, route.cost);
+    const auto* model = prices_.find_model(route.provider, route.model);
+    if (const auto used = usage_of(res); used && model)
+      log_.answered(route.provider, *used, charge_of(*model, *used));
+    else
+      log_.answered(route.provider, status, route.cost);
     if (status != 200) throw weir::http::status_error(status, {weir::verdict::fatal, {}});
     co_return served::by_model;
   }
@@ -725,28 +853,23 @@ class weir_run {
           if (!event) break;
         }
         const auto tally = answer.report().tally;
-        double cost = route.cost;
-        if (tally.reported_output_tokens)
-          cost = price(route.model, tally.reported_input_tokens.value_or(j.input_tokens()),
-                       *tally.reported_output_tokens);
-        log_.answered(route.provider, 200, cost);
+        const auto* model = prices_.find_model(route.provider, route.model);
+        if (tally.reported_output_tokens && model) {
+          const weir::token_usage used{
+              .input_tokens = tally.reported_input_tokens.value_or(j.input_tokens()),
+              .output_tokens = *tally.reported_output_tokens,
+              .cache_read_tokens = tally.reported_cache_read_tokens.value_or(0),
+              .cache_write_tokens = tally.reported_cache_write_tokens.value_or(0)};
+          log_.answered(route.provider, used, charge_of(*model, used));
+        } else {
+          log_.answered(route.provider, 200, route.cost);
+        }
         co_return served::by_model;
       } catch (const weir::exception& e) {
         if (e.code() != weir::error::stream_broken || restarts == 2) throw;
         log_.stream_restarted();
       }
     }
-  }
-
-  // What `model` charges for the tokens, in USD.
-  double price(std::string_view model, std::uint64_t input, std::uint64_t output) const {
-    for (const auto& p : fleet_)
-      for (const auto& m : p.models)
-        if (m.id == model)
-          return (static_cast<double>(input) * m.input_price +
-                  static_cast<double>(output) * m.output_price) /
-                 1e6;
-    return 0;
   }
 
   void observe(const weir::event& e) {
@@ -781,6 +904,8 @@ class weir_run {
   std::vector<provider_setup> fleet_;
   run_options options_;
   recorder log_;
+  weir::routing::catalog prices_;  // the fleet's models, with their cache prices filled in
+  turn_order order_;
   std::optional<asio::ssl::context> tls_;
   std::vector<std::unique_ptr<connection>> connections_;
   std::optional<router_type> router_;
@@ -803,7 +928,11 @@ class naive_run {
  public:
   naive_run(asio::io_context& io, std::vector<provider_setup> fleet, run_options options,
             progress& live)
-      : io_(io), fleet_(std::move(fleet)), options_(options), log_(fleet_, live) {
+      : io_(io),
+        fleet_(std::move(fleet)),
+        options_(options),
+        log_(fleet_, live),
+        prices_(catalog_of(fleet_, options_.breaker)) {
     for (const auto& p : fleet_)
       clients_.emplace_back(io.get_executor(), p.speaks, weir::http::endpoint::parse(p.base_url),
                             p.api_key);
@@ -859,10 +988,12 @@ class naive_run {
       const auto i = next_++;
       if (i >= jobs.size()) co_return;
       const auto& j = jobs[i];
+      if (j.after) co_await order_.wait_for(*j.after);
       log_.started(j.id);
       const auto target = cheapest(j);
       if (!target) {
         log_.finished(j.id, false, "no capable model");
+        order_.ended(j.id);
         continue;
       }
       const auto& p = fleet_[target->provider];
@@ -879,12 +1010,11 @@ class naive_run {
           auto res =
               co_await clients_[target->provider].complete(request, options_.attempt_timeout);
           status = res.result_int();
-          const auto used = usage_of(res);
-          const double cost = used ? (used->input_tokens * target->model->input_price +
-                                      used->output_tokens * target->model->output_price) /
-                                         1e6
-                                   : 0;
-          log_.answered(p.name, status, cost);
+          const auto* model = prices_.find_model(p.name, target->model->id);
+          if (const auto used = usage_of(res); used && model)
+            log_.answered(p.name, *used, charge_of(*model, *used));
+          else
+            log_.answered(p.name, status, 0);
         } catch (const std::exception&) {
           log_.answered(p.name, 0, 0);
         }
@@ -892,6 +1022,7 @@ class naive_run {
         if (status >= 400 && status < 500 && status != 429) break;  // hopeless
       }
       log_.finished(j.id, ok, ok ? "" : "gave up after retries");
+      order_.ended(j.id);
     }
   }
 
@@ -899,6 +1030,8 @@ class naive_run {
   std::vector<provider_setup> fleet_;
   run_options options_;
   recorder log_;
+  weir::routing::catalog prices_;  // the fleet's models, with their cache prices filled in
+  turn_order order_;
   std::deque<weir::http::chat_client> clients_;
   std::atomic<std::size_t> next_{0};
   double tokens_per_request_ = 0;
