@@ -5,8 +5,10 @@
 //
 //     weir-demo [--requests N] [--concurrency N] [--seed N] [--compare] [--self-hosted]
 //               [--slow-tail] [--hedge] [--no-stream] [--fallback] [--svg PATH] [--plain]
+//               [--metrics-port N]
 //     weir-demo --model NAME [--base-url https://api.example.com/v1] [--api-key-env VAR]
 //               [--dialect openai|anthropic] [--rpm N] [--tpm N]
+#include "demo/metrics_server.hpp"
 #include "demo/workload.hpp"
 
 #include <fmt/format.h>
@@ -47,6 +49,8 @@ Usage: weir-demo [options]
   --fallback        a request weir gives up on gets a canned reply (weir::fallback), counted
   --svg PATH        where to write the timeline (default weir-demo-timeline.svg)
   --plain           log lines instead of the live dashboard (the default when not a terminal)
+  --metrics-port N  serve weir's metrics for Prometheus at http://127.0.0.1:N/metrics while it
+                    runs (0: a free port; the URL is printed)
   --model NAME      run against a real endpoint instead of the local mocks, asking for NAME
   --dialect D       openai (default) or anthropic
   --base-url URL    the endpoint's API root, as the SDKs take it (https://host/v1); default
@@ -75,6 +79,7 @@ struct settings {
   demo::dialect speaks = demo::dialect::openai;
   double rpm = 0, tpm = 0;  // 0: not given
   bool requests_given = false;
+  std::optional<unsigned short> metrics_port{};
 };
 
 [[noreturn]] void bad_usage(const std::string& why) {
@@ -123,6 +128,10 @@ settings parse(int argc, char** argv) {
       s.fallback = true;
     } else if (flag == "--plain") {
       s.plain = true;
+    } else if (flag == "--metrics-port") {
+      const auto v = value();
+      s.metrics_port = demo::parse_port(v);
+      if (!s.metrics_port) bad_usage(fmt::format("--metrics-port wants 0 to 65535, not '{}'", v));
     } else if (flag == "--svg") {
       s.svg = value();
     } else if (flag == "--base-url") {
@@ -434,15 +443,19 @@ std::string timeline_svg(const std::vector<demo::run_report>& runs) {
 
 template <class Run>
 demo::run_report run_once(const std::string& mode, std::vector<demo::provider_setup> fleet,
-                          const settings& s, const std::vector<demo::job>& jobs, bool live_view) {
+                          const settings& s, const std::vector<demo::job>& jobs, bool live_view,
+                          const weir::observer& watch) {
   std::optional<demo::mock_fleet> mocks;
   if (s.base_url.empty()) mocks.emplace(fleet, s.seed);
   asio::io_context io(1);
   demo::progress live;
-  Run run(
-      io, fleet,
-      {.concurrency = s.concurrency, .hedge = s.hedge, .stream = s.stream, .fallback = s.fallback},
-      live);
+  Run run(io, fleet,
+          {.concurrency = s.concurrency,
+           .hedge = s.hedge,
+           .stream = s.stream,
+           .fallback = s.fallback,
+           .watch = watch},
+          live);
   live_sources sources;
   if constexpr (requires { run.status(); }) sources.status = run.status();
   if constexpr (requires { run.concurrency(); }) sources.concurrency = run.concurrency();
@@ -532,8 +545,14 @@ int main(int argc, char** argv) {
 
   std::vector<demo::run_report> runs;
   try {
-    if (s.compare) runs.push_back(run_once<demo::naive_run>("naive", fleet, s, jobs, live_view));
-    runs.push_back(run_once<demo::weir_run>("weir", fleet, s, jobs, live_view));
+    // weir's run, counted for Prometheus while it runs (the naive run has no events).
+    weir::metrics counted("weir-demo");
+    std::optional<demo::metrics_server> metrics;
+    if (s.metrics_port)
+      metrics.emplace(*s.metrics_port, std::vector{weir::http::prometheus_source({counted})});
+    if (s.compare)
+      runs.push_back(run_once<demo::naive_run>("naive", fleet, s, jobs, live_view, {}));
+    runs.push_back(run_once<demo::weir_run>("weir", fleet, s, jobs, live_view, counted.observer()));
   } catch (const std::exception& e) {
     fmt::print(stderr, "weir-demo: {}\n", e.what());
     return 1;

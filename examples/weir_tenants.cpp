@@ -5,7 +5,8 @@
 // dashboard shows each tenant's spend and share; the summary checks that the flood starved no
 // one and that no budget was passed. `--unfair` queues in arrival order instead, to compare.
 //
-//     weir-tenants [--tenants N] [--seconds S] [--unfair] [--plain] [--check]
+//     weir-tenants [--tenants N] [--seconds S] [--unfair] [--plain] [--check] [--metrics-port N]
+#include "demo/metrics_server.hpp"
 #include "demo/workload.hpp"
 
 #include <weir/keyed_limiter.hpp>
@@ -38,12 +39,13 @@ struct settings {
   bool fair = true;
   bool plain = false;
   bool check = false;
+  std::optional<unsigned short> metrics_port{};  // serve /metrics on it (0: a free port)
 };
 
 [[noreturn]] void bad_usage(const std::string& why) {
   fmt::print(stderr,
              "weir-tenants: {}\nUsage: weir-tenants [--tenants 2..16] [--seconds 2..600] "
-             "[--unfair] [--plain] [--check]\n",
+             "[--unfair] [--plain] [--check] [--metrics-port 0..65535]\n",
              why);
   std::exit(2);
 }
@@ -70,6 +72,9 @@ settings parse(int argc, char** argv) {
       s.plain = true;
     } else if (a == "--check") {
       s.check = true;
+    } else if (a == "--metrics-port") {
+      s.metrics_port = demo::parse_port(value());
+      if (!s.metrics_port) bad_usage("--metrics-port wants 0 to 65535");
     } else {
       bad_usage(fmt::format("unknown option {}", a));
     }
@@ -127,6 +132,7 @@ class platform {
         guarded_(weir::pipeline(
             weir::pipeline_options{.watch =
                                        [this](const weir::event& e) {
+                                         record_(e);
                                          if (auto* t = std::get_if<weir::throttled>(&e);
                                              t && t->policy == "per-tenant")
                                            ++throttled_by_limit_;
@@ -136,6 +142,7 @@ class platform {
     ro.max_attempts = 6;
     ro.usage_of = [](const demo::response& r) { return demo::usage_of(r); };
     ro.budgets = {budgets_};
+    ro.watch = record_;
     router_.emplace(io.get_executor(), demo::catalog_of(fleet, weir::circuit_breaker_options{}),
                     std::move(ro));
     for (const auto& p : fleet) {
@@ -156,6 +163,11 @@ class platform {
   }
 
   std::vector<weir::budget_status> spend() const { return budgets_.status(); }
+  // What /metrics serves: the platform's counters and each tenant's spend.
+  std::vector<weir::http::metrics_source> metrics_sources() const {
+    return {weir::http::prometheus_source({metrics_}),
+            [this](std::string& out) { weir::write_prometheus(out, spend()); }};
+  }
   std::vector<std::string> alerts() {
     std::lock_guard lock(alerts_mutex_);
     return alerts_;
@@ -169,6 +181,7 @@ class platform {
   }
 
   void alert(const weir::event& e) {
+    record_(e);
     std::lock_guard lock(alerts_mutex_);
     alerts_.push_back(fmt::format("{:5.1f} s  {}", elapsed(), e));
   }
@@ -220,6 +233,8 @@ class platform {
   weir::request_queue queue_;
   weir::keyed_limiter<> per_tenant_;
   std::atomic<std::uint64_t> throttled_by_limit_{0};
+  weir::metrics metrics_{"weir-tenants"};  // every event of the queue, limits, budgets, router
+  weir::observer record_ = metrics_.observer();
   decltype(weir::pipeline(weir::pipeline_options{}, queue_, per_tenant_)) guarded_;
   std::vector<std::unique_ptr<weir::http::chat_client>> clients_;
   std::optional<router_type> router_;
@@ -277,6 +292,8 @@ int main(int argc, char** argv) {
   platform p(io, fleet, tenants, s.fair);
   const auto until = steady::now() + std::chrono::duration_cast<steady::duration>(
                                          std::chrono::duration<double>(s.seconds));
+  std::optional<demo::metrics_server> metrics;
+  if (s.metrics_port) metrics.emplace(*s.metrics_port, p.metrics_sources());
   p.start(until);
   std::thread client([&] { io.run(); });
 

@@ -545,6 +545,7 @@ struct run_options {
   bool fallback = false;
   std::chrono::milliseconds first_token{2'000};
   std::chrono::milliseconds idle{2'000};
+  weir::observer watch{};  // weir: every event of the run too (e.g. a weir::metrics)
 };
 
 // What a status line needs of a running router.
@@ -873,6 +874,7 @@ class weir_run {
   }
 
   void observe(const weir::event& e) {
+    if (options_.watch) options_.watch(e);
     if (auto* c = std::get_if<weir::route_chosen>(&e)) {
       log_.sent(c->provider, c->attempt > 1);
     } else if (auto* f = std::get_if<weir::route_fallback>(&e)) {

@@ -20,6 +20,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -241,7 +242,7 @@ inline std::string prometheus_label(std::string_view v) {
 
 // Appends every family of `sources` to `out` in the Prometheus text format (version 0.0.4), one
 // HELP and TYPE line per family and one sample per source, labelled pipeline="<name>".
-inline void write_prometheus(std::string& out, std::initializer_list<const metrics*> sources) {
+inline void write_prometheus(std::string& out, std::span<const metrics* const> sources) {
   struct family {
     const char* name;
     const char* type;
@@ -394,6 +395,10 @@ inline void write_prometheus(std::string& out, std::initializer_list<const metri
       fmt::format_to(std::back_inserter(out),
                      "weir_rejections_total{{pipeline=\"{}\",reason=\"{}\"}} {}\n", name,
                      reasons[r], s.rejections[r]);
+}
+
+inline void write_prometheus(std::string& out, std::initializer_list<const metrics*> sources) {
+  write_prometheus(out, std::span<const metrics* const>(sources.begin(), sources.size()));
 }
 
 }  // namespace weir

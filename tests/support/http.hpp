@@ -7,6 +7,7 @@
 #include <weir/http/classify.hpp>
 #include <weir/http/hints.hpp>
 #include <weir/http/limits.hpp>
+#include <weir/http/metrics_endpoint.hpp>
 #include <weir/http/parse.hpp>
 #include <weir/http/sse.hpp>
 #include <weir/http/usage.hpp>

@@ -12,6 +12,7 @@
 //     server.start();  // then POST to server.base_url() + "/chat/completions"
 #pragma once
 
+#include <weir/detail/listener.hpp>
 #include <weir/http/usage.hpp>
 
 #include <fmt/chrono.h>
@@ -165,13 +166,9 @@ class mock_provider {
   unsigned short start() {
     namespace ip = boost::asio::ip;
     auto& s = *state_;
-    s.acceptor.open(ip::tcp::v4());
-    s.acceptor.set_option(ip::tcp::acceptor::reuse_address(true));
-    s.acceptor.bind({ip::make_address_v4("127.0.0.1"), 0});
-    s.acceptor.listen();
+    s.port = weir::detail::listen_on(s.acceptor, {ip::make_address_v4("127.0.0.1"), 0});
     s.started = clock::now();
     for (auto& [id, l] : s.buckets) l.requests.at = l.tokens.at = s.started;
-    s.port = s.acceptor.local_endpoint().port();
     boost::asio::co_spawn(s.executor, accept(state_), boost::asio::detached);
     return s.port;
   }
@@ -180,12 +177,8 @@ class mock_provider {
   // from any thread while the server runs).
   void stop() {
     boost::asio::post(state_->executor, [s = state_] {
-      boost::system::error_code ignored;
-      s->acceptor.close(ignored);
       std::lock_guard lock(s->mutex);
-      for (auto& weak : s->sessions)
-        if (auto stream = weak.lock()) stream->socket().close(ignored);
-      s->sessions.clear();
+      weir::detail::close_all(s->acceptor, s->sessions);
     });
   }
 
