@@ -1,10 +1,11 @@
 # Shared by scripts/demo and scripts/test: install what is missing, then configure and build.
 # Sourced, not run.
 
-# Debian 12 packages weir needs to build its tests, examples and benchmarks.
-WEIR_PACKAGES=(g++ cmake ninja-build pkg-config libboost1.81-dev catch2 libfmt-dev libbenchmark-dev
-  libssl-dev libhiredis-dev libcurl4-openssl-dev redis-server nginx-light haproxy
-  python3-flask-limiter)
+# Debian 12 packages weir needs to build its tests, examples and benchmarks, with g++ and with
+# clang 14 (the clang preset, which needs clang's sanitizer runtimes).
+WEIR_PACKAGES=(g++ clang-14 libclang-rt-14-dev cmake ninja-build pkg-config libboost1.81-dev catch2
+  libfmt-dev libbenchmark-dev libssl-dev libhiredis-dev libcurl4-openssl-dev redis-server
+  nginx-light haproxy python3-flask-limiter)
 
 weir_missing_packages() {
   local missing=() p

@@ -376,6 +376,9 @@ class queue_admission final : public queue_waiter,
   // Holds the admission weakly, as the limiters' waiters are held: a cancellation that arrives
   // once it is gone does nothing.
   struct cancel_handler {
+    // A constructor, not an aggregate: the slot builds it with parentheses, which clang 14
+    // cannot do for an aggregate.
+    explicit cancel_handler(std::weak_ptr<queue_admission> o) : op(std::move(o)) {}
     std::weak_ptr<queue_admission> op;
     void operator()(boost::asio::cancellation_type type) const {
       if ((type & boost::asio::cancellation_type::all) == boost::asio::cancellation_type::none)

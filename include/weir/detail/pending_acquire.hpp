@@ -250,6 +250,9 @@ class pending_acquire final
   // Supports terminal, partial and total cancellation: each gives the reservation back.
   // Holds the waiter weakly: a cancellation that arrives once it is gone does nothing.
   struct cancel_handler {
+    // A constructor, not an aggregate: the slot builds it with parentheses, which clang 14
+    // cannot do for an aggregate.
+    explicit cancel_handler(std::weak_ptr<pending_acquire> o) : op(std::move(o)) {}
     std::weak_ptr<pending_acquire> op;
     void operator()(boost::asio::cancellation_type type) const {
       if ((type & boost::asio::cancellation_type::all) == boost::asio::cancellation_type::none)

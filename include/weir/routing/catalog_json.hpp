@@ -66,6 +66,8 @@ namespace weir::detail::json_catalog {
 
 using namespace weir::routing;
 
+struct member;
+
 // A JSON value that remembers the line it started on.
 struct node {
   enum class kind { null, boolean, number, string, array, object } type = kind::null;
@@ -75,7 +77,15 @@ struct node {
   bool integral = false;  // written without a fraction or exponent
   std::string text;
   std::vector<node> items;
-  std::vector<std::pair<std::string, node>> members;
+  // Its own type, not std::pair<std::string, node>: clang 14 rejects that pair's instantiation
+  // while node is still incomplete.
+  std::vector<member> members;
+};
+
+// One key of an object and its value.
+struct member {
+  std::string key;
+  node value;
 };
 
 // Builds nodes from the parser's events. The input is fed one line at a time, so the line being
@@ -101,7 +111,7 @@ struct builder {
     } else if (open.back().type == node::kind::array) {
       open.back().items.push_back(std::move(n));
     } else {
-      open.back().members.emplace_back(std::move(keys.back()), std::move(n));
+      open.back().members.push_back(member{std::move(keys.back()), std::move(n)});
     }
   }
   node scalar(node::kind k) const {
