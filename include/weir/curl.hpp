@@ -377,7 +377,9 @@ class multi {
   template <class CompletionToken>
   auto async_transfer(easy& handle, CompletionToken&& token) {
     return boost::asio::async_initiate<CompletionToken, void(error_code, CURLcode)>(
-        [this](auto handler, easy* h) { start(*h, std::move(handler)); }, token, &handle);
+        // (`self`, not `this`: clang 14 calls a `this` used only in a generic lambda unused.)
+        [self = this](auto handler, easy* h) { self->start(*h, std::move(handler)); }, token,
+        &handle);
   }
 
   // The same as a coroutine: the response, or the CURLcode (or the cancellation) thrown.
