@@ -663,6 +663,9 @@ class weir_run {
       router_type::options_type ro;
       configure(ro);
       ro.usage_of = [](const response& r) { return demo::usage_of(r); };
+      ro.response_model_of = [](const response& r) {
+        return r.result_int() == 200 ? weir::http::reported_model(r.body()) : std::string();
+      };
       ro.context_exceeded = [](const weir::outcome<response>& o) {
         return o.has_value() && weir::http::context_length_exceeded(o.value());
       };

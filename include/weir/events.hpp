@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <optional>
 #include <string>
@@ -179,11 +180,35 @@ struct stream_ended {
   std::chrono::nanoseconds time_to_first_token{0};
 };
 
+// One call of the router to a model ended: a whole answer came (or the call failed), or a
+// stream it returned ended. What OpenTelemetry's GenAI client metrics record; weir::metrics
+// writes them as gen_ai_client_* series. Not sent for a call the model's own stages refused
+// before sending.
+struct model_call_ended {
+  std::string_view operation;
+  std::string_view provider;  // the catalog's name
+  std::string_view model;     // the model requested
+  // gen_ai.provider.name (provider_spec::gen_ai_name) and gen_ai.operation.name
+  // (route_constraints::gen_ai_operation).
+  std::string_view gen_ai_provider{};
+  std::string_view gen_ai_operation{};
+  std::string_view response_model{};     // as the response named it; empty when it did not
+  std::string_view error_type{};         // error.type (see docs/metrics.md); empty: no error
+  std::chrono::nanoseconds duration{0};  // sent to answered; for a stream, to its end
+  std::optional<std::chrono::nanoseconds> time_to_first_chunk{};  // a stream's
+  // What the provider reported (a stream's output: reported, else counted); nullopt: unknown.
+  // Input counts every input token, those read from and written to the prompt cache among them.
+  std::optional<std::uint64_t> input_tokens{};
+  std::optional<std::uint64_t> output_tokens{};
+  std::uint64_t cache_read_tokens = 0;
+  std::uint64_t cache_creation_tokens = 0;
+};
+
 using event =
     std::variant<attempt_started, attempt_succeeded, attempt_failed, retry_scheduled, throttled,
                  rejected, server_rate_limited, breaker_changed, route_chosen, provider_cooling,
                  route_fallback, fleet_connection, budget_alert, concurrency_changed, fallback_used,
-                 hedge_started, stream_ended, provider_exhausted>;
+                 hedge_started, stream_ended, provider_exhausted, model_call_ended>;
 
 // Any callable taking the event; empty means nobody is listening.
 using observer = std::function<void(const event&)>;
@@ -343,6 +368,14 @@ struct fmt::formatter<weir::event> {
             return fmt::format_to(ctx.out(), "budget {}{}{}: ${:.4f} of ${:.2f} spent ({:.0f}%)",
                                   v.budget, v.key.empty() ? "" : " for ", v.key, v.spent, v.limit,
                                   v.threshold * 100);
+          } else if constexpr (std::is_same_v<T, model_call_ended>) {
+            auto out = fmt::format_to(ctx.out(), "{}: {}/{} {} in {:.1f} ms", op, v.provider,
+                                      v.model, v.error_type.empty() ? "answered" : v.error_type,
+                                      weir::detail::milliseconds(v.duration));
+            if (v.input_tokens || v.output_tokens)
+              out = fmt::format_to(out, ", {} in + {} out tokens", v.input_tokens.value_or(0),
+                                   v.output_tokens.value_or(0));
+            return out;
           } else if constexpr (std::is_same_v<T, fleet_connection>) {
             return fmt::format_to(ctx.out(), "{}: {}", op,
                                   v.reachable ? "the fleet is reachable again"

@@ -23,6 +23,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace weir {
@@ -31,6 +32,39 @@ namespace weir {
 // generation. Prometheus adds +Inf.
 inline constexpr std::array<double, 14> latency_bounds = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                                           1,     2.5,  5,     10,   30,  60,   120};
+
+// The bucket bounds OpenTelemetry's GenAI semantic conventions recommend: for
+// gen_ai.client.operation.duration and .time_to_first_chunk, in seconds, doubling from 10 ms to
+// 81.92 s; for gen_ai.client.token.usage, powers of 4 from 1 to 67 108 864 tokens.
+inline constexpr std::array<double, 14> gen_ai_duration_bounds = {
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92};
+inline constexpr std::array<double, 14> gen_ai_token_bounds = {
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864};
+
+// A histogram read: observations per bucket (not cumulative; the last is above every bound),
+// their sum and count.
+template <std::size_t Bounds>
+struct histogram_counts {
+  std::array<std::uint64_t, Bounds + 1> buckets{};
+  double sum = 0;
+  std::uint64_t count = 0;
+};
+
+// The GenAI client metrics of one label set: the router's calls to one model (with one response
+// model and one error.type), as the events model_call_ended tell them.
+struct gen_ai_series {
+  std::string operation;       // gen_ai.operation.name
+  std::string provider;        // gen_ai.provider.name
+  std::string request_model;   // gen_ai.request.model
+  std::string response_model;  // gen_ai.response.model; empty: not known
+  std::string error_type;      // error.type; empty: the calls succeeded
+  histogram_counts<gen_ai_duration_bounds.size()> duration{};             // seconds
+  histogram_counts<gen_ai_duration_bounds.size()> time_to_first_chunk{};  // seconds, streams
+  histogram_counts<gen_ai_token_bounds.size()> input_tokens{};
+  histogram_counts<gen_ai_token_bounds.size()> output_tokens{};
+  std::uint64_t cache_read_tokens = 0;      // of the input tokens, read from the prompt cache
+  std::uint64_t cache_creation_tokens = 0;  // and written to it
+};
 
 // What one named policy did (see the `name` of each policy's options).
 struct policy_metrics {
@@ -68,7 +102,45 @@ struct metrics_snapshot {
   std::uint64_t streams_broken = 0;      // streams that failed after their first chunk
   std::uint64_t streams_abandoned = 0;   // streams the caller stopped reading
   std::vector<policy_metrics> policies;  // by the name in each event, in order of first event
+  // By label set, in order of first event. Token usage and time to first chunk are recorded in
+  // the series without error.type, as the conventions give them no such attribute.
+  std::vector<gen_ai_series> gen_ai;
+  std::uint64_t gen_ai_dropped = 0;  // calls not recorded: metrics::max_gen_ai_series were full
 };
+
+namespace detail {
+// A histogram of relaxed atomic counters: safe to observe from any thread.
+template <std::size_t Bounds>
+struct atomic_histogram {
+  // Counts `value` in its bucket (the first bound it does not pass) and adds `units` to the sum.
+  void observe(double value, std::uint64_t units, const std::array<double, Bounds>& bounds) {
+    std::size_t b = 0;
+    while (b < Bounds && value > bounds[b]) ++b;
+    buckets[b].fetch_add(1, std::memory_order_relaxed);
+    sum_units.fetch_add(units, std::memory_order_relaxed);
+  }
+  // The sum is read as sum_units * unit (1e-9 for nanoseconds as seconds).
+  histogram_counts<Bounds> read(double unit) const {
+    histogram_counts<Bounds> h;
+    for (std::size_t b = 0; b < h.buckets.size(); ++b) {
+      h.buckets[b] = buckets[b].load(std::memory_order_relaxed);
+      h.count += h.buckets[b];
+    }
+    h.sum = static_cast<double>(sum_units.load(std::memory_order_relaxed)) * unit;
+    return h;
+  }
+
+  std::array<std::atomic<std::uint64_t>, Bounds + 1> buckets{};
+  std::atomic<std::uint64_t> sum_units{0};
+};
+
+inline std::uint64_t nanoseconds_of(std::chrono::nanoseconds d) {
+  return static_cast<std::uint64_t>(std::max<std::int64_t>(0, d.count()));
+}
+inline double seconds_of(std::chrono::nanoseconds d) {
+  return std::chrono::duration<double>(d).count();
+}
+}  // namespace detail
 
 // Copies share the counters. Recording is a few relaxed atomic adds: safe from any thread.
 class metrics {
@@ -83,9 +155,41 @@ class metrics {
   metrics_snapshot read() const { return state_->read(); }
   const std::string& name() const noexcept { return state_->name; }
 
+  // The GenAI label sets one registry keeps; the catalog's models bound them, this bounds a
+  // catalog gone wild (calls with a new label set past it are counted as dropped).
+  static constexpr std::size_t max_gen_ai_series = 1024;
+
  private:
+  // One label set's GenAI series. A list that only grows: recording finds its series without a
+  // lock; a new label set is added under one.
+  struct gen_ai_entry {
+    gen_ai_entry(const model_call_ended& e, std::string_view error)
+        : operation(e.gen_ai_operation),
+          provider(e.gen_ai_provider),
+          request_model(e.model),
+          response_model(e.response_model),
+          error_type(error) {}
+
+    bool is(const model_call_ended& e, std::string_view error) const {
+      return error_type == error && request_model == e.model && provider == e.gen_ai_provider &&
+             response_model == e.response_model && operation == e.gen_ai_operation;
+    }
+
+    const std::string operation, provider, request_model, response_model, error_type;
+    detail::atomic_histogram<gen_ai_duration_bounds.size()> duration, first_chunk;
+    detail::atomic_histogram<gen_ai_token_bounds.size()> input, output;
+    std::atomic<std::uint64_t> cache_read{0}, cache_creation{0};
+    gen_ai_entry* next = nullptr;
+  };
+
   struct state {
     explicit state(std::string n) : name(std::move(n)) {}
+    ~state() {
+      for (auto* e = gen_ai_head.load(std::memory_order_acquire); e;)
+        delete std::exchange(e, e->next);
+    }
+    state(const state&) = delete;
+    state& operator=(const state&) = delete;
 
     static void add(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) {
       c.fetch_add(n, std::memory_order_relaxed);
@@ -142,6 +246,8 @@ class metrics {
               add(exhaustions);
             } else if constexpr (std::is_same_v<T, fleet_connection>) {
               add(fleet_losses, v.reachable ? 0 : 1);
+            } else if constexpr (std::is_same_v<T, model_call_ended>) {
+              record_gen_ai(v);
             } else {
               static_assert(std::is_same_v<T, provider_cooling>);
               add(cooldowns);
@@ -163,11 +269,54 @@ class metrics {
     }
 
     void observe_latency(std::chrono::nanoseconds latency) {
-      add(latency_ns, static_cast<std::uint64_t>(std::max<std::int64_t>(0, latency.count())));
-      const double seconds = std::chrono::duration<double>(latency).count();
-      std::size_t b = 0;
-      while (b < latency_bounds.size() && seconds > latency_bounds[b]) ++b;
-      add(latency_buckets[b]);
+      latency_histogram.observe(detail::seconds_of(latency), detail::nanoseconds_of(latency),
+                                latency_bounds);
+    }
+
+    void record_gen_ai(const model_call_ended& e) {
+      auto* call = gen_ai_series_of(e, e.error_type);
+      if (!call) return;
+      call->duration.observe(detail::seconds_of(e.duration), detail::nanoseconds_of(e.duration),
+                             gen_ai_duration_bounds);
+      if (!e.time_to_first_chunk && !e.input_tokens && !e.output_tokens) return;
+      auto* answer = e.error_type.empty() ? call : gen_ai_series_of(e, {});
+      if (!answer) return;
+      if (e.time_to_first_chunk)
+        answer->first_chunk.observe(detail::seconds_of(*e.time_to_first_chunk),
+                                    detail::nanoseconds_of(*e.time_to_first_chunk),
+                                    gen_ai_duration_bounds);
+      if (e.input_tokens) {
+        answer->input.observe(static_cast<double>(*e.input_tokens), *e.input_tokens,
+                              gen_ai_token_bounds);
+        add(answer->cache_read, e.cache_read_tokens);
+        add(answer->cache_creation, e.cache_creation_tokens);
+      }
+      if (e.output_tokens)
+        answer->output.observe(static_cast<double>(*e.output_tokens), *e.output_tokens,
+                               gen_ai_token_bounds);
+    }
+
+    // The series of this label set, added if new; nullptr (counted) when the table is full.
+    gen_ai_entry* gen_ai_series_of(const model_call_ended& e, std::string_view error) {
+      const auto find = [&](gen_ai_entry* from) -> gen_ai_entry* {
+        for (auto* p = from; p; p = p->next)
+          if (p->is(e, error)) return p;
+        return nullptr;
+      };
+      auto* head = gen_ai_head.load(std::memory_order_acquire);
+      if (auto* found = find(head)) return found;
+      std::lock_guard lock(gen_ai_mutex);
+      head = gen_ai_head.load(std::memory_order_acquire);
+      if (auto* found = find(head)) return found;
+      if (gen_ai_count == max_gen_ai_series) {
+        add(gen_ai_dropped);
+        return nullptr;
+      }
+      auto* added = new gen_ai_entry(e, error);
+      added->next = head;
+      ++gen_ai_count;
+      gen_ai_head.store(added, std::memory_order_release);
+      return added;
     }
 
     metrics_snapshot read() const {
@@ -183,11 +332,10 @@ class metrics {
       s.throttled_seconds = static_cast<double>(get(throttled_ns)) / 1e9;
       for (std::size_t i = 0; i < s.rejections.size(); ++i) s.rejections[i] = get(rejections[i]);
       s.server_rate_limited = get(server_rate_limited_count);
-      s.latency_seconds = static_cast<double>(get(latency_ns)) / 1e9;
-      for (std::size_t b = 0; b < s.latency_buckets.size(); ++b) {
-        s.latency_buckets[b] = get(latency_buckets[b]);
-        s.latency_count += s.latency_buckets[b];
-      }
+      const auto latency = latency_histogram.read(1e-9);
+      s.latency_seconds = latency.sum;
+      s.latency_buckets = latency.buckets;
+      s.latency_count = latency.count;
       s.breaker = breaker.load(std::memory_order_relaxed);
       s.routed = get(routed);
       s.fallbacks = get(fallbacks);
@@ -198,6 +346,20 @@ class metrics {
       s.streams_completed = get(streams_completed);
       s.streams_broken = get(streams_broken);
       s.streams_abandoned = get(streams_abandoned);
+      for (auto* e = gen_ai_head.load(std::memory_order_acquire); e; e = e->next)
+        s.gen_ai.push_back({.operation = e->operation,
+                            .provider = e->provider,
+                            .request_model = e->request_model,
+                            .response_model = e->response_model,
+                            .error_type = e->error_type,
+                            .duration = e->duration.read(1e-9),
+                            .time_to_first_chunk = e->first_chunk.read(1e-9),
+                            .input_tokens = e->input.read(1),
+                            .output_tokens = e->output.read(1),
+                            .cache_read_tokens = get(e->cache_read),
+                            .cache_creation_tokens = get(e->cache_creation)});
+      std::reverse(s.gen_ai.begin(), s.gen_ai.end());  // the list holds the newest first
+      s.gen_ai_dropped = get(gen_ai_dropped);
       std::lock_guard lock(policies_mutex);
       s.policies = policies;
       return s;
@@ -206,16 +368,19 @@ class metrics {
     std::string name;
     std::atomic<std::uint64_t> attempts{0}, successes{0}, failures{0}, retries{0};
     std::atomic<std::uint64_t> throttled_count{0}, throttled_ns{0}, server_rate_limited_count{0};
-    std::atomic<std::uint64_t> latency_ns{0};
     std::atomic<std::uint64_t> routed{0}, fallbacks{0}, cooldowns{0}, exhaustions{0},
         fleet_losses{0};
     std::atomic<std::uint64_t> budget_alerts{0};
     std::atomic<std::uint64_t> streams_completed{0}, streams_broken{0}, streams_abandoned{0};
     std::array<std::atomic<std::uint64_t>, rejection_kinds> rejections{};
-    std::array<std::atomic<std::uint64_t>, latency_bounds.size() + 1> latency_buckets{};
+    detail::atomic_histogram<latency_bounds.size()> latency_histogram;
     std::atomic<breaker_state> breaker{breaker_state::closed};
     mutable std::mutex policies_mutex;
     std::vector<policy_metrics> policies;
+    std::atomic<gen_ai_entry*> gen_ai_head{nullptr};
+    std::mutex gen_ai_mutex;  // held to add a label set
+    std::size_t gen_ai_count = 0;
+    std::atomic<std::uint64_t> gen_ai_dropped{0};
   };
 
   std::shared_ptr<state> state_;
@@ -237,6 +402,86 @@ inline std::string prometheus_label(std::string_view v) {
       out += c;
   }
   return out;
+}
+
+// One histogram's samples: cumulative `_bucket`s (le="+Inf" last), `_sum` and `_count`, each
+// labelled with `labels` (`a="x",b="y"`, escaped).
+template <std::size_t Bounds>
+void write_histogram(std::string& out, std::string_view name, std::string_view labels,
+                     const std::array<double, Bounds>& bounds, const histogram_counts<Bounds>& h) {
+  std::uint64_t cumulative = 0;
+  for (std::size_t b = 0; b < h.buckets.size(); ++b) {
+    cumulative += h.buckets[b];
+    const auto le = b < Bounds ? fmt::format("{}", bounds[b]) : "+Inf";
+    fmt::format_to(std::back_inserter(out), "{}_bucket{{{},le=\"{}\"}} {}\n", name, labels, le,
+                   cumulative);
+  }
+  fmt::format_to(std::back_inserter(out), "{}_sum{{{}}} {}\n{}_count{{{}}} {}\n", name, labels,
+                 h.sum, name, labels, h.count);
+}
+
+// The GenAI series' labels: the conventions' attributes, dots turned into underscores.
+inline std::string gen_ai_labels(std::string_view pipeline, const gen_ai_series& g) {
+  auto labels = fmt::format(
+      "pipeline=\"{}\",gen_ai_operation_name=\"{}\",gen_ai_provider_name=\"{}\","
+      "gen_ai_request_model=\"{}\"",
+      pipeline, prometheus_label(g.operation), prometheus_label(g.provider),
+      prometheus_label(g.request_model));
+  if (!g.response_model.empty())
+    labels += fmt::format(",gen_ai_response_model=\"{}\"", prometheus_label(g.response_model));
+  if (!g.error_type.empty())
+    labels += fmt::format(",error_type=\"{}\"", prometheus_label(g.error_type));
+  return labels;
+}
+
+// The OpenTelemetry GenAI client metrics, named as OpenTelemetry maps them to Prometheus (dots
+// to underscores, the unit `s` as `_seconds`, the annotation `{token}` dropped).
+inline void write_gen_ai(std::string& out,
+                         std::span<const std::pair<std::string, metrics_snapshot>> read) {
+  struct timing {
+    const char* name;
+    const char* help;
+    histogram_counts<gen_ai_duration_bounds.size()> gen_ai_series::*counts;
+  };
+  static constexpr timing timings[] = {
+      {"gen_ai_client_operation_duration_seconds", "GenAI operation duration.",
+       &gen_ai_series::duration},
+      {"gen_ai_client_operation_time_to_first_chunk_seconds",
+       "Time to receive the first chunk of a streamed answer, from when the request was sent.",
+       &gen_ai_series::time_to_first_chunk},
+  };
+  for (const auto& t : timings) {
+    fmt::format_to(std::back_inserter(out), "# HELP {} {}\n# TYPE {} histogram\n", t.name, t.help,
+                   t.name);
+    for (const auto& [name, s] : read)
+      for (const auto& g : s.gen_ai)
+        if ((g.*t.counts).count > 0)
+          write_histogram(out, t.name, gen_ai_labels(name, g), gen_ai_duration_bounds, g.*t.counts);
+  }
+  out +=
+      "# HELP gen_ai_client_token_usage Number of input and output tokens used.\n"
+      "# TYPE gen_ai_client_token_usage histogram\n";
+  for (const auto& [name, s] : read)
+    for (const auto& g : s.gen_ai)
+      for (const auto& [type, h] :
+           {std::pair{"input", &g.input_tokens}, std::pair{"output", &g.output_tokens}})
+        if (h->count > 0)
+          write_histogram(out, "gen_ai_client_token_usage",
+                          fmt::format("{},gen_ai_token_type=\"{}\"", gen_ai_labels(name, g), type),
+                          gen_ai_token_bounds, *h);
+  out +=
+      "# HELP weir_gen_ai_cached_input_tokens_total Input tokens read from (read) or written to "
+      "(creation) the provider's prompt cache; gen_ai_client_token_usage's input counts them.\n"
+      "# TYPE weir_gen_ai_cached_input_tokens_total counter\n";
+  for (const auto& [name, s] : read)
+    for (const auto& g : s.gen_ai)
+      if (g.input_tokens.count > 0)
+        for (const auto& [cache, n] : {std::pair{"read", g.cache_read_tokens},
+                                       std::pair{"creation", g.cache_creation_tokens}})
+          fmt::format_to(std::back_inserter(out),
+                         "weir_gen_ai_cached_input_tokens_total{{{},gen_ai_token_cache=\"{}\"}} "
+                         "{}\n",
+                         gen_ai_labels(name, g), cache, n);
 }
 }  // namespace detail
 
@@ -284,6 +529,9 @@ inline void write_prometheus(std::string& out, std::span<const metrics* const> s
        [](const metrics_snapshot& s) { return double(s.streams_broken); }},
       {"weir_streams_abandoned_total", "counter", "Streams the caller stopped reading.",
        [](const metrics_snapshot& s) { return double(s.streams_abandoned); }},
+      {"weir_gen_ai_dropped_total", "counter",
+       "Router calls left out of the GenAI series: their table of label sets was full.",
+       [](const metrics_snapshot& s) { return double(s.gen_ai_dropped); }},
   };
   constexpr const char* reasons[] = {"queue_full",   "circuit_open", "budget_exhausted",
                                      "rate_limited", "shut_down",    "evicted",
@@ -303,20 +551,11 @@ inline void write_prometheus(std::string& out, std::span<const metrics* const> s
   out +=
       "# HELP weir_attempt_latency_seconds Latency of finished attempts.\n"
       "# TYPE weir_attempt_latency_seconds histogram\n";
-  for (const auto& [name, s] : read) {
-    std::uint64_t cumulative = 0;
-    for (std::size_t b = 0; b < s.latency_buckets.size(); ++b) {
-      cumulative += s.latency_buckets[b];
-      const auto le = b < latency_bounds.size() ? fmt::format("{}", latency_bounds[b]) : "+Inf";
-      fmt::format_to(std::back_inserter(out),
-                     "weir_attempt_latency_seconds_bucket{{pipeline=\"{}\",le=\"{}\"}} {}\n", name,
-                     le, cumulative);
-    }
-    fmt::format_to(std::back_inserter(out),
-                   "weir_attempt_latency_seconds_sum{{pipeline=\"{}\"}} {}\n"
-                   "weir_attempt_latency_seconds_count{{pipeline=\"{}\"}} {}\n",
-                   name, s.latency_seconds, name, s.latency_count);
-  }
+  for (const auto& [name, s] : read)
+    detail::write_histogram(
+        out, "weir_attempt_latency_seconds", fmt::format("pipeline=\"{}\"", name), latency_bounds,
+        histogram_counts<latency_bounds.size()>{
+            .buckets = s.latency_buckets, .sum = s.latency_seconds, .count = s.latency_count});
   // Each breaker's state as a state set, one sample per state (as Resilience4j's Micrometer
   // binding exposes it): 1 for the current one, 0 for the others. A breaker appears with its
   // first change of state; a pipeline without a breaker reports none.
@@ -395,6 +634,7 @@ inline void write_prometheus(std::string& out, std::span<const metrics* const> s
       fmt::format_to(std::back_inserter(out),
                      "weir_rejections_total{{pipeline=\"{}\",reason=\"{}\"}} {}\n", name,
                      reasons[r], s.rejections[r]);
+  detail::write_gen_ai(out, read);
 }
 
 inline void write_prometheus(std::string& out, std::initializer_list<const metrics*> sources) {

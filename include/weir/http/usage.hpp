@@ -107,4 +107,13 @@ inline std::optional<token_usage> reported_usage(std::string_view body) {
   return used;
 }
 
+// The model a response body says answered, its "model" field in OpenAI's and Anthropic's answers
+// alike (router_options::response_model_of); empty when it names none or an overlong one.
+inline std::string reported_model(std::string_view body) {
+  constexpr std::size_t longest = 200;  // a metrics label: a model's name, not a page of text
+  auto model = detail::json_string(body, "model").value_or(std::string());
+  if (model.size() > longest) model.clear();
+  return model;
+}
+
 }  // namespace weir::http

@@ -96,6 +96,28 @@ inline cache_rules documented_cache_rules(std::string_view provider) noexcept {
   return {};
 }
 
+// The value of OpenTelemetry's gen_ai.provider.name for a provider weir knows by this name (a
+// well-known value of the GenAI semantic conventions: "gemini" is "gcp.gemini", "mistral"
+// "mistral_ai"), else the name itself.
+inline std::string_view well_known_gen_ai_provider(std::string_view name) noexcept {
+  constexpr std::pair<std::string_view, std::string_view> aliases[] = {
+      {"gemini", "gcp.gemini"},
+      {"google", "gcp.gen_ai"},
+      {"vertex", "gcp.vertex_ai"},
+      {"vertex_ai", "gcp.vertex_ai"},
+      {"bedrock", "aws.bedrock"},
+      {"azure_openai", "azure.ai.openai"},
+      {"azure-openai", "azure.ai.openai"},
+      {"mistral", "mistral_ai"},
+      {"xai", "x_ai"},
+      {"grok", "x_ai"},
+      {"watsonx", "ibm.watsonx.ai"},
+      {"moonshot", "moonshot_ai"}};
+  for (const auto& [alias, value] : aliases)
+    if (name == alias) return value;
+  return name;
+}
+
 // What a refusal that says the quota is exhausted cools down.
 enum class cooldown_scope {
   model,     // the model (deployment) it came from: limits are per model (OpenAI, Anthropic)
@@ -111,9 +133,14 @@ struct provider_spec {
   weir::routing::cooldown_scope cooldown_scope = cooldown_scope::model;
   // Its prompt cache; nullopt: documented_cache_rules(name).
   std::optional<cache_rules> cache{};
+  // gen_ai.provider.name in the GenAI metrics; empty: well_known_gen_ai_provider(name).
+  std::string gen_ai_name{};
 
   weir::routing::cache_rules cache_or_documented() const noexcept {
     return cache ? *cache : documented_cache_rules(name);
+  }
+  std::string_view gen_ai_name_or_well_known() const noexcept {
+    return gen_ai_name.empty() ? well_known_gen_ai_provider(name) : std::string_view(gen_ai_name);
   }
 };
 

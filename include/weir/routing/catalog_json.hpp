@@ -3,6 +3,7 @@
 //     {
 //       "providers": [
 //         {"name": "openai", "default_cooldown_seconds": 2, "cooldown_scope": "model",
+//          "gen_ai_name": "openai",
 //          "breaker": {"consecutive_failures": 5, "break_seconds": 30},
 //          "cache": {"read_factor": 0.5, "write_factor": 1, "reads_count_toward_limits": true,
 //                    "ttl_seconds": 300}}
@@ -288,6 +289,7 @@ inline provider_spec read_provider(const node& n, const std::string& path) {
   reader r(n, path);
   provider_spec p;
   p.name = r.string("name", true);
+  p.gen_ai_name = r.string("gen_ai_name", false);
   if (auto s = r.number("default_cooldown_seconds", false, max_seconds))
     p.default_cooldown = seconds(*s);
   if (const auto scope = r.string("cooldown_scope", false); scope == "provider")

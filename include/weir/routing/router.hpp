@@ -662,7 +662,7 @@ class router {
 
   static lesson learn(state& s, std::size_t i, const ticket_type& ticket,
                       const outcome<Response>& result, time_point started, time_point finished,
-                      route_progress& route) {
+                      const constraints& c, route_progress& route) {
     auto& m = *s.models[i];
     const auto latency = std::chrono::duration_cast<nanos>(finished - started);
     lesson l{.judged = s.options.classifier(result), .used = std::nullopt};
@@ -690,7 +690,47 @@ class router {
     }
     l.tokens = settle_answer(s, i, ticket, answered, l.judged.kind, l.used, route.estimate, started,
                              finished);
+    if (s.options.watch && (answered || result.cancelled())) {
+      auto ended = call_ended(s, i, c.operation, c.gen_ai_operation, latency);
+      ended.error_type = error_type_of(result, l.judged.kind);
+      std::string response_model;
+      if (s.options.response_model_of && result.has_value())
+        response_model = s.options.response_model_of(result.value());
+      ended.response_model = response_model;
+      if (l.used) {
+        ended.input_tokens = l.used->input_tokens;
+        ended.output_tokens = l.used->output_tokens;
+        ended.cache_read_tokens = l.used->cache_read_tokens;
+        ended.cache_creation_tokens = l.used->cache_write_tokens;
+      }
+      s.emit(ended);
+    }
     return l;
+  }
+
+  // The event of a call to model i that ended, but for its outcome's fields.
+  static model_call_ended call_ended(const state& s, std::size_t i, std::string_view operation,
+                                     std::string_view gen_ai_operation, nanos duration) {
+    const auto& m = *s.models[i];
+    return {.operation = operation,
+            .provider = m.spec->provider,
+            .model = m.spec->id,
+            .gen_ai_provider = s.providers[m.provider]->spec->gen_ai_name_or_well_known(),
+            .gen_ai_operation = gen_ai_operation,
+            .duration = duration};
+  }
+
+  // error.type of a call that failed (empty for a success): docs/metrics.md lists the values.
+  static std::string_view error_type_of(const outcome<Response>& result, verdict kind) {
+    if (kind == verdict::success) return {};
+    if (result.cancelled()) return "cancelled";
+    if (result.code() == error::timeout) return "timeout";
+    switch (kind) {
+      case verdict::rate_limited: return "rate_limited";
+      case verdict::exhausted: return "exhausted";
+      case verdict::retryable: return "retryable";
+      default: return "fatal";
+    }
   }
 
   // What the end of an answer teaches: the breaker (its ticket), the usage window, and the
@@ -729,11 +769,14 @@ class router {
     usage estimate;
     std::uint64_t input_tokens = 0, output_tokens = 0;  // the request's estimate
     std::string operation;
+    std::string gen_ai_operation;
+    std::string response_model;
     time_point started;
 
     stream_settlement(std::shared_ptr<state> st, std::size_t i, ticket_type t,
                       std::vector<typename spend_budget<Clock>::reservation> held,
-                      const route_progress& route, const constraints& c, time_point at)
+                      const route_progress& route, const constraints& c, std::string answered_by,
+                      time_point at)
         : s(std::move(st)),
           model(i),
           ticket(t),
@@ -742,6 +785,8 @@ class router {
           input_tokens(c.input_tokens),
           output_tokens(c.output_tokens),
           operation(c.operation),
+          gen_ai_operation(c.gen_ai_operation),
+          response_model(std::move(answered_by)),
           started(at) {}
 
     // g++ 12 at -O1 warns that the call context's empty optionals may be read uninitialized
@@ -765,13 +810,29 @@ class router {
                              .output_tokens = *call.actual_output_tokens,
                              .cache_read_tokens = call.actual_cache_read_tokens.value_or(0),
                              .cache_write_tokens = call.actual_cache_write_tokens.value_or(0)};
+        const auto ended_at = Clock::now();
         const auto tokens =
-            settle_answer(*s, model, ticket, true, kind, used, estimate, started, Clock::now());
+            settle_answer(*s, model, ticket, true, kind, used, estimate, started, ended_at);
         const auto& spec = *s->models[model]->spec;
         const double cost = used ? spec.cost(*used) : spec.cost(input_tokens, output_tokens);
         for (auto& r : charges) r.settle(cost);
         s->emit(stream_ended{operation, how, tally.chunks, tokens, tally.source(),
                              time_to_first_token});
+        if (s->options.watch) {
+          auto ended = call_ended(*s, model, operation, gen_ai_operation,
+                                  std::chrono::duration_cast<nanos>(ended_at - started));
+          if (how == stream_end::broken) ended.error_type = "stream_broken";
+          ended.response_model = response_model;
+          ended.time_to_first_chunk = time_to_first_token;
+          // What the stream told, never the estimate.
+          ended.input_tokens = tally.reported_input_tokens;
+          ended.output_tokens = tally.reported_output_tokens;
+          if (!ended.output_tokens && tally.counted_output_tokens > 0)
+            ended.output_tokens = tally.counted_output_tokens;
+          ended.cache_read_tokens = tally.reported_cache_read_tokens.value_or(0);
+          ended.cache_creation_tokens = tally.reported_cache_write_tokens.value_or(0);
+          s->emit(ended);
+        }
       } catch (...) {  // an observer threw: the stream's end must not
       }
     }
@@ -968,7 +1029,7 @@ class router {
       auto result = co_await send_until(c.deadline, *s->providers[s->models[i]->provider], spec,
                                         std::as_const(request));
       const auto finished = Clock::now();
-      const auto l = learn(*s, i, *ticket, result, started, finished, route);
+      const auto l = learn(*s, i, *ticket, result, started, finished, c, route);
       if (l.judged.is_success() && !c.session.empty()) {
         // The provider now holds this prompt: the prefix the session's next request resends.
         const auto prefix = l.used ? l.used->input_tokens : c.input_tokens;
@@ -978,8 +1039,10 @@ class router {
       if constexpr (streamed) {
         if (l.judged.is_success()) {
           Response stream = std::move(result).get();
-          stream.on_end(std::make_unique<stream_settlement>(s, i, *ticket, std::move(*charges),
-                                                            route, c, started));
+          auto answered_by =
+              s->options.response_model_of ? s->options.response_model_of(stream) : std::string();
+          stream.on_end(std::make_unique<stream_settlement>(
+              s, i, *ticket, std::move(*charges), route, c, std::move(answered_by), started));
           route.record.provider = spec.provider;
           route.record.model = spec.id;
           route.record.settled_tokens = l.tokens;  // the estimate: the stream's report has the rest

@@ -46,6 +46,9 @@ struct basic_route_constraints {
   // may have cached: the router remembers where each session went, for cache_affinity. Empty:
   // none. Never put a secret here.
   std::string_view session{};
+  // gen_ai.operation.name in the GenAI metrics: a well-known value of the conventions ("chat",
+  // "text_completion", "embeddings", "generate_content") where one applies.
+  std::string_view gen_ai_operation = "chat";
 };
 using route_constraints = basic_route_constraints<>;
 
@@ -93,6 +96,10 @@ struct basic_router_options {
   observer watch{};  // router and breaker events; empty: none built
   // The tokens a response reports; without it the estimates are kept.
   std::function<std::optional<token_usage>(const Response&)> usage_of{};
+  // The model a response says answered (gen_ai.response.model in the GenAI metrics:
+  // "gpt-4o-2024-08-06" for "gpt-4o"); for a stream, read when it is returned. Empty, or an empty
+  // answer: not known.
+  std::function<std::string(const Response&)> response_model_of{};
   // Whether a fatal outcome means "the request does not fit this model's context": such a
   // request is retried on a model with a larger context window instead of failing.
   std::function<bool(const outcome<Response>&)> context_exceeded{};
