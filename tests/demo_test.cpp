@@ -2,12 +2,15 @@
 // (short) time, as weir-demo runs it.
 #include "demo/workload.hpp"
 
+#include <weir/metrics.hpp>
 #include <weir/retry.hpp>
 #include <weir/testing/hostile_server.hpp>
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <future>
+#include <sstream>
 #include <thread>
 
 namespace {
@@ -33,12 +36,14 @@ std::vector<demo::provider_setup> tight_fleet() {
 
 template <class Run>
 demo::run_report run(std::vector<demo::provider_setup> fleet, const std::vector<demo::job>& jobs,
-                     demo::mock_fleet*& servers_out, std::unique_ptr<demo::mock_fleet>& holder) {
+                     demo::mock_fleet*& servers_out, std::unique_ptr<demo::mock_fleet>& holder,
+                     weir::observer watch = {}) {
   holder = std::make_unique<demo::mock_fleet>(fleet, 11);
   servers_out = holder.get();
   demo::asio::io_context io(1);
   demo::progress live;
-  Run r(io, fleet, {.concurrency = 16, .naive_backoff = std::chrono::milliseconds(100)}, live);
+  Run r(io, fleet,
+        {.concurrency = 16, .naive_backoff = std::chrono::milliseconds(100), .watch = watch}, live);
   std::promise<void> finished;
   r.start(jobs, [&] { finished.set_value(); });
   io.run();
@@ -52,7 +57,58 @@ std::uint64_t served(const demo::mock_fleet& servers, unsigned status) {
   return n;
 }
 
+// The sum of the samples of `family` whose labels contain every one of `labels`.
+double sum_of(const std::string& page, const std::string& family,
+              std::initializer_list<std::string_view> labels) {
+  double sum = 0;
+  std::istringstream in(page);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(family + "{", 0) != 0) continue;
+    const auto space = line.rfind(' ');
+    const auto sample = std::string_view(line).substr(0, space);
+    if (std::all_of(labels.begin(), labels.end(),
+                    [&](std::string_view l) { return sample.find(l) != std::string_view::npos; }))
+      sum += std::stod(line.substr(space + 1));
+  }
+  return sum;
+}
+
 }  // namespace
+
+TEST_CASE(
+    "the demo's GenAI metrics: token usage by provider and type is what the mock servers "
+    "counted, every 429 a call with error_type rate_limited, every stream a first chunk",
+    "[gen_ai]") {
+  auto jobs = demo::make_workload(40, 5);
+  for (auto& j : jobs) j.prompt.resize(std::min<std::size_t>(j.prompt.size(), 2'000));
+  demo::mock_fleet* servers = nullptr;
+  std::unique_ptr<demo::mock_fleet> holder;
+  weir::metrics counted("weir-demo");
+  const auto weir = run<demo::weir_run>(tight_fleet(), jobs, servers, holder, counted.observer());
+  REQUIRE(weir.completed == jobs.size());
+  std::string page;
+  weir::write_prometheus(page, {&counted});
+
+  for (const char* name : {"openai", "anthropic"}) {
+    const auto provider = fmt::format("gen_ai_provider_name=\"{}\"", name);
+    const auto& counted_by_server = servers->find(name)->stats();
+    INFO(name);
+    CHECK(sum_of(page, "gen_ai_client_token_usage_sum",
+                 {provider, R"(gen_ai_token_type="input")"}) == counted_by_server.input_tokens);
+    CHECK(sum_of(page, "gen_ai_client_token_usage_sum",
+                 {provider, R"(gen_ai_token_type="output")"}) == counted_by_server.output_tokens);
+    CHECK(sum_of(page, "weir_gen_ai_cached_input_tokens_total",
+                 {provider, R"(gen_ai_token_cache="read")"}) ==
+          counted_by_server.cache_read_tokens);
+    CHECK(sum_of(page, "gen_ai_client_operation_duration_seconds_count",
+                 {provider, R"(error_type="rate_limited")"}) == counted_by_server.status(429));
+    CHECK(sum_of(page, "gen_ai_client_operation_time_to_first_chunk_seconds_count", {provider}) ==
+          counted_by_server.streams);
+    CHECK(sum_of(page, "gen_ai_client_operation_duration_seconds_count", {provider}) ==
+          counted_by_server.requests);  // every call the server saw, once
+  }
+}
 
 TEST_CASE("the demo workload: every request accounted for, weir far below naive on 429s") {
   auto jobs = demo::make_workload(80, 3);
