@@ -4,7 +4,9 @@
 #include "support/common.hpp"
 #include "support/pipeline.hpp"
 
+#include <weir/http/usage.hpp>
 #include <weir/metrics.hpp>
+#include <weir/routing/catalog_json.hpp>
 #include <weir/routing/router.hpp>
 #include <weir/testing/fake_provider.hpp>
 
@@ -296,4 +298,28 @@ TEST_CASE("GenAI series recorded from four threads at once lose no call",
   }
   CHECK(calls == 4 * per_thread);
   CHECK(input == 10.0 * 4 * per_thread);
+}
+
+TEST_CASE(
+    "gen_ai.provider.name is the conventions' well-known value, or the catalog's own; "
+    "gen_ai.response.model is what the answer names",
+    "[gen_ai]") {
+  using weir::routing::well_known_gen_ai_provider;
+  CHECK(well_known_gen_ai_provider("openai") == "openai");
+  CHECK(well_known_gen_ai_provider("anthropic") == "anthropic");
+  CHECK(well_known_gen_ai_provider("gemini") == "gcp.gemini");
+  CHECK(well_known_gen_ai_provider("mistral") == "mistral_ai");
+  CHECK(well_known_gen_ai_provider("vllm") == "vllm");  // none applies: the name itself
+  const auto c = weir::routing::load_catalog(R"({
+    "providers": [{"name": "eu", "gen_ai_name": "azure.ai.openai"}],
+    "models": [{"provider": "eu", "id": "gpt-4o", "capability": 8},
+               {"provider": "groq", "id": "llama-8b", "capability": 5}]})");
+  CHECK(c.providers()[0].gen_ai_name_or_well_known() == "azure.ai.openai");
+  CHECK(c.providers()[1].gen_ai_name_or_well_known() == "groq");
+  CHECK(weir::http::reported_model(
+            R"({"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-2024-08-06"})") ==
+        "gpt-4o-2024-08-06");
+  CHECK(weir::http::reported_model(R"({"choices":[]})").empty());
+  CHECK(weir::http::reported_model(fmt::format(R"({{"model":"{}"}})", std::string(500, 'x')))
+            .empty());
 }
