@@ -584,6 +584,28 @@ TEST_CASE("under a known limit, random refusals unrelated to the rate cost at mo
   CHECK(halved.refused <= 0.2 * (halved.served + halved.refused));
 }
 
+TEST_CASE("under a slow known limit, the pace comes back within seconds once refusals stop",
+          "[http][adaptation]") {
+  // Before: each success closed a twentieth of the gap, so a limit of 2/s took 20 s to come
+  // back from one decrease (issue 30: "a restored limit is followed within 10 s").
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(2), 1}});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  const double hold = 2 * 0.97;
+  auto sent = clock_type::now();
+  clock_type::advance(100ms);
+  adapt.observe({weir::verdict::rate_limited, {}}, sent, clock_type::now());
+  REQUIRE(adapt.state().rate.per_second == Approx(hold * 0.8));
+  for (int i = 0; i < 16; ++i) {  // eight seconds of successes at about the paced rate
+    clock_type::advance(400ms);
+    sent = clock_type::now();
+    clock_type::advance(100ms);
+    adapt.observe({weir::verdict::success, {}}, sent, clock_type::now());
+  }
+  CHECK(adapt.state().rate.per_second >= 0.95 * hold);
+}
+
 TEST_CASE("a reported limit that rises is followed; a whole-second reset infers no window",
           "[http][adaptation]") {
   asio::io_context io;

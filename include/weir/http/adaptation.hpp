@@ -330,13 +330,18 @@ class adaptation_core {
     return noise_ > 0 && recent_refusals() <= noise_ + std::max(0.05, noise_);
   }
 
+  // A share of refusals that no flaky gateway shows, and congestion often does: a strict limit
+  // (nginx's, no burst) refuses every other request of any pace between it and twice it, so
+  // a decrease that stays above it leaves the share at a half.
+  static constexpr double congestion_share = 0.4;
+
   void judge(double share_after, time_point now) {
     verdict_.pending = false;
     const double success_before = 1 - verdict_.refusals_before;
     const double success_after = 1 - share_after;
-    const bool followed_the_rate = share_after >= 0.5 || verdict_.refusals_before >= 0.5 ||
-                                   success_after > success_before * 1.08 + 0.01 ||
-                                   2 * verdict_.spent >= verdict_.refusals;
+    const bool followed_the_rate =
+        share_after >= congestion_share || verdict_.refusals_before >= congestion_share ||
+        success_after > success_before * 1.08 + 0.01 || 2 * verdict_.spent >= verdict_.refusals;
     if (followed_the_rate) {
       noise_ = std::min(noise_, share_after);  // what is left after a decrease bounds the noise
       return;
@@ -455,7 +460,15 @@ class adaptation_core {
     probe(now);
     const double target = hold();
     if (rate_ < target) {
-      rate_ += (target - rate_) * options_.recovery;
+      // Under a known limit, when the last eight answers were successes, at least half the gap
+      // closes each second: a slow limit gets few successes, and at a twentieth of the gap
+      // each, one at 2/s would take 20 s to come back. Refusals still coming (a limit that
+      // fell) keep the slow pace, or the rate would be back where it was refused at once.
+      const bool refusals_stopped = (answer_bits_ & 0xffu) == 0;
+      const double recovery = known_ && refusals_stopped
+                                  ? std::max(options_.recovery, 1 - std::exp2(-1 / rate_))
+                                  : options_.recovery;
+      rate_ += (target - rate_) * recovery;
       if (target - rate_ < target * 1e-3) rate_ = target;
       apply(now);
     }
