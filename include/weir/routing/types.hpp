@@ -3,6 +3,7 @@
 #pragma once
 
 #include <weir/backoff.hpp>
+#include <weir/call_context.hpp>
 #include <weir/events.hpp>
 #include <weir/http/adaptation.hpp>
 #include <weir/outcome.hpp>
@@ -11,7 +12,6 @@
 #include <weir/routing/fleet.hpp>
 #include <weir/routing/strategy.hpp>
 #include <weir/spend_budget.hpp>
-#include <weir/stage.hpp>
 
 #include <chrono>
 #include <cstdint>
