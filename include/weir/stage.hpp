@@ -39,6 +39,11 @@
 //   std::string_view name() const          who held the call (throttled) or refused it
 //                                          (rejected), in the pipeline's events; weir's stages
 //                                          give their options' `name`
+//
+// A policy with no stage is a decorator: the pipeline calls it as `policy(op)`, `op` running the
+// stages after it. One that also takes the call, `policy(const stage_context<Clock>&, op)`, is
+// called so instead: it sees the call's context and the pipeline's observer, where its events
+// go (weir::hedging and weir::fallback do).
 #pragma once
 
 #include <weir/call_context.hpp>

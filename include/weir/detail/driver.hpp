@@ -75,6 +75,11 @@ template <class S>
 concept abandons = requires(S& s, typename S::slot& slot) {
   s.abandon(slot);
 };
+// A decorator that takes the call (its context and the pipeline's observer) as well.
+template <class P, class Clock, class Op>
+concept decorates_call = requires(const P& p, const stage_context<Clock>& env, Op op) {
+  p(env, std::move(op));
+};
 
 inline std::optional<rejection> rejection_of(const error_code& ec) {
   if (ec == error::queue_full) return rejection::queue_full;
@@ -367,11 +372,16 @@ struct driver {
 
   // What is inside the stages [Begin, End): the call, or the next decorator around the rest.
   template <class T, std::size_t End, class Operation>
-  static auto inside(shared* s, const context_type& ctx, Operation& op, unsigned attempt) {
+  static auto inside(shared* s, const stage_context<Clock>& env, Operation& op) {
     if constexpr (End < stage_count) {
       auto& decorator = std::get<End>(s->stages).policy;
-      return decorator(
-          [s, &ctx, &op, attempt] { return run<T, End + 1>(s, &ctx, std::ref(op), attempt); });
+      auto rest = [s, &ctx = env.call, &op, attempt = env.attempt] {
+        return run<T, End + 1>(s, &ctx, std::ref(op), attempt);
+      };
+      if constexpr (decorates_call<std::decay_t<decltype(decorator)>, Clock, decltype(rest)>)
+        return decorator(env, std::move(rest));
+      else
+        return decorator(std::move(rest));
     } else {
       return op();
     }
@@ -382,7 +392,7 @@ struct driver {
   static boost::asio::awaitable<outcome<T>> run_bounded(shared* s, slots_type& slots,
                                                         stage_context<Clock>& env, bound limit,
                                                         Operation& op) {
-    auto call = [&] { return inside<T, End>(s, env.call, op, env.attempt); };
+    auto call = [&] { return inside<T, End>(s, env, op); };
     auto bounded = co_await detail::run_until<Clock, T>(limit.at, call);
     if (!bounded.deadline_passed) co_return std::move(bounded.result);
     co_return outcome<T>::from_exception(
@@ -440,11 +450,11 @@ struct driver {
         if (const auto limit = limit_of<Begin, End>(s, slots, env, End)) {
           result.emplace(co_await run_bounded<T, Begin, End>(s, slots, env, *limit, op));
         } else if constexpr (std::is_void_v<T>) {
-          co_await inside<T, End>(s, ctx, op, env.attempt);
+          co_await inside<T, End>(s, env, op);
           result.emplace(outcome<T>::from_value({}));
         } else if constexpr (plain_values && !detail::settles_at_stream_end<T> &&
                              !carries_judgement<T>) {
-          auto value = co_await inside<T, End>(s, ctx, op, env.attempt);
+          auto value = co_await inside<T, End>(s, env, op);
           if (!watch) {  // the common case: straight back, no outcome built
             env.judged = verdict::success;
             exit_plain_success<Begin, End>(s, slots, env);
@@ -453,7 +463,7 @@ struct driver {
           }
           result.emplace(outcome<T>::from_value(std::move(value)));
         } else {
-          result.emplace(outcome<T>::from_value(co_await inside<T, End>(s, ctx, op, env.attempt)));
+          result.emplace(outcome<T>::from_value(co_await inside<T, End>(s, env, op)));
         }
         if (watch) report(s, env, *result, started);
       } catch (...) {

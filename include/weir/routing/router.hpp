@@ -27,6 +27,7 @@
 #include <weir/routing/selection.hpp>
 #include <weir/routing/strategy.hpp>
 #include <weir/routing/types.hpp>
+#include <weir/stage.hpp>
 #include <weir/usage_monitor.hpp>
 
 #include <fmt/format.h>
@@ -117,7 +118,8 @@ class router {
   // has chosen so far, within `max_hedge_cost` (USD at the estimates) when given. The first
   // answer wins; the others are cancelled and waited for, their reservations returned. The
   // route record lists the attempts of every route, the losers' included (a cancelled one as
-  // fatal), in the order they ended.
+  // fatal), in the order they ended. The hedge's events go to the router's observer, when it
+  // has one.
   boost::asio::awaitable<routed<Response>> route_hedged(Request request, constraints c,
                                                         weir::hedging<Clock> hedge,
                                                         std::optional<double> max_hedge_cost = {}) {
@@ -132,7 +134,9 @@ class router {
       }
       return run(s, request, std::move(mine), race);
     };
-    auto hedged = hedge(std::move(attempt));
+    const basic_call_context<Clock> call{.operation = c.operation};
+    const observer* watch = state_->options.watch ? &state_->options.watch : nullptr;
+    auto hedged = hedge(stage_context<Clock>{call, watch}, std::move(attempt));
     auto answer = co_await std::move(hedged);
     answer.route.steps = race->steps();
     answer.route.attempts = static_cast<unsigned>(answer.route.steps.size());
