@@ -5,6 +5,7 @@
 #include <weir/adaptive_concurrency.hpp>
 #include <weir/alerts.hpp>
 #include <weir/backoff.hpp>
+#include <weir/call_context.hpp>
 #include <weir/circuit_breaker.hpp>
 #include <weir/error.hpp>
 #include <weir/events.hpp>

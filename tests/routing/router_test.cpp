@@ -756,6 +756,33 @@ TEST_CASE(
   }
 }
 
+TEST_CASE("a hedged route's hedge_started goes to the router's observer, named for the request",
+          "[routing][router][hedging]") {
+  asio::io_context io;
+  auto options = unpaced();
+  std::vector<std::string> hedges;
+  options.watch = [&](const weir::event& e) {
+    if (std::holds_alternative<weir::hedge_started>(e)) hedges.push_back(fmt::format("{}", e));
+  };
+  router_type r(io.get_executor(), two_models(), std::move(options));
+  provider a, b;
+  a.latency = 5s;
+  b.latency = 100ms;
+  r.connect("a", a.call<prompt>());
+  r.connect("b", b.call<prompt>());
+  std::vector<std::string> own;
+  weir::hedging<clock_type> hedge(
+      {.delay = 1s, .watch = [&](const weir::event& e) { own.push_back(fmt::format("{}", e)); }});
+  weir::testing::finished<weir::routing::routed<fake_response>> call;
+  call.start(
+      io, r.route_hedged(prompt{"hi"},
+                         {.input_tokens = 100, .output_tokens = 50, .operation = "chat"}, hedge));
+  advance<clock_type>(io, 2s);
+  REQUIRE(call.value);
+  CHECK(hedges == std::vector<std::string>{"chat: hedge 1 after 1000.0 ms by hedging"});
+  CHECK(own.empty());
+}
+
 TEST_CASE(
     "hedged routes cut the p99 of a provider with a slow tail to the hedge's delay plus the "
     "next model's latency (virtual time)",

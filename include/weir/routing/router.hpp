@@ -27,6 +27,7 @@
 #include <weir/routing/selection.hpp>
 #include <weir/routing/strategy.hpp>
 #include <weir/routing/types.hpp>
+#include <weir/stage.hpp>
 #include <weir/usage_monitor.hpp>
 
 #include <fmt/format.h>
@@ -117,7 +118,8 @@ class router {
   // has chosen so far, within `max_hedge_cost` (USD at the estimates) when given. The first
   // answer wins; the others are cancelled and waited for, their reservations returned. The
   // route record lists the attempts of every route, the losers' included (a cancelled one as
-  // fatal), in the order they ended.
+  // fatal), in the order they ended. The hedge's events go to the router's observer, when it
+  // has one.
   boost::asio::awaitable<routed<Response>> route_hedged(Request request, constraints c,
                                                         weir::hedging<Clock> hedge,
                                                         std::optional<double> max_hedge_cost = {}) {
@@ -132,7 +134,9 @@ class router {
       }
       return run(s, request, std::move(mine), race);
     };
-    auto hedged = hedge(std::move(attempt));
+    const basic_call_context<Clock> call{.operation = c.operation};
+    const observer* watch = state_->options.watch ? &state_->options.watch : nullptr;
+    auto hedged = hedge(stage_context<Clock>{call, watch}, std::move(attempt));
     auto answer = co_await std::move(hedged);
     answer.route.steps = race->steps();
     answer.route.attempts = static_cast<unsigned>(answer.route.steps.size());
@@ -337,14 +341,13 @@ class router {
     // Provider `index`'s breaker opened (or was isolated): the fleet stays away for the break.
     // Posted: the breaker calls this under its own lock, and its time left needs that lock.
     void share_break(std::size_t index) {
-      if (!options.shared_state) return;
+      if (!options.fleet) return;
       boost::asio::post(executor, [weak = this->weak_from_this(), index] {
         const auto self = weak.lock();
         if (!self) return;
         const auto& p = *self->providers[index];
         const auto left = std::min(p.breaker.time_until_admit(), longest_shared);
-        if (left > nanos::zero())
-          self->options.shared_state->publish_cooldown(p.spec->name, {}, left);
+        if (left > nanos::zero()) self->options.fleet->publish_cooldown(p.spec->name, {}, left);
       });
     }
 
@@ -671,10 +674,10 @@ class router {
     const bool answered = result.reached_provider();
     if (m.adapt && answered) {
       m.adapt->observe(l.judged, started, finished);
-      if (s.options.shared_state)
+      if (s.options.fleet)
         if (const auto known = m.adapt->state().known;
             known && m.shared_limit.exchange(known->per_second) != known->per_second)
-          s.options.shared_state->publish_limit(m.spec->provider, m.spec->id, known->per_second);
+          s.options.fleet->publish_limit(m.spec->provider, m.spec->id, known->per_second);
     }
     // A stream's latency is its time to first token.
     route.record.steps.push_back({m.spec->provider, m.spec->id, l.judged.kind, latency});
@@ -875,10 +878,10 @@ class router {
           const bool whole_provider = p.spec->cooldown_scope == cooldown_scope::provider;
           (whole_provider ? p.cooldown : m.cooldown)
               .extend_to(finished + std::chrono::duration_cast<typename Clock::duration>(*cool));
-          if (s.options.shared_state)
-            s.options.shared_state->publish_cooldown(spec.provider,
-                                                     whole_provider ? std::string_view{} : spec.id,
-                                                     std::min<nanos>(*cool, state::longest_shared));
+          if (s.options.fleet)
+            s.options.fleet->publish_cooldown(spec.provider,
+                                              whole_provider ? std::string_view{} : spec.id,
+                                              std::min<nanos>(*cool, state::longest_shared));
           s.emit(provider_cooling{c.operation, spec.provider, *cool,
                                   whole_provider ? std::string_view{} : spec.id});
         } else {
@@ -941,7 +944,7 @@ class router {
   // Before a selection: what the fleet knows joins what this router knows (one round trip).
   static boost::asio::awaitable<void> hear_from_fleet(std::shared_ptr<state> s,
                                                       const constraints& c) {
-    auto news = co_await s->options.shared_state->read();
+    auto news = co_await s->options.fleet->read();
     const bool reachable = news.has_value();
     if (s->fleet_reachable.exchange(reachable) != reachable)
       s->emit(fleet_connection{c.operation, reachable});
@@ -974,7 +977,7 @@ class router {
     if (s->options.fallback_budget) s->options.fallback_budget->deposit();
 
     for (;;) {
-      if (s->options.shared_state) co_await hear_from_fleet(s, c);
+      if (s->options.fleet) co_await hear_from_fleet(s, c);
       const auto now = Clock::now();
       if (c.deadline && now >= *c.deadline) {
         // Nothing is sent past the deadline; with nothing sent at all, it is a local refusal.

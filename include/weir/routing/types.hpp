@@ -3,6 +3,7 @@
 #pragma once
 
 #include <weir/backoff.hpp>
+#include <weir/call_context.hpp>
 #include <weir/events.hpp>
 #include <weir/http/adaptation.hpp>
 #include <weir/outcome.hpp>
@@ -11,7 +12,6 @@
 #include <weir/routing/fleet.hpp>
 #include <weir/routing/strategy.hpp>
 #include <weir/spend_budget.hpp>
-#include <weir/stage.hpp>
 
 #include <chrono>
 #include <cstdint>
@@ -118,7 +118,7 @@ struct basic_router_options {
   // Shares cooldowns, breaker openings and learned limits with the other routers of a fleet,
   // and reads theirs before each selection (one round trip). Unreachable, the router goes on
   // with its own state and says so (fleet_connection events). Empty: this process alone.
-  std::shared_ptr<fleet> shared_state{};
+  std::shared_ptr<routing::fleet> fleet{};
   // Spend budgets every route is charged to, each keyed by the route's tenant, the model's
   // provider or nothing, as its scope says. A model whose estimated cost would pass one is
   // skipped for one that fits (the strategy still orders those); when none fits, the route fails
