@@ -37,6 +37,7 @@
 #include <weir/events.hpp>
 #include <weir/outcome.hpp>
 #include <weir/stage.hpp>
+#include <weir/trace.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>
@@ -134,6 +135,19 @@ inline std::exception_ptr as_local_refusal(std::exception_ptr failure) {
   }
 }
 
+// Calls the operation, with the attempt's trace context when it takes one: op(const
+// trace_context&), or op().
+template <class Operation>
+auto call_operation(Operation& op, const trace_context& attempt) {
+  if constexpr (std::is_invocable_v<Operation&, const trace_context&>)
+    return op(attempt);
+  else
+    return op();
+}
+template <class Operation>
+using operation_value_t = awaitable_value_t<decltype(call_operation(
+    std::declval<Operation&>(), std::declval<const trace_context&>()))>;
+
 template <class P, class = void>
 struct clock_of {
   using type = void;
@@ -173,7 +187,7 @@ struct driver {
 
   template <class Operation>
   static auto run_alone(Stages... stages, Operation op) {
-    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
+    using value = operation_value_t<Operation>;
     return run<value, 0>(shared(Classifier{}, std::move(stages)...), nullptr, std::move(op), 1);
   }
 
@@ -419,15 +433,17 @@ struct driver {
     co_return nullptr;
   }
 
-  // What is inside the stages [Begin, End): the call, or the next decorator around the rest.
+  // What is inside the stages [Begin, End): the call (given its attempt's trace context, if it
+  // takes one), or the next decorator around the rest.
   template <class T, std::size_t End, class Operation>
-  static auto inside(shared* s, const context_type& ctx, Operation& op, unsigned attempt) {
+  static auto inside(shared* s, const stage_context<Clock>& env, Operation& op) {
     if constexpr (End < stage_count) {
       auto& decorator = std::get<End>(s->stages).policy;
-      return decorator(
-          [s, &ctx, &op, attempt] { return run<T, End + 1>(s, &ctx, std::ref(op), attempt); });
+      return decorator([s, &ctx = env.call, &op, attempt = env.attempt] {
+        return run<T, End + 1>(s, &ctx, std::ref(op), attempt);
+      });
     } else {
-      return op();
+      return call_operation(op, env.trace ? env.call.trace.child(env.trace.span) : trace_context{});
     }
   }
 
@@ -436,7 +452,7 @@ struct driver {
   static boost::asio::awaitable<outcome<T>> run_bounded(shared* s, slots_type& slots,
                                                         stage_context<Clock>& env, bound limit,
                                                         Operation& op) {
-    auto call = [&] { return inside<T, End>(s, env.call, op, env.attempt); };
+    auto call = [&] { return inside<T, End>(s, env, op); };
     auto bounded = co_await detail::run_until<Clock, T>(limit.at, call);
     if (!bounded.deadline_passed) co_return std::move(bounded.result);
     co_return outcome<T>::from_exception(
@@ -457,6 +473,10 @@ struct driver {
     slots_type slots{};
     const observer* watch = s->watch;
     stage_context<Clock> env{ctx, watch, attempt};
+    // A traced call: each attempt that sends (its stages' inside is the call, not a decorator
+    // whose frames mint their own) is a new span of the caller's trace.
+    const bool traced = ctx.trace.valid();
+    if (traced) env.trace.trace = ctx.trace.trace_id;
 
     std::size_t next = Begin;   // the next stage to enter
     std::size_t depth = Begin;  // stages [Begin, depth) are entered
@@ -467,6 +487,8 @@ struct driver {
       depth = next;
       time_point started{};
       bool called = false;  // every stage admitted the call and it was made
+      if constexpr (End == stage_count)
+        if (traced) env.trace.span = new_span_id();
       if constexpr (any_reads_clock<Begin, End>) env.now = Clock::now();
       try {
         if (ctx.deadline && Clock::now() >= *ctx.deadline)
@@ -494,11 +516,11 @@ struct driver {
         if (const auto limit = limit_of<Begin, End>(s, slots, env, End)) {
           result.emplace(co_await run_bounded<T, Begin, End>(s, slots, env, *limit, op));
         } else if constexpr (std::is_void_v<T>) {
-          co_await inside<T, End>(s, ctx, op, env.attempt);
+          co_await inside<T, End>(s, env, op);
           result.emplace(outcome<T>::from_value({}));
         } else if constexpr (plain_values && !detail::settles_at_stream_end<T> &&
                              !carries_judgement<T>) {
-          auto value = co_await inside<T, End>(s, ctx, op, env.attempt);
+          auto value = co_await inside<T, End>(s, env, op);
           if (!watch) {  // the common case: straight back, no outcome built
             env.judged = verdict::success;
             exit_plain_success<Begin, End>(s, slots, env);
@@ -507,7 +529,7 @@ struct driver {
           }
           result.emplace(outcome<T>::from_value(std::move(value)));
         } else {
-          result.emplace(outcome<T>::from_value(co_await inside<T, End>(s, ctx, op, env.attempt)));
+          result.emplace(outcome<T>::from_value(co_await inside<T, End>(s, env, op)));
         }
         if (watch) report(s, env, *result, started);
       } catch (...) {
@@ -586,7 +608,8 @@ struct driver {
           call(env.call),
           watch(env.watch),
           attempt(env.attempt),
-          now(env.now) {}
+          now(env.now),
+          trace(env.trace) {}
 
     void settle(stream_end how, const std::exception_ptr& failure, const stream_tally& tally,
                 std::chrono::nanoseconds time_to_first_token) noexcept override {
@@ -595,6 +618,7 @@ struct driver {
         tally.settle_into(call);
         stage_context<Clock> env{call, watch, attempt, now};
         env.delivered = true;
+        env.trace = trace;
         std::optional<outcome<T>> result;
         if (how == stream_end::broken)
           result.emplace(outcome<T>::from_exception(failure));
@@ -616,6 +640,7 @@ struct driver {
     const observer* watch;
     unsigned attempt;
     time_point now;
+    trace_ids trace;
   };
 
   // Attempt events, when someone listens.
@@ -667,14 +692,14 @@ class basic_pipeline {
   // the pipeline's state, so the pipeline itself may be destroyed while it runs.
   template <class Operation>
   auto operator()(context_type& ctx, Operation op) const {
-    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
+    using value = detail::operation_value_t<Operation>;
     return driver::template run<value, 0>(shared_, &ctx, std::move(op), 1);
   }
 
   // The same with a default context; also what makes a pipeline usable as a policy (it nests).
   template <class Operation>
   auto operator()(Operation op) const {
-    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
+    using value = detail::operation_value_t<Operation>;
     return driver::template run<value, 0>(shared_, nullptr, std::move(op), 1);
   }
 

@@ -44,6 +44,7 @@
 #include <weir/error.hpp>
 #include <weir/events.hpp>
 #include <weir/outcome.hpp>
+#include <weir/trace.hpp>
 
 #include <boost/asio/awaitable.hpp>
 
@@ -121,6 +122,10 @@ struct basic_call_context {
   // Whose call this is (a tenant, user or API key's name): the key of keyed limits and budgets,
   // and the flow a fair request_queue shares its slots between. Never put a secret here.
   std::string_view tenant{};
+  // The caller's trace (trace.hpp): each attempt is a span of it, with a span id of its own that
+  // the operation may send (an operation callable as op(const trace_context&) is given the
+  // attempt's context) and that the call's events carry. The default: none, nothing is sent.
+  trace_context trace{};
 
   // What the call costs the limiters: the estimate.
   usage estimated_usage() const {
@@ -235,10 +240,17 @@ struct stage_context {
   // The call's value already went to the caller: a stream settling at its end (see stream.hpp).
   // Nothing can run it again, so no stage may ask to.
   bool delivered = false;
+  // The call's trace id and this attempt's span id (zero without a trace context): every event
+  // emitted here carries them.
+  trace_ids trace{};
 
   bool listening() const noexcept { return watch != nullptr; }
   void emit(const event& e) const {
-    if (watch) (*watch)(e);
+    if (!watch) return;
+    if (trace)
+      (*watch)(detail::with_trace(e, trace));
+    else
+      (*watch)(e);
   }
   // How long a wait may last before it would pass the call's deadline (nullopt: no deadline).
   std::optional<std::chrono::nanoseconds> max_wait(time_point at) const {

@@ -12,6 +12,7 @@
 #include <weir/routing/strategy.hpp>
 #include <weir/spend_budget.hpp>
 #include <weir/stage.hpp>
+#include <weir/trace.hpp>
 
 #include <chrono>
 #include <cstdint>
@@ -46,6 +47,10 @@ struct basic_route_constraints {
   // may have cached: the router remembers where each session went, for cache_affinity. Empty:
   // none. Never put a secret here.
   std::string_view session{};
+  // The caller's trace (weir/trace.hpp): each attempt is a new span of it, whose context a
+  // provider connected with a traced_provider_call sends, and whose ids the route's events
+  // carry. The default: none, nothing is sent.
+  trace_context trace{};
 };
 using route_constraints = basic_route_constraints<>;
 
