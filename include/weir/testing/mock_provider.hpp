@@ -313,8 +313,8 @@ class mock_provider {
       ++stats.requests;
       if (stats.traceparents.size() == mock_stats::traces_kept) stats.traceparents.pop_front();
       const auto traceparent = req.find("traceparent");
-      stats.traceparents.emplace_back(traceparent == req.end() ? std::string_view{}
-                                                               : traceparent->value());
+      stats.traceparents.emplace_back(traceparent == req.end() ? std::string()
+                                                               : std::string(traceparent->value()));
       const auto now = clock::now();
       const auto wall = std::chrono::system_clock::now();
       const auto since_start = now - started;
