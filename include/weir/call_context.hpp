@@ -7,6 +7,8 @@
 // Stages read it through their stage_context (stage.hpp); the router reads its constraints.
 #pragma once
 
+#include <weir/trace.hpp>
+
 #include <chrono>
 #include <cstdint>
 #include <optional>
@@ -76,6 +78,10 @@ struct basic_call_context {
   // Whose call this is (a tenant, user or API key's name): the key of keyed limits and budgets,
   // and the flow a fair request_queue shares its slots between. Never put a secret here.
   std::string_view tenant{};
+  // The caller's trace (trace.hpp): each attempt is a span of it, with a span id of its own that
+  // the operation may send (an operation callable as op(const trace_context&) is given the
+  // attempt's context) and that the call's events carry. The default: none, nothing is sent.
+  trace_context trace{};
 
   // What the call costs the limiters: the estimate.
   usage estimated_usage() const {

@@ -110,14 +110,14 @@ class basic_pipeline {
   // the pipeline's state, so the pipeline itself may be destroyed while it runs.
   template <class Operation>
   auto operator()(context_type& ctx, Operation op) const {
-    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
+    using value = detail::operation_value_t<Operation>;
     return driver::template run<value, 0>(shared_, &ctx, std::move(op), 1);
   }
 
   // The same with a default context; also what makes a pipeline usable as a policy (it nests).
   template <class Operation>
   auto operator()(Operation op) const {
-    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
+    using value = detail::operation_value_t<Operation>;
     return driver::template run<value, 0>(shared_, nullptr, std::move(op), 1);
   }
 

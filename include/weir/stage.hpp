@@ -50,6 +50,7 @@
 #include <weir/error.hpp>
 #include <weir/events.hpp>
 #include <weir/outcome.hpp>
+#include <weir/trace.hpp>
 
 #include <boost/asio/awaitable.hpp>
 
@@ -157,10 +158,17 @@ struct stage_context {
   // The call's value already went to the caller: a stream settling at its end (see stream.hpp).
   // Nothing can run it again, so no stage may ask to.
   bool delivered = false;
+  // The call's trace id and this attempt's span id (zero without a trace context): every event
+  // emitted here carries them.
+  trace_ids trace{};
 
   bool listening() const noexcept { return watch != nullptr; }
   void emit(const event& e) const {
-    if (watch) (*watch)(e);
+    if (!watch) return;
+    if (trace)
+      (*watch)(detail::with_trace(e, trace));
+    else
+      (*watch)(e);
   }
   // How long a wait may last before it would pass the call's deadline (nullopt: no deadline).
   std::optional<std::chrono::nanoseconds> max_wait(time_point at) const {

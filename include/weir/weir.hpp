@@ -25,4 +25,5 @@
 #include <weir/stream.hpp>
 #include <weir/timeout.hpp>
 #include <weir/token_bucket.hpp>
+#include <weir/trace.hpp>
 #include <weir/usage_monitor.hpp>

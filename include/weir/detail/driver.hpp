@@ -15,6 +15,7 @@
 #include <weir/events.hpp>
 #include <weir/outcome.hpp>
 #include <weir/stage.hpp>
+#include <weir/trace.hpp>
 
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/basic_waitable_timer.hpp>
@@ -103,6 +104,19 @@ inline std::exception_ptr as_local_refusal(std::exception_ptr failure) {
   }
 }
 
+// Calls the operation, with the attempt's trace context when it takes one: op(const
+// trace_context&), or op().
+template <class Operation>
+auto call_operation(Operation& op, const trace_context& attempt) {
+  if constexpr (std::is_invocable_v<Operation&, const trace_context&>)
+    return op(attempt);
+  else
+    return op();
+}
+template <class Operation>
+using operation_value_t = awaitable_value_t<decltype(call_operation(
+    std::declval<Operation&>(), std::declval<const trace_context&>()))>;
+
 // Runs calls through Stages, outermost first. A pipeline owns one `shared`; a policy used alone
 // hands its stage to run_alone, which keeps the `shared` in the call's own frame.
 template <class Clock, class Classifier, class... Stages>
@@ -124,7 +138,7 @@ struct driver {
 
   template <class Operation>
   static auto run_alone(Stages... stages, Operation op) {
-    using value = awaitable_value_t<std::invoke_result_t<Operation&>>;
+    using value = operation_value_t<Operation>;
     return run<value, 0>(shared(Classifier{}, std::move(stages)...), nullptr, std::move(op), 1);
   }
 
@@ -383,7 +397,7 @@ struct driver {
       else
         return decorator(std::move(rest));
     } else {
-      return op();
+      return call_operation(op, env.trace ? env.call.trace.child(env.trace.span) : trace_context{});
     }
   }
 
@@ -413,6 +427,10 @@ struct driver {
     slots_type slots{};
     const observer* watch = s->watch;
     stage_context<Clock> env{ctx, watch, attempt};
+    // A traced call: each attempt that sends (its stages' inside is the call, not a decorator
+    // whose frames mint their own) is a new span of the caller's trace.
+    const bool traced = ctx.trace.valid();
+    if (traced) env.trace.trace = ctx.trace.trace_id;
 
     std::size_t next = Begin;   // the next stage to enter
     std::size_t depth = Begin;  // stages [Begin, depth) are entered
@@ -423,6 +441,8 @@ struct driver {
       depth = next;
       time_point started{};
       bool called = false;  // every stage admitted the call and it was made
+      if constexpr (End == stage_count)
+        if (traced) env.trace.span = new_span_id();
       if constexpr (any_reads_clock<Begin, End>) env.now = Clock::now();
       try {
         if (ctx.deadline && Clock::now() >= *ctx.deadline)
@@ -542,7 +562,8 @@ struct driver {
           call(env.call),
           watch(env.watch),
           attempt(env.attempt),
-          now(env.now) {}
+          now(env.now),
+          trace(env.trace) {}
 
     void settle(stream_end how, const std::exception_ptr& failure, const stream_tally& tally,
                 std::chrono::nanoseconds time_to_first_token) noexcept override {
@@ -551,6 +572,7 @@ struct driver {
         tally.settle_into(call);
         stage_context<Clock> env{call, watch, attempt, now};
         env.delivered = true;
+        env.trace = trace;
         std::optional<outcome<T>> result;
         if (how == stream_end::broken)
           result.emplace(outcome<T>::from_exception(failure));
@@ -572,6 +594,7 @@ struct driver {
     const observer* watch;
     unsigned attempt;
     time_point now;
+    trace_ids trace;
   };
 
   // Attempt events, when someone listens.

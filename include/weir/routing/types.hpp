@@ -12,6 +12,7 @@
 #include <weir/routing/fleet.hpp>
 #include <weir/routing/strategy.hpp>
 #include <weir/spend_budget.hpp>
+#include <weir/trace.hpp>
 
 #include <chrono>
 #include <cstdint>
@@ -49,6 +50,10 @@ struct basic_route_constraints {
   // gen_ai.operation.name in the GenAI metrics: a well-known value of the conventions ("chat",
   // "text_completion", "embeddings", "generate_content") where one applies.
   std::string_view gen_ai_operation = "chat";
+  // The caller's trace (weir/trace.hpp): each attempt is a new span of it, whose context a
+  // provider connected with a traced_provider_call sends, and whose ids the route's events
+  // carry. The default: none, nothing is sent.
+  trace_context trace{};
 };
 using route_constraints = basic_route_constraints<>;
 
