@@ -873,3 +873,63 @@ TEST_CASE(
     CHECK(std::chrono::steady_clock::now() - started < 5s);
   }
 }
+
+// ---- Issue 33: trace context -----------------------------------------------------------------
+
+TEST_CASE("the Beast client sends each attempt's traceparent; the server reads a new span each",
+          "[http][trace]") {
+  demo::asio::io_context io(1);
+  weir::testing::mock_provider server(io.get_executor(),
+                                      {.name = "m",
+                                       .models = {{"small", 0, 0, 0}},
+                                       .base_latency = std::chrono::microseconds(0),
+                                       .faults = {.server_errors = 1.0}});  // every answer a 500
+  server.start();
+  weir::http::chat_client client(io.get_executor(), weir::http::dialect::openai,
+                                 weir::http::endpoint::parse(server.base_url()));
+  using retry_type = weir::retry<std::chrono::steady_clock, weir::http::response_classifier>;
+  auto guarded = weir::pipeline(retry_type(
+      {.max_attempts = 3, .backoff = weir::backoff::constant(std::chrono::milliseconds(1))}));
+  const auto caller = weir::trace_context::parse(
+      "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "congo=t61rcWkgMzE");
+  REQUIRE(caller);
+  std::vector<weir::trace_context> given;
+  int answered = 0;
+  demo::asio::co_spawn(
+      io,
+      [&]() -> demo::asio::awaitable<void> {
+        const weir::http::chat_request ask{.model = "small", .prompt = "hi", .max_tokens = 4};
+        weir::call_context traced{.operation = "chat", .trace = *caller};
+        auto send = [&](const weir::trace_context& attempt) {
+          given.push_back(attempt);
+          return client.complete(ask, std::chrono::seconds(5), weir::http::trace_headers(attempt));
+        };
+        answered += (co_await guarded(traced, send)).result_int() == 500;
+        weir::call_context untraced{.operation = "chat"};
+        answered += (co_await guarded(untraced, send)).result_int() == 500;
+        server.stop();
+      },
+      demo::asio::detached);
+  io.run();
+  CHECK(answered == 2);  // each call's last 500, after three attempts
+  const auto seen = server.stats().traceparents;
+  REQUIRE(seen.size() == 6);
+  REQUIRE(given.size() == 6);
+  std::set<std::string> spans;
+  for (std::size_t i = 0; i < 3; ++i) {
+    INFO("attempt " << i + 1 << ": " << seen[i]);
+    CHECK(seen[i] == given[i].traceparent());  // what the operation was given is what went
+    const auto read = weir::trace_context::parse(seen[i]);
+    REQUIRE(read);
+    CHECK(read->trace_id == caller->trace_id);
+    CHECK(read->parent_id != caller->parent_id);
+    CHECK(read->sampled());
+    spans.insert(seen[i].substr(36, 16));
+  }
+  CHECK(spans.size() == 3);
+  for (std::size_t i = 3; i < 6; ++i) CHECK(seen[i].empty());  // no context: no header
+  const auto headers = weir::http::trace_headers(*caller);
+  REQUIRE(headers.size() == 2);
+  CHECK(headers[1] == std::pair<std::string, std::string>("tracestate", "congo=t61rcWkgMzE"));
+  CHECK(weir::http::trace_headers({}).empty());
+}

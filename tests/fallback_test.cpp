@@ -97,7 +97,8 @@ TEST_CASE("outside a retry, a fallback runs an alternative once the retries give
         ++smaller_model_calls;
         return answer(200, "from the small model");
       },
-      {.name = "smaller model", .watch = seen.observer()}, reply_classifier{});
+      weir::basic_fallback_options<reply_classifier>{.name = "smaller model",
+                                                     .watch = seen.observer()});
   auto guarded = weir::pipeline(smaller, retry);
   int large_model_calls = 0;
   std::optional<reply> got;
@@ -119,6 +120,35 @@ TEST_CASE("outside a retry, a fallback runs an alternative once the retries give
   CHECK_THAT(page,
              Catch::Matchers::Contains(
                  "weir_policy_fallbacks_total{pipeline=\"chat\",policy=\"smaller model\"} 1"));
+}
+
+TEST_CASE("in a pipeline, a fallback's event goes to the pipeline's observer, named for the call",
+          "[fallback][pipeline]") {
+  asio::io_context io;
+  weir::metrics seen("chat");
+  std::vector<std::string> own, piped;
+  weir::fallback canned(
+      [](const weir::outcome<int>&) { return -1; },
+      {.name = "canned", .operation = "fallback", .watch = [&](const weir::event& e) {
+         own.push_back(fmt::format("{}", e));
+       }});
+  auto guarded = weir::pipeline(
+      weir::pipeline_options{.watch =
+                                 weir::fan_out(seen.observer(),
+                                               [&](const weir::event& e) {
+                                                 if (std::holds_alternative<weir::fallback_used>(e))
+                                                   piped.push_back(fmt::format("{}", e));
+                                               })},
+      canned);
+  weir::call_context ctx{.operation = "chat"};  // a fallback has no clock: the pipeline's is steady
+  CHECK(run_to_end(io, guarded(ctx, [] { return failing(asio::error::connection_reset); })) == -1);
+  CHECK(piped == std::vector<std::string>{
+                     "chat: retryable failure (Connection reset by peer), fallback by canned"});
+  CHECK(own.empty());  // the pipeline's observer hears it instead
+  std::string page;
+  weir::write_prometheus(page, {&seen});
+  CHECK_THAT(page, Catch::Matchers::Contains(
+                       "weir_policy_fallbacks_total{pipeline=\"chat\",policy=\"canned\"} 1"));
 }
 
 TEST_CASE("a fallback whose own alternative fails fails with that failure", "[fallback]") {

@@ -220,6 +220,59 @@ TEST_CASE("used alone, a deadline already passed sends nothing (timeout, a local
   CHECK(calls == 0);
 }
 
+TEST_CASE("in a pipeline, a hedge's events go to the pipeline's observer, named for the call",
+          "[hedging][pipeline]") {
+  asio::io_context io;
+  std::vector<std::string> own, piped;
+  const auto record = [](std::vector<std::string>& into) {
+    return [&into](const weir::event& e) {
+      if (std::holds_alternative<weir::hedge_started>(e)) into.push_back(fmt::format("{}", e));
+    };
+  };
+  hedging_type hedge({.delay = 1s, .operation = "hedged", .watch = record(own)});
+  context ctx{.operation = "chat"};
+  int calls = 0;
+  const auto slow_then_fast = [&] {
+    ++calls;
+    return calls % 2 == 1 ? takes(5s, 1) : takes(100ms, 2);
+  };
+
+  auto watched = weir::pipeline(weir::pipeline_options{.watch = record(piped)}, hedge);
+  auto t = run_timed(io, watched(ctx, slow_then_fast));
+  CHECK(t.value == 2);  // the hedge's
+  CHECK(piped == std::vector<std::string>{"chat: hedge 1 after 1000.0 ms by hedging"});
+  CHECK(own.empty());  // the pipeline's observer hears it instead
+
+  // A pipeline nobody listens to leaves the events to the hedge's own watch.
+  auto unwatched = weir::pipeline(hedge);
+  CHECK(run_timed(io, unwatched(ctx, slow_then_fast)).value == 2);
+  CHECK(own == std::vector<std::string>{"chat: hedge 1 after 1000.0 ms by hedging"});
+  CHECK(piped.size() == 1);
+}
+
+namespace {
+// Judges a negative answer a retryable failure, as a response classifier judges a 503.
+struct negative_fails {
+  template <class T>
+  weir::classification operator()(const weir::outcome<T>& o) const {
+    if constexpr (std::is_same_v<T, int>)
+      if (o.has_value() && o.value() < 0) return {.kind = weir::verdict::retryable};
+    return weir::default_classifier{}(o);
+  }
+};
+}  // namespace
+
+TEST_CASE("a hedge's classifier, an option as every policy's, can fail a value", "[hedging]") {
+  asio::io_context io;
+  weir::hedging<clock_type, negative_fails> hedge(
+      weir::basic_hedging_options<negative_fails>{.delay = 1s, .classifier = {}});
+  // The first attempt answers -1 at once: a failure, so the hedge starts then, not after 1 s.
+  auto t = run_timed(
+      io, hedge([](unsigned attempt) { return attempt == 0 ? takes(10ms, -1) : takes(100ms, 2); }));
+  CHECK(t.value == 2);
+  CHECK(t.took == 110ms);
+}
+
 TEST_CASE("against a slow tail, hedging at the observed p85 cuts the p99 many times", "[hedging]") {
   // One call in twenty takes 3 s instead of 100-200 ms, as a generation stuck behind a long one
   // (so a hedge of a slow call is itself slow once in twenty: 0.25% of calls, under the p99).

@@ -163,6 +163,43 @@ TEST_CASE("with an executor that names a default token, the limiters' operations
   CHECK(limits_wait == 100ms);
 }
 
+TEST_CASE("asio::use_awaitable.as_default_on rebinds a bucket, limits or queue that share state",
+          "[token_bucket][rate_limits][request_queue]") {
+  asio::io_context io;
+  bucket_type bucket(io.get_executor(), {.rate = weir::per_second(10), .burst = 1});
+  weir::rate_limits<clock_type> limits(io.get_executor(),
+                                       {.requests = weir::limit{weir::per_second(10), 1}});
+  weir::request_queue queue(io.get_executor(), {.max_concurrent = 1});
+  auto awaiting_bucket = asio::use_awaitable.as_default_on(bucket);
+  auto awaiting_limits = asio::use_awaitable.as_default_on(limits);
+  auto awaiting_queue = asio::use_awaitable.as_default_on(queue);
+  static_assert(
+      std::is_same_v<decltype(awaiting_bucket)::executor_type,
+                     asio::use_awaitable_t<>::executor_with_default<asio::any_io_executor>>);
+  std::chrono::nanoseconds bucket_wait{-1}, limits_wait{-1};
+  bool second_admitted = false;
+  auto body = [&]() -> asio::awaitable<void> {
+    // The original takes the one unit; the rebound copy waits for the next: one bucket.
+    REQUIRE(bucket.try_acquire());
+    bucket_wait = co_await awaiting_bucket.async_acquire(1);
+    co_await limits.async_acquire({.requests = 1}, asio::use_awaitable);
+    limits_wait = co_await awaiting_limits.async_acquire({.requests = 1});
+    auto first = co_await awaiting_queue.async_admit();
+    CHECK(queue.in_flight() == 1);  // the slot is the original queue's too
+    first.release();
+    auto second = co_await awaiting_queue.async_admit();
+    second_admitted = true;
+  };
+  asio::co_spawn(io, body(), [](std::exception_ptr e) {
+    if (e) std::rethrow_exception(e);
+  });
+  advance<clock_type>(io, 1s);
+  CHECK(bucket_wait == 100ms);
+  CHECK(limits_wait == 100ms);
+  CHECK(second_admitted);
+  CHECK(queue.in_flight() == 0);
+}
+
 TEST_CASE("waiters due together are woken by the bucket's one timer in their order",
           "[token_bucket]") {
   asio::io_context io;

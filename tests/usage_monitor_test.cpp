@@ -11,16 +11,16 @@ TEST_CASE("usage_monitor matches a brute-force reference over a randomized event
   const auto bucket = 500ms;
   struct event {
     clock_type::time_point at;
-    weir::usage_event e;
+    weir::usage_record e;
   };
   std::vector<event> all;
   std::mt19937_64 rng(42);
   for (int i = 0; i < 20'000; ++i) {
     clock_type::advance(std::chrono::microseconds(rng() % 20'000));
-    weir::usage_event e{.requests = 1 + rng() % 3,
-                        .tokens = rng() % 5000,
-                        .error = rng() % 7 == 0,
-                        .rate_limited = rng() % 11 == 0};
+    weir::usage_record e{.requests = 1 + rng() % 3,
+                         .tokens = rng() % 5000,
+                         .error = rng() % 7 == 0,
+                         .rate_limited = rng() % 11 == 0};
     monitor.record(e);
     all.push_back({clock_type::now(), e});
     if (i % 997 == 0) {

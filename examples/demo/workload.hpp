@@ -672,13 +672,12 @@ class weir_run {
       router_.emplace(io.get_executor(), std::move(models), std::move(ro));
     }
     if (options_.hedge)
-      // Half a second until twenty answers have shown what the p90 is.
+      // Half a second until twenty answers have shown what the p90 is. Its hedge_started events
+      // go to the router's observer.
       hedge_.emplace(weir::hedging_options{.delay = 500ms,
                                            .delay_percentile = 0.9,
                                            .max_in_flight = 8,
-                                           .budget = weir::retry_budget({.ratio = 0.1}),
-                                           .operation = "chat",
-                                           .watch = [this](const weir::event& e) { observe(e); }});
+                                           .budget = weir::retry_budget({.ratio = 0.1})});
 
     if (options_.fallback)
       canned_.emplace(

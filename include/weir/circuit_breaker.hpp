@@ -10,10 +10,10 @@
 #pragma once
 
 #include <weir/breaker_state.hpp>
+#include <weir/detail/driver.hpp>
 #include <weir/detail/gcra.hpp>
 #include <weir/error.hpp>
 #include <weir/outcome.hpp>
-#include <weir/pipeline.hpp>
 #include <weir/stage.hpp>
 #include <weir/usage_monitor.hpp>
 

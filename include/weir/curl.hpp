@@ -33,6 +33,7 @@
 #include <weir/http/sse.hpp>
 #include <weir/outcome.hpp>
 #include <weir/stream.hpp>
+#include <weir/trace.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/as_tuple.hpp>
@@ -206,6 +207,25 @@ class easy {
     list_ = grown;
     return set(CURLOPT_HTTPHEADER, list_);
   }
+  // Sets the headers that carry an attempt's trace context (weir/trace.hpp) — traceparent, and
+  // tracestate when it has a passable one — in place of those set before, so a handle sent again
+  // by a retry sends the new attempt's span; without a context, removes them.
+  //
+  //     co_await guarded(ctx, [&](const weir::trace_context& attempt) {
+  //       return transfers.perform(req.trace(attempt));
+  //     });
+  easy& trace(const trace_context& attempt) {
+    drop_headers([](std::string_view name) {
+      return http::detail::iequals(name, "traceparent") ||
+             http::detail::iequals(name, "tracestate");
+    });
+    if (!attempt) return *this;
+    add_header("traceparent: " + attempt.traceparent());
+    if (!attempt.tracestate.empty() && weir::detail::passable_tracestate(attempt.tracestate))
+      add_header("tracestate: " + std::string(attempt.tracestate));
+    return *this;
+  }
+
   // A POST of `body` (copied: the handle may outlive the caller's string).
   easy& post(std::string body) {
     body_ = std::move(body);
@@ -262,6 +282,24 @@ class easy {
   }
 
  private:
+  // Removes the request headers whose name `drop` matches.
+  template <class Predicate>
+  void drop_headers(Predicate drop) {
+    curl_slist* kept = nullptr;
+    for (auto* line = list_; line; line = line->next) {
+      const std::string_view text(line->data);
+      if (drop(text.substr(0, text.find_first_of(":;")))) continue;
+      auto* grown = curl_slist_append(kept, line->data);
+      if (!grown) {
+        curl_slist_free_all(kept);
+        throw boost::system::system_error(make_error_code(CURLE_OUT_OF_MEMORY));
+      }
+      kept = grown;
+    }
+    set(CURLOPT_HTTPHEADER, kept);
+    curl_slist_free_all(std::exchange(list_, kept));
+  }
+
   // How long the last transfer took, by curl's count.
   std::chrono::microseconds ran_for() const {
     curl_off_t us = 0;

@@ -1,5 +1,6 @@
 // Everything a pipeline does, as typed events for one observer. With no observer attached a
-// pipeline builds no event and reads no clock for one.
+// pipeline builds no event and reads no clock for one. Every event has a `trace`: the trace id
+// and the attempt's span id of a call that carries a trace context (trace.hpp), zero otherwise.
 //
 //     auto guarded = weir::pipeline(weir::pipeline_options{
 //         .watch = [](const weir::event& e) { fmt::print("{}\n", e); }}, retry, limits);
@@ -7,6 +8,7 @@
 
 #include <weir/breaker_state.hpp>
 #include <weir/outcome.hpp>
+#include <weir/trace.hpp>
 
 #include <fmt/format.h>
 
@@ -36,17 +38,20 @@ inline constexpr std::size_t rejection_kinds = 7;
 struct attempt_started {
   std::string_view operation;
   unsigned attempt = 1;
+  trace_ids trace{};
 };
 struct attempt_succeeded {
   std::string_view operation;
   unsigned attempt = 1;
   std::chrono::nanoseconds latency{0};
+  trace_ids trace{};
 };
 struct attempt_failed {
   std::string_view operation;
   unsigned attempt = 1;
   std::chrono::nanoseconds latency{0};
   verdict kind = verdict::retryable;
+  trace_ids trace{};
 };
 struct retry_scheduled {
   std::string_view operation;
@@ -54,27 +59,32 @@ struct retry_scheduled {
   std::chrono::nanoseconds delay{0};
   verdict cause = verdict::retryable;
   std::string_view policy{};  // the retry's name
+  trace_ids trace{};
 };
 struct throttled {
   std::string_view operation;
   std::chrono::nanoseconds wait{0};  // how long a limiter or the queue held the call
   std::string_view policy{};         // which one: its name
+  trace_ids trace{};
 };
 struct rejected {
   std::string_view operation;
   rejection reason = rejection::queue_full;
   std::optional<std::chrono::nanoseconds> retry_after{};
   std::string_view policy{};  // the name of the policy that refused
+  trace_ids trace{};
 };
 struct server_rate_limited {
   std::string_view operation;
   rate_limit_hint hint{};
+  trace_ids trace{};
 };
 struct breaker_changed {
   std::string_view operation;
   breaker_state from = breaker_state::closed;
   breaker_state to = breaker_state::open;
   std::string_view policy{};  // the breaker's name
+  trace_ids trace{};
 };
 
 // The router sent (or is about to send) attempt `attempt` of a request to this model.
@@ -84,6 +94,7 @@ struct route_chosen {
   std::string_view model;
   unsigned attempt = 1;
   double estimated_cost = 0;  // USD, at the request's token estimates
+  trace_ids trace{};
 };
 // The router stops sending to a model (or, with an empty model, to every model of the provider)
 // for `duration`: the server said its quota is exhausted until then.
@@ -92,6 +103,7 @@ struct provider_cooling {
   std::string_view provider;
   std::chrono::nanoseconds duration{0};
   std::string_view model{};
+  trace_ids trace{};
 };
 // The router takes a model (or, with an empty model, every model of the provider) out of its
 // routes: the provider said a quota or the account's credit is spent. For `out_for`, the quota's
@@ -102,6 +114,7 @@ struct provider_exhausted {
   refusal_reason reason{};
   std::optional<std::chrono::nanoseconds> out_for{};
   std::string_view model{};
+  trace_ids trace{};
 };
 // An attempt on this model failed and the router moves on to another candidate.
 struct route_fallback {
@@ -111,6 +124,7 @@ struct route_fallback {
   verdict cause = verdict::retryable;
   bool context_exceeded = false;  // the request did not fit; a larger context window is needed
   bool refused_locally = false;   // the model's own stages had no room (queue full, budget spent)
+  trace_ids trace{};
 };
 
 // The router lost (or found again) the fleet it shares what it learns with: while it is lost,
@@ -118,6 +132,7 @@ struct route_fallback {
 struct fleet_connection {
   std::string_view operation;
   bool reachable = false;
+  trace_ids trace{};
 };
 
 // A spend budget's settled spend reached one of its alert thresholds in the current window.
@@ -128,6 +143,7 @@ struct budget_alert {
   double threshold = 1;        // the fraction of the limit crossed (0.5, 0.8, 1, ...)
   double spent = 0;            // USD settled in the window
   double limit = 0;            // USD
+  trace_ids trace{};
 };
 
 // An adaptive concurrency limit moved (a window's latency against the no-load one, a drop, or a
@@ -138,6 +154,7 @@ struct concurrency_changed {
   std::size_t to = 0;
   std::chrono::nanoseconds baseline{0};  // the no-load latency it compares with
   std::string_view policy{};
+  trace_ids trace{};
 };
 
 // A fallback replaced a failure with its alternative.
@@ -147,6 +164,7 @@ struct fallback_used {
   error_code code{};                   // its code, when it had one
   std::exception_ptr failure{};        // the failure itself; empty when it was a value (a 503)
   std::string_view policy{};
+  trace_ids trace{};
 };
 
 // A hedge started beside a call's attempts still running.
@@ -155,6 +173,7 @@ struct hedge_started {
   unsigned attempt = 1;               // 1 for the first hedge (0 is the call's first attempt)
   std::chrono::nanoseconds after{0};  // since the call began
   std::string_view policy{};
+  trace_ids trace{};
 };
 
 // How a stream that left a pipeline or the router ended.
@@ -178,6 +197,7 @@ struct stream_ended {
   std::uint64_t tokens = 0;  // what was settled: input + output
   usage_source source = usage_source::estimated;
   std::chrono::nanoseconds time_to_first_token{0};
+  trace_ids trace{};
 };
 
 // One call of the router to a model ended: a whole answer came (or the call failed), or a
@@ -202,6 +222,7 @@ struct model_call_ended {
   std::optional<std::uint64_t> output_tokens{};
   std::uint64_t cache_read_tokens = 0;
   std::uint64_t cache_creation_tokens = 0;
+  trace_ids trace{};
 };
 
 using event =
@@ -212,6 +233,18 @@ using event =
 
 // Any callable taking the event; empty means nobody is listening.
 using observer = std::function<void(const event&)>;
+
+namespace detail {
+// `e`, stamped with the ids of the call's trace and attempt unless it carries its own.
+inline event with_trace(event e, const trace_ids& ids) {
+  std::visit(
+      [&](auto& v) {
+        if (!v.trace) v.trace = ids;
+      },
+      e);
+  return e;
+}
+}  // namespace detail
 
 // One observer that hands every event to each of `observers` in turn.
 template <class... Observers>
@@ -280,17 +313,31 @@ struct fmt::formatter<weir::rejection> : fmt::formatter<fmt::string_view> {
   }
 };
 
-// One readable line per event, e.g. "chat: retry 2 scheduled in 1500.0 ms (rate-limited)".
+// One readable line per event, e.g. "chat: retry 2 scheduled in 1500.0 ms (rate-limited)", and
+// for a traced call " trace_id=<32 hex> span_id=<16 hex>" after it, to join other logs on.
 template <>
 struct fmt::formatter<weir::event> {
   constexpr auto parse(format_parse_context& ctx) { return ctx.begin(); }
+
+  auto format(const weir::event& e, format_context& ctx) const {
+    auto out = format_line(e, ctx);
+    const auto& ids =
+        std::visit([](const auto& v) -> const weir::trace_ids& { return v.trace; }, e);
+    if (!ids) return out;
+    char text[32 + 16];
+    weir::detail::write_hex(ids.trace, text);
+    out = fmt::format_to(out, " trace_id={}", std::string_view(text, 32));
+    if (ids.span == weir::span_id{}) return out;
+    weir::detail::write_hex(ids.span, text + 32);
+    return fmt::format_to(out, " span_id={}", std::string_view(text + 32, 16));
+  }
 
   // " by <policy>", when the event names one.
   static std::string by(std::string_view policy) {
     return policy.empty() ? std::string() : fmt::format(" by {}", policy);
   }
 
-  auto format(const weir::event& e, format_context& ctx) const {
+  format_context::iterator format_line(const weir::event& e, format_context& ctx) const {
     using namespace weir;  // the event types
     return std::visit(
         [&](const auto& v) {

@@ -21,7 +21,9 @@
 // one); a hedge refused by a bound is not tried again for that call. A failure with no other
 // attempt running starts the next hedge at once (if allowed); with others running it waits for
 // them. When every attempt has failed, the call fails as the last one did. Each hedge is a
-// `hedge_started` event. The cost of a hedge is the router's to weigh; this policy counts calls.
+// `hedge_started` event, sent to the observer of the pipeline (or router) the hedge runs in, or,
+// used alone or where nobody listens, to its own `watch`. The cost of a hedge is the router's to
+// weigh; this policy counts calls.
 #pragma once
 
 #include <weir/error.hpp>
@@ -50,12 +52,15 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
 namespace weir {
 
-struct hedging_options {
+// Classifier: what judges each attempt's outcome (outcome.hpp): the first success wins.
+template <class Classifier = default_classifier>
+struct basic_hedging_options {
   // The wait before a hedge: fixed, or (with delay_percentile) that percentile of the recent
   // latencies of first attempts, once `min_samples` are known (`delay` until then). Keep it
   // under 1 − the share of slow calls: a percentile that falls in the tail hedges too late.
@@ -66,26 +71,30 @@ struct hedging_options {
   std::size_t max_in_flight = 16;  // hedges running at once, across calls
   std::optional<retry_budget> budget{};
   std::string name = "hedging";
-  std::string operation{};  // named in its events
-  observer watch{};         // hedge_started events; empty: none are built
+  std::string operation{};  // named in its events, when the call names none
+  // hedge_started events, when the hedge is used alone or its pipeline has no observer.
+  observer watch{};
+  Classifier classifier{};
 };
+using hedging_options = basic_hedging_options<>;
 
 template <class Clock = std::chrono::steady_clock, class Classifier = default_classifier>
 class hedging {
  public:
   using clock_type = Clock;
+  using options_type = basic_hedging_options<Classifier>;
 
   // Throws weir::exception(invalid_argument) for a negative delay, a percentile outside (0, 1)
   // or max_in_flight of 0.
-  explicit hedging(hedging_options options, Classifier classifier = {})
-      : state_(std::make_shared<state>(validated(std::move(options)), std::move(classifier))) {}
+  explicit hedging(options_type options)
+      : state_(std::make_shared<state>(validated(std::move(options)))) {}
 
   // Runs `op` — callable as op(attempt) with the attempt's number (0 first), or as op() — with
   // hedges as the options allow.
   template <class Op>
   auto operator()(Op op) const {
     using T = awaitable_value_t<decltype(invoke(op, 0u))>;
-    return run<T>(state_, std::move(op), std::nullopt);
+    return run<T>(state_, std::move(op), std::nullopt, {});
   }
 
   // The same within the caller's deadline (ctx.deadline; the rest of ctx is not read, nor kept):
@@ -95,7 +104,15 @@ class hedging {
   template <class Op>
   auto operator()(const basic_call_context<Clock>& ctx, Op op) const {
     using T = awaitable_value_t<decltype(invoke(op, 0u))>;
-    return run<T>(state_, std::move(op), ctx.deadline);
+    return run<T>(state_, std::move(op), ctx.deadline, {});
+  }
+
+  // The same in a pipeline (or the router), which calls it with the call and its observer: the
+  // events go to that observer, when there is one, named for the call's operation.
+  template <class Op>
+  auto operator()(const stage_context<Clock>& call, Op op) const {
+    using T = awaitable_value_t<decltype(invoke(op, 0u))>;
+    return run<T>(state_, std::move(op), call.call.deadline, {call.call.operation, call.watch});
   }
 
   // The wait before a hedge now.
@@ -106,10 +123,9 @@ class hedging {
 
  private:
   struct state {
-    state(hedging_options o, Classifier c) : options(std::move(o)), classifier(std::move(c)) {}
+    explicit state(options_type o) : options(std::move(o)) {}
 
-    const hedging_options options;
-    const Classifier classifier;
+    const options_type options;
     std::atomic<std::size_t> hedges{0};
     mutable std::mutex mutex;
     std::deque<std::int64_t> latencies;  // ns, the most recent successes
@@ -152,7 +168,7 @@ class hedging {
     }
   };
 
-  static hedging_options validated(hedging_options o) {
+  static options_type validated(options_type o) {
     if (o.delay.count() < 0) detail::invalid_option(o.name, "delay", o.delay.count(), "be ≥ 0");
     if (o.delay_percentile && !(*o.delay_percentile > 0 && *o.delay_percentile < 1))
       detail::invalid_option(o.name, "delay_percentile", *o.delay_percentile, "be in (0, 1)");
@@ -187,16 +203,31 @@ class hedging {
 
   using deadline_type = std::optional<typename Clock::time_point>;
 
+  // Who hears of one call's hedges: the pipeline's observer, else the hedge's own.
+  struct audience {
+    std::string_view operation;
+    const observer* pipeline = nullptr;
+
+    const observer* watch(const state& s) const {
+      if (pipeline) return pipeline;
+      return s.options.watch ? &s.options.watch : nullptr;
+    }
+    std::string_view named(const state& s) const {
+      return operation.empty() ? std::string_view(s.options.operation) : operation;
+    }
+  };
+
   template <class T, class Op>
-  static boost::asio::awaitable<T> run(std::shared_ptr<state> s, Op op, deadline_type deadline) {
+  static boost::asio::awaitable<T> run(std::shared_ptr<state> s, Op op, deadline_type deadline,
+                                       audience told) {
     namespace asio = boost::asio;
     if (deadline && Clock::now() >= *deadline)
       throw weir::exception::refusal(error::timeout,
                                      s->options.name + ": the call's deadline has passed");
     auto strand = asio::make_strand(co_await asio::this_coro::executor);
     // The race runs on a strand of the caller's executor; the caller's cancellation reaches it.
-    co_return co_await asio::co_spawn(strand, coordinate<T>(s, std::move(op), strand, deadline),
-                                      asio::use_awaitable);
+    co_return co_await asio::co_spawn(
+        strand, coordinate<T>(s, std::move(op), strand, deadline, told), asio::use_awaitable);
   }
 
   // One attempt, recorded in the race when it ends, whatever way.
@@ -213,7 +244,7 @@ class hedging {
   template <class T, class Op>
   static boost::asio::awaitable<T> coordinate(
       std::shared_ptr<state> s, Op op, boost::asio::strand<boost::asio::any_io_executor> strand,
-      deadline_type deadline) {
+      deadline_type deadline, audience told) {
     namespace asio = boost::asio;
     // Cancellation is read, not thrown: the attempts must be waited for whatever happens.
     co_await asio::this_coro::throw_if_cancelled(false);
@@ -253,12 +284,12 @@ class hedging {
       }
       if (!s->take_hedge()) return false;
       ++r.hedges_held;
-      if (s->options.watch) {
+      if (const observer* watch = told.watch(*s)) {
         const hedge_started e{
-            s->options.operation, attempts,
+            told.named(*s), attempts,
             std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - started),
             s->options.name};
-        s->options.watch(e);
+        (*watch)(e);
       }
       launch(attempts++);
       return true;
@@ -290,7 +321,7 @@ class hedging {
       }
       auto next = std::move(r.ended.front());
       r.ended.pop_front();
-      if (s->classifier(next.second).kind == verdict::success) {
+      if (s->options.classifier(next.second).kind == verdict::success) {
         // The first attempt's latency: its own when it won; when a hedge won while it still ran,
         // the time so far (it would have taken at least that). Not the call's latency: hedged
         // calls would pull the percentile up after them, and the delay with it.

@@ -130,7 +130,7 @@ class keyed_limiter {
   // Throws weir::exception(invalid_argument) for a default limit that is not a valid bucket (a
   // rate ≤ 0, a burst of 0).
   keyed_limiter(executor_type ex, keyed_limiter_options options)
-      : state_(std::make_shared<state>(std::move(ex), std::move(options))) {}
+      : executor_(ex), state_(std::make_shared<shared_state>(std::move(ex), std::move(options))) {}
 
   // Takes `n` units from `key`'s bucket if they are there now; never waits. With
   // above_burst::refuse, a cost above the key's burst throws invalid_argument.
@@ -195,18 +195,38 @@ class keyed_limiter {
 
   const std::string& name() const noexcept { return state_->options.name; }
   weir::counts counts() const noexcept { return state_->options.counts; }
-  const executor_type& get_executor() const noexcept { return state_->executor; }
+  const executor_type& get_executor() const noexcept { return executor_; }
+
+  // The same limiter with another executor type (copies share the state): what Asio's
+  // as_default_on makes, e.g. `asio::use_awaitable.as_default_on(x)`, whose operations then
+  // default to that completion token.
+  template <class Executor1>
+  struct rebind_executor {
+    using other = keyed_limiter<Clock, Executor1>;
+  };
+  template <class Executor1>
+  requires(
+      !std::is_same_v<Executor1, Executor> &&
+      std::is_constructible_v<
+          Executor, const Executor1&>) explicit keyed_limiter(const keyed_limiter<Clock, Executor1>&
+                                                                  other)
+      : executor_(other.executor_), state_(other.state_) {}
 
   // The limiter as a pipeline stage, keyed by call_context::tenant.
   keyed_limiter_stage<keyed_limiter> stage() const { return keyed_limiter_stage(*this); }
 
  private:
+  template <class, class>
+  friend class keyed_limiter;
   struct state;
-  using timer_type =
-      boost::asio::basic_waitable_timer<Clock, boost::asio::wait_traits<Clock>, executor_type>;
+  // One state type whatever the executor type, so that rebound copies share it: it keeps the
+  // executor as an any_io_executor, the limiter the type its user named.
+  using shared_state = typename keyed_limiter<Clock, boost::asio::any_io_executor>::state;
+  using timer_type = boost::asio::basic_waitable_timer<Clock, boost::asio::wait_traits<Clock>,
+                                                       boost::asio::any_io_executor>;
 
   struct initiate_async_acquire {
-    std::shared_ptr<state> s;
+    std::shared_ptr<shared_state> s;
     template <class Handler>
     void operator()(Handler&& handler, std::string key, std::uint64_t n,
                     std::chrono::nanoseconds max_wait) const {
@@ -246,7 +266,7 @@ class keyed_limiter {
   };
 
   struct state {
-    state(executor_type ex, keyed_limiter_options o)
+    state(boost::asio::any_io_executor ex, keyed_limiter_options o)
         : executor(std::move(ex)), options(std::move(o)) {
       // With limit_of, `limit` may be left empty: every key's limit comes from the function.
       if (!options.limit_of || options.limit.rate.per_second != 0)
@@ -375,7 +395,7 @@ class keyed_limiter {
       }
     }
 
-    executor_type executor;
+    boost::asio::any_io_executor executor;
     const keyed_limiter_options options;
     detail::limit_shapes shapes;
     std::uint32_t default_shape = 0;
@@ -383,7 +403,8 @@ class keyed_limiter {
     std::unique_ptr<shard[]> shards;
   };
 
-  std::shared_ptr<state> state_;
+  executor_type executor_;
+  std::shared_ptr<shared_state> state_;
 };
 
 // A keyed limiter in a pipeline: the key is the call's tenant; the cost one request, or the

@@ -71,7 +71,8 @@ class rate_limits {
 
   // Throws weir::exception(invalid_argument) for a limit with rate ≤ 0 or burst 0.
   rate_limits(executor_type ex, rate_limits_options options)
-      : state_(std::make_shared<state>(std::move(ex), std::move(options.name))) {
+      : executor_(ex),
+        state_(std::make_shared<shared_state>(std::move(ex), std::move(options.name))) {
     state_->waiters.attach(state_);
     detail::track_shutdown(state_->executor, state_);
     const std::optional<limit>* given[dims] = {&options.requests, &options.tokens,
@@ -153,7 +154,21 @@ class rate_limits {
     state_->pause_until(static_cast<std::size_t>(d), detail::to_nanos(until));
   }
 
-  const executor_type& get_executor() const noexcept { return state_->executor; }
+  const executor_type& get_executor() const noexcept { return executor_; }
+
+  // The same limits with another executor type (copies share the state): what Asio's
+  // as_default_on makes, e.g. `asio::use_awaitable.as_default_on(x)`, whose operations then
+  // default to that completion token.
+  template <class Executor1>
+  struct rebind_executor {
+    using other = rate_limits<Clock, Executor1>;
+  };
+  template <class Executor1>
+  requires(!std::is_same_v<Executor1, Executor> &&
+           std::is_constructible_v<
+               Executor,
+               const Executor1&>) explicit rate_limits(const rate_limits<Clock, Executor1>& other)
+      : executor_(other.executor_), state_(other.state_) {}
 
   // The limits as a pipeline stage: each call (attempt, inside a retry) takes the context's
   // estimate, settled against ctx.actual_* when the call sets them.
@@ -161,11 +176,16 @@ class rate_limits {
   const std::string& name() const noexcept { return state_->name; }
 
  private:
+  template <class, class>
+  friend class rate_limits;
   struct state;
+  // One state type whatever the executor type, so that rebound copies share it: it keeps the
+  // executor as an any_io_executor, the limits the type its user named.
+  using shared_state = typename rate_limits<Clock, boost::asio::any_io_executor>::state;
 
   // The initiation object of async_acquire, named as Asio names its own.
   struct initiate_async_acquire {
-    std::shared_ptr<state> s;
+    std::shared_ptr<shared_state> s;
     template <class Handler>
     void operator()(Handler&& handler, const usage& cost, std::chrono::nanoseconds max_wait) const {
       s->initiate_acquire(s, std::forward<Handler>(handler), cost, max_wait);
@@ -173,7 +193,7 @@ class rate_limits {
   };
 
   struct state final : detail::shutdown_hook {
-    using executor_type = rate_limits::executor_type;
+    using executor_type = boost::asio::any_io_executor;
     using reservation_type = detail::reservation<dims>;
     using waiter_type = detail::waiter<reservation_type>;
 
@@ -404,7 +424,8 @@ class rate_limits {
     std::array<double, dims> typical{};  // mean units per settled call, per dimension
   };
 
-  std::shared_ptr<state> state_;
+  executor_type executor_;
+  std::shared_ptr<shared_state> state_;
 };
 
 }  // namespace weir

@@ -517,12 +517,30 @@ class basic_request_queue {
 
   const executor_type& get_executor() const noexcept { return executor_; }
 
+  // The same queue with another executor type (copies share the queue): what Asio's
+  // as_default_on makes, e.g. `asio::use_awaitable.as_default_on(queue)`, whose operations then
+  // default to that completion token.
+  template <class Executor1>
+  struct rebind_executor {
+    using other = basic_request_queue<Executor1>;
+  };
+  template <class Executor1>
+  requires(!std::is_same_v<Executor1, Executor> &&
+           std::is_constructible_v<
+               Executor,
+               const Executor1&>) explicit basic_request_queue(const basic_request_queue<Executor1>&
+                                                                   other)
+      : executor_(other.executor_), state_(other.state_) {}
+
   // The queue as a pipeline stage: a call holds a slot from entering until it leaves.
   basic_request_queue_stage<Executor> stage() const {
     return basic_request_queue_stage<Executor>(*this);
   }
 
  private:
+  template <class>
+  friend class basic_request_queue;
+
   // The initiation object of async_admit, named as Asio names its own.
   struct initiate_async_admit {
     std::shared_ptr<detail::request_queue_state> s;

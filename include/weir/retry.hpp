@@ -6,10 +6,10 @@
 #pragma once
 
 #include <weir/backoff.hpp>
+#include <weir/detail/driver.hpp>
 #include <weir/detail/gcra.hpp>
 #include <weir/error.hpp>
 #include <weir/outcome.hpp>
-#include <weir/pipeline.hpp>
 #include <weir/retry_budget.hpp>
 
 #include <boost/asio/awaitable.hpp>

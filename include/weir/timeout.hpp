@@ -11,9 +11,9 @@
 //     auto reply = co_await per_attempt([&] { return client.async_post(req, asio::use_awaitable); });
 #pragma once
 
+#include <weir/detail/driver.hpp>
 #include <weir/error.hpp>
 #include <weir/outcome.hpp>
-#include <weir/pipeline.hpp>
 #include <weir/stage.hpp>
 
 #include <fmt/chrono.h>

@@ -41,7 +41,8 @@ struct token_bucket_options {
 //
 // Its operations follow Asio's: a completion token (whose default comes from the executor type,
 // so `token_bucket<Clock, asio::use_awaitable_t<>::executor_with_default<asio::any_io_executor>>`
-// lets `co_await bucket.async_acquire(1)` name none), and per-operation cancellation.
+// lets `co_await bucket.async_acquire(1)` name none; `asio::use_awaitable.as_default_on(bucket)`
+// makes such a copy of a bucket), and per-operation cancellation.
 template <class Clock = std::chrono::steady_clock, class Executor = boost::asio::any_io_executor>
 class token_bucket {
  public:
@@ -57,7 +58,7 @@ class token_bucket {
   // Throws weir::exception(invalid_argument) for a burst of 0 or a rate ≤ 0: a bucket that never
   // refills is a misconfiguration (pause_until holds a bucket shut; weir::unlimited opens it).
   token_bucket(executor_type ex, token_bucket_options options)
-      : state_(std::make_shared<state>(std::move(ex), options)) {
+      : executor_(ex), state_(std::make_shared<shared_state>(std::move(ex), options)) {
     state_->waiters.attach(state_);
     detail::track_shutdown(state_->executor, state_);
   }
@@ -166,17 +167,36 @@ class token_bucket {
   // unlimited bucket admits everything and ignores it.
   void pause_until(time_point until) { state_->pause_until(detail::to_nanos(until)); }
 
-  const executor_type& get_executor() const noexcept { return state_->executor; }
+  const executor_type& get_executor() const noexcept { return executor_; }
+
+  // The same bucket with another executor type (copies share the state): what Asio's
+  // as_default_on makes, e.g. `asio::use_awaitable.as_default_on(x)`, whose operations then
+  // default to that completion token.
+  template <class Executor1>
+  struct rebind_executor {
+    using other = token_bucket<Clock, Executor1>;
+  };
+  template <class Executor1>
+  requires(!std::is_same_v<Executor1, Executor> &&
+           std::is_constructible_v<
+               Executor,
+               const Executor1&>) explicit token_bucket(const token_bucket<Clock, Executor1>& other)
+      : executor_(other.executor_), state_(other.state_) {}
 
   // The bucket as a pipeline stage: one unit per call (attempt, inside a retry).
   detail::limiter_stage<token_bucket> stage() const { return {*this}; }
 
  private:
+  template <class, class>
+  friend class token_bucket;
   struct state;
+  // One state type whatever the executor type, so that rebound copies share it: it keeps the
+  // executor as an any_io_executor, the bucket the type its user named.
+  using shared_state = typename token_bucket<Clock, boost::asio::any_io_executor>::state;
 
   // The initiation object of async_acquire, named as Asio names its own.
   struct initiate_async_acquire {
-    std::shared_ptr<state> s;
+    std::shared_ptr<shared_state> s;
     template <class Handler>
     void operator()(Handler&& handler, std::uint64_t n, std::chrono::nanoseconds max_wait) const {
       s->initiate_acquire(s, std::forward<Handler>(handler), n, max_wait);
@@ -184,7 +204,7 @@ class token_bucket {
   };
 
   struct state final : detail::shutdown_hook {
-    using executor_type = token_bucket::executor_type;
+    using executor_type = boost::asio::any_io_executor;
     using reservation_type = detail::reservation<1>;
     using waiter_type = detail::waiter<reservation_type>;
 
@@ -515,7 +535,8 @@ class token_bucket {
     std::atomic<detail::nanos> tat_{0};
   };
 
-  std::shared_ptr<state> state_;
+  executor_type executor_;
+  std::shared_ptr<shared_state> state_;
 };
 
 }  // namespace weir

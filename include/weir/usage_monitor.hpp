@@ -30,13 +30,14 @@ struct usage_monitor_options {
   double slow_down_above = 0.8;  // utilization where pacing_delay() starts to grow
 };
 
-// One finished (or failed) call.
-struct usage_event {
+// One finished (or failed) call, as the monitor records it (not an event of events.hpp).
+struct usage_record {
   std::uint64_t requests = 1;
   std::uint64_t tokens = 0;
   bool error = false;
   bool rate_limited = false;  // the server answered 429 (or equivalent)
 };
+using usage_event [[deprecated("renamed usage_record")]] = usage_record;
 
 struct usage_totals {
   std::uint64_t requests = 0;
@@ -64,7 +65,7 @@ class usage_monitor {
   explicit usage_monitor(usage_monitor_options options = {})
       : state_(std::make_shared<state>(options)) {}
 
-  void record(const usage_event& e, time_point now = Clock::now()) {
+  void record(const usage_record& e, time_point now = Clock::now()) {
     state_->record(e, detail::to_nanos(now));
   }
 
@@ -200,7 +201,7 @@ class usage_monitor {
       } while (!c.compare_exchange_weak(v, next, std::memory_order_relaxed));
     }
 
-    void record(const usage_event& e, detail::nanos now) {
+    void record(const usage_record& e, detail::nanos now) {
       const auto epoch = epoch_of(now);
       auto& b = ring[epoch & mask];
       const auto tag = tag_of(epoch);

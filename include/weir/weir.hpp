@@ -5,6 +5,7 @@
 #include <weir/adaptive_concurrency.hpp>
 #include <weir/alerts.hpp>
 #include <weir/backoff.hpp>
+#include <weir/call_context.hpp>
 #include <weir/circuit_breaker.hpp>
 #include <weir/error.hpp>
 #include <weir/events.hpp>
@@ -24,4 +25,5 @@
 #include <weir/stream.hpp>
 #include <weir/timeout.hpp>
 #include <weir/token_bucket.hpp>
+#include <weir/trace.hpp>
 #include <weir/usage_monitor.hpp>

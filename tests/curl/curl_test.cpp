@@ -2,6 +2,7 @@
 // against weir's mock provider on loopback (real sockets, short real time).
 #include <weir/circuit_breaker.hpp>
 #include <weir/curl.hpp>
+#include <weir/pipeline.hpp>
 #include <weir/retry.hpp>
 #include <weir/testing/hostile_server.hpp>
 #include <weir/testing/mock_provider.hpp>
@@ -11,6 +12,7 @@
 
 #include <chrono>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -448,4 +450,52 @@ TEST_CASE("curl: an error event inside a 200 stream fails the call before its fi
   REQUIRE_FALSE(opened->has_value());
   CHECK(weir::default_classifier{}(*opened).kind == weir::verdict::retryable);
   CHECK(transfers.in_flight() == 0);
+}
+
+// ---- Issue 33: trace context -----------------------------------------------------------------
+
+TEST_CASE("curl sends each attempt's traceparent, replacing the last; the server reads a new span",
+          "[curl][trace]") {
+  serving s({.name = "vllm",
+             .models = {{"llama", 0, 0, 0}},
+             .base_latency = std::chrono::microseconds(0),
+             .faults = {.server_errors = 1.0}});  // every answer a 500
+  asio::io_context io(1);
+  weir::curl::multi transfers(io.get_executor());
+  weir::retry<> retry({.max_attempts = 3, .backoff = weir::backoff::constant(1ms)});
+  auto guarded = weir::pipeline(retry);
+  weir::curl::easy request(s.server.base_url() + "/chat/completions");
+  request.add_header("Content-Type: application/json").post(chat_body);
+  const auto caller =
+      weir::trace_context::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00");
+  REQUIRE(caller);
+  int answered = 0;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        auto send = [&](const weir::trace_context& attempt) {
+          return transfers.perform(request.trace(attempt));
+        };
+        weir::call_context traced{.trace = *caller};
+        answered += (co_await guarded(traced, send)).status == 500;
+        weir::call_context untraced{};
+        answered += (co_await guarded(untraced, send)).status == 500;
+      },
+      [](std::exception_ptr e) { CHECK_FALSE(e); });
+  io.run();
+  CHECK(answered == 2);
+  const auto seen = s.server.stats().traceparents;
+  REQUIRE(seen.size() == 6);
+  std::set<std::string> spans;
+  for (std::size_t i = 0; i < 3; ++i) {
+    INFO("attempt " << i + 1 << ": " << seen[i]);
+    const auto read = weir::trace_context::parse(seen[i]);
+    REQUIRE(read);  // one traceparent, not a list of every attempt's
+    CHECK(read->trace_id == caller->trace_id);
+    CHECK(read->parent_id != caller->parent_id);
+    CHECK_FALSE(read->sampled());
+    spans.insert(seen[i].substr(36, 16));
+  }
+  CHECK(spans.size() == 3);
+  for (std::size_t i = 3; i < 6; ++i) CHECK(seen[i].empty());  // no context: no header
 }

@@ -33,7 +33,7 @@ int main(int argc, char** argv) {
   weir::routing::router<std::string, fake_response, std::chrono::steady_clock,
                         weir::testing::fake_classifier>::options_type options;
   options.adaptation.reset();
-  options.shared_state =
+  options.fleet =
       std::make_shared<weir::redis::fleet_state>(redis, weir::redis::fleet_options{.name = fleet});
   weir::routing::router<std::string, fake_response, std::chrono::steady_clock,
                         weir::testing::fake_classifier>
@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
         answered = routed.route.model;
         // The cooldown's publication is fire and forget: a read after it means it has landed
         // (one connection, answered in order).
-        co_await options.shared_state->read();
+        co_await options.fleet->read();
         redis.close();
       },
       asio::detached);

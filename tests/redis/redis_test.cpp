@@ -546,7 +546,7 @@ struct member {
   fleet_router::options_type options(bool paced) {
     fleet_router::options_type o;
     if (!paced) o.adaptation.reset();
-    o.shared_state = shared;
+    o.fleet = shared;
     o.watch = [this](const weir::event& e) {
       if (const auto* f = std::get_if<weir::fleet_connection>(&e))
         reachable.push_back(f->reachable);

@@ -756,6 +756,33 @@ TEST_CASE(
   }
 }
 
+TEST_CASE("a hedged route's hedge_started goes to the router's observer, named for the request",
+          "[routing][router][hedging]") {
+  asio::io_context io;
+  auto options = unpaced();
+  std::vector<std::string> hedges;
+  options.watch = [&](const weir::event& e) {
+    if (std::holds_alternative<weir::hedge_started>(e)) hedges.push_back(fmt::format("{}", e));
+  };
+  router_type r(io.get_executor(), two_models(), std::move(options));
+  provider a, b;
+  a.latency = 5s;
+  b.latency = 100ms;
+  r.connect("a", a.call<prompt>());
+  r.connect("b", b.call<prompt>());
+  std::vector<std::string> own;
+  weir::hedging<clock_type> hedge(
+      {.delay = 1s, .watch = [&](const weir::event& e) { own.push_back(fmt::format("{}", e)); }});
+  weir::testing::finished<weir::routing::routed<fake_response>> call;
+  call.start(
+      io, r.route_hedged(prompt{"hi"},
+                         {.input_tokens = 100, .output_tokens = 50, .operation = "chat"}, hedge));
+  advance<clock_type>(io, 2s);
+  REQUIRE(call.value);
+  CHECK(hedges == std::vector<std::string>{"chat: hedge 1 after 1000.0 ms by hedging"});
+  CHECK(own.empty());
+}
+
 TEST_CASE(
     "hedged routes cut the p99 of a provider with a slow tail to the hedge's delay plus the "
     "next model's latency (virtual time)",
@@ -803,4 +830,59 @@ TEST_CASE(
   CHECK(p99(hedged) == 300ms + 150ms);  // the slow call's hedge on b answered first
   CHECK(hedged.front() == 100ms);       // the fast calls are not slowed
   CHECK(b.calls() == 10);               // one hedge per slow call, no more
+}
+
+TEST_CASE("a traced route: each attempt sends a new span of the caller's trace, its events say so",
+          "[routing][router][trace]") {
+  asio::io_context io;
+  options o = unpaced();
+  std::vector<weir::event> events;
+  o.watch = [&](const weir::event& e) { events.push_back(e); };
+  router_type r(io.get_executor(), two_models(), o);
+  std::vector<weir::trace_context> sent;
+  const auto answer = [&](fake_response reply) {
+    return [&sent, reply](const weir::routing::model_spec& m, const prompt&,
+                          const weir::trace_context& attempt) -> asio::awaitable<fake_response> {
+      sent.push_back(attempt);
+      auto answered = reply;
+      answered.model = m.id;
+      co_return answered;
+    };
+  };
+  r.connect("a", router_type::traced_provider_call(answer(fake_response::server_error())));
+  r.connect("b", router_type::traced_provider_call(answer(fake_response::ok())));
+  const auto caller =
+      weir::trace_context::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+  REQUIRE(caller);
+
+  auto traced = route_now(io, r, {.operation = "chat", .trace = *caller});
+  REQUIRE(traced.value);
+  CHECK(traced.value->route.attempts == 2);  // a's 500, then b
+  REQUIRE(sent.size() == 2);
+  for (const auto& attempt : sent) {
+    CHECK(attempt.trace_id == caller->trace_id);
+    CHECK(attempt.parent_id != caller->parent_id);
+    CHECK(attempt.sampled());
+  }
+  CHECK(sent[0].parent_id != sent[1].parent_id);
+  // The events of each attempt carry its span: the fallback from a names the span a was sent.
+  std::vector<weir::span_id> chosen, fell_back;
+  for (const auto& e : events) {
+    const auto& ids = std::visit([](const auto& v) { return v.trace; }, e);
+    CHECK(ids.trace == caller->trace_id);
+    if (std::holds_alternative<weir::route_chosen>(e)) chosen.push_back(ids.span);
+    if (std::holds_alternative<weir::route_fallback>(e)) fell_back.push_back(ids.span);
+  }
+  CHECK(chosen == std::vector<weir::span_id>{sent[0].parent_id, sent[1].parent_id});
+  CHECK(fell_back == std::vector<weir::span_id>{sent[0].parent_id});
+
+  // Without a trace context nothing is sent, whatever the callable takes.
+  sent.clear();
+  events.clear();
+  auto untraced = route_now(io, r, {.operation = "chat"});
+  REQUIRE(untraced.value);
+  REQUIRE(sent.size() == 2);
+  CHECK_FALSE(sent[0]);
+  CHECK_FALSE(sent[1]);
+  for (const auto& e : events) CHECK_FALSE(std::visit([](const auto& v) { return v.trace; }, e));
 }

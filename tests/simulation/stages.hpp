@@ -541,8 +541,8 @@ class hedge_inner_checks final : public checks {
   }
 
  private:
-  weir::hedging_options make_options(std::mt19937_64& rng) {
-    weir::hedging_options o;
+  hedging_type::options_type make_options(std::mt19937_64& rng) {
+    hedging_type::options_type o;
     o.max_hedges = max_hedges_ = chance(rng, 0.3) ? 0 : pick<std::size_t>(rng, 1, 2);
     o.max_in_flight = max_in_flight_ = pick<std::size_t>(rng, 1, 4);
     o.delay = uniform(rng, 0s, 3s);

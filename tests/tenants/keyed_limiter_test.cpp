@@ -117,6 +117,20 @@ TEST_CASE("async_acquire waits its key's turn, refuses past max_wait, gives back
   CHECK(limits.try_acquire("a"));
 }
 
+TEST_CASE("asio::use_awaitable.as_default_on rebinds a keyed limiter that shares its keys",
+          "[keyed]") {
+  asio::io_context io;
+  keyed limits(io.get_executor(), {.limit = {.rate = weir::per_second(10), .burst = 1}});
+  auto awaiting = asio::use_awaitable.as_default_on(limits);
+  std::chrono::nanoseconds waited{-1};
+  REQUIRE(limits.try_acquire("a"));
+  asio::co_spawn(
+      io, [&]() -> asio::awaitable<void> { waited = co_await awaiting.async_acquire("a", 1); },
+      asio::detached);
+  advance<clock_type>(io, 1s);
+  CHECK(waited == 100ms);  // behind the unit the original took: one key, one bucket
+}
+
 TEST_CASE("settle refunds what a call did not use and charges what it used beyond", "[keyed]") {
   asio::io_context io;
   keyed limits(io.get_executor(), {.limit = {.rate = weir::per_second(100), .burst = 1000}});

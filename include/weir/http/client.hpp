@@ -24,6 +24,7 @@
 #include <weir/http/sse.hpp>
 #include <weir/http/usage.hpp>
 #include <weir/stream.hpp>
+#include <weir/trace.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/as_tuple.hpp>
@@ -475,6 +476,21 @@ inline header_list auth_headers(dialect d, std::string_view api_key) {
   if (d == dialect::anthropic)
     return {{"x-api-key", std::string(api_key)}, {"anthropic-version", "2023-06-01"}};
   return {{"authorization", "Bearer " + std::string(api_key)}};
+}
+
+// The headers that carry an attempt's trace context (weir/trace.hpp): traceparent, and tracestate
+// when it has a passable one. None without a context, so the call sends nothing.
+//
+//     co_await guarded(ctx, [&](const weir::trace_context& attempt) {
+//       return openai.complete(ask, 60s, weir::http::trace_headers(attempt));
+//     });
+inline header_list trace_headers(const trace_context& attempt) {
+  header_list h;
+  if (!attempt) return h;
+  h.emplace_back("traceparent", attempt.traceparent());
+  if (!attempt.tracestate.empty() && weir::detail::passable_tracestate(attempt.tracestate))
+    h.emplace_back("tracestate", std::string(attempt.tracestate));
+  return h;
 }
 
 // The server-sent events of a streamed chat response, in order, to the end of the answer.

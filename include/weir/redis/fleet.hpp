@@ -1,7 +1,7 @@
 // A router fleet's shared state in Redis (see weir/routing/fleet.hpp):
 //
 //     auto shared = std::make_shared<weir::redis::fleet_state>(redis, {.name = "agents-prod"});
-//     router_options.shared_state = shared;
+//     router_options.fleet = shared;
 //
 // Two hashes per fleet: "weir:fleet:{name}:cooling" (provider and model -> the end, on Redis's
 // clock) and "weir:fleet:{name}:limits" (provider and model -> requests per second). Both expire

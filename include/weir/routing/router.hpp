@@ -27,6 +27,7 @@
 #include <weir/routing/selection.hpp>
 #include <weir/routing/strategy.hpp>
 #include <weir/routing/types.hpp>
+#include <weir/stage.hpp>
 #include <weir/usage_monitor.hpp>
 
 #include <fmt/format.h>
@@ -74,6 +75,10 @@ class router {
   // Sends `request` to `model` (of this provider) and returns the response.
   using provider_call =
       std::function<boost::asio::awaitable<Response>(const model_spec&, const Request&)>;
+  // The same, given the attempt's trace context to send with it (see weir/trace.hpp; empty when
+  // the route has none).
+  using traced_provider_call = std::function<boost::asio::awaitable<Response>(
+      const model_spec&, const Request&, const trace_context&)>;
 
   // Throws weir::exception(invalid_argument) for an empty catalog or bad options.
   router(executor_type ex, catalog models, options_type options = {})
@@ -81,6 +86,12 @@ class router {
 
   // The callable that sends requests to one of the catalog's providers.
   void connect(std::string_view provider, provider_call call) {
+    connect(provider, traced_provider_call(
+                          [call = std::move(call)](const model_spec& m, const Request& r,
+                                                   const trace_context&) { return call(m, r); }));
+  }
+  // The same for a callable that sends each attempt's trace context (constraints::trace).
+  void connect(std::string_view provider, traced_provider_call call) {
     for (auto& p : state_->providers)
       if (p->spec->name == provider) {
         p->call = std::move(call);
@@ -117,7 +128,8 @@ class router {
   // has chosen so far, within `max_hedge_cost` (USD at the estimates) when given. The first
   // answer wins; the others are cancelled and waited for, their reservations returned. The
   // route record lists the attempts of every route, the losers' included (a cancelled one as
-  // fatal), in the order they ended.
+  // fatal), in the order they ended. The hedge's events go to the router's observer, when it
+  // has one.
   boost::asio::awaitable<routed<Response>> route_hedged(Request request, constraints c,
                                                         weir::hedging<Clock> hedge,
                                                         std::optional<double> max_hedge_cost = {}) {
@@ -132,7 +144,9 @@ class router {
       }
       return run(s, request, std::move(mine), race);
     };
-    auto hedged = hedge(std::move(attempt));
+    const basic_call_context<Clock> call{.operation = c.operation};
+    const observer* watch = state_->options.watch ? &state_->options.watch : nullptr;
+    auto hedged = hedge(stage_context<Clock>{call, watch}, std::move(attempt));
     auto answer = co_await std::move(hedged);
     answer.route.steps = race->steps();
     answer.route.attempts = static_cast<unsigned>(answer.route.steps.size());
@@ -235,7 +249,7 @@ class router {
     struct cooldown cooldown;   // for providers whose limits are per account
     struct cooldown exhausted;  // the account's credit is spent (router::restore clears it)
     typename Clock::duration cache_ttl;  // how long its prompt cache lives after a use
-    provider_call call;
+    traced_provider_call call;
   };
 
   struct model_entry {
@@ -330,6 +344,13 @@ class router {
     void emit(const Event& e) const {
       if (options.watch) options.watch(event(e));
     }
+    // With the ids of the route's trace (and of its attempt).
+    template <class Event>
+    void emit(Event e, const trace_ids& ids) const {
+      if (!options.watch) return;
+      e.trace = ids;
+      options.watch(event(e));
+    }
 
     // The longest a cooldown or an isolation is shared for: the fleet's state expires by itself.
     static constexpr nanos longest_shared = std::chrono::hours(1);
@@ -337,14 +358,13 @@ class router {
     // Provider `index`'s breaker opened (or was isolated): the fleet stays away for the break.
     // Posted: the breaker calls this under its own lock, and its time left needs that lock.
     void share_break(std::size_t index) {
-      if (!options.shared_state) return;
+      if (!options.fleet) return;
       boost::asio::post(executor, [weak = this->weak_from_this(), index] {
         const auto self = weak.lock();
         if (!self) return;
         const auto& p = *self->providers[index];
         const auto left = std::min(p.breaker.time_until_admit(), longest_shared);
-        if (left > nanos::zero())
-          self->options.shared_state->publish_cooldown(p.spec->name, {}, left);
+        if (left > nanos::zero()) self->options.fleet->publish_cooldown(p.spec->name, {}, left);
       });
     }
 
@@ -456,6 +476,9 @@ class router {
 
   using ticket_type = typename circuit_breaker<Clock>::ticket;
 
+  // What events of the route as a whole carry: its trace id, no attempt's span.
+  static trace_ids route_ids(const constraints& c) { return {c.trace.trace_id, {}}; }
+
   // Models a route may not try because of a budget, and the budget that said so.
   struct priced_out_models {
     explicit priced_out_models(std::size_t models) : skip(models, 0) {}
@@ -467,7 +490,7 @@ class router {
 
   [[noreturn]] static void refuse_over_budget(const state& s, const constraints& c,
                                               const priced_out_models& out) {
-    s.emit(rejected{c.operation, rejection::over_budget, out.room, "router"});
+    s.emit(rejected{c.operation, rejection::over_budget, out.room, "router"}, route_ids(c));
     throw weir::exception::refusal(
         error::over_budget,
         fmt::format("router: every model that fits the request would pass budget {}{}{}{}",
@@ -544,6 +567,7 @@ class router {
     unsigned retryable_failures = 0;
     nanos last_backoff{0};
     std::minstd_rand random;  // the backoff's jitter
+    trace_ids ids{};          // the route's trace id and the current attempt's span id
   };
 
   // Marks in `out` the models this request may not try: those it tried, and those whose
@@ -613,13 +637,13 @@ class router {
     const bool never = wait == nanos::max();
     const auto retry_after = never ? std::nullopt : std::optional(wait);
     if (never || !c.wait_for_capacity || (c.deadline && now + wait > *c.deadline)) {
-      s.emit(rejected{c.operation, rejection::rate_limited, retry_after, "router"});
+      s.emit(rejected{c.operation, rejection::rate_limited, retry_after, "router"}, route_ids(c));
       throw weir::exception(error::no_provider_available,
                             never ? "router: every capable provider is isolated"
                                   : "router: no capable model has room before the deadline",
                             retry_after, route.last_failure, route.record.attempts);
     }
-    s.emit(throttled{c.operation, wait, "router"});
+    s.emit(throttled{c.operation, wait, "router"}, route_ids(c));
     return wait;
   }
 
@@ -638,7 +662,7 @@ class router {
     const auto& budget = s.options.fallback_budget;
     if (route.record.attempts > 0 && budget && !budget->try_withdraw()) {
       m.unreserve(route.estimate, now);
-      s.emit(rejected{c.operation, rejection::budget_exhausted, {}, "router"});
+      s.emit(rejected{c.operation, rejection::budget_exhausted, {}, "router"}, route_ids(c));
       throw weir::exception(error::budget_exhausted, "router: the fallback budget is spent", {},
                             route.last_failure, route.record.attempts);
     }
@@ -671,10 +695,10 @@ class router {
     const bool answered = result.reached_provider();
     if (m.adapt && answered) {
       m.adapt->observe(l.judged, started, finished);
-      if (s.options.shared_state)
+      if (s.options.fleet)
         if (const auto known = m.adapt->state().known;
             known && m.shared_limit.exchange(known->per_second) != known->per_second)
-          s.options.shared_state->publish_limit(m.spec->provider, m.spec->id, known->per_second);
+          s.options.fleet->publish_limit(m.spec->provider, m.spec->id, known->per_second);
     }
     // A stream's latency is its time to first token.
     route.record.steps.push_back({m.spec->provider, m.spec->id, l.judged.kind, latency});
@@ -703,7 +727,7 @@ class router {
         ended.cache_read_tokens = l.used->cache_read_tokens;
         ended.cache_creation_tokens = l.used->cache_write_tokens;
       }
-      s.emit(ended);
+      s.emit(ended, route.ids);
     }
     return l;
   }
@@ -772,6 +796,7 @@ class router {
     std::string gen_ai_operation;
     std::string response_model;
     time_point started;
+    trace_ids ids;  // the route's trace and the streaming attempt's span
 
     stream_settlement(std::shared_ptr<state> st, std::size_t i, ticket_type t,
                       std::vector<typename spend_budget<Clock>::reservation> held,
@@ -787,7 +812,8 @@ class router {
           operation(c.operation),
           gen_ai_operation(c.gen_ai_operation),
           response_model(std::move(answered_by)),
-          started(at) {}
+          started(at),
+          ids(route.ids) {}
 
     // g++ 12 at -O1 warns that the call context's empty optionals may be read uninitialized
     // when they are copied (a false positive, GCC bug 80635; see weir/price.hpp).
@@ -816,8 +842,9 @@ class router {
         const auto& spec = *s->models[model]->spec;
         const double cost = used ? spec.cost(*used) : spec.cost(input_tokens, output_tokens);
         for (auto& r : charges) r.settle(cost);
-        s->emit(stream_ended{operation, how, tally.chunks, tokens, tally.source(),
-                             time_to_first_token});
+        s->emit(
+            stream_ended{operation, how, tally.chunks, tokens, tally.source(), time_to_first_token},
+            ids);
         if (s->options.watch) {
           auto ended = call_ended(*s, model, operation, gen_ai_operation,
                                   std::chrono::duration_cast<nanos>(ended_at - started));
@@ -831,7 +858,7 @@ class router {
             ended.output_tokens = tally.counted_output_tokens;
           ended.cache_read_tokens = tally.reported_cache_read_tokens.value_or(0);
           ended.cache_creation_tokens = tally.reported_cache_write_tokens.value_or(0);
-          s->emit(ended);
+          s->emit(ended, ids);
         }
       } catch (...) {  // an observer threw: the stream's end must not
       }
@@ -869,18 +896,19 @@ class router {
     switch (judged.kind) {
       case verdict::success: return false;
       case verdict::rate_limited:
-        s.emit(server_rate_limited{c.operation, judged.hint});
+        s.emit(server_rate_limited{c.operation, judged.hint}, route.ids);
         if (const auto cool = judged.hint.exhausted_for()) {
           // The quota is spent until then: nobody sends there before it has room again.
           const bool whole_provider = p.spec->cooldown_scope == cooldown_scope::provider;
           (whole_provider ? p.cooldown : m.cooldown)
               .extend_to(finished + std::chrono::duration_cast<typename Clock::duration>(*cool));
-          if (s.options.shared_state)
-            s.options.shared_state->publish_cooldown(spec.provider,
-                                                     whole_provider ? std::string_view{} : spec.id,
-                                                     std::min<nanos>(*cool, state::longest_shared));
+          if (s.options.fleet)
+            s.options.fleet->publish_cooldown(spec.provider,
+                                              whole_provider ? std::string_view{} : spec.id,
+                                              std::min<nanos>(*cool, state::longest_shared));
           s.emit(provider_cooling{c.operation, spec.provider, *cool,
-                                  whole_provider ? std::string_view{} : spec.id});
+                                  whole_provider ? std::string_view{} : spec.id},
+                 route.ids);
         } else {
           // Only this request was refused: it waits as the server said before it tries this
           // model again; the model's pacing has made its one decrease.
@@ -911,7 +939,8 @@ class router {
         else
           out.hold_until_cleared();
         s.emit(provider_exhausted{c.operation, spec.provider, judged.reason, out_for,
-                                  whole_provider ? std::string_view{} : spec.id});
+                                  whole_provider ? std::string_view{} : spec.id},
+               route.ids);
         route.tried()[i] = tried_for_good;
         break;
       }
@@ -933,7 +962,8 @@ class router {
         break;
     }
     s.emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind, context_exceeded,
-                          refused_locally});
+                          refused_locally},
+           route.ids);
     route.last_failure = failure_of(result, spec, judged);
     return true;
   }
@@ -941,10 +971,10 @@ class router {
   // Before a selection: what the fleet knows joins what this router knows (one round trip).
   static boost::asio::awaitable<void> hear_from_fleet(std::shared_ptr<state> s,
                                                       const constraints& c) {
-    auto news = co_await s->options.shared_state->read();
+    auto news = co_await s->options.fleet->read();
     const bool reachable = news.has_value();
     if (s->fleet_reachable.exchange(reachable) != reachable)
-      s->emit(fleet_connection{c.operation, reachable});
+      s->emit(fleet_connection{c.operation, reachable}, route_ids(c));
     if (news) s->hear(*news, Clock::now());
   }
 
@@ -952,8 +982,9 @@ class router {
   static boost::asio::awaitable<outcome<Response>> send_until(std::optional<time_point> deadline,
                                                               const provider_entry& provider,
                                                               const model_spec& spec,
-                                                              const Request& request) {
-    auto send = [&] { return provider.call(spec, request); };
+                                                              const Request& request,
+                                                              const trace_context& trace) {
+    auto send = [&] { return provider.call(spec, request, trace); };
     if (!deadline) co_return co_await capture(send());
     auto bounded = co_await detail::run_until<Clock, Response>(*deadline, send);
     if (!bounded.deadline_passed) co_return std::move(bounded.result);
@@ -968,13 +999,14 @@ class router {
                                                       std::shared_ptr<hedge_race> race = {}) {
     route_progress route(*s, c);
     route.race = std::move(race);
+    route.ids = route_ids(c);
     std::optional<priced_out_models> priced;
     if (!s->options.budgets.empty()) priced.emplace(s->models.size());
     boost::asio::basic_waitable_timer<Clock> timer(co_await boost::asio::this_coro::executor);
     if (s->options.fallback_budget) s->options.fallback_budget->deposit();
 
     for (;;) {
-      if (s->options.shared_state) co_await hear_from_fleet(s, c);
+      if (s->options.fleet) co_await hear_from_fleet(s, c);
       const auto now = Clock::now();
       if (c.deadline && now >= *c.deadline) {
         // Nothing is sent past the deadline; with nothing sent at all, it is a local refusal.
@@ -1023,11 +1055,15 @@ class router {
       const auto& spec = *s->models[i]->spec;
       ++route.record.attempts;
       if (route.race) route.race->chose(spec.provider);
+      // A traced route: each attempt is a new span of the caller's trace.
+      const trace_context attempt_trace =
+          c.trace ? c.trace.child(route.ids.span = new_span_id()) : trace_context{};
       s->emit(route_chosen{c.operation, spec.provider, spec.id, route.record.attempts,
-                           spec.cost(c.input_tokens, c.output_tokens)});
+                           spec.cost(c.input_tokens, c.output_tokens)},
+              route.ids);
       const auto started = Clock::now();
       auto result = co_await send_until(c.deadline, *s->providers[s->models[i]->provider], spec,
-                                        std::as_const(request));
+                                        std::as_const(request), attempt_trace);
       const auto finished = Clock::now();
       const auto l = learn(*s, i, *ticket, result, started, finished, c, route);
       if (l.judged.is_success() && !c.session.empty()) {

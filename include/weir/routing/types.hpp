@@ -3,6 +3,7 @@
 #pragma once
 
 #include <weir/backoff.hpp>
+#include <weir/call_context.hpp>
 #include <weir/events.hpp>
 #include <weir/http/adaptation.hpp>
 #include <weir/outcome.hpp>
@@ -11,7 +12,7 @@
 #include <weir/routing/fleet.hpp>
 #include <weir/routing/strategy.hpp>
 #include <weir/spend_budget.hpp>
-#include <weir/stage.hpp>
+#include <weir/trace.hpp>
 
 #include <chrono>
 #include <cstdint>
@@ -49,6 +50,10 @@ struct basic_route_constraints {
   // gen_ai.operation.name in the GenAI metrics: a well-known value of the conventions ("chat",
   // "text_completion", "embeddings", "generate_content") where one applies.
   std::string_view gen_ai_operation = "chat";
+  // The caller's trace (weir/trace.hpp): each attempt is a new span of it, whose context a
+  // provider connected with a traced_provider_call sends, and whose ids the route's events
+  // carry. The default: none, nothing is sent.
+  trace_context trace{};
 };
 using route_constraints = basic_route_constraints<>;
 
@@ -118,7 +123,7 @@ struct basic_router_options {
   // Shares cooldowns, breaker openings and learned limits with the other routers of a fleet,
   // and reads theirs before each selection (one round trip). Unreachable, the router goes on
   // with its own state and says so (fleet_connection events). Empty: this process alone.
-  std::shared_ptr<fleet> shared_state{};
+  std::shared_ptr<routing::fleet> fleet{};
   // Spend budgets every route is charged to, each keyed by the route's tenant, the model's
   // provider or nothing, as its scope says. A model whose estimated cost would pass one is
   // skipped for one that fits (the strategy still orders those); when none fits, the route fails

@@ -124,6 +124,10 @@ struct mock_stats {
   // The x-weir-request header of every 200 answered without a stall (one the client may have
   // given up on is left out), for matching the server's view of a request to the client's.
   std::set<std::string> succeeded_requests{};
+  // The traceparent header of the last `traces_kept` requests read, oldest first (empty: the
+  // request had none), for tests of trace propagation.
+  static constexpr std::size_t traces_kept = 64;
+  std::deque<std::string> traceparents{};
 
   std::uint64_t status(unsigned s) const {
     auto it = by_status.find(s);
@@ -307,6 +311,10 @@ class mock_provider {
 
       std::lock_guard lock(mutex);
       ++stats.requests;
+      if (stats.traceparents.size() == mock_stats::traces_kept) stats.traceparents.pop_front();
+      const auto traceparent = req.find("traceparent");
+      stats.traceparents.emplace_back(traceparent == req.end() ? std::string()
+                                                               : std::string(traceparent->value()));
       const auto now = clock::now();
       const auto wall = std::chrono::system_clock::now();
       const auto since_start = now - started;
