@@ -46,6 +46,9 @@ struct basic_route_constraints {
   // may have cached: the router remembers where each session went, for cache_affinity. Empty:
   // none. Never put a secret here.
   std::string_view session{};
+  // Only models with one of these ids (of any provider); empty: any. A gateway's client names
+  // the model it wants.
+  std::vector<std::string_view> allowed_models{};
 };
 using route_constraints = basic_route_constraints<>;
 
