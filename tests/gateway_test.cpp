@@ -237,6 +237,12 @@ TEST_CASE("the gateway answers bad input at once, in the dialect's error shape")
   const auto unknown_streamed = post(r.port(), "/v1/messages", chat("gpt-9000", true));
   CHECK(unknown_streamed.status == 404);
   CHECK(anthropic_error_shape(unknown_streamed.body));
+  // A name is echoed short and without control characters (it could forge a log line).
+  const auto odd =
+      post(r.port(), "/v1/chat/completions", chat("a\\nb" + std::string(100, 'x'), false));
+  CHECK(odd.status == 404);
+  CHECK(odd.body.find("a?b") != std::string::npos);
+  CHECK(odd.body.find(std::string(70, 'x')) == std::string::npos);
   const auto big = post(r.port(), "/v1/chat/completions", chat(std::string(5000, 'x'), false));
   CHECK(big.status == 413);
   CHECK(exchange(r.port(), gw_http::verb::get, "/v1/chat/completions").status == 405);

@@ -127,6 +127,16 @@ inline std::string sha256_hex(std::string_view key) {
   return hex;
 }
 
+// A name the client gave, fit for a log line or an error message: at most 64 characters, none
+// of them a control character (a name holding a newline must not forge a log line).
+inline std::string printable(std::string_view name) {
+  std::string out(name.substr(0, 64));
+  for (auto& ch : out)
+    if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) ch = '?';
+  if (name.size() > 64) out += "...";
+  return out;
+}
+
 // The error body each dialect's SDK reads.
 inline std::string error_body(dialect d, unsigned status, std::string_view message) {
   const auto anthropic_type = [&]() -> std::string_view {
@@ -803,8 +813,9 @@ class server {
     // with no models listed: the client's name goes through).
     auto c = constraints_for(*s, *body, d);
     if (!c || c->allowed_providers.empty()) {
-      const auto why = !c ? fmt::format("no model named '{}' here", body->model)
-                          : fmt::format("no provider of '{}' speaks this API", body->model);
+      const auto why =
+          !c ? fmt::format("no model named '{}' here", printable(body->model))
+             : fmt::format("no provider of '{}' speaks this API", printable(body->model));
       co_return co_await bad_request(*s, stream, d, c ? 400 : 404, why, req);
     }
     c->input_tokens = std::max<std::uint64_t>(1, req.body().size() / 4);
@@ -856,7 +867,8 @@ class server {
     }
     if (s->options.log_requests)
       fmt::print(stderr, "weir-gateway: {} {} tenant {} model {} {} {:.0f} ms\n",
-                 std::string_view(req.method_string()), path_of(req), who.name, body->model, status,
+                 std::string_view(req.method_string()), path_of(req), who.name,
+                 printable(body->model), status,
                  std::chrono::duration<double, std::milli>(steady::now() - began).count());
     co_return keep;
   }
