@@ -436,7 +436,7 @@ int wait_exit(pid_t pid, std::chrono::milliseconds within) {
 
 }  // namespace
 
-TEST_CASE("the official OpenAI and Anthropic SDKs drive weir-gateway; SIGTERM ends it with 0",
+TEST_CASE("the official OpenAI and Anthropic SDKs drive weir-gateway, and SIGTERM ends it with 0",
           "[sdk]") {
   namespace fs = std::filesystem;
   const char* from_env = std::getenv("WEIR_NODE_MODULES");
