@@ -32,6 +32,25 @@ weir_ensure_packages() {
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
 }
 
+# The official SDKs that weir-gateway's real-client test drives it with ("[sdk]" in
+# tests/gateway_test.cpp), pinned, installed from the npm registry into build/npm. Node.js comes
+# with the machine, or from Debian's nodejs and npm.
+WEIR_NPM_PACKAGES=(openai@6.49.0 @anthropic-ai/sdk@1.17.0)
+
+weir_ensure_npm_packages() {
+  local dir=build/npm stamp
+  stamp="${WEIR_NPM_PACKAGES[*]}"
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    local WEIR_PACKAGES=(nodejs npm)
+    weir_ensure_packages
+  fi
+  [ -f "$dir/installed" ] && [ "$(cat "$dir/installed")" = "$stamp" ] && return 0
+  mkdir -p "$dir"
+  echo '{"private": true}' >"$dir/package.json"
+  npm install --prefix "$dir" --no-audit --no-fund --silent "${WEIR_NPM_PACKAGES[@]}"
+  echo "$stamp" >"$dir/installed"
+}
+
 # Configures and builds one CMake preset with two jobs; extra arguments go to the build
 # (e.g. --target weir-demo).
 weir_build() {

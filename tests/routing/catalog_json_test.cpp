@@ -127,3 +127,12 @@ TEST_CASE("a bad catalog file names the field and the line", "[routing][catalog]
     CHECK(e.line() == 0);
   }
 }
+
+TEST_CASE("a catalog leaves the top-level fields its caller names to the caller",
+          "[routing][catalog]") {
+  const std::string json =
+      R"({"models": [{"provider": "a", "id": "m", "capability": 1}], "tenants": [1, 2]})";
+  CHECK_THROWS_AS(weir::routing::load_catalog(json), weir::routing::catalog_error);
+  constexpr std::string_view ours[] = {"tenants", "aliases"};
+  CHECK(weir::routing::load_catalog(json, ours).models().size() == 1);
+}

@@ -72,3 +72,21 @@ TEST_CASE("selection ranks what may be tried now and says when the first blocked
   CHECK(r::blocked_for(-1s, -1s, std::nullopt, std::nullopt) == 0s);
   CHECK(r::cost_of(c).tokens == 1200);
 }
+
+TEST_CASE("selection keeps to the models a request names, of any provider",
+          "[routing][selection][router]") {
+  namespace r = weir::routing;
+  using steady = std::chrono::steady_clock;
+  const r::model_spec cheap{.provider = "a", .id = "gpt", .input_price = 1, .capability = 5};
+  const r::model_spec dear{.provider = "b", .id = "claude", .input_price = 9, .capability = 9};
+  const r::model_spec mirror{.provider = "c", .id = "gpt", .input_price = 2, .capability = 5};
+  r::basic_route_constraints<steady> c{.input_tokens = 10, .output_tokens = 10};
+  const auto fits = [&](const r::model_spec& m) {
+    return r::fits(r::model_view<steady>{.spec = &m}, c, r::fitting_context(c));
+  };
+  CHECK((fits(cheap) && fits(dear) && fits(mirror)));  // none named: any
+  c.allowed_models = {"claude"};
+  CHECK((!fits(cheap) && fits(dear) && !fits(mirror)));
+  c.allowed_models = {"gpt"};
+  CHECK((fits(cheap) && !fits(dear) && fits(mirror)));
+}

@@ -35,6 +35,7 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
+#include <span>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -365,11 +366,14 @@ namespace weir::routing {
 
 // Parses a catalog. Throws catalog_error (a weir::exception with code invalid_argument) naming
 // the field and line of the first problem: bad syntax, a missing or mistyped field, an unknown
-// field, a duplicate model.
-inline catalog load_catalog(std::string_view json) {
+// field, a duplicate model. `other_fields` are top-level fields the caller reads itself (a
+// gateway's tenants, say): neither read nor refused here.
+inline catalog load_catalog(std::string_view json,
+                            std::span<const std::string_view> other_fields = {}) {
   using namespace detail::json_catalog;
   const node root = parse(json);
   reader top(root, "catalog");
+  for (const auto field : other_fields) top.find(field);
   catalog c;
   const auto each = [&](std::string_view key, bool required, auto add) {
     const node* list = top.find(key);
@@ -398,12 +402,13 @@ inline catalog load_catalog(std::string_view json) {
 }
 
 // Reads and parses a catalog file. Throws catalog_error with line 0 if it cannot be read.
-inline catalog load_catalog_file(const std::filesystem::path& path) {
+inline catalog load_catalog_file(const std::filesystem::path& path,
+                                 std::span<const std::string_view> other_fields = {}) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw catalog_error(path.string(), 0, "cannot open the file");
   std::ostringstream text;
   text << in.rdbuf();
-  return load_catalog(text.str());
+  return load_catalog(text.str(), other_fields);
 }
 
 }  // namespace weir::routing

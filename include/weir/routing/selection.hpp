@@ -60,6 +60,7 @@ bool fits(const model_view<Clock>& m, const basic_route_constraints<Clock>& c,
   if (s.context_window != 0 && s.context_window < min_context) return false;
   if (!c.allowed_providers.empty() && !listed(c.allowed_providers, s.provider)) return false;
   if (listed(c.excluded_providers, s.provider)) return false;
+  if (!c.allowed_models.empty() && !listed(c.allowed_models, s.id)) return false;
   if (c.max_cost && s.cost(c.input_tokens, c.output_tokens) > *c.max_cost) return false;
   return weir::detail::saturating_add(c.input_tokens, c.output_tokens) <= m.max_request_tokens;
 }

@@ -54,6 +54,9 @@ struct basic_route_constraints {
   // provider connected with a traced_provider_call sends, and whose ids the route's events
   // carry. The default: none, nothing is sent.
   trace_context trace{};
+  // Only models with one of these ids (of any provider); empty: any. A gateway's client names
+  // the model it wants.
+  std::vector<std::string_view> allowed_models{};
 };
 using route_constraints = basic_route_constraints<>;
 
