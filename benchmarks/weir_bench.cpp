@@ -1,4 +1,4 @@
-// weir_bench: each policy's hot path against the floor it cannot beat. The README quotes a run.
+// weir_bench: each policy's hot path against the floor it cannot beat (a run: docs/performance.md).
 
 // The replaced operator new/delete below pair malloc with free on purpose; gcc cannot see that
 // through inlining and warns.
