@@ -22,6 +22,16 @@ struct price {
             static_cast<double>(output_tokens) * output_per_million) /
            1e6;
   }
+  // The most a call with these token counts can be charged: its input at the dearer of the input
+  // and cache-write rates (a provider may write the whole prompt to its cache, at 1.25× the input
+  // price for Anthropic). What a budget reserves before the call, so that calls in flight
+  // together never pass it, whatever the response reports.
+  double most_for(std::uint64_t input_tokens, std::uint64_t output_tokens) const noexcept {
+    const double input_rate = std::max(input_per_million, cache_write_per_million.value_or(0));
+    return (static_cast<double>(input_tokens) * input_rate +
+            static_cast<double>(output_tokens) * output_per_million) /
+           1e6;
+  }
   // A call's cost by its usage: input and output at their rates, or a bare total at the dearer
   // rate, so never under-estimated.
   double of(const usage& u) const noexcept {

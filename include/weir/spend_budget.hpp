@@ -207,8 +207,11 @@ class budget_stage_base {
   std::string_view key_of(const basic_call_context<clock_type>& call) const noexcept {
     return budget_key(budget_.scope(), call.tenant, provider_);
   }
+  // The most the call can cost (see price::most_for), so that calls in flight never pass it.
   double estimate_of(const basic_call_context<clock_type>& call) const noexcept {
-    return price_.of(call.estimated_usage());
+    const auto u = call.estimated_usage();
+    if (u.input_tokens || u.output_tokens) return price_.most_for(u.input_tokens, u.output_tokens);
+    return std::max(price_.of(u), price_.most_for(u.tokens, 0));
   }
   // What the call really cost: its cache reads and writes, when it reported them, at their rates.
   double cost_of(const basic_call_context<clock_type>& call) const noexcept {

@@ -288,6 +288,45 @@ TEST_CASE("a budget stage charges cache reads and writes at their own prices", "
             .input_tokens = 1'000'000, .cache_read_tokens = 900'000}) == Approx(3.0));
 }
 
+TEST_CASE("a budget is never passed by calls that write their whole prompt to the cache",
+          "[budget][cache]") {
+  clock_type::set(at(utc(2026, 11, 30, 9)));
+  asio::io_context io;
+  // Room for two calls at the input price ($3 each), but each writes its million tokens to the
+  // cache at $3.75: a reservation at the input price would let the third in and pass the limit.
+  budget overall({.limit = 7.6});
+  const weir::price sonnet{.input_per_million = 3,
+                           .output_per_million = 15,
+                           .cached_input_per_million = 0.3,
+                           .cache_write_per_million = 3.75};
+  auto guarded = weir::pipeline(overall.stage(sonnet));
+  // Three calls in flight at once: each reserves before any settles.
+  std::vector<std::unique_ptr<weir::basic_call_context<clock_type>>> calls;
+  std::vector<std::unique_ptr<weir::testing::finished<int>>> results;
+  asio::steady_timer gate(io, std::chrono::steady_clock::time_point::max());
+  for (int i = 0; i < 3; ++i) {
+    calls.push_back(std::make_unique<weir::basic_call_context<clock_type>>(
+        weir::basic_call_context<clock_type>{.input_tokens = 1'000'000, .output_tokens = 0}));
+    results.push_back(std::make_unique<weir::testing::finished<int>>());
+    auto& ctx = *calls.back();
+    results.back()->start(io, guarded(ctx, [&]() -> asio::awaitable<int> {
+                            co_await gate.async_wait(asio::as_tuple(asio::use_awaitable));
+                            ctx.actual_input_tokens = 1'000'000;
+                            ctx.actual_output_tokens = 0;
+                            ctx.actual_cache_write_tokens = 1'000'000;
+                            co_return 0;
+                          }));
+  }
+  run_ready(io);
+  gate.cancel();
+  run_ready(io);
+  int answered = 0;
+  for (auto& r : results) answered += r->value ? 1 : 0;
+  CHECK(answered == 2);
+  CHECK(overall.status().at(0).spent == Approx(7.5));
+  CHECK(overall.status().at(0).spent <= 7.6);
+}
+
 TEST_CASE("four threads reserving from one budget never pass it together",
           "[budget][concurrency]") {
   budget shared({.limit = 1.0, .per = weir::budget_scope::tenant});

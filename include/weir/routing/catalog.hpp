@@ -55,6 +55,10 @@ struct model_spec {
   double cost(std::uint64_t input_tokens, std::uint64_t output_tokens) const noexcept {
     return prices().of(input_tokens, output_tokens);
   }
+  // The most such a request can cost (its prompt written to the cache): what budgets reserve.
+  double most_cost(std::uint64_t input_tokens, std::uint64_t output_tokens) const noexcept {
+    return prices().most_for(input_tokens, output_tokens);
+  }
   // USD for what a response reported, its cache reads and writes at their prices.
   double cost(const token_usage& used) const noexcept { return prices().of(used); }
 

@@ -586,7 +586,7 @@ class router {
       // could, the request is no provider's, whatever the budgets.
       if (tried[i] || !fits(s.models[i]->view(), c, route.min_context)) continue;
       const auto& spec = *s.models[i]->spec;
-      const double cost = spec.cost(c.input_tokens, c.output_tokens);
+      const double cost = spec.most_cost(c.input_tokens, c.output_tokens);
       for (const auto& b : s.options.budgets) {
         const auto key = b.key_for(c.tenant, spec.provider);
         if (b.fits(key, cost, now)) continue;
@@ -610,7 +610,7 @@ class router {
       state& s, const constraints& c, std::size_t i, time_point now) {
     std::vector<typename spend_budget<Clock>::reservation> held;
     const auto& spec = *s.models[i]->spec;
-    const double cost = spec.cost(c.input_tokens, c.output_tokens);
+    const double cost = spec.most_cost(c.input_tokens, c.output_tokens);
     for (auto& b : s.options.budgets) {
       auto r = b.try_reserve(b.key_for(c.tenant, spec.provider), cost, now);
       if (!r) {
