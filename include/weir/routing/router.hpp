@@ -24,6 +24,7 @@
 #include <weir/rate_limits.hpp>
 #include <weir/retry_budget.hpp>
 #include <weir/routing/catalog.hpp>
+#include <weir/routing/route_machine.hpp>
 #include <weir/routing/selection.hpp>
 #include <weir/routing/strategy.hpp>
 #include <weir/routing/types.hpp>
@@ -529,45 +530,29 @@ class router {
     std::vector<route_step> all_steps;
   };
 
-  // What tried() holds for a model: not tried; failed in a way another attempt may not (fatal,
-  // too small a context, refused locally); failed in a way it may (a 5xx, a reset), tried again
-  // after a backoff once no other capable model is left.
-  enum : char { untried = 0, tried_for_good = 1, tried_retryable = 2 };
-
+  // One route's progress: its decisions (route_machine.hpp), what it will report, and whose it is.
   struct route_progress {
     route_progress(const state& s, const constraints& c)
-        : tried_flags(s.models.size(), untried),
-          retry_times(s.models.size(), 0),
-          min_context(fitting_context(c)),
-          estimate(cost_of(c)),
-          random(s.route_seeds.fetch_add(1, std::memory_order_relaxed)) {
+        : machine(s.models.size(), fitting_context(c), settings_of(s, c),
+                  s.route_seeds.fetch_add(1, std::memory_order_relaxed)),
+          estimate(cost_of(c)) {
       record.estimated_tokens = estimate.tokens;
     }
 
-    // The models that failed retryably may be tried again, after their backoff (not_before):
-    // false when there are none.
-    bool try_again_after_backoff() {
-      bool any = false;
-      for (auto& t : tried())
-        if (t == tried_retryable) t = untried, any = true;
-      return any;
+    static route_machine::settings settings_of(const state& s, const constraints& c) {
+      return {.max_attempts = s.options.max_attempts,
+              .retry_backoff = s.options.retry_backoff,
+              .exhausted_for = s.options.exhausted_for,
+              .wait_for_capacity = c.wait_for_capacity,
+              .deadline_ns =
+                  c.deadline ? std::optional(weir::detail::to_nanos(*c.deadline)) : std::nullopt};
     }
 
-    std::span<char> tried() const { return tried_flags.span(); }
-    // Per model: when this request may try it again (clock nanoseconds).
-    std::span<std::int64_t> not_before() const { return retry_times.span(); }
-
-    weir::detail::small_buffer<char, 32> tried_flags;
-    weir::detail::small_buffer<std::int64_t, 32> retry_times;
-    std::uint64_t min_context;  // grows when a model's context window proved too small
+    route_machine machine;
     usage estimate;
     route_record record;
-    std::exception_ptr last_failure;
     std::shared_ptr<hedge_race> race{};  // when the route is one of a hedged request's
-    unsigned retryable_failures = 0;
-    nanos last_backoff{0};
-    std::minstd_rand random;  // the backoff's jitter
-    trace_ids ids{};          // the route's trace id and the current attempt's span id
+    trace_ids ids{};                     // the route's trace id and the current attempt's span id
   };
 
   // Marks in `out` the models this request may not try: those it tried, and those whose
@@ -575,7 +560,7 @@ class router {
   // room). False when no model is priced out.
   static bool price_out(const state& s, const constraints& c, const route_progress& route,
                         time_point now, priced_out_models& out) {
-    const auto tried = route.tried();
+    const auto tried = route.machine.tried();
     std::copy(tried.begin(), tried.end(), out.skip.span().begin());
     out.budget.clear();
     out.key.clear();
@@ -584,7 +569,7 @@ class router {
     for (std::size_t i = 0; i < s.models.size(); ++i) {
       // A model that could never take the request is not "over budget": with no model that
       // could, the request is no provider's, whatever the budgets.
-      if (tried[i] || !fits(s.models[i]->view(), c, route.min_context)) continue;
+      if (tried[i] || !fits(s.models[i]->view(), c, route.machine.min_context())) continue;
       const auto& spec = *s.models[i]->spec;
       const double cost = spec.cost(c.input_tokens, c.output_tokens);
       for (const auto& b : s.options.budgets) {
@@ -622,29 +607,38 @@ class router {
     return held;
   }
 
-  // No model has room now: how long until the first will, or the error that ends the route.
-  static nanos wait_for_room(const state& s, const constraints& c, const ranking& r,
-                             const route_progress& route, time_point now) {
-    if (!r.any_capable) {
-      if (route.record.attempts == 0 && !route.last_failure)
+  // The route ends without an answer, as its machine decided: the error (and event) saying why.
+  [[noreturn]] static void give_up(const state& s, const constraints& c,
+                                   const route_progress& route, const route_decision& d,
+                                   const std::optional<priced_out_models>& priced) {
+    const auto& cause = route.machine.last_failure();
+    const auto attempts = route.record.attempts;
+    switch (d.reason) {
+      case give_up_reason::deadline_passed: {
+        // Nothing is sent past the deadline; with nothing sent at all, it is a local refusal.
+        weir::exception passed(error::timeout, "router: the deadline passed", {}, cause, attempts);
+        if (d.refused_before_sending) throw passed.as_refusal();
+        throw passed;
+      }
+      case give_up_reason::attempts_exhausted:
+        throw weir::exception(error::retries_exhausted,
+                              fmt::format("router: {} attempts failed", attempts), {}, cause,
+                              attempts);
+      case give_up_reason::over_budget: refuse_over_budget(s, c, *priced);
+      case give_up_reason::no_capable_model:
         throw weir::exception(error::no_provider_available,
                               "router: no model meets the request's constraints");
-      throw weir::exception(error::retries_exhausted,
-                            "router: every capable model failed this request", {},
-                            route.last_failure, route.record.attempts);
+      case give_up_reason::every_model_failed:
+        throw weir::exception(error::retries_exhausted,
+                              "router: every capable model failed this request", {}, cause,
+                              attempts);
+      case give_up_reason::no_room: break;
     }
-    const auto wait = r.earliest;
-    const bool never = wait == nanos::max();
-    const auto retry_after = never ? std::nullopt : std::optional(wait);
-    if (never || !c.wait_for_capacity || (c.deadline && now + wait > *c.deadline)) {
-      s.emit(rejected{c.operation, rejection::rate_limited, retry_after, "router"}, route_ids(c));
-      throw weir::exception(error::no_provider_available,
-                            never ? "router: every capable provider is isolated"
-                                  : "router: no capable model has room before the deadline",
-                            retry_after, route.last_failure, route.record.attempts);
-    }
-    s.emit(throttled{c.operation, wait, "router"}, route_ids(c));
-    return wait;
+    s.emit(rejected{c.operation, rejection::rate_limited, d.retry_after, "router"}, route_ids(c));
+    throw weir::exception(error::no_provider_available,
+                          d.retry_after ? "router: no capable model has room before the deadline"
+                                        : "router: every capable provider is isolated",
+                          d.retry_after, cause, attempts);
   }
 
   // Model i was picked and its limits charged: the breaker's ticket to send with, or nullopt
@@ -664,7 +658,7 @@ class router {
       m.unreserve(route.estimate, now);
       s.emit(rejected{c.operation, rejection::budget_exhausted, {}, "router"}, route_ids(c));
       throw weir::exception(error::budget_exhausted, "router: the fallback budget is spent", {},
-                            route.last_failure, route.record.attempts);
+                            route.machine.last_failure(), route.record.attempts);
     }
     auto ticket = p.breaker.try_admit();
     if (!ticket.admitted) {
@@ -883,89 +877,64 @@ class router {
     for (auto& r : charges) r.settle(cost);
   }
 
-  // After a failure of model i: cools it down (the server said its quota is spent), waits for it
-  // (only this request was refused), skips it (it failed), or looks for a larger context window.
-  // False when the failure is the route's answer (fatal).
+  // After an answer of model i that is not a success: false when it is the route's answer (a
+  // fatal one); else the route falls back, and what the failure means for the model (a cooldown,
+  // a spent quota) holds for every route.
   static bool fall_back(state& s, const constraints& c, std::size_t i,
                         const outcome<Response>& result, const classification& judged,
                         time_point finished, route_progress& route) {
     auto& m = *s.models[i];
     auto& p = *s.providers[m.provider];
     const auto& spec = *m.spec;
-    bool context_exceeded = false, refused_locally = false;
-    switch (judged.kind) {
-      case verdict::success: return false;
-      case verdict::rate_limited:
-        s.emit(server_rate_limited{c.operation, judged.hint}, route.ids);
-        if (const auto cool = judged.hint.exhausted_for()) {
-          // The quota is spent until then: nobody sends there before it has room again.
-          const bool whole_provider = p.spec->cooldown_scope == cooldown_scope::provider;
-          (whole_provider ? p.cooldown : m.cooldown)
-              .extend_to(finished + std::chrono::duration_cast<typename Clock::duration>(*cool));
-          if (s.options.fleet)
-            s.options.fleet->publish_cooldown(spec.provider,
-                                              whole_provider ? std::string_view{} : spec.id,
-                                              std::min<nanos>(*cool, state::longest_shared));
-          s.emit(provider_cooling{c.operation, spec.provider, *cool,
-                                  whole_provider ? std::string_view{} : spec.id},
-                 route.ids);
-        } else {
-          // Only this request was refused: it waits as the server said before it tries this
-          // model again; the model's pacing has made its one decrease.
-          const auto wait = judged.hint.retry_after.value_or(p.spec->default_cooldown);
-          route.not_before()[i] = weir::detail::to_nanos(finished) + wait.count();
-        }
-        break;
-      case verdict::retryable: {
-        // Another model first; this one again after a backoff if none is left, as a retry
-        // would: with one model, a 503 is retried rather than the end of the request.
-        route.tried()[i] = tried_retryable;
-        route.last_backoff = s.options.retry_backoff.delay(route.retryable_failures++,
-                                                           route.last_backoff, route.random);
-        route.not_before()[i] = std::max(
-            route.not_before()[i], weir::detail::to_nanos(finished) + route.last_backoff.count());
-        break;
-      }
-      case verdict::exhausted: {
-        // No retry helps before the quota resets or someone pays: the model (for the account's
-        // credit, its whole provider) is out until then, or until restore().
-        const bool whole_provider = judged.reason.cause == refusal_cause::billing ||
-                                    p.spec->cooldown_scope == cooldown_scope::provider;
-        const auto out_for =
-            judged.reason.resets_after ? judged.reason.resets_after : s.options.exhausted_for;
-        auto& out = whole_provider ? p.exhausted : m.exhausted;
-        if (out_for)
-          out.extend_to(finished + std::chrono::duration_cast<typename Clock::duration>(*out_for));
-        else
-          out.hold_until_cleared();
-        s.emit(provider_exhausted{c.operation, spec.provider, judged.reason, out_for,
-                                  whole_provider ? std::string_view{} : spec.id},
-               route.ids);
-        route.tried()[i] = tried_for_good;
-        break;
-      }
-      case verdict::fatal:
-        if (result.refused_locally()) {
-          // The model's own stages turned the call away before sending (its queue is full, its
-          // budget spent): this model has no room for the request now, another may.
-          route.tried()[i] = tried_for_good;
-          refused_locally = true;
-          break;
-        }
-        if (result.cancelled() || !s.options.context_exceeded ||
-            !s.options.context_exceeded(result))
-          return false;
-        route.tried()[i] = tried_for_good;
-        if (spec.context_window != 0)
-          route.min_context = std::max(route.min_context, spec.context_window + 1);
-        context_exceeded = true;
-        break;
-    }
-    s.emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind, context_exceeded,
-                          refused_locally},
+    if (judged.kind == verdict::rate_limited)
+      s.emit(server_rate_limited{c.operation, judged.hint}, route.ids);
+    const bool fatal = judged.kind == verdict::fatal;
+    const auto ended = route.machine.ended(
+        {.model = i,
+         .judged = judged,
+         .refused_locally = fatal && result.refused_locally(),
+         .cancelled = fatal && result.cancelled(),
+         .context_exceeded = fatal && !result.refused_locally() && !result.cancelled() &&
+                             s.options.context_exceeded && s.options.context_exceeded(result),
+         .finished_ns = weir::detail::to_nanos(finished),
+         .failure = judged.is_success() ? std::exception_ptr{} : failure_of(result, spec, judged),
+         .context_window = spec.context_window,
+         .limits_per_provider = p.spec->cooldown_scope == cooldown_scope::provider,
+         .default_cooldown = p.spec->default_cooldown});
+    if (ended.answer) return false;
+    if (const auto& hold = ended.hold) hold_model(s, c, i, *hold, judged, finished, route);
+    s.emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind, ended.context_exceeded,
+                          ended.refused_locally},
            route.ids);
-    route.last_failure = failure_of(result, spec, judged);
     return true;
+  }
+
+  // Nobody sends to model i (or its whole provider) for a while: its quota is spent.
+  static void hold_model(state& s, const constraints& c, std::size_t i, const model_hold& hold,
+                         const classification& judged, time_point finished,
+                         const route_progress& route) {
+    auto& m = *s.models[i];
+    auto& p = *s.providers[m.provider];
+    const auto& spec = *m.spec;
+    const auto model_id = hold.whole_provider ? std::string_view{} : std::string_view(spec.id);
+    const auto until = [&] {
+      return finished + std::chrono::duration_cast<typename Clock::duration>(*hold.length);
+    };
+    if (hold.why == model_hold::kind::cooling) {
+      (hold.whole_provider ? p.cooldown : m.cooldown).extend_to(until());
+      if (s.options.fleet)
+        s.options.fleet->publish_cooldown(spec.provider, model_id,
+                                          std::min<nanos>(*hold.length, state::longest_shared));
+      s.emit(provider_cooling{c.operation, spec.provider, *hold.length, model_id}, route.ids);
+      return;
+    }
+    auto& out = hold.whole_provider ? p.exhausted : m.exhausted;
+    if (hold.length)
+      out.extend_to(until());
+    else
+      out.hold_until_cleared();
+    s.emit(provider_exhausted{c.operation, spec.provider, judged.reason, hold.length, model_id},
+           route.ids);
   }
 
   // Before a selection: what the fleet knows joins what this router knows (one round trip).
@@ -1008,32 +977,28 @@ class router {
     for (;;) {
       if (s->options.fleet) co_await hear_from_fleet(s, c);
       const auto now = Clock::now();
-      if (c.deadline && now >= *c.deadline) {
-        // Nothing is sent past the deadline; with nothing sent at all, it is a local refusal.
-        weir::exception passed(error::timeout, "router: the deadline passed", {},
-                               route.last_failure, route.record.attempts);
-        if (route.record.attempts == 0) throw passed.as_refusal();
-        throw passed;
-      }
-      if (route.record.attempts == s->options.max_attempts)
-        throw weir::exception(error::retries_exhausted,
-                              fmt::format("router: {} attempts failed", route.record.attempts), {},
-                              route.last_failure, route.record.attempts);
+      const auto now_ns = weir::detail::to_nanos(now);
+      if (const auto stop = route.machine.check(now_ns)) give_up(*s, c, route, *stop, priced);
       ranking ranked(s->models.size());
       const bool priced_out = priced && price_out(*s, c, route, now, *priced);
-      const auto picked =
-          s->pick(ranked, c, route.min_context, priced_out ? priced->skip.span() : route.tried(),
-                  route.not_before(), now, true);
-      if (!picked && !ranked.any_capable && route.try_again_after_backoff()) continue;
-      if (!picked && priced_out && !ranked.any_capable) refuse_over_budget(*s, c, *priced);
-      if (!picked) {
-        timer.expires_after(std::chrono::duration_cast<typename Clock::duration>(
-            wait_for_room(*s, c, ranked, route, now)));
+      const auto picked = s->pick(ranked, c, route.machine.min_context(),
+                                  priced_out ? priced->skip.span() : route.machine.tried(),
+                                  route.machine.not_before(), now, true);
+      const auto next = route.machine.selected({.picked = picked,
+                                                .any_capable = ranked.any_capable,
+                                                .earliest = ranked.earliest,
+                                                .priced_out = priced_out},
+                                               now_ns);
+      if (next.kind == route_step_kind::select_again) continue;
+      if (next.kind == route_step_kind::give_up) give_up(*s, c, route, next, priced);
+      if (next.kind == route_step_kind::wait) {
+        s->emit(throttled{c.operation, next.wait, "router"}, route_ids(c));
+        timer.expires_after(std::chrono::duration_cast<typename Clock::duration>(next.wait));
         co_await timer.async_wait(boost::asio::use_awaitable);
         route.record.waited += std::chrono::duration_cast<nanos>(Clock::now() - now);
         continue;
       }
-      const auto i = *picked;
+      const auto i = next.model;
       auto charges = charge_budgets(*s, c, i, now);
       if (!charges) {
         s->models[i]->unreserve(route.estimate, now);
@@ -1048,11 +1013,12 @@ class router {
       }
       if (!ticket) {
         for (auto& r : *charges) r.release();
-        route.tried()[i] = tried_for_good;
+        route.machine.passed_over(i);
         continue;
       }
 
       const auto& spec = *s->models[i]->spec;
+      route.machine.sent();
       ++route.record.attempts;
       if (route.race) route.race->chose(spec.provider);
       // A traced route: each attempt is a new span of the caller's trace.
