@@ -14,6 +14,7 @@
 
 #include <weir/circuit_breaker.hpp>
 #include <weir/detail/deadline.hpp>
+#include <weir/detail/driver.hpp>
 #include <weir/detail/session_caches.hpp>
 #include <weir/detail/small_buffer.hpp>
 #include <weir/error.hpp>
@@ -668,74 +669,36 @@ class router {
     return ticket;
   }
 
-  // What one answer of model i teaches: the breaker, the pacing, the usage window, the limits
-  // (settled to what was used) and the latency estimate.
+  // What one answer of model i taught the route.
   struct lesson {
-    classification judged;
+    bool settled = false;  // by the attempt's stage (not yet for a stream's first chunk)
+    classification judged{};
     std::optional<token_usage> used{};  // what the response reported
     std::uint64_t tokens = 0;           // settled: reported, or the estimate
+    time_point finished{};
   };
   // A stream (see weir/stream.hpp) is judged at its first chunk and settled at its end.
   static constexpr bool streamed = weir::detail::settles_at_stream_end<Response>;
 
-  static lesson learn(state& s, std::size_t i, const ticket_type& ticket,
-                      const outcome<Response>& result, time_point started, time_point finished,
-                      const constraints& c, route_progress& route) {
+  // What an answer of model i teaches before anything is settled: the pacing (and through it the
+  // fleet), the route's steps and the latency estimate. A stream's latency is its time to first
+  // token. A cancelled call, or one the provider's own code refused before sending, is no answer:
+  // the pacing learns nothing from it.
+  static void observe(state& s, std::size_t i, const classification& judged, bool answered,
+                      time_point started, time_point finished, route_progress& route) {
     auto& m = *s.models[i];
     const auto latency = std::chrono::duration_cast<nanos>(finished - started);
-    lesson l{.judged = s.options.classifier(result), .used = std::nullopt};
-    // A cancelled call, or one the provider's own code refused before sending, is no answer:
-    // the breaker gets its ticket back (a probe must not close it), the pacing learns nothing.
-    const bool answered = result.reached_provider();
     if (m.adapt && answered) {
-      m.adapt->observe(l.judged, started, finished);
+      m.adapt->observe(judged, started, finished);
       if (s.options.fleet)
         if (const auto known = m.adapt->state().known;
             known && m.shared_limit.exchange(known->per_second) != known->per_second)
           s.options.fleet->publish_limit(m.spec->provider, m.spec->id, known->per_second);
     }
-    // A stream's latency is its time to first token.
-    route.record.steps.push_back({m.spec->provider, m.spec->id, l.judged.kind, latency});
+    route.record.steps.push_back({m.spec->provider, m.spec->id, judged.kind, latency});
     if (route.race) route.race->ended(route.record.steps.back());
-    if (l.judged.is_success()) s.note_latency(m, latency);
-    if (answered && l.judged.kind == verdict::retryable) s.note_failure_latency(m, latency);
-
-    if constexpr (streamed) {
-      l.tokens = route.estimate.tokens;
-      if (l.judged.is_success()) return l;  // the rest when the stream ends (stream_settlement)
-    } else {
-      if (l.judged.is_success() && s.options.usage_of) l.used = s.options.usage_of(result.value());
-    }
-    l.tokens = settle_answer(s, i, ticket, answered, l.judged.kind, l.used, route.estimate, started,
-                             finished);
-    if (s.options.watch && (answered || result.cancelled())) {
-      auto ended = call_ended(s, i, c.operation, c.gen_ai_operation, latency);
-      ended.error_type = error_type_of(result, l.judged.kind);
-      std::string response_model;
-      if (s.options.response_model_of && result.has_value())
-        response_model = s.options.response_model_of(result.value());
-      ended.response_model = response_model;
-      if (l.used) {
-        ended.input_tokens = l.used->input_tokens;
-        ended.output_tokens = l.used->output_tokens;
-        ended.cache_read_tokens = l.used->cache_read_tokens;
-        ended.cache_creation_tokens = l.used->cache_write_tokens;
-      }
-      s.emit(ended, route.ids);
-    }
-    return l;
-  }
-
-  // The event of a call to model i that ended, but for its outcome's fields.
-  static model_call_ended call_ended(const state& s, std::size_t i, std::string_view operation,
-                                     std::string_view gen_ai_operation, nanos duration) {
-    const auto& m = *s.models[i];
-    return {.operation = operation,
-            .provider = m.spec->provider,
-            .model = m.spec->id,
-            .gen_ai_provider = s.providers[m.provider]->spec->gen_ai_name_or_well_known(),
-            .gen_ai_operation = gen_ai_operation,
-            .duration = duration};
+    if (judged.is_success()) s.note_latency(m, latency);
+    if (answered && judged.kind == verdict::retryable) s.note_failure_latency(m, latency);
   }
 
   // error.type of a call that failed (empty for a success): docs/metrics.md lists the values.
@@ -751,131 +714,190 @@ class router {
     }
   }
 
-  // What the end of an answer teaches: the breaker (its ticket), the usage window, and the
-  // limits settled to what the provider counts of `used` (the estimate for a success that did
-  // not say). Returns the tokens used: reported, or the estimate. A 429 is the cooldown's business,
-  // not the breaker's (circuit_breaker_options says why).
-  static std::uint64_t settle_answer(state& s, std::size_t i, const ticket_type& ticket,
-                                     bool answered, verdict kind,
-                                     const std::optional<token_usage>& used, const usage& estimate,
-                                     time_point started, time_point finished) {
-    auto& m = *s.models[i];
-    s.providers[m.provider]->breaker.settle(ticket, answered, kind);
-    // What the provider counts: at Anthropic, say, not the input read from its cache.
-    const usage spent = used ? m.spec->limited_usage(*used)
-                             : (kind == verdict::success ? estimate : usage{.requests = 1});
-    if (answered)
-      m.monitor.record({.requests = 1,
-                        .tokens = spent.tokens,
-                        .error = kind == verdict::retryable,
-                        .rate_limited = kind == verdict::rate_limited},
-                       started);
-    if (m.limits) m.limits->settle(estimate, spent, finished);
-    return used ? weir::detail::saturating_add(used->input_tokens, used->output_tokens)
-                : spent.tokens;
-  }
+  using charges_type = std::vector<typename spend_budget<Clock>::reservation>;
 
-  // A stream a route returned, settled when it ends: the model's breaker ticket and limits, its
-  // usage window and the spend budgets, to the tokens it produced (see stage.hpp's
-  // stream_tally); a stream that broke is a failure of the model, one abandoned by the caller
-  // is not.
-  struct stream_settlement final : weir::detail::stream_settler {
-    std::shared_ptr<state> s;
-    std::size_t model;
-    ticket_type ticket;
-    std::vector<typename spend_budget<Clock>::reservation> charges;
-    usage estimate;
-    std::uint64_t input_tokens = 0, output_tokens = 0;  // the request's estimate
-    std::string operation;
-    std::string gen_ai_operation;
-    std::string response_model;
-    time_point started;
-    trace_ids ids;  // the route's trace and the streaming attempt's span
+  // A route's attempt on model i, run by the pipeline's driver (weir/detail/driver.hpp) as its
+  // one stage. Its exit settles what the attempt holds (the provider's breaker ticket, the
+  // model's limits and usage window, the spend budgets) when the call ends, by one rule for both
+  // shapes: at once for a whole answer, at its end for a stream, whose exit the driver carries
+  // out with it (with the tokens its chunks told, see stage.hpp's stream_tally). A stream that
+  // broke is a failure of the model, one abandoned by the caller is not. Never entered (the
+  // deadline passed first), it gives everything back.
+  struct attempt_stage {
+    struct slot {};
 
-    stream_settlement(std::shared_ptr<state> st, std::size_t i, ticket_type t,
-                      std::vector<typename spend_budget<Clock>::reservation> held,
-                      const route_progress& route, const constraints& c, std::string answered_by,
-                      time_point at)
+    attempt_stage(std::shared_ptr<state> st, std::size_t i, ticket_type t, charges_type held,
+                  const constraints& c, route_progress& r, lesson& l, time_point at,
+                  std::shared_ptr<std::string> answered)
         : s(std::move(st)),
           model(i),
           ticket(t),
           charges(std::move(held)),
-          estimate(route.estimate),
-          input_tokens(c.input_tokens),
-          output_tokens(c.output_tokens),
-          operation(c.operation),
-          gen_ai_operation(c.gen_ai_operation),
-          response_model(std::move(answered_by)),
+          estimate(r.estimate),
+          ids(r.ids),
           started(at),
-          ids(route.ids) {}
+          whole{&c, &r, &l},
+          answered_by(std::move(answered)) {
+      if constexpr (streamed) {  // the route's views may be gone when the stream ends
+        operation = c.operation;
+        gen_ai_operation = c.gen_ai_operation;
+      }
+    }
+    attempt_stage(attempt_stage&&) noexcept = default;
+    attempt_stage& operator=(attempt_stage&&) = delete;
+    ~attempt_stage() {
+      if (s && !entered) give_back();
+    }
 
-    // g++ 12 at -O1 warns that the call context's empty optionals may be read uninitialized
-    // when they are copied (a false positive, GCC bug 80635; see weir/price.hpp).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-    void settle(stream_end how, const std::exception_ptr& failure, const stream_tally& tally,
-                nanos time_to_first_token) noexcept override {
+    bool try_enter(slot&, stage_context<Clock>&) { return entered = true; }
+
+    stage_action exit(slot&, stage_context<Clock>& env, const outcome<Response>& result) {
+      if (env.stream)
+        settle_stream(*env.stream, env.call, result);
+      else
+        settle_whole(result);
+      return {};
+    }
+
+   private:
+    // A call that ended with no stream to follow: settled now, and the lesson the route reads.
+    void settle_whole(const outcome<Response>& result) {
+      auto& l = *whole.learned;
+      const auto& c = *whole.asked;
+      l.settled = true;
+      l.judged = s->options.classifier(result);
+      l.finished = Clock::now();
+      const bool answered = result.reached_provider();
+      observe(*s, model, l.judged, answered, started, l.finished, *whole.progress);
+      if constexpr (!streamed)
+        if (l.judged.is_success() && s->options.usage_of)
+          l.used = s->options.usage_of(result.value());
+      // A success or a cancelled call may have produced tokens; a failure that says nothing, or
+      // a call the provider's code refused before sending, did not.
+      l.tokens = settle(answered, l.judged.kind, l.used,
+                        l.judged.is_success() || result.cancelled(), l.finished);
+      if (!s->options.watch || !(answered || result.cancelled())) return;
+      auto ended = call_ended(c.operation, c.gen_ai_operation, l.finished);
+      ended.error_type = error_type_of(result, l.judged.kind);
+      std::string response_model;
+      if (s->options.response_model_of && result.has_value())
+        response_model = s->options.response_model_of(result.value());
+      ended.response_model = response_model;
+      if (l.used) {
+        ended.input_tokens = l.used->input_tokens;
+        ended.output_tokens = l.used->output_tokens;
+        ended.cache_read_tokens = l.used->cache_read_tokens;
+        ended.cache_creation_tokens = l.used->cache_write_tokens;
+      }
+      s->emit(ended, ids);
+    }
+
+    // A stream that ended (`result`: a value unless it broke), `told` holding the tokens its
+    // chunks told.
+    void settle_stream(const stream_settled& ending, const basic_call_context<Clock>& told,
+                       const outcome<Response>& result) noexcept {
       try {
-        verdict kind = verdict::success;
-        if (how == stream_end::broken)
-          kind = s->options.classifier(outcome<Response>::from_exception(failure)).kind;
-        basic_call_context<Clock> call{.input_tokens = input_tokens,
-                                       .output_tokens = output_tokens};
-        tally.settle_into(call);
+        const auto kind =
+            result.has_value() ? verdict::success : s->options.classifier(result).kind;
+        const auto& tally = ending.tally;
         std::optional<token_usage> used;
-        if (call.actual_output_tokens)
-          used = token_usage{.input_tokens = *call.actual_input_tokens,
-                             .output_tokens = *call.actual_output_tokens,
-                             .cache_read_tokens = call.actual_cache_read_tokens.value_or(0),
-                             .cache_write_tokens = call.actual_cache_write_tokens.value_or(0)};
+        if (told.actual_output_tokens)
+          used = token_usage{.input_tokens = *told.actual_input_tokens,
+                             .output_tokens = *told.actual_output_tokens,
+                             .cache_read_tokens = told.actual_cache_read_tokens.value_or(0),
+                             .cache_write_tokens = told.actual_cache_write_tokens.value_or(0)};
         const auto ended_at = Clock::now();
-        const auto tokens =
-            settle_answer(*s, model, ticket, true, kind, used, estimate, started, ended_at);
-        const auto& spec = *s->models[model]->spec;
-        const double cost = used ? spec.cost(*used) : spec.cost(input_tokens, output_tokens);
-        for (auto& r : charges) r.settle(cost);
-        s->emit(
-            stream_ended{operation, how, tally.chunks, tokens, tally.source(), time_to_first_token},
-            ids);
-        if (s->options.watch) {
-          auto ended = call_ended(*s, model, operation, gen_ai_operation,
-                                  std::chrono::duration_cast<nanos>(ended_at - started));
-          if (how == stream_end::broken) ended.error_type = "stream_broken";
-          ended.response_model = response_model;
-          ended.time_to_first_chunk = time_to_first_token;
-          // What the stream told, never the estimate.
-          ended.input_tokens = tally.reported_input_tokens;
-          ended.output_tokens = tally.reported_output_tokens;
-          if (!ended.output_tokens && tally.counted_output_tokens > 0)
-            ended.output_tokens = tally.counted_output_tokens;
-          ended.cache_read_tokens = tally.reported_cache_read_tokens.value_or(0);
-          ended.cache_creation_tokens = tally.reported_cache_write_tokens.value_or(0);
-          s->emit(ended, ids);
-        }
+        // A stream began: it may have produced tokens however it ended.
+        const auto tokens = settle(true, kind, used, true, ended_at);
+        s->emit(stream_ended{operation, ending.how, tally.chunks, tokens, tally.source(),
+                             ending.time_to_first_token},
+                ids);
+        if (!s->options.watch) return;
+        auto ended = call_ended(operation, gen_ai_operation, ended_at);
+        if (ending.how == stream_end::broken) ended.error_type = "stream_broken";
+        ended.response_model = answered_by ? std::string_view(*answered_by) : std::string_view();
+        ended.time_to_first_chunk = ending.time_to_first_token;
+        // What the stream told, never the estimate.
+        ended.input_tokens = tally.reported_input_tokens;
+        ended.output_tokens = tally.reported_output_tokens;
+        if (!ended.output_tokens && tally.counted_output_tokens > 0)
+          ended.output_tokens = tally.counted_output_tokens;
+        ended.cache_read_tokens = tally.reported_cache_read_tokens.value_or(0);
+        ended.cache_creation_tokens = tally.reported_cache_write_tokens.value_or(0);
+        s->emit(ended, ids);
       } catch (...) {  // an observer threw: the stream's end must not
       }
     }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
-  };
 
-  // What an attempt cost the budgets: the reported usage, else the estimate for a success or a
-  // cancelled call (it may have produced tokens), nothing for a failure that says nothing or a
-  // call the provider's code refused before sending.
-  static void settle_budgets(std::vector<typename spend_budget<Clock>::reservation>& charges,
-                             const model_spec& spec, const constraints& c,
-                             const outcome<Response>& result, const lesson& l) {
-    if (charges.empty()) return;
-    double cost = 0;
-    if (l.used)
-      cost = spec.cost(*l.used);
-    else if (l.judged.is_success() || result.cancelled())
-      cost = spec.cost(c.input_tokens, c.output_tokens);
-    for (auto& r : charges) r.settle(cost);
-  }
+    // What the end of an answer teaches, for both shapes: the breaker (its ticket), the usage
+    // window, the limits settled to what the provider counts of `used` (the estimate for a
+    // success that did not say), and the budgets charged `used`, else the estimate when the call
+    // may have produced tokens. Returns the tokens used: reported, or the estimate. A 429 is the
+    // cooldown's business, not the breaker's (circuit_breaker_options says why).
+    std::uint64_t settle(bool answered, verdict kind, const std::optional<token_usage>& used,
+                         bool maybe_billed, time_point finished) {
+      auto& m = *s->models[model];
+      s->providers[m.provider]->breaker.settle(ticket, answered, kind);
+      // What the provider counts: at Anthropic, say, not the input read from its cache.
+      const usage spent = used ? m.spec->limited_usage(*used)
+                               : (kind == verdict::success ? estimate : usage{.requests = 1});
+      if (answered)
+        m.monitor.record({.requests = 1,
+                          .tokens = spent.tokens,
+                          .error = kind == verdict::retryable,
+                          .rate_limited = kind == verdict::rate_limited},
+                         started);
+      if (m.limits) m.limits->settle(estimate, spent, finished);
+      const double cost = used ? m.spec->cost(*used)
+                          : maybe_billed
+                              ? m.spec->cost(estimate.input_tokens, estimate.output_tokens)
+                              : 0.0;
+      for (auto& r : charges) r.settle(cost);
+      return used ? weir::detail::saturating_add(used->input_tokens, used->output_tokens)
+                  : spent.tokens;
+    }
+
+    // The event of this call's end, but for its outcome's fields.
+    model_call_ended call_ended(std::string_view op, std::string_view gen_ai_op,
+                                time_point ended_at) const {
+      const auto& m = *s->models[model];
+      return {.operation = op,
+              .provider = m.spec->provider,
+              .model = m.spec->id,
+              .gen_ai_provider = s->providers[m.provider]->spec->gen_ai_name_or_well_known(),
+              .gen_ai_operation = gen_ai_op,
+              .duration = std::chrono::duration_cast<nanos>(ended_at - started)};
+    }
+
+    // Nothing was sent: the limits' charge, the budgets and the breaker's ticket go back.
+    void give_back() noexcept {
+      try {
+        auto& m = *s->models[model];
+        m.unreserve(estimate, Clock::now());
+        for (auto& r : charges) r.release();
+        s->providers[m.provider]->breaker.abandon(ticket);
+      } catch (...) {
+      }
+    }
+
+    std::shared_ptr<state> s;
+    std::size_t model;
+    ticket_type ticket;
+    charges_type charges;
+    usage estimate;
+    trace_ids ids;  // the route's trace and this attempt's span
+    time_point started;
+    // The route's, read while the call has not returned (never at a stream's end).
+    struct {
+      const constraints* asked;
+      route_progress* progress;
+      lesson* learned;
+    } whole;
+    std::shared_ptr<std::string> answered_by;  // a stream's response model, read when returned
+    std::string operation, gen_ai_operation;   // a stream's, kept until its end
+    bool entered = false;
+  };
+  using attempt_driver = weir::detail::driver<Clock, default_classifier, attempt_stage>;
 
   // After an answer of model i that is not a success: false when it is the route's answer (a
   // fatal one); else the route falls back, and what the failure means for the model (a cooldown,
@@ -947,21 +969,6 @@ class router {
     if (news) s->hear(*news, Clock::now());
   }
 
-  // One attempt, cancelled when the deadline passes (then a timeout, the cancellation its cause).
-  static boost::asio::awaitable<outcome<Response>> send_until(std::optional<time_point> deadline,
-                                                              const provider_entry& provider,
-                                                              const model_spec& spec,
-                                                              const Request& request,
-                                                              const trace_context& trace) {
-    auto send = [&] { return provider.call(spec, request, trace); };
-    if (!deadline) co_return co_await capture(send());
-    auto bounded = co_await detail::run_until<Clock, Response>(*deadline, send);
-    if (!bounded.deadline_passed) co_return std::move(bounded.result);
-    co_return outcome<Response>::from_exception(std::make_exception_ptr(
-        weir::exception(error::timeout, "router: the deadline passed during an attempt", {},
-                        bounded.result.failure())));
-  }
-
   // The route loop: pick a model (or wait for one), admit, send, learn, and answer or fall back.
   static boost::asio::awaitable<routed<Response>> run(std::shared_ptr<state> s, Request request,
                                                       constraints c,
@@ -1028,23 +1035,38 @@ class router {
                            spec.cost(c.input_tokens, c.output_tokens)},
               route.ids);
       const auto started = Clock::now();
-      auto result = co_await send_until(c.deadline, *s->providers[s->models[i]->provider], spec,
-                                        std::as_const(request), attempt_trace);
-      const auto finished = Clock::now();
-      const auto l = learn(*s, i, *ticket, result, started, finished, c, route);
+      // The attempt runs through the pipeline's driver, its deadline the route's.
+      const basic_call_context<Clock> call{
+          .input_tokens = c.input_tokens, .output_tokens = c.output_tokens, .deadline = c.deadline};
+      std::shared_ptr<std::string> answered_by;
+      if constexpr (streamed)
+        if (s->options.response_model_of) answered_by = std::make_shared<std::string>();
+      lesson l;
+      auto send = [&provider = *s->providers[s->models[i]->provider], &spec, &request,
+                   &attempt_trace] { return provider.call(spec, request, attempt_trace); };
+      auto result = co_await capture(attempt_driver::template run<Response, 0>(
+          typename attempt_driver::shared(
+              default_classifier{},
+              attempt_stage(s, i, *ticket, std::move(*charges), c, route, l, started, answered_by)),
+          &call, std::move(send), 1));
+      if (!l.settled) {
+        // A stream's first chunk (its stage settles it at its end), or an attempt never sent.
+        l.judged = s->options.classifier(result);
+        l.finished = Clock::now();
+        l.tokens = route.estimate.tokens;
+        if (result.has_value())
+          observe(*s, i, l.judged, result.reached_provider(), started, l.finished, route);
+      }
       if (l.judged.is_success() && !c.session.empty()) {
         // The provider now holds this prompt: the prefix the session's next request resends.
         const auto prefix = l.used ? l.used->input_tokens : c.input_tokens;
-        s->caches.note(c.session, i, prefix, finished,
+        s->caches.note(c.session, i, prefix, l.finished,
                        s->providers[s->models[i]->provider]->cache_ttl);
       }
       if constexpr (streamed) {
         if (l.judged.is_success()) {
           Response stream = std::move(result).get();
-          auto answered_by =
-              s->options.response_model_of ? s->options.response_model_of(stream) : std::string();
-          stream.on_end(std::make_unique<stream_settlement>(
-              s, i, *ticket, std::move(*charges), route, c, std::move(answered_by), started));
+          if (answered_by) *answered_by = s->options.response_model_of(stream);
           route.record.provider = spec.provider;
           route.record.model = spec.id;
           route.record.settled_tokens = l.tokens;  // the estimate: the stream's report has the rest
@@ -1052,10 +1074,9 @@ class router {
           co_return routed<Response>{std::move(stream), std::move(route.record)};
         }
       }
-      settle_budgets(*charges, spec, c, result, l);
 
       if (l.judged.kind == verdict::success ||
-          !fall_back(*s, c, i, result, l.judged, finished, route)) {
+          !fall_back(*s, c, i, result, l.judged, l.finished, route)) {
         route.record.provider = spec.provider;
         route.record.model = spec.id;
         if (l.judged.kind == verdict::success) {
