@@ -503,7 +503,6 @@ class router {
         out.room);
   }
 
-  // One route's progress: what it has tried, what it learned, what it will report.
   // What the routes of one hedged request share: the providers chosen so far (a hedge avoids
   // them) and every attempt's step.
   struct hedge_race {
