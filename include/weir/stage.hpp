@@ -112,9 +112,16 @@ struct stream_tally {
   }
 };
 
+// How a stream ended, for the stages settling it (stage_context::stream).
+struct stream_settled {
+  stream_end how;
+  const stream_tally& tally;
+  std::chrono::nanoseconds time_to_first_token;
+};
+
 namespace detail {
-// What a stream runs when it ends: the exits of the stages (or the route's settlement) it
-// carries out of the pipeline that opened it, so a slot is held for the whole stream and tokens
+// What a stream runs when it ends: the exits of the stages it carries out of the pipeline (or
+// the route's attempt) that opened it, so a slot is held for the whole stream and tokens
 // settle to what it produced.
 struct stream_settler {
   virtual ~stream_settler() = default;
@@ -158,6 +165,9 @@ struct stage_context {
   // The call's value already went to the caller: a stream settling at its end (see stream.hpp).
   // Nothing can run it again, so no stage may ask to.
   bool delivered = false;
+  // Of a stream settling at its end: how it ended and what its chunks told (its tokens are in
+  // `call`'s actual ones already). Null otherwise.
+  const stream_settled* stream = nullptr;
   // The call's trace id and this attempt's span id (zero without a trace context): every event
   // emitted here carries them.
   trace_ids trace{};

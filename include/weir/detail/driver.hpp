@@ -573,6 +573,8 @@ struct driver {
         stage_context<Clock> env{call, watch, attempt, now};
         env.delivered = true;
         env.trace = trace;
+        const stream_settled ending{how, tally, time_to_first_token};
+        env.stream = &ending;
         std::optional<outcome<T>> result;
         if (how == stream_end::broken)
           result.emplace(outcome<T>::from_exception(failure));

@@ -14,6 +14,7 @@
 
 #include <weir/circuit_breaker.hpp>
 #include <weir/detail/deadline.hpp>
+#include <weir/detail/driver.hpp>
 #include <weir/detail/session_caches.hpp>
 #include <weir/detail/small_buffer.hpp>
 #include <weir/error.hpp>
@@ -24,6 +25,7 @@
 #include <weir/rate_limits.hpp>
 #include <weir/retry_budget.hpp>
 #include <weir/routing/catalog.hpp>
+#include <weir/routing/route_machine.hpp>
 #include <weir/routing/selection.hpp>
 #include <weir/routing/strategy.hpp>
 #include <weir/routing/types.hpp>
@@ -501,7 +503,6 @@ class router {
         out.room);
   }
 
-  // One route's progress: what it has tried, what it learned, what it will report.
   // What the routes of one hedged request share: the providers chosen so far (a hedge avoids
   // them) and every attempt's step.
   struct hedge_race {
@@ -529,45 +530,29 @@ class router {
     std::vector<route_step> all_steps;
   };
 
-  // What tried() holds for a model: not tried; failed in a way another attempt may not (fatal,
-  // too small a context, refused locally); failed in a way it may (a 5xx, a reset), tried again
-  // after a backoff once no other capable model is left.
-  enum : char { untried = 0, tried_for_good = 1, tried_retryable = 2 };
-
+  // One route's progress: its decisions (route_machine.hpp), what it will report, and whose it is.
   struct route_progress {
     route_progress(const state& s, const constraints& c)
-        : tried_flags(s.models.size(), untried),
-          retry_times(s.models.size(), 0),
-          min_context(fitting_context(c)),
-          estimate(cost_of(c)),
-          random(s.route_seeds.fetch_add(1, std::memory_order_relaxed)) {
+        : machine(s.models.size(), fitting_context(c), settings_of(s, c),
+                  s.route_seeds.fetch_add(1, std::memory_order_relaxed)),
+          estimate(cost_of(c)) {
       record.estimated_tokens = estimate.tokens;
     }
 
-    // The models that failed retryably may be tried again, after their backoff (not_before):
-    // false when there are none.
-    bool try_again_after_backoff() {
-      bool any = false;
-      for (auto& t : tried())
-        if (t == tried_retryable) t = untried, any = true;
-      return any;
+    static route_machine::settings settings_of(const state& s, const constraints& c) {
+      return {.max_attempts = s.options.max_attempts,
+              .retry_backoff = s.options.retry_backoff,
+              .exhausted_for = s.options.exhausted_for,
+              .wait_for_capacity = c.wait_for_capacity,
+              .deadline_ns =
+                  c.deadline ? std::optional(weir::detail::to_nanos(*c.deadline)) : std::nullopt};
     }
 
-    std::span<char> tried() const { return tried_flags.span(); }
-    // Per model: when this request may try it again (clock nanoseconds).
-    std::span<std::int64_t> not_before() const { return retry_times.span(); }
-
-    weir::detail::small_buffer<char, 32> tried_flags;
-    weir::detail::small_buffer<std::int64_t, 32> retry_times;
-    std::uint64_t min_context;  // grows when a model's context window proved too small
+    route_machine machine;
     usage estimate;
     route_record record;
-    std::exception_ptr last_failure;
     std::shared_ptr<hedge_race> race{};  // when the route is one of a hedged request's
-    unsigned retryable_failures = 0;
-    nanos last_backoff{0};
-    std::minstd_rand random;  // the backoff's jitter
-    trace_ids ids{};          // the route's trace id and the current attempt's span id
+    trace_ids ids{};                     // the route's trace id and the current attempt's span id
   };
 
   // Marks in `out` the models this request may not try: those it tried, and those whose
@@ -575,7 +560,7 @@ class router {
   // room). False when no model is priced out.
   static bool price_out(const state& s, const constraints& c, const route_progress& route,
                         time_point now, priced_out_models& out) {
-    const auto tried = route.tried();
+    const auto tried = route.machine.tried();
     std::copy(tried.begin(), tried.end(), out.skip.span().begin());
     out.budget.clear();
     out.key.clear();
@@ -584,7 +569,7 @@ class router {
     for (std::size_t i = 0; i < s.models.size(); ++i) {
       // A model that could never take the request is not "over budget": with no model that
       // could, the request is no provider's, whatever the budgets.
-      if (tried[i] || !fits(s.models[i]->view(), c, route.min_context)) continue;
+      if (tried[i] || !fits(s.models[i]->view(), c, route.machine.min_context())) continue;
       const auto& spec = *s.models[i]->spec;
       const double cost = spec.most_cost(c.input_tokens, c.output_tokens);
       for (const auto& b : s.options.budgets) {
@@ -622,29 +607,38 @@ class router {
     return held;
   }
 
-  // No model has room now: how long until the first will, or the error that ends the route.
-  static nanos wait_for_room(const state& s, const constraints& c, const ranking& r,
-                             const route_progress& route, time_point now) {
-    if (!r.any_capable) {
-      if (route.record.attempts == 0 && !route.last_failure)
+  // The route ends without an answer, as its machine decided: the error (and event) saying why.
+  [[noreturn]] static void give_up(const state& s, const constraints& c,
+                                   const route_progress& route, const route_decision& d,
+                                   const std::optional<priced_out_models>& priced) {
+    const auto& cause = route.machine.last_failure();
+    const auto attempts = route.record.attempts;
+    switch (d.reason) {
+      case give_up_reason::deadline_passed: {
+        // Nothing is sent past the deadline; with nothing sent at all, it is a local refusal.
+        weir::exception passed(error::timeout, "router: the deadline passed", {}, cause, attempts);
+        if (d.refused_before_sending) throw passed.as_refusal();
+        throw passed;
+      }
+      case give_up_reason::attempts_exhausted:
+        throw weir::exception(error::retries_exhausted,
+                              fmt::format("router: {} attempts failed", attempts), {}, cause,
+                              attempts);
+      case give_up_reason::over_budget: refuse_over_budget(s, c, *priced);
+      case give_up_reason::no_capable_model:
         throw weir::exception(error::no_provider_available,
                               "router: no model meets the request's constraints");
-      throw weir::exception(error::retries_exhausted,
-                            "router: every capable model failed this request", {},
-                            route.last_failure, route.record.attempts);
+      case give_up_reason::every_model_failed:
+        throw weir::exception(error::retries_exhausted,
+                              "router: every capable model failed this request", {}, cause,
+                              attempts);
+      case give_up_reason::no_room: break;
     }
-    const auto wait = r.earliest;
-    const bool never = wait == nanos::max();
-    const auto retry_after = never ? std::nullopt : std::optional(wait);
-    if (never || !c.wait_for_capacity || (c.deadline && now + wait > *c.deadline)) {
-      s.emit(rejected{c.operation, rejection::rate_limited, retry_after, "router"}, route_ids(c));
-      throw weir::exception(error::no_provider_available,
-                            never ? "router: every capable provider is isolated"
-                                  : "router: no capable model has room before the deadline",
-                            retry_after, route.last_failure, route.record.attempts);
-    }
-    s.emit(throttled{c.operation, wait, "router"}, route_ids(c));
-    return wait;
+    s.emit(rejected{c.operation, rejection::rate_limited, d.retry_after, "router"}, route_ids(c));
+    throw weir::exception(error::no_provider_available,
+                          d.retry_after ? "router: no capable model has room before the deadline"
+                                        : "router: every capable provider is isolated",
+                          d.retry_after, cause, attempts);
   }
 
   // Model i was picked and its limits charged: the breaker's ticket to send with, or nullopt
@@ -664,7 +658,7 @@ class router {
       m.unreserve(route.estimate, now);
       s.emit(rejected{c.operation, rejection::budget_exhausted, {}, "router"}, route_ids(c));
       throw weir::exception(error::budget_exhausted, "router: the fallback budget is spent", {},
-                            route.last_failure, route.record.attempts);
+                            route.machine.last_failure(), route.record.attempts);
     }
     auto ticket = p.breaker.try_admit();
     if (!ticket.admitted) {
@@ -674,74 +668,36 @@ class router {
     return ticket;
   }
 
-  // What one answer of model i teaches: the breaker, the pacing, the usage window, the limits
-  // (settled to what was used) and the latency estimate.
+  // What one answer of model i taught the route.
   struct lesson {
-    classification judged;
+    bool settled = false;  // by the attempt's stage (not yet for a stream's first chunk)
+    classification judged{};
     std::optional<token_usage> used{};  // what the response reported
     std::uint64_t tokens = 0;           // settled: reported, or the estimate
+    time_point finished{};
   };
   // A stream (see weir/stream.hpp) is judged at its first chunk and settled at its end.
   static constexpr bool streamed = weir::detail::settles_at_stream_end<Response>;
 
-  static lesson learn(state& s, std::size_t i, const ticket_type& ticket,
-                      const outcome<Response>& result, time_point started, time_point finished,
-                      const constraints& c, route_progress& route) {
+  // What an answer of model i teaches before anything is settled: the pacing (and through it the
+  // fleet), the route's steps and the latency estimate. A stream's latency is its time to first
+  // token. A cancelled call, or one the provider's own code refused before sending, is no answer:
+  // the pacing learns nothing from it.
+  static void observe(state& s, std::size_t i, const classification& judged, bool answered,
+                      time_point started, time_point finished, route_progress& route) {
     auto& m = *s.models[i];
     const auto latency = std::chrono::duration_cast<nanos>(finished - started);
-    lesson l{.judged = s.options.classifier(result), .used = std::nullopt};
-    // A cancelled call, or one the provider's own code refused before sending, is no answer:
-    // the breaker gets its ticket back (a probe must not close it), the pacing learns nothing.
-    const bool answered = result.reached_provider();
     if (m.adapt && answered) {
-      m.adapt->observe(l.judged, started, finished);
+      m.adapt->observe(judged, started, finished);
       if (s.options.fleet)
         if (const auto known = m.adapt->state().known;
             known && m.shared_limit.exchange(known->per_second) != known->per_second)
           s.options.fleet->publish_limit(m.spec->provider, m.spec->id, known->per_second);
     }
-    // A stream's latency is its time to first token.
-    route.record.steps.push_back({m.spec->provider, m.spec->id, l.judged.kind, latency});
+    route.record.steps.push_back({m.spec->provider, m.spec->id, judged.kind, latency});
     if (route.race) route.race->ended(route.record.steps.back());
-    if (l.judged.is_success()) s.note_latency(m, latency);
-    if (answered && l.judged.kind == verdict::retryable) s.note_failure_latency(m, latency);
-
-    if constexpr (streamed) {
-      l.tokens = route.estimate.tokens;
-      if (l.judged.is_success()) return l;  // the rest when the stream ends (stream_settlement)
-    } else {
-      if (l.judged.is_success() && s.options.usage_of) l.used = s.options.usage_of(result.value());
-    }
-    l.tokens = settle_answer(s, i, ticket, answered, l.judged.kind, l.used, route.estimate, started,
-                             finished);
-    if (s.options.watch && (answered || result.cancelled())) {
-      auto ended = call_ended(s, i, c.operation, c.gen_ai_operation, latency);
-      ended.error_type = error_type_of(result, l.judged.kind);
-      std::string response_model;
-      if (s.options.response_model_of && result.has_value())
-        response_model = s.options.response_model_of(result.value());
-      ended.response_model = response_model;
-      if (l.used) {
-        ended.input_tokens = l.used->input_tokens;
-        ended.output_tokens = l.used->output_tokens;
-        ended.cache_read_tokens = l.used->cache_read_tokens;
-        ended.cache_creation_tokens = l.used->cache_write_tokens;
-      }
-      s.emit(ended, route.ids);
-    }
-    return l;
-  }
-
-  // The event of a call to model i that ended, but for its outcome's fields.
-  static model_call_ended call_ended(const state& s, std::size_t i, std::string_view operation,
-                                     std::string_view gen_ai_operation, nanos duration) {
-    const auto& m = *s.models[i];
-    return {.operation = operation,
-            .provider = m.spec->provider,
-            .model = m.spec->id,
-            .gen_ai_provider = s.providers[m.provider]->spec->gen_ai_name_or_well_known(),
-            .gen_ai_operation = gen_ai_operation,
-            .duration = duration};
+    if (judged.is_success()) s.note_latency(m, latency);
+    if (answered && judged.kind == verdict::retryable) s.note_failure_latency(m, latency);
   }
 
   // error.type of a call that failed (empty for a success): docs/metrics.md lists the values.
@@ -757,215 +713,249 @@ class router {
     }
   }
 
-  // What the end of an answer teaches: the breaker (its ticket), the usage window, and the
-  // limits settled to what the provider counts of `used` (the estimate for a success that did
-  // not say). Returns the tokens used: reported, or the estimate. A 429 is the cooldown's business,
-  // not the breaker's (circuit_breaker_options says why).
-  static std::uint64_t settle_answer(state& s, std::size_t i, const ticket_type& ticket,
-                                     bool answered, verdict kind,
-                                     const std::optional<token_usage>& used, const usage& estimate,
-                                     time_point started, time_point finished) {
-    auto& m = *s.models[i];
-    s.providers[m.provider]->breaker.settle(ticket, answered, kind);
-    // What the provider counts: at Anthropic, say, not the input read from its cache.
-    const usage spent = used ? m.spec->limited_usage(*used)
-                             : (kind == verdict::success ? estimate : usage{.requests = 1});
-    if (answered)
-      m.monitor.record({.requests = 1,
-                        .tokens = spent.tokens,
-                        .error = kind == verdict::retryable,
-                        .rate_limited = kind == verdict::rate_limited},
-                       started);
-    if (m.limits) m.limits->settle(estimate, spent, finished);
-    return used ? weir::detail::saturating_add(used->input_tokens, used->output_tokens)
-                : spent.tokens;
-  }
+  using charges_type = std::vector<typename spend_budget<Clock>::reservation>;
 
-  // A stream a route returned, settled when it ends: the model's breaker ticket and limits, its
-  // usage window and the spend budgets, to the tokens it produced (see stage.hpp's
-  // stream_tally); a stream that broke is a failure of the model, one abandoned by the caller
-  // is not.
-  struct stream_settlement final : weir::detail::stream_settler {
-    std::shared_ptr<state> s;
-    std::size_t model;
-    ticket_type ticket;
-    std::vector<typename spend_budget<Clock>::reservation> charges;
-    usage estimate;
-    std::uint64_t input_tokens = 0, output_tokens = 0;  // the request's estimate
-    std::string operation;
-    std::string gen_ai_operation;
-    std::string response_model;
-    time_point started;
-    trace_ids ids;  // the route's trace and the streaming attempt's span
+  // A route's attempt on model i, run by the pipeline's driver (weir/detail/driver.hpp) as its
+  // one stage. Its exit settles what the attempt holds (the provider's breaker ticket, the
+  // model's limits and usage window, the spend budgets) when the call ends, by one rule for both
+  // shapes: at once for a whole answer, at its end for a stream, whose exit the driver carries
+  // out with it (with the tokens its chunks told, see stage.hpp's stream_tally). A stream that
+  // broke is a failure of the model, one abandoned by the caller is not. Never entered (the
+  // deadline passed first), it gives everything back.
+  struct attempt_stage {
+    struct slot {};
 
-    stream_settlement(std::shared_ptr<state> st, std::size_t i, ticket_type t,
-                      std::vector<typename spend_budget<Clock>::reservation> held,
-                      const route_progress& route, const constraints& c, std::string answered_by,
-                      time_point at)
+    attempt_stage(std::shared_ptr<state> st, std::size_t i, ticket_type t, charges_type held,
+                  const constraints& c, route_progress& r, lesson& l, time_point at,
+                  std::shared_ptr<std::string> answered)
         : s(std::move(st)),
           model(i),
           ticket(t),
           charges(std::move(held)),
-          estimate(route.estimate),
-          input_tokens(c.input_tokens),
-          output_tokens(c.output_tokens),
-          operation(c.operation),
-          gen_ai_operation(c.gen_ai_operation),
-          response_model(std::move(answered_by)),
+          estimate(r.estimate),
+          ids(r.ids),
           started(at),
-          ids(route.ids) {}
+          whole{&c, &r, &l},
+          answered_by(std::move(answered)) {
+      if constexpr (streamed) {  // the route's views may be gone when the stream ends
+        operation = c.operation;
+        gen_ai_operation = c.gen_ai_operation;
+      }
+    }
+    attempt_stage(attempt_stage&&) noexcept = default;
+    attempt_stage& operator=(attempt_stage&&) = delete;
+    ~attempt_stage() {
+      if (s && !entered) give_back();
+    }
 
-    // g++ 12 at -O1 warns that the call context's empty optionals may be read uninitialized
-    // when they are copied (a false positive, GCC bug 80635; see weir/price.hpp).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-    void settle(stream_end how, const std::exception_ptr& failure, const stream_tally& tally,
-                nanos time_to_first_token) noexcept override {
+    bool try_enter(slot&, stage_context<Clock>&) { return entered = true; }
+
+    stage_action exit(slot&, stage_context<Clock>& env, const outcome<Response>& result) {
+      if (env.stream)
+        settle_stream(*env.stream, env.call, result);
+      else
+        settle_whole(result);
+      return {};
+    }
+
+   private:
+    // A call that ended with no stream to follow: settled now, and the lesson the route reads.
+    void settle_whole(const outcome<Response>& result) {
+      auto& l = *whole.learned;
+      const auto& c = *whole.asked;
+      l.settled = true;
+      l.judged = s->options.classifier(result);
+      l.finished = Clock::now();
+      const bool answered = result.reached_provider();
+      observe(*s, model, l.judged, answered, started, l.finished, *whole.progress);
+      if constexpr (!streamed)
+        if (l.judged.is_success() && s->options.usage_of)
+          l.used = s->options.usage_of(result.value());
+      // A success or a cancelled call may have produced tokens; a failure that says nothing, or
+      // a call the provider's code refused before sending, did not.
+      l.tokens = settle(answered, l.judged.kind, l.used,
+                        l.judged.is_success() || result.cancelled(), l.finished);
+      if (!s->options.watch || !(answered || result.cancelled())) return;
+      auto ended = call_ended(c.operation, c.gen_ai_operation, l.finished);
+      ended.error_type = error_type_of(result, l.judged.kind);
+      std::string response_model;
+      if (s->options.response_model_of && result.has_value())
+        response_model = s->options.response_model_of(result.value());
+      ended.response_model = response_model;
+      if (l.used) {
+        ended.input_tokens = l.used->input_tokens;
+        ended.output_tokens = l.used->output_tokens;
+        ended.cache_read_tokens = l.used->cache_read_tokens;
+        ended.cache_creation_tokens = l.used->cache_write_tokens;
+      }
+      s->emit(ended, ids);
+    }
+
+    // A stream that ended (`result`: a value unless it broke), `told` holding the tokens its
+    // chunks told.
+    void settle_stream(const stream_settled& ending, const basic_call_context<Clock>& told,
+                       const outcome<Response>& result) noexcept {
       try {
-        verdict kind = verdict::success;
-        if (how == stream_end::broken)
-          kind = s->options.classifier(outcome<Response>::from_exception(failure)).kind;
-        basic_call_context<Clock> call{.input_tokens = input_tokens,
-                                       .output_tokens = output_tokens};
-        tally.settle_into(call);
+        const auto kind =
+            result.has_value() ? verdict::success : s->options.classifier(result).kind;
+        const auto& tally = ending.tally;
         std::optional<token_usage> used;
-        if (call.actual_output_tokens)
-          used = token_usage{.input_tokens = *call.actual_input_tokens,
-                             .output_tokens = *call.actual_output_tokens,
-                             .cache_read_tokens = call.actual_cache_read_tokens.value_or(0),
-                             .cache_write_tokens = call.actual_cache_write_tokens.value_or(0)};
+        if (told.actual_output_tokens)
+          used = token_usage{.input_tokens = *told.actual_input_tokens,
+                             .output_tokens = *told.actual_output_tokens,
+                             .cache_read_tokens = told.actual_cache_read_tokens.value_or(0),
+                             .cache_write_tokens = told.actual_cache_write_tokens.value_or(0)};
         const auto ended_at = Clock::now();
-        const auto tokens =
-            settle_answer(*s, model, ticket, true, kind, used, estimate, started, ended_at);
-        const auto& spec = *s->models[model]->spec;
-        const double cost = used ? spec.cost(*used) : spec.cost(input_tokens, output_tokens);
-        for (auto& r : charges) r.settle(cost);
-        s->emit(
-            stream_ended{operation, how, tally.chunks, tokens, tally.source(), time_to_first_token},
-            ids);
-        if (s->options.watch) {
-          auto ended = call_ended(*s, model, operation, gen_ai_operation,
-                                  std::chrono::duration_cast<nanos>(ended_at - started));
-          if (how == stream_end::broken) ended.error_type = "stream_broken";
-          ended.response_model = response_model;
-          ended.time_to_first_chunk = time_to_first_token;
-          // What the stream told, never the estimate.
-          ended.input_tokens = tally.reported_input_tokens;
-          ended.output_tokens = tally.reported_output_tokens;
-          if (!ended.output_tokens && tally.counted_output_tokens > 0)
-            ended.output_tokens = tally.counted_output_tokens;
-          ended.cache_read_tokens = tally.reported_cache_read_tokens.value_or(0);
-          ended.cache_creation_tokens = tally.reported_cache_write_tokens.value_or(0);
-          s->emit(ended, ids);
-        }
+        // A stream began: it may have produced tokens however it ended.
+        const auto tokens = settle(true, kind, used, true, ended_at);
+        s->emit(stream_ended{operation, ending.how, tally.chunks, tokens, tally.source(),
+                             ending.time_to_first_token},
+                ids);
+        if (!s->options.watch) return;
+        auto ended = call_ended(operation, gen_ai_operation, ended_at);
+        if (ending.how == stream_end::broken) ended.error_type = "stream_broken";
+        ended.response_model = answered_by ? std::string_view(*answered_by) : std::string_view();
+        ended.time_to_first_chunk = ending.time_to_first_token;
+        // What the stream told, never the estimate.
+        ended.input_tokens = tally.reported_input_tokens;
+        ended.output_tokens = tally.reported_output_tokens;
+        if (!ended.output_tokens && tally.counted_output_tokens > 0)
+          ended.output_tokens = tally.counted_output_tokens;
+        ended.cache_read_tokens = tally.reported_cache_read_tokens.value_or(0);
+        ended.cache_creation_tokens = tally.reported_cache_write_tokens.value_or(0);
+        s->emit(ended, ids);
       } catch (...) {  // an observer threw: the stream's end must not
       }
     }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+
+    // What the end of an answer teaches, for both shapes: the breaker (its ticket), the usage
+    // window, the limits settled to what the provider counts of `used` (the estimate for a
+    // success that did not say), and the budgets charged `used`, else the estimate when the call
+    // may have produced tokens. Returns the tokens used: reported, or the estimate. A 429 is the
+    // cooldown's business, not the breaker's (circuit_breaker_options says why).
+    std::uint64_t settle(bool answered, verdict kind, const std::optional<token_usage>& used,
+                         bool maybe_billed, time_point finished) {
+      auto& m = *s->models[model];
+      s->providers[m.provider]->breaker.settle(ticket, answered, kind);
+      // What the provider counts: at Anthropic, say, not the input read from its cache.
+      const usage spent = used ? m.spec->limited_usage(*used)
+                               : (kind == verdict::success ? estimate : usage{.requests = 1});
+      if (answered)
+        m.monitor.record({.requests = 1,
+                          .tokens = spent.tokens,
+                          .error = kind == verdict::retryable,
+                          .rate_limited = kind == verdict::rate_limited},
+                         started);
+      if (m.limits) m.limits->settle(estimate, spent, finished);
+      const double cost = used ? m.spec->cost(*used)
+                          : maybe_billed
+                              ? m.spec->cost(estimate.input_tokens, estimate.output_tokens)
+                              : 0.0;
+      for (auto& r : charges) r.settle(cost);
+      return used ? weir::detail::saturating_add(used->input_tokens, used->output_tokens)
+                  : spent.tokens;
+    }
+
+    // The event of this call's end, but for its outcome's fields.
+    model_call_ended call_ended(std::string_view op, std::string_view gen_ai_op,
+                                time_point ended_at) const {
+      const auto& m = *s->models[model];
+      return {.operation = op,
+              .provider = m.spec->provider,
+              .model = m.spec->id,
+              .gen_ai_provider = s->providers[m.provider]->spec->gen_ai_name_or_well_known(),
+              .gen_ai_operation = gen_ai_op,
+              .duration = std::chrono::duration_cast<nanos>(ended_at - started)};
+    }
+
+    // Nothing was sent: the limits' charge, the budgets and the breaker's ticket go back.
+    void give_back() noexcept {
+      try {
+        auto& m = *s->models[model];
+        m.unreserve(estimate, Clock::now());
+        for (auto& r : charges) r.release();
+        s->providers[m.provider]->breaker.abandon(ticket);
+      } catch (...) {
+      }
+    }
+
+    std::shared_ptr<state> s;
+    std::size_t model;
+    ticket_type ticket;
+    charges_type charges;
+    usage estimate;
+    trace_ids ids;  // the route's trace and this attempt's span
+    time_point started;
+    // The route's, read while the call has not returned (never at a stream's end).
+    struct {
+      const constraints* asked;
+      route_progress* progress;
+      lesson* learned;
+    } whole;
+    std::shared_ptr<std::string> answered_by;  // a stream's response model, read when returned
+    std::string operation, gen_ai_operation;   // a stream's, kept until its end
+    bool entered = false;
   };
+  using attempt_driver = weir::detail::driver<Clock, default_classifier, attempt_stage>;
 
-  // What an attempt cost the budgets: the reported usage, else the estimate for a success or a
-  // cancelled call (it may have produced tokens), nothing for a failure that says nothing or a
-  // call the provider's code refused before sending.
-  static void settle_budgets(std::vector<typename spend_budget<Clock>::reservation>& charges,
-                             const model_spec& spec, const constraints& c,
-                             const outcome<Response>& result, const lesson& l) {
-    if (charges.empty()) return;
-    double cost = 0;
-    if (l.used)
-      cost = spec.cost(*l.used);
-    else if (l.judged.is_success() || result.cancelled())
-      cost = spec.cost(c.input_tokens, c.output_tokens);
-    for (auto& r : charges) r.settle(cost);
-  }
-
-  // After a failure of model i: cools it down (the server said its quota is spent), waits for it
-  // (only this request was refused), skips it (it failed), or looks for a larger context window.
-  // False when the failure is the route's answer (fatal).
+  // After an answer of model i that is not a success: false when it is the route's answer (a
+  // fatal one); else the route falls back, and what the failure means for the model (a cooldown,
+  // a spent quota) holds for every route.
   static bool fall_back(state& s, const constraints& c, std::size_t i,
                         const outcome<Response>& result, const classification& judged,
                         time_point finished, route_progress& route) {
     auto& m = *s.models[i];
     auto& p = *s.providers[m.provider];
     const auto& spec = *m.spec;
-    bool context_exceeded = false, refused_locally = false;
-    switch (judged.kind) {
-      case verdict::success: return false;
-      case verdict::rate_limited:
-        s.emit(server_rate_limited{c.operation, judged.hint}, route.ids);
-        if (const auto cool = judged.hint.exhausted_for()) {
-          // The quota is spent until then: nobody sends there before it has room again.
-          const bool whole_provider = p.spec->cooldown_scope == cooldown_scope::provider;
-          (whole_provider ? p.cooldown : m.cooldown)
-              .extend_to(finished + std::chrono::duration_cast<typename Clock::duration>(*cool));
-          if (s.options.fleet)
-            s.options.fleet->publish_cooldown(spec.provider,
-                                              whole_provider ? std::string_view{} : spec.id,
-                                              std::min<nanos>(*cool, state::longest_shared));
-          s.emit(provider_cooling{c.operation, spec.provider, *cool,
-                                  whole_provider ? std::string_view{} : spec.id},
-                 route.ids);
-        } else {
-          // Only this request was refused: it waits as the server said before it tries this
-          // model again; the model's pacing has made its one decrease.
-          const auto wait = judged.hint.retry_after.value_or(p.spec->default_cooldown);
-          route.not_before()[i] = weir::detail::to_nanos(finished) + wait.count();
-        }
-        break;
-      case verdict::retryable: {
-        // Another model first; this one again after a backoff if none is left, as a retry
-        // would: with one model, a 503 is retried rather than the end of the request.
-        route.tried()[i] = tried_retryable;
-        route.last_backoff = s.options.retry_backoff.delay(route.retryable_failures++,
-                                                           route.last_backoff, route.random);
-        route.not_before()[i] = std::max(
-            route.not_before()[i], weir::detail::to_nanos(finished) + route.last_backoff.count());
-        break;
-      }
-      case verdict::exhausted: {
-        // No retry helps before the quota resets or someone pays: the model (for the account's
-        // credit, its whole provider) is out until then, or until restore().
-        const bool whole_provider = judged.reason.cause == refusal_cause::billing ||
-                                    p.spec->cooldown_scope == cooldown_scope::provider;
-        const auto out_for =
-            judged.reason.resets_after ? judged.reason.resets_after : s.options.exhausted_for;
-        auto& out = whole_provider ? p.exhausted : m.exhausted;
-        if (out_for)
-          out.extend_to(finished + std::chrono::duration_cast<typename Clock::duration>(*out_for));
-        else
-          out.hold_until_cleared();
-        s.emit(provider_exhausted{c.operation, spec.provider, judged.reason, out_for,
-                                  whole_provider ? std::string_view{} : spec.id},
-               route.ids);
-        route.tried()[i] = tried_for_good;
-        break;
-      }
-      case verdict::fatal:
-        if (result.refused_locally()) {
-          // The model's own stages turned the call away before sending (its queue is full, its
-          // budget spent): this model has no room for the request now, another may.
-          route.tried()[i] = tried_for_good;
-          refused_locally = true;
-          break;
-        }
-        if (result.cancelled() || !s.options.context_exceeded ||
-            !s.options.context_exceeded(result))
-          return false;
-        route.tried()[i] = tried_for_good;
-        if (spec.context_window != 0)
-          route.min_context = std::max(route.min_context, spec.context_window + 1);
-        context_exceeded = true;
-        break;
-    }
-    s.emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind, context_exceeded,
-                          refused_locally},
+    if (judged.kind == verdict::rate_limited)
+      s.emit(server_rate_limited{c.operation, judged.hint}, route.ids);
+    const bool fatal = judged.kind == verdict::fatal;
+    const auto ended = route.machine.ended(
+        {.model = i,
+         .judged = judged,
+         .refused_locally = fatal && result.refused_locally(),
+         .cancelled = fatal && result.cancelled(),
+         .context_exceeded = fatal && !result.refused_locally() && !result.cancelled() &&
+                             s.options.context_exceeded && s.options.context_exceeded(result),
+         .finished_ns = weir::detail::to_nanos(finished),
+         .failure = judged.is_success() ? std::exception_ptr{} : failure_of(result, spec, judged),
+         .context_window = spec.context_window,
+         .limits_per_provider = p.spec->cooldown_scope == cooldown_scope::provider,
+         .default_cooldown = p.spec->default_cooldown});
+    if (ended.answer) return false;
+    if (const auto& hold = ended.hold) hold_model(s, c, i, *hold, judged, finished, route);
+    s.emit(route_fallback{c.operation, spec.provider, spec.id, judged.kind, ended.context_exceeded,
+                          ended.refused_locally},
            route.ids);
-    route.last_failure = failure_of(result, spec, judged);
     return true;
+  }
+
+  // Nobody sends to model i (or its whole provider) for a while: its quota is spent.
+  static void hold_model(state& s, const constraints& c, std::size_t i, const model_hold& hold,
+                         const classification& judged, time_point finished,
+                         const route_progress& route) {
+    auto& m = *s.models[i];
+    auto& p = *s.providers[m.provider];
+    const auto& spec = *m.spec;
+    const auto model_id = hold.whole_provider ? std::string_view{} : std::string_view(spec.id);
+    const auto until = [&] {
+      return finished + std::chrono::duration_cast<typename Clock::duration>(*hold.length);
+    };
+    if (hold.why == model_hold::kind::cooling) {
+      (hold.whole_provider ? p.cooldown : m.cooldown).extend_to(until());
+      if (s.options.fleet)
+        s.options.fleet->publish_cooldown(spec.provider, model_id,
+                                          std::min<nanos>(*hold.length, state::longest_shared));
+      s.emit(provider_cooling{c.operation, spec.provider, *hold.length, model_id}, route.ids);
+      return;
+    }
+    auto& out = hold.whole_provider ? p.exhausted : m.exhausted;
+    if (hold.length)
+      out.extend_to(until());
+    else
+      out.hold_until_cleared();
+    s.emit(provider_exhausted{c.operation, spec.provider, judged.reason, hold.length, model_id},
+           route.ids);
   }
 
   // Before a selection: what the fleet knows joins what this router knows (one round trip).
@@ -976,21 +966,6 @@ class router {
     if (s->fleet_reachable.exchange(reachable) != reachable)
       s->emit(fleet_connection{c.operation, reachable}, route_ids(c));
     if (news) s->hear(*news, Clock::now());
-  }
-
-  // One attempt, cancelled when the deadline passes (then a timeout, the cancellation its cause).
-  static boost::asio::awaitable<outcome<Response>> send_until(std::optional<time_point> deadline,
-                                                              const provider_entry& provider,
-                                                              const model_spec& spec,
-                                                              const Request& request,
-                                                              const trace_context& trace) {
-    auto send = [&] { return provider.call(spec, request, trace); };
-    if (!deadline) co_return co_await capture(send());
-    auto bounded = co_await detail::run_until<Clock, Response>(*deadline, send);
-    if (!bounded.deadline_passed) co_return std::move(bounded.result);
-    co_return outcome<Response>::from_exception(std::make_exception_ptr(
-        weir::exception(error::timeout, "router: the deadline passed during an attempt", {},
-                        bounded.result.failure())));
   }
 
   // The route loop: pick a model (or wait for one), admit, send, learn, and answer or fall back.
@@ -1008,32 +983,28 @@ class router {
     for (;;) {
       if (s->options.fleet) co_await hear_from_fleet(s, c);
       const auto now = Clock::now();
-      if (c.deadline && now >= *c.deadline) {
-        // Nothing is sent past the deadline; with nothing sent at all, it is a local refusal.
-        weir::exception passed(error::timeout, "router: the deadline passed", {},
-                               route.last_failure, route.record.attempts);
-        if (route.record.attempts == 0) throw passed.as_refusal();
-        throw passed;
-      }
-      if (route.record.attempts == s->options.max_attempts)
-        throw weir::exception(error::retries_exhausted,
-                              fmt::format("router: {} attempts failed", route.record.attempts), {},
-                              route.last_failure, route.record.attempts);
+      const auto now_ns = weir::detail::to_nanos(now);
+      if (const auto stop = route.machine.check(now_ns)) give_up(*s, c, route, *stop, priced);
       ranking ranked(s->models.size());
       const bool priced_out = priced && price_out(*s, c, route, now, *priced);
-      const auto picked =
-          s->pick(ranked, c, route.min_context, priced_out ? priced->skip.span() : route.tried(),
-                  route.not_before(), now, true);
-      if (!picked && !ranked.any_capable && route.try_again_after_backoff()) continue;
-      if (!picked && priced_out && !ranked.any_capable) refuse_over_budget(*s, c, *priced);
-      if (!picked) {
-        timer.expires_after(std::chrono::duration_cast<typename Clock::duration>(
-            wait_for_room(*s, c, ranked, route, now)));
+      const auto picked = s->pick(ranked, c, route.machine.min_context(),
+                                  priced_out ? priced->skip.span() : route.machine.tried(),
+                                  route.machine.not_before(), now, true);
+      const auto next = route.machine.selected({.picked = picked,
+                                                .any_capable = ranked.any_capable,
+                                                .earliest = ranked.earliest,
+                                                .priced_out = priced_out},
+                                               now_ns);
+      if (next.kind == route_step_kind::select_again) continue;
+      if (next.kind == route_step_kind::give_up) give_up(*s, c, route, next, priced);
+      if (next.kind == route_step_kind::wait) {
+        s->emit(throttled{c.operation, next.wait, "router"}, route_ids(c));
+        timer.expires_after(std::chrono::duration_cast<typename Clock::duration>(next.wait));
         co_await timer.async_wait(boost::asio::use_awaitable);
         route.record.waited += std::chrono::duration_cast<nanos>(Clock::now() - now);
         continue;
       }
-      const auto i = *picked;
+      const auto i = next.model;
       auto charges = charge_budgets(*s, c, i, now);
       if (!charges) {
         s->models[i]->unreserve(route.estimate, now);
@@ -1048,11 +1019,12 @@ class router {
       }
       if (!ticket) {
         for (auto& r : *charges) r.release();
-        route.tried()[i] = tried_for_good;
+        route.machine.passed_over(i);
         continue;
       }
 
       const auto& spec = *s->models[i]->spec;
+      route.machine.sent();
       ++route.record.attempts;
       if (route.race) route.race->chose(spec.provider);
       // A traced route: each attempt is a new span of the caller's trace.
@@ -1062,23 +1034,38 @@ class router {
                            spec.cost(c.input_tokens, c.output_tokens)},
               route.ids);
       const auto started = Clock::now();
-      auto result = co_await send_until(c.deadline, *s->providers[s->models[i]->provider], spec,
-                                        std::as_const(request), attempt_trace);
-      const auto finished = Clock::now();
-      const auto l = learn(*s, i, *ticket, result, started, finished, c, route);
+      // The attempt runs through the pipeline's driver, its deadline the route's.
+      const basic_call_context<Clock> call{
+          .input_tokens = c.input_tokens, .output_tokens = c.output_tokens, .deadline = c.deadline};
+      std::shared_ptr<std::string> answered_by;
+      if constexpr (streamed)
+        if (s->options.response_model_of) answered_by = std::make_shared<std::string>();
+      lesson l;
+      auto send = [&provider = *s->providers[s->models[i]->provider], &spec, &request,
+                   &attempt_trace] { return provider.call(spec, request, attempt_trace); };
+      auto result = co_await capture(attempt_driver::template run<Response, 0>(
+          typename attempt_driver::shared(
+              default_classifier{},
+              attempt_stage(s, i, *ticket, std::move(*charges), c, route, l, started, answered_by)),
+          &call, std::move(send), 1));
+      if (!l.settled) {
+        // A stream's first chunk (its stage settles it at its end), or an attempt never sent.
+        l.judged = s->options.classifier(result);
+        l.finished = Clock::now();
+        l.tokens = route.estimate.tokens;
+        if (result.has_value())
+          observe(*s, i, l.judged, result.reached_provider(), started, l.finished, route);
+      }
       if (l.judged.is_success() && !c.session.empty()) {
         // The provider now holds this prompt: the prefix the session's next request resends.
         const auto prefix = l.used ? l.used->input_tokens : c.input_tokens;
-        s->caches.note(c.session, i, prefix, finished,
+        s->caches.note(c.session, i, prefix, l.finished,
                        s->providers[s->models[i]->provider]->cache_ttl);
       }
       if constexpr (streamed) {
         if (l.judged.is_success()) {
           Response stream = std::move(result).get();
-          auto answered_by =
-              s->options.response_model_of ? s->options.response_model_of(stream) : std::string();
-          stream.on_end(std::make_unique<stream_settlement>(
-              s, i, *ticket, std::move(*charges), route, c, std::move(answered_by), started));
+          if (answered_by) *answered_by = s->options.response_model_of(stream);
           route.record.provider = spec.provider;
           route.record.model = spec.id;
           route.record.settled_tokens = l.tokens;  // the estimate: the stream's report has the rest
@@ -1086,10 +1073,9 @@ class router {
           co_return routed<Response>{std::move(stream), std::move(route.record)};
         }
       }
-      settle_budgets(*charges, spec, c, result, l);
 
       if (l.judged.kind == verdict::success ||
-          !fall_back(*s, c, i, result, l.judged, finished, route)) {
+          !fall_back(*s, c, i, result, l.judged, l.finished, route)) {
         route.record.provider = spec.provider;
         route.record.model = spec.id;
         if (l.judged.kind == verdict::success) {
