@@ -22,7 +22,7 @@ struct prompt {
 asio::awaitable<void> ask(weir::routing::router<prompt, fake_response, std::chrono::steady_clock,
                                                 weir::testing::fake_classifier>& router,
                           int n) {
-  const prompt question("question " + std::to_string(n));
+  const prompt question{"question " + std::to_string(n)};
   auto [response, route] =
       co_await router.route(question, {.input_tokens = 500, .output_tokens = 200});
   fmt::print("{}: {} from {}/{} after {} attempt(s), ${:.6f}\n", question.text, response.status,
