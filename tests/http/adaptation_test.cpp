@@ -750,3 +750,29 @@ TEST_CASE("an unknown sliding-window limit that pauses each refusal a second is 
     }
   }
 }
+
+TEST_CASE("clients that each hear a whole limit they share pace at their part of it",
+          "[http][adaptation]") {
+  // A fixed window of 20 a second, reported with its window, that `others` + 1 clients spend
+  // alike: between two of this client's answers, `remaining` falls by one for each of them.
+  const auto paced = [](int others) {
+    asio::io_context io;
+    limits_type limits(io.get_executor(), {});
+    weir::http::server_adaptation<clock_type> adapt(limits);
+    int used = 0;
+    for (int answer = 0; answer < 200; ++answer) {
+      if (answer % 10 == 0) used = 0;  // ten answers a second: a new window
+      used += 1 + others;
+      const auto remaining = std::to_string(std::max(0, 20 - used));
+      adapt.observe({weir::verdict::success,
+                     hints({{"RateLimit-Policy", R"("d";q=20;w=1)"},
+                            {"RateLimit", fmt::format(R"("d";r={};t=1)", remaining)}})});
+      clock_type::advance(100ms);
+    }
+    return adapt.request_rate()->per_second;
+  };
+  // Alone, the whole limit under its headroom; with one other, half of it: before, each of two
+  // paced at all of it, and the window's refusals had to bring them down.
+  CHECK(paced(0) == Approx(20 * 0.97));
+  CHECK(paced(1) == Approx(10 * 0.97).epsilon(0.05));
+}

@@ -39,6 +39,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -129,9 +130,14 @@ class adaptation_core {
     note_timing(sent, now);
     const limit_snapshot* snapshots[4] = {&c.hint.requests, &c.hint.tokens, &c.hint.input_tokens,
                                           &c.hint.output_tokens};
+    std::optional<double> reported_requests;
     for (std::size_t d = 0; d < 4; ++d)
-      if (auto per_second = reported_rate(d, *snapshots[d], now))
+      if (auto per_second = reported_rate(d, *snapshots[d], now)) {
+        if (d == 0) reported_requests = per_second;
         learn_limit(static_cast<dimension>(d), *per_second, *snapshots[d]->limit, now);
+      }
+    if (c.kind == verdict::success && reported_requests)
+      note_share(c.hint.requests, *reported_requests, now);
     // An overloaded provider (Anthropic 529, Groq 498, OpenAI 503 Slow Down) says "send less"
     // as a 429 does, though nothing of the account's limit is spent: a decrease, never a pause.
     const bool refused =
@@ -222,7 +228,51 @@ class adaptation_core {
     engaged_.store(true, std::memory_order_release);
   }
 
-  double hold() const { return *ceiling_ * (1 - options_.headroom); }
+  // Just under the ceiling, and under this client's share of a limit others spend too.
+  double hold() const { return std::min(*ceiling_, share_cap_) * (1 - options_.headroom); }
+
+  // Others spending the same limit show in what it has left: between two of this client's
+  // answers it falls by what everyone sent (plus what refilled meanwhile, for a bucket that
+  // refills continuously). This client's part of that fall is its share of the limit, and the
+  // reported limit times that share caps its pace: in proportion, so that clients that each do
+  // this sum to the whole limit (each scales by limit / what all send), where each alone would
+  // pace at all of it and refusals would sort them out.
+  void note_share(const limit_snapshot& s, double limit_per_second, time_point now) {
+    if (!s.remaining || !s.limit || *s.limit <= 0) return;
+    const auto remaining = *s.remaining, limit = *s.limit;
+    // A limit that changed between two answers counts its units anew: the pair says nothing.
+    if (last_remaining_ && limit == last_limit_) {
+      const double elapsed = std::chrono::duration<double>(now - last_remaining_at_).count();
+      double spent = static_cast<double>(*last_remaining_ - remaining);
+      const bool continuous = s.refill == refill::continuous;
+      if (continuous) spent += limit_per_second * elapsed;
+      // A window that opened between the two answers (the count jumps back up) measures nothing;
+      // a small rise is two answers that crossed on the way, and counts, or the fall after it
+      // would count twice. A bucket with more than half its units left binds nobody, whoever
+      // else uses it: counted as this client's alone, so that a share measured while the
+      // limit was contended fades once it is not (and a full bucket, refilling nothing, is not
+      // read as others' use).
+      const bool reopened = remaining > *last_remaining_ + std::max<std::int64_t>(2, limit / 4);
+      if (continuous && 2 * remaining > limit) spent = 1;
+      if (!reopened && elapsed >= 0) {
+        share_mine_ = share_mine_ * share_decay + 1;
+        share_all_ = share_all_ * share_decay + spent;
+      }
+    }
+    last_remaining_ = remaining;
+    last_limit_ = limit;
+    last_remaining_at_ = now;
+    const double share = share_all_ > 0 ? std::clamp(share_mine_ / share_all_, 0.02, 1.0) : 1.0;
+    // Alone, the share reads about one: noise there must not cost the last percent of goodput.
+    const double cap =
+        share < 0.85 ? limit_per_second * share : std::numeric_limits<double>::infinity();
+    share_cap_ = cap;
+    if (ceiling_ && !slow_start_ && rate_ > hold()) {
+      rate_ = hold();
+      apply(now);
+    }
+  }
+  static constexpr double share_decay = 0.95;  // about the last twenty answers
 
   // The rate a snapshot reports, per second, when its period is known: said (the IETF policy's
   // w), inferred (a continuously refilling limit gives back limit − remaining in `reset`, so its
@@ -647,6 +697,12 @@ class adaptation_core {
   std::size_t next_send_ = 0;
   std::array<rate_change, 32> history_{};
   std::size_t next_history_ = 0;
+  // This client's share of a reported limit others spend too (see note_share).
+  std::optional<std::int64_t> last_remaining_{};
+  std::int64_t last_limit_ = 0;
+  time_point last_remaining_at_{};
+  double share_mine_ = 0, share_all_ = 0;
+  double share_cap_ = std::numeric_limits<double>::infinity();  // per second
 };
 
 }  // namespace detail
