@@ -9,6 +9,8 @@
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/json/src.hpp>  // Boost.JSON, compiled once for this executable
 
 #include <future>
@@ -260,6 +262,30 @@ TEST_CASE("the gateway serves its models, its health and its metrics") {
   post(r.port(), "/v1/chat/completions", chat("gpt-mini", false));
   const auto metrics = exchange(r.port(), gw_http::verb::get, "/metrics");
   CHECK(metrics.body.find(R"(weir_gateway_requests_total{status="200"} 1)") != std::string::npos);
+}
+
+TEST_CASE("the gateway answers HEAD with the header alone, so a kept-alive connection goes on") {
+  rig r;
+  // HEAD then GET on one connection: a body after HEAD's header would be read as the start of
+  // the next response.
+  gw_asio::io_context io;
+  gw_asio::ip::tcp::socket socket(io);
+  socket.connect({gw_asio::ip::make_address_v4("127.0.0.1"), r.port()});
+  const std::string asked =
+      "HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+      "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+  gw_asio::write(socket, gw_asio::buffer(asked));
+  std::string said;
+  boost::system::error_code ec;
+  gw_asio::read(socket, gw_asio::dynamic_buffer(said), ec);
+  CHECK(ec == gw_asio::error::eof);
+  const auto second = said.find("HTTP/1.1 200", 1);
+  REQUIRE(said.starts_with("HTTP/1.1 200"));
+  REQUIRE(second != std::string::npos);
+  const std::string_view head_answer = std::string_view(said).substr(0, second);
+  CHECK(head_answer.find("Content-Length: 18") != std::string_view::npos);
+  CHECK(head_answer.ends_with("\r\n\r\n"));  // the header, and nothing after it
+  CHECK(said.ends_with(R"({"status":"ready"})"));
 }
 
 TEST_CASE("the gateway forwards only allow-listed client headers") {

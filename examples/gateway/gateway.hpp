@@ -679,11 +679,13 @@ class server {
     }
   }
 
-  // Writes a whole response; false when the connection is to close.
+  // Writes a whole response; false when the connection is to close. The answer to a HEAD
+  // request is its header alone, Content-Length included (RFC 9110, 9.3.2): a body after it
+  // would be read as the next response on a kept-alive connection.
   static asio::awaitable<bool> write(state& s, stream_type& stream, unsigned status,
                                      std::string body, std::string_view content_type,
                                      unsigned version, bool keep_alive,
-                                     weir::http::header_list extra = {}) {
+                                     weir::http::header_list extra = {}, bool head = false) {
     beast_http::response<beast_http::string_body> res(static_cast<beast_http::status>(status),
                                                       version);
     res.set(beast_http::field::server, "weir-gateway");
@@ -693,6 +695,12 @@ class server {
     res.keep_alive(keep_alive && !s.draining);
     res.prepare_payload();
     stream.expires_after(s.options.write_timeout);
+    if (head) {
+      beast_http::response_serializer<beast_http::string_body> header(res);
+      auto [ec, n] = co_await beast_http::async_write_header(stream, header,
+                                                             asio::as_tuple(asio::use_awaitable));
+      co_return !ec && res.keep_alive();
+    }
     auto [ec, n] =
         co_await beast_http::async_write(stream, res, asio::as_tuple(asio::use_awaitable));
     co_return !ec && res.keep_alive();
@@ -703,7 +711,8 @@ class server {
                                      weir::http::header_list extra = {}) {
     s.count(status, false);
     return write(s, stream, status, error_body(d, status, message), "application/json",
-                 req.version(), req.keep_alive(), std::move(extra));
+                 req.version(), req.keep_alive(), std::move(extra),
+                 req.method() == beast_http::verb::head);
   }
 
   // Answers a request that cannot be read on, and closes.
@@ -741,18 +750,18 @@ class server {
                                       const request_type& req) {
     const std::string_view target = req.target();
     const std::string_view path = target.substr(0, target.find('?'));
-    const bool get =
-        req.method() == beast_http::verb::get || req.method() == beast_http::verb::head;
+    const bool head = req.method() == beast_http::verb::head;
+    const bool get = req.method() == beast_http::verb::get || head;
     if (path == "/health" && get) {
       const bool ready = !s->draining;
       std::string said = ready ? R"({"status":"ready"})" : R"({"status":"draining"})";
       co_return co_await write(*s, stream, ready ? 200 : 503, std::move(said), "application/json",
-                               req.version(), req.keep_alive());
+                               req.version(), req.keep_alive(), {}, head);
     }
     if (path == "/metrics" && get) {
       auto page = metrics_text(*s);
       co_return co_await write(*s, stream, 200, std::move(page), "text/plain; version=0.0.4",
-                               req.version(), req.keep_alive());
+                               req.version(), req.keep_alive(), {}, head);
     }
     const dialect d = path == "/v1/messages" ? dialect::anthropic : dialect::openai;
     const bool chat = path == "/v1/chat/completions" || path == "/v1/messages";
@@ -771,7 +780,7 @@ class server {
     if (!chat) {
       auto list = models_json(*s);
       co_return co_await write(*s, stream, 200, std::move(list), "application/json", req.version(),
-                               req.keep_alive());
+                               req.keep_alive(), {}, head);
     }
     co_return co_await chat_request(s, stream, req, d, *who);
   }
