@@ -240,6 +240,7 @@ class adaptation_core {
   void note_share(const limit_snapshot& s, double limit_per_second, time_point now) {
     if (!s.remaining || !s.limit || *s.limit <= 0) return;
     const auto remaining = *s.remaining, limit = *s.limit;
+    if (remaining < 0 || remaining > limit) return;  // a snapshot no server sends
     // A limit that changed between two answers counts its units anew: the pair says nothing.
     if (last_remaining_ && limit == last_limit_) {
       const double elapsed = std::chrono::duration<double>(now - last_remaining_at_).count();
