@@ -226,6 +226,12 @@ struct by_status {
   }
 };
 
+// Anthropic's rates for a $3 model: reads $0.30, 5-minute writes $3.75 per million.
+const weir::price sonnet{.input_per_million = 3,
+                         .output_per_million = 15,
+                         .cached_input_per_million = 0.3,
+                         .cache_write_per_million = 3.75};
+
 asio::awaitable<weir::testing::fake_response> answer_with(unsigned status) {
   weir::testing::fake_response r;
   r.status = status;
@@ -259,11 +265,6 @@ TEST_CASE("a budget stage charges cache reads and writes at their own prices", "
   clock_type::set(at(utc(2026, 11, 30, 9)));
   asio::io_context io;
   budget overall({.limit = 100});
-  // Anthropic's rates for a $3 model: reads $0.30, 5-minute writes $3.75 per million.
-  const weir::price sonnet{.input_per_million = 3,
-                           .output_per_million = 15,
-                           .cached_input_per_million = 0.3,
-                           .cache_write_per_million = 3.75};
   auto guarded = weir::pipeline(overall.stage(sonnet));
   const auto call = [&](std::uint64_t read, std::uint64_t written) {
     const double before = overall.status().empty() ? 0 : overall.status().at(0).spent;
@@ -295,10 +296,6 @@ TEST_CASE("a budget is never passed by calls that write their whole prompt to th
   // Room for three calls at the input price ($3 each), but each writes its million tokens to
   // the cache at $3.75: reserved at the input price, all three went in and spent $11.25.
   budget overall({.limit = 9.5});
-  const weir::price sonnet{.input_per_million = 3,
-                           .output_per_million = 15,
-                           .cached_input_per_million = 0.3,
-                           .cache_write_per_million = 3.75};
   auto guarded = weir::pipeline(overall.stage(sonnet));
   // Three calls in flight at once: each reserves before any settles.
   std::vector<std::unique_ptr<weir::basic_call_context<clock_type>>> calls;
