@@ -72,6 +72,28 @@ TEST_CASE("the call context carries tokens to the limits and the monitor, and se
   CHECK(limits.time_until({.requests = 0, .tokens = 10'000}) == 1500ms);  // settled, not 4000
 }
 
+TEST_CASE("a call that used more than it said is charged from when the limits let it through",
+          "[pipeline]") {
+  // 100 tokens a second with a burst of one; the call, estimated at 100, runs 3 s and uses 300.
+  // The limit refilled while it ran, as the server's did: nothing is owed at its end. Settled
+  // from its end, as before, the next call waited 2 s, and every underestimated call lost the
+  // refill of its own duration.
+  clock_type::reset();
+  asio::io_context io;
+  weir::rate_limits<clock_type> limits(io.get_executor(),
+                                       {.tokens = weir::limit{weir::per_second(100), 1}});
+  auto guarded = weir::pipeline(limits);
+  context ctx{.tokens = 100};
+  auto op = [&]() -> asio::awaitable<int> {
+    asio::basic_waitable_timer<clock_type> running(co_await asio::this_coro::executor, 3s);
+    co_await running.async_wait(asio::use_awaitable);
+    ctx.actual_tokens = 300;
+    co_return 1;
+  };
+  CHECK(run_to_end(io, guarded(ctx, op), nullptr, 3s) == 1);
+  CHECK(limits.time_until({.requests = 0, .tokens = 1}) == 0s);
+}
+
 TEST_CASE("a deadline in the context makes a limiter refuse at once instead of waiting past it",
           "[pipeline]") {
   asio::io_context io;

@@ -109,6 +109,25 @@ TEST_CASE("settle refunds an overestimate and charges an underestimate exactly",
   CHECK(limits.time_until({.requests = 0, .tokens = 1000}) == 1200ms);
 }
 
+TEST_CASE("a charge counts from when the call was let through, else from now", "[rate_limits]") {
+  // 100 tokens a second, a burst of one; calls estimated at 100 that used 300 over 3 s.
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.tokens = weir::limit{weir::per_second(100), 1}});
+  const weir::usage estimate{.requests = 1, .tokens = 100}, used{.requests = 1, .tokens = 300};
+  const weir::usage one{.requests = 0, .tokens = 1};
+  const auto let_through = clock_type::now();
+  REQUIRE(limits.try_acquire(estimate, let_through));
+  clock_type::advance(3s);
+  limits.settle(estimate, used, let_through);  // refilled meanwhile: nothing owed
+  CHECK(limits.time_until(one) == 0s);
+
+  REQUIRE(limits.try_acquire(estimate));
+  clock_type::advance(3s);
+  limits.settle(estimate, used);  // from now: 2 s owed
+  CHECK(limits.time_until(one) == 2s);
+}
+
 TEST_CASE("a refund goes to the waiter at the head of the queue", "[rate_limits]") {
   asio::io_context io;
   limits_type limits(io.get_executor(), {.tokens = weir::limit::per_minute(60'000, 1000)});

@@ -131,9 +131,11 @@ class rate_limits {
   }
 
   // After the response: charges what was used beyond the estimate and refunds what was not, so
-  // estimates never drift the budget. Refunds go to waiters first.
-  void settle(const usage& estimated, const usage& actual, time_point now = Clock::now()) {
-    state_->settle(estimated, actual, detail::to_nanos(now));
+  // estimates never drift the budget. Refunds go to waiters first. `spent_at` is when the call
+  // was let through: its units were spent then, and a charge counts from there, so a limit idle
+  // since has refilled meanwhile, as the server's has (a pipeline's limits stage passes it).
+  void settle(const usage& estimated, const usage& actual, time_point spent_at = Clock::now()) {
+    state_->settle(estimated, actual, detail::to_nanos(spent_at));
   }
 
   // Re-sizes one dimension at run time, or enables it if it was absent. The next unit is due one
@@ -349,7 +351,7 @@ class rate_limits {
       return n;
     }
 
-    void settle(const usage& estimated, const usage& actual, detail::nanos now) {
+    void settle(const usage& estimated, const usage& actual, detail::nanos spent_at) {
       const auto got = units(actual);
       std::lock_guard lock(mutex);
       const auto est = with_typical_units(units(estimated));
@@ -378,9 +380,12 @@ class rate_limits {
         any = true;
       }
       if (!any) return;
+      // A charge counts from when the units were spent, not from the settlement: charged from
+      // the settlement, a limit with a small burst (one token, say) lost the refill of the whole
+      // call's duration to every call estimated too low.
       if (waiters.empty()) {
         for (std::size_t d = 0; d < dims; ++d)
-          tat[d] = charge[d] ? std::max(tat[d], now) + charge[d] : tat[d] - refund[d];
+          tat[d] = charge[d] ? std::max(tat[d], spent_at) + charge[d] : tat[d] - refund[d];
         return;
       }
       // The waiters are re-stacked as if the first one had found that much more (a refund) or
@@ -389,7 +394,7 @@ class rate_limits {
       std::array<detail::nanos, dims> before_head;
       for (std::size_t d = 0; d < dims; ++d) {
         const auto start = head->reservation.end[d] - head->reservation.increment[d];
-        before_head[d] = charge[d] ? std::max(start, now) + charge[d] : start - refund[d];
+        before_head[d] = charge[d] ? std::max(start, spent_at) + charge[d] : start - refund[d];
       }
       const auto shift = detail::restack(head, before_head, tolerance);
       for (std::size_t d = 0; d < dims; ++d) tat[d] -= shift[d];

@@ -779,7 +779,7 @@ class run {
         --c.in_flight;
         c.adapt.observe(judge(e.answer), e.sent, now);
         if (e.answer.status == 200 && e.estimate != actual_of(e.j))
-          c.limits.settle(e.estimate, actual_of(e.j), now);
+          c.limits.settle(e.estimate, actual_of(e.j), e.sent);
         c.sample(now);
         if (trace_ && e.who == 0 && now - traced_ >= 500ms) trace(c, now);
       }

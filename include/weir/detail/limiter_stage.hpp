@@ -47,6 +47,7 @@ class limiter_stage {
   struct slot {
     usage taken{};
     unsigned attempt = 0;  // the attempt that took it
+    typename clock_type::time_point admitted{};
   };
   static constexpr bool values_succeed = true;
   static constexpr bool reads_clock = true;
@@ -54,6 +55,7 @@ class limiter_stage {
   bool try_enter(slot& s, stage_context<clock_type>& context) {
     s.taken = context.call.estimated_usage();
     s.attempt = context.attempt;
+    s.admitted = context.now;
     if constexpr (requires(const cost_type& c) {
                     { limiter_.try_acquire(c, context.now) } -> std::same_as<bool>;
                   })
@@ -71,6 +73,7 @@ class limiter_stage {
       throw_refusal(ec, fmt::format("{}: the wait would pass the deadline", name()).c_str(),
                     waited);
     if (ec) throw_refusal(ec, std::string(name()).c_str());  // e.g. a shared limiter unreachable
+    s.admitted = clock_type::now();
   }
 
   // The estimate is settled against what the call says it used, when it says so. A call that was
@@ -83,7 +86,9 @@ class limiter_stage {
       const auto used =
           never_sent ? usage{.requests = 0, .tokens = 0} : context.call.actual_usage(s.taken);
       if (used == s.taken) return {};
-      if constexpr (settles)
+      if constexpr (settles_from_admission)
+        limiter_.settle(Limiter::cost_of(s.taken), Limiter::cost_of(used), s.admitted);
+      else if constexpr (settles)
         limiter_.settle(Limiter::cost_of(s.taken), Limiter::cost_of(used));
       else
         limiter_.async_settle(Limiter::cost_of(s.taken), Limiter::cost_of(used),
@@ -94,6 +99,12 @@ class limiter_stage {
 
  private:
   static constexpr bool settles = requires(Limiter & l, const cost_type& c) { l.settle(c, c); };
+  // rate_limits charges a call's extra units from when it was let through.
+  static constexpr bool settles_from_admission =
+      std::is_same_v<cost_type, usage> &&
+      requires(Limiter & l, const cost_type& c, typename clock_type::time_point t) {
+    l.settle(c, c, t);
+  };
   static constexpr bool settles_async = requires(Limiter & l, const cost_type& c) {
     l.async_settle(c, c, boost::asio::detached);
   };

@@ -293,12 +293,16 @@ class adaptation_core {
       // later sample with far fewer outstanding than it allows proves it wrong (one answer that
       // says "remaining 0, reset 24 h" among ordinary ones must not hold the pace down).
       const double expected = inferred_[d].outstanding_at(now);
-      if (outstanding >= expected || outstanding + 1 < expected / 2) {
-        const double window_ns = static_cast<double>(s.reset_after->count()) *
-                                 static_cast<double>(*s.limit) / outstanding;
+      const double window_ns =
+          static_cast<double>(s.reset_after->count()) * static_cast<double>(*s.limit) / outstanding;
+      // A reset rounded up makes every window read long, by up to the rounding over the reset:
+      // the shortest read while it stands is the closest (none reads shorter than the truth).
+      const bool closer = s.reset_rounded_to
+                              ? expected == 0 || window_ns < inferred_[d].window.count()
+                              : outstanding >= expected;
+      if (closer || outstanding + 1 < expected / 2)
         inferred_[d] = {outstanding, now, now + *s.reset_after,
                         nanos(static_cast<std::int64_t>(std::min(window_ns, longest_window_ns)))};
-      }
     }
     if (!window && inferred_[d].outstanding > 0) window = inferred_[d].window;
     if (!window && s.refill != refill::continuous && s.reset_after && s.reset_after->count() > 0)

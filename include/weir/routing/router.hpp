@@ -773,8 +773,8 @@ class router {
           l.used = s->options.usage_of(result.value());
       // A success or a cancelled call may have produced tokens; a failure that says nothing, or
       // a call the provider's code refused before sending, did not.
-      l.tokens = settle(answered, l.judged.kind, l.used,
-                        l.judged.is_success() || result.cancelled(), l.finished);
+      l.tokens =
+          settle(answered, l.judged.kind, l.used, l.judged.is_success() || result.cancelled());
       if (!s->options.watch || !(answered || result.cancelled())) return;
       auto ended = call_ended(c.operation, c.gen_ai_operation, l.finished);
       ended.error_type = error_type_of(result, l.judged.kind);
@@ -807,7 +807,7 @@ class router {
                              .cache_write_tokens = told.actual_cache_write_tokens.value_or(0)};
         const auto ended_at = Clock::now();
         // A stream began: it may have produced tokens however it ended.
-        const auto tokens = settle(true, kind, used, true, ended_at);
+        const auto tokens = settle(true, kind, used, true);
         s->emit(stream_ended{operation, ending.how, tally.chunks, tokens, tally.source(),
                              ending.time_to_first_token},
                 ids);
@@ -834,7 +834,7 @@ class router {
     // may have produced tokens. Returns the tokens used: reported, or the estimate. A 429 is the
     // cooldown's business, not the breaker's (circuit_breaker_options says why).
     std::uint64_t settle(bool answered, verdict kind, const std::optional<token_usage>& used,
-                         bool maybe_billed, time_point finished) {
+                         bool maybe_billed) {
       auto& m = *s->models[model];
       s->providers[m.provider]->breaker.settle(ticket, answered, kind);
       // What the provider counts: at Anthropic, say, not the input read from its cache.
@@ -846,7 +846,7 @@ class router {
                           .error = kind == verdict::retryable,
                           .rate_limited = kind == verdict::rate_limited},
                          started);
-      if (m.limits) m.limits->settle(estimate, spent, finished);
+      if (m.limits) m.limits->settle(estimate, spent, started);
       const double cost = used ? m.spec->cost(*used)
                           : maybe_billed
                               ? m.spec->cost(estimate.input_tokens, estimate.output_tokens)
