@@ -88,8 +88,9 @@ class backoff {
     if (cap.count() < 0) detail::invalid_option("backoff", "cap", cap, "not be negative");
     if (!(factor >= 0)) detail::invalid_option("backoff", "factor", factor, "not be negative");
     if (cap < initial)
-      detail::invalid_option("backoff", "cap", cap,
-                             fmt::format("be at least the initial delay, {}", initial));
+      detail::invalid_option(
+          "backoff", "cap", cap,
+          fmt::format("be at least the initial delay, {}", detail::duration_text(initial)));
   }
 
   double cap() const { return static_cast<double>(cap_.count()); }

@@ -182,7 +182,8 @@ class circuit_breaker {
         invalid("break_duration", set.break_duration, "not be negative");
       if (set.max_break_duration < set.break_duration)
         invalid("max_break_duration", set.max_break_duration,
-                fmt::format("be at least break_duration = {}", set.break_duration));
+                fmt::format("be at least break_duration = {}",
+                            detail::duration_text(set.break_duration)));
       if (!(set.break_growth >= 1.0) || !std::isfinite(set.break_growth))
         invalid("break_growth", set.break_growth, "be finite and at least 1");
       if (set.probe_timeout.count() <= 0)

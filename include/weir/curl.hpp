@@ -61,6 +61,7 @@
 #include <atomic>
 #include <cctype>
 #include <chrono>
+#include <concepts>
 #include <cstdint>
 #include <deque>
 #include <exception>
@@ -273,7 +274,8 @@ class easy {
       http::detail::limit_passed(
           "curl::easy", "the transfer",
           fmt::format("max_transfer_time ({})",
-                      std::chrono::duration<double>(limits_.max_transfer_time)));
+                      weir::detail::duration_text(
+                          std::chrono::duration<double>(limits_.max_transfer_time))));
     detail::check(code, "curl transfer");
     long status = 0;
     curl_easy_getinfo(handle_, CURLINFO_RESPONSE_CODE, &status);
@@ -715,10 +717,12 @@ struct event_reader {
 // Unless `options` say otherwise, an error event inside the stream (OpenAI's `data: {"error"…}`,
 // Anthropic's `event: error`) is judged by its type, and the opening events that carry no
 // content yet (Anthropic's `message_start`, a role-only first chunk) are held back, as the Beast
-// chat_client::stream does.
-inline boost::asio::awaitable<stream<http::sse::event>> open_event_stream(
-    multi& transfers, std::unique_ptr<easy> request,
-    stream_options<http::sse::event> options = {}) {
+// chat_client::stream does. (A template only so that a program that opens no stream does not
+// compile one: `Event` is always deduced or defaulted to http::sse::event.)
+template <std::same_as<http::sse::event> Event = http::sse::event>
+boost::asio::awaitable<stream<Event>> open_event_stream(multi& transfers,
+                                                        std::unique_ptr<easy> request,
+                                                        stream_options<Event> options = {}) {
   if (!options.in_band_error) options.in_band_error = http::sse::in_band_error;
   if (!options.opening) options.opening = http::sse::opens_answer;
   auto feed = std::make_shared<detail::event_feed>(std::move(request));
@@ -733,9 +737,9 @@ inline boost::asio::awaitable<stream<http::sse::event>> open_event_stream(
             feed->finish(ec, code);
           })));
   auto reader = std::make_shared<detail::event_reader>(feed);
-  auto first = open_stream<http::sse::event>(
-      [reader] { return reader->feed->async_next(boost::asio::use_awaitable); },
-      std::move(options));
+  auto first =
+      open_stream<Event>([reader] { return reader->feed->async_next(boost::asio::use_awaitable); },
+                         std::move(options));
   co_return co_await std::move(first);
 }
 

@@ -2,7 +2,6 @@
 // top.
 #pragma once
 
-#include <fmt/chrono.h>
 #include <fmt/format.h>
 #include <boost/system/error_code.hpp>
 #include <boost/system/system_error.hpp>
@@ -158,21 +157,36 @@ class exception : public boost::system::system_error {
 };
 
 namespace detail {
+// A duration as fmt/chrono.h writes it ("1500000000ns", "0.25s"), for the messages that name
+// one: the common headers leave fmt/chrono.h out, which weighs on every program that includes
+// them.
+inline std::string duration_text(std::chrono::nanoseconds d) {
+  return fmt::format("{}ns", d.count());
+}
+inline std::string duration_text(std::chrono::duration<double> d) {
+  return fmt::format("{:g}s", d.count());
+}
+
+[[noreturn]] inline void throw_invalid_option(std::string_view who, std::string_view field,
+                                              std::string_view value, std::string_view rule) {
+  throw weir::exception(error::invalid_argument,
+                        fmt::format("{}: {} is {}; it must {}", who, field, value, rule));
+}
+
 // A misconfiguration, named by its field and value as the catalog's messages are:
-// "retry: max_attempts is 0; it must be at least 1".
+// "retry: max_attempts is 0; it must be at least 1". Only the value is formatted per type; the
+// message is built once, out of the template.
 template <class Value>
 [[noreturn]] void invalid_option(std::string_view who, std::string_view field, const Value& value,
                                  std::string_view rule) {
   if constexpr (requires {
                   typename Value::rep;
                   typename Value::period;
-                } &&
-                !std::is_same_v<Value, std::chrono::duration<double>>) {
+                }) {
     // In seconds, as a person writes them: "-1s", "0.25s".
-    invalid_option(who, field, std::chrono::duration<double>(value), rule);
+    throw_invalid_option(who, field, duration_text(std::chrono::duration<double>(value)), rule);
   } else {
-    throw weir::exception(error::invalid_argument,
-                          fmt::format("{}: {} is {}; it must {}", who, field, value, rule));
+    throw_invalid_option(who, field, fmt::format("{}", value), rule);
   }
 }
 }  // namespace detail

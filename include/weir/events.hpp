@@ -319,7 +319,9 @@ template <>
 struct fmt::formatter<weir::event> {
   constexpr auto parse(format_parse_context& ctx) { return ctx.begin(); }
 
-  auto format(const weir::event& e, format_context& ctx) const {
+  // Templates, so that only a program that formats an event instantiates these.
+  template <class FormatContext>
+  auto format(const weir::event& e, FormatContext& ctx) const {
     auto out = format_line(e, ctx);
     const auto& ids =
         std::visit([](const auto& v) -> const weir::trace_ids& { return v.trace; }, e);
@@ -337,7 +339,8 @@ struct fmt::formatter<weir::event> {
     return policy.empty() ? std::string() : fmt::format(" by {}", policy);
   }
 
-  format_context::iterator format_line(const weir::event& e, format_context& ctx) const {
+  template <class FormatContext>
+  auto format_line(const weir::event& e, FormatContext& ctx) const {
     using namespace weir;  // the event types
     return std::visit(
         [&](const auto& v) {

@@ -13,7 +13,6 @@
 #include <weir/http/refusals.hpp>
 #include <weir/outcome.hpp>
 
-#include <fmt/chrono.h>
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -103,8 +102,9 @@ inline std::string describe_refusal(const refusal_reason& why) {
   auto text = fmt::format(": {} ({} {})", weir::detail::name_of(why.cause),
                           weir::detail::name_of(why.shape), why.code);
   if (why.resets_after)
-    text += fmt::format(", resets in {}",
-                        std::chrono::duration_cast<std::chrono::seconds>(*why.resets_after));
+    text +=
+        fmt::format(", resets in {}s",
+                    std::chrono::duration_cast<std::chrono::seconds>(*why.resets_after).count());
   return text;
 }
 

@@ -236,9 +236,10 @@ class body_stream {
   }
 
   [[noreturn]] void transfer_too_long() const {
-    detail::limit_passed(
-        "http::client", "the transfer",
-        fmt::format("max_transfer_time ({})", std::chrono::duration<double>(max_transfer_time_)));
+    detail::limit_passed("http::client", "the transfer",
+                         fmt::format("max_transfer_time ({})",
+                                     weir::detail::duration_text(
+                                         std::chrono::duration<double>(max_transfer_time_))));
   }
 
   std::unique_ptr<detail::connection> connection_;
