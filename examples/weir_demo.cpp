@@ -4,8 +4,9 @@
 // sleep 1, 2, 4 ... s) on fresh providers, and puts the two side by side.
 //
 //     weir-demo [--requests N] [--concurrency N] [--seed N] [--compare] [--self-hosted]
-//               [--slow-tail] [--hedge] [--no-stream] [--fallback] [--svg PATH] [--plain]
-//               [--metrics-port N]
+//               [--no-faults] [--slow-tail] [--stray-429s] [--hedge] [--no-stream] [--fallback]
+//               [--svg PATH] [--plain]
+//               [--metrics-port N [--await-first-scrape N] [--linger-seconds N]]
 //     weir-demo --model NAME [--base-url https://api.example.com/v1] [--api-key-env VAR]
 //               [--dialect openai|anthropic] [--rpm N] [--tpm N]
 #include "demo/metrics_server.hpp"
@@ -16,6 +17,7 @@
 #include <unistd.h>
 
 #include <charconv>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -23,6 +25,7 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -41,7 +44,11 @@ Usage: weir-demo [options]
   --compare         run the naive way first, then weir, and compare them
   --self-hosted     add a fourth, free provider: a self-hosted model server with 4 workers that
                     queues instead of refusing; weir learns how many calls it can take at once
+  --no-faults       the local providers answer without their faults (errors, resets, stalls,
+                    slow first tokens, the outage): only their limits refuse
   --slow-tail       the local providers stall one answer in twenty for 3 s
+  --stray-429s      the local providers refuse one request in ten with a 429 their limits did
+                    not call for (Retry-After 0.5 to 2 s), as when others share the quota
   --hedge           weir hedges a request still unanswered at the p90 of the latencies it has
                     seen (at most 8 at once, a tenth of the requests): compare the p99
   --no-stream       weir asks for whole answers; by default it streams them (server-sent
@@ -51,6 +58,10 @@ Usage: weir-demo [options]
   --plain           log lines instead of the live dashboard (the default when not a terminal)
   --metrics-port N  serve weir's metrics for Prometheus at http://127.0.0.1:N/metrics while it
                     runs (0: a free port; the URL is printed)
+  --await-first-scrape N  with --metrics-port, start the run after the first scrape (waiting
+                    at most N s), so that Prometheus sees every counter from zero
+  --linger-seconds N  with --metrics-port, go on serving the metrics N s after the run, so a
+                    scrape sees its end (default 0)
   --model NAME      run against a real endpoint instead of the local mocks, asking for NAME
   --dialect D       openai (default) or anthropic
   --base-url URL    the endpoint's API root, as the SDKs take it (https://host/v1); default
@@ -69,7 +80,9 @@ struct settings {
   std::uint64_t seed = 7;
   bool compare = false;
   bool self_hosted = false;
+  bool no_faults = false;
   bool slow_tail = false;
+  bool stray_429s = false;
   bool hedge = false;
   bool stream = true;
   bool fallback = false;
@@ -80,6 +93,8 @@ struct settings {
   double rpm = 0, tpm = 0;  // 0: not given
   bool requests_given = false;
   std::optional<unsigned short> metrics_port{};
+  std::chrono::seconds await_first_scrape{0};
+  std::chrono::seconds linger{0};
 };
 
 [[noreturn]] void bad_usage(const std::string& why) {
@@ -118,8 +133,12 @@ settings parse(int argc, char** argv) {
       s.compare = true;
     } else if (flag == "--self-hosted") {
       s.self_hosted = true;
+    } else if (flag == "--no-faults") {
+      s.no_faults = true;
     } else if (flag == "--slow-tail") {
       s.slow_tail = true;
+    } else if (flag == "--stray-429s") {
+      s.stray_429s = true;
     } else if (flag == "--hedge") {
       s.hedge = true;
     } else if (flag == "--no-stream") {
@@ -132,6 +151,10 @@ settings parse(int argc, char** argv) {
       const auto v = value();
       s.metrics_port = demo::parse_port(v);
       if (!s.metrics_port) bad_usage(fmt::format("--metrics-port wants 0 to 65535, not '{}'", v));
+    } else if (flag == "--await-first-scrape") {
+      s.await_first_scrape = std::chrono::seconds(number_flag<int>(flag, value(), 0, 3'600));
+    } else if (flag == "--linger-seconds") {
+      s.linger = std::chrono::seconds(number_flag<int>(flag, value(), 0, 3'600));
     } else if (flag == "--svg") {
       s.svg = value();
     } else if (flag == "--base-url") {
@@ -168,7 +191,9 @@ settings parse(int argc, char** argv) {
     }
     if (s.compare) bad_usage("--compare runs against the local mocks only");
     if (s.self_hosted) bad_usage("--self-hosted runs against the local mocks only");
+    if (s.no_faults) bad_usage("--no-faults runs against the local mocks only");
     if (s.slow_tail) bad_usage("--slow-tail runs against the local mocks only");
+    if (s.stray_429s) bad_usage("--stray-429s runs against the local mocks only");
     try {
       weir::http::endpoint::parse(s.base_url);
     } catch (const std::exception& e) {
@@ -178,6 +203,8 @@ settings parse(int argc, char** argv) {
   } else if (!s.api_key_env.empty() || !s.base_url.empty() || s.rpm > 0 || s.tpm > 0) {
     bad_usage("--base-url, --api-key-env, --rpm and --tpm go with --model");
   }
+  if ((s.linger.count() > 0 || s.await_first_scrape.count() > 0) && !s.metrics_port)
+    bad_usage("--await-first-scrape and --linger-seconds go with --metrics-port");
   return s;
 }
 
@@ -338,10 +365,18 @@ void summary(const std::vector<demo::run_report>& runs) {
   });
   if (std::any_of(runs.begin(), runs.end(),
                   [](const auto& r) { return !r.first_tokens.empty(); })) {
+    // From the sending of the attempt that answered, as gen_ai time_to_first_chunk counts it;
+    // then from the job's start, waits for room at the limits (and lost hedges) included.
     row("first token p50/p95/p99 (s)", [](const auto& r) {
       if (r.first_tokens.empty()) return std::string("not streamed");
-      return fmt::format("{:.2f}/{:.1f}/{:.1f}", r.first_token_percentile(0.5),
+      return fmt::format("{:.2f}/{:.2f}/{:.2f}", r.first_token_percentile(0.5),
                          r.first_token_percentile(0.95), r.first_token_percentile(0.99));
+    });
+    row("  from the job's start", [](const auto& r) {
+      if (r.first_tokens_waited.empty()) return std::string("not streamed");
+      return fmt::format("{:.2f}/{:.2f}/{:.2f}", r.first_token_waited_percentile(0.5),
+                         r.first_token_waited_percentile(0.95),
+                         r.first_token_waited_percentile(0.99));
     });
     row("streams broken, restarted",
         [](const auto& r) { return fmt::format("{}", r.streams_restarted); });
@@ -478,6 +513,13 @@ demo::run_report run_once(const std::string& mode, std::vector<demo::provider_se
     fmt::print("{}: the providers answered 429 {} times; the client saw {}\n", mode, served_429,
                report.rate_limited);
     for (const auto& p : fleet)
+      if (const auto* server = mocks->find(p.name))
+        fmt::print("{}: {} counted {} input and {} output tokens\n", mode, p.name,
+                   server->stats().input_tokens, server->stats().output_tokens);
+    if (!report.first_tokens.empty())
+      fmt::print("{}: time to first chunk p95 {:.4f} s over {} streams\n", mode,
+                 report.first_token_percentile(0.95), report.first_tokens.size());
+    for (const auto& p : fleet)
       if (const auto* server = mocks->find(p.name); server && p.workers > 0)
         fmt::print("{}: {} served {}, at most {} waited for its {} workers\n", mode, p.name,
                    server->stats().status(200), server->stats().longest_queue, p.workers);
@@ -499,10 +541,18 @@ int main(int argc, char** argv) {
   if (s.base_url.empty()) {
     fleet = demo::default_fleet();
     if (s.self_hosted) fleet.push_back(demo::self_hosted_provider());
+    if (s.no_faults)
+      for (auto& p : fleet) p.faults = {};
     if (s.slow_tail)
       for (auto& p : fleet) {
         p.faults.stalls = 0.05;
         p.faults.stall = 3'000ms;
+      }
+    if (s.stray_429s)
+      for (auto& p : fleet) {
+        p.faults.random_429 = 0.1;
+        p.faults.random_429_min = 500ms;
+        p.faults.random_429_max = 2'000ms;
       }
     fmt::print("weir-demo: {} requests at concurrency {} against {} local providers:\n", s.requests,
                s.concurrency, s.self_hosted ? "four" : "three");
@@ -544,12 +594,18 @@ int main(int argc, char** argv) {
   }
 
   std::vector<demo::run_report> runs;
+  // weir's run, counted for Prometheus while it runs (the naive run has no events).
+  weir::metrics counted("weir-demo");
+  std::optional<demo::metrics_server> metrics;
   try {
-    // weir's run, counted for Prometheus while it runs (the naive run has no events).
-    weir::metrics counted("weir-demo");
-    std::optional<demo::metrics_server> metrics;
     if (s.metrics_port)
       metrics.emplace(*s.metrics_port, std::vector{weir::http::prometheus_source({counted})});
+    if (metrics && s.await_first_scrape.count() > 0) {
+      std::fflush(stdout);
+      fmt::print("metrics: {}\n", metrics->await_first_scrape(s.await_first_scrape)
+                                      ? "scraped; the run starts"
+                                      : "no scrape came; the run starts anyway");
+    }
     if (s.compare)
       runs.push_back(run_once<demo::naive_run>("naive", fleet, s, jobs, live_view, {}));
     runs.push_back(run_once<demo::weir_run>("weir", fleet, s, jobs, live_view, counted.observer()));
@@ -565,6 +621,11 @@ int main(int argc, char** argv) {
     return 1;
   }
   fmt::print("\ntimeline: {}\n", s.svg);
+  if (metrics && s.linger.count() > 0) {
+    fmt::print("metrics: served {} s more\n", s.linger.count());
+    std::fflush(stdout);
+    std::this_thread::sleep_for(s.linger);
+  }
   const auto& weir_run = runs.back();
   return weir_run.completed + weir_run.canned + weir_run.failed == weir_run.requests ? 0 : 1;
 }

@@ -51,6 +51,21 @@ weir_ensure_npm_packages() {
   echo "$stamp" >"$dir/installed"
 }
 
+# The Prometheus server that tests/prometheus_test.cpp runs ("[prometheus]"): Debian's prometheus
+# package, unpacked into build/prometheus rather than installed. Installed, it would pull in 218 MB
+# of JavaScript for its web UI (libjs-moment-timezone alone) and start a system service; the test
+# needs the one program (50 MB, a 19 MB download).
+weir_ensure_prometheus() {
+  local dir=build/prometheus deb
+  [ -x "$dir/usr/bin/prometheus" ] && return 0
+  mkdir -p "$dir"
+  (cd "$dir" && { apt-get download -qq prometheus 2>/dev/null || {
+    apt-get update -qq && apt-get download -qq prometheus; }; })
+  deb=$(ls "$dir"/prometheus_*.deb)
+  dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$dir" ./usr/bin/prometheus
+  rm -f "$deb"
+}
+
 # Configures and builds one CMake preset with two jobs; extra arguments go to the build
 # (e.g. --target weir-demo).
 weir_build() {

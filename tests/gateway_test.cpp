@@ -394,72 +394,16 @@ TEST_CASE("the gateway cuts in-flight requests off at the end of the drain's gra
 // against the mock provider; then SIGTERM, which must end it with exit status 0. The SDKs are
 // npm packages that scripts/test installs (into build/npm); WEIR_REQUIRE_SDK_TEST=1, which it
 // sets, makes their absence a failure rather than a skipped test.
-#include <fcntl.h>
-#include <poll.h>
-#include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
+#include "support/process.hpp"
 
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
 namespace {
-
-// The child's pid and the read end of its stdout.
-std::pair<pid_t, int> spawn(const std::vector<std::string>& argv) {
-  int out[2];
-  REQUIRE(::pipe(out) == 0);
-  const pid_t pid = ::fork();
-  REQUIRE(pid >= 0);
-  if (pid == 0) {
-    ::dup2(out[1], STDOUT_FILENO);
-    ::close(out[0]);
-    ::close(out[1]);
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    ::execv(args[0], args.data());
-    ::_exit(127);
-  }
-  ::close(out[1]);
-  return {pid, out[0]};
-}
-
-// The first line of `fd` that holds `marker`, waiting at most `within`.
-std::string line_with(int fd, std::string_view marker, std::chrono::milliseconds within) {
-  std::string seen;
-  const auto until = std::chrono::steady_clock::now() + within;
-  while (std::chrono::steady_clock::now() < until) {
-    ::pollfd p{fd, POLLIN, 0};
-    if (::poll(&p, 1, 100) <= 0) continue;
-    char buffer[512];
-    const auto n = ::read(fd, buffer, sizeof buffer);
-    if (n <= 0) break;
-    seen.append(buffer, static_cast<std::size_t>(n));
-    if (const auto at = seen.find(marker); at != std::string::npos) {
-      const auto end = seen.find('\n', at);
-      if (end != std::string::npos)
-        return seen.substr(at + marker.size(), end - at - marker.size());
-    }
-  }
-  return {};
-}
-
-// The child's exit status, or -1 if it has not exited within `within`.
-int wait_exit(pid_t pid, std::chrono::milliseconds within) {
-  const auto until = std::chrono::steady_clock::now() + within;
-  while (std::chrono::steady_clock::now() < until) {
-    int status = 0;
-    if (::waitpid(pid, &status, WNOHANG) == pid)
-      return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
-    std::this_thread::sleep_for(10ms);
-  }
-  ::kill(pid, SIGKILL);
-  ::waitpid(pid, nullptr, 0);
-  return -1;
-}
-
+using test_process::line_with;
+using test_process::spawn;
+using test_process::wait_exit;
 }  // namespace
 
 TEST_CASE("the official OpenAI and Anthropic SDKs drive weir-gateway, and SIGTERM ends it with 0",

@@ -8,6 +8,7 @@
 #include <boost/asio/io_context.hpp>
 
 #include <charconv>
+#include <chrono>
 #include <optional>
 #include <string_view>
 #include <thread>
@@ -37,6 +38,16 @@ class metrics_server {
     endpoint_.stop();  // the acceptor and connections close; io_.run() then returns
     thread_.join();
   }
+  // Whether a first scrape came within `within`: a run started after it is seen from zero.
+  bool await_first_scrape(std::chrono::milliseconds within) const {
+    const auto until = std::chrono::steady_clock::now() + within;
+    while (endpoint_.stats().scrapes == 0) {
+      if (std::chrono::steady_clock::now() >= until) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return true;
+  }
+
   metrics_server(const metrics_server&) = delete;
   metrics_server& operator=(const metrics_server&) = delete;
 

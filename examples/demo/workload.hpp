@@ -329,10 +329,13 @@ struct run_report {
   std::set<std::size_t> succeeded;          // job ids reported successful
   double limit_per_second = 0;              // of the whole fleet, in the dimension that binds
   double burst_seconds = 0;  // how much of that rate the servers let through at once at the start
-  std::vector<double> latencies;        // seconds, of each completed request, start to answer
-  std::vector<double> first_tokens;     // seconds, of each streamed request, start to first chunk
-  std::uint64_t hedges = 0;             // hedges started beside slow requests
-  std::uint64_t streams_restarted = 0;  // streams broken after their first chunk, sent again
+  std::vector<double> latencies;  // seconds, of each completed request, start to answer
+  // Seconds from sending to the first chunk, of each stream the router returned (a restarted
+  // job's too): what gen_ai.client.operation.time_to_first_chunk measures, waits left out.
+  std::vector<double> first_tokens;
+  std::vector<double> first_tokens_waited;  // of each streamed job, from its start: waits included
+  std::uint64_t hedges = 0;                 // hedges started beside slow requests
+  std::uint64_t streams_restarted = 0;      // streams broken after their first chunk, sent again
   // The prompt cache, over the answers that reported their usage: their input tokens, those read
   // from the cache; and what every answer would have cost at the full input price.
   std::uint64_t input_tokens = 0;
@@ -344,6 +347,9 @@ struct run_report {
   double latency_percentile(double p) const { return percentile(latencies, p); }
   // The same of the times to first token.
   double first_token_percentile(double p) const { return percentile(first_tokens, p); }
+  double first_token_waited_percentile(double p) const {
+    return percentile(first_tokens_waited, p);
+  }
 
   static double percentile(const std::vector<double>& values, double p) {
     if (values.empty()) return 0;
@@ -459,10 +465,11 @@ class recorder {
     std::lock_guard lock(mutex_);
     ++report_.hedges;
   }
-  void first_token(std::size_t job) {
+  void first_token(std::size_t job, std::chrono::nanoseconds after_sending, bool restarted) {
     std::lock_guard lock(mutex_);
-    if (auto it = began_.find(job); it != began_.end())
-      report_.first_tokens.push_back(now() - it->second);
+    report_.first_tokens.push_back(std::chrono::duration<double>(after_sending).count());
+    if (auto it = began_.find(job); it != began_.end() && !restarted)
+      report_.first_tokens_waited.push_back(now() - it->second);
   }
   void stream_restarted() {
     std::lock_guard lock(mutex_);
@@ -850,7 +857,7 @@ class weir_run {
         auto op = hedge_ ? stream_router_->route_hedged(chat{&j}, constraints_of(j), *hedge_)
                          : stream_router_->route(chat{&j}, constraints_of(j));
         auto [answer, route] = co_await std::move(op);
-        if (restarts == 0) log_.first_token(j.id);
+        log_.first_token(j.id, answer.report().time_to_first_token, restarts > 0);
         for (;;) {
           auto event = co_await answer.next();
           if (!event) break;
@@ -888,7 +895,7 @@ class weir_run {
                               : f->context_exceeded                   ? 400
                                                                       : 500;
       log_.answered(f->provider, status, 0);
-    } else if (auto* b = std::get_if<weir::breaker_changed>(&e)) {
+    } else if (auto* b = std::get_if<weir::breaker_changed>(&e); b && b->from != b->to) {
       log_.breaker(b->operation, b->to);
     } else if (std::holds_alternative<weir::hedge_started>(e)) {
       log_.hedged();

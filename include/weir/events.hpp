@@ -79,6 +79,8 @@ struct server_rate_limited {
   rate_limit_hint hint{};
   trace_ids trace{};
 };
+// A breaker's state changed; with from == to, its state when it is first reported (the router
+// reports each of its breakers so when it is built).
 struct breaker_changed {
   std::string_view operation;
   breaker_state from = breaker_state::closed;
@@ -373,6 +375,10 @@ struct fmt::formatter<weir::event> {
                                     weir::detail::milliseconds(*v.hint.retry_after));
             return fmt::format_to(ctx.out(), "{}: rate limited by the server", op);
           } else if constexpr (std::is_same_v<T, breaker_changed>) {
+            if (v.from == v.to)
+              return fmt::format_to(
+                  ctx.out(), "{}: circuit breaker {}{}", op, v.to,
+                  v.policy.empty() ? std::string() : fmt::format(" ({})", v.policy));
             return fmt::format_to(
                 ctx.out(), "{}: circuit breaker {} -> {}{}", op, v.from, v.to,
                 v.policy.empty() ? std::string() : fmt::format(" ({})", v.policy));

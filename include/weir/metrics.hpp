@@ -558,7 +558,8 @@ inline void write_prometheus(std::string& out, std::span<const metrics* const> s
             .buckets = s.latency_buckets, .sum = s.latency_seconds, .count = s.latency_count});
   // Each breaker's state as a state set, one sample per state (as Resilience4j's Micrometer
   // binding exposes it): 1 for the current one, 0 for the others. A breaker appears with its
-  // first change of state; a pipeline without a breaker reports none.
+  // first report: a router's when the router is built, a pipeline's at its first change; a
+  // pipeline without a breaker reports none.
   out +=
       "# HELP weir_breaker_state Circuit breaker state: 1 for the current one.\n"
       "# TYPE weir_breaker_state gauge\n";

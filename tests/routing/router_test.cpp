@@ -342,12 +342,14 @@ TEST_CASE("five server errors open a's breaker, and b serves until a's probe suc
   options o = unpaced();
   o.max_attempts = 2;
   o.watch = [&](const weir::event& e) {
-    if (auto* b = std::get_if<weir::breaker_changed>(&e)) {
-      CHECK(b->operation == "a");
+    if (auto* b = std::get_if<weir::breaker_changed>(&e); b && b->operation == "a")
       changes.emplace_back(b->from, b->to);
-    }
   };
   router_type r(io.get_executor(), c, o);
+  // Reported once when the router is built, before any change.
+  REQUIRE(changes.size() == 1);
+  CHECK(changes[0] == std::pair{weir::breaker_state::closed, weir::breaker_state::closed});
+  changes.clear();
   provider a, b;
   bool a_down = true;
   a.script = [&](const weir::routing::model_spec&, clock_type::time_point) {
@@ -372,6 +374,25 @@ TEST_CASE("five server errors open a's breaker, and b serves until a's probe suc
   CHECK(route_now(io, r).value->route.provider == "a");  // the probe
   CHECK(changes.back().second == weir::breaker_state::closed);
   CHECK(r.status().at(0).breaker == weir::breaker_state::closed);
+}
+
+TEST_CASE("a router's breakers are in the metrics' state set from its construction, closed",
+          "[routing][router]") {
+  asio::io_context io;
+  weir::metrics counted("router");
+  options o = unpaced();
+  o.watch = counted.observer();
+  router_type r(io.get_executor(), two_models(), o);
+  std::string page;
+  weir::write_prometheus(page, {&counted});
+  for (const char* provider : {"a", "b"})
+    for (const char* state : {"closed", "open", "half_open", "isolated"}) {
+      const auto sample =
+          fmt::format("weir_breaker_state{{pipeline=\"router\",breaker=\"{}\",state=\"{}\"}} {}\n",
+                      provider, state, std::string_view(state) == "closed" ? 1 : 0);
+      INFO(sample);
+      CHECK(page.find(sample) != std::string::npos);
+    }
 }
 
 TEST_CASE("with one model, a server error is retried after a backoff, not the end of the request",
@@ -839,6 +860,7 @@ TEST_CASE("a traced route: each attempt sends a new span of the caller's trace, 
   std::vector<weir::event> events;
   o.watch = [&](const weir::event& e) { events.push_back(e); };
   router_type r(io.get_executor(), two_models(), o);
+  events.clear();  // its breakers' first reports, which belong to no route
   std::vector<weir::trace_context> sent;
   const auto answer = [&](fake_response reply) {
     return [&sent, reply](const weir::routing::model_spec& m, const prompt&,

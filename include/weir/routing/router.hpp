@@ -335,6 +335,12 @@ class router {
             };
         providers.push_back(std::make_unique<provider_entry>(p, std::move(breaker_options)));
       }
+      // Each breaker's state once, from the start (from == to), so that a watcher (metrics' state
+      // set) knows every breaker before any changes.
+      for (const auto& p : providers) {
+        const auto now = p->breaker.state();
+        emit(breaker_changed{p->spec->name, now, now, p->spec->name});
+      }
       for (const auto& m : catalog_.models()) {
         std::size_t p = 0;
         while (providers[p]->spec->name != m.provider) ++p;
