@@ -4,7 +4,11 @@
 //     weir-gateway --listen 127.0.0.1:8080 --upstream https://api.openai.com/v1
 //                  --dialect openai --api-key-env OPENAI_API_KEY [--rpm N] [--tpm N]
 //     weir-gateway --listen 127.0.0.1:8080 --catalog gateway.json
+//     weir-gateway ... --redis 10.0.0.5:6379 [--fleet prod]   (gateways sharing the limits)
 #include "gateway/config.hpp"
+#ifdef WEIR_GATEWAY_REDIS
+#include "gateway/fleet.hpp"
+#endif
 
 #include <fmt/format.h>
 #include <boost/asio/io_context.hpp>
@@ -35,6 +39,10 @@ Usage: weir-gateway --listen HOST:PORT --upstream BASE_URL [options]
   --client-key-env VAR the variable holding the key clients must send; default none asked
   --catalog FILE       the router's catalog plus upstreams, aliases and tenants
                        (docs/gateway.md)
+  --redis ADDRESS      share the limits with the other gateways on this Redis (HOST:PORT or
+                       redis://HOST:PORT): cooldowns, learned limits, each model's request limit
+  --fleet NAME         the fleet's name on that Redis, the prefix of its keys (default
+                       weir-gateway); gateways with the same Redis and name share
   --max-wait S         how long a request may wait for a model to have room (default 60)
   --grace S            on SIGTERM or SIGINT, how long requests in flight may finish (default 10)
   --threads N          I/O threads (default 2)
@@ -59,13 +67,15 @@ struct settings {
   gateway::config config;
   gateway::single_upstream upstream;
   std::string catalog;
+  std::string redis;  // empty: this gateway alone
+  std::string fleet = "weir-gateway";
   std::chrono::milliseconds grace{10'000};
   unsigned threads = 2;
 };
 
 settings parse(int argc, char** argv) {
   settings s;
-  bool listen_given = false, dialect_given = false, single_only = false;
+  bool listen_given = false, dialect_given = false, single_only = false, fleet_given = false;
   for (int i = 1; i < argc; ++i) {
     const std::string_view flag = argv[i];
     const auto value = [&]() -> std::string_view {
@@ -115,6 +125,21 @@ settings parse(int argc, char** argv) {
       single_only = true;
     } else if (flag == "--catalog") {
       s.catalog = value();
+    } else if (flag == "--redis") {
+      s.redis = value();
+#ifdef WEIR_GATEWAY_REDIS
+      try {
+        gateway::redis_address(s.redis);
+      } catch (const std::exception& e) {
+        bad_usage(fmt::format("--redis {}", e.what()));
+      }
+#else
+      bad_usage("--redis: this weir-gateway was built without hiredis (libhiredis-dev)");
+#endif
+    } else if (flag == "--fleet") {
+      s.fleet = value();
+      if (s.fleet.empty()) bad_usage("--fleet wants a name");
+      fleet_given = true;
     } else if (flag == "--max-wait") {
       s.config.max_wait = seconds(0.001, 3600);
     } else if (flag == "--grace") {
@@ -134,6 +159,7 @@ settings parse(int argc, char** argv) {
     bad_usage(
         "--dialect, --api-key-env, --model, --rpm, --tpm and --client-key-env go with "
         "--upstream; a catalog file says all that");
+  if (fleet_given && s.redis.empty()) bad_usage("--fleet goes with --redis");
   if (!s.upstream.base_url.empty()) {
     try {
       weir::http::endpoint::parse(s.upstream.base_url);
@@ -163,6 +189,13 @@ int main(int argc, char** argv) {
                s.config.address);
 
   boost::asio::io_context io(static_cast<int>(s.threads));
+#ifdef WEIR_GATEWAY_REDIS
+  std::optional<weir::redis::client> redis;
+  if (!s.redis.empty()) {
+    redis.emplace(io.get_executor(), gateway::redis_address(s.redis));
+    gateway::join_fleet(s.config, io.get_executor(), *redis, s.fleet);
+  }
+#endif
   std::optional<gateway::server> gw;
   try {
     gw.emplace(io.get_executor(), std::move(s.config));
@@ -181,6 +214,9 @@ int main(int argc, char** argv) {
     boost::asio::co_spawn(io, gw->drain(s.grace), [&](std::exception_ptr) {
       const auto c = gw->counts();
       fmt::print(stderr, "weir-gateway: stopped after {} requests\n", c.requests);
+#ifdef WEIR_GATEWAY_REDIS
+      if (redis) redis->close();
+#endif
       io.stop();
     });
   });

@@ -13,6 +13,8 @@
 #include <boost/asio/write.hpp>
 #include <boost/json/src.hpp>  // Boost.JSON, compiled once for this executable
 
+#include <fmt/ranges.h>
+
 #include <future>
 #include <thread>
 
@@ -396,6 +398,7 @@ TEST_CASE("the gateway cuts in-flight requests off at the end of the drain's gra
 // sets, makes their absence a failure rather than a skipped test.
 #include "support/process.hpp"
 
+#include <array>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -404,6 +407,22 @@ namespace {
 using test_process::line_with;
 using test_process::spawn;
 using test_process::wait_exit;
+
+// A mock provider serving on a thread of its own until the end of the scope.
+struct mock_on_thread {
+  explicit mock_on_thread(weir::testing::mock_provider_options options)
+      : mock(io.get_executor(), std::move(options)) {
+    mock.start();
+    thread = std::thread([this] { io.run(); });
+  }
+  ~mock_on_thread() {
+    mock.stop();
+    thread.join();
+  }
+  gw_asio::io_context io{1};
+  weir::testing::mock_provider mock;
+  std::thread thread;
+};
 }  // namespace
 
 TEST_CASE("the official OpenAI and Anthropic SDKs drive weir-gateway, and SIGTERM ends it with 0",
@@ -417,19 +436,8 @@ TEST_CASE("the official OpenAI and Anthropic SDKs drive weir-gateway, and SIGTER
     WARN("skipped: the SDKs are not installed in " << modules << " (scripts/test installs them)");
     return;
   }
-  gw_asio::io_context mock_io(1);
-  auto options = rig::default_mock();
-  weir::testing::mock_provider mock(mock_io.get_executor(), options);
-  mock.start();
-  std::thread mock_thread([&] { mock_io.run(); });
-  struct stop_mock {
-    weir::testing::mock_provider& mock;
-    std::thread& thread;
-    ~stop_mock() {
-      mock.stop();
-      thread.join();
-    }
-  } stop{mock, mock_thread};
+  mock_on_thread running(rig::default_mock());
+  auto& mock = running.mock;
 
   const auto scratch = fs::temp_directory_path() / fmt::format("weir-gateway-sdk-{}", ::getpid());
   fs::create_directories(scratch);
@@ -477,5 +485,107 @@ TEST_CASE("the official OpenAI and Anthropic SDKs drive weir-gateway, and SIGTER
   CHECK(wait_exit(pid, 15s) == 0);
   ::close(out);
   fs::remove_all(scratch);
+}
+
+// Two weir-gateway programs on one Redis (the redis-server of tests/redis's fixture, on
+// $WEIR_REDIS_PORT: this test runs there, hidden from the plain runs), in front of one mock
+// provider whose own bucket is the referee: 20 requests a second, at most 5 at once, a 429 for
+// any request past that. Clients ask both gateways for twice the limit and more.
+TEST_CASE("two weir-gateways sharing Redis keep to one provider's request limit together",
+          "[.][fleet]") {
+  const char* redis_port = std::getenv("WEIR_REDIS_PORT");
+  REQUIRE(redis_port);
+  constexpr double per_second = 20;
+  constexpr double burst = 5;
+  constexpr int seconds = 3;
+  mock_on_thread running({.name = "mock",
+                          .models = {{.id = "gpt-mini", .requests_per_minute = per_second * 60}},
+                          .burst_seconds = burst / per_second,
+                          .base_latency = std::chrono::microseconds(1'000),
+                          .per_output_token = std::chrono::microseconds(0)});
+  auto& mock = running.mock;
+
+  struct member {
+    pid_t pid = 0;
+    int out = -1;
+    unsigned short port = 0;
+    std::atomic<int> answered{0}, refused{0}, failed{0};
+    std::atomic<unsigned> failed_status{0};  // the last failure's (0: no answer)
+  };
+  std::array<member, 2> gateways;
+  struct stop_gateways {
+    std::array<member, 2>& gateways;
+    ~stop_gateways() {  // those a failed REQUIRE left running
+      for (auto& g : gateways)
+        if (g.pid > 0) wait_exit(g.pid, 0ms);
+    }
+  } reap{gateways};
+  const auto rpm = fmt::format("{}", per_second * 60);
+  const auto redis = fmt::format("127.0.0.1:{}", redis_port);
+  const auto fleet = fmt::format("gateway-fleet-test-{}", ::getpid());
+  for (auto& g : gateways) {
+    std::vector<std::string> argv{WEIR_GATEWAY_BIN, "--listen", "127.0.0.1:0", "--upstream",
+                                  mock.base_url(),  "--model",  "gpt-mini",    "--rpm"};
+    argv.insert(argv.end(),
+                {rpm, "--redis", redis, "--fleet", fleet, "--max-wait", "1", "--quiet"});
+    std::tie(g.pid, g.out) = spawn(argv);
+    const auto base = line_with(g.out, "base URL http://127.0.0.1:", 10s);
+    REQUIRE(base.ends_with("/v1"));
+    g.port = static_cast<unsigned short>(std::stoi(base));
+  }
+
+  // Twelve clients per gateway, each sending its next request when the last is answered: more
+  // than the limit serves before their deadline.
+  const auto began = std::chrono::steady_clock::now();
+  const auto stop_sending = began + std::chrono::seconds(seconds);
+  std::vector<std::thread> clients;
+  for (auto& g : gateways)
+    for (int i = 0; i < 12; ++i)
+      clients.emplace_back([&g, stop_sending] {
+        while (std::chrono::steady_clock::now() < stop_sending) {
+          try {
+            const auto r = post(g.port, "/v1/chat/completions", chat("gpt-mini", false));
+            // Turned away: no turn before the deadline (429), or none when it passed (504).
+            const bool turned_away = r.status == 429 || r.status == 504;
+            (r.status == 200 ? g.answered : turned_away ? g.refused : g.failed)++;
+            if (r.status != 200 && !turned_away) g.failed_status = r.status;
+          } catch (const std::exception&) {
+            ++g.failed;  // no answer at all
+          }
+        }
+      });
+  // What reached the server in each second, counted on its side.
+  std::vector<std::uint64_t> reached;
+  std::uint64_t before = 0;
+  for (int second = 1; second <= seconds; ++second) {
+    std::this_thread::sleep_until(began + std::chrono::seconds(second));
+    const auto now = mock.stats().requests;
+    reached.push_back(now - before);
+    before = now;
+  }
+  for (auto& c : clients) c.join();
+  const auto served = mock.stats();
+  INFO("reached the server per second "
+       << fmt::format("{}", fmt::join(reached, ", ")) << "; gateways " << gateways[0].answered
+       << " and " << gateways[1].answered << " answered, " << gateways[0].refused << " and "
+       << gateways[1].refused << " refused, " << gateways[0].failed + gateways[1].failed
+       << " failed (last status " << gateways[0].failed_status << ", " << gateways[1].failed_status
+       << "); the server refused " << served.status(429));
+  const int answered = gateways[0].answered + gateways[1].answered;
+  CHECK(gateways[0].failed + gateways[1].failed == 0);
+  // More was asked than the limit lets through (some were turned away at their deadline) ...
+  CHECK(gateways[0].refused + gateways[1].refused > 0);
+  // ... and the server never had to refuse: together the gateways kept to its limit.
+  CHECK(served.status(429) == 0);
+  for (const auto n : reached) CHECK(n <= per_second + burst);
+  // Near the limit, and both gateways got their work through.
+  CHECK(answered >= 0.8 * per_second * seconds);
+  for (const auto& g : gateways) CHECK(g.answered >= answered / 4);
+
+  for (auto& g : gateways) {
+    REQUIRE(::kill(g.pid, SIGTERM) == 0);
+    CHECK(wait_exit(std::exchange(g.pid, 0), 15s) == 0);
+    ::close(g.out);
+  }
 }
 #endif

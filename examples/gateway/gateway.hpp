@@ -45,6 +45,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -90,6 +91,12 @@ struct tenant {
   double weight = 1;          // its share of the queue's turns against the others'
 };
 
+// Waits for model `m`'s turn on a request limit this gateway shares with others (a fleet's, in
+// Redis: gateway/fleet.hpp), at most until `deadline`; throws a weir::exception refusal when no
+// turn comes by then, so the router tries another model or answers that none has room.
+using shared_turn = std::function<boost::asio::awaitable<void>(
+    const weir::routing::model_spec& m, std::chrono::steady_clock::time_point deadline)>;
+
 struct config {
   std::string address = "127.0.0.1";
   unsigned short port = 0;  // 0: a free port (start() returns it)
@@ -115,6 +122,11 @@ struct config {
   unsigned max_attempts = 4;
   std::optional<weir::http::adaptation_options> adaptation = weir::http::adaptation_options{};
   bool log_requests = true;  // one line per request on stderr: never a body or a key
+  // What this gateway shares with the others of its fleet (gateway/fleet.hpp sets both): the
+  // router's cooldowns, breaker openings and learned limits, and a turn on each model's request
+  // limit before every attempt. Empty: this gateway alone.
+  std::shared_ptr<weir::routing::fleet> fleet{};
+  shared_turn wait_shared_turn{};
 };
 
 // The hex SHA-256 digest of `key`: how client keys are kept and compared.
@@ -216,8 +228,10 @@ struct chat_body {
 
 // The router's request: cheap to copy, as the router copies it for hedges.
 struct chat_call {
-  explicit chat_call(std::shared_ptr<const chat_body> b) : body(std::move(b)) {}
+  chat_call(std::shared_ptr<const chat_body> b, steady::time_point d)
+      : body(std::move(b)), deadline(d) {}
   std::shared_ptr<const chat_body> body;
+  steady::time_point deadline;  // no wait for a shared turn ends past it
 };
 
 // A whole answer, handed to the router as a stream of one chunk: one settlement path for both.
@@ -257,6 +271,7 @@ std::vector<std::pair<std::string_view, std::string_view>> header_pairs(const Fi
 // Sends one attempt of `call` to model `m` behind `link`.
 inline asio::awaitable<answer> send(provider_link& link, const config& o,
                                     weir::routing::model_spec m, chat_call call) {
+  if (o.wait_shared_turn) co_await o.wait_shared_turn(m, call.deadline);
   const auto& b = *call.body;
   const auto sent = steady::now();
   boost::json::object json = b.json;
@@ -475,6 +490,7 @@ class server {
       ro.max_attempts = options.max_attempts;
       ro.adaptation = options.adaptation;
       ro.watch = registry.observer();
+      ro.fleet = options.fleet;
       ro.context_exceeded = [](const weir::outcome<detail::answer>& o) {
         try {
           if (!o.has_value()) std::rethrow_exception(o.failure());
@@ -840,7 +856,7 @@ class server {
                            .deadline = c->deadline,
                            .operation = "chat",
                            .tenant = who.name};
-    detail::chat_call call(body);
+    detail::chat_call call(body, *c->deadline);
     unsigned status = 200;
     bool keep = true;
     std::optional<detail::answer> got;
@@ -898,6 +914,16 @@ class server {
       }
     };
     const auto is = [&](weir::error code) { return e.code() == code; };
+    // Every model turned the request away before sending it (no turn on the fleet's limit in
+    // time): the client hears that refusal, not that the providers failed.
+    if (is(weir::error::retries_exhausted) && e.cause()) {
+      try {
+        std::rethrow_exception(e.cause());
+      } catch (const weir::exception& cause) {
+        if (cause.refused_locally()) return describe(d, cause, extra);
+      } catch (...) {
+      }
+    }
     if (is(weir::error::over_budget)) {
       retry_after();
       extra.emplace_back("x-should-retry", "false");
