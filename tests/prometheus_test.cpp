@@ -133,7 +133,7 @@ TEST_CASE(
     "a real Prometheus scraping weir-demo: its p95 time to first chunk is the demo's within a "
     "bucket, token usage by model and type sums to what the mocks counted, the 429 rate and "
     "every breaker's state set are there",
-    "[prometheus]") {
+    "[.][prometheus]") {
   namespace fs = std::filesystem;
   using namespace std::chrono_literals;
   const auto prometheus = prometheus_program();
