@@ -349,7 +349,7 @@ void summary(const std::vector<demo::run_report>& runs) {
   fmt::print("\n");
   const auto row = [&](const char* name, auto value) {
     fmt::print("{:<28}", name);
-    for (const auto& r : runs) fmt::print("{:>14}", value(r));
+    for (const auto& r : runs) fmt::print(" {:>14}", value(r));
     fmt::print("\n");
   };
   row("completed", [](const auto& r) { return fmt::format("{}/{}", r.completed, r.requests); });
