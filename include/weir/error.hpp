@@ -164,7 +164,7 @@ inline std::string duration_text(std::chrono::nanoseconds d) {
   return fmt::format("{}ns", d.count());
 }
 inline std::string duration_text(std::chrono::duration<double> d) {
-  return fmt::format("{:g}s", d.count());
+  return fmt::format("{}s", d.count());
 }
 
 [[noreturn]] inline void throw_invalid_option(std::string_view who, std::string_view field,
