@@ -636,6 +636,45 @@ TEST_CASE("a reported limit that rises is followed; a whole-second reset infers 
   CHECK(anthropic.state().known->per_second == Approx(20));
 }
 
+TEST_CASE("a bucket's whole-second resets read while it drains give its window within 3%",
+          "[http][adaptation]") {
+  // Anthropic-style: 68 requests per 10 s refilled continuously, the reset an RFC 3339 moment
+  // rounded up to the second. Drained at 200/s from full, then paced under the limit, it never
+  // drains again: what is read while it drains is all the client learns.
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  const double limit = 68, per_second = 6.8;
+  double level = limit;
+  auto wall = noon + 300ms;  // the phase makes the reset read up to 0.7 s long
+  for (int i = 0; i < 80 && level >= 1; ++i) {
+    level = std::min(limit, level + per_second * 0.005) - 1;
+    const double to_full = (limit - level) / per_second;
+    const auto moment = std::chrono::ceil<std::chrono::seconds>(
+        wall + std::chrono::duration_cast<sys::duration>(std::chrono::duration<double>(to_full)));
+    const auto sent = clock_type::now();
+    clock_type::advance(1ms);
+    adapt.observe(
+        {weir::verdict::success,
+         hints({{"anthropic-ratelimit-requests-limit", "68"},
+                {"anthropic-ratelimit-requests-remaining",
+                 std::to_string(static_cast<int>(std::floor(level)))},
+                {"anthropic-ratelimit-requests-reset",
+                 fmt::format(
+                     "2026-11-28T12:00:{:02}Z",
+                     std::chrono::duration_cast<std::chrono::seconds>(moment - noon).count())}},
+               wall)},
+        sent, clock_type::now());
+    clock_type::advance(4ms);
+    wall += 5ms;
+  }
+  // Before, only the reads of ten seconds or more were taken: 6.57/s, 96.6% of the rate.
+  REQUIRE(adapt.state().known);
+  CHECK(adapt.state().known->per_second <= per_second);
+  CHECK(adapt.state().known->per_second >= 0.97 * per_second);
+}
+
 TEST_CASE("one answer that says remaining 0 for a day does not hold the pace down for good",
           "[http][adaptation]") {
   asio::io_context io;

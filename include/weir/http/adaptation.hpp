@@ -132,7 +132,7 @@ class adaptation_core {
                                           &c.hint.output_tokens};
     std::optional<double> reported_requests;
     for (std::size_t d = 0; d < 4; ++d)
-      if (auto per_second = reported_rate(d, *snapshots[d], now)) {
+      if (auto per_second = reported_rate(d, *snapshots[d], sent, now)) {
         if (d == 0) reported_requests = per_second;
         learn_limit(static_cast<dimension>(d), *per_second, *snapshots[d]->limit, now);
       }
@@ -278,31 +278,17 @@ class adaptation_core {
   // The rate a snapshot reports, per second, when its period is known: said (the IETF policy's
   // w), inferred (a continuously refilling limit gives back limit − remaining in `reset`, so its
   // window is reset × limit / (limit − remaining)), or assumed by the options.
-  std::optional<double> reported_rate(std::size_t d, const limit_snapshot& s, time_point now) {
+  std::optional<double> reported_rate(std::size_t d, const limit_snapshot& s, time_point sent,
+                                      time_point now) {
     if (!s.limit || *s.limit <= 0) return std::nullopt;
     std::optional<nanos> window = s.window;
-    // A reset rounded up to whole seconds measures nothing until it is many of them: a nearly
-    // full bucket that says "1 s" may be 50 ms from full, and the window would read 20× too long.
-    const bool precise_reset =
-        s.reset_after && (!s.reset_rounded_to || *s.reset_after >= 10 * *s.reset_rounded_to);
-    if (!window && s.refill == refill::continuous && s.remaining && precise_reset &&
-        *s.remaining < *s.limit && s.reset_after->count() > 0) {
+    if (!window && s.refill == refill::continuous && s.remaining && *s.remaining < *s.limit &&
+        s.reset_after && s.reset_after->count() > 0) {
       const auto outstanding = static_cast<double>(*s.limit - *s.remaining);
-      // The sample with the most units outstanding measures the window most precisely, and it
-      // stands while it holds: its units come back by its own reset, so it expires then, and a
-      // later sample with far fewer outstanding than it allows proves it wrong (one answer that
-      // says "remaining 0, reset 24 h" among ordinary ones must not hold the pace down).
-      const double expected = inferred_[d].outstanding_at(now);
-      const double window_ns =
-          static_cast<double>(s.reset_after->count()) * static_cast<double>(*s.limit) / outstanding;
-      // A reset rounded up makes every window read long, by up to the rounding over the reset:
-      // the shortest read while it stands is the closest (none reads shorter than the truth).
-      const bool closer = s.reset_rounded_to
-                              ? expected == 0 || window_ns < inferred_[d].window.count()
-                              : outstanding >= expected;
-      if (closer || outstanding + 1 < expected / 2)
-        inferred_[d] = {outstanding, now, now + *s.reset_after,
-                        nanos(static_cast<std::int64_t>(std::min(window_ns, longest_window_ns)))};
+      if (s.reset_rounded_to)
+        bound_rounded_window(d, s, outstanding, sent, now);
+      else
+        infer_window(d, s, outstanding, now);
     }
     if (!window && inferred_[d].outstanding > 0) window = inferred_[d].window;
     if (!window && s.refill != refill::continuous && s.reset_after && s.reset_after->count() > 0)
@@ -310,6 +296,41 @@ class adaptation_core {
     if (!window) window = options_.assumed_window;
     if (!window || window->count() <= 0) return std::nullopt;
     return static_cast<double>(*s.limit) / std::chrono::duration<double>(*window).count();
+  }
+
+  // The sample with the most units outstanding measures the window most precisely, and it
+  // stands while it holds: its units come back by its own reset, so it expires then, and a later
+  // sample with far fewer outstanding than it allows proves it wrong (one answer that says
+  // "remaining 0, reset 24 h" among ordinary ones must not hold the pace down).
+  void infer_window(std::size_t d, const limit_snapshot& s, double outstanding, time_point now) {
+    const double expected = inferred_[d].outstanding_at(now);
+    if (outstanding < expected && outstanding + 1 >= expected / 2) return;
+    const double window_ns =
+        static_cast<double>(s.reset_after->count()) * static_cast<double>(*s.limit) / outstanding;
+    inferred_[d] = {outstanding, now, now + *s.reset_after,
+                    nanos(static_cast<std::int64_t>(std::min(window_ns, longest_window_ns)))};
+  }
+
+  // A reset rounded up to whole seconds (Anthropic's) bounds the window from above: counted from
+  // the send (a moment was named after it) with one unit less outstanding (remaining may be
+  // rounded down), no read is shorter than the truth, so the shortest of all reads is the
+  // closest. While a bucket drains one lands just under a whole second and reads within a few
+  // percent; a pace under the limit never drains it again to read better. Before a read of ten
+  // roundings or more, the bound is not used: a nearly full bucket that says "1 s" may be 50 ms
+  // from full, and alone it reads a window 20 times too long.
+  void bound_rounded_window(std::size_t d, const limit_snapshot& s, double outstanding,
+                            time_point sent, time_point now) {
+    if (outstanding < 2) return;
+    const auto reset =
+        *s.reset_after +
+        (s.reset_is_instant ? std::chrono::duration_cast<nanos>(now - sent) : nanos(0));
+    const double bound =
+        static_cast<double>(reset.count()) * static_cast<double>(*s.limit) / (outstanding - 1);
+    auto& shortest = shortest_rounded_[d];
+    shortest = shortest > 0 ? std::min(shortest, bound) : bound;
+    if (*s.reset_after >= 10 * *s.reset_rounded_to) inferred_[d].outstanding = outstanding;
+    if (inferred_[d].outstanding > 0)
+      inferred_[d].window = nanos(static_cast<std::int64_t>(std::min(shortest, longest_window_ns)));
   }
 
   void learn_limit(dimension dim, double per_second, std::int64_t per_window, time_point now) {
@@ -422,8 +443,9 @@ class adaptation_core {
     double at_send = std::min(rate_, rate_at(sent));  // the rate it was refused at
     // A window that refused and paused (HAProxy's sliding second: Retry-After 1, nothing left)
     // judged what it saw, not the rate in force: after the pause the pace comes back at full
-    // rate, and the window fills in less than a second. Its ceiling is what it counted.
-    if (!known_ && !slow_start_ && spent)
+    // rate, and the window fills in less than a second. Its ceiling is what it counted, under a
+    // known limit too: one that fell (halved) is found in one step, not in five of a decrease.
+    if (!slow_start_ && spent)
       if (const auto seen = seen_rate_before(sent)) at_send = std::min(at_send, *seen);
     // An isolated refusal at the hold point of a known limit is the network's jitter bringing
     // two requests closer than the server allows, not a lower limit: a step of one headroom
@@ -537,7 +559,13 @@ class adaptation_core {
     const auto round =
         std::max(options_.slow_start_round, nanos(static_cast<std::int64_t>(2 * srtt_)));
     if (probe_step_ == 0) {
-      if (++quiet_ < options_.probe_after * patience_ ||
+      // Under a limit the user gave, a probe climbs no higher than it, so it may come sooner:
+      // after a second's successes (four at least) rather than sixteen, which a slow limit
+      // (2/s) takes eight seconds to give, too long to follow a limit that was restored.
+      const double successes = given_[0]
+                                   ? std::min<double>(options_.probe_after, std::max(4.0, rate_))
+                                   : options_.probe_after;
+      if (++quiet_ < successes * patience_ ||
           since_decrease(now).value_or(nanos::max()) < 2 * round * patience_)
         return;
       probe_step_ = options_.probe_step;
@@ -697,6 +725,7 @@ class adaptation_core {
   pending_verdict verdict_{};
   weir::detail::nanos last_response_ = 0;
   std::array<window_estimate, 4> inferred_{};
+  std::array<double, 4> shortest_rounded_{};  // ns; the shortest window any rounded reset read
   std::array<window_from_resets, 4> resets_{};
   std::array<weir::detail::nanos, 128> sends_{};  // when the last answers' requests were sent
   std::size_t next_send_ = 0;
