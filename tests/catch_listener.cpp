@@ -1,4 +1,5 @@
-#define CATCH_CONFIG_MAIN
+// Catch's reporter interfaces, without its implementation (in Catch2WithMain).
+#define CATCH_CONFIG_EXTERNAL_INTERFACES
 #include <catch2/catch.hpp>
 
 #include <weir/testing/manual_clock.hpp>
