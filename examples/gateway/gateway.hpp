@@ -595,7 +595,7 @@ class server {
   // The first name lookup starts Asio's resolver thread and the system's name service: left to
   // the first request, it made that request reach the upstream milliseconds late, and the
   // second, paced on time, too soon after it for a strict limit (nginx's burst 0 refused it in
-  // three gateway starts of four; in one of six with the lookup done here, ahead of requests).
+  // five gateway starts of six; one of six with the lookup done here, ahead of requests).
   static asio::awaitable<void> resolve_ahead(std::shared_ptr<state> s, weir::http::endpoint where) {
     asio::ip::tcp::resolver resolver(s->executor);
     co_await resolver.async_resolve(where.host, where.port, asio::as_tuple(asio::use_awaitable));

@@ -291,6 +291,9 @@ class adaptation_core {
         infer_window(d, s, outstanding, now);
     }
     if (!window && inferred_[d].outstanding > 0) window = inferred_[d].window;
+    if (!window && rounded_[d].trusted)
+      window =
+          nanos(static_cast<std::int64_t>(std::min(rounded_[d].shortest_ns, longest_window_ns)));
     if (!window && s.refill != refill::continuous && s.reset_after && s.reset_after->count() > 0)
       window = resets_[d].window(*s.reset_after, s.reset_is_instant, now);
     if (!window) window = options_.assumed_window;
@@ -326,11 +329,9 @@ class adaptation_core {
         (s.reset_is_instant ? std::chrono::duration_cast<nanos>(now - sent) : nanos(0));
     const double bound =
         static_cast<double>(reset.count()) * static_cast<double>(*s.limit) / (outstanding - 1);
-    auto& shortest = shortest_rounded_[d];
-    shortest = shortest > 0 ? std::min(shortest, bound) : bound;
-    if (*s.reset_after >= 10 * *s.reset_rounded_to) inferred_[d].outstanding = outstanding;
-    if (inferred_[d].outstanding > 0)
-      inferred_[d].window = nanos(static_cast<std::int64_t>(std::min(shortest, longest_window_ns)));
+    auto& r = rounded_[d];
+    r.shortest_ns = r.shortest_ns > 0 ? std::min(r.shortest_ns, bound) : bound;
+    r.trusted = r.trusted || *s.reset_after >= 10 * *s.reset_rounded_to;
   }
 
   void learn_limit(dimension dim, double per_second, std::int64_t per_window, time_point now) {
@@ -725,7 +726,12 @@ class adaptation_core {
   pending_verdict verdict_{};
   weir::detail::nanos last_response_ = 0;
   std::array<window_estimate, 4> inferred_{};
-  std::array<double, 4> shortest_rounded_{};  // ns; the shortest window any rounded reset read
+  // The shortest window a rounded reset read (ns), used once one read ten roundings or more.
+  struct rounded_bound {
+    double shortest_ns = 0;
+    bool trusted = false;
+  };
+  std::array<rounded_bound, 4> rounded_{};
   std::array<window_from_resets, 4> resets_{};
   std::array<weir::detail::nanos, 128> sends_{};  // when the last answers' requests were sent
   std::size_t next_send_ = 0;
