@@ -8,8 +8,12 @@
 //       N kept-alive connections, each after one GET /health; "ready", then held until stdin ends.
 //   node gateway_sdk.cjs streams BASE_URL N
 //       N streamed chat completions, each read until its first chunk; "ready", then held.
-//   node gateway_sdk.cjs slow-upstream
-//       An upstream whose streams send a chunk a second for ten minutes; prints its port.
+//   node gateway_sdk.cjs upstream [INTERVAL_MS CHUNKS]
+//       An upstream in both dialects, whole and streamed (CHUNKS chunks INTERVAL_MS apart;
+//       5 and 4 by default); prints its port.
+//   node gateway_sdk.cjs check GATEWAY_URL SECONDS
+//       Both official SDKs through the gateway for SECONDS, whole and streamed, as two tenants
+//       (keys in $KEY_A and $KEY_B): {"started", "ended", "a": {...}, "b": {...}}.
 'use strict';
 const http = require('http');
 const net = require('net');
@@ -46,6 +50,76 @@ async function load(baseURL, concurrency, seconds) {
   // Wait for the workers only until the end: one waiting out a retry would stretch the run.
   await Promise.race([Promise.all(workers), new Promise((r) => setTimeout(r, seconds * 1000))]);
   console.log(JSON.stringify({started, ended: Date.now() / 1000, ok, failed, firstFailure}));
+  process.exit(0);
+}
+
+// Tenant A: four OpenAI and two Anthropic workers, every other request streamed, default
+// retries; none may fail. Tenant B: two OpenAI workers without retries, whose refusals by the
+// gateway (its tenant limit) are counted apart from failures.
+async function check(gatewayURL, seconds) {
+  const OpenAI = require('openai');
+  const Anthropic = require('@anthropic-ai/sdk');
+  const started = Date.now() / 1000;
+  const end = started + seconds;
+  const tally = () => ({ok: 0, streamed: 0, limited: 0, failed: 0});
+  const a = tally(), b = tally();
+  const fail = (t, e) => {
+    ++t.failed;
+    t.firstFailure ??=
+        e.status ? `${e.constructor.name} (${e.status})` : `${e.constructor.name}: ${e.message}`;
+  };
+  const openai = new OpenAI({apiKey: process.env.KEY_A, baseURL: `${gatewayURL}/v1`});
+  const claude = new Anthropic({apiKey: process.env.KEY_A, baseURL: gatewayURL});
+  const openaiB = new OpenAI({apiKey: process.env.KEY_B, baseURL: `${gatewayURL}/v1`,
+                              maxRetries: 0});
+  const chat = (stream) => ({model: 'gpt-mini', messages, max_tokens: 8, stream});
+  const message = {model: 'claude-haiku', max_tokens: 8, messages};
+  const calls = {
+    openaiWhole: async () => (await openai.chat.completions.create(chat(false)))
+                                 .choices[0].message.content === 'ok',
+    openaiStreamed: async () => {
+      let text = '', finish;
+      for await (const c of await openai.chat.completions.create(chat(true))) {
+        text += c.choices[0]?.delta?.content ?? '';
+        finish ??= c.choices[0]?.finish_reason;
+      }
+      return text.startsWith('ok ') && finish === 'stop';
+    },
+    claudeWhole: async () => (await claude.messages.create(message)).content[0].text === 'ok',
+    claudeStreamed: async () => {
+      let text = '';
+      const events = claude.messages.stream(message);
+      events.on('text', (t) => { text += t; });
+      const final = await events.finalMessage();
+      return text.startsWith('ok ') && final.stop_reason === 'end_turn';
+    },
+    tenantB: async () => (await openaiB.chat.completions.create(chat(false)))
+                             .choices[0].message.content === 'ok',
+  };
+  const worker = async (t, kinds) => {
+    for (let n = 0; Date.now() / 1000 < end; ++n) {
+      const kind = kinds[n % kinds.length];
+      try {
+        if (!(await calls[kind]())) fail(t, new Error(`${kind}: a wrong answer`));
+        else if (kind.endsWith('Streamed')) ++t.streamed;
+        else ++t.ok;
+      } catch (e) {
+        if (t === b && e.status === 429) {
+          ++t.limited;
+          await new Promise((r) => setTimeout(r, 200));  // as a client that was told to wait
+        } else {
+          fail(t, e);
+        }
+      }
+    }
+  };
+  const workers = [
+    ...Array.from({length: 4}, () => worker(a, ['openaiWhole', 'openaiStreamed'])),
+    ...Array.from({length: 2}, () => worker(a, ['claudeStreamed', 'claudeWhole'])),
+    ...Array.from({length: 2}, () => worker(b, ['tenantB'])),
+  ];
+  await Promise.all(workers);
+  console.log(JSON.stringify({started, ended: Date.now() / 1000, a, b}));
   process.exit(0);
 }
 
@@ -87,24 +161,56 @@ async function streams(baseURL, n) {
   process.exit(0);
 }
 
-function slowUpstream() {
-  const chunk = (delta, finish) => `data: ${JSON.stringify({id: 'chatcmpl-1',
-    object: 'chat.completion.chunk', model: 'm',
-    choices: [{index: 0, delta, finish_reason: finish}]})}\n\n`;
+// An upstream in both dialects: whole answers at once, streams of CHUNKS text chunks
+// INTERVAL_MS apart (the memory measure holds streams open with a chunk a second).
+function upstream(intervalMs, chunks) {
+  const openaiChunk = (delta, finish, usage = null) => `data: ${JSON.stringify({id: 'chatcmpl-1',
+    object: 'chat.completion.chunk', model: 'm', choices: usage ? [] : [{index: 0, delta,
+    finish_reason: finish}], usage})}\n\n`;
+  const event = (type, fields) => `event: ${type}\ndata: ${JSON.stringify({type, ...fields})}\n\n`;
+  const anthropicText = event('content_block_delta',
+      {index: 0, delta: {type: 'text_delta', text: 'ok '}});
   const server = http.createServer((req, res) => {
-    req.resume().on('end', () => {
+    let body = '';
+    req.on('data', (d) => { body += d; }).on('end', () => {
+      let asked = {};
+      try { asked = JSON.parse(body); } catch {}
+      const anthropic = req.url.endsWith('/messages');
+      if (!asked.stream) {
+        res.writeHead(200, {'content-type': 'application/json'});
+        return void res.end(JSON.stringify(anthropic ?
+            {id: 'msg_1', type: 'message', role: 'assistant', model: 'm',
+             content: [{type: 'text', text: 'ok'}], stop_reason: 'end_turn',
+             usage: {input_tokens: 12, output_tokens: 2}} :
+            {id: 'r', object: 'chat.completion', model: 'm', choices: [{index: 0,
+             message: {role: 'assistant', content: 'ok'}, finish_reason: 'stop'}],
+             usage: {prompt_tokens: 12, completion_tokens: 2, total_tokens: 14}}));
+      }
       res.writeHead(200, {'content-type': 'text/event-stream', 'cache-control': 'no-cache'});
-      res.write(chunk({role: 'assistant', content: ''}, null));
-      let left = 600;
+      res.write(anthropic ?
+          event('message_start', {message: {id: 'msg_1', type: 'message', role: 'assistant',
+            model: 'm', content: [], usage: {input_tokens: 12, output_tokens: 1}}}) +
+          event('content_block_start', {index: 0, content_block: {type: 'text', text: ''}}) :
+          openaiChunk({role: 'assistant', content: ''}, null));
+      let left = chunks;
       const tick = setInterval(() => {
-        if (--left > 0) return void res.write(chunk({content: 'ok '}, null));
+        if (left-- > 0) return void res.write(anthropic ? anthropicText :
+                                                          openaiChunk({content: 'ok '}, null));
         clearInterval(tick);
-        res.end(`${chunk({}, 'stop')}data: [DONE]\n\n`);
-      }, 1000);
+        res.end(anthropic ?
+            event('content_block_stop', {index: 0}) +
+            event('message_delta', {delta: {stop_reason: 'end_turn'},
+                                    usage: {output_tokens: chunks}}) +
+            event('message_stop', {}) :
+            openaiChunk({}, 'stop') +
+            openaiChunk(null, null, {prompt_tokens: 12, completion_tokens: chunks,
+                                     total_tokens: 12 + chunks}) + 'data: [DONE]\n\n');
+      }, intervalMs);
       res.on('close', () => clearInterval(tick));
     });
   });
   server.maxConnections = Infinity;
+  server.keepAliveTimeout = 60000;
   server.listen(0, '127.0.0.1', () => console.log(server.address().port));
 }
 
@@ -112,7 +218,8 @@ const run = {
   load: () => load(args[0], Number(args[1]), Number(args[2])),
   idle: () => idle(args[0], Number(args[1]), Number(args[2])),
   streams: () => streams(args[0], Number(args[1])),
-  'slow-upstream': slowUpstream,
+  upstream: () => upstream(Number(args[0] ?? 5), Number(args[1] ?? 4)),
+  check: () => check(args[0], Number(args[1])),
 }[mode];
 if (!run) {
   console.error(`gateway_sdk.cjs: unknown mode '${mode}'`);

@@ -8,22 +8,29 @@
 #          429s are counted from nginx's access log; failures are the SDK's exceptions.
 # memory   weir-gateway's resident memory with no connection, with N idle kept-alive ones, and
 #          with N streams in flight from an upstream that sends a chunk a second.
+# --check  the test ctest runs (gateway_sdk_nginx): both official SDKs through weir-gateway,
+#          whole and streamed, as two tenants with different limits, against nginx's strict
+#          limits (chat completions 20 r/s, messages 10 r/s) in front of a Node upstream; fails
+#          unless nginx admitted at least 75% of each limit and refused at most 5% as much,
+#          no request failed, and tenant B (two workers) kept to its own limit of 1/s.
 #
 #   benchmarks/gateway_sdk.sh [--seconds S] [--concurrency 8,32] [--rows sdk,given,discovering]
 #                             [--connections N] [--skip goodput|memory] [--keep]
+#   benchmarks/gateway_sdk.sh --check [--seconds S] [--keep]
 #
 # --keep leaves the scratch directory (nginx's access log, the gateway's output) for a look.
 #
 # Needs nginx, node, curl and a built build/release/examples/weir-gateway ($WEIR_GATEWAY overrides
-# it); installs the pinned SDK into build/npm as scripts/test does, unless $WEIR_NODE_MODULES
-# names one. Not run by CI.
+# it); installs the pinned SDKs into build/npm as scripts/test does, unless $WEIR_NODE_MODULES
+# names a directory that has them. CI runs only --check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-seconds=30 concurrency=8,32 rows=sdk,given,discovering connections=1000 skip= keep=
+seconds= concurrency=8,32 rows=sdk,given,discovering connections=1000 skip= keep= check=
 while [ $# -gt 0 ]; do
   case $1 in
     --keep) keep=1; shift; continue ;;
+    --check) check=1; shift; continue ;;
     --seconds) seconds=$2 ;;
     --concurrency) concurrency=$2 ;;
     --rows) rows=$2 ;;
@@ -33,6 +40,7 @@ while [ $# -gt 0 ]; do
   esac
   shift 2
 done
+seconds=${seconds:-$([ -n "$check" ] && echo 8 || echo 30)}
 gateway_bin=${WEIR_GATEWAY:-build/release/examples/weir-gateway}
 if [ -z "${WEIR_NODE_MODULES:-}" ]; then
   source scripts/lib.sh
@@ -94,10 +102,14 @@ rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
 # ---- goodput --------------------------------------------------------------------------------
 
-# The strict limiter of benchmarks/goodput.cpp (its rig, with its other limiters left out).
+# The strict limiter of benchmarks/goodput.cpp (its rig, with its other limiters left out) on
+# /v1/ (chat completions), and a second one at 10 r/s on /v1/messages. Behind them nginx answers
+# at once, or, given a port ($1), a Node upstream there does (both dialects, streams too).
 nginx_rig() {
   local base=$((19400 + $$ % 400 * 5))
   backend=$base limited=$((base + 1))
+  local model_server="127.0.0.1:$backend"
+  [ -z "${1:-}" ] || model_server="127.0.0.1:$1"
   cat >"$scratch/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
@@ -113,7 +125,7 @@ http {
   scgi_temp_path $scratch/scgi;
   log_format counts '\$msec \$status';
   limit_req_status 429;
-  upstream model { server 127.0.0.1:$backend; keepalive 64; }
+  upstream model { server $model_server; keepalive 64; }
   server {
     listen 127.0.0.1:$backend;
     access_log off;
@@ -121,14 +133,21 @@ http {
     location / { return 200 '{"id":"r","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":2,"total_tokens":14}}'; }
   }
   limit_req_zone \$server_port zone=strict:1m rate=20r/s;
+  limit_req_zone \$server_port zone=messages:1m rate=10r/s;
   server {
     listen 127.0.0.1:$limited;
-    access_log $scratch/strict.log counts;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_buffering off;
+    add_header Retry-After 1 always;
     location /v1/ {
+      access_log $scratch/strict.log counts;
       limit_req zone=strict;
-      add_header Retry-After 1 always;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
+      proxy_pass http://model;
+    }
+    location /v1/messages {
+      access_log $scratch/messages.log counts;
+      limit_req zone=messages;
       proxy_pass http://model;
     }
   }
@@ -140,11 +159,12 @@ EOF
   wait_for_port "$limited"
 }
 
-# Prints "ok 429s" from nginx's log for the answers stamped from $1 to $2 (epoch seconds).
+# Prints "ok 429s" from nginx's log ($3, strict.log by default) for the answers stamped from $1
+# to $2 (epoch seconds).
 nginx_counts() {
   awk -v from="$1" -v to="$2" '$1 >= from && $1 < to {
       if ($2 == 200) ok++; else if ($2 == 429) refused++ }
-    END { printf "%d %d\n", ok, refused }' "$scratch/strict.log"
+    END { printf "%d %d\n", ok, refused }' "$scratch/${3:-strict.log}"
 }
 
 goodput() {
@@ -201,7 +221,7 @@ release_held() {
 
 memory() {
   local n=$connections slow port before idle streams
-  node "$client" slow-upstream >"$scratch/slow.out" 2>&1 &
+  node "$client" upstream 1000 600 >"$scratch/slow.out" 2>&1 &
   children+=($!)
   port=$(wait_for_line "$scratch/slow.out" '^[0-9]')
 
@@ -237,8 +257,97 @@ memory() {
     $(((streams - before_streams) * 1024 / n))
 }
 
+# ---- check ----------------------------------------------------------------------------------
+
+# Reads field $2 of the JSON object $1 prints at top level or as "group.field" one level down.
+json_field() {
+  node -e 'const v = JSON.parse(process.argv[1]);
+    const [g, f] = process.argv[2].split(".");
+    console.log(f === undefined ? v[g] : v[g][f] ?? "")' "$1" "$2"
+}
+
+check() {
+  local port
+  node "$client" upstream >"$scratch/upstream.out" 2>&1 &
+  children+=($!)
+  port=$(wait_for_line "$scratch/upstream.out" '^[0-9]')
+  nginx_rig "$port"
+  cat >"$scratch/gateway.json" <<EOF
+{
+  "providers": [{"name": "nginx"}],
+  "models": [
+    {"provider": "nginx", "id": "gpt-mini", "capability": 5, "input_price": 1, "output_price": 2,
+     "requests_per_minute": 1200},
+    {"provider": "nginx", "id": "claude-haiku", "capability": 5, "input_price": 1,
+     "output_price": 2, "requests_per_minute": 600}
+  ],
+  "upstreams": [{"provider": "nginx", "base_url": "http://127.0.0.1:$limited/v1",
+                 "dialects": ["openai", "anthropic"]}],
+  "tenants": [
+    {"name": "a", "key_env": "WEIR_CHECK_KEY_A", "requests_per_minute": 6000},
+    {"name": "b", "key_env": "WEIR_CHECK_KEY_B", "requests_per_minute": 60}
+  ]
+}
+EOF
+  export WEIR_CHECK_KEY_A=sk-check-a WEIR_CHECK_KEY_B=sk-check-b KEY_A=sk-check-a KEY_B=sk-check-b
+  local log=$scratch/gateway.out
+  "$gateway_bin" --listen 127.0.0.1:0 --catalog "$scratch/gateway.json" --quiet --max-wait 5 \
+    >"$log" 2>&1 &
+  gateway_pid=$!
+  children+=("$gateway_pid")
+  gateway_url=$(wait_for_line "$log" "base URL" | sed 's/.*base URL //')
+
+  local result
+  result=$(node "$client" check "${gateway_url%/v1}" "$seconds")
+  stop_gateway
+  # Counted from the first second on (the gateway's pacing starts with the first request) to
+  # the end of sending (the last answers come after it, at no load).
+  local started ended from to span chat_ok chat_429 messages_ok messages_429
+  started=$(json_field "$result" started)
+  ended=$(json_field "$result" ended)
+  from=$(awk -v s="$started" 'BEGIN { printf "%.3f", s + 1 }')
+  to=$(awk -v s="$started" -v n="$seconds" 'BEGIN { printf "%.3f", s + n }')
+  span=$((seconds - 1))
+  read -r chat_ok chat_429 < <(nginx_counts "$from" "$to")
+  read -r messages_ok messages_429 < <(nginx_counts "$from" "$to" messages.log)
+  printf 'over %d s: chat completions %d admitted (%.1f%% of 20/s), %d refused; messages %d' \
+    "$span" "$chat_ok" "$(awk -v n="$chat_ok" -v s="$span" 'BEGIN { print 100 * n / 20 / s }')" \
+    "$chat_429" "$messages_ok"
+  printf ' admitted (%.1f%% of 10/s), %d refused\n' \
+    "$(awk -v n="$messages_ok" -v s="$span" 'BEGIN { print 100 * n / 10 / s }')" "$messages_429"
+  echo "tenant A: $(node -e 'console.log(JSON.stringify(JSON.parse(process.argv[1]).a))' "$result")"
+  echo "tenant B: $(node -e 'console.log(JSON.stringify(JSON.parse(process.argv[1]).b))' "$result")"
+
+  local failures=() b_ok
+  expect() { awk "BEGIN { exit !($1) }" || failures+=("$2"); }
+  expect "$chat_ok >= 0.75 * 20 * $span" "nginx admitted under 75% of the chat limit"
+  expect "$messages_ok >= 0.75 * 10 * $span" "nginx admitted under 75% of the messages limit"
+  expect "$chat_429 <= 0.05 * $chat_ok" "nginx refused more than 5% as many chat requests"
+  expect "$messages_429 <= 0.05 * $messages_ok" "nginx refused more than 5% as many messages"
+  expect "$(json_field "$result" a.failed) == 0" \
+    "tenant A had failures: $(json_field "$result" a.firstFailure)"
+  expect "$(json_field "$result" a.ok) > 0 && $(json_field "$result" a.streamed) > 0" \
+    "tenant A got no whole or no streamed answers"
+  expect "$(json_field "$result" b.failed) == 0" \
+    "tenant B had failures: $(json_field "$result" b.firstFailure)"
+  # B's own limit: 1/s with a burst of 6 (a tenth of its minute), held by waiting in the gateway.
+  b_ok=$(json_field "$result" b.ok)
+  expect "$b_ok <= ($ended - $started) + 6 + 1" "tenant B passed its limit of 1/s"
+  expect "$b_ok >= 0.5 * $span" "tenant B was starved"
+  if [ ${#failures[@]} -gt 0 ]; then
+    printf 'FAILED: %s\n' "${failures[@]}"
+    keep=1
+    return 1
+  fi
+  echo "passed"
+}
+
 echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p'))," \
   "$(/usr/sbin/nginx -v 2>&1 | sed 's/.*: //'), node $(node --version)," \
   "openai $(sed -n 's/.*"version": "\(.*\)".*/\1/p' "$NODE_PATH/openai/package.json")"
+if [ -n "$check" ]; then
+  check
+  exit
+fi
 [ "$skip" = goodput ] || goodput
 [ "$skip" = memory ] || memory

@@ -28,6 +28,21 @@ TEST_CASE("Go-style reset durations as OpenAI and Groq send them", "[http][hints
   CHECK(parse_duration("0") == ns(0));
   for (auto bad : {"", "s", "1x", "-1s", "1.s", "1..5s", "1h-2m", "ms", "1 s"})
     CHECK(parse_duration(bad) == std::nullopt);
+
+  // The place of the last digit, and what a hint takes from it: a millisecond at most.
+  const auto precision = [](const char* s) {
+    return std::chrono::duration<double, std::milli>(
+               weir::http::parse_written_duration(s)->precision)
+        .count();
+  };
+  CHECK(precision("12ms") == Approx(1));
+  CHECK(precision("6m0s") == Approx(1000));
+  CHECK(precision("2m59.56s") == Approx(10));
+  CHECK(precision("250us") == Approx(0.001));
+  const auto hint =
+      hints({{"x-ratelimit-reset-requests", "6m0s"}, {"x-ratelimit-reset-tokens", "250us"}});
+  CHECK(hint.requests.reset_precision == ns(1ms));
+  CHECK(hint.tokens.reset_precision == ns(1us));
 }
 
 TEST_CASE("RFC 3339 resets with fractions and offsets", "[http][hints]") {

@@ -304,8 +304,11 @@ class adaptation_core {
   // The sample with the most units outstanding measures the window most precisely, and it
   // stands while it holds: its units come back by its own reset, so it expires then, and a later
   // sample with far fewer outstanding than it allows proves it wrong (one answer that says
-  // "remaining 0, reset 24 h" among ordinary ones must not hold the pace down).
+  // "remaining 0, reset 24 h" among ordinary ones must not hold the pace down). A reset of fewer
+  // than twenty of the units it is written in measures nothing: a generous bucket, nearly full,
+  // says "1ms" for one unit out of a million a minute, which read as a window of 1 000 s.
   void infer_window(std::size_t d, const limit_snapshot& s, double outstanding, time_point now) {
+    if (s.reset_precision && *s.reset_after < 20 * *s.reset_precision) return;
     const double expected = inferred_[d].outstanding_at(now);
     if (outstanding < expected && outstanding + 1 >= expected / 2) return;
     const double window_ns =

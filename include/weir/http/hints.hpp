@@ -191,6 +191,7 @@ class hint_parser {
     detail::merge_max(into.reset_after, s.reset_after);
     detail::merge_max(into.window, s.window);
     detail::merge_max(into.reset_rounded_to, s.reset_rounded_to);
+    detail::merge_max(into.reset_precision, s.reset_precision);
     if (into.refill == refill::unknown || s.refill == refill::fixed_window) into.refill = s.refill;
     into.reset_is_instant = into.reset_is_instant || s.reset_is_instant;
   }
@@ -227,10 +228,18 @@ class hint_parser {
       s.limit = parse_count(value);
     else if (detail::iequals(field, "remaining"))
       s.remaining = parse_count(value);
-    else if (detail::iequals(field, "reset"))
-      s.reset_after = parse_duration(value);
-    else
+    else if (detail::iequals(field, "reset")) {
+      // Go writes every digit of a duration but trailing zeros ("2s" may be 2.000 s), and resets
+      // come rounded to the millisecond ("12ms"): none is taken as finer than its last digit, or
+      // coarser than a millisecond.
+      if (const auto reset = parse_written_duration(value)) {
+        s.reset_after = reset->value;
+        s.reset_precision =
+            std::min<std::chrono::nanoseconds>(reset->precision, std::chrono::milliseconds(1));
+      }
+    } else {
       return false;
+    }
     merge(*dim, s);
     return true;
   }

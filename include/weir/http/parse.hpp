@@ -105,17 +105,25 @@ inline std::optional<std::int64_t> parse_count(std::string_view value) {
   return n;
 }
 
+// A duration and the place of its last digit: "12ms" is 12 ms to within a millisecond, "7.66s"
+// to within 10 ms, "6m0s" to within a second.
+struct written_duration {
+  std::chrono::nanoseconds value{};
+  std::chrono::nanoseconds precision{};
+};
+
 // A Go-style duration as OpenAI and Groq send in x-ratelimit-reset-*: "12ms", "1.5s", "6m0s",
 // "2m59.56s", "1h2m3s", "0". Units h, m, s, ms, us (or µs), ns.
-inline std::optional<std::chrono::nanoseconds> parse_duration(std::string_view value) {
+inline std::optional<written_duration> parse_written_duration(std::string_view value) {
   value = detail::trim(value);
-  if (value == "0") return std::chrono::nanoseconds(0);
+  if (value == "0") return written_duration{};
   if (value.empty()) return std::nullopt;
-  double total_seconds = 0;
+  double total_seconds = 0, last_digit_seconds = 0;
   while (!value.empty()) {
     std::size_t n = 0;
     while (n < value.size() && (detail::is_digit(value[n]) || value[n] == '.')) ++n;
-    auto number = detail::parse_decimal(value.substr(0, n));
+    const auto digits = value.substr(0, n);
+    auto number = detail::parse_decimal(digits);
     if (!number) return std::nullopt;
     value.remove_prefix(n);
     double scale = 0;
@@ -136,9 +144,20 @@ inline std::optional<std::chrono::nanoseconds> parse_duration(std::string_view v
     else
       return std::nullopt;
     total_seconds += *number * scale;
-    if (!std::isfinite(total_seconds)) return max_hint;
+    if (!std::isfinite(total_seconds)) return written_duration{max_hint, max_hint};
+    const auto point = digits.find('.');
+    last_digit_seconds =
+        scale * std::pow(10.0, point == std::string_view::npos
+                                   ? 0.0
+                                   : -static_cast<double>(digits.size() - point - 1));
   }
-  return detail::clamp_seconds(total_seconds);
+  return written_duration{detail::clamp_seconds(total_seconds),
+                          detail::clamp_seconds(last_digit_seconds)};
+}
+
+inline std::optional<std::chrono::nanoseconds> parse_duration(std::string_view value) {
+  if (auto d = parse_written_duration(value)) return d->value;
+  return std::nullopt;
 }
 
 // An RFC 3339 timestamp as Anthropic sends in anthropic-ratelimit-*-reset:
