@@ -44,12 +44,12 @@ struct limit_snapshot {
   // The reset was rounded up to a whole number of these (a second, for resets sent as delta or
   // epoch seconds or an HTTP-date): the window may open up to this much sooner.
   std::optional<std::chrono::nanoseconds> reset_rounded_to{};
-  // The reset was written to within this much (a millisecond for OpenAI's: "12ms" is 11 to 13
-  // ms, however it was rounded): a reset of a few of these says little of the window.
-  std::optional<std::chrono::nanoseconds> reset_precision{};
   // The reset was sent as a moment (epoch seconds, a date), not a delay: every answer in one
   // window names the same moment, whenever it was sent and however long it travelled.
   bool reset_is_instant = false;
+  // The reset was written to within this much (a millisecond for OpenAI's: "12ms" is 11 to 13
+  // ms, however it was rounded): a reset of a few of these says little of the window.
+  std::optional<std::chrono::nanoseconds> reset_precision{};
 
   bool empty() const noexcept { return !limit && !remaining && !reset_after && !window; }
   // The server said this dimension has nothing left.

@@ -69,8 +69,8 @@ TEST_CASE("an OpenAI response's rate-limit headers", "[http][hints]") {
                   {"retry-after-ms", "1500"},
                   {"retry-after", "2"}});
   const auto refill = weir::refill::continuous;
-  CHECK(h.requests == weir::limit_snapshot{500, 499, ns(120ms), {}, refill});
-  CHECK(h.tokens == weir::limit_snapshot{30000, 29000, ns(2s), {}, refill});
+  CHECK(h.requests == weir::limit_snapshot{500, 499, ns(120ms), {}, refill, {}, false, ns(1ms)});
+  CHECK(h.tokens == weir::limit_snapshot{30000, 29000, ns(2s), {}, refill, {}, false, ns(1ms)});
   CHECK(h.retry_after == ns(1500ms));  // the precise one wins
 }
 
@@ -84,7 +84,8 @@ TEST_CASE("a Groq 429's headers", "[http][hints]") {
                   {"x-ratelimit-reset-tokens", "7.66s"}});
   CHECK(h.retry_after == ns(7s));
   CHECK(h.requests.reset_after == ns(2min + 59560ms));
-  CHECK(h.tokens == weir::limit_snapshot{18000, 0, ns(7660ms), {}, weir::refill::continuous});
+  CHECK(h.tokens == weir::limit_snapshot{
+                        18000, 0, ns(7660ms), {}, weir::refill::continuous, {}, false, ns(1ms)});
 }
 
 TEST_CASE("an Anthropic response's rate-limit headers", "[http][hints]") {
