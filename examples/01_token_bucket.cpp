@@ -8,9 +8,13 @@
 #include <boost/asio.hpp>
 
 #include <chrono>
+#include <vector>
 
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
+
+std::vector<int> sent;  // the callers, in the order they were let through
+bool impatient_refused = false;
 
 asio::awaitable<void> caller(weir::token_bucket<>& bucket, int id,
                              std::chrono::steady_clock::time_point start) {
@@ -18,10 +22,12 @@ asio::awaitable<void> caller(weir::token_bucket<>& bucket, int id,
   const auto at = std::chrono::duration_cast<std::chrono::milliseconds>(
       std::chrono::steady_clock::now() - start);
   fmt::print("caller {} sends at {}\n", id, at);
+  sent.push_back(id);
 }
 
 asio::awaitable<void> impatient(weir::token_bucket<>& bucket) {
   auto [ec, wait] = co_await bucket.async_acquire(1, 300ms, asio::as_tuple(asio::use_awaitable));
+  impatient_refused = ec == weir::error::rate_limited;
   fmt::print("the impatient caller: {} (it would have waited {})\n", ec.message(),
              std::chrono::duration_cast<std::chrono::milliseconds>(wait));
 }
@@ -35,4 +41,5 @@ int main() {
   io.run();
   // Never blocks: whether a unit is there now.
   fmt::print("try_acquire now: {}\n", bucket.try_acquire());
+  return sent == std::vector<int>{1, 2, 3, 4, 5, 6, 7, 8} && impatient_refused ? 0 : 1;
 }

@@ -92,6 +92,38 @@ TEST_CASE("the shared limiter admits a burst, then refuses, and a settle gives b
   });
 }
 
+TEST_CASE(
+    "asio::use_awaitable.as_default_on rebinds a shared limiter and a keyed one, state shared") {
+  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+    weir::redis::client redis(ex, {.port = WEIR_REDIS_PORT});
+    weir::redis::rate_limiter<> shared(
+        ex, redis,
+        {.name = unique_name("rebound"), .requests = weir::limit{weir::per_minute(1), 1}});
+    weir::redis::keyed_rate_limiter<> keyed(
+        ex, redis,
+        {.each = {.name = unique_name("rebound-keys"),
+                  .requests = weir::limit{weir::per_minute(1), 1}}});
+    auto awaiting = asio::use_awaitable.as_default_on(shared);
+    auto awaiting_keyed = asio::use_awaitable.as_default_on(keyed);
+    using awaiting_executor = asio::use_awaitable_t<>::executor_with_default<asio::any_io_executor>;
+    static_assert(
+        std::is_same_v<decltype(awaiting),
+                       weir::redis::rate_limiter<std::chrono::steady_clock, awaiting_executor>>);
+    static_assert(std::is_same_v<
+                  decltype(awaiting_keyed),
+                  weir::redis::keyed_rate_limiter<std::chrono::steady_clock, awaiting_executor>>);
+    // No token named: the rebound copies' operations default to use_awaitable.
+    const bool first = co_await awaiting.async_try_acquire({.requests = 1});
+    const bool second = co_await shared.async_try_acquire({.requests = 1}, asio::use_awaitable);
+    CHECK(first);
+    CHECK_FALSE(second);  // one limit: the copy took its only unit
+    CHECK(awaiting.name() == shared.name());
+    const bool keyed_first = co_await awaiting_keyed.async_try_acquire("acme", {.requests = 1});
+    CHECK(keyed_first);
+    CHECK(keyed.size() == 1);  // the key's limiter is the original's too
+  });
+}
+
 TEST_CASE("the shared limiter is a pipeline stage, as the local limits are", "[pipeline]") {
   run([](asio::any_io_executor ex) -> asio::awaitable<void> {
     weir::redis::client redis(ex, {.port = WEIR_REDIS_PORT});

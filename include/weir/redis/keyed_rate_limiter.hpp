@@ -38,19 +38,22 @@ struct keyed_rate_limiter_options {
 template <class Limiter>
 class keyed_redis_stage;
 
-// Copies share the keys' limiters. Safe from any thread.
-template <class Clock = std::chrono::steady_clock>
+// Copies share the keys' limiters. Safe from any thread. The executor type gives the operations
+// their default completion token, as rate_limiter's does (`asio::use_awaitable.as_default_on`).
+template <class Clock = std::chrono::steady_clock, class Executor = boost::asio::any_io_executor>
 class keyed_rate_limiter {
  public:
   using clock_type = Clock;
+  using executor_type = Executor;
   using limiter_type = rate_limiter<Clock>;
   using acquire_signature = typename limiter_type::acquire_signature;
 
   // Throws weir::exception(invalid_argument) for options the limiter refuses (checked once, on
   // a limiter made for the key "").
-  keyed_rate_limiter(boost::asio::any_io_executor ex, client redis,
-                     keyed_rate_limiter_options options)
-      : state_(std::make_shared<state>(std::move(ex), std::move(redis), std::move(options))) {
+  keyed_rate_limiter(executor_type ex, client redis, keyed_rate_limiter_options options)
+      : executor_(ex),
+        state_(
+            std::make_shared<shared_state>(std::move(ex), std::move(redis), std::move(options))) {
     state_->make("");
   }
 
@@ -58,19 +61,16 @@ class keyed_rate_limiter {
   // key go through.
   limiter_type limiter(std::string_view key) { return state_->limiter(key); }
 
-  template <
-      class CompletionToken = boost::asio::default_completion_token_t<boost::asio::any_io_executor>>
+  template <class CompletionToken = boost::asio::default_completion_token_t<executor_type>>
   auto async_acquire(std::string_view key, usage cost, std::chrono::nanoseconds max_wait,
                      CompletionToken&& token = {}) {
     return limiter(key).async_acquire(cost, max_wait, std::forward<CompletionToken>(token));
   }
-  template <
-      class CompletionToken = boost::asio::default_completion_token_t<boost::asio::any_io_executor>>
+  template <class CompletionToken = boost::asio::default_completion_token_t<executor_type>>
   auto async_try_acquire(std::string_view key, usage cost, CompletionToken&& token = {}) {
     return limiter(key).async_try_acquire(cost, std::forward<CompletionToken>(token));
   }
-  template <
-      class CompletionToken = boost::asio::default_completion_token_t<boost::asio::any_io_executor>>
+  template <class CompletionToken = boost::asio::default_completion_token_t<executor_type>>
   auto async_settle(std::string_view key, usage estimated, usage actual,
                     CompletionToken&& token = {}) {
     return limiter(key).async_settle(estimated, actual, std::forward<CompletionToken>(token));
@@ -86,7 +86,30 @@ class keyed_rate_limiter {
   // As a pipeline stage, keyed by call_context::tenant.
   keyed_redis_stage<keyed_rate_limiter> stage() const { return keyed_redis_stage(*this); }
 
+  const executor_type& get_executor() const noexcept { return executor_; }
+
+  // The same keyed limiter with another executor type (copies share the keys' limiters): what
+  // Asio's as_default_on makes.
+  template <class Executor1>
+  struct rebind_executor {
+    using other = keyed_rate_limiter<Clock, Executor1>;
+  };
+  template <class Executor1>
+  requires(
+      !std::is_same_v<Executor1, Executor> &&
+      std::is_constructible_v<
+          Executor,
+          const Executor1&>) explicit keyed_rate_limiter(const keyed_rate_limiter<Clock, Executor1>&
+                                                             other)
+      : executor_(other.executor_), state_(other.state_) {}
+
  private:
+  template <class, class>
+  friend class keyed_rate_limiter;
+  struct state;
+  // One state type whatever the executor type, so that rebound copies share the keys.
+  using shared_state = typename keyed_rate_limiter<Clock, boost::asio::any_io_executor>::state;
+
   struct entry {
     limiter_type limiter;
     typename Clock::time_point used;
@@ -135,7 +158,8 @@ class keyed_rate_limiter {
     typename Clock::time_point swept{};
   };
 
-  std::shared_ptr<state> state_;
+  executor_type executor_;
+  std::shared_ptr<shared_state> state_;
 };
 
 // The keyed limiter in a pipeline: the limiter stage of the call's tenant.

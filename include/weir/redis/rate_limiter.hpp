@@ -158,21 +158,25 @@ return 1
 
 }  // namespace detail
 
-// Copies share one limiter. Safe from any thread.
-template <class Clock = std::chrono::steady_clock>
+// Copies share one limiter. Safe from any thread. The executor type gives the operations their
+// default completion token, as token_bucket's does: `asio::use_awaitable.as_default_on(shared)`
+// makes a copy whose `co_await shared.async_acquire(cost)` names none.
+template <class Clock = std::chrono::steady_clock, class Executor = boost::asio::any_io_executor>
 class rate_limiter {
  public:
   using clock_type = Clock;
   using time_point = typename Clock::time_point;
-  using executor_type = boost::asio::any_io_executor;
+  using executor_type = Executor;
   using acquire_signature = void(error_code, std::chrono::nanoseconds);
   using cost_type = usage;
   static const usage& cost_of(const usage& u) noexcept { return u; }
 
   // Throws weir::exception(invalid_argument) for no limit, a bad rate or burst, a fraction outside
   // (0, 1] or max_lease 0.
-  rate_limiter(boost::asio::any_io_executor ex, client redis, rate_limiter_options options)
-      : state_(std::make_shared<state>(std::move(ex), std::move(redis), std::move(options))) {}
+  rate_limiter(executor_type ex, client redis, rate_limiter_options options)
+      : executor_(ex),
+        state_(
+            std::make_shared<shared_state>(std::move(ex), std::move(redis), std::move(options))) {}
 
   // Waits until `cost` is admitted, as rate_limits::async_acquire does, so the two swap by
   // changing a type.
@@ -191,7 +195,7 @@ class rate_limiter {
       usage cost, std::chrono::nanoseconds max_wait,
       CompletionToken&& token = boost::asio::default_completion_token_t<executor_type>()) {
     return boost::asio::async_initiate<CompletionToken, acquire_signature>(
-        initiate_async_acquire{state_}, token, cost, max_wait);
+        typename core::initiate_async_acquire{state_}, token, cost, max_wait);
   }
   template <boost::asio::completion_token_for<acquire_signature> CompletionToken =
                 boost::asio::default_completion_token_t<executor_type>>
@@ -209,7 +213,7 @@ class rate_limiter {
   auto async_try_acquire(usage cost, CompletionToken&& token =
                                          boost::asio::default_completion_token_t<executor_type>()) {
     return boost::asio::async_initiate<CompletionToken, void(error_code, bool)>(
-        initiate_async_try_acquire{state_}, token, cost);
+        typename core::initiate_async_try_acquire{state_}, token, cost);
   }
 
   // Charges what a call used beyond its estimate, or gives back what it did not use.
@@ -221,7 +225,7 @@ class rate_limiter {
       usage estimated, usage actual,
       CompletionToken&& token = boost::asio::default_completion_token_t<executor_type>()) {
     return boost::asio::async_initiate<CompletionToken, void(error_code)>(
-        initiate_async_settle{state_}, token, estimated, actual);
+        typename core::initiate_async_settle{state_}, token, estimated, actual);
   }
 
   // The shared limiter as a pipeline stage: the same stage as rate_limits', which waits here
@@ -230,8 +234,30 @@ class rate_limiter {
 
   limiter_mode mode() const noexcept { return state_->mode.load(); }
   const std::string& name() const noexcept { return state_->options.name; }
+  const executor_type& get_executor() const noexcept { return executor_; }
+
+  // The same limiter with another executor type (copies share the state): what Asio's
+  // as_default_on makes.
+  template <class Executor1>
+  struct rebind_executor {
+    using other = rate_limiter<Clock, Executor1>;
+  };
+  template <class Executor1>
+  requires(!std::is_same_v<Executor1, Executor> &&
+           std::is_constructible_v<
+               Executor,
+               const Executor1&>) explicit rate_limiter(const rate_limiter<Clock, Executor1>& other)
+      : executor_(other.executor_), state_(other.state_) {}
 
  private:
+  template <class, class>
+  friend class rate_limiter;
+  // One implementation whatever the executor type, so that rebound copies share it: its state
+  // keeps the executor as an any_io_executor, the limiter the type its user named.
+  using core = rate_limiter<Clock, boost::asio::any_io_executor>;
+  struct state;
+  using shared_state = typename core::state;
+
   struct state : std::enable_shared_from_this<state> {
     state(boost::asio::any_io_executor ex, client c, rate_limiter_options o)
         : executor(std::move(ex)), redis(std::move(c)), options(std::move(o)) {
@@ -749,7 +775,8 @@ class rate_limiter {
     co_return acquired{{}, waited()};
   }
 
-  std::shared_ptr<state> state_;
+  executor_type executor_;
+  std::shared_ptr<shared_state> state_;
 };
 
 }  // namespace weir::redis

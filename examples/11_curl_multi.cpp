@@ -7,7 +7,7 @@
 // to 8,000 tokens (10 to 40 s to write) it no longer wants. The server is weir's mock in its
 // self-hosted form: 16 workers, 200 ms to the first token, tokens 5 ms apart, no rate limit.
 //
-//     example_08_curl_multi
+//     example_11_curl_multi
 #include <weir/curl.hpp>
 #include <weir/testing/mock_provider.hpp>
 #include <weir/weir.hpp>

@@ -6,7 +6,7 @@
 // the headers (limit, remaining and the time until full), and waits for the next unit when the
 // server says nothing is left.
 //
-//     example_05_beast_pipeline [--requests N]
+//     example_09_beast_pipeline [--requests N]
 #include <weir/http/adaptation.hpp>
 #include <weir/http/beast.hpp>
 #include <weir/weir.hpp>
@@ -131,11 +131,11 @@ int main(int argc, char** argv) {
     std::string_view n = argv[2];
     auto [end, ec] = std::from_chars(n.data(), n.data() + n.size(), requests);
     if (ec != std::errc() || end != n.data() + n.size() || requests <= 0) {
-      fmt::print(stderr, "05_beast_pipeline: --requests needs a positive whole number\n");
+      fmt::print(stderr, "09_beast_pipeline: --requests needs a positive whole number\n");
       return 2;
     }
   } else if (argc != 1) {
-    fmt::print(stderr, "usage: example_05_beast_pipeline [--requests N]\n");
+    fmt::print(stderr, "usage: example_09_beast_pipeline [--requests N]\n");
     return 2;
   }
 
@@ -153,7 +153,7 @@ int main(int argc, char** argv) {
                    try {
                      std::rethrow_exception(e);
                    } catch (const std::exception& x) {
-                     fmt::print(stderr, "05_beast_pipeline: {}\n", x.what());
+                     fmt::print(stderr, "09_beast_pipeline: {}\n", x.what());
                    }
                  });
   io.run();
@@ -161,12 +161,12 @@ int main(int argc, char** argv) {
   // The example is also a test: every request must end in a 200, and the pacing must have
   // learned the server's limit rather than be refused as often as it asked.
   if (succeeded != requests) {
-    fmt::print(stderr, "05_beast_pipeline: {} of {} requests failed\n", requests - succeeded,
+    fmt::print(stderr, "09_beast_pipeline: {} of {} requests failed\n", requests - succeeded,
                requests);
     failed = true;
   }
   if (refused >= requests) {
-    fmt::print(stderr, "05_beast_pipeline: refused {} times for {} requests\n", refused, requests);
+    fmt::print(stderr, "09_beast_pipeline: refused {} times for {} requests\n", refused, requests);
     failed = true;
   }
   return failed ? 1 : 0;

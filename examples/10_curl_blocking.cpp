@@ -4,7 +4,7 @@
 // The server is weir's mock OpenAI provider on 127.0.0.1, allowing 120 requests a minute with a
 // burst of 4; 24 calls go out 8 at a time.
 //
-//     example_07_curl_blocking
+//     example_10_curl_blocking
 #include <weir/curl.hpp>
 #include <weir/testing/mock_provider.hpp>
 #include <weir/weir.hpp>
