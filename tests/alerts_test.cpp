@@ -1,4 +1,4 @@
-// Specifications of weir/alerts.hpp.
+// Specifications of weir/observability/alerts.hpp.
 #include "support/pipeline.hpp"
 
 TEST_CASE("a 429-ratio alert fires once when it starts and once when it clears, without flapping",

@@ -1,4 +1,4 @@
-// Specifications of weir/backoff.hpp, on seeded draws.
+// Specifications of weir/failure/backoff.hpp, on seeded draws.
 #include "support/failure.hpp"
 
 TEST_CASE("exponential backoff doubles from the initial delay up to the cap", "[backoff]") {

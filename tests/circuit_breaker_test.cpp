@@ -1,4 +1,4 @@
-// Specifications of weir/circuit_breaker.hpp, on virtual time.
+// Specifications of weir/failure/circuit_breaker.hpp, on virtual time.
 #include "support/failure.hpp"
 
 // ---- circuit_breaker ------------------------------------------------------------------------

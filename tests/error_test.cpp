@@ -1,4 +1,4 @@
-// Specifications of weir/error.hpp: codes, messages, weir::exception.
+// Specifications of weir/core/error.hpp: codes, messages, weir::exception.
 #include "support/foundation.hpp"
 
 TEST_CASE("weir error codes compare with their enum and read well", "[error]") {

@@ -1,4 +1,4 @@
-// Specifications of weir/fallback.hpp, on virtual time.
+// Specifications of weir/failure/fallback.hpp, on virtual time.
 #include "support/common.hpp"
 #include "support/pipeline.hpp"
 

@@ -1,11 +1,11 @@
-// Specifications of the OpenTelemetry GenAI client metrics weir/metrics.hpp writes from the
+// Specifications of the OpenTelemetry GenAI client metrics weir/observability/metrics.hpp writes from the
 // router's model_call_ended events (after metrics_test.cpp and stream_test.cpp, whose helpers
 // it uses: see tests/CMakeLists.txt).
 #include "support/common.hpp"
 #include "support/pipeline.hpp"
 
 #include <weir/http/usage.hpp>
-#include <weir/metrics.hpp>
+#include <weir/observability/metrics.hpp>
 #include <weir/routing/catalog_json.hpp>
 #include <weir/routing/router.hpp>
 #include <weir/testing/fake_provider.hpp>

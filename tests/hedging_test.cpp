@@ -1,4 +1,4 @@
-// Specifications of weir/hedging.hpp, on virtual time.
+// Specifications of weir/failure/hedging.hpp, on virtual time.
 #include "support/common.hpp"
 #include "support/pipeline.hpp"
 

@@ -1,10 +1,10 @@
-// Specifications of weir/metrics.hpp: counts and the Prometheus text.
+// Specifications of weir/observability/metrics.hpp: counts and the Prometheus text.
 #include "support/pipeline.hpp"
 
 // ---- metrics and alerts ---------------------------------------------------------------------
 
-#include <weir/alerts.hpp>
-#include <weir/metrics.hpp>
+#include <weir/observability/alerts.hpp>
+#include <weir/observability/metrics.hpp>
 
 #include <map>
 #include <sstream>

@@ -1,4 +1,4 @@
-// Specifications of weir/outcome.hpp: outcomes, classifiers, capture.
+// Specifications of weir/core/outcome.hpp: outcomes, classifiers, capture.
 #include "support/foundation.hpp"
 
 TEST_CASE("an outcome knows a cancellation, as an error code or as an exception", "[outcome]") {

@@ -1,4 +1,4 @@
-// Specifications of weir/pipeline.hpp: policies composed, on virtual time.
+// Specifications of weir/composition/pipeline.hpp: policies composed, on virtual time.
 #include "support/pipeline.hpp"
 
 TEST_CASE("retry outside the limiter takes a permit for every attempt, inside one for all",

@@ -1,4 +1,4 @@
-// Specifications of weir/rate_limits.hpp, on virtual time.
+// Specifications of weir/throttling/rate_limits.hpp, on virtual time.
 #include "support/throttling.hpp"
 
 // ---- rate_limits ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-// Specifications of weir/request_queue.hpp.
+// Specifications of weir/throttling/request_queue.hpp.
 #include "support/throttling.hpp"
 
 // ---- request_queue --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-// Specifications of weir/retry.hpp and weir/retry_budget.hpp, on virtual time.
+// Specifications of weir/failure/retry.hpp and weir/failure/retry_budget.hpp, on virtual time.
 #include "support/failure.hpp"
 
 // ---- retry ----------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
-// Specifications of weir/stream.hpp: streamed calls through a pipeline, on virtual time.
+// Specifications of weir/composition/stream.hpp: streamed calls through a pipeline, on virtual time.
 #include "support/common.hpp"
 #include "support/pipeline.hpp"
 
 #include <weir/http/sse.hpp>
 #include <weir/routing/router.hpp>
-#include <weir/stream.hpp>
+#include <weir/composition/stream.hpp>
 
 #include <deque>
 #include <memory>

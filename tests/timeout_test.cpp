@@ -1,4 +1,4 @@
-// Specifications of weir/timeout.hpp, on virtual time.
+// Specifications of weir/failure/timeout.hpp, on virtual time.
 #include "support/failure.hpp"
 
 // ---- timeout --------------------------------------------------------------------------------

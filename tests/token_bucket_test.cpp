@@ -1,4 +1,4 @@
-// Specifications of weir/token_bucket.hpp, on virtual time.
+// Specifications of weir/throttling/token_bucket.hpp, on virtual time.
 #include "support/throttling.hpp"
 
 TEST_CASE("a 10/s bucket with burst 5 admits exactly 605 in 60 virtual seconds", "[token_bucket]") {

@@ -1,9 +1,9 @@
-// Specifications of weir/trace.hpp: traceparent read and written as W3C Trace Context level 1
+// Specifications of weir/core/trace.hpp: traceparent read and written as W3C Trace Context level 1
 // says, and a traced call's attempts as spans of the caller's trace, on virtual time.
 #include "support/common.hpp"
 #include "support/pipeline.hpp"
 
-#include <weir/trace.hpp>
+#include <weir/core/trace.hpp>
 
 #include <set>
 

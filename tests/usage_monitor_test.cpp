@@ -1,4 +1,4 @@
-// Specifications of weir/usage_monitor.hpp, on virtual time.
+// Specifications of weir/throttling/usage_monitor.hpp, on virtual time.
 #include "support/throttling.hpp"
 
 // ---- usage_monitor --------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-// Specifications of weir/adaptive_concurrency.hpp, on virtual time against the model server.
+// Specifications of weir/throttling/adaptive_concurrency.hpp, on virtual time against the model server.
 #include "../support/adaptive.hpp"
 
-#include <weir/adaptive_concurrency.hpp>
-#include <weir/pipeline.hpp>
+#include <weir/throttling/adaptive_concurrency.hpp>
+#include <weir/composition/pipeline.hpp>
 
 #include <fmt/format.h>
 

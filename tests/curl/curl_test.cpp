@@ -1,9 +1,9 @@
-// Specifications of weir/curl.hpp: curl's results judged, and its multi-socket API on Asio
+// Specifications of weir/http/curl.hpp: curl's results judged, and its multi-socket API on Asio
 // against weir's mock provider on loopback (real sockets, short real time).
-#include <weir/circuit_breaker.hpp>
-#include <weir/curl.hpp>
-#include <weir/pipeline.hpp>
-#include <weir/retry.hpp>
+#include <weir/failure/circuit_breaker.hpp>
+#include <weir/http/curl.hpp>
+#include <weir/composition/pipeline.hpp>
+#include <weir/failure/retry.hpp>
 #include <weir/testing/hostile_server.hpp>
 #include <weir/testing/mock_provider.hpp>
 

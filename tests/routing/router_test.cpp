@@ -3,7 +3,7 @@
 #include "../support/provider_errors.hpp"
 #include "../support/routing.hpp"
 
-#include <weir/metrics.hpp>
+#include <weir/observability/metrics.hpp>
 
 TEST_CASE("the cheapest capable model is chosen, and capability and context filter",
           "[routing][router]") {

@@ -3,8 +3,8 @@
 
 #include "common.hpp"
 
-#include <weir/metrics.hpp>
-#include <weir/request_queue.hpp>
+#include <weir/observability/metrics.hpp>
+#include <weir/throttling/request_queue.hpp>
 #include <weir/routing/router.hpp>
 #include <weir/testing/fake_provider.hpp>
 #include <weir/testing/manual_clock.hpp>

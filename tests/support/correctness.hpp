@@ -2,19 +2,19 @@
 // tests/CMakeLists.txt).
 #pragma once
 
-#include <weir/circuit_breaker.hpp>
-#include <weir/hedging.hpp>
-#include <weir/pipeline.hpp>
-#include <weir/rate_limits.hpp>
-#include <weir/request_queue.hpp>
-#include <weir/retry.hpp>
+#include <weir/failure/circuit_breaker.hpp>
+#include <weir/failure/hedging.hpp>
+#include <weir/composition/pipeline.hpp>
+#include <weir/throttling/rate_limits.hpp>
+#include <weir/throttling/request_queue.hpp>
+#include <weir/failure/retry.hpp>
 #include <weir/routing/router.hpp>
 #include <weir/routing/strategy.hpp>
 #include <weir/testing/fake_provider.hpp>
 #include <weir/testing/manual_clock.hpp>
-#include <weir/timeout.hpp>
-#include <weir/token_bucket.hpp>
-#include <weir/usage_monitor.hpp>
+#include <weir/failure/timeout.hpp>
+#include <weir/throttling/token_bucket.hpp>
+#include <weir/throttling/usage_monitor.hpp>
 
 #include "common.hpp"
 

@@ -2,12 +2,12 @@
 // tests/CMakeLists.txt).
 #pragma once
 
-#include <weir/backoff.hpp>
-#include <weir/circuit_breaker.hpp>
-#include <weir/retry.hpp>
-#include <weir/retry_budget.hpp>
+#include <weir/failure/backoff.hpp>
+#include <weir/failure/circuit_breaker.hpp>
+#include <weir/failure/retry.hpp>
+#include <weir/failure/retry_budget.hpp>
 #include <weir/testing/manual_clock.hpp>
-#include <weir/timeout.hpp>
+#include <weir/failure/timeout.hpp>
 
 #include "common.hpp"
 

@@ -11,10 +11,10 @@
 #include <weir/http/parse.hpp>
 #include <weir/http/sse.hpp>
 #include <weir/http/usage.hpp>
-#include <weir/pipeline.hpp>
-#include <weir/retry.hpp>
+#include <weir/composition/pipeline.hpp>
+#include <weir/failure/retry.hpp>
 #include <weir/testing/manual_clock.hpp>
-#include <weir/token_bucket.hpp>
+#include <weir/throttling/token_bucket.hpp>
 
 #include <boost/asio.hpp>
 #include <boost/beast/http.hpp>

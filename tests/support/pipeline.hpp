@@ -3,7 +3,7 @@
 #pragma once
 
 #include <weir/testing/manual_clock.hpp>
-#include <weir/timeout.hpp>
+#include <weir/failure/timeout.hpp>
 #include <weir/weir.hpp>
 
 #include <fmt/format.h>

@@ -4,10 +4,10 @@
 
 #include "common.hpp"
 
-#include <weir/keyed_limiter.hpp>
-#include <weir/pipeline.hpp>
-#include <weir/request_queue.hpp>
-#include <weir/spend_budget.hpp>
+#include <weir/throttling/keyed_limiter.hpp>
+#include <weir/composition/pipeline.hpp>
+#include <weir/throttling/request_queue.hpp>
+#include <weir/throttling/spend_budget.hpp>
 #include <weir/testing/fake_provider.hpp>
 #include <weir/testing/manual_clock.hpp>
 

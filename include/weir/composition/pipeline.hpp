@@ -33,9 +33,9 @@
 #pragma once
 
 #include <weir/detail/driver.hpp>
-#include <weir/events.hpp>
-#include <weir/outcome.hpp>
-#include <weir/stage.hpp>
+#include <weir/core/events.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/core/stage.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>

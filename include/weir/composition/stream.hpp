@@ -34,10 +34,10 @@
 #pragma once
 
 #include <weir/detail/deadline.hpp>
-#include <weir/error.hpp>
-#include <weir/events.hpp>
-#include <weir/outcome.hpp>
-#include <weir/stage.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/events.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/core/stage.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio/awaitable.hpp>

@@ -7,7 +7,7 @@
 // Stages read it through their stage_context (stage.hpp); the router reads its constraints.
 #pragma once
 
-#include <weir/trace.hpp>
+#include <weir/core/trace.hpp>
 
 #include <chrono>
 #include <cstdint>

@@ -6,9 +6,9 @@
 //         .watch = [](const weir::event& e) { fmt::print("{}\n", e); }}, retry, limits);
 #pragma once
 
-#include <weir/breaker_state.hpp>
-#include <weir/outcome.hpp>
-#include <weir/trace.hpp>
+#include <weir/core/breaker_state.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/core/trace.hpp>
 
 #include <fmt/format.h>
 

@@ -2,7 +2,7 @@
 // code or exception), the server's rate-limit hint, and the classifier's verdict.
 #pragma once
 
-#include <weir/error.hpp>
+#include <weir/core/error.hpp>
 
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/error.hpp>

@@ -1,7 +1,7 @@
 // What tokens cost: a model's prices, USD per million tokens, with its prompt cache's own rates.
 #pragma once
 
-#include <weir/call_context.hpp>
+#include <weir/core/call_context.hpp>
 
 #include <algorithm>
 #include <cstdint>

@@ -46,11 +46,11 @@
 // go (weir::hedging and weir::fallback do).
 #pragma once
 
-#include <weir/call_context.hpp>
-#include <weir/error.hpp>
-#include <weir/events.hpp>
-#include <weir/outcome.hpp>
-#include <weir/trace.hpp>
+#include <weir/core/call_context.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/events.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/core/trace.hpp>
 
 #include <boost/asio/awaitable.hpp>
 

@@ -17,7 +17,7 @@
 #include <weir/detail/gcra.hpp>
 #include <weir/detail/shutdown.hpp>
 #include <weir/detail/waiter_list.hpp>
-#include <weir/error.hpp>
+#include <weir/core/error.hpp>
 
 #include <boost/asio/append.hpp>
 #include <boost/asio/associated_cancellation_slot.hpp>

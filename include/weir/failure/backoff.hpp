@@ -14,7 +14,7 @@
 // neither overflows nor goes negative.
 #pragma once
 
-#include <weir/error.hpp>
+#include <weir/core/error.hpp>
 
 #include <algorithm>
 #include <chrono>

@@ -9,13 +9,13 @@
 //                          └────(a probe fails)─────┘
 #pragma once
 
-#include <weir/breaker_state.hpp>
+#include <weir/core/breaker_state.hpp>
 #include <weir/detail/driver.hpp>
 #include <weir/detail/gcra.hpp>
-#include <weir/error.hpp>
-#include <weir/outcome.hpp>
-#include <weir/stage.hpp>
-#include <weir/usage_monitor.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/core/stage.hpp>
+#include <weir/throttling/usage_monitor.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio/awaitable.hpp>

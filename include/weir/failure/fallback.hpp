@@ -19,9 +19,9 @@
 // pipeline the fallback runs in, or, used alone or where nobody listens, to its own `watch`.
 #pragma once
 
-#include <weir/events.hpp>
-#include <weir/outcome.hpp>
-#include <weir/stage.hpp>
+#include <weir/core/events.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/core/stage.hpp>
 
 #include <boost/asio/awaitable.hpp>
 

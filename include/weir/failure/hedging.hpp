@@ -26,11 +26,11 @@
 // weigh; this policy counts calls.
 #pragma once
 
-#include <weir/error.hpp>
-#include <weir/events.hpp>
-#include <weir/outcome.hpp>
-#include <weir/retry_budget.hpp>
-#include <weir/stage.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/events.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/failure/retry_budget.hpp>
+#include <weir/core/stage.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/as_tuple.hpp>

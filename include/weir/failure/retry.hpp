@@ -5,12 +5,12 @@
 //     auto reply = co_await retry([&] { return client.async_post(req, asio::use_awaitable); });
 #pragma once
 
-#include <weir/backoff.hpp>
+#include <weir/failure/backoff.hpp>
 #include <weir/detail/driver.hpp>
 #include <weir/detail/gcra.hpp>
-#include <weir/error.hpp>
-#include <weir/outcome.hpp>
-#include <weir/retry_budget.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/failure/retry_budget.hpp>
 
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/basic_waitable_timer.hpp>

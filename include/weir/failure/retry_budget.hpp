@@ -4,7 +4,7 @@
 // would let a long quiet spell save up a storm.) Copies share one budget.
 #pragma once
 
-#include <weir/error.hpp>
+#include <weir/core/error.hpp>
 
 #include <fmt/format.h>
 

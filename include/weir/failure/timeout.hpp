@@ -12,9 +12,9 @@
 #pragma once
 
 #include <weir/detail/driver.hpp>
-#include <weir/error.hpp>
-#include <weir/outcome.hpp>
-#include <weir/stage.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/core/stage.hpp>
 
 #include <fmt/chrono.h>
 #include <fmt/format.h>

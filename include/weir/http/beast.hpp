@@ -8,7 +8,7 @@
 
 #include <weir/http/classify.hpp>
 #include <weir/http/hints.hpp>
-#include <weir/outcome.hpp>
+#include <weir/core/outcome.hpp>
 
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/string_body.hpp>

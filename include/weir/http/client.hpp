@@ -23,8 +23,8 @@
 #include <weir/http/limits.hpp>
 #include <weir/http/sse.hpp>
 #include <weir/http/usage.hpp>
-#include <weir/stream.hpp>
-#include <weir/trace.hpp>
+#include <weir/composition/stream.hpp>
+#include <weir/core/trace.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/as_tuple.hpp>
@@ -479,7 +479,7 @@ inline header_list auth_headers(dialect d, std::string_view api_key) {
   return {{"authorization", "Bearer " + std::string(api_key)}};
 }
 
-// The headers that carry an attempt's trace context (weir/trace.hpp): traceparent, and tracestate
+// The headers that carry an attempt's trace context (weir/core/trace.hpp): traceparent, and tracestate
 // when it has a passable one. None without a context, so the call sends nothing.
 //
 //     co_await guarded(ctx, [&](const weir::trace_context& attempt) {

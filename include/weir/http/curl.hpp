@@ -27,13 +27,13 @@
 //     auto reply = co_await guarded([&] { return transfers.perform(req); });
 #pragma once
 
-#include <weir/error.hpp>
+#include <weir/core/error.hpp>
 #include <weir/http/classify.hpp>
 #include <weir/http/limits.hpp>
 #include <weir/http/sse.hpp>
-#include <weir/outcome.hpp>
-#include <weir/stream.hpp>
-#include <weir/trace.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/composition/stream.hpp>
+#include <weir/core/trace.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/as_tuple.hpp>
@@ -208,7 +208,7 @@ class easy {
     list_ = grown;
     return set(CURLOPT_HTTPHEADER, list_);
   }
-  // Sets the headers that carry an attempt's trace context (weir/trace.hpp) — traceparent, and
+  // Sets the headers that carry an attempt's trace context (weir/core/trace.hpp) — traceparent, and
   // tracestate when it has a passable one — in place of those set before, so a handle sent again
   // by a retry sends the new attempt's span; without a context, removes them.
   //

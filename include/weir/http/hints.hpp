@@ -12,7 +12,7 @@
 #pragma once
 
 #include <weir/http/parse.hpp>
-#include <weir/outcome.hpp>
+#include <weir/core/outcome.hpp>
 
 #include <algorithm>
 #include <chrono>

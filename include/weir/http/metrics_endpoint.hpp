@@ -16,8 +16,8 @@
 #pragma once
 
 #include <weir/detail/listener.hpp>
-#include <weir/error.hpp>
-#include <weir/metrics.hpp>
+#include <weir/core/error.hpp>
+#include <weir/observability/metrics.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio/as_tuple.hpp>

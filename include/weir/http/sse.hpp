@@ -11,7 +11,7 @@
 #include <weir/http/classify.hpp>
 #include <weir/http/limits.hpp>
 #include <weir/http/usage.hpp>
-#include <weir/stage.hpp>
+#include <weir/core/stage.hpp>
 
 #include <cstddef>
 #include <deque>

@@ -8,9 +8,9 @@
 //     alerts.evaluate();  // e.g. once a second, from a timer
 #pragma once
 
-#include <weir/circuit_breaker.hpp>
-#include <weir/error.hpp>
-#include <weir/usage_monitor.hpp>
+#include <weir/failure/circuit_breaker.hpp>
+#include <weir/core/error.hpp>
+#include <weir/throttling/usage_monitor.hpp>
 
 #include <chrono>
 #include <cstdint>

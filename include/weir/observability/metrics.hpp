@@ -7,7 +7,7 @@
 //     weir::write_prometheus(page, {&openai, &anthropic});
 #pragma once
 
-#include <weir/events.hpp>
+#include <weir/core/events.hpp>
 
 #include <fmt/format.h>
 

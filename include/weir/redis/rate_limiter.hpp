@@ -18,10 +18,10 @@
 #pragma once
 
 #include <weir/detail/limiter_stage.hpp>
-#include <weir/error.hpp>
-#include <weir/rate_limits.hpp>
+#include <weir/core/error.hpp>
+#include <weir/throttling/rate_limits.hpp>
 #include <weir/redis/client.hpp>
-#include <weir/request_queue.hpp>
+#include <weir/throttling/request_queue.hpp>
 
 #include <boost/asio/append.hpp>
 #include <boost/asio/as_tuple.hpp>

@@ -7,7 +7,7 @@
 #pragma once
 
 #include <weir/http/classify.hpp>
-#include <weir/outcome.hpp>
+#include <weir/core/outcome.hpp>
 #include <weir/routing/catalog.hpp>
 #include <weir/routing/router.hpp>
 

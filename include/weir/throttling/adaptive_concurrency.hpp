@@ -11,10 +11,10 @@
 // between tenants), whose max_concurrent the limit moves.
 #pragma once
 
-#include <weir/error.hpp>
-#include <weir/events.hpp>
-#include <weir/request_queue.hpp>
-#include <weir/stage.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/events.hpp>
+#include <weir/throttling/request_queue.hpp>
+#include <weir/core/stage.hpp>
 
 #include <algorithm>
 #include <chrono>

@@ -14,9 +14,9 @@
 #include <weir/detail/gcra.hpp>
 #include <weir/detail/key_table.hpp>
 #include <weir/detail/pending_acquire.hpp>
-#include <weir/error.hpp>
-#include <weir/rate.hpp>
-#include <weir/stage.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/rate.hpp>
+#include <weir/core/stage.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio/any_io_executor.hpp>

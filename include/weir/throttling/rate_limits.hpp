@@ -13,8 +13,8 @@
 #include <weir/detail/limiter_stage.hpp>
 #include <weir/detail/pending_acquire.hpp>
 #include <weir/detail/shutdown.hpp>
-#include <weir/error.hpp>
-#include <weir/rate.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/rate.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>

@@ -9,8 +9,8 @@
 
 #include <weir/detail/shutdown.hpp>
 #include <weir/detail/waiter_list.hpp>
-#include <weir/error.hpp>
-#include <weir/stage.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/stage.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/append.hpp>

@@ -14,11 +14,11 @@
 // estimate (estimate output tokens by max_tokens, which bounds them).
 #pragma once
 
-#include <weir/error.hpp>
-#include <weir/events.hpp>
-#include <weir/metrics.hpp>
-#include <weir/price.hpp>
-#include <weir/stage.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/events.hpp>
+#include <weir/observability/metrics.hpp>
+#include <weir/core/price.hpp>
+#include <weir/core/stage.hpp>
 
 #include <fmt/format.h>
 

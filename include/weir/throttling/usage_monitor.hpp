@@ -8,9 +8,9 @@
 #pragma once
 
 #include <weir/detail/gcra.hpp>
-#include <weir/error.hpp>
-#include <weir/rate.hpp>
-#include <weir/stage.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/rate.hpp>
+#include <weir/core/stage.hpp>
 
 #include <algorithm>
 #include <atomic>
