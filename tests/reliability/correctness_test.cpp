@@ -1,6 +1,6 @@
 // Regression tests for what composition, faults and cancellation broke (issue 15), one or more per
 // item, on virtual time. Each would fail with its fix reverted.
-#include "../support/correctness.hpp"
+#include "../support/reliability.hpp"
 
 // ---- 1: timeout ------------------------------------------------------------------------------
 

@@ -33,12 +33,12 @@
 //   - every call ends exactly once, as the main scenario's; nothing pending at quiescence.
 #pragma once
 
-#include <weir/throttling/adaptive_concurrency.hpp>
+#include <weir/composition/stream.hpp>
 #include <weir/failure/fallback.hpp>
 #include <weir/failure/hedging.hpp>
+#include <weir/throttling/adaptive_concurrency.hpp>
 #include <weir/throttling/keyed_limiter.hpp>
 #include <weir/throttling/spend_budget.hpp>
-#include <weir/composition/stream.hpp>
 
 #include <set>
 

@@ -6,8 +6,8 @@
 #include <weir/failure/circuit_breaker.hpp>
 #include <weir/failure/retry.hpp>
 #include <weir/failure/retry_budget.hpp>
-#include <weir/testing/manual_clock.hpp>
 #include <weir/failure/timeout.hpp>
+#include <weir/testing/manual_clock.hpp>
 
 #include "common.hpp"
 
@@ -26,5 +26,5 @@ using namespace std::chrono_literals;
 using ns = std::chrono::nanoseconds;
 using clock_type = weir::testing::manual_clock;
 using weir::testing::advance;
-using weir::testing::finished;
 using weir::testing::run_ready;
+using weir_test::finished;

@@ -2,6 +2,8 @@
 // tests/CMakeLists.txt).
 #pragma once
 
+#include <weir/composition/pipeline.hpp>
+#include <weir/failure/retry.hpp>
 #include <weir/http/adaptation.hpp>
 #include <weir/http/beast.hpp>
 #include <weir/http/classify.hpp>
@@ -11,8 +13,6 @@
 #include <weir/http/parse.hpp>
 #include <weir/http/sse.hpp>
 #include <weir/http/usage.hpp>
-#include <weir/composition/pipeline.hpp>
-#include <weir/failure/retry.hpp>
 #include <weir/testing/manual_clock.hpp>
 #include <weir/throttling/token_bucket.hpp>
 

@@ -5,9 +5,9 @@
 #include "common.hpp"
 
 #include <weir/composition/pipeline.hpp>
+#include <weir/testing/manual_clock.hpp>
 #include <weir/throttling/rate_limits.hpp>
 #include <weir/throttling/request_queue.hpp>
-#include <weir/testing/manual_clock.hpp>
 #include <weir/throttling/token_bucket.hpp>
 #include <weir/throttling/usage_monitor.hpp>
 
@@ -29,4 +29,4 @@ using bucket_type = weir::token_bucket<clock_type>;
 using weir::testing::advance;
 using weir::testing::run_ready;
 
-using weir::testing::acquisition;
+using weir_test::acquisition;

@@ -32,10 +32,10 @@
 // breaker ticket recorded or (with no answer) abandoned.
 #pragma once
 
-#include <weir/detail/driver.hpp>
 #include <weir/core/events.hpp>
 #include <weir/core/outcome.hpp>
 #include <weir/core/stage.hpp>
+#include <weir/detail/driver.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>

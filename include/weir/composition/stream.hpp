@@ -33,11 +33,11 @@
 // One coroutine reads a stream at a time, like any Asio I/O object.
 #pragma once
 
-#include <weir/detail/deadline.hpp>
 #include <weir/core/error.hpp>
 #include <weir/core/events.hpp>
 #include <weir/core/outcome.hpp>
 #include <weir/core/stage.hpp>
+#include <weir/detail/deadline.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio/awaitable.hpp>

@@ -10,11 +10,11 @@
 #pragma once
 
 #include <weir/core/breaker_state.hpp>
-#include <weir/detail/driver.hpp>
-#include <weir/detail/gcra.hpp>
 #include <weir/core/error.hpp>
 #include <weir/core/outcome.hpp>
 #include <weir/core/stage.hpp>
+#include <weir/detail/driver.hpp>
+#include <weir/detail/gcra.hpp>
 #include <weir/throttling/usage_monitor.hpp>
 
 #include <fmt/format.h>

@@ -29,8 +29,8 @@
 #include <weir/core/error.hpp>
 #include <weir/core/events.hpp>
 #include <weir/core/outcome.hpp>
-#include <weir/failure/retry_budget.hpp>
 #include <weir/core/stage.hpp>
+#include <weir/failure/retry_budget.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/as_tuple.hpp>

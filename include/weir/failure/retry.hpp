@@ -5,11 +5,11 @@
 //     auto reply = co_await retry([&] { return client.async_post(req, asio::use_awaitable); });
 #pragma once
 
-#include <weir/failure/backoff.hpp>
-#include <weir/detail/driver.hpp>
-#include <weir/detail/gcra.hpp>
 #include <weir/core/error.hpp>
 #include <weir/core/outcome.hpp>
+#include <weir/detail/driver.hpp>
+#include <weir/detail/gcra.hpp>
+#include <weir/failure/backoff.hpp>
 #include <weir/failure/retry_budget.hpp>
 
 #include <boost/asio/awaitable.hpp>

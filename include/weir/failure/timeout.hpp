@@ -11,10 +11,10 @@
 //     auto reply = co_await per_attempt([&] { return client.async_post(req, asio::use_awaitable); });
 #pragma once
 
-#include <weir/detail/driver.hpp>
 #include <weir/core/error.hpp>
 #include <weir/core/outcome.hpp>
 #include <weir/core/stage.hpp>
+#include <weir/detail/driver.hpp>
 
 #include <fmt/chrono.h>
 #include <fmt/format.h>

@@ -29,8 +29,8 @@
 #include <weir/core/error.hpp>
 #include <weir/core/outcome.hpp>
 #include <weir/core/rate.hpp>
-#include <weir/throttling/rate_limits.hpp>
 #include <weir/core/stage.hpp>
+#include <weir/throttling/rate_limits.hpp>
 
 #include <algorithm>
 #include <array>

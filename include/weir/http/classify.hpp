@@ -9,9 +9,9 @@
 #pragma once
 
 #include <weir/core/events.hpp>
+#include <weir/core/outcome.hpp>
 #include <weir/http/hints.hpp>
 #include <weir/http/refusals.hpp>
-#include <weir/core/outcome.hpp>
 
 #include <fmt/format.h>
 

@@ -27,13 +27,13 @@
 //     auto reply = co_await guarded([&] { return transfers.perform(req); });
 #pragma once
 
+#include <weir/composition/stream.hpp>
 #include <weir/core/error.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/core/trace.hpp>
 #include <weir/http/classify.hpp>
 #include <weir/http/limits.hpp>
 #include <weir/http/sse.hpp>
-#include <weir/core/outcome.hpp>
-#include <weir/composition/stream.hpp>
-#include <weir/core/trace.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/as_tuple.hpp>

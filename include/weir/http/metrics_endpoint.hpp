@@ -15,8 +15,8 @@
 // family, so registries of the same kind go into one prometheus_source.
 #pragma once
 
-#include <weir/detail/listener.hpp>
 #include <weir/core/error.hpp>
+#include <weir/detail/listener.hpp>
 #include <weir/observability/metrics.hpp>
 
 #include <fmt/format.h>

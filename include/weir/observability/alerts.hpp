@@ -8,8 +8,8 @@
 //     alerts.evaluate();  // e.g. once a second, from a timer
 #pragma once
 
-#include <weir/failure/circuit_breaker.hpp>
 #include <weir/core/error.hpp>
+#include <weir/failure/circuit_breaker.hpp>
 #include <weir/throttling/usage_monitor.hpp>
 
 #include <chrono>

@@ -17,10 +17,10 @@
 // Part of the optional weir::redis target (links hiredis).
 #pragma once
 
-#include <weir/detail/limiter_stage.hpp>
 #include <weir/core/error.hpp>
-#include <weir/throttling/rate_limits.hpp>
+#include <weir/detail/limiter_stage.hpp>
 #include <weir/redis/client.hpp>
+#include <weir/throttling/rate_limits.hpp>
 #include <weir/throttling/request_queue.hpp>
 
 #include <boost/asio/append.hpp>

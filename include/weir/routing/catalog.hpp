@@ -10,9 +10,9 @@
 #pragma once
 
 #include <weir/core/call_context.hpp>
-#include <weir/failure/circuit_breaker.hpp>
 #include <weir/core/error.hpp>
 #include <weir/core/price.hpp>
+#include <weir/failure/circuit_breaker.hpp>
 
 #include <fmt/format.h>
 

@@ -15,9 +15,9 @@
 //     }
 #pragma once
 
-#include <weir/failure/backoff.hpp>
-#include <weir/detail/small_buffer.hpp>
 #include <weir/core/outcome.hpp>
+#include <weir/detail/small_buffer.hpp>
+#include <weir/failure/backoff.hpp>
 
 #include <algorithm>
 #include <chrono>

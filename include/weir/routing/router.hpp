@@ -12,24 +12,24 @@
 //         request, {.input_tokens = 900, .output_tokens = 300, .min_capability = 7});
 #pragma once
 
-#include <weir/failure/circuit_breaker.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/events.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/core/stage.hpp>
 #include <weir/detail/deadline.hpp>
 #include <weir/detail/driver.hpp>
 #include <weir/detail/session_caches.hpp>
 #include <weir/detail/small_buffer.hpp>
-#include <weir/core/error.hpp>
-#include <weir/core/events.hpp>
+#include <weir/failure/circuit_breaker.hpp>
 #include <weir/failure/hedging.hpp>
-#include <weir/http/adaptation.hpp>
-#include <weir/core/outcome.hpp>
-#include <weir/throttling/rate_limits.hpp>
 #include <weir/failure/retry_budget.hpp>
+#include <weir/http/adaptation.hpp>
 #include <weir/routing/catalog.hpp>
 #include <weir/routing/route_machine.hpp>
 #include <weir/routing/selection.hpp>
 #include <weir/routing/strategy.hpp>
 #include <weir/routing/types.hpp>
-#include <weir/core/stage.hpp>
+#include <weir/throttling/rate_limits.hpp>
 #include <weir/throttling/usage_monitor.hpp>
 
 #include <fmt/format.h>
@@ -77,8 +77,8 @@ class router {
   // Sends `request` to `model` (of this provider) and returns the response.
   using provider_call =
       std::function<boost::asio::awaitable<Response>(const model_spec&, const Request&)>;
-  // The same, given the attempt's trace context to send with it (see weir/core/trace.hpp; empty when
-  // the route has none).
+  // The same, given the attempt's trace context to send with it (see weir/core/trace.hpp; empty
+  // when the route has none).
   using traced_provider_call = std::function<boost::asio::awaitable<Response>(
       const model_spec&, const Request&, const trace_context&)>;
 
@@ -123,8 +123,8 @@ class router {
     return run(state_, std::move(request), std::move(c));
   }
 
-  // Routes `request` with hedging (weir/failure/hedging.hpp: its delay, fixed or a percentile of the
-  // first attempts' latencies, and its bounds: hedges per call, in flight, and a retry budget's
+  // Routes `request` with hedging (weir/failure/hedging.hpp: its delay, fixed or a percentile of
+  // the first attempts' latencies, and its bounds: hedges per call, in flight, and a retry budget's
   // share of calls). When the route has no answer after the delay — for a stream, no first token
   // — a hedge routes it again, on the next-best model of another provider than those the route
   // has chosen so far, within `max_hedge_cost` (USD at the estimates) when given. The first

@@ -2,17 +2,17 @@
 // options and the state it reports.
 #pragma once
 
-#include <weir/failure/backoff.hpp>
 #include <weir/core/call_context.hpp>
 #include <weir/core/events.hpp>
-#include <weir/http/adaptation.hpp>
 #include <weir/core/outcome.hpp>
+#include <weir/core/trace.hpp>
+#include <weir/failure/backoff.hpp>
 #include <weir/failure/retry_budget.hpp>
+#include <weir/http/adaptation.hpp>
 #include <weir/routing/catalog.hpp>
 #include <weir/routing/fleet.hpp>
 #include <weir/routing/strategy.hpp>
 #include <weir/throttling/spend_budget.hpp>
-#include <weir/core/trace.hpp>
 
 #include <chrono>
 #include <cstdint>

@@ -13,8 +13,8 @@
 
 #include <weir/core/error.hpp>
 #include <weir/core/events.hpp>
-#include <weir/throttling/request_queue.hpp>
 #include <weir/core/stage.hpp>
+#include <weir/throttling/request_queue.hpp>
 
 #include <algorithm>
 #include <chrono>

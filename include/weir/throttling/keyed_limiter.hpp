@@ -11,12 +11,12 @@
 // for unrelated keys rarely meet.
 #pragma once
 
-#include <weir/detail/gcra.hpp>
-#include <weir/detail/key_table.hpp>
-#include <weir/detail/pending_acquire.hpp>
 #include <weir/core/error.hpp>
 #include <weir/core/rate.hpp>
 #include <weir/core/stage.hpp>
+#include <weir/detail/gcra.hpp>
+#include <weir/detail/key_table.hpp>
+#include <weir/detail/pending_acquire.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio/any_io_executor.hpp>

@@ -7,10 +7,10 @@
 //     co_await call();   // the slot returns when `permit` is destroyed, however the call ends
 #pragma once
 
-#include <weir/detail/shutdown.hpp>
-#include <weir/detail/waiter_list.hpp>
 #include <weir/core/error.hpp>
 #include <weir/core/stage.hpp>
+#include <weir/detail/shutdown.hpp>
+#include <weir/detail/waiter_list.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/append.hpp>

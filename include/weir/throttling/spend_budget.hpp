@@ -16,9 +16,9 @@
 
 #include <weir/core/error.hpp>
 #include <weir/core/events.hpp>
-#include <weir/observability/metrics.hpp>
 #include <weir/core/price.hpp>
 #include <weir/core/stage.hpp>
+#include <weir/observability/metrics.hpp>
 
 #include <fmt/format.h>
 

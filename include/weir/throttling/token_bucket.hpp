@@ -5,12 +5,12 @@
 //     co_await bucket.async_acquire(1, asio::use_awaitable);  // waits its turn, FIFO
 #pragma once
 
+#include <weir/core/error.hpp>
+#include <weir/core/rate.hpp>
 #include <weir/detail/gcra.hpp>
 #include <weir/detail/limiter_stage.hpp>
 #include <weir/detail/pending_acquire.hpp>
 #include <weir/detail/shutdown.hpp>
-#include <weir/core/error.hpp>
-#include <weir/core/rate.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>

@@ -7,10 +7,10 @@
 //     if (monitor.utilization() > 0.8) ...
 #pragma once
 
-#include <weir/detail/gcra.hpp>
 #include <weir/core/error.hpp>
 #include <weir/core/rate.hpp>
 #include <weir/core/stage.hpp>
+#include <weir/detail/gcra.hpp>
 
 #include <algorithm>
 #include <atomic>
