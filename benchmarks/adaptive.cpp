@@ -7,11 +7,11 @@
 // For each c (4, 16) and each client (fixed 4, fixed 64, adaptive), 64 callers in a closed loop;
 // the figures are the server's: served per second against its capacity, p50/p99 latency at the
 // server (its queue and service), and client timeouts (a call over 5 s is abandoned).
-#include <weir/adaptive_concurrency.hpp>
-#include <weir/pipeline.hpp>
-#include <weir/request_queue.hpp>
+#include <weir/composition/pipeline.hpp>
+#include <weir/failure/timeout.hpp>
 #include <weir/testing/model_server.hpp>
-#include <weir/timeout.hpp>
+#include <weir/throttling/adaptive_concurrency.hpp>
+#include <weir/throttling/request_queue.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio.hpp>

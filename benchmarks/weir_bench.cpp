@@ -3,18 +3,18 @@
 // The replaced operator new/delete below pair malloc with free on purpose; gcc cannot see that
 // through inlining and warns.
 #pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#include <weir/circuit_breaker.hpp>
-#include <weir/keyed_limiter.hpp>
-#include <weir/pipeline.hpp>
-#include <weir/rate_limits.hpp>
-#include <weir/request_queue.hpp>
-#include <weir/retry.hpp>
+#include <weir/composition/pipeline.hpp>
+#include <weir/failure/circuit_breaker.hpp>
+#include <weir/failure/retry.hpp>
 #include <weir/routing/router.hpp>
+#include <weir/throttling/keyed_limiter.hpp>
+#include <weir/throttling/rate_limits.hpp>
+#include <weir/throttling/request_queue.hpp>
 #ifdef WEIR_BENCH_REDIS
 #include <weir/redis/rate_limiter.hpp>
 #endif
-#include <weir/token_bucket.hpp>
-#include <weir/usage_monitor.hpp>
+#include <weir/throttling/token_bucket.hpp>
+#include <weir/throttling/usage_monitor.hpp>
 
 #include <benchmark/benchmark.h>
 #include <boost/asio/co_spawn.hpp>

@@ -1,7 +1,7 @@
 // A token bucket: 5 requests a second with room for 2 at once. Eight callers arrive together;
 // two go at once, the rest are let through a fifth of a second apart, in arrival order. One more
 // caller will not wait longer than 300 ms and is refused at once with the wait it would have had.
-#include <weir/token_bucket.hpp>
+#include <weir/throttling/token_bucket.hpp>
 
 #include <fmt/chrono.h>
 #include <fmt/format.h>

@@ -2,7 +2,7 @@
 // together: two start at once, three wait, and the sixth is refused at once with queue_full
 // rather than left to wait without end. The chat job came after two batch jobs but is
 // interactive, so it takes the first slot that frees.
-#include <weir/request_queue.hpp>
+#include <weir/throttling/request_queue.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio.hpp>

@@ -3,7 +3,7 @@
 // retry waits exactly what the server asked (not its own backoff, which is shorter) and hands the
 // 200 back. A reply the server never stops refusing would come back as the last 429, for the
 // caller to read.
-#include <weir/retry.hpp>
+#include <weir/failure/retry.hpp>
 
 #include <fmt/chrono.h>
 #include <fmt/format.h>

@@ -1,7 +1,7 @@
 // Policies composed around one call, outermost first: a retry around a breaker, request and
 // token limits, a usage monitor and a bulkhead. Every event goes to one observer, printed one
 // line each; metrics count them and print in the Prometheus text format.
-#include <weir/metrics.hpp>
+#include <weir/observability/metrics.hpp>
 #include <weir/weir.hpp>
 
 #include <fmt/format.h>

@@ -1,8 +1,8 @@
 // A policy of your own in a pipeline: any class with a `slot`, `try_enter` and `exit` is a stage
-// (weir/stage.hpp has the whole protocol). This one is a switch an operator can throw to stop
+// (weir/core/stage.hpp has the whole protocol). This one is a switch an operator can throw to stop
 // calls, and a gauge of the calls in flight that every way out of the pipeline brings back down.
-#include <weir/pipeline.hpp>
-#include <weir/retry.hpp>
+#include <weir/composition/pipeline.hpp>
+#include <weir/failure/retry.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio.hpp>

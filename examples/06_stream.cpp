@@ -4,11 +4,11 @@
 // again: the caller saw nothing), the second writes six words 20 ms apart and then the usage it
 // counted. The queue's slot is held while the caller reads; at the end the usage monitor settles
 // to the 12 + 6 tokens the server reported, not to the 12 + 500 the caller estimated.
-#include <weir/pipeline.hpp>
-#include <weir/request_queue.hpp>
-#include <weir/retry.hpp>
-#include <weir/stream.hpp>
-#include <weir/usage_monitor.hpp>
+#include <weir/composition/pipeline.hpp>
+#include <weir/throttling/request_queue.hpp>
+#include <weir/failure/retry.hpp>
+#include <weir/composition/stream.hpp>
+#include <weir/throttling/usage_monitor.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio.hpp>

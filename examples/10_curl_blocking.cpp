@@ -5,7 +5,7 @@
 // burst of 4; 24 calls go out 8 at a time.
 //
 //     example_10_curl_blocking
-#include <weir/curl.hpp>
+#include <weir/http/curl.hpp>
 #include <weir/testing/mock_provider.hpp>
 #include <weir/weir.hpp>
 

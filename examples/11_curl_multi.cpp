@@ -8,7 +8,7 @@
 // self-hosted form: 16 workers, 200 ms to the first token, tokens 5 ms apart, no rate limit.
 //
 //     example_11_curl_multi
-#include <weir/curl.hpp>
+#include <weir/http/curl.hpp>
 #include <weir/testing/mock_provider.hpp>
 #include <weir/weir.hpp>
 

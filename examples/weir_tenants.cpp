@@ -9,8 +9,8 @@
 #include "demo/metrics_server.hpp"
 #include "demo/workload.hpp"
 
-#include <weir/keyed_limiter.hpp>
-#include <weir/spend_budget.hpp>
+#include <weir/throttling/keyed_limiter.hpp>
+#include <weir/throttling/spend_budget.hpp>
 
 #include <fmt/format.h>
 

@@ -2,8 +2,8 @@
 // (short) time, as weir-demo runs it.
 #include "demo/workload.hpp"
 
-#include <weir/metrics.hpp>
-#include <weir/retry.hpp>
+#include <weir/failure/retry.hpp>
+#include <weir/observability/metrics.hpp>
 #include <weir/testing/hostile_server.hpp>
 
 #include <catch2/catch.hpp>

@@ -7,7 +7,7 @@
 #ifdef WEIR_DEMO_BIN
 #include "support/process.hpp"
 
-#include <weir/metrics.hpp>
+#include <weir/observability/metrics.hpp>
 
 #include <catch2/catch.hpp>
 

@@ -2,11 +2,11 @@
 // limits) around libcurl transfers on Asio, including only the headers such a program needs.
 // benchmarks/compile_time.sh times its compilation (docs/performance.md, "Compile time"); the
 // release build compiles it once, so that it keeps compiling.
-#include <weir/circuit_breaker.hpp>
-#include <weir/curl.hpp>
-#include <weir/pipeline.hpp>
-#include <weir/rate_limits.hpp>
-#include <weir/retry.hpp>
+#include <weir/composition/pipeline.hpp>
+#include <weir/failure/circuit_breaker.hpp>
+#include <weir/failure/retry.hpp>
+#include <weir/http/curl.hpp>
+#include <weir/throttling/rate_limits.hpp>
 
 #include <boost/asio/awaitable.hpp>
 

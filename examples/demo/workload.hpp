@@ -3,18 +3,18 @@
 // demo test runs it in-process.
 #pragma once
 
-#include <weir/adaptive_concurrency.hpp>
-#include <weir/fallback.hpp>
-#include <weir/hedging.hpp>
+#include <weir/composition/pipeline.hpp>
+#include <weir/failure/fallback.hpp>
+#include <weir/failure/hedging.hpp>
+#include <weir/failure/timeout.hpp>
 #include <weir/http/beast.hpp>
 #include <weir/http/client.hpp>
 #include <weir/http/usage.hpp>
-#include <weir/pipeline.hpp>
-#include <weir/rate_limits.hpp>
-#include <weir/request_queue.hpp>
 #include <weir/routing/router.hpp>
 #include <weir/testing/mock_provider.hpp>
-#include <weir/timeout.hpp>
+#include <weir/throttling/adaptive_concurrency.hpp>
+#include <weir/throttling/rate_limits.hpp>
+#include <weir/throttling/request_queue.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio/redirect_error.hpp>

@@ -13,15 +13,15 @@
 // Boost.JSON parses the bodies: include <boost/json/src.hpp> in one source file of the program.
 #pragma once
 
+#include <weir/composition/pipeline.hpp>
 #include <weir/detail/listener.hpp>
 #include <weir/http/beast.hpp>
 #include <weir/http/client.hpp>
-#include <weir/keyed_limiter.hpp>
-#include <weir/metrics.hpp>
-#include <weir/pipeline.hpp>
-#include <weir/request_queue.hpp>
+#include <weir/observability/metrics.hpp>
 #include <weir/routing/router.hpp>
-#include <weir/spend_budget.hpp>
+#include <weir/throttling/keyed_limiter.hpp>
+#include <weir/throttling/request_queue.hpp>
+#include <weir/throttling/spend_budget.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio/as_tuple.hpp>

@@ -10,7 +10,7 @@
 namespace {
 
 using header_pairs = std::vector<std::pair<std::string, std::string>>;
-using namespace weir::testing::provider_errors;
+using namespace weir_test::provider_errors;
 using weir::provider_shape;
 using weir::refusal_cause;
 using weir::verdict;
@@ -169,7 +169,7 @@ TEST_CASE("retry does not retry an exhausted quota, and does retry an overloaded
     asio::io_context io;
     weir::retry<clock_type> retry({.max_attempts = 3, .backoff = weir::backoff::constant(1s)});
     int calls = 0;
-    weir::testing::finished<int> f;
+    weir_test::finished<int> f;
     f.start(io, retry([&, status = status, body = body]() -> asio::awaitable<int> {
               ++calls;
               throw weir::http::status_error::from(status, header_pairs{}, body);

@@ -1,7 +1,7 @@
 // A consumer of the installed package: it only needs find_package(weir) and weir::weir.
 #ifdef CONSUMER_CORE_ONLY
-#include <weir/error.hpp>
-#include <weir/token_bucket.hpp>
+#include <weir/core/error.hpp>
+#include <weir/throttling/token_bucket.hpp>
 #else
 #include <weir/weir.hpp>
 #endif
@@ -12,7 +12,7 @@
 #include <weir/redis/rate_limiter.hpp>
 #endif
 #ifdef CONSUMER_HAS_CURL
-#include <weir/curl.hpp>
+#include <weir/http/curl.hpp>
 #endif
 
 #include <fmt/core.h>

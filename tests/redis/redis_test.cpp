@@ -1,7 +1,7 @@
 // The Redis-backed limiter against a real redis-server on loopback (started by the ctest
 // fixture; the outage test starts and kills its own). Real time: Redis keeps its own clock.
-#include <weir/circuit_breaker.hpp>
-#include <weir/pipeline.hpp>
+#include <weir/composition/pipeline.hpp>
+#include <weir/failure/circuit_breaker.hpp>
 #include <weir/redis/fleet.hpp>
 #include <weir/redis/keyed_rate_limiter.hpp>
 #include <weir/redis/rate_limiter.hpp>

@@ -1,6 +1,6 @@
 // Regression tests for what composition, faults and cancellation broke (issue 15), one or more per
 // item, on virtual time. Each would fail with its fix reverted.
-#include "../support/correctness.hpp"
+#include "../support/reliability.hpp"
 
 // ---- 1: timeout ------------------------------------------------------------------------------
 
@@ -647,18 +647,6 @@ TEST_CASE("retries that run out on a failing value return that value", "[reliabi
 }
 
 // ---- 18: the retry budget's deposits expire ---------------------------------------------------
-
-TEST_CASE("retry budget deposits expire after their ttl", "[reliability][issue15]") {
-  weir::retry_budget budget({.ratio = 0.5, .reserve = 0, .capacity = 1000, .ttl = 10s});
-  const ns t0 = 1h;
-  for (int i = 0; i < 100; ++i) budget.deposit(t0);
-  CHECK(budget.available(t0) == Approx(50));
-  CHECK(budget.try_withdraw(t0 + 5s));
-  CHECK(budget.available(t0 + 5s) == Approx(49));
-  // Ten seconds on, the deposits have expired (and the withdrawal with them).
-  CHECK(budget.available(t0 + 11s) == Approx(0));
-  CHECK_FALSE(budget.try_withdraw(t0 + 11s));
-}
 
 // ---- 19: lowest_latency learns from failures ---------------------------------------------------
 

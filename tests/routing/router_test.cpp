@@ -3,7 +3,7 @@
 #include "../support/provider_errors.hpp"
 #include "../support/routing.hpp"
 
-#include <weir/metrics.hpp>
+#include <weir/observability/metrics.hpp>
 
 TEST_CASE("the cheapest capable model is chosen, and capability and context filter",
           "[routing][router]") {
@@ -185,7 +185,7 @@ TEST_CASE("a Gemini per-day quota takes the model out until midnight Pacific; ot
   router_type r(io.get_executor(), two_models(), o);
   provider a, b;
   const auto t0 = clock_type::now();
-  fail_at(a, t0, 429, weir::testing::provider_errors::gemini_per_day);
+  fail_at(a, t0, 429, weir_test::provider_errors::gemini_per_day);
   r.connect("a", a.call<prompt>());
   r.connect("b", b.call<prompt>());
 
@@ -210,7 +210,7 @@ TEST_CASE("a Gemini per-day quota takes the model out until midnight Pacific; ot
 
 TEST_CASE("a spent credit takes the provider out until restore(), or for exhausted_for",
           "[routing][router][refusals]") {
-  namespace errors = weir::testing::provider_errors;
+  namespace errors = weir_test::provider_errors;
   for (const auto& [status, body] :
        {std::pair{429u, errors::openai_insufficient_quota},
         std::pair{402u, errors::anthropic_billing}, std::pair{402u, errors::openrouter_credits}}) {
@@ -263,7 +263,7 @@ TEST_CASE("a spent credit takes the provider out until restore(), or for exhaust
 
 TEST_CASE("an overloaded provider is failed over for this request only, and no quota is spent",
           "[routing][router][refusals]") {
-  namespace errors = weir::testing::provider_errors;
+  namespace errors = weir_test::provider_errors;
   for (const auto& [status, body] :
        {std::pair{529u, errors::anthropic_overloaded}, std::pair{498u, errors::groq_flex},
         std::pair{503u, errors::openai_slow_down}}) {
@@ -557,35 +557,6 @@ TEST_CASE("settled tokens and cost come from the response's usage", "[routing][r
   CHECK(r.status().at(0).tokens_per_minute == Approx(150));
 }
 
-TEST_CASE("strategies: most headroom and lowest latency", "[routing][router]") {
-  asio::io_context io;
-  provider a, b;
-  a.latency = 300ms;
-  b.latency = 100ms;
-
-  SECTION("lowest latency measures each model once, then keeps to the faster") {
-    options o = unpaced();
-    o.strategy = weir::routing::strategies::lowest_latency<clock_type>();
-    router_type r(io.get_executor(), two_models(), o);
-    r.connect("a", a.call<prompt>());
-    r.connect("b", b.call<prompt>());
-    std::vector<std::string> order;
-    for (int i = 0; i < 4; ++i) order.push_back(route_now(io, r, {}, 1s).value->route.provider);
-    CHECK(order == std::vector<std::string>{"a", "b", "b", "b"});
-    CHECK(r.status().at(1).latency == 100ms);
-  }
-  SECTION("most headroom spreads the load over both limits") {
-    options o = unpaced();
-    o.strategy = weir::routing::strategies::most_headroom<clock_type>();
-    router_type r(io.get_executor(), two_models(600, 600), o);
-    r.connect("a", a.call<prompt>());
-    r.connect("b", b.call<prompt>());
-    for (int i = 0; i < 40; ++i) route_now(io, r, {}, 1s);
-    CHECK(a.calls() == 20);
-    CHECK(b.calls() == 20);
-  }
-}
-
 TEST_CASE("router misuse gives clear errors", "[routing][router]") {
   asio::io_context io;
   CHECK_THROWS_AS(router_type(io.get_executor(), weir::routing::catalog{}), weir::exception);
@@ -748,7 +719,7 @@ TEST_CASE(
   const constraints c{.input_tokens = 100, .output_tokens = 50};
 
   SECTION("the hedge wins") {
-    weir::testing::finished<weir::routing::routed<fake_response>> call;
+    weir_test::finished<weir::routing::routed<fake_response>> call;
     call.start(io, r.route_hedged(prompt{"hi"}, c, weir::hedging<clock_type>({.delay = 1s})));
     advance<clock_type>(io, 1s + 99ms);
     CHECK_FALSE(call.done);
@@ -767,7 +738,7 @@ TEST_CASE(
     CHECK(r.status()[0].errors == 0);  // a cancelled loser is not the provider's failure
   }
   SECTION("the cost ceiling allows no hedge: the first attempt's answer, late") {
-    weir::testing::finished<weir::routing::routed<fake_response>> call;
+    weir_test::finished<weir::routing::routed<fake_response>> call;
     call.start(io, r.route_hedged(prompt{"hi"}, c, weir::hedging<clock_type>({.delay = 1s}),
                                   /*max_hedge_cost=*/100 * 1 / 1e6 + 50 * 2 / 1e6));
     advance<clock_type>(io, 5s);
@@ -794,7 +765,7 @@ TEST_CASE("a hedged route's hedge_started goes to the router's observer, named f
   std::vector<std::string> own;
   weir::hedging<clock_type> hedge(
       {.delay = 1s, .watch = [&](const weir::event& e) { own.push_back(fmt::format("{}", e)); }});
-  weir::testing::finished<weir::routing::routed<fake_response>> call;
+  weir_test::finished<weir::routing::routed<fake_response>> call;
   call.start(
       io, r.route_hedged(prompt{"hi"},
                          {.input_tokens = 100, .output_tokens = 50, .operation = "chat"}, hedge));
@@ -815,7 +786,7 @@ TEST_CASE(
   r.connect("a", [&](const weir::routing::model_spec& m, const prompt&) {
     const bool slow = ++a_calls % 20 == 7;
     return [](ns took, std::string model) -> asio::awaitable<fake_response> {
-      co_await weir::testing::slow_answer<clock_type>(took);
+      co_await weir_test::slow_answer<clock_type>(took);
       auto answer = fake_response::ok();
       answer.model = std::move(model);
       co_return answer;

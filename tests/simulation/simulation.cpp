@@ -43,19 +43,19 @@
 //     fallback answers only the failures it handles; a stream settles exactly once, the moment it
 //     ends (read to the end, broken, closed early, dropped, a read cancelled); an adaptive limit
 //     stays within its bounds and in flight never grows above it.
-#include <weir/circuit_breaker.hpp>
+#include <weir/composition/pipeline.hpp>
+#include <weir/failure/circuit_breaker.hpp>
+#include <weir/failure/retry.hpp>
+#include <weir/failure/timeout.hpp>
 #include <weir/http/adaptation.hpp>
 #include <weir/http/classify.hpp>
-#include <weir/pipeline.hpp>
-#include <weir/rate_limits.hpp>
-#include <weir/request_queue.hpp>
-#include <weir/retry.hpp>
 #include <weir/routing/router.hpp>
 #include <weir/testing/fake_provider.hpp>
 #include <weir/testing/manual_clock.hpp>
-#include <weir/timeout.hpp>
-#include <weir/token_bucket.hpp>
-#include <weir/usage_monitor.hpp>
+#include <weir/throttling/rate_limits.hpp>
+#include <weir/throttling/request_queue.hpp>
+#include <weir/throttling/token_bucket.hpp>
+#include <weir/throttling/usage_monitor.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio.hpp>

@@ -33,12 +33,12 @@
 //   - every call ends exactly once, as the main scenario's; nothing pending at quiescence.
 #pragma once
 
-#include <weir/adaptive_concurrency.hpp>
-#include <weir/fallback.hpp>
-#include <weir/hedging.hpp>
-#include <weir/keyed_limiter.hpp>
-#include <weir/spend_budget.hpp>
-#include <weir/stream.hpp>
+#include <weir/composition/stream.hpp>
+#include <weir/failure/fallback.hpp>
+#include <weir/failure/hedging.hpp>
+#include <weir/throttling/adaptive_concurrency.hpp>
+#include <weir/throttling/keyed_limiter.hpp>
+#include <weir/throttling/spend_budget.hpp>
 
 #include <set>
 

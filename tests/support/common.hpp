@@ -1,7 +1,7 @@
 // Helpers shared by the test translation units.
 #pragma once
 
-#include <weir/error.hpp>
+#include <weir/core/error.hpp>
 
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/basic_waitable_timer.hpp>
@@ -17,7 +17,7 @@
 #include <optional>
 #include <utility>
 
-namespace weir::testing {
+namespace weir_test {
 
 // A call that takes `d` on `Clock`'s timers, then answers `v`: one to cancel while it runs.
 template <class Clock>
@@ -98,4 +98,4 @@ struct finished {
   const weir::exception* weir_error() const { return weir_exception(error); }
 };
 
-}  // namespace weir::testing
+}  // namespace weir_test

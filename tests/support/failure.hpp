@@ -2,12 +2,12 @@
 // tests/CMakeLists.txt).
 #pragma once
 
-#include <weir/backoff.hpp>
-#include <weir/circuit_breaker.hpp>
-#include <weir/retry.hpp>
-#include <weir/retry_budget.hpp>
+#include <weir/failure/backoff.hpp>
+#include <weir/failure/circuit_breaker.hpp>
+#include <weir/failure/retry.hpp>
+#include <weir/failure/retry_budget.hpp>
+#include <weir/failure/timeout.hpp>
 #include <weir/testing/manual_clock.hpp>
-#include <weir/timeout.hpp>
 
 #include "common.hpp"
 
@@ -26,5 +26,5 @@ using namespace std::chrono_literals;
 using ns = std::chrono::nanoseconds;
 using clock_type = weir::testing::manual_clock;
 using weir::testing::advance;
-using weir::testing::finished;
 using weir::testing::run_ready;
+using weir_test::finished;

@@ -2,6 +2,8 @@
 // tests/CMakeLists.txt).
 #pragma once
 
+#include <weir/composition/pipeline.hpp>
+#include <weir/failure/retry.hpp>
 #include <weir/http/adaptation.hpp>
 #include <weir/http/beast.hpp>
 #include <weir/http/classify.hpp>
@@ -11,10 +13,8 @@
 #include <weir/http/parse.hpp>
 #include <weir/http/sse.hpp>
 #include <weir/http/usage.hpp>
-#include <weir/pipeline.hpp>
-#include <weir/retry.hpp>
 #include <weir/testing/manual_clock.hpp>
-#include <weir/token_bucket.hpp>
+#include <weir/throttling/token_bucket.hpp>
 
 #include <boost/asio.hpp>
 #include <boost/beast/http.hpp>

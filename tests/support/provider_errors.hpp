@@ -5,7 +5,7 @@
 
 #include <string_view>
 
-namespace weir::testing::provider_errors {
+namespace weir_test::provider_errors {
 
 constexpr std::string_view openai_insufficient_quota = R"({
   "error": {
@@ -68,4 +68,4 @@ constexpr std::string_view groq_flex = R"({"error":{"message":"flex tier capacit
 constexpr std::string_view openrouter_credits = R"({"error": {"code": 402, "message":
   "Insufficient credits. Add more using https://openrouter.ai/credits", "metadata": {}}})";
 
-}  // namespace weir::testing::provider_errors
+}  // namespace weir_test::provider_errors

@@ -4,12 +4,12 @@
 
 #include "common.hpp"
 
-#include <weir/pipeline.hpp>
-#include <weir/rate_limits.hpp>
-#include <weir/request_queue.hpp>
+#include <weir/composition/pipeline.hpp>
 #include <weir/testing/manual_clock.hpp>
-#include <weir/token_bucket.hpp>
-#include <weir/usage_monitor.hpp>
+#include <weir/throttling/rate_limits.hpp>
+#include <weir/throttling/request_queue.hpp>
+#include <weir/throttling/token_bucket.hpp>
+#include <weir/throttling/usage_monitor.hpp>
 
 #include <boost/asio.hpp>
 #include <catch2/catch.hpp>
@@ -29,4 +29,4 @@ using bucket_type = weir::token_bucket<clock_type>;
 using weir::testing::advance;
 using weir::testing::run_ready;
 
-using weir::testing::acquisition;
+using weir_test::acquisition;

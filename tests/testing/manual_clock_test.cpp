@@ -1,5 +1,5 @@
 // Specifications of weir/testing/manual_clock.hpp: virtual time for Asio timers.
-#include "../support/foundation.hpp"
+#include "../support/core.hpp"
 
 TEST_CASE("the manual clock stands still until advanced", "[manual_clock]") {
   auto t0 = clock_type::now();

@@ -3,7 +3,7 @@
 // one *success*), a failure that comes before the deadline is returned at once as it is.
 #pragma once
 
-#include <weir/outcome.hpp>
+#include <weir/core/outcome.hpp>
 
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/basic_waitable_timer.hpp>

@@ -10,12 +10,12 @@
 // breaker ticket recorded or (with no answer) abandoned.
 #pragma once
 
+#include <weir/core/error.hpp>
+#include <weir/core/events.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/core/stage.hpp>
+#include <weir/core/trace.hpp>
 #include <weir/detail/deadline.hpp>
-#include <weir/error.hpp>
-#include <weir/events.hpp>
-#include <weir/outcome.hpp>
-#include <weir/stage.hpp>
-#include <weir/trace.hpp>
 
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/basic_waitable_timer.hpp>

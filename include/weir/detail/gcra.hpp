@@ -4,8 +4,8 @@
 // most `tolerance` (burst × interval) ahead of now. Times are int64 nanoseconds of the clock.
 #pragma once
 
-#include <weir/error.hpp>
-#include <weir/rate.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/rate.hpp>
 
 #include <fmt/format.h>
 

@@ -6,8 +6,8 @@
 // actual) or async_settle(estimate, actual, token) (charge or refund the difference).
 #pragma once
 
-#include <weir/error.hpp>
-#include <weir/stage.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/stage.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio/as_tuple.hpp>

@@ -14,10 +14,10 @@
 //                                             later waiters (update ready_at, then arm())
 #pragma once
 
+#include <weir/core/error.hpp>
 #include <weir/detail/gcra.hpp>
 #include <weir/detail/shutdown.hpp>
 #include <weir/detail/waiter_list.hpp>
-#include <weir/error.hpp>
 
 #include <boost/asio/append.hpp>
 #include <boost/asio/associated_cancellation_slot.hpp>

@@ -26,11 +26,11 @@
 //     adapt.observe(classifier(reply), sent, clock::now());
 #pragma once
 
-#include <weir/error.hpp>
-#include <weir/outcome.hpp>
-#include <weir/rate.hpp>
-#include <weir/rate_limits.hpp>
-#include <weir/stage.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/core/rate.hpp>
+#include <weir/core/stage.hpp>
+#include <weir/throttling/rate_limits.hpp>
 
 #include <algorithm>
 #include <array>

@@ -6,9 +6,9 @@
 //     auto res = co_await retry([&] { return exchange(stream, req); });  // a Beast response
 #pragma once
 
+#include <weir/core/outcome.hpp>
 #include <weir/http/classify.hpp>
 #include <weir/http/hints.hpp>
-#include <weir/outcome.hpp>
 
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/string_body.hpp>

@@ -8,10 +8,10 @@
 //     // judged.hint: Retry-After, limits; judged.reason: a quota or credit spent, an overload
 #pragma once
 
-#include <weir/events.hpp>
+#include <weir/core/events.hpp>
+#include <weir/core/outcome.hpp>
 #include <weir/http/hints.hpp>
 #include <weir/http/refusals.hpp>
-#include <weir/outcome.hpp>
 
 #include <fmt/format.h>
 

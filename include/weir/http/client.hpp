@@ -19,12 +19,12 @@
 // time are bounded by response_limits, and passing one is limit_exceeded (fatal).
 #pragma once
 
+#include <weir/composition/stream.hpp>
+#include <weir/core/trace.hpp>
 #include <weir/http/classify.hpp>
 #include <weir/http/limits.hpp>
 #include <weir/http/sse.hpp>
 #include <weir/http/usage.hpp>
-#include <weir/stream.hpp>
-#include <weir/trace.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/as_tuple.hpp>
@@ -479,8 +479,8 @@ inline header_list auth_headers(dialect d, std::string_view api_key) {
   return {{"authorization", "Bearer " + std::string(api_key)}};
 }
 
-// The headers that carry an attempt's trace context (weir/trace.hpp): traceparent, and tracestate
-// when it has a passable one. None without a context, so the call sends nothing.
+// The headers that carry an attempt's trace context (weir/core/trace.hpp): traceparent, and
+// tracestate when it has a passable one. None without a context, so the call sends nothing.
 //
 //     co_await guarded(ctx, [&](const weir::trace_context& attempt) {
 //       return openai.complete(ask, 60s, weir::http::trace_headers(attempt));

@@ -11,8 +11,8 @@
 // remainder. Malformed values are ignored, never guessed at.
 #pragma once
 
+#include <weir/core/outcome.hpp>
 #include <weir/http/parse.hpp>
-#include <weir/outcome.hpp>
 
 #include <algorithm>
 #include <chrono>

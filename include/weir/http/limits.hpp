@@ -5,7 +5,7 @@
 // the server sent.
 #pragma once
 
-#include <weir/error.hpp>
+#include <weir/core/error.hpp>
 
 #include <fmt/format.h>
 

@@ -15,9 +15,9 @@
 // family, so registries of the same kind go into one prometheus_source.
 #pragma once
 
+#include <weir/core/error.hpp>
 #include <weir/detail/listener.hpp>
-#include <weir/error.hpp>
-#include <weir/metrics.hpp>
+#include <weir/observability/metrics.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio/as_tuple.hpp>

@@ -18,7 +18,7 @@
 //   OpenRouter   402 {"error":{"code":402,...}}                            billing
 #pragma once
 
-#include <weir/outcome.hpp>
+#include <weir/core/outcome.hpp>
 
 #include <chrono>
 #include <string_view>

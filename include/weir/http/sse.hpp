@@ -8,10 +8,10 @@
 //     while (auto e = parser.next()) handle(*e);
 #pragma once
 
+#include <weir/core/stage.hpp>
 #include <weir/http/classify.hpp>
 #include <weir/http/limits.hpp>
 #include <weir/http/usage.hpp>
-#include <weir/stage.hpp>
 
 #include <cstddef>
 #include <deque>

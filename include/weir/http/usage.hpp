@@ -10,7 +10,7 @@
 // otherwise.
 #pragma once
 
-#include <weir/call_context.hpp>
+#include <weir/core/call_context.hpp>
 
 #include <algorithm>
 #include <cstdint>

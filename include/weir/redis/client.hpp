@@ -8,7 +8,7 @@
 // Part of the optional weir::redis target (links hiredis).
 #pragma once
 
-#include <weir/error.hpp>
+#include <weir/core/error.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/append.hpp>

@@ -17,11 +17,11 @@
 // Part of the optional weir::redis target (links hiredis).
 #pragma once
 
+#include <weir/core/error.hpp>
 #include <weir/detail/limiter_stage.hpp>
-#include <weir/error.hpp>
-#include <weir/rate_limits.hpp>
 #include <weir/redis/client.hpp>
-#include <weir/request_queue.hpp>
+#include <weir/throttling/rate_limits.hpp>
+#include <weir/throttling/request_queue.hpp>
 
 #include <boost/asio/append.hpp>
 #include <boost/asio/as_tuple.hpp>

@@ -12,7 +12,7 @@
 #pragma once
 
 #include <weir/redis/client.hpp>
-#include <weir/spend_budget.hpp>
+#include <weir/throttling/spend_budget.hpp>
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>

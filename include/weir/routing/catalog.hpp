@@ -9,10 +9,10 @@
 //                                 .tokens_per_minute = 200'000});
 #pragma once
 
-#include <weir/call_context.hpp>
-#include <weir/circuit_breaker.hpp>
-#include <weir/error.hpp>
-#include <weir/price.hpp>
+#include <weir/core/call_context.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/price.hpp>
+#include <weir/failure/circuit_breaker.hpp>
 
 #include <fmt/format.h>
 

@@ -15,9 +15,9 @@
 //     }
 #pragma once
 
-#include <weir/backoff.hpp>
+#include <weir/core/outcome.hpp>
 #include <weir/detail/small_buffer.hpp>
-#include <weir/outcome.hpp>
+#include <weir/failure/backoff.hpp>
 
 #include <algorithm>
 #include <chrono>

@@ -12,25 +12,25 @@
 //         request, {.input_tokens = 900, .output_tokens = 300, .min_capability = 7});
 #pragma once
 
-#include <weir/circuit_breaker.hpp>
+#include <weir/core/error.hpp>
+#include <weir/core/events.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/core/stage.hpp>
 #include <weir/detail/deadline.hpp>
 #include <weir/detail/driver.hpp>
 #include <weir/detail/session_caches.hpp>
 #include <weir/detail/small_buffer.hpp>
-#include <weir/error.hpp>
-#include <weir/events.hpp>
-#include <weir/hedging.hpp>
+#include <weir/failure/circuit_breaker.hpp>
+#include <weir/failure/hedging.hpp>
+#include <weir/failure/retry_budget.hpp>
 #include <weir/http/adaptation.hpp>
-#include <weir/outcome.hpp>
-#include <weir/rate_limits.hpp>
-#include <weir/retry_budget.hpp>
 #include <weir/routing/catalog.hpp>
 #include <weir/routing/route_machine.hpp>
 #include <weir/routing/selection.hpp>
 #include <weir/routing/strategy.hpp>
 #include <weir/routing/types.hpp>
-#include <weir/stage.hpp>
-#include <weir/usage_monitor.hpp>
+#include <weir/throttling/rate_limits.hpp>
+#include <weir/throttling/usage_monitor.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio/any_io_executor.hpp>
@@ -77,8 +77,8 @@ class router {
   // Sends `request` to `model` (of this provider) and returns the response.
   using provider_call =
       std::function<boost::asio::awaitable<Response>(const model_spec&, const Request&)>;
-  // The same, given the attempt's trace context to send with it (see weir/trace.hpp; empty when
-  // the route has none).
+  // The same, given the attempt's trace context to send with it (see weir/core/trace.hpp; empty
+  // when the route has none).
   using traced_provider_call = std::function<boost::asio::awaitable<Response>(
       const model_spec&, const Request&, const trace_context&)>;
 
@@ -123,8 +123,8 @@ class router {
     return run(state_, std::move(request), std::move(c));
   }
 
-  // Routes `request` with hedging (weir/hedging.hpp: its delay, fixed or a percentile of the
-  // first attempts' latencies, and its bounds: hedges per call, in flight, and a retry budget's
+  // Routes `request` with hedging (weir/failure/hedging.hpp: its delay, fixed or a percentile of
+  // the first attempts' latencies, and its bounds: hedges per call, in flight, and a retry budget's
   // share of calls). When the route has no answer after the delay — for a stream, no first token
   // — a hedge routes it again, on the next-best model of another provider than those the route
   // has chosen so far, within `max_hedge_cost` (USD at the estimates) when given. The first
@@ -682,7 +682,7 @@ class router {
     std::uint64_t tokens = 0;           // settled: reported, or the estimate
     time_point finished{};
   };
-  // A stream (see weir/stream.hpp) is judged at its first chunk and settled at its end.
+  // A stream (see weir/composition/stream.hpp) is judged at its first chunk and settled at its end.
   static constexpr bool streamed = weir::detail::settles_at_stream_end<Response>;
 
   // What an answer of model i teaches before anything is settled: the pacing (and through it the

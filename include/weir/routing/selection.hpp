@@ -5,7 +5,7 @@
 
 #include <weir/detail/small_buffer.hpp>
 #include <weir/routing/types.hpp>
-#include <weir/usage_monitor.hpp>
+#include <weir/throttling/usage_monitor.hpp>
 
 #include <algorithm>
 #include <chrono>

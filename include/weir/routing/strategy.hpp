@@ -3,7 +3,7 @@
 #pragma once
 
 #include <weir/routing/catalog.hpp>
-#include <weir/usage_monitor.hpp>
+#include <weir/throttling/usage_monitor.hpp>
 
 #include <algorithm>
 #include <chrono>

@@ -2,17 +2,17 @@
 // options and the state it reports.
 #pragma once
 
-#include <weir/backoff.hpp>
-#include <weir/call_context.hpp>
-#include <weir/events.hpp>
+#include <weir/core/call_context.hpp>
+#include <weir/core/events.hpp>
+#include <weir/core/outcome.hpp>
+#include <weir/core/trace.hpp>
+#include <weir/failure/backoff.hpp>
+#include <weir/failure/retry_budget.hpp>
 #include <weir/http/adaptation.hpp>
-#include <weir/outcome.hpp>
-#include <weir/retry_budget.hpp>
 #include <weir/routing/catalog.hpp>
 #include <weir/routing/fleet.hpp>
 #include <weir/routing/strategy.hpp>
-#include <weir/spend_budget.hpp>
-#include <weir/trace.hpp>
+#include <weir/throttling/spend_budget.hpp>
 
 #include <chrono>
 #include <cstdint>
@@ -50,7 +50,7 @@ struct basic_route_constraints {
   // gen_ai.operation.name in the GenAI metrics: a well-known value of the conventions ("chat",
   // "text_completion", "embeddings", "generate_content") where one applies.
   std::string_view gen_ai_operation = "chat";
-  // The caller's trace (weir/trace.hpp): each attempt is a new span of it, whose context a
+  // The caller's trace (weir/core/trace.hpp): each attempt is a new span of it, whose context a
   // provider connected with a traced_provider_call sends, and whose ids the route's events
   // carry. The default: none, nothing is sent.
   trace_context trace{};

@@ -6,8 +6,8 @@
 //     router.connect("a", a.call<my_request>());
 #pragma once
 
+#include <weir/core/outcome.hpp>
 #include <weir/http/classify.hpp>
-#include <weir/outcome.hpp>
 #include <weir/routing/catalog.hpp>
 #include <weir/routing/router.hpp>
 
