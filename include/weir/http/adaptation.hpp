@@ -304,17 +304,24 @@ class adaptation_core {
   // The sample with the most units outstanding measures the window most precisely, and it
   // stands while it holds: its units come back by its own reset, so it expires then, and a later
   // sample with far fewer outstanding than it allows proves it wrong (one answer that says
-  // "remaining 0, reset 24 h" among ordinary ones must not hold the pace down). A reset of fewer
-  // than twenty of the units it is written in measures nothing: a generous bucket, nearly full,
-  // says "1ms" for one unit out of a million a minute, which read as a window of 1 000 s.
+  // "remaining 0, reset 24 h" among ordinary ones must not hold the pace down). A reset is only
+  // as good as the unit it is written in: one of under two units says nothing (a generous bucket,
+  // nearly full, says "1ms" for one unit out of a million a minute, which read as a window of
+  // 1 000 s), and one of under twenty is used only until a finer one comes, which then stands
+  // after it expires ("10ms" for one unit of 6 000 a minute reads the minute to within 10%).
   void infer_window(std::size_t d, const limit_snapshot& s, double outstanding, time_point now) {
-    if (s.reset_precision && *s.reset_after < 20 * *s.reset_precision) return;
-    const double expected = inferred_[d].outstanding_at(now);
-    if (outstanding < expected && outstanding + 1 >= expected / 2) return;
+    const auto precision = s.reset_precision.value_or(nanos(0));
+    if (*s.reset_after < 2 * precision) return;
+    const bool precise = *s.reset_after >= 20 * precision;
+    auto& best = inferred_[d];
+    if (!precise && best.precise && best.outstanding > 0) return;
+    const double expected = best.outstanding_at(now);
+    if (precise == best.precise && outstanding < expected && outstanding + 1 >= expected / 2)
+      return;
     const double window_ns =
         static_cast<double>(s.reset_after->count()) * static_cast<double>(*s.limit) / outstanding;
-    inferred_[d] = {outstanding, now, now + *s.reset_after,
-                    nanos(static_cast<std::int64_t>(std::min(window_ns, longest_window_ns)))};
+    best = {outstanding, now, now + *s.reset_after,
+            nanos(static_cast<std::int64_t>(std::min(window_ns, longest_window_ns))), precise};
   }
 
   // A reset rounded up to whole seconds (Anthropic's) bounds the window from above: counted from
@@ -654,6 +661,7 @@ class adaptation_core {
     double outstanding = 0;
     time_point taken{}, returned{};
     nanos window{0};
+    bool precise = false;  // a reset of twenty units of its writing or more
 
     double outstanding_at(time_point now) const {
       if (outstanding <= 0 || now >= returned) return 0;
