@@ -5,9 +5,9 @@
 // counted. The queue's slot is held while the caller reads; at the end the usage monitor settles
 // to the 12 + 6 tokens the server reported, not to the 12 + 500 the caller estimated.
 #include <weir/composition/pipeline.hpp>
-#include <weir/throttling/request_queue.hpp>
-#include <weir/failure/retry.hpp>
 #include <weir/composition/stream.hpp>
+#include <weir/failure/retry.hpp>
+#include <weir/throttling/request_queue.hpp>
 #include <weir/throttling/usage_monitor.hpp>
 
 #include <fmt/format.h>

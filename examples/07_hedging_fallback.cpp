@@ -3,9 +3,9 @@
 // attempt is cancelled and waited for. The second question's attempts both fail (the hedge
 // starts at once when the first fails): the fallback replaces the failure with a canned reply.
 // Both policies' events go to the pipeline's observer.
+#include <weir/composition/pipeline.hpp>
 #include <weir/failure/fallback.hpp>
 #include <weir/failure/hedging.hpp>
-#include <weir/composition/pipeline.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio.hpp>

@@ -28,6 +28,18 @@ TEST_CASE("Go-style reset durations as OpenAI and Groq send them", "[http][hints
   CHECK(parse_duration("0") == ns(0));
   for (auto bad : {"", "s", "1x", "-1s", "1.s", "1..5s", "1h-2m", "ms", "1 s"})
     CHECK(parse_duration(bad) == std::nullopt);
+
+  // The place of the last digit: what a hint's reset_precision is read from.
+  const auto precision = [](const char* s) {
+    return std::chrono::duration<double, std::milli>(
+               weir::http::parse_written_duration(s)->precision)
+        .count();
+  };
+  CHECK(precision("12ms") == Approx(1));
+  CHECK(precision("6m0s") == Approx(1000));
+  CHECK(precision("2m59.56s") == Approx(10));
+  CHECK(precision("250us") == Approx(0.001));
+  CHECK(weir::http::parse_written_duration("1.s") == std::nullopt);
 }
 
 TEST_CASE("RFC 3339 resets with fractions and offsets", "[http][hints]") {
