@@ -162,12 +162,27 @@ inline std::string_view budget_key(budget_scope scope, std::string_view tenant,
   return {};
 }
 
+// How money held for a call ends: the one rule of the budget stages and the router. A call never
+// sent gives it back; one that ended is charged what it reported at its prices, else its estimate
+// at the list price when it may have produced tokens (it succeeded, or was cancelled once sent),
+// else nothing (a failure that reports no usage was not billed).
+struct spend_ending {
+  bool sent = true;
+  std::optional<double> reported_cost{};
+  bool maybe_billed = false;
+  double estimated_cost = 0;
+};
+template <class Reservation>
+void settle_spend(Reservation& held, const spend_ending& e) {
+  if (!e.sent)
+    held.release();
+  else
+    held.settle(e.reported_cost ? *e.reported_cost : e.maybe_billed ? e.estimated_cost : 0.0);
+}
+
 // What a budget's stages share (the local one reserves on entry, the Redis one waits for its
-// round trip): the reservation a call holds and how it ends, by the router's rule. A call refused
-// before it was sent releases it; one that ended settles the actual cost from call_context's
-// actual tokens, else its estimate if it succeeded or was cancelled (it may have produced
-// tokens), else nothing (a failure that reports no usage); one unwound with no outcome
-// (cancelled further out) is charged its estimate, since it may have been sent.
+// round trip): the reservation a call holds and how it ends, by settle_spend's rule. One unwound
+// with no outcome (cancelled further out) is charged its estimate, since it may have been sent.
 template <class Budget>
 class budget_stage_base {
  public:
@@ -187,17 +202,13 @@ class budget_stage_base {
   stage_action exit(slot& s, stage_context<clock_type>& context, const Outcome& result) {
     auto held = std::exchange(s.held, std::nullopt);
     if (!held) return {};
-    if (result.refused_locally()) {
-      held->release();
-      return {};
-    }
     const auto& call = context.call;
-    if (call.actual_tokens || call.actual_input_tokens || call.actual_output_tokens)
-      held->settle(cost_of(call));
-    else if (context.judged == verdict::success || result.cancelled())
-      held->settle(held->amount());
-    else
-      held->settle(0);
+    const bool reported =
+        call.actual_tokens || call.actual_input_tokens || call.actual_output_tokens;
+    settle_spend(*held, {.sent = !result.refused_locally(),
+                         .reported_cost = reported ? std::optional(cost_of(call)) : std::nullopt,
+                         .maybe_billed = context.judged == verdict::success || result.cancelled(),
+                         .estimated_cost = price_.of(call.estimated_usage())});
     return {};
   }
 
