@@ -261,6 +261,25 @@ TEST_CASE("a budget stage charges as the router does: usage, else the estimate f
   CHECK(overall.status().at(0).reserved == Approx(0));
 }
 
+TEST_CASE(
+    "a success that reports nothing is charged its estimate at the list price, not the "
+    "reservation's cache-write price",
+    "[budget][cache]") {
+  clock_type::set(at(utc(2026, 11, 30, 9)));
+  asio::io_context io;
+  budget overall({.limit = 10});
+  // Reserved at the dearer cache-write rate ($1.25), charged at the input rate ($1), as the
+  // router charges it (settle_spend).
+  auto guarded =
+      weir::pipeline(overall.stage({.input_per_million = 1e6, .cache_write_per_million = 1.25e6}));
+  weir::basic_call_context<clock_type> ctx{.input_tokens = 1};
+  weir_test::finished<int> f;
+  f.start(io, guarded(ctx, []() -> asio::awaitable<int> { co_return 1; }));
+  run_ready(io);
+  CHECK(overall.status().at(0).spent == Approx(1));
+  CHECK(overall.status().at(0).reserved == Approx(0));
+}
+
 TEST_CASE("a budget stage charges cache reads and writes at their own prices", "[budget][cache]") {
   clock_type::set(at(utc(2026, 11, 30, 9)));
   asio::io_context io;
