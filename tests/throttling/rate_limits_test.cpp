@@ -109,6 +109,32 @@ TEST_CASE("settle refunds an overestimate and charges an underestimate exactly",
   CHECK(limits.time_until({.requests = 0, .tokens = 1000}) == 1200ms);
 }
 
+TEST_CASE("in a pipeline, a failure that reports no usage gives its tokens back, not its request",
+          "[rate_limits]") {
+  // The rule the router settles by too (detail::settled_usage): a timeout or a refusal used no
+  // tokens at the provider, so its estimate does not hold the next calls back.
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit::per_minute(600, 10),
+                                         .tokens = weir::limit::per_minute(60'000, 1000)});
+  auto guarded = weir::pipeline(limits);
+  const auto call = [&](bool fail) {
+    weir::basic_call_context<clock_type> ctx{.tokens = 800};
+    weir_test::finished<int> f;
+    f.start(io, guarded(ctx, [fail]() -> asio::awaitable<int> {
+              if (fail) throw weir::exception(weir::error::timeout, "no answer");
+              co_return 1;
+            }));
+    run_ready(io);
+    REQUIRE(f.done);
+  };
+  call(true);
+  CHECK(limits.time_until({.requests = 0, .tokens = 1000}) == 0ms);  // was 800 ms
+  CHECK(limits.time_until({.requests = 10, .tokens = 0}) == 100ms);  // the request counts
+  call(false);
+  CHECK(limits.time_until({.requests = 0, .tokens = 1000}) == 800ms);  // a success keeps it
+}
+
 TEST_CASE("a charge counts from when the call was let through, else from now", "[rate_limits]") {
   // 100 tokens a second, a burst of one; calls estimated at 100 that used 300 over 3 s.
   clock_type::reset();

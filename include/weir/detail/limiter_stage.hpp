@@ -17,6 +17,7 @@
 
 #include <chrono>
 #include <concepts>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -31,6 +32,18 @@ boost::asio::awaitable<std::chrono::nanoseconds> acquire_now_or_wait(
   if (limiter->try_acquire(cost)) co_return std::chrono::nanoseconds(0);
   Limiter keep = *limiter;
   co_return co_await keep.async_acquire(cost, max_wait, boost::asio::use_awaitable);
+}
+
+// What a call took from its limits, settled: the one rule of the limiter stage and the router.
+// Nothing when it was never sent; what it reported when it said (for the router, as the provider
+// counts it); else its estimate when it may have used tokens (it succeeded, or was cancelled
+// once sent), and only the request when it failed without saying: a refusal or an error that
+// reports no usage used no tokens.
+inline usage settled_usage(bool sent, const std::optional<usage>& reported, bool maybe_used,
+                           const usage& estimate) {
+  if (!sent) return {.requests = 0};
+  if (reported) return *reported;
+  return maybe_used ? estimate : usage{.requests = estimate.requests};
 }
 
 template <class Limiter>
@@ -51,6 +64,7 @@ class limiter_stage {
   };
   static constexpr bool values_succeed = true;
   static constexpr bool reads_clock = true;
+  static constexpr bool reads_verdict = true;  // a failure that says nothing used no tokens
 
   bool try_enter(slot& s, stage_context<clock_type>& context) {
     s.taken = context.call.estimated_usage();
@@ -76,15 +90,22 @@ class limiter_stage {
     s.admitted = clock_type::now();
   }
 
-  // The estimate is settled against what the call says it used, when it says so. A call that was
-  // never sent (refused by a stage inside this one, or its deadline passed as it was admitted,
-  // with no retry inside having sent an earlier attempt) is given its whole estimate back.
+  // The estimate is settled by settled_usage's rule, against what the call says it used when
+  // it says so. A call that was never sent (refused by a stage inside this one, or its deadline
+  // passed as it was admitted, with no retry inside having sent an earlier attempt) is given its
+  // whole estimate back.
   template <class Outcome>
   stage_action exit(slot& s, stage_context<clock_type>& context, const Outcome& result) {
     if constexpr (settles || settles_async) {
-      const bool never_sent = context.attempt == s.attempt && result.refused_locally();
+      const auto& call = context.call;
+      const bool reported =
+          call.actual_tokens || call.actual_input_tokens || call.actual_output_tokens;
+      bool cancelled = false;
+      if constexpr (!is_plain_success<Outcome>) cancelled = result.cancelled();
       const auto used =
-          never_sent ? usage{.requests = 0, .tokens = 0} : context.call.actual_usage(s.taken);
+          settled_usage(!(context.attempt == s.attempt && result.refused_locally()),
+                        reported ? std::optional(call.actual_usage(s.taken)) : std::nullopt,
+                        context.judged == verdict::success || cancelled, s.taken);
       if (used == s.taken) return {};
       if constexpr (settles_from_admission)
         limiter_.settle(Limiter::cost_of(s.taken), Limiter::cost_of(used), s.admitted);

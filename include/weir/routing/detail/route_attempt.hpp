@@ -307,17 +307,18 @@ struct route_attempt {
     }
 
     // What the end of an answer teaches, for both shapes: the breaker (its ticket), the usage
-    // window, the limits settled to what the provider counts of `used` (the estimate for a
-    // success that did not say), and the budgets charged `used`, else the estimate when the call
-    // may have produced tokens. Returns the tokens used: reported, or the estimate. A 429 is the
-    // cooldown's business, not the breaker's (circuit_breaker_options says why).
+    // window, and the limits and budgets, each by the rule its stage uses (settled_usage,
+    // settle_spend) with what the provider counts of `used`. Returns the tokens used: reported,
+    // else what the limits were settled to. A 429 is the cooldown's business, not the breaker's
+    // (circuit_breaker_options says why).
     std::uint64_t settle(bool answered, verdict kind, const std::optional<token_usage>& used,
                          bool maybe_billed) {
       auto& m = *s->models[model];
       s->providers[m.provider]->breaker.settle(ticket, answered, kind);
       // What the provider counts: at Anthropic, say, not the input read from its cache.
-      const usage spent = used ? m.spec->limited_usage(*used)
-                               : (kind == verdict::success ? estimate : usage{.requests = 1});
+      const usage spent = weir::detail::settled_usage(
+          true, used ? std::optional(m.spec->limited_usage(*used)) : std::nullopt, maybe_billed,
+          estimate);
       if (answered)
         m.monitor.record({.requests = 1,
                           .tokens = spent.tokens,
