@@ -1,5 +1,5 @@
-// Specifications of weir/redis/client.hpp: what the client does when Redis goes away, pauses,
-// loads, fails over or moves a slot, seen through a shared limiter that rides it out.
+// Specifications of weir/redis/client.hpp: its replies, and what it does when Redis goes away,
+// pauses, loads, fails over or moves a slot, seen through a shared limiter that rides it out.
 #include <weir/redis/fleet.hpp>
 #include <weir/redis/rate_limiter.hpp>
 
@@ -15,6 +15,47 @@
 #include <thread>
 #include <utility>
 #include <vector>
+
+TEST_CASE(
+    "a command's reply comes back typed; an error reply is a reply, and says if it is for now",
+    "[client]") {
+  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+    using kind = weir::redis::reply::kind;
+    weir::redis::client redis(ex, {.port = WEIR_REDIS_PORT});
+    const auto key = unique_name("client");
+    std::vector<weir::redis::reply> replies;
+    for (std::vector<std::string> words : {std::vector<std::string>{"SET", key, "7"},
+                                           {"INCR", key},
+                                           {"GET", key},
+                                           {"GET", key + "-never-set"},
+                                           {"RPUSH", key + "-list", "a", "b"},
+                                           {"LRANGE", key + "-list", "0", "-1"},
+                                           {"INCR", key + "-list"}}) {
+      auto [ec, reply] =
+          co_await redis.async_command(std::move(words), asio::as_tuple(asio::use_awaitable));
+      CHECK_FALSE(ec);  // an error reply too: Redis answered
+      replies.push_back(std::move(reply));
+    }
+    REQUIRE(replies.size() == 7);
+    CHECK((replies[0].type == kind::status && replies[0].text == "OK"));
+    CHECK((replies[1].type == kind::integer && replies[1].integer == 8));
+    CHECK((replies[2].type == kind::string && replies[2].text == "8"));
+    CHECK(replies[3].type == kind::nil);
+    CHECK(replies[4].integer == 2);
+    REQUIRE(replies[5].type == kind::array);
+    REQUIRE(replies[5].elements.size() == 2);
+    CHECK(replies[5].elements[1].text == "b");
+    // A wrong command is wrong for good; a loading server is only unavailable for now.
+    CHECK(replies[6].is_error());
+    CHECK(replies[6].text.starts_with("WRONGTYPE"));
+    CHECK_FALSE(replies[6].says_unavailable());
+    weir::redis::reply loading;
+    loading.type = kind::error;
+    loading.text = "LOADING Redis is loading the dataset in memory";
+    CHECK(loading.says_unavailable());
+    redis.close();
+  });
+}
 
 namespace {
 
