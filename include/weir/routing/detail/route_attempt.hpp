@@ -2,14 +2,19 @@
 // a route keeps while it runs (see router.hpp).
 #pragma once
 
+#include <weir/core/error.hpp>
 #include <weir/core/events.hpp>
 #include <weir/core/outcome.hpp>
 #include <weir/core/stage.hpp>
 #include <weir/core/trace.hpp>
 #include <weir/detail/driver.hpp>
+#include <weir/detail/limiter_stage.hpp>
+#include <weir/failure/circuit_breaker.hpp>
 #include <weir/routing/route_machine.hpp>
 #include <weir/routing/types.hpp>
 #include <weir/throttling/spend_budget.hpp>
+
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <chrono>
@@ -18,6 +23,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -107,6 +113,8 @@ struct route_attempt {
   using ticket_type = typename circuit_breaker<Clock>::ticket;
   using route_progress = router_internals::route_progress<State>;
 
+  // The failure a route reports if it ends on this answer: the exception, else one that names
+  // the model and what its answer was.
   static std::exception_ptr failure_of(const outcome<Response>& o, const model_spec& m,
                                        const classification& v) {
     if (auto f = o.failure()) return f;
