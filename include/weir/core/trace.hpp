@@ -26,6 +26,18 @@ namespace weir {
 using trace_id = std::array<std::uint8_t, 16>;
 using span_id = std::array<std::uint8_t, 8>;
 
+namespace detail {
+// Whether every byte of an id is zero (the spec's invalid id). An OR of the bytes, which the
+// compiler folds into a load or two: operator== on std::array calls memcmp, and this is asked on
+// every call through a policy.
+template <std::size_t N>
+constexpr bool all_zero(const std::array<std::uint8_t, N>& id) noexcept {
+  std::uint8_t any = 0;
+  for (const auto b : id) any |= b;
+  return any == 0;
+}
+}  // namespace detail
+
 // What an event carries to be joined to a trace: the call's trace id and the span id of the
 // attempt it belongs to (the parent-id that attempt's traceparent sent). All zero when the call
 // has no trace context; the span id alone is zero for an event of the call as a whole.
@@ -33,7 +45,7 @@ struct trace_ids {
   weir::trace_id trace{};
   weir::span_id span{};
 
-  explicit operator bool() const noexcept { return trace != weir::trace_id{}; }
+  explicit operator bool() const noexcept { return !detail::all_zero(trace); }
   friend bool operator==(const trace_ids&, const trace_ids&) = default;
 };
 
@@ -124,7 +136,9 @@ struct trace_context {
   std::string_view tracestate{};
 
   // Both ids set (the spec holds an all-zero id invalid).
-  bool valid() const noexcept { return trace_id != weir::trace_id{} && parent_id != span_id{}; }
+  bool valid() const noexcept {
+    return !detail::all_zero(trace_id) && !detail::all_zero(parent_id);
+  }
   explicit operator bool() const noexcept { return valid(); }
   bool sampled() const noexcept { return (flags & sampled_flag) != 0; }
 
