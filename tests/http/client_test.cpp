@@ -2,6 +2,7 @@
 // against a hostile server and the mock provider (real sockets and short real time; built with
 // demo_test.cpp: see tests/CMakeLists.txt).
 #include "demo/workload.hpp"
+#include "../support/common.hpp"
 
 #include <weir/composition/pipeline.hpp>
 #include <weir/failure/retry.hpp>
@@ -49,16 +50,7 @@ namespace {
 namespace asio = boost::asio;
 using hostile = weir::testing::hostile_server;
 
-// Runs `body` (a coroutine using the client) to its end on a fresh io_context; what it threw is
-// rethrown.
-template <class Body>
-void client_run(Body body) {
-  asio::io_context io(1);
-  std::exception_ptr failed;
-  asio::co_spawn(io, body(io.get_executor()), [&](std::exception_ptr e) { failed = e; });
-  io.run();
-  if (failed) std::rethrow_exception(failed);
-}
+using weir_test::run_coroutine;
 
 weir::error_code code_of_failure(const std::function<void()>& f) {
   try {
@@ -80,7 +72,7 @@ TEST_CASE("the Beast client skips 1xx responses and reads the final one", "[http
        {"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
         "HTTP/1.1 100 Continue\r\n\r\n"}) {
     hostile server({std::string(interim) + ok("first"), ok("second")});
-    client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+    run_coroutine([&](asio::any_io_executor ex) -> asio::awaitable<void> {
       weir::http::client c(ex, weir::http::endpoint::parse(server.url()));
       const auto a = co_await c.post("/", "{}", {}, std::chrono::seconds(5));
       const auto b = co_await c.post("/", "{}", {}, std::chrono::seconds(5));
@@ -93,7 +85,7 @@ TEST_CASE("the Beast client skips 1xx responses and reads the final one", "[http
 
 TEST_CASE("a connection with bytes past the response is not reused", "[http][issue36]") {
   hostile server({ok("first") + ok("stale"), ok("fresh")});
-  client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([&](asio::any_io_executor ex) -> asio::awaitable<void> {
     weir::http::client c(ex, weir::http::endpoint::parse(server.url()));
     // (co_await outside CHECK: g++ 12 evaluates it twice there.)
     const auto a = co_await c.post("/", "{}", {}, std::chrono::seconds(5));
@@ -122,7 +114,7 @@ TEST_CASE("a header value with CR LF is refused before anything is sent, naming 
   for (const std::string& value :
        {std::string("a\r\nb"), std::string("a\0b", 3), std::string("a\nb")}) {
     const auto code = code_of_failure([&] {
-      client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+      run_coroutine([&](asio::any_io_executor ex) -> asio::awaitable<void> {
         weir::http::client c(ex, weir::http::endpoint::parse(server.url()));
         weir::http::header_list headers{{"x-request-id", value}};
         co_await c.post("/", "{}", headers, std::chrono::seconds(5));
@@ -135,7 +127,7 @@ TEST_CASE("a header value with CR LF is refused before anything is sent, naming 
 
 TEST_CASE("the Host header keeps a non-default port", "[http][issue36]") {
   hostile server({ok("x")});
-  client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([&](asio::any_io_executor ex) -> asio::awaitable<void> {
     weir::http::client c(ex, weir::http::endpoint::parse(server.url()));
     co_await c.post("/", "{}", {}, std::chrono::seconds(5));
   });
@@ -151,7 +143,7 @@ TEST_CASE("the Beast client's limits: headers over 8 KB are read, past the limit
     hostile server({std::move(reply)});
     std::optional<unsigned> status;
     const auto code = code_of_failure([&] {
-      client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+      run_coroutine([&](asio::any_io_executor ex) -> asio::awaitable<void> {
         weir::http::client c(ex, weir::http::endpoint::parse(server.url()), nullptr, limits);
         status = (co_await c.post("/", "{}", {}, std::chrono::seconds(5))).result_int();
       });
@@ -181,7 +173,7 @@ TEST_CASE("an endless event-stream line ends in limit_exceeded, its memory bound
       fmt::format("100000\r\ndata: {}\r\n", std::string(0x100000 - 6, 'x'));
   hostile server({head + endless_line});
   const auto code = code_of_failure([&] {
-    client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+    run_coroutine([&](asio::any_io_executor ex) -> asio::awaitable<void> {
       weir::http::chat_client c(ex, weir::http::dialect::openai,
                                 weir::http::endpoint::parse(server.url()), "k", nullptr,
                                 {.max_sse_line_bytes = 64 * 1024});
@@ -205,7 +197,7 @@ TEST_CASE(
     hostile server({events}, {.trickle_bytes = 64, .pause = std::chrono::milliseconds(20)});
     const auto started = std::chrono::steady_clock::now();
     const auto code = code_of_failure([&] {
-      client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+      run_coroutine([&](asio::any_io_executor ex) -> asio::awaitable<void> {
         weir::http::chat_client c(ex, weir::http::dialect::openai,
                                   weir::http::endpoint::parse(server.url()), "k", nullptr,
                                   {.max_transfer_time = std::chrono::milliseconds(300)});
@@ -228,7 +220,7 @@ TEST_CASE(
     const auto started = std::chrono::steady_clock::now();
     std::optional<unsigned> status;
     std::optional<std::chrono::nanoseconds> retry_after;
-    client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+    run_coroutine([&](asio::any_io_executor ex) -> asio::awaitable<void> {
       weir::http::chat_client c(ex, weir::http::dialect::openai,
                                 weir::http::endpoint::parse(server.url()), "k");
       const weir::http::chat_request ask{.model = "m", .prompt = "p"};
@@ -273,7 +265,7 @@ struct streamed_call {
 streamed_call stream_through_retry(const hostile& server, weir::http::dialect speaks,
                                    weir::stream_options<weir::http::sse::event> options = {}) {
   streamed_call out;
-  client_run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([&](asio::any_io_executor ex) -> asio::awaitable<void> {
     weir::http::chat_client c(ex, speaks, weir::http::endpoint::parse(server.url()), "k");
     weir::retry<> retry({.max_attempts = 3, .backoff = weir::backoff::constant(10ms)});
     auto guarded = weir::pipeline(retry);

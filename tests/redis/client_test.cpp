@@ -19,7 +19,7 @@
 TEST_CASE(
     "a command's reply comes back typed; an error reply is a reply, and says if it is for now",
     "[client]") {
-  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([](asio::any_io_executor ex) -> asio::awaitable<void> {
     using kind = weir::redis::reply::kind;
     weir::redis::client redis(ex, {.port = WEIR_REDIS_PORT});
     const auto key = unique_name("client");
@@ -80,7 +80,7 @@ ride ride_out(int port, weir::redis::when_unreachable fallback,
   ride r;
   using clock = std::chrono::steady_clock;
   clock::time_point healed_at{}, faulted_at{};
-  run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([&](asio::any_io_executor ex) -> asio::awaitable<void> {
     weir::redis::client redis(ex, {.port = port,
                                    .reconnect_min = 50ms,
                                    .reconnect_max = 200ms,
@@ -282,7 +282,7 @@ TEST_CASE("in a cluster the limiter follows MOVED and ASK, and each limit stays 
   REQUIRE(owners.size() >= 2);  // the names' slots are spread over the nodes
 
   std::vector<int> admitted(names.size());
-  run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([&](asio::any_io_executor ex) -> asio::awaitable<void> {
     // One client per limiter: each follows MOVED to the node of its own slot.
     for (std::size_t i = 0; i < names.size(); ++i) {
       weir::redis::client redis(ex, {.port = nodes.node(0).port()});
@@ -322,7 +322,7 @@ TEST_CASE("in a cluster the limiter follows MOVED and ASK, and each limit stays 
   rig::ask(nodes.node(source).port(),
            fmt::format("cluster setslot {} migrating {}", slot_number, nodes.id(target)));
   int migrating_admitted = 0;
-  run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([&](asio::any_io_executor ex) -> asio::awaitable<void> {
     weir::redis::client redis(ex, {.port = nodes.node(source).port()});
     weir::redis::rate_limiter<> shared(
         ex, redis, {.name = name, .requests = weir::limit{weir::per_hour(1), 3}});

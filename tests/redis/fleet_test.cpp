@@ -106,7 +106,7 @@ TEST_CASE("two processes: a 429 seen by one keeps the other off that model", "[f
 }
 
 TEST_CASE("a 429 or an open breaker seen by one member keeps the fleet away", "[fleet]") {
-  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([](asio::any_io_executor ex) -> asio::awaitable<void> {
     const auto fleet = unique_name("routers");
     member first(ex, fleet, WEIR_REDIS_PORT), second(ex, fleet, WEIR_REDIS_PORT);
 
@@ -142,7 +142,7 @@ TEST_CASE("a 429 or an open breaker seen by one member keeps the fleet away", "[
 }
 
 TEST_CASE("a member that starts late paces at the limit the fleet learned", "[fleet]") {
-  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([](asio::any_io_executor ex) -> asio::awaitable<void> {
     const auto fleet = unique_name("limits");
     member first(ex, fleet, WEIR_REDIS_PORT, true), second(ex, fleet, WEIR_REDIS_PORT, true);
     auto told = fake_response::ok();
@@ -162,7 +162,7 @@ TEST_CASE("a member that starts late paces at the limit the fleet learned", "[fl
 }
 
 TEST_CASE("without Redis a router routes on its own state, and says so", "[fleet][faults]") {
-  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([](asio::any_io_executor ex) -> asio::awaitable<void> {
     rig::redis_server server(WEIR_REDIS_PORT + 5);
     member alone(ex, unique_name("lost"), server.port());
     CHECK(co_await alone.ask() == "a-small");

@@ -10,7 +10,7 @@
 
 TEST_CASE("keyed limits shared by two processes: each key its own quota, counted once",
           "[tenants]") {
-  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([](asio::any_io_executor ex) -> asio::awaitable<void> {
     const auto family = unique_name("tenants");
     // Two limiters on two connections: two processes of one fleet.
     weir::redis::client first_connection(ex, {.port = WEIR_REDIS_PORT});

@@ -17,7 +17,7 @@
 #include <vector>
 
 TEST_CASE("the shared limiter admits a burst, then refuses, and a settle gives back") {
-  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([](asio::any_io_executor ex) -> asio::awaitable<void> {
     weir::redis::client redis(ex, {.port = WEIR_REDIS_PORT});
     weir::redis::rate_limiter<> shared(ex, redis,
                                        {.name = unique_name("basic"),
@@ -60,7 +60,7 @@ TEST_CASE("the shared limiter admits a burst, then refuses, and a settle gives b
 
 TEST_CASE(
     "asio::use_awaitable.as_default_on rebinds a shared limiter and a keyed one, state shared") {
-  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([](asio::any_io_executor ex) -> asio::awaitable<void> {
     weir::redis::client redis(ex, {.port = WEIR_REDIS_PORT});
     weir::redis::rate_limiter<> shared(
         ex, redis,
@@ -91,7 +91,7 @@ TEST_CASE(
 }
 
 TEST_CASE("the shared limiter is a pipeline stage, as the local limits are", "[pipeline]") {
-  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([](asio::any_io_executor ex) -> asio::awaitable<void> {
     weir::redis::client redis(ex, {.port = WEIR_REDIS_PORT});
     weir::redis::rate_limiter<> shared(ex, redis,
                                        {.name = unique_name("stage"),
@@ -218,7 +218,7 @@ TEST_CASE("shares are per process, not per caller, and follow the weights", "[fl
 }
 
 TEST_CASE("a cancelled acquire gives back the slot it reserved", "[fleet]") {
-  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([](asio::any_io_executor ex) -> asio::awaitable<void> {
     weir::redis::client redis(ex, {.port = WEIR_REDIS_PORT});
     weir::redis::rate_limiter<> shared(
         ex, redis,
@@ -275,7 +275,7 @@ long evalsha_calls(int port) {
 TEST_CASE("concurrent acquires share script runs, and every admission stays exact", "[fleet]") {
   const long before = evalsha_calls(WEIR_REDIS_PORT);
   int admitted = 0, answered = 0;
-  run([&](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([&](asio::any_io_executor ex) -> asio::awaitable<void> {
     weir::redis::client redis(ex, {.port = WEIR_REDIS_PORT});
     weir::redis::rate_limiter<> shared(
         ex, redis, {.name = unique_name("batch"), .requests = weir::limit{weir::per_hour(1), 100}});

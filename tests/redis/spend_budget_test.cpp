@@ -10,7 +10,7 @@
 
 TEST_CASE("a budget shared by two processes: reservations from both count, alerts fire once",
           "[tenants]") {
-  run([](asio::any_io_executor ex) -> asio::awaitable<void> {
+  run_coroutine([](asio::any_io_executor ex) -> asio::awaitable<void> {
     const auto name = unique_name("budget");
     std::atomic<int> alerts{0};
     weir::redis::client c1(ex, {.port = WEIR_REDIS_PORT}), c2(ex, {.port = WEIR_REDIS_PORT});

@@ -19,6 +19,17 @@
 
 namespace weir_test {
 
+// Runs `body` (a coroutine made from an executor) to its end on a fresh io_context; rethrows
+// what it threw.
+template <class Body>
+void run_coroutine(Body body) {
+  boost::asio::io_context io(1);
+  std::exception_ptr failure;
+  boost::asio::co_spawn(io, body(io.get_executor()), [&](std::exception_ptr e) { failure = e; });
+  io.run();
+  if (failure) std::rethrow_exception(failure);
+}
+
 // A call that takes `d` on `Clock`'s timers, then answers `v`: one to cancel while it runs.
 template <class Clock>
 boost::asio::awaitable<int> slow_answer(std::chrono::nanoseconds d, int v = 1) {

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "../redis/rig.hpp"
+#include "common.hpp"
 
 #include <fmt/format.h>
 #include <boost/asio.hpp>
@@ -23,14 +24,6 @@ std::string unique_name(const char* what) {
   return fmt::format("{}-{}", what, std::chrono::steady_clock::now().time_since_epoch().count());
 }
 
-// Runs `body` as a coroutine on a fresh io_context until it ends; rethrows what it threw.
-template <class Body>
-void run(Body body) {
-  asio::io_context io(1);
-  std::exception_ptr failure;
-  asio::co_spawn(io, body(io.get_executor()), [&](std::exception_ptr e) { failure = e; });
-  io.run();
-  if (failure) std::rethrow_exception(failure);
-}
+using weir_test::run_coroutine;
 
 }  // namespace

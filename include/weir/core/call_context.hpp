@@ -90,6 +90,10 @@ struct basic_call_context {
             .input_tokens = input_tokens,
             .output_tokens = output_tokens};
   }
+  // Whether the call said what it used (any of its actual counts).
+  bool reported_usage() const noexcept {
+    return actual_tokens || actual_input_tokens || actual_output_tokens;
+  }
   // What it really used, where the call said so; `estimate` elsewhere.
   usage actual_usage(const usage& estimate) const {
     usage u = estimate;

@@ -98,14 +98,12 @@ class limiter_stage {
   stage_action exit(slot& s, stage_context<clock_type>& context, const Outcome& result) {
     if constexpr (settles || settles_async) {
       const auto& call = context.call;
-      const bool reported =
-          call.actual_tokens || call.actual_input_tokens || call.actual_output_tokens;
       bool cancelled = false;
       if constexpr (!is_plain_success<Outcome>) cancelled = result.cancelled();
-      const auto used =
-          settled_usage(!(context.attempt == s.attempt && result.refused_locally()),
-                        reported ? std::optional(call.actual_usage(s.taken)) : std::nullopt,
-                        context.judged == verdict::success || cancelled, s.taken);
+      const auto used = settled_usage(
+          !(context.attempt == s.attempt && result.refused_locally()),
+          call.reported_usage() ? std::optional(call.actual_usage(s.taken)) : std::nullopt,
+          context.judged == verdict::success || cancelled, s.taken);
       if (used == s.taken) return {};
       if constexpr (settles_from_admission)
         limiter_.settle(Limiter::cost_of(s.taken), Limiter::cost_of(used), s.admitted);

@@ -16,47 +16,30 @@
 #include <weir/core/events.hpp>
 #include <weir/core/outcome.hpp>
 #include <weir/core/stage.hpp>
-#include <weir/detail/deadline.hpp>
 #include <weir/detail/driver.hpp>
-#include <weir/detail/session_caches.hpp>
+#include <weir/detail/gcra.hpp>
 #include <weir/detail/small_buffer.hpp>
-#include <weir/failure/circuit_breaker.hpp>
 #include <weir/failure/hedging.hpp>
-#include <weir/failure/retry_budget.hpp>
-#include <weir/http/adaptation.hpp>
 #include <weir/routing/catalog.hpp>
 #include <weir/routing/detail/route_attempt.hpp>
 #include <weir/routing/detail/router_state.hpp>
 #include <weir/routing/route_machine.hpp>
 #include <weir/routing/selection.hpp>
-#include <weir/routing/strategy.hpp>
 #include <weir/routing/types.hpp>
-#include <weir/throttling/rate_limits.hpp>
-#include <weir/throttling/usage_monitor.hpp>
 
 #include <fmt/format.h>
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/basic_waitable_timer.hpp>
-#include <boost/asio/post.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
 #include <algorithm>
-#include <array>
-#include <atomic>
 #include <chrono>
-#include <cmath>
 #include <cstdint>
-#include <deque>
 #include <functional>
-#include <limits>
 #include <memory>
-#include <mutex>
 #include <optional>
-#include <random>
-#include <span>
-#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -192,18 +175,15 @@ class router {
   using nanos = std::chrono::nanoseconds;
 
   using state = weir::detail::router_internals::router_state<Request, Response, Clock, Classifier>;
-  using model_entry = typename state::model_entry;
   using hedge_race = weir::detail::router_internals::hedge_race;
   using route_progress = weir::detail::router_internals::route_progress<state>;
   using attempt = weir::detail::router_internals::route_attempt<state>;
   using ticket_type = typename attempt::ticket_type;
 
-  // What events of the route as a whole carry: its trace id, no attempt's span.
-  static trace_ids route_ids(const constraints& c) { return {c.trace.trace_id, {}}; }
-
   [[noreturn]] static void refuse_over_budget(const state& s, const constraints& c,
                                               const typename state::priced_out_models& out) {
-    s.emit(rejected{c.operation, rejection::over_budget, out.room, "router"}, route_ids(c));
+    s.emit(rejected{c.operation, rejection::over_budget, out.room, "router"},
+           attempt::route_ids(c));
     throw weir::exception::refusal(
         error::over_budget,
         fmt::format("router: every model that fits the request would pass budget {}{}{}{}",
@@ -241,7 +221,8 @@ class router {
                               attempts);
       case give_up_reason::no_room: break;
     }
-    s.emit(rejected{c.operation, rejection::rate_limited, d.retry_after, "router"}, route_ids(c));
+    s.emit(rejected{c.operation, rejection::rate_limited, d.retry_after, "router"},
+           attempt::route_ids(c));
     throw weir::exception(error::no_provider_available,
                           d.retry_after ? "router: no capable model has room before the deadline"
                                         : "router: every capable provider is isolated",
@@ -288,7 +269,7 @@ class router {
     auto news = co_await s->options.fleet->read();
     const bool reachable = news.has_value();
     if (s->fleet_reachable.exchange(reachable) != reachable)
-      s->emit(fleet_connection{c.operation, reachable}, route_ids(c));
+      s->emit(fleet_connection{c.operation, reachable}, attempt::route_ids(c));
     if (news) s->hear(*news, Clock::now());
   }
 
@@ -298,7 +279,7 @@ class router {
                                                       std::shared_ptr<hedge_race> race = {}) {
     route_progress route(*s, c);
     route.race = std::move(race);
-    route.ids = route_ids(c);
+    route.ids = attempt::route_ids(c);
     std::optional<typename state::priced_out_models> priced;
     if (!s->options.budgets.empty()) priced.emplace(s->models.size());
     boost::asio::basic_waitable_timer<Clock> timer(co_await boost::asio::this_coro::executor);
@@ -323,7 +304,7 @@ class router {
       if (next.kind == route_step_kind::select_again) continue;
       if (next.kind == route_step_kind::give_up) give_up(*s, c, route, next, priced);
       if (next.kind == route_step_kind::wait) {
-        s->emit(throttled{c.operation, next.wait, "router"}, route_ids(c));
+        s->emit(throttled{c.operation, next.wait, "router"}, attempt::route_ids(c));
         timer.expires_after(std::chrono::duration_cast<typename Clock::duration>(next.wait));
         co_await timer.async_wait(boost::asio::use_awaitable);
         route.record.waited += std::chrono::duration_cast<nanos>(Clock::now() - now);

@@ -203,10 +203,9 @@ class budget_stage_base {
     auto held = std::exchange(s.held, std::nullopt);
     if (!held) return {};
     const auto& call = context.call;
-    const bool reported =
-        call.actual_tokens || call.actual_input_tokens || call.actual_output_tokens;
     settle_spend(*held, {.sent = !result.refused_locally(),
-                         .reported_cost = reported ? std::optional(cost_of(call)) : std::nullopt,
+                         .reported_cost =
+                             call.reported_usage() ? std::optional(cost_of(call)) : std::nullopt,
                          .maybe_billed = context.judged == verdict::success || result.cancelled(),
                          .estimated_cost = price_.of(call.estimated_usage())});
     return {};

@@ -113,6 +113,9 @@ struct route_attempt {
   using ticket_type = typename circuit_breaker<Clock>::ticket;
   using route_progress = router_internals::route_progress<State>;
 
+  // What events of the route as a whole carry: its trace id, no attempt's span.
+  static trace_ids route_ids(const constraints& c) { return {c.trace.trace_id, {}}; }
+
   // The failure a route reports if it ends on this answer: the exception, else one that names
   // the model and what its answer was.
   static std::exception_ptr failure_of(const outcome<Response>& o, const model_spec& m,
@@ -141,8 +144,7 @@ struct route_attempt {
     const auto& budget = s.options.fallback_budget;
     if (route.record.attempts > 0 && budget && !budget->try_withdraw()) {
       m.unreserve(route.estimate, now);
-      s.emit(rejected{c.operation, rejection::budget_exhausted, {}, "router"},
-             trace_ids{c.trace.trace_id, {}});
+      s.emit(rejected{c.operation, rejection::budget_exhausted, {}, "router"}, route_ids(c));
       throw weir::exception(error::budget_exhausted, "router: the fallback budget is spent", {},
                             route.machine.last_failure(), route.record.attempts);
     }
