@@ -16,6 +16,7 @@
 #include <fmt/ranges.h>
 
 #include <future>
+#include <mutex>
 #include <thread>
 
 namespace {
@@ -511,6 +512,8 @@ TEST_CASE("two weir-gateways sharing Redis keep to one provider's request limit 
     unsigned short port = 0;
     std::atomic<int> answered{0}, refused{0}, failed{0};
     std::atomic<unsigned> failed_status{0};  // the last failure's (0: no answer)
+    std::mutex first_refusal_mutex;
+    std::string first_refusal;  // what the gateway said when it first turned one away
   };
   std::array<member, 2> gateways;
   struct stop_gateways {
@@ -548,6 +551,10 @@ TEST_CASE("two weir-gateways sharing Redis keep to one provider's request limit 
             // Turned away: no turn before the deadline (429), or none when it passed (504).
             const bool turned_away = r.status == 429 || r.status == 504;
             (r.status == 200 ? g.answered : turned_away ? g.refused : g.failed)++;
+            if (turned_away) {
+              std::lock_guard lock(g.first_refusal_mutex);
+              if (g.first_refusal.empty()) g.first_refusal = r.body;
+            }
             if (r.status != 200 && !turned_away) g.failed_status = r.status;
           } catch (const std::exception&) {
             ++g.failed;  // no answer at all
@@ -570,7 +577,8 @@ TEST_CASE("two weir-gateways sharing Redis keep to one provider's request limit 
        << " and " << gateways[1].answered << " answered, " << gateways[0].refused << " and "
        << gateways[1].refused << " refused, " << gateways[0].failed + gateways[1].failed
        << " failed (last status " << gateways[0].failed_status << ", " << gateways[1].failed_status
-       << "); the server refused " << served.status(429));
+       << "); the server refused " << served.status(429) << "; first refusals: "
+       << gateways[0].first_refusal << " / " << gateways[1].first_refusal);
   const int answered = gateways[0].answered + gateways[1].answered;
   CHECK(gateways[0].failed + gateways[1].failed == 0);
   // More was asked than the limit lets through (some were turned away at their deadline) ...

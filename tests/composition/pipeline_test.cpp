@@ -55,6 +55,31 @@ TEST_CASE("retry outside the breaker waits exactly until it half-opens", "[pipel
   CHECK(breaker.state() == weir::breaker_state::closed);
 }
 
+TEST_CASE("a call whose own deadline passes mid-call is no answer to the breaker", "[pipeline]") {
+  asio::io_context io;
+  weir::circuit_breaker<clock_type> breaker({.consecutive_failures = 1, .break_duration = 30s});
+  auto slow = [&]() -> asio::awaitable<int> {
+    asio::basic_waitable_timer<clock_type> timer(co_await asio::this_coro::executor, 2s);
+    co_await timer.async_wait(asio::use_awaitable);
+    co_return 1;
+  };
+  weir::basic_call_context<clock_type> context{.deadline = clock_type::now() + 1s};
+  std::exception_ptr failure;
+  asio::co_spawn(io, weir::pipeline(breaker)(context, slow),
+                 [&](std::exception_ptr e, int) { failure = e; });
+  advance<clock_type>(io, 2s);
+  REQUIRE(failure);
+  CHECK_THROWS_MATCHES(std::rethrow_exception(failure), weir::exception,
+                       Catch::Matchers::Predicate<weir::exception>([](const weir::exception& x) {
+                         return x.code() == weir::error::timeout;
+                       }));
+  CHECK(breaker.state() == weir::breaker_state::closed);  // the caller gave up, nothing failed
+  // A timeout of the breaker's own measure, inside it, is a failure of the provider.
+  weir::timeout<clock_type> timeout(1s);
+  CHECK_FALSE(run_to_end(io, weir::pipeline(breaker, timeout)(slow)));
+  CHECK(breaker.state() == weir::breaker_state::open);
+}
+
 TEST_CASE("the call context carries tokens to the limits and the monitor, and settles them",
           "[pipeline]") {
   asio::io_context io;

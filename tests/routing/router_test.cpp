@@ -376,6 +376,29 @@ TEST_CASE("five server errors open a's breaker, and b serves until a's probe suc
   CHECK(r.status().at(0).breaker == weir::breaker_state::closed);
 }
 
+TEST_CASE("routes whose own deadlines pass mid-call never open the breaker of a slow provider",
+          "[routing][router]") {
+  asio::io_context io;
+  weir::routing::catalog c;
+  c.add(weir::routing::provider_spec{
+      .name = "a", .breaker = {.consecutive_failures = 2, .break_duration = 30s}});
+  c.add(weir::routing::model_spec{.provider = "a", .id = "a-small"});
+  router_type r(io.get_executor(), c, unpaced());
+  provider a;
+  a.latency = 2s;  // healthy, but slower than these callers wait
+  r.connect("a", a.call<prompt>());
+  for (int i = 0; i < 5; ++i) {
+    auto res = route_now(io, r, {.deadline = clock_type::now() + 1s}, 1s);
+    REQUIRE(res.error);
+    CHECK(res.error->code() == weir::error::timeout);
+    advance<clock_type>(io, 1s);  // the cancelled call's timer
+  }
+  CHECK(a.calls() == 5);  // each was sent: the callers gave up, the provider did not fail
+  CHECK(r.status().at(0).breaker == weir::breaker_state::closed);
+  // A caller that waits long enough is answered.
+  CHECK(route_now(io, r, {.deadline = clock_type::now() + 5s}, 2s).value);
+}
+
 TEST_CASE("a router's breakers are in the metrics' state set from its construction, closed",
           "[routing][router]") {
   asio::io_context io;

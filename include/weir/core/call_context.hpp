@@ -7,6 +7,7 @@
 // Stages read it through their stage_context (stage.hpp); the router reads its constraints.
 #pragma once
 
+#include <weir/core/error.hpp>
 #include <weir/core/trace.hpp>
 
 #include <chrono>
@@ -93,6 +94,14 @@ struct basic_call_context {
   // Whether the call said what it used (any of its actual counts).
   bool reported_usage() const noexcept {
     return actual_tokens || actual_input_tokens || actual_output_tokens;
+  }
+  // Whether `result`, a failure, is this call's deadline passing while it ran: the caller
+  // stopped waiting, which says nothing of the provider. The breaker and the pacing take it as no
+  // answer; a provider's slowness is judged by a timeout of its own (its client's, or a timeout
+  // stage's), never by how long each caller is willing to wait.
+  template <class Outcome>
+  bool cut_by_deadline(const Outcome& result) const {
+    return deadline && result.code() == error::timeout && Clock::now() >= *deadline;
   }
   // What it really used, where the call said so; `estimate` elsewhere.
   usage actual_usage(const usage& estimate) const {

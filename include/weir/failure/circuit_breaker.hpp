@@ -423,7 +423,10 @@ class circuit_breaker_stage {
       breaker_.record(s.ticket, false);
     } else {
       const auto before = breaker_.state();
-      breaker_.settle(s.ticket, result);
+      if (context.call.cut_by_deadline(result))
+        breaker_.abandon(s.ticket);
+      else
+        breaker_.settle(s.ticket, result);
       if (const auto after = breaker_.state(); after != before)
         context.emit(breaker_changed{context.call.operation, before, after, name()});
     }

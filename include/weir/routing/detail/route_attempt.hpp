@@ -242,19 +242,22 @@ struct route_attempt {
       if (env.stream)
         settle_stream(*env.stream, env.call, result);
       else
-        settle_whole(result);
+        settle_whole(env.call, result);
       return {};
     }
 
    private:
     // A call that ended with no stream to follow: settled now, and the lesson the route reads.
-    void settle_whole(const outcome<Response>& result) {
+    void settle_whole(const basic_call_context<Clock>& call, const outcome<Response>& result) {
       auto& l = *whole.learned;
       const auto& c = *whole.asked;
       l.settled = true;
       l.judged = s->options.classifier(result);
       l.finished = Clock::now();
-      const bool answered = result.reached_provider();
+      const bool reached = result.reached_provider();
+      // The route's deadline passing mid-call is the caller's giving up, not an answer: neither
+      // the breaker nor the pacing learns from it (call_context::cut_by_deadline).
+      const bool answered = reached && !call.cut_by_deadline(result);
       observe(*s, model, l.judged, answered, started, l.finished, *whole.progress);
       if constexpr (!streamed)
         if (l.judged.is_success() && s->options.usage_of)
@@ -263,7 +266,7 @@ struct route_attempt {
       // a call the provider's code refused before sending, did not.
       l.tokens =
           settle(answered, l.judged.kind, l.used, l.judged.is_success() || result.cancelled());
-      if (!s->options.watch || !(answered || result.cancelled())) return;
+      if (!s->options.watch || !(reached || result.cancelled())) return;
       auto ended = call_ended(c.operation, c.gen_ai_operation, l.finished);
       ended.error_type = error_type_of(result, l.judged.kind);
       std::string response_model;
