@@ -164,11 +164,16 @@ TEST_CASE("a decorator in the middle wraps the policies after it, and pipelines 
     }
     co_return calls;
   };
+  weir::usage_monitor<clock_type> outside({.window = 60s, .buckets = 60});
   auto inner = weir::pipeline(monitor);
-  CHECK(run_to_end(io, weir::pipeline(retry, per_attempt, inner)(hangs_once), nullptr, 3s) == 2);
-  // The monitor inside the timeout saw both attempts: the first cancelled by the deadline.
+  CHECK(run_to_end(io, weir::pipeline(retry, outside, per_attempt, inner)(hangs_once), nullptr,
+                   3s) == 2);
+  // The monitor inside the timeout saw both attempts, the first cancelled by the timeout: as to
+  // the breaker, a cancelled call is no answer, so no error. Outside, the timeout's failure is one.
   CHECK(monitor.totals().requests == 2);
-  CHECK(monitor.totals().errors == 1);
+  CHECK(monitor.totals().errors == 0);
+  CHECK(outside.totals().requests == 2);
+  CHECK(outside.totals().errors == 1);
 }
 
 TEST_CASE("events come in order with the right fields, and read as one line each", "[pipeline]") {

@@ -399,6 +399,36 @@ TEST_CASE("routes whose own deadlines pass mid-call never open the breaker of a 
   CHECK(route_now(io, r, {.deadline = clock_type::now() + 5s}, 2s).value);
 }
 
+TEST_CASE("a model's usage window counts calls by the monitor stage's rule", "[routing][router]") {
+  asio::io_context io;
+  weir::routing::catalog c;
+  c.add(weir::routing::model_spec{.provider = "a", .id = "a-small"});
+  options o = unpaced();
+  o.max_attempts = 1;
+  router_type r(io.get_executor(), c, o);
+  provider a;
+  std::vector<fake_response> answers{fake_response::ok(), fake_response::server_error(),
+                                     fake_response{.status = 400}, fake_response::too_many(1s)};
+  std::size_t next = 0;
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point) {
+    return answers[next++];
+  };
+  r.connect("a", a.call<prompt>());
+  for (std::size_t i = 0; i < answers.size(); ++i) {
+    route_now(io, r);
+    advance<clock_type>(io, 1s);  // past the 429's cooldown
+  }
+  // Sent and given up by its caller: a request, no error.
+  a.latency = 2s;
+  route_now(io, r, {.deadline = clock_type::now() + 1s}, 2s);
+  const auto status = r.status().at(0);
+  CHECK(status.requests_per_minute == 5);
+  // Every failure the provider answered is an error, a 400 as much as a 500; a 429 is one too,
+  // counted apart as well (as weir::usage_monitor_stage counts them for alerts' errors_above).
+  CHECK(status.errors == 3);
+  CHECK(status.rate_limited == 1);
+}
+
 TEST_CASE("a router's breakers are in the metrics' state set from its construction, closed",
           "[routing][router]") {
   asio::io_context io;

@@ -73,6 +73,7 @@ struct ending {
   bool cancelled = false;
   weir::verdict judged = weir::verdict::success;
   bool delivered = false;  // a stream settling at its end
+  bool cut_short = false;  // by the call's own deadline, once sent
 };
 
 // The books one watcher keeps, and what it checks. A violation is kept (the first one), not
@@ -179,7 +180,10 @@ class watched {
   weir::stage_action exit(slot& s, stage_env& c, const Outcome& o) {
     if (!inner_) return {};
     auto action = inner_->exit(s.inner, c, o);
-    leave(s, {false, o.refused_locally(), o.cancelled(), c.judged, c.delivered}, &c.call);
+    leave(s,
+          {false, o.refused_locally(), o.cancelled(), c.judged, c.delivered,
+           c.call.cut_by_deadline(o)},
+          &c.call);
     checks_->after();
     return action;
   }
@@ -333,8 +337,8 @@ class budget_checks final : public checks {
     const auto estimate = price.of(v.estimate);
     a.in_flight -= estimate;
     // How a reservation ends (detail::budget_stage_base): released if refused before it was
-    // sent; the actual tokens when told; else the estimate on success or cancellation (or with
-    // no outcome at all), nothing on a failure.
+    // sent; the actual tokens when told; else the estimate on success, cancellation or a cut by
+    // the call's deadline (or with no outcome at all), nothing on a failure.
     double amount = estimate;
     if (e.abandoned)
       amount = estimate;
@@ -342,7 +346,7 @@ class budget_checks final : public checks {
       amount = 0;
     else if (call->actual_tokens || call->actual_input_tokens || call->actual_output_tokens)
       amount = price.of(call->actual_usage(call->estimated_usage()));
-    else if (e.judged != weir::verdict::success && !e.cancelled)
+    else if (e.judged != weir::verdict::success && !e.cancelled && !e.cut_short)
       amount = 0;
     const auto w = window_at(sim_clock::now());
     a.settled.push_back({w, amount, std::max(0.0, amount - estimate)});

@@ -39,6 +39,20 @@ struct usage {
   friend bool operator==(const usage&, const usage&) = default;
 };
 
+namespace detail {
+// What a call used, settled: the one rule of the limiter stage, the usage monitor and the router.
+// Nothing when it was never sent; what it reported when it said (for the router, as the provider
+// counts it); else its estimate when it may have used tokens (it succeeded, or was given up once
+// sent: cancelled, or cut short by its deadline), and only the request when it failed without
+// saying: a refusal or an error that reports no usage used no tokens.
+inline usage settled_usage(bool sent, const std::optional<usage>& reported, bool maybe_used,
+                           const usage& estimate) {
+  if (!sent) return {.requests = 0};
+  if (reported) return *reported;
+  return maybe_used ? estimate : usage{.requests = estimate.requests};
+}
+}  // namespace detail
+
 // Tokens a response says it used. input_tokens counts every input token, those read from or
 // written to the provider's prompt cache among them (OpenAI reports it so; Anthropic's
 // input_tokens leaves both out, and weir::http::reported_usage adds them back).

@@ -34,18 +34,6 @@ boost::asio::awaitable<std::chrono::nanoseconds> acquire_now_or_wait(
   co_return co_await keep.async_acquire(cost, max_wait, boost::asio::use_awaitable);
 }
 
-// What a call took from its limits, settled: the one rule of the limiter stage and the router.
-// Nothing when it was never sent; what it reported when it said (for the router, as the provider
-// counts it); else its estimate when it may have used tokens (it succeeded, or was cancelled
-// once sent), and only the request when it failed without saying: a refusal or an error that
-// reports no usage used no tokens.
-inline usage settled_usage(bool sent, const std::optional<usage>& reported, bool maybe_used,
-                           const usage& estimate) {
-  if (!sent) return {.requests = 0};
-  if (reported) return *reported;
-  return maybe_used ? estimate : usage{.requests = estimate.requests};
-}
-
 template <class Limiter>
 class limiter_stage {
  public:
@@ -98,12 +86,13 @@ class limiter_stage {
   stage_action exit(slot& s, stage_context<clock_type>& context, const Outcome& result) {
     if constexpr (settles || settles_async) {
       const auto& call = context.call;
-      bool cancelled = false;
-      if constexpr (!is_plain_success<Outcome>) cancelled = result.cancelled();
+      bool given_up = false;  // sent, then cancelled or cut short by the call's deadline
+      if constexpr (!is_plain_success<Outcome>)
+        given_up = result.cancelled() || call.cut_by_deadline(result);
       const auto used = settled_usage(
           !(context.attempt == s.attempt && result.refused_locally()),
           call.reported_usage() ? std::optional(call.actual_usage(s.taken)) : std::nullopt,
-          context.judged == verdict::success || cancelled, s.taken);
+          context.judged == verdict::success || given_up, s.taken);
       if (used == s.taken) return {};
       if constexpr (settles_from_admission)
         limiter_.settle(Limiter::cost_of(s.taken), Limiter::cost_of(used), s.admitted);

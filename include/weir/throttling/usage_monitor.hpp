@@ -39,6 +39,20 @@ struct usage_record {
 };
 using usage_event [[deprecated("renamed usage_record")]] = usage_record;
 
+namespace detail {
+// One call's line in a usage window, by the rule of the monitor stage and the router alike: every
+// call that was sent is a request, with the tokens its limits were settled to; a failure the
+// provider answered is an error (a 429 is one, counted apart as well); a call with no answer
+// (cancelled, or cut short by its caller's deadline) is no error.
+inline usage_record usage_record_of(bool answered, verdict judged, std::uint64_t tokens) {
+  const bool failed = answered && judged != verdict::success;
+  return {.requests = 1,
+          .tokens = tokens,
+          .error = failed,
+          .rate_limited = failed && judged == verdict::rate_limited};
+}
+}  // namespace detail
+
 struct usage_totals {
   std::uint64_t requests = 0;
   std::uint64_t tokens = 0;
@@ -263,8 +277,8 @@ class usage_monitor {
 };
 
 // A usage_monitor in a pipeline (see stage.hpp). An attempt is recorded at its start, as a
-// provider counts a request when it arrives, judged by the pipeline's classifier; a call refused
-// on the way in was never sent and is not counted.
+// provider counts a request when it arrives, judged by the pipeline's classifier, by
+// detail::usage_record_of's rule; a call refused on the way in was never sent and is not counted.
 template <class Clock>
 class usage_monitor_stage {
  public:
@@ -281,11 +295,14 @@ class usage_monitor_stage {
   stage_action exit(slot&, stage_context<Clock>& context, const Outcome& result) {
     if (result.refused_locally()) return {};
     const auto& call = context.call;
-    monitor_.record({.requests = 1,
-                     .tokens = call.actual_usage(call.estimated_usage()).tokens,
-                     .error = context.judged != verdict::success,
-                     .rate_limited = context.judged == verdict::rate_limited},
-                    context.now);
+    bool given_up = false;  // sent, then cancelled or cut short by the call's deadline
+    if constexpr (!is_plain_success<Outcome>)
+      given_up = result.cancelled() || call.cut_by_deadline(result);
+    const auto estimate = call.estimated_usage();
+    const auto used = detail::settled_usage(
+        true, call.reported_usage() ? std::optional(call.actual_usage(estimate)) : std::nullopt,
+        context.judged == verdict::success || given_up, estimate);
+    monitor_.record(detail::usage_record_of(!given_up, context.judged, used.tokens), context.now);
     return {};
   }
 

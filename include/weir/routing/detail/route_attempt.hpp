@@ -262,10 +262,11 @@ struct route_attempt {
       if constexpr (!streamed)
         if (l.judged.is_success() && s->options.usage_of)
           l.used = s->options.usage_of(result.value());
-      // A success or a cancelled call may have produced tokens; a failure that says nothing, or
-      // a call the provider's code refused before sending, did not.
-      l.tokens =
-          settle(answered, l.judged.kind, l.used, l.judged.is_success() || result.cancelled());
+      // A success, or a call sent and then given up, may have produced tokens; a failure that
+      // says nothing, or a call the provider's code refused before sending, did not.
+      const bool sent = !result.refused_locally();
+      l.tokens = settle(sent, answered, l.judged.kind, l.used,
+                        l.judged.is_success() || (sent && !answered));
       if (!s->options.watch || !(reached || result.cancelled())) return;
       auto ended = call_ended(c.operation, c.gen_ai_operation, l.finished);
       ended.error_type = error_type_of(result, l.judged.kind);
@@ -298,7 +299,7 @@ struct route_attempt {
                              .cache_write_tokens = told.actual_cache_write_tokens.value_or(0)};
         const auto ended_at = Clock::now();
         // A stream began: it may have produced tokens however it ended.
-        const auto tokens = settle(true, kind, used, true);
+        const auto tokens = settle(true, true, kind, used, true);
         s->emit(stream_ended{operation, ending.how, tally.chunks, tokens, tally.source(),
                              ending.time_to_first_token},
                 ids);
@@ -319,25 +320,20 @@ struct route_attempt {
       }
     }
 
-    // What the end of an answer teaches, for both shapes: the breaker (its ticket), the usage
+    // What the end of a call teaches, for both shapes: the breaker (its ticket), the usage
     // window, and the limits and budgets, each by the rule its stage uses (settled_usage,
-    // settle_spend) with what the provider counts of `used`. Returns the tokens used: reported,
-    // else what the limits were settled to. A 429 is the cooldown's business, not the breaker's
-    // (circuit_breaker_options says why).
-    std::uint64_t settle(bool answered, verdict kind, const std::optional<token_usage>& used,
-                         bool maybe_billed) {
+    // usage_record_of, settle_spend) with what the provider counts of `used`. Returns the tokens
+    // used: reported, else what the limits were settled to. A 429 is the cooldown's business,
+    // not the breaker's (circuit_breaker_options says why).
+    std::uint64_t settle(bool sent, bool answered, verdict kind,
+                         const std::optional<token_usage>& used, bool maybe_billed) {
       auto& m = *s->models[model];
       s->providers[m.provider]->breaker.settle(ticket, answered, kind);
       // What the provider counts: at Anthropic, say, not the input read from its cache.
       const usage spent = weir::detail::settled_usage(
-          true, used ? std::optional(m.spec->limited_usage(*used)) : std::nullopt, maybe_billed,
+          sent, used ? std::optional(m.spec->limited_usage(*used)) : std::nullopt, maybe_billed,
           estimate);
-      if (answered)
-        m.monitor.record({.requests = 1,
-                          .tokens = spent.tokens,
-                          .error = kind == verdict::retryable,
-                          .rate_limited = kind == verdict::rate_limited},
-                         started);
+      if (sent) m.monitor.record(weir::detail::usage_record_of(answered, kind, spent.tokens), started);
       if (m.limits) m.limits->settle(estimate, spent, started);
       const spend_ending spend{
           .reported_cost = used ? std::optional(m.spec->cost(*used)) : std::nullopt,
