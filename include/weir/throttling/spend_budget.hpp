@@ -206,8 +206,8 @@ class budget_stage_base {
     settle_spend(*held, {.sent = !result.refused_locally(),
                          .reported_cost =
                              call.reported_usage() ? std::optional(cost_of(call)) : std::nullopt,
-                         .maybe_billed = context.judged == verdict::success ||
-                                         result.cancelled() || call.cut_by_deadline(result),
+                         .maybe_billed = context.judged == verdict::success || result.cancelled() ||
+                                         call.cut_by_deadline(result),
                          .estimated_cost = price_.of(call.estimated_usage())});
     return {};
   }

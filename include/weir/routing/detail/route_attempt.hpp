@@ -333,7 +333,8 @@ struct route_attempt {
       const usage spent = weir::detail::settled_usage(
           sent, used ? std::optional(m.spec->limited_usage(*used)) : std::nullopt, maybe_billed,
           estimate);
-      if (sent) m.monitor.record(weir::detail::usage_record_of(answered, kind, spent.tokens), started);
+      if (sent)
+        m.monitor.record(weir::detail::usage_record_of(answered, kind, spent.tokens), started);
       if (m.limits) m.limits->settle(estimate, spent, started);
       const spend_ending spend{
           .reported_cost = used ? std::optional(m.spec->cost(*used)) : std::nullopt,
