@@ -407,20 +407,23 @@ TEST_CASE("a model's usage window counts calls by the monitor stage's rule", "[r
   o.max_attempts = 1;
   router_type r(io.get_executor(), c, o);
   provider a;
-  std::vector<fake_response> answers{fake_response::ok(), fake_response::server_error(),
-                                     fake_response{.status = 400}, fake_response::too_many(1s)};
+  // The last is sent, then given up by its caller: a request, no error.
+  const std::vector<fake_response> answers{fake_response::ok(), fake_response::server_error(),
+                                           fake_response{.status = 400},
+                                           fake_response::too_many(1s), fake_response::ok()};
   std::size_t next = 0;
   a.script = [&](const weir::routing::model_spec&, clock_type::time_point) {
+    REQUIRE(next < answers.size());
     return answers[next++];
   };
   r.connect("a", a.call<prompt>());
-  for (std::size_t i = 0; i < answers.size(); ++i) {
+  for (int i = 0; i < 4; ++i) {
     route_now(io, r);
     advance<clock_type>(io, 1s);  // past the 429's cooldown
   }
-  // Sent and given up by its caller: a request, no error.
   a.latency = 2s;
   route_now(io, r, {.deadline = clock_type::now() + 1s}, 2s);
+  CHECK(next == answers.size());
   const auto status = r.status().at(0);
   CHECK(status.requests_per_minute == 5);
   // Every failure the provider answered is an error, a 400 as much as a 500; a 429 is one too,
