@@ -577,8 +577,8 @@ TEST_CASE("two weir-gateways sharing Redis keep to one provider's request limit 
        << " and " << gateways[1].answered << " answered, " << gateways[0].refused << " and "
        << gateways[1].refused << " refused, " << gateways[0].failed + gateways[1].failed
        << " failed (last status " << gateways[0].failed_status << ", " << gateways[1].failed_status
-       << "); the server refused " << served.status(429) << "; first refusals: "
-       << gateways[0].first_refusal << " / " << gateways[1].first_refusal);
+       << "); the server refused " << served.status(429)
+       << "; first refusals: " << gateways[0].first_refusal << " / " << gateways[1].first_refusal);
   const int answered = gateways[0].answered + gateways[1].answered;
   CHECK(gateways[0].failed + gateways[1].failed == 0);
   // More was asked than the limit lets through (some were turned away at their deadline) ...
