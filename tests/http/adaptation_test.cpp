@@ -636,6 +636,40 @@ TEST_CASE("a reported limit that rises is followed; a whole-second reset infers 
   CHECK(anthropic.state().known->per_second == Approx(20));
 }
 
+TEST_CASE("a limit reported as a bare count is followed in proportion when the count changes",
+          "[http][adaptation]") {
+  // HAProxy (or a fixed window with no reset) says X-RateLimit-Limit and no period: the count
+  // says nothing of the rate, but its change does. Before, a limit given as 12/s that fell to 6
+  // was found by refusals alone: five decreases, 15-20 s (issue 30's "+change given").
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(12), 1}});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  const auto answer = [&](int count) {
+    const auto sent = clock_type::now();
+    clock_type::advance(100ms);
+    adapt.observe({weir::verdict::success, hints({{"X-RateLimit-Limit", std::to_string(count)},
+                                                  {"X-RateLimit-Remaining", "3"}})},
+                  sent, clock_type::now());
+  };
+  answer(12);
+  answer(12);
+  CHECK(adapt.request_rate()->per_second == Approx(12 * 0.97));
+  answer(6);  // one answer alone may be another server's: believed once a second one agrees
+  CHECK(adapt.request_rate()->per_second == Approx(12 * 0.97));
+  answer(6);
+  CHECK(adapt.state().known->per_second == Approx(6));
+  CHECK(adapt.request_rate()->per_second == Approx(6 * 0.97));
+  answer(12);
+  answer(12);  // restored: climbed back to by recovery, never above the limit the user gave
+  CHECK(adapt.state().known->per_second == Approx(12));
+  for (int i = 0; i < 40; ++i) answer(12);  // four seconds of answers
+  CHECK(adapt.request_rate()->per_second >= 0.95 * 12 * 0.97);
+  answer(24);
+  answer(24);
+  CHECK(adapt.state().known->per_second == Approx(12));
+}
+
 TEST_CASE("a bucket's whole-second resets read while it drains give its window within 3%",
           "[http][adaptation]") {
   // Anthropic-style: 68 requests per 10 s refilled continuously, the reset an RFC 3339 moment

@@ -138,6 +138,8 @@ class adaptation_core {
       }
     if (c.kind == verdict::success && reported_requests)
       note_share(c.hint.requests, *reported_requests, now);
+    if (c.hint.requests.limit && !reported_requests)
+      follow_reported_count(*c.hint.requests.limit, now);
     // An overloaded provider (Anthropic 529, Groq 498, OpenAI 503 Slow Down) says "send less"
     // as a 429 does, though nothing of the account's limit is spent: a decrease, never a pause.
     const bool refused =
@@ -299,6 +301,29 @@ class adaptation_core {
     if (!window) window = options_.assumed_window;
     if (!window || window->count() <= 0) return std::nullopt;
     return static_cast<double>(*s.limit) / std::chrono::duration<double>(*window).count();
+  }
+
+  // A request limit reported as a bare count (X-RateLimit-Limit with no window, as HAProxy or a
+  // fixed window with no reset sends it) says nothing of its rate, but a count that changes says
+  // by how much the rate did: a limit halved mid-run is followed at once, where refusals would
+  // take several decreases (and a limit restored, at recovery's pace instead of probing's). A
+  // new count is believed once two answers in a row report it.
+  void follow_reported_count(std::int64_t count, time_point now) {
+    if (count <= 0) return;
+    if (count != latest_count_) {
+      latest_count_ = count;
+      return;
+    }
+    const auto before = std::exchange(followed_count_, count);
+    if (before == 0 || before == count || slow_start_ || !ceiling_) return;
+    const double ratio = static_cast<double>(count) / static_cast<double>(before);
+    if (known_) known_ = given_[0] ? std::min(*known_ * ratio, *given_[0]) : *known_ * ratio;
+    ceiling_ = known_ ? std::min(*ceiling_ * ratio, *known_) : *ceiling_ * ratio;
+    probe_step_ = 0;
+    if (rate_ > hold()) {
+      rate_ = hold();
+      apply(now);
+    }
   }
 
   // The sample with the most units outstanding measures the window most precisely, and it
@@ -754,6 +779,8 @@ class adaptation_core {
   time_point last_remaining_at_{};
   double share_mine_ = 0, share_all_ = 0;
   double share_cap_ = std::numeric_limits<double>::infinity();  // per second
+  // The last request count reported without a period, and the one the pace follows.
+  std::int64_t latest_count_ = 0, followed_count_ = 0;
 };
 
 }  // namespace detail
