@@ -775,6 +775,28 @@ TEST_CASE("an unknown limit that doubles is found within seconds, as TCP CUBIC f
   CHECK(seen.refused <= 0.1 * (seen.served + seen.refused));
 }
 
+TEST_CASE("an unknown slow limit that fell and came back is probed for within seconds",
+          "[http][adaptation]") {
+  // Before: the pace came back to the hold point at a twentieth of the gap per success, and a
+  // probe waited for sixteen successes there: a limit restored from 2/s to 4/s was still paced
+  // at 2/s ten seconds later (issue 30's "+change discovered").
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  strict_server server{std::chrono::duration_cast<ns>(1s / 4.0)};
+  drive(limits, adapt, server, 60s, 60s, 50ms, 8);
+  server.interval = std::chrono::duration_cast<ns>(1s / 2.0);
+  drive(limits, adapt, server, 30s, 30s, 50ms, 8);
+  REQUIRE(adapt.state().ceiling->per_second < 3);
+  server.interval = std::chrono::duration_cast<ns>(1s / 4.0);
+  // Issue 30's property: followed (paced at 80% of it at least) within 10 s.
+  const auto seen = drive(limits, adapt, server, 10s, 0s, 50ms, 8);
+  INFO(seen.served << " served, " << seen.refused << " refused in the 10 s after it came back");
+  CHECK(adapt.state().rate.per_second >= 0.8 * 4);
+  CHECK(seen.refused <= 0.1 * (seen.served + seen.refused));
+}
+
 namespace {
 // A strict server whose requests arrive up to `jitter` late, at random, as over a real network:
 // two requests sent one interval apart may arrive closer than that.

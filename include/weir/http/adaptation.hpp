@@ -578,7 +578,7 @@ class adaptation_core {
       // each, one at 2/s would take 20 s to come back. Refusals still coming (a limit that
       // fell) keep the slow pace, or the rate would be back where it was refused at once.
       const bool refusals_stopped = (answer_bits_ & 0xffu) == 0;
-      const double recovery = known_ && refusals_stopped
+      const double recovery = (known_ || below_held()) && refusals_stopped
                                   ? std::max(options_.recovery, 1 - std::exp2(-1 / rate_))
                                   : options_.recovery;
       rate_ += (target - rate_) * recovery;
@@ -586,6 +586,9 @@ class adaptation_core {
       apply(now);
     }
   }
+
+  // Under a ceiling that held before: a limit that fell, and may come back.
+  bool below_held() const { return held_ceiling_ > *ceiling_ * 1.2; }
 
   // Raises the ceiling once the hold point has held for `probe_after` successes in use, and
   // again each round the raised one holds.
@@ -597,14 +600,16 @@ class adaptation_core {
     if (probe_step_ == 0) {
       // Under a limit the user gave, a probe climbs no higher than it, so it may come sooner:
       // after a second's successes (four at least) rather than sixteen, which a slow limit
-      // (2/s) takes eight seconds to give, too long to follow a limit that was restored.
-      const double successes = given_[0]
+      // (2/s) takes eight seconds to give, too long to follow a limit that was restored. So
+      // does one below a ceiling that held before (a limit that fell may come back).
+      const double successes = given_[0] || below_held()
                                    ? std::min<double>(options_.probe_after, std::max(4.0, rate_))
                                    : options_.probe_after;
       if (++quiet_ < successes * patience_ ||
           since_decrease(now).value_or(nanos::max()) < 2 * round * patience_)
         return;
       probe_step_ = options_.probe_step;
+      held_ceiling_ = std::max(held_ceiling_, *ceiling_);
     } else {
       if (now - last_probe_ < round) return;
       probe_step_ = std::min(0.5, 3 * probe_step_);
@@ -781,6 +786,7 @@ class adaptation_core {
   double share_cap_ = std::numeric_limits<double>::infinity();  // per second
   // The last request count reported without a period, and the one the pace follows.
   std::int64_t latest_count_ = 0, followed_count_ = 0;
+  double held_ceiling_ = 0;  // the highest ceiling that held until probed above (per second)
 };
 
 }  // namespace detail
