@@ -502,10 +502,11 @@ class adaptation_core {
     }
     // A first probe refused, even by a server that says it has nothing left (each such refusal
     // costs a pause): the limit is where it was. Back to the hold point, and the next probe waits
-    // twice as long (up to four times), so that a steady limit is seldom overshot.
+    // twice as long (up to four times, twice below a ceiling that held before, where the limit
+    // may come back), so that a steady limit is seldom overshot.
     if (step > 0 && step <= options_.probe_step && ceiling_) {
       ceiling_ = *ceiling_ / (1 + step);
-      patience_ = std::min(4u, patience_ * 2);
+      patience_ = std::min(below_held() ? 2u : 4u, patience_ * 2);
       rate_ = std::min(rate_, hold() * (1 - options_.headroom));
       apply(now);
       return;
