@@ -317,8 +317,9 @@ class adaptation_core {
     const auto before = std::exchange(followed_count_, count);
     if (before == 0 || before == count || slow_start_ || !ceiling_) return;
     const double ratio = static_cast<double>(count) / static_cast<double>(before);
-    if (known_) known_ = given_[0] ? std::min(*known_ * ratio, *given_[0]) : *known_ * ratio;
-    ceiling_ = known_ ? std::min(*ceiling_ * ratio, *known_) : *ceiling_ * ratio;
+    // A known limit moves as if the server had named the new rate; a discovered ceiling, alone.
+    if (known_) return learn_limit(dimension::requests, *known_ * ratio, 0, now);
+    ceiling_ = *ceiling_ * ratio;
     probe_step_ = 0;
     if (rate_ > hold()) {
       rate_ = hold();
