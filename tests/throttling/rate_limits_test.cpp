@@ -170,6 +170,50 @@ TEST_CASE("a refund goes to the waiter at the head of the queue", "[rate_limits]
   CHECK(waiting.waited == 0s);
 }
 
+TEST_CASE("a request given back lets the next waiter go at once, and the pace holds after it",
+          "[rate_limits]") {
+  // One request a second with no burst: the call let through at 0 s failed before the server
+  // counted it, and its answer came at 0.3 s. The first waiter goes then, not at 0 s (that would
+  // put it one second before the second waiter); the second a second later.
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(1), 1}});
+  REQUIRE(limits.try_acquire({.requests = 1}));
+  acquisition first, second;
+  limits.async_acquire({.requests = 1}, first.handler());
+  limits.async_acquire({.requests = 1}, second.handler());
+  const auto sent = clock_type::now();
+  advance<clock_type>(io, 300ms);
+  CHECK_FALSE(first.result);
+  limits.give_back(weir::dimension::requests, 1, sent);
+  run_ready(io);
+  REQUIRE(first.result);
+  CHECK(first.waited == 300ms);
+  advance<clock_type>(io, 999ms);
+  CHECK_FALSE(second.result);
+  advance<clock_type>(io, 1ms);
+  REQUIRE(second.result);
+  CHECK(second.waited == 1300ms);
+  // The first waiter went after the second was sent: when the second's failure comes back,
+  // nothing is given back (the third would go right after the first).
+  acquisition third;
+  limits.async_acquire({.requests = 1}, third.handler());
+  advance<clock_type>(io, 100ms);
+  limits.give_back(weir::dimension::requests, 1, sent + 300ms);
+  run_ready(io);
+  CHECK_FALSE(third.result);
+  // With nobody waiting, a slot given back is room from now, never more than a full burst.
+  advance<clock_type>(io, 10s);
+  limits.give_back(weir::dimension::requests, 1, clock_type::now());
+  CHECK(limits.try_acquire({.requests = 1}));
+  const auto last = clock_type::now();
+  CHECK_FALSE(limits.try_acquire({.requests = 1}));
+  advance<clock_type>(io, 200ms);
+  limits.give_back(weir::dimension::requests, 1, last);
+  CHECK(limits.try_acquire({.requests = 1}));
+  CHECK_FALSE(limits.try_acquire({.requests = 1}));
+}
+
 TEST_CASE("rate_limits waiters are FIFO, cancellable and bounded by max_wait", "[rate_limits]") {
   asio::io_context io;
   limits_type limits(io.get_executor(), {.requests = weir::limit::per_minute(60, 1),

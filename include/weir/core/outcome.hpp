@@ -163,6 +163,8 @@ struct classification {
   verdict kind = verdict::success;
   rate_limit_hint hint{};
   refusal_reason reason{};
+  // The HTTP status answered; 0 when none was (a transport error, an error inside a stream).
+  unsigned status = 0;
 
   bool is_success() const noexcept { return kind == verdict::success; }
   bool is_failure() const noexcept { return kind != verdict::success; }

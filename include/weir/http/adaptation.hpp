@@ -147,7 +147,12 @@ class adaptation_core {
     // A refusal that says the limit has nothing left is the limit's, whoever spent it (other
     // clients sharing it, say): never noise.
     const bool spent = refused && c.hint.exhausted();
-    if (refused || c.kind == verdict::success) note_answer(refused, spent, sent, now);
+    if (refused || c.kind == verdict::success) {
+      note_answer(refused, spent, sent, now);
+      check_given_back(refused, sent);
+    }
+    if (c.kind == verdict::retryable && c.status >= 500 && !refused && !c.hint.exhausted())
+      give_back_slot(sent, now);
     if (refused) {
       // The server may say when it has room again; it never says how fast to come back, so a
       // refusal is a congestion event, unless refusals have been seen not to follow the rate.
@@ -163,9 +168,9 @@ class adaptation_core {
     for (std::size_t d = 0; d < 4; ++d)
       if (snapshots[d]->exhausted())
         if (auto wait = snapshots[d]->next_unit_after())
-          limits_.pause_until(static_cast<dimension>(d), now + *wait);
+          pause(static_cast<dimension>(d), now + *wait);
     if (c.kind == verdict::rate_limited)
-      if (auto wait = c.hint.exhausted_for()) limits_.pause_until(dimension::requests, now + *wait);
+      if (auto wait = c.hint.exhausted_for()) pause(dimension::requests, now + *wait);
   }
 
   // As above, for a request sent about one round trip ago.
@@ -301,6 +306,32 @@ class adaptation_core {
     if (!window) window = options_.assumed_window;
     if (!window || window->count() <= 0) return std::nullopt;
     return static_cast<double>(*s.limit) / std::chrono::duration<double>(*window).count();
+  }
+
+  void pause(dimension d, time_point until) {
+    limits_.pause_until(d, until);
+    paused_until_ = std::max(paused_until_, until);
+  }
+
+  // A server error that a gateway in front of the limit answered (a flaky proxy's 502 or 503)
+  // did not spend the limit: its slot is given back, to be used at once instead of lost (a
+  // tenth of the goodput behind a gateway failing a tenth), if the answer came before the next
+  // request went (rate_limits::give_back). Whether this server's errors are counted after all
+  // is learned from the first answer to a request sent after a slot was given back: refused
+  // twice, and as often as not, they are, and no slot is given back again.
+  void give_back_slot(time_point sent, time_point now) {
+    if (given_back_.counted || now < paused_until_) return;
+    limits_.give_back(dimension::requests, 1, sent, now);
+    if (std::exchange(given_back_.checking, true)) return;
+    given_back_.at = now;
+  }
+
+  void check_given_back(bool refused, time_point sent) {
+    auto& g = given_back_;
+    if (!g.checking || sent < g.at) return;
+    g.checking = false;
+    ++(refused ? g.refused : g.free);
+    g.counted = g.refused >= 2 && g.refused >= g.free;
   }
 
   // A request limit reported as a bare count (X-RateLimit-Limit with no window, as HAProxy or a
@@ -788,7 +819,14 @@ class adaptation_core {
   double share_cap_ = std::numeric_limits<double>::infinity();  // per second
   // The last request count reported without a period, and the one the pace follows.
   std::int64_t latest_count_ = 0, followed_count_ = 0;
-  double held_ceiling_ = 0;  // the highest ceiling that held until probed above (per second)
+  double held_ceiling_ = 0;    // the highest ceiling that held until probed above (per second)
+  time_point paused_until_{};  // the last pause this adaptation set
+  struct {
+    bool counted = false;   // this server's errors spend the limit: their slots are kept
+    bool checking = false;  // a slot was given back at `at`; no answer sent since is in yet
+    time_point at{};
+    unsigned free = 0, refused = 0;  // what the first answers sent after one found
+  } given_back_;
 };
 
 }  // namespace detail

@@ -50,8 +50,8 @@ inline classification judge_status(unsigned status, const hint_parser& parsed,
                                    std::string_view body = {},
                                    std::span<const unsigned> retryable_statuses = {}) {
   // Successes carry hints too (limits, remaining): that is how the limiter stops before a 429.
-  if (status < 400) return {verdict::success, parsed.hint()};
-  classification c{verdict::fatal, parsed.hint(), read_refusal(status, body, parsed.now())};
+  if (status < 400) return {verdict::success, parsed.hint(), {}, status};
+  classification c{verdict::fatal, parsed.hint(), read_refusal(status, body, parsed.now()), status};
   const auto cause = c.reason.cause;
   if (cause == refusal_cause::quota || cause == refusal_cause::billing) {
     c.kind = verdict::exhausted;
@@ -157,7 +157,9 @@ class stream_error : public judged_failure {
         return status.has_value();
       });
     }
-    return stream_error(type, judge_status(status.value_or(500), hint_parser(now), error));
+    auto judged = judge_status(status.value_or(500), hint_parser(now), error);
+    judged.status = 0;  // the server answered 200: the request was counted as any other
+    return stream_error(type, judged);
   }
 };
 

@@ -138,6 +138,16 @@ class rate_limits {
     state_->settle(estimated, actual, detail::to_nanos(spent_at));
   }
 
+  // Returns `units` of dimension `d` taken for a call sent at `sent` that the server did not
+  // count (a gateway in front of its limit failed it), if nothing was let through since: the
+  // next waiter may go at once, though not before `now`, and what follows is paced from it.
+  // Had anything gone since, the next waiter would come too soon after it for a strict limit,
+  // which counts the gap between two requests: nothing is given back then.
+  void give_back(dimension d, std::uint64_t units, time_point sent, time_point now = Clock::now()) {
+    state_->give_back(static_cast<std::size_t>(d), units, detail::to_nanos(sent),
+                      detail::to_nanos(now));
+  }
+
   // Re-sizes one dimension at run time, or enables it if it was absent. The next unit is due one
   // *new* interval after the last, so slowing down takes effect with the very next request.
   void set_limit(dimension d, limit l, time_point now = Clock::now()) {
@@ -383,19 +393,38 @@ class rate_limits {
       // A charge counts from when the units were spent, not from the settlement: charged from
       // the settlement, a limit with a small burst (one token, say) lost the refill of the whole
       // call's duration to every call estimated too low.
-      if (waiters.empty()) {
-        for (std::size_t d = 0; d < dims; ++d)
-          tat[d] = charge[d] ? std::max(tat[d], spent_at) + charge[d] : tat[d] - refund[d];
+      move_schedule([&](std::size_t d, detail::nanos end) {
+        return charge[d] ? std::max(end, spent_at) + charge[d] : end - refund[d];
+      });
+    }
+
+    void give_back(std::size_t d, std::uint64_t n, detail::nanos sent, detail::nanos now) {
+      std::lock_guard lock(mutex);
+      if (!limits[d] || n == 0) return;
+      constexpr std::uint64_t day_ns = 86'400'000'000'000;
+      const auto most =
+          std::max<std::uint64_t>(1, day_ns / static_cast<std::uint64_t>(interval[d]));
+      const auto amount = interval[d] * static_cast<detail::nanos>(std::min(n, most));
+      move_schedule([&](std::size_t i, detail::nanos end) {
+        const bool last = end - amount <= sent;  // nothing let through since
+        return i == d && last ? std::min(end, std::max(end - amount, now)) : end;
+      });
+    }
+
+    // Under the mutex: what is admitted ends at `moved(d, end)` instead of `end`, per dimension:
+    // TAT, or with waiters queued, the end of what stands before the first of them, who are
+    // re-stacked as if it had found that much more (a refund) or less (a charge: a debt is paid
+    // before anyone queued behind it) room when it arrived.
+    template <class Moved>
+    void move_schedule(Moved moved) {
+      auto* head = waiters.front();
+      if (!head) {
+        for (std::size_t d = 0; d < dims; ++d) tat[d] = moved(d, tat[d]);
         return;
       }
-      // The waiters are re-stacked as if the first one had found that much more (a refund) or
-      // less (a charge: a debt is paid before anyone queued behind it) room when it arrived.
-      auto* head = waiters.front();
       std::array<detail::nanos, dims> before_head;
-      for (std::size_t d = 0; d < dims; ++d) {
-        const auto start = head->reservation.end[d] - head->reservation.increment[d];
-        before_head[d] = charge[d] ? std::max(start, spent_at) + charge[d] : start - refund[d];
-      }
+      for (std::size_t d = 0; d < dims; ++d)
+        before_head[d] = moved(d, head->reservation.end[d] - head->reservation.increment[d]);
       const auto shift = detail::restack(head, before_head, tolerance);
       for (std::size_t d = 0; d < dims; ++d) tat[d] -= shift[d];
       waiters.arm();
