@@ -114,6 +114,24 @@ TEST_CASE("a retryable failure sends the route elsewhere first, then back after 
   CHECK(route.tried()[1] == 0);
 }
 
+TEST_CASE("a server error whose slot was given back is retried at once, the first time only",
+          "[routing][route_machine]") {
+  // The gateway failed the request before the limit counted it (the model's pacing gave the
+  // slot back): the request takes that slot. A second such failure backs off as any would.
+  auto route = machine_over(1);
+  const auto given_back = [&](ns at) {
+    route.sent();
+    return route.ended({.model = 0,
+                        .judged = judged_as(weir::verdict::retryable),
+                        .finished_ns = clock_ns(at),
+                        .slot_given_back = true});
+  };
+  CHECK(!given_back(1s).answer);
+  CHECK(route.not_before()[0] == clock_ns(1s));
+  CHECK(!given_back(2s).answer);
+  CHECK(route.not_before()[0] == clock_ns(2s + 400ms));
+}
+
 TEST_CASE(
     "a spent quota or credit keeps the model out as long as the server said, or until "
     "restored",

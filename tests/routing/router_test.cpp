@@ -488,6 +488,39 @@ TEST_CASE("with one model, a server error is retried after a backoff, not the en
   CHECK(a.calls() == 3 + 4);
 }
 
+TEST_CASE("a server error answered at once is retried at once, into the slot it did not spend",
+          "[routing][router]") {
+  // One request a second, paced. The first call fails with a 500 that comes back at once (a
+  // gateway in front of the limit): nothing went since, so its slot is given back and the request
+  // takes it. Before, it backed off (up to 200 ms) and then waited for the next slot (1 s).
+  asio::io_context io;
+  weir::routing::catalog c;
+  c.add(weir::routing::provider_spec{.name = "a"});
+  c.add(weir::routing::model_spec{
+      .provider = "a", .id = "a-only", .capability = 5, .requests_per_minute = 60});
+  router_type r(io.get_executor(), c, {});
+  provider a;
+  std::vector<clock_type::time_point> sent;
+  a.script = [&](const weir::routing::model_spec&, clock_type::time_point now) {
+    sent.push_back(now);
+    return sent.size() == 1 || sent.size() == 3 || sent.size() == 4 ? fake_response::server_error()
+                                                                    : fake_response::ok();
+  };
+  r.connect("a", a.call<prompt>());
+  auto first = route_now(io, r, {}, 10s);
+  REQUIRE(first.value);
+  REQUIRE(sent.size() == 2);
+  CHECK(sent[1] == sent[0]);
+  // The pace holds after it: the next request goes a second later. Failing twice, it takes the
+  // slot the first time and backs off the second.
+  auto next = route_now(io, r, {}, 10s);
+  REQUIRE(next.value);
+  REQUIRE(sent.size() == 5);
+  CHECK(sent[2] - sent[1] >= 900ms);
+  CHECK(sent[3] == sent[2]);
+  CHECK(sent[4] > sent[3]);
+}
+
 TEST_CASE("when every provider is out the error names the earliest time it frees up",
           "[routing][router]") {
   asio::io_context io;

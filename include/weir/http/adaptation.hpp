@@ -123,8 +123,9 @@ class adaptation_core {
     engage_locked(now);
   }
 
-  // Feeds one classified response to a request sent at `sent`.
-  void observe(const classification& c, time_point sent, time_point now) {
+  // Feeds one classified response to a request sent at `sent`. Returns whether its slot was
+  // given back (give_back_slot).
+  bool observe(const classification& c, time_point sent, time_point now) {
     std::lock_guard lock(mutex_);
     engage_locked(now);
     note_timing(sent, now);
@@ -151,8 +152,8 @@ class adaptation_core {
       note_answer(refused, spent, sent, now);
       check_given_back(refused, sent);
     }
-    if (c.kind == verdict::retryable && c.status >= 500 && !refused && !c.hint.exhausted())
-      give_back_slot(sent, now);
+    const bool given_back = c.kind == verdict::retryable && c.status >= 500 && !refused &&
+                            !c.hint.exhausted() && give_back_slot(sent, now);
     if (refused) {
       // The server may say when it has room again; it never says how fast to come back, so a
       // refusal is a congestion event, unless refusals have been seen not to follow the rate.
@@ -171,6 +172,7 @@ class adaptation_core {
           pause(static_cast<dimension>(d), now + *wait);
     if (c.kind == verdict::rate_limited)
       if (auto wait = c.hint.exhausted_for()) pause(dimension::requests, now + *wait);
+    return given_back;
   }
 
   // As above, for a request sent about one round trip ago.
@@ -319,11 +321,11 @@ class adaptation_core {
   // request went (rate_limits::give_back). Whether this server's errors are counted after all
   // is learned from the first answer to a request sent after a slot was given back: refused
   // twice, and as often as not, they are, and no slot is given back again.
-  void give_back_slot(time_point sent, time_point now) {
-    if (given_back_.counted || now < paused_until_) return;
-    limits_.give_back(dimension::requests, 1, sent, now);
-    if (std::exchange(given_back_.checking, true)) return;
-    given_back_.at = now;
+  bool give_back_slot(time_point sent, time_point now) {
+    if (given_back_.counted || now < paused_until_) return false;
+    if (!limits_.give_back(dimension::requests, 1, sent, now)) return false;
+    if (!std::exchange(given_back_.checking, true)) given_back_.at = now;
+    return true;
   }
 
   void check_given_back(bool refused, time_point sent) {
@@ -848,9 +850,11 @@ class server_adaptation {
   explicit server_adaptation(rate_limits<Clock> limits, adaptation_options options = {})
       : core_(std::make_shared<detail::adaptation_core<Clock>>(std::move(limits), options)) {}
 
-  // Feeds one classified response to a request sent at `sent`.
-  void observe(const classification& c, time_point sent, time_point now) {
-    core_->observe(c, sent, now);
+  // Feeds one classified response to a request sent at `sent`. Returns true when the answer
+  // was a server error whose slot in the limiter was given back (one the limit did not count):
+  // the next call may go at once (the router retries this one at once, into that slot).
+  bool observe(const classification& c, time_point sent, time_point now) {
+    return core_->observe(c, sent, now);
   }
   // As above, for a request sent about one round trip ago.
   void observe(const classification& c, time_point now = Clock::now()) { core_->observe(c, now); }

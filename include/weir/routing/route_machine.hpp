@@ -74,7 +74,9 @@ struct attempt_end {
   bool cancelled = false;         // no answer: the call was cancelled
   bool context_exceeded = false;  // a fatal answer saying the request does not fit the model
   std::int64_t finished_ns = 0;   // clock nanoseconds
-  std::exception_ptr failure{};   // what the route reports if it ends on this failure
+  // A server error whose slot the model's pacing gave back: the limit never counted it.
+  bool slot_given_back = false;
+  std::exception_ptr failure{};  // what the route reports if it ends on this failure
   // Of the model and its provider:
   std::uint64_t context_window = 0;  // 0: unknown
   bool limits_per_provider = false;  // the provider's quotas are per account, not per model
@@ -184,6 +186,14 @@ class route_machine {
         // Another model first; this one again after a backoff if none is left, as a retry
         // would: with one model, a 503 is retried rather than the end of the request.
         tried = tried_retryable;
+        // A gateway that failed the request before the limit counted it gave its slot back:
+        // the request takes it at once, the first time (later ones back off, so that a
+        // provider that fails everything at once is not hammered).
+        if (a.slot_given_back && retryable_failures_ == 0) {
+          ++retryable_failures_;
+          not_before = std::max(not_before, a.finished_ns);
+          break;
+        }
         last_backoff_ =
             settings_.retry_backoff.delay(retryable_failures_++, last_backoff_, random_);
         not_before = std::max(not_before, a.finished_ns + last_backoff_.count());

@@ -233,8 +233,10 @@ class router {
   // fatal one); else the route falls back, and what the failure means for the model (a cooldown,
   // a spent quota) holds for every route.
   static bool fall_back(state& s, const constraints& c, std::size_t i,
-                        const outcome<Response>& result, const classification& judged,
-                        time_point finished, route_progress& route) {
+                        const outcome<Response>& result, const typename attempt::lesson& l,
+                        route_progress& route) {
+    const auto& judged = l.judged;
+    const auto finished = l.finished;
     auto& m = *s.models[i];
     auto& p = *s.providers[m.provider];
     const auto& spec = *m.spec;
@@ -249,6 +251,7 @@ class router {
          .context_exceeded = fatal && !result.refused_locally() && !result.cancelled() &&
                              s.options.context_exceeded && s.options.context_exceeded(result),
          .finished_ns = weir::detail::to_nanos(finished),
+         .slot_given_back = l.slot_given_back,
          .failure =
              judged.is_success() ? std::exception_ptr{} : attempt::failure_of(result, spec, judged),
          .context_window = spec.context_window,
@@ -360,7 +363,8 @@ class router {
         l.finished = Clock::now();
         l.tokens = route.estimate.tokens;
         if (result.has_value())
-          attempt::observe(*s, i, l.judged, result.reached_provider(), started, l.finished, route);
+          l.slot_given_back = attempt::observe(*s, i, l.judged, result.reached_provider(), started,
+                                               l.finished, route);
       }
       if (l.judged.is_success() && !c.session.empty()) {
         // The provider now holds this prompt: the prefix the session's next request resends.
@@ -377,8 +381,7 @@ class router {
         }
       }
 
-      if (l.judged.kind == verdict::success ||
-          !fall_back(*s, c, i, result, l.judged, l.finished, route)) {
+      if (l.judged.kind == verdict::success || !fall_back(*s, c, i, result, l, route)) {
         route.answered(spec, c, l);
         co_return routed<Response>{std::move(result).get(), std::move(route.record)};
       }

@@ -142,10 +142,11 @@ class rate_limits {
   // count (a gateway in front of its limit failed it), if nothing was let through since: the
   // next waiter may go at once, though not before `now`, and what follows is paced from it.
   // Had anything gone since, the next waiter would come too soon after it for a strict limit,
-  // which counts the gap between two requests: nothing is given back then.
-  void give_back(dimension d, std::uint64_t units, time_point sent, time_point now = Clock::now()) {
-    state_->give_back(static_cast<std::size_t>(d), units, detail::to_nanos(sent),
-                      detail::to_nanos(now));
+  // which counts the gap between two requests: nothing is given back then. Returns whether the
+  // next call may go sooner than before.
+  bool give_back(dimension d, std::uint64_t units, time_point sent, time_point now = Clock::now()) {
+    return state_->give_back(static_cast<std::size_t>(d), units, detail::to_nanos(sent),
+                             detail::to_nanos(now));
   }
 
   // Re-sizes one dimension at run time, or enables it if it was absent. The next unit is due one
@@ -398,17 +399,20 @@ class rate_limits {
       });
     }
 
-    void give_back(std::size_t d, std::uint64_t n, detail::nanos sent, detail::nanos now) {
+    bool give_back(std::size_t d, std::uint64_t n, detail::nanos sent, detail::nanos now) {
       std::lock_guard lock(mutex);
-      if (!limits[d] || n == 0) return;
+      if (!limits[d] || n == 0) return false;
       constexpr std::uint64_t day_ns = 86'400'000'000'000;
       const auto most =
           std::max<std::uint64_t>(1, day_ns / static_cast<std::uint64_t>(interval[d]));
       const auto amount = interval[d] * static_cast<detail::nanos>(std::min(n, most));
-      move_schedule([&](std::size_t i, detail::nanos end) {
-        const bool last = end - amount <= sent;  // nothing let through since
-        return i == d && last ? std::min(end, std::max(end - amount, now)) : end;
-      });
+      const auto* head = waiters.front();
+      const auto end = head ? head->reservation.end[d] - head->reservation.increment[d] : tat[d];
+      // Nothing let through since it was sent, and no room now already.
+      if (end - amount > sent || end <= now) return false;
+      move_schedule(
+          [&](std::size_t i, detail::nanos e) { return i == d ? std::max(e - amount, now) : e; });
+      return true;
     }
 
     // Under the mutex: what is admitted ends at `moved(d, end)` instead of `end`, per dimension:

@@ -163,6 +163,7 @@ struct route_attempt {
     std::optional<token_usage> used{};  // what the response reported
     std::uint64_t tokens = 0;           // settled: reported, or the estimate
     time_point finished{};
+    bool slot_given_back = false;  // see observe
   };
   // A stream (see weir/composition/stream.hpp) is judged at its first chunk and settled at its end.
   static constexpr bool streamed = weir::detail::settles_at_stream_end<Response>;
@@ -170,13 +171,15 @@ struct route_attempt {
   // What an answer of model i teaches before anything is settled: the pacing (and through it the
   // fleet), the route's steps and the latency estimate. A stream's latency is its time to first
   // token. A cancelled call, or one the provider's own code refused before sending, is no answer:
-  // the pacing learns nothing from it.
-  static void observe(State& s, std::size_t i, const classification& judged, bool answered,
+  // the pacing learns nothing from it. Returns whether the pacing gave the attempt's slot back (a
+  // server error the limit did not count).
+  static bool observe(State& s, std::size_t i, const classification& judged, bool answered,
                       time_point started, time_point finished, route_progress& route) {
     auto& m = *s.models[i];
     const auto latency = std::chrono::duration_cast<nanos>(finished - started);
+    bool given_back = false;
     if (m.adapt && answered) {
-      m.adapt->observe(judged, started, finished);
+      given_back = m.adapt->observe(judged, started, finished);
       if (s.options.fleet)
         if (const auto known = m.adapt->state().known;
             known && m.shared_limit.exchange(known->per_second) != known->per_second)
@@ -186,6 +189,7 @@ struct route_attempt {
     if (route.race) route.race->ended(route.record.steps.back());
     if (judged.is_success()) s.note_latency(m, latency);
     if (answered && judged.kind == verdict::retryable) s.note_failure_latency(m, latency);
+    return given_back;
   }
 
   // error.type of a call that failed (empty for a success): docs/metrics.md lists the values.
@@ -258,7 +262,8 @@ struct route_attempt {
       // The route's deadline passing mid-call is the caller's giving up, not an answer: neither
       // the breaker nor the pacing learns from it (call_context::cut_by_deadline).
       const bool answered = reached && !call.cut_by_deadline(result);
-      observe(*s, model, l.judged, answered, started, l.finished, *whole.progress);
+      l.slot_given_back =
+          observe(*s, model, l.judged, answered, started, l.finished, *whole.progress);
       if constexpr (!streamed)
         if (l.judged.is_success() && s->options.usage_of)
           l.used = s->options.usage_of(result.value());
