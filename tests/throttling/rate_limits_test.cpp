@@ -194,8 +194,8 @@ TEST_CASE("a request given back lets the next waiter go at once, and the pace ho
   advance<clock_type>(io, 1ms);
   REQUIRE(second.result);
   CHECK(second.waited == 1300ms);
-  // The first waiter went after the second was sent: when the second's failure comes back,
-  // nothing is given back (the third would go right after the first).
+  // When the first waiter's call fails (sent at 0.3 s, answered at 1.4 s), the second has gone
+  // since: nothing is given back (the third would go right after the second).
   acquisition third;
   limits.async_acquire({.requests = 1}, third.handler());
   advance<clock_type>(io, 100ms);
