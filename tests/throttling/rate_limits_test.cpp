@@ -212,6 +212,15 @@ TEST_CASE("a request given back lets the next waiter go at once, and the pace ho
   limits.give_back(weir::dimension::requests, 1, last);
   CHECK(limits.try_acquire({.requests = 1}));
   CHECK_FALSE(limits.try_acquire({.requests = 1}));
+  // Never into a pause (the server said nothing is left until then): a call sent just before a
+  // pause of 0.6 s and failed 0.1 s into it gives its slot back from the pause's end, not now.
+  advance<clock_type>(io, 2s);
+  const auto before_pause = clock_type::now();
+  REQUIRE(limits.try_acquire({.requests = 1}));
+  limits.pause_until(weir::dimension::requests, before_pause + 600ms);
+  advance<clock_type>(io, 100ms);
+  CHECK(limits.give_back(weir::dimension::requests, 1, before_pause));
+  CHECK(limits.time_until({.requests = 1}) == 500ms);
 }
 
 TEST_CASE("rate_limits waiters are FIFO, cancellable and bounded by max_wait", "[rate_limits]") {

@@ -169,9 +169,9 @@ class adaptation_core {
     for (std::size_t d = 0; d < 4; ++d)
       if (snapshots[d]->exhausted())
         if (auto wait = snapshots[d]->next_unit_after())
-          pause(static_cast<dimension>(d), now + *wait);
+          limits_.pause_until(static_cast<dimension>(d), now + *wait);
     if (c.kind == verdict::rate_limited)
-      if (auto wait = c.hint.exhausted_for()) pause(dimension::requests, now + *wait);
+      if (auto wait = c.hint.exhausted_for()) limits_.pause_until(dimension::requests, now + *wait);
     return given_back;
   }
 
@@ -310,11 +310,6 @@ class adaptation_core {
     return static_cast<double>(*s.limit) / std::chrono::duration<double>(*window).count();
   }
 
-  void pause(dimension d, time_point until) {
-    limits_.pause_until(d, until);
-    paused_until_ = std::max(paused_until_, until);
-  }
-
   // A server error that a gateway in front of the limit answered (a flaky proxy's 502 or 503)
   // did not spend the limit: its slot is given back, to be used at once instead of lost (a
   // tenth of the goodput behind a gateway failing a tenth), if the answer came before the next
@@ -322,7 +317,7 @@ class adaptation_core {
   // is learned from the first answer to a request sent after a slot was given back: refused
   // twice, and as often as not, they are, and no slot is given back again.
   bool give_back_slot(time_point sent, time_point now) {
-    if (given_back_.counted || now < paused_until_) return false;
+    if (given_back_.counted) return false;
     if (!limits_.give_back(dimension::requests, 1, sent, now)) return false;
     if (!std::exchange(given_back_.checking, true)) given_back_.at = now;
     return true;
@@ -821,8 +816,7 @@ class adaptation_core {
   double share_cap_ = std::numeric_limits<double>::infinity();  // per second
   // The last request count reported without a period, and the one the pace follows.
   std::int64_t latest_count_ = 0, followed_count_ = 0;
-  double held_ceiling_ = 0;    // the highest ceiling that held until probed above (per second)
-  time_point paused_until_{};  // the last pause this adaptation set
+  double held_ceiling_ = 0;  // the highest ceiling that held until probed above (per second)
   struct {
     bool counted = false;   // this server's errors spend the limit: their slots are kept
     bool checking = false;  // a slot was given back at `at`; no answer sent since is in yet

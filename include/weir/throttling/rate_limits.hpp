@@ -140,7 +140,8 @@ class rate_limits {
 
   // Returns `units` of dimension `d` taken for a call sent at `sent` that the server did not
   // count (a gateway in front of its limit failed it), if nothing was let through since: the
-  // next waiter may go at once, though not before `now`, and what follows is paced from it.
+  // next waiter may go at once, though not before `now` nor into a pause (pause_until), and what
+  // follows is paced from it.
   // Had anything gone since, the next waiter would come too soon after it for a strict limit,
   // which counts the gap between two requests: nothing is given back then. Returns whether the
   // next call may go sooner than before.
@@ -366,23 +367,18 @@ class rate_limits {
       const auto got = units(actual);
       std::lock_guard lock(mutex);
       const auto est = with_typical_units(units(estimated));
-      // A server may report any number: what is learnt and charged is bounded (a day of the
-      // limit) so that the clock arithmetic cannot overflow; a refund never exceeds what was
+      // What is learnt and charged is bounded (most_units); a refund never exceeds what was
       // taken.
-      constexpr std::uint64_t day_ns = 86'400'000'000'000;
       for (std::size_t d = 0; d < dims; ++d) {
         if (!limits[d]) continue;
-        const auto most =
-            std::max<std::uint64_t>(1, day_ns / static_cast<std::uint64_t>(interval[d]));
-        const auto sample = static_cast<double>(std::min(got[d], most));
+        const auto sample = static_cast<double>(std::min(got[d], most_units(d)));
         typical[d] = typical[d] == 0 ? sample : typical[d] + (sample - typical[d]) / 8;
       }
       std::array<detail::nanos, dims> charge{}, refund{};
       bool any = false;
       for (std::size_t d = 0; d < dims; ++d) {
         if (!limits[d] || est[d] == got[d]) continue;
-        const auto most =
-            std::max<std::uint64_t>(1, day_ns / static_cast<std::uint64_t>(interval[d]));
+        const auto most = most_units(d);
         // Charged even past the burst: the server counted it, so the limiter must too.
         if (got[d] > est[d])
           charge[d] = interval[d] * static_cast<detail::nanos>(std::min(got[d] - est[d], most));
@@ -402,17 +398,22 @@ class rate_limits {
     bool give_back(std::size_t d, std::uint64_t n, detail::nanos sent, detail::nanos now) {
       std::lock_guard lock(mutex);
       if (!limits[d] || n == 0) return false;
-      constexpr std::uint64_t day_ns = 86'400'000'000'000;
-      const auto most =
-          std::max<std::uint64_t>(1, day_ns / static_cast<std::uint64_t>(interval[d]));
-      const auto amount = interval[d] * static_cast<detail::nanos>(std::min(n, most));
+      const auto amount = interval[d] * static_cast<detail::nanos>(std::min(n, most_units(d)));
       const auto* head = waiters.front();
       const auto end = head ? head->reservation.end[d] - head->reservation.increment[d] : tat[d];
-      // Nothing let through since it was sent, and no room now already.
-      if (end - amount > sent || end <= now) return false;
+      // Nothing let through since it was sent, and no room already: from now, never into a pause.
+      const auto floor = std::max(now, paused_tat[d]);
+      if (end - amount > sent || end <= floor) return false;
       move_schedule(
-          [&](std::size_t i, detail::nanos e) { return i == d ? std::max(e - amount, now) : e; });
+          [&](std::size_t i, detail::nanos e) { return i == d ? std::max(e - amount, floor) : e; });
       return true;
+    }
+
+    // A server may report any number: what is learnt, charged or given back is bounded (a day of
+    // the limit) so that the clock arithmetic cannot overflow.
+    std::uint64_t most_units(std::size_t d) const {
+      constexpr std::uint64_t day_ns = 86'400'000'000'000;
+      return std::max<std::uint64_t>(1, day_ns / static_cast<std::uint64_t>(interval[d]));
     }
 
     // Under the mutex: what is admitted ends at `moved(d, end)` instead of `end`, per dimension:
@@ -449,6 +450,7 @@ class rate_limits {
         waiters.arm();
       }
       tat[d] = std::max(tat[d], target);
+      paused_tat[d] = std::max(paused_tat[d], target);
     }
 
     executor_type executor;
@@ -459,7 +461,8 @@ class rate_limits {
     std::array<detail::nanos, dims> interval{};
     std::array<detail::nanos, dims> tolerance{};
     std::array<detail::nanos, dims> tat{};
-    std::array<double, dims> typical{};  // mean units per settled call, per dimension
+    std::array<detail::nanos, dims> paused_tat{};  // the last pause's end, as a TAT
+    std::array<double, dims> typical{};            // mean units per settled call, per dimension
   };
 
   executor_type executor_;
