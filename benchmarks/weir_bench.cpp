@@ -196,6 +196,17 @@ void floor_awaitable_call(benchmark::State& state) {
 }
 BENCHMARK(floor_awaitable_call)->Name("floor/awaitable_call");
 
+// The same call inside a coroutine that only passes it on: the least a decorator (a coroutine
+// around the caller's) can cost, the floor retry's target is set against.
+template <class Operation>
+boost::asio::awaitable<int> pass_on(Operation op) {
+  co_return co_await op();
+}
+void floor_two_frames(benchmark::State& state) {
+  in_coroutine(state, [] { return pass_on([] { return answer_at_once(); }); });
+}
+BENCHMARK(floor_two_frames)->Name("floor/two_frames");
+
 // Awaiting a permit that is free: the coroutine form takes it without suspending.
 void token_bucket_acquire_free(benchmark::State& state) {
   in_coroutine(state, [] { return always_open.acquire(); });

@@ -74,11 +74,16 @@ constexpr reservation_time reserve(nanos tat, nanos now, nanos increment,
 // units × interval, refusing a cost so large that the limiter's clock arithmetic would overflow
 // (more than ~2^61 ns, some 70 years of the limit).
 inline nanos cost_increment(std::uint64_t units, nanos interval, const char* dimension) {
-  if (units > static_cast<std::uint64_t>(std::numeric_limits<nanos>::max() / 4 / interval))
+  // A product checked, not a quotient: this runs on every acquire, where a 64-bit division
+  // would be the slowest instruction.
+  nanos cost = 0;
+  if (units > static_cast<std::uint64_t>(std::numeric_limits<nanos>::max()) ||
+      __builtin_mul_overflow(static_cast<nanos>(units), interval, &cost) ||
+      cost > std::numeric_limits<nanos>::max() / 4)
     throw weir::exception(
         error::invalid_argument,
         fmt::format("{}: cost {} is more than the limit allows in 70 years", dimension, units));
-  return interval * static_cast<nanos>(units);
+  return cost;
 }
 
 // The most a limiter may owe (~73 years of refill): re-pricing a debt at a slower rate saturates
