@@ -196,8 +196,8 @@ void floor_awaitable_call(benchmark::State& state) {
 }
 BENCHMARK(floor_awaitable_call)->Name("floor/awaitable_call");
 
-// The same call inside a coroutine that only passes it on: the least a decorator (a coroutine
-// around the caller's) can cost, the floor retry's target is set against.
+// The same call inside a coroutine that only passes it on: the least a policy used as a
+// decorator (a coroutine around the caller's, as `retry(op)` is) can cost.
 template <class Operation>
 boost::asio::awaitable<int> pass_on(Operation op) {
   co_return co_await op();

@@ -19,7 +19,6 @@
 
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/basic_waitable_timer.hpp>
-#include <boost/asio/error.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
@@ -222,7 +221,8 @@ struct driver {
 
   // The earliest deadline the entered stages [Begin, depth) put on what is inside them, and the
   // stage that set it (the innermost of equals). A plain value, not an optional: built on every
-  // attempt, an optional's flag written alone and read back with the rest stalls the fast path.
+  // attempt, an optional's flag written alone and read back with the rest was a hot spot in the
+  // driver's profile.
   static constexpr std::size_t caller = stage_count;  // the call's own deadline (ctx.deadline)
   struct bound {
     time_point at = time_point::max();  // max: none
@@ -415,85 +415,10 @@ struct driver {
   template <class T, std::size_t Begin, class Keep, class Operation>
   static boost::asio::awaitable<T> run(Keep keep, const context_type* given, Operation op,
                                        unsigned attempt) {
-    if constexpr (has_fast_path<T>)
-      return run_fast<T, Begin>(std::move(keep), given, std::move(op), attempt);
-    else
-      return run_all<T, Begin>(std::move(keep), given, std::move(op), attempt, nullptr);
-  }
-
-  // A call whose first attempt is the common case — nobody listens, no trace, no deadline, every
-  // stage admits it at once, and its value is one no classifier can fail — runs in a small frame
-  // of its own; anything else is handed over, as far as it went, to run_all's frame. The general
-  // frame is several times larger and its set-up costs more than the stages' own work.
-  template <class T>
-  static constexpr bool has_fast_path = !std::is_void_v<T> && plain_values &&
-                                        !detail::settles_at_stream_end<T> && !carries_judgement<T>;
-
-  // Where a first attempt stood when the fast path handed it over. run_all takes the stages over
-  // when it starts (`*entered` to Begin): until then, the fast path's guard holds them, so a
-  // co_await of run_all that throws at once (a cancelled coroutine) leaves them.
-  struct handover {
-    slots_type slots{};  // the stages [Begin, *entered) are entered
-    std::size_t* entered = nullptr;
-    bool declined = false;       // the stage at *entered declined to enter: it waits next
-    time_point now{};            // what the stages entered saw
-    std::exception_ptr failure;  // the attempt failed (on the way in, or the call itself)
-  };
-
-  template <class T, std::size_t Begin, class Keep, class Operation>
-  static boost::asio::awaitable<T> run_fast(Keep keep, const context_type* given, Operation op,
-                                            unsigned attempt) {
     constexpr std::size_t End = hooks_end(Begin);
     shared* s = address_of(keep);
     const context_type& ctx = given ? *given : no_context;
-    // run_all gets the state and the operation by reference: this frame keeps them alive.
-    if (s->watch || ctx.trace.valid() || ctx.deadline)
-      co_return co_await run_all<T, Begin>(s, given, std::ref(op), attempt, nullptr);
-    handover h;
-    stage_context<Clock> env{ctx, nullptr, attempt};
-    if constexpr (any_reads_clock<Begin, End>) env.now = Clock::now();
-    std::size_t depth = Begin;  // stages [Begin, depth) are entered
-    const unwind_guard<Begin, End> guard{s, h.slots, depth};
-    try {
-      enter<Begin, End>(s, h.slots, env, depth);
-      if (depth == End && !limit_of<Begin, End>(s, h.slots, env, End)) {
-        auto value = co_await inside<T, End>(s, env, op);
-        env.judged = verdict::success;
-        exit_plain_success<Begin, End>(s, h.slots, env);
-        depth = Begin;
-        co_return value;
-      }
-      h.declined = depth != End;
-    } catch (...) {
-      h.failure = std::current_exception();
-    }
-    if (h.failure && co_await boost::asio::this_coro::throw_if_cancelled()) {
-      // Cancelled (the call's failure is most often that): Asio would throw at once at run_all's
-      // co_await, leaving its exits unrun, so they run here. A stage that asks to run the call
-      // again cannot: the wait would be cancelled, and the stages outside it are abandoned.
-      const auto state = co_await boost::asio::this_coro::cancellation_state;
-      if (state.cancelled() != boost::asio::cancellation_type::none) {
-        std::optional<outcome<T>> result(outcome<T>::from_exception(h.failure));
-        if (exit<Begin, End>(s, h.slots, env, result, depth))
-          throw boost::system::system_error(boost::asio::error::operation_aborted);
-        co_return std::move(*result).get();
-      }
-    }
-    h.now = env.now;
-    h.entered = &depth;
-    co_return co_await run_all<T, Begin>(s, given, std::ref(op), attempt, &h);
-  }
-
-  // The general driver: the first attempt as the fast path left it (`from`), every attempt
-  // after it.
-  template <class T, std::size_t Begin, class Keep, class Operation>
-  static boost::asio::awaitable<T> run_all(Keep keep, const context_type* given, Operation op,
-                                           unsigned attempt, handover* from) {
-    constexpr std::size_t End = hooks_end(Begin);
-    shared* s = address_of(keep);
-    const context_type& ctx = given ? *given : no_context;
-    slots_type slots = from ? std::move(from->slots) : slots_type{};
-    const std::size_t taken_over = from ? std::exchange(*from->entered, Begin) : Begin;
+    slots_type slots{};
     const observer* watch = s->watch;
     stage_context<Clock> env{ctx, watch, attempt};
     // A traced call: each attempt that sends (its stages' inside is the call, not a decorator
@@ -513,20 +438,10 @@ struct driver {
       if constexpr (End == stage_count)
         if (traced) env.trace.span = new_span_id();
       if constexpr (any_reads_clock<Begin, End>) env.now = Clock::now();
-      bool skip_enter = false;
       try {
-        if (from) {  // the fast path's first attempt, taken over where it stopped
-          depth = taken_over;
-          env.now = from->now;
-          skip_enter = from->declined;
-          const auto failure = std::exchange(from->failure, nullptr);
-          from = nullptr;
-          if (failure) std::rethrow_exception(failure);
-        }
         if (ctx.deadline && Clock::now() >= *ctx.deadline)
           throw weir::exception::refusal(error::timeout, "the call's deadline has passed");
-        while ((skip_enter ? void() : enter<Begin, End>(s, slots, env, depth)), depth != End) {
-          skip_enter = false;
+        while (enter<Begin, End>(s, slots, env, depth), depth != End) {
           // The slow path: wait for the queue or a limiter, then go on with the next stage.
           const auto waited_from = Clock::now();
           if (auto admitted_too_late = co_await wait_at<Begin, End>(s, slots, env, depth)) {

@@ -196,7 +196,9 @@ class retry_stage {
 
   struct slot {
     typename retry<Clock, Classifier>::progress progress{};
-    std::optional<time_point> deadline{};  // when max_elapsed passes
+    // When max_elapsed passes (max: never). Not an optional: written apart, its flag and time were
+    // read back together on every call, a hot spot in the driver's profile.
+    time_point deadline = time_point::max();
     bool begun = false;
     bool expired = false;  // it passed during an attempt
   };
@@ -243,7 +245,10 @@ class retry_stage {
     }
   }
 
-  std::optional<time_point> inside_deadline(const slot& s) const { return s.deadline; }
+  std::optional<time_point> inside_deadline(const slot& s) const {
+    if (s.deadline == time_point::max()) return std::nullopt;
+    return s.deadline;
+  }
   std::exception_ptr deadline_passed(slot& s, stage_context<Clock>&, std::exception_ptr cause) {
     s.expired = true;
     return std::make_exception_ptr(weir::exception(
