@@ -156,6 +156,8 @@ class referee {
 
   // The limit halves at halve_at and comes back at restore_at.
   std::optional<ns> halve_at, restore_at;
+  // Clients that share the limit, each pacing on its own ("+shared").
+  int sharers = 1;
   double scale(ns at) const {
     return halve_at && at >= *halve_at && (!restore_at || at < *restore_at) ? 0.5 : 1.0;
   }
@@ -302,6 +304,17 @@ class fixed_window : public referee {
     return std::max(1, static_cast<int>(limit_ * scale(at))) /
            std::chrono::duration<double>(window_).count();
   }
+  // Shared by clients that do not coordinate, a window whose limit they cannot split evenly
+  // overflows however evenly each paces its share: two clients paced at 97% of their half of 5
+  // each send 3 in some windows, 6 in all. The best they can do is what perfect pacers get
+  // through with at most 0.5% refused.
+  double reachable_at(ns at) const override {
+    if (sharers == 1) return limit_at(at);
+    auto& reach = scale(at) < 1 ? reach_halved_ : reach_;
+    if (reach == 0)
+      reach = shared_pacers_goodput(std::max(1, static_cast<int>(limit_ * scale(at))));
+    return reach;
+  }
   bool reports_limit() const override { return reports_window_; }
   std::string describe() const override {
     static const char* styles[] = {"X-RateLimit (epoch reset)", "RateLimit-* (delta reset)",
@@ -321,6 +334,55 @@ class fixed_window : public referee {
   std::optional<std::int64_t> origin_;
   std::int64_t index_ = -1;
   int used_ = 0;
+  mutable double reach_ = 0, reach_halved_ = 0;
+
+  // The admitted rate of the fastest even pace (in steps of 1% of the limit) at which `sharers`
+  // perfect pacers, each at its share and its own phase, each arrival late by up to max_jitter,
+  // are refused at most 0.5% of the time by this window's rule; over several draws of phases.
+  double shared_pacers_goodput(int limit) const {
+    const double window_s = std::chrono::duration<double>(window_).count();
+    const double per_second = limit / window_s;
+    std::mt19937_64 rng(static_cast<std::uint64_t>(limit * 131 + sharers));
+    constexpr int draws = 6, windows = 100;
+    std::vector<std::vector<double>> phases(draws), late(draws);
+    for (int d = 0; d < draws; ++d) {
+      for (int c = 0; c < sharers; ++c)
+        phases[d].push_back(std::uniform_real_distribution<>(0, 1)(rng));
+      for (int i = 0; i < windows * limit * 2; ++i)
+        late[d].push_back(std::chrono::duration<double>(uniform(rng, 0ns, max_jitter)).count());
+    }
+    std::vector<double> arrivals;
+    for (double pace = 1.0; pace > 0.5; pace -= 0.01) {
+      const double interval = sharers / (per_second * pace);  // one client's
+      const double span = windows * window_s;
+      long admitted = 0, refused = 0;
+      for (int d = 0; d < draws; ++d) {
+        arrivals.clear();
+        std::size_t k = 0;
+        for (int c = 0; c < sharers; ++c)
+          for (double t = phases[d][c] * interval; t < span; t += interval)
+            arrivals.push_back(t + late[d][k++ % late[d].size()]);
+        std::sort(arrivals.begin(), arrivals.end());
+        double origin = -1e18;
+        long index = -1;
+        int used = 0;
+        for (double t : arrivals) {
+          if (from_first_) {
+            if (t >= origin + window_s) origin = t, used = 0;
+          } else if (const auto i = static_cast<long>(t / window_s); i != index) {
+            index = i, used = 0;
+          }
+          if (used < limit)
+            ++used, ++admitted;
+          else
+            ++refused;
+        }
+      }
+      if (refused * 200 <= admitted + refused)
+        return per_second * pace * (1 - static_cast<double>(refused) / (admitted + refused));
+    }
+    return per_second * 0.5;
+  }
 };
 
 // HAProxy's `sc_http_req_rate(0) gt N` over a one-second stick-table period: the request is
@@ -1177,9 +1239,10 @@ inline settings draw(std::mt19937_64& rng, bool through_pipeline) {
   }
   const bool changes = s.model.find("+change") != std::string::npos;
   const auto length = s.length;
-  s.make_server = [make, changes, length, s_flaky_503 = s.flaky_503](std::uint64_t seed,
-                                                                     double flaky) {
+  s.make_server = [make, changes, length, s_flaky_503 = s.flaky_503, sharers = s.clients](
+                      std::uint64_t seed, double flaky) {
     auto server = make();
+    server->sharers = sharers;
     if (changes) {
       server->halve_at = length / 3;
       server->restore_at = 2 * length / 3;
