@@ -34,7 +34,8 @@
 // and twists on top of one: "+change" (the limit halves at a third of the run and comes back at
 // two thirds), "+flaky" (a gateway answers 5–20% 429s or 503s at random, in front of the
 // limit), "+shared" (2–4 clients, each with its own limiter and adaptation, share the limit; a
-// strict nginx limit gets a burst of 4 when shared, as uncoordinated clients need).
+// strict nginx limit gets a burst of 4 when shared, as uncoordinated clients need, and a fixed
+// window's goodput is measured against what perfect uncoordinated pacers get through it).
 //
 // Properties, per seed (while the callers could send well above the limit):
 //   - steady-state goodput (what the server admitted over the second half) ≥ 95% of the limit
