@@ -584,6 +584,30 @@ TEST_CASE("under a known limit, random refusals unrelated to the rate cost at mo
   CHECK(halved.refused <= 0.2 * (halved.served + halved.refused));
 }
 
+TEST_CASE("told nothing, 5% random refusals leave the pace near an unknown limit",
+          "[http][adaptation]") {
+  // Before: while discovering, every random 429 was a congestion event: slow start ended at the
+  // first one, a few requests a second, and each later one lowered the pace again (1.0-5.7/s of
+  // a strict 20/s sent over the last 30 s of 90, four gateways' draws). Now a decrease is judged
+  // here too, and one that the refusals do not follow is undone: 11-18/s. (At 10-20% random
+  // refusals discovery still often collapses: docs/pacing.md.)
+  for (std::uint64_t draw : {1u, 2u, 3u, 4u}) {
+    for (std::size_t in_flight : {4u, 16u}) {
+      clock_type::reset();
+      asio::io_context io;
+      limits_type limits(io.get_executor(), {});
+      weir::http::server_adaptation<clock_type> adapt(limits);
+      flaky_strict_server server{{50ms}, 0.05, std::mt19937_64(draw)};
+      const auto seen = drive(limits, adapt, server, 90s, 60s, 80ms, in_flight);
+      const double sent = (seen.served + seen.refused) / 30.0;
+      INFO("draw " << draw << ", " << in_flight << " in flight: sent " << sent << "/s, served "
+                   << seen.served / 30.0 << "/s");
+      CHECK(sent >= 0.5 * 20);
+      CHECK(sent <= 20 * 1.1);
+    }
+  }
+}
+
 namespace {
 // A strict limit behind which, or in front of which, a share of requests fails with a 503: in
 // front (a flaky proxy), the limit never counts them; behind (its upstream), it counted them.

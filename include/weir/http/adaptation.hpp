@@ -157,8 +157,7 @@ class adaptation_core {
     if (refused) {
       // The server may say when it has room again; it never says how fast to come back, so a
       // refusal is a congestion event, unless refusals have been seen not to follow the rate.
-      if (sent > last_decrease_ && !verdict_.pending && (spent || !within_noise()))
-        congestion_event(sent, spent, now);
+      if (sent > last_decrease_ && is_congestion(spent)) congestion_event(sent, spent, now);
     } else if (c.kind == verdict::success) {
       if (c.hint.exhausted())
         hold_here(now);  // the server is full at this rate: a warning before the refusal
@@ -439,17 +438,22 @@ class adaptation_core {
   // sent after it. Congestion refusals fall when the rate does (or the share of successes rises);
   // if they go on as before, they were noise: the decrease is undone, and refusals up to that
   // share are no congestion event from then on. A lockout (most answers refusals) is always
-  // congestion.
+  // congestion. While discovering, the pace goes on falling at each refusal while a decrease is
+  // judged (it may still be above the limit), so the answers are counted from the first decrease
+  // and compared with the pace before it.
   void note_answer(bool refused, bool spent, time_point sent, time_point now) {
-    if (verdict_.pending && sent > last_decrease_) {
+    if (verdict_.pending && sent > verdict_.since) {
       ++verdict_.answers;
       verdict_.refusals += refused ? 1 : 0;
       verdict_.spent += spent ? 1 : 0;
       const double share = verdict_.refusals / static_cast<double>(verdict_.answers);
       // Too few answers to tell a share that fell from one that did not: wait for more, up to
-      // 64, unless most are refusals (a lockout is congestion at once).
+      // 64, unless most are refusals (a lockout is congestion at once). While discovering, a
+      // share that did not fall is judged only on as many answers (a few answers at a low
+      // rate, read as noise, put the pace back above a limit).
       const bool conclusive = verdict_.refusals_before * verdict_.answers >= 3 ||
-                              share >= verdict_.refusals_before || verdict_.answers >= 64;
+                              (share >= verdict_.refusals_before && !verdict_.discovering) ||
+                              verdict_.answers >= 64;
       if ((verdict_.answers >= verdict_.needed && conclusive) ||
           (verdict_.answers >= 4 && share >= 0.5))
         judge(share, now);
@@ -467,6 +471,18 @@ class adaptation_core {
     return std::popcount(answer_bits_ & mask) / static_cast<double>(answers_seen_);
   }
 
+  // Whether a refusal (of a request sent after the last decrease) is a congestion event: not
+  // within the noise learned, and under a known limit not while a decrease is judged. While
+  // discovering, slow start at a low rate meets a flaky gateway's refusals long before the limit:
+  // one or two among the last eight answers do not end it (past a strict limit, every other
+  // request is refused), unless the server said it had nothing left.
+  bool is_congestion(bool spent) const {
+    if (known_) return !verdict_.pending && (spent || !within_noise());
+    if (spent) return true;
+    const int refused_of_eight = std::popcount(answer_bits_ & 0xffu);
+    return !within_noise() && !(slow_start_ && refused_of_eight < 3);
+  }
+
   bool within_noise() const {
     return noise_ > 0 && recent_refusals() <= noise_ + std::max(0.05, noise_);
   }
@@ -476,13 +492,30 @@ class adaptation_core {
   // a decrease that stays above it leaves the share at a half.
   static constexpr double congestion_share = 0.4;
 
+  // While discovering, the share of refusals after a decrease half-way between what each cause
+  // predicts: noise leaves it where it was; a limit passes as many as before while the pace
+  // stays above it, so slowed by k its share of successes grows k times. Below it, congestion;
+  // above, noise. A decrease that stays above a limit leaves refusals only a little fewer (38%
+  // of a pace 1.5 times the limit, 20% after a decrease of a fifth): judged by their fall alone,
+  // it read as noise and held the pace there. So do fewer than three refusals, too few to tell.
+  double closer_to_congestion() const {
+    const double before = verdict_.refusals_before;
+    const double slowed_by = verdict_.rate / rate_;
+    const double if_congestion = std::max(0.0, 1 - (1 - before) * slowed_by);
+    return (before + if_congestion) / 2;
+  }
+
   void judge(double share_after, time_point now) {
     verdict_.pending = false;
     const double success_before = 1 - verdict_.refusals_before;
     const double success_after = 1 - share_after;
     const bool followed_the_rate =
         share_after >= congestion_share || verdict_.refusals_before >= congestion_share ||
-        success_after > success_before * 1.08 + 0.01 || 2 * verdict_.spent >= verdict_.refusals;
+        success_after > success_before * 1.08 + 0.01 ||
+        (verdict_.discovering &&
+         (share_after < std::max(verdict_.refusals_before, closer_to_congestion()) ||
+          verdict_.refusals < 3)) ||
+        2 * verdict_.spent >= verdict_.refusals;
     if (followed_the_rate) {
       noise_ = std::min(noise_, share_after);  // what is left after a decrease bounds the noise
       return;
@@ -540,15 +573,15 @@ class adaptation_core {
       apply(now);
       return;
     }
-    // Only under a known limit: while discovering, slow start's refusals at low rates are too
-    // few to judge by, and a lost decrease would overshoot.
-    if (known_)
+    if (!verdict_.pending)
       verdict_ = {.pending = true,
                   .rate = rate_,
                   .ceiling = ceiling_,
                   .slow_start = slow_start_,
+                  .since = now,
                   .refusals_before = recent_refusals(),
-                  .needed = static_cast<unsigned>(std::clamp(rate_ * 2, 8.0, 32.0))};
+                  .needed = known_ ? static_cast<unsigned>(std::clamp(rate_ * 2, 8.0, 32.0)) : 32u,
+                  .discovering = !known_};
     // Slow start found where refusals begin. After it, a refusal at the hold point says the
     // ceiling was about right, not that it is a headroom lower: setting it to the refused rate
     // each time ratcheted it down by the headroom per refusal, for good. Unless the server said
@@ -712,9 +745,11 @@ class adaptation_core {
     double rate = 0;
     std::optional<double> ceiling{};
     bool slow_start = false;
+    time_point since{};          // the decrease
     double refusals_before = 0;  // the share of refusals among recent answers at the decrease
     unsigned needed = 0, answers = 0, refusals = 0;
     unsigned spent = 0;  // refusals that said the limit had nothing left
+    bool discovering = false;
   };
   // A window inferred from one sample: `outstanding` units at `taken`, all back by `returned`.
   struct window_estimate {
