@@ -492,12 +492,13 @@ class adaptation_core {
   // a decrease that stays above it leaves the share at a half.
   static constexpr double congestion_share = 0.4;
 
-  // While discovering, the share of refusals after a decrease half-way between what each cause
-  // predicts: noise leaves it where it was; a limit passes as many as before while the pace
-  // stays above it, so slowed by k its share of successes grows k times. Below it, congestion;
-  // above, noise. A decrease that stays above a limit leaves refusals only a little fewer (38%
-  // of a pace 1.5 times the limit, 20% after a decrease of a fifth): judged by their fall alone,
-  // it read as noise and held the pace there. So do fewer than three refusals, too few to tell.
+  // Half-way between the share of refusals each cause predicts at the pace now: noise leaves it
+  // where it was; a limit passes as many as before while the pace stays above it, so at a pace k
+  // times lower its share of successes is k times higher. While discovering, refusals are noise
+  // only at this share or above, and never when they fell at all: a decrease that stays above a
+  // limit leaves them only a little fewer (38% of a pace 1.5 times the limit, 20% after a
+  // decrease of a fifth), which the rule of a known limit (successes up 8%) read as noise,
+  // holding the pace above the limit. Nor are fewer than three refusals: too few to tell.
   double closer_to_congestion() const {
     const double before = verdict_.refusals_before;
     const double slowed_by = verdict_.rate / rate_;
