@@ -249,10 +249,10 @@ class rate_limits {
         before_head[i] = head->reservation.end[i] - head->reservation.increment[i];
       before_head[d] = admitted;
       // (Bounded as cost_increment bounds a cost: a rate cut cannot overflow the arithmetic.)
-      const auto most_units = std::numeric_limits<detail::nanos>::max() / 4 / interval[d];
+      const auto largest_cost = std::numeric_limits<detail::nanos>::max() / 4 / interval[d];
       for (auto* w = head; w; w = w->next) {
         auto& increment = w->reservation.increment[d];
-        if (before != 0) increment = std::min(increment / before, most_units) * interval[d];
+        if (before != 0) increment = std::min(increment / before, largest_cost) * interval[d];
       }
       const auto shift = detail::restack(head, before_head, tolerance);
       for (std::size_t i = 0; i < dims; ++i) tat[i] -= shift[i];
