@@ -608,6 +608,40 @@ TEST_CASE("told nothing, 5% random refusals leave the pace near an unknown limit
   }
 }
 
+TEST_CASE("a limit reported anew ends the judging of a decrease made under the old one",
+          "[http][adaptation]") {
+  // A decrease judged as noise is undone to the pace before it. Before: a limit that fell
+  // meanwhile (20/s, then 10/s) was undone back to 19.4/s, twice the new limit.
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  const auto report = [&](int limit) {
+    adapt.observe(
+        {weir::verdict::success, hints({{"RateLimit-Policy", fmt::format(R"("d";q={};w=1)", limit)},
+                                        {"RateLimit", fmt::format(R"("d";r={};t=1)", limit / 2)}})},
+        clock_type::now() - 10ms, clock_type::now());
+  };
+  const auto answer = [&](bool refused) {
+    clock_type::advance(50ms);
+    adapt.observe(refused ? weir::classification{weir::verdict::rate_limited, {}}
+                          : weir::classification{weir::verdict::success, {}},
+                  clock_type::now() - 10ms, clock_type::now());
+  };
+  report(20);
+  REQUIRE(adapt.state().known->per_second == Approx(20));
+  for (int i = 0; i < 40; ++i) answer(false);
+  // The first refusal shrinks the burst, the second is jitter's (a step of one headroom), the
+  // third a decrease, judged by the answers that follow.
+  for (int i = 0; i < 3; ++i) answer(true);
+  REQUIRE(adapt.request_rate()->per_second < 19);
+  clock_type::advance(50ms);
+  report(10);
+  report(10);
+  // Refusals go on as before: the decrease would be judged noise and undone.
+  for (int i = 0; i < 40; ++i) answer(i % 16 == 0);
+  CHECK(adapt.request_rate()->per_second <= 10 * 0.97 + 1e-9);
+}
+
 namespace {
 // A strict limit behind which, or in front of which, a share of requests fails with a 503: in
 // front (a flaky proxy), the limit never counts them; behind (its upstream), it counted them.

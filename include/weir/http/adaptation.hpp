@@ -522,9 +522,11 @@ class adaptation_core {
       return;
     }
     noise_ = std::max(noise_, share_after);
-    rate_ = std::max(rate_, verdict_.rate);
-    ceiling_ = verdict_.ceiling;
+    // Undone, but never above a limit the server reported since (it fell meanwhile).
+    ceiling_ = verdict_.ceiling && known_ ? std::min(*verdict_.ceiling, *known_) : verdict_.ceiling;
     slow_start_ = verdict_.slow_start;
+    rate_ =
+        std::max(rate_, ceiling_ && !slow_start_ ? std::min(verdict_.rate, hold()) : verdict_.rate);
     apply(now);
   }
 
