@@ -35,7 +35,8 @@
 // two thirds), "+flaky" (a gateway answers 5–20% 429s or 503s at random, in front of the
 // limit), "+shared" (2–4 clients, each with its own limiter and adaptation, share the limit; a
 // strict nginx limit gets a burst of 4 when shared, as uncoordinated clients need, and a fixed
-// window's goodput is measured against what perfect uncoordinated pacers get through it).
+// or HAProxy window's goodput is measured against what perfect uncoordinated pacers get through
+// it).
 //
 // Properties, per seed (while the callers could send well above the limit):
 //   - steady-state goodput (what the server admitted over the second half) ≥ 95% of the limit
@@ -244,6 +245,42 @@ class nginx_limit_req : public referee {
   }
 };
 
+// The admitted rate of the fastest even pace (in steps of 1% of the limit) at which `sharers`
+// perfect pacers, each at its share of `per_second` and its own phase, each arrival late by up to
+// max_jitter, are refused at most 0.5% of the time by a server's rule over `span_s` seconds; over
+// several draws of phases. `rule` is copied fresh for each run: arrival time (s) -> admitted.
+template <class Rule>
+double shared_pacers_goodput(double per_second, int sharers, std::uint64_t seed, double span_s,
+                             const Rule& rule) {
+  std::mt19937_64 rng(seed);
+  constexpr int draws = 6;
+  std::vector<std::vector<double>> phases(draws), late(draws);
+  for (int d = 0; d < draws; ++d) {
+    for (int c = 0; c < sharers; ++c)
+      phases[d].push_back(std::uniform_real_distribution<>(0, 1)(rng));
+    for (int i = 0; i < static_cast<int>(span_s * per_second * 2); ++i)
+      late[d].push_back(std::chrono::duration<double>(uniform(rng, 0ns, max_jitter)).count());
+  }
+  std::vector<double> arrivals;
+  for (double pace = 1.0; pace > 0.5; pace -= 0.01) {
+    const double interval = sharers / (per_second * pace);  // one client's
+    long admitted = 0, refused = 0;
+    for (int d = 0; d < draws; ++d) {
+      arrivals.clear();
+      std::size_t k = 0;
+      for (int c = 0; c < sharers; ++c)
+        for (double t = phases[d][c] * interval; t < span_s; t += interval)
+          arrivals.push_back(t + late[d][k++ % late[d].size()]);
+      std::sort(arrivals.begin(), arrivals.end());
+      auto admits = rule;
+      for (double t : arrivals) (admits(t) ? admitted : refused) += 1;
+    }
+    if (refused * 200 <= admitted + refused)
+      return per_second * pace * (1 - static_cast<double>(refused) / (admitted + refused));
+  }
+  return per_second * 0.5;
+}
+
 enum class window_style { legacy, draft6, draft8 };
 
 // A fixed window of `limit` per `window`, opening on the wall clock's multiples of the window or
@@ -337,52 +374,21 @@ class fixed_window : public referee {
   int used_ = 0;
   mutable double reach_ = 0, reach_halved_ = 0;
 
-  // The admitted rate of the fastest even pace (in steps of 1% of the limit) at which `sharers`
-  // perfect pacers, each at its share and its own phase, each arrival late by up to max_jitter,
-  // are refused at most 0.5% of the time by this window's rule; over several draws of phases.
+  // What perfect uncoordinated pacers get through this window's rule (refusals do not count).
   double shared_pacers_goodput(int limit) const {
     const double window_s = std::chrono::duration<double>(window_).count();
-    const double per_second = limit / window_s;
-    std::mt19937_64 rng(static_cast<std::uint64_t>(limit * 131 + sharers));
-    constexpr int draws = 6, windows = 100;
-    std::vector<std::vector<double>> phases(draws), late(draws);
-    for (int d = 0; d < draws; ++d) {
-      for (int c = 0; c < sharers; ++c)
-        phases[d].push_back(std::uniform_real_distribution<>(0, 1)(rng));
-      for (int i = 0; i < windows * limit * 2; ++i)
-        late[d].push_back(std::chrono::duration<double>(uniform(rng, 0ns, max_jitter)).count());
-    }
-    std::vector<double> arrivals;
-    for (double pace = 1.0; pace > 0.5; pace -= 0.01) {
-      const double interval = sharers / (per_second * pace);  // one client's
-      const double span = windows * window_s;
-      long admitted = 0, refused = 0;
-      for (int d = 0; d < draws; ++d) {
-        arrivals.clear();
-        std::size_t k = 0;
-        for (int c = 0; c < sharers; ++c)
-          for (double t = phases[d][c] * interval; t < span; t += interval)
-            arrivals.push_back(t + late[d][k++ % late[d].size()]);
-        std::sort(arrivals.begin(), arrivals.end());
-        double origin = -1e18;
-        long index = -1;
-        int used = 0;
-        for (double t : arrivals) {
+    return pacing::shared_pacers_goodput(
+        limit / window_s, sharers, static_cast<std::uint64_t>(limit * 131 + sharers),
+        100 * window_s, [&, origin = -1e18, index = -1L, used = 0](double t) mutable {
           if (from_first_) {
             if (t >= origin + window_s) origin = t, used = 0;
           } else if (const auto i = static_cast<long>(t / window_s); i != index) {
             index = i, used = 0;
           }
-          if (used < limit)
-            ++used, ++admitted;
-          else
-            ++refused;
-        }
-      }
-      if (refused * 200 <= admitted + refused)
-        return per_second * pace * (1 - static_cast<double>(refused) / (admitted + refused));
-    }
-    return per_second * 0.5;
+          if (used == limit) return false;
+          ++used;
+          return true;
+        });
   }
 };
 
@@ -417,6 +423,30 @@ class haproxy_sliding : public referee {
   double limit_at(ns at) const override {
     return static_cast<double>(std::max<std::int64_t>(1, std::llround(per_second_ * scale(at))));
   }
+  // Shared by clients that do not coordinate, the window overflows however evenly each paces its
+  // share (two paced at 97% of their half of 7 put 8 in some seconds, and each refused knock
+  // counts): the best they can do is what perfect pacers get through with at most 0.5% refused.
+  double reachable_at(ns at) const override {
+    if (sharers == 1) return limit_at(at);
+    auto& reach = scale(at) < 1 ? reach_halved_ : reach_;
+    if (reach == 0) {
+      const auto limit = static_cast<std::int64_t>(limit_at(at));
+      reach = shared_pacers_goodput(
+          limit_at(at), sharers, static_cast<std::uint64_t>(limit * 137 + sharers), 100,
+          [limit, period = std::int64_t{-2}, current = std::int64_t{0},
+           previous = std::int64_t{0}](double t) mutable {
+            const auto ms = static_cast<std::int64_t>(t * 1000);
+            if (ms / 1000 != period) {
+              previous = ms / 1000 == period + 1 ? current : 0;
+              current = 0;
+              period = ms / 1000;
+            }
+            ++current;
+            return current + previous * (1000 - ms % 1000) / 1000 <= limit;
+          });
+    }
+    return reach;
+  }
   std::string describe() const override {
     return fmt::format("HAProxy sc_http_req_rate(1s) gt {}", per_second_);
   }
@@ -424,6 +454,7 @@ class haproxy_sliding : public referee {
  private:
   int per_second_;
   std::int64_t period_ = -2, current_ = 0, previous_ = 0;
+  mutable double reach_ = 0, reach_halved_ = 0;
 };
 
 // Continuously refilled limits over a window (a minute), as OpenAI and Anthropic document
