@@ -178,6 +178,26 @@ TEST_CASE("a continuously refilling limit's window is inferred from limit, remai
   CHECK(g.state().known->per_second == Approx(14400.0 / 86400).epsilon(0.01));  // a day
 }
 
+TEST_CASE("a tokens burst the user gave, spent, is not owed back when the server's report cuts it",
+          "[http][adaptation]") {
+  // Issue 30: given 1 000 tokens/s with a burst of ten seconds, as the server has it, spent;
+  // then learned from the server's report with a burst of a tenth of its window: the spent
+  // burst was owed back, and the next call waited 9.5 s while the server's bucket refilled.
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.tokens = weir::limit{weir::per_second(1000), 10'000}});
+  weir::http::server_adaptation<clock_type> a(limits);
+  REQUIRE(limits.try_acquire({.requests = 1, .tokens = 10'000}));
+  a.observe({weir::verdict::success, hints({{"x-ratelimit-limit-tokens", "10000"},
+                                            {"x-ratelimit-remaining-tokens", "0"},
+                                            {"x-ratelimit-reset-tokens", "10s"}})});
+  const auto learned = limits.get_limit(weir::dimension::tokens);
+  REQUIRE(learned);
+  CHECK(learned->rate.per_second == Approx(1000 * 0.97));
+  CHECK(learned->burst == 1'000);
+  CHECK(limits.time_until({.requests = 1, .tokens = 500}) < 1s);
+}
+
 namespace {
 // A strict server on virtual time, as nginx's limit_req with no burst: a request is served when it
 // comes at least one interval after the last one served; refusals do not count.

@@ -71,6 +71,31 @@ TEST_CASE("set_limit: a slower rate holds from the next request; a pause is left
   CHECK(limits.time_until({.requests = 1}) == 5s);  // exactly as the server said
 }
 
+TEST_CASE("set_limit: a spent burst cut smaller is owed, or forgiven when asked", "[rate_limits]") {
+  asio::io_context io;
+  const weir::limit ten_seconds{weir::per_second(1000), 10'000}, one{weir::per_second(1000), 1'000};
+  limits_type owed(io.get_executor(), {.tokens = ten_seconds});
+  limits_type forgiven(io.get_executor(), {.tokens = ten_seconds});
+  for (auto* l : {&owed, &forgiven}) REQUIRE(l->try_acquire({.requests = 1, .tokens = 10'000}));
+  owed.set_limit(weir::dimension::tokens, one);
+  forgiven.set_limit(weir::dimension::tokens, one, clock_type::now(), weir::spent_burst::forgiven);
+  CHECK(owed.time_until({.requests = 1, .tokens = 500}) == 9'500ms);    // paid back first
+  CHECK(forgiven.time_until({.requests = 1, .tokens = 500}) == 500ms);  // as empty as it can be
+  // Half of a burst spent, then a burst smaller than that half: as spent as the new one allows.
+  clock_type::advance(10s);
+  REQUIRE(forgiven.try_acquire({.requests = 1, .tokens = 500}));
+  forgiven.set_limit(weir::dimension::tokens, {weir::per_second(1000), 400}, clock_type::now(),
+                     weir::spent_burst::forgiven);
+  CHECK(forgiven.time_until({.requests = 1, .tokens = 100}) == 100ms);
+  // A debt past the old burst is the usage's: forgiving a burst does not forgive it.
+  clock_type::advance(10s);
+  REQUIRE(forgiven.try_acquire({.requests = 1, .tokens = 400}));
+  forgiven.settle({.requests = 1, .tokens = 400}, {.requests = 1, .tokens = 2'400});
+  forgiven.set_limit(weir::dimension::tokens, {weir::per_second(1000), 200}, clock_type::now(),
+                     weir::spent_burst::forgiven);
+  CHECK(forgiven.time_until({.requests = 1, .tokens = 100}) == 2'300ms);
+}
+
 TEST_CASE("request and token limits are reserved together or not at all", "[rate_limits]") {
   asio::io_context io;
   limits_type limits(io.get_executor(), {.requests = weir::limit::per_minute(600, 10),

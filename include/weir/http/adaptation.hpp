@@ -409,7 +409,10 @@ class adaptation_core {
       // Bounded before the cast: a double past 2⁶⁴ cast to an integer is undefined behaviour.
       const auto burst = static_cast<std::uint64_t>(
           std::clamp(static_cast<double>(per_window) * options_.burst_fraction, 1.0, 0x1p62));
-      limits_.set_limit(dim, {weir::per_second(paced), burst}, now);
+      // The server's bucket, which the burst stands for, was at most empty: a burst cut by its
+      // report (a tenth of its window) is not owed back (a tokens burst of ten seconds, spent,
+      // then cut to one, held every call back nine seconds while the server's bucket refilled).
+      limits_.set_limit(dim, {weir::per_second(paced), burst}, now, spent_burst::forgiven);
       return;
     }
     if (known_ && std::abs(*known_ - per_second) <= 0.01 * per_second) return;

@@ -55,6 +55,14 @@ struct rate_limits_options {
 
 enum class dimension : std::size_t { requests, tokens, input_tokens, output_tokens };
 
+// What set_limit does with the part of a burst already spent that the new limit's burst cannot
+// hold (a smaller burst, or the same one at a faster rate).
+enum class spent_burst {
+  owed,      // paid back at the new rate before anything more goes, as a debt is
+  forgiven,  // the limit is as spent as its new burst allows, no more: the server's own bucket,
+             // which the old burst stood for, was at most empty
+};
+
 // Copies share the same limits. Every operation takes one short mutex: the dimensions must move
 // together, which one atomic cannot do. The executor type gives async_acquire its default
 // completion token, as token_bucket's does.
@@ -152,9 +160,10 @@ class rate_limits {
 
   // Re-sizes one dimension at run time, or enables it if it was absent. The next unit is due one
   // *new* interval after the last, so slowing down takes effect with the very next request.
-  void set_limit(dimension d, limit l, time_point now = Clock::now()) {
+  void set_limit(dimension d, limit l, time_point now = Clock::now(),
+                 spent_burst spent = spent_burst::owed) {
     std::lock_guard lock(state_->mutex);
-    state_->reconfigure(static_cast<std::size_t>(d), l, detail::to_nanos(now));
+    state_->reconfigure(static_cast<std::size_t>(d), l, detail::to_nanos(now), spent);
   }
 
   std::optional<limit> get_limit(dimension d) const {
@@ -225,11 +234,12 @@ class rate_limits {
       limits[d] = l;
     }
 
-    // The next unit is due one new interval after the last one admitted. A pause or a debt
-    // further ahead than the old burst is left as it is: the server or the usage set it. Waiters
-    // already queued keep their units and are re-priced at the new rate, in order, so a lower
-    // rate holds them back at once and a higher one brings them forward.
-    void reconfigure(std::size_t d, limit l, detail::nanos now) {
+    // The next unit is due one new interval after the last one admitted; a spent burst is owed
+    // or forgiven as `spent` says. A pause or a debt further ahead than the old burst is left as
+    // it is: the server or the usage set it. Waiters already queued keep their units and are
+    // re-priced at the new rate, in order, so a lower rate holds them back at once and a higher
+    // one brings them forward.
+    void reconfigure(std::size_t d, limit l, detail::nanos now, spent_burst spent) {
       const auto before = limits[d] ? interval[d] : 0;
       const auto before_tolerance = tolerance[d];
       configure(d, l);
@@ -239,6 +249,7 @@ class rate_limits {
       if (before != 0 && admitted - now <= before_tolerance) {
         const auto delta = interval[d] - before;
         if (delta > 0 || admitted > now) admitted += delta;
+        if (spent == spent_burst::forgiven) admitted = std::min(admitted, now + tolerance[d]);
       }
       if (!head) {
         tat[d] = admitted;
