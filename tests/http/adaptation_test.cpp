@@ -198,6 +198,31 @@ TEST_CASE("a tokens burst the user gave, spent, is not owed back when the server
   CHECK(limits.time_until({.requests = 1, .tokens = 500}) < 1s);
 }
 
+TEST_CASE("a given limit stands against a report that differs from it only by the reset's rounding",
+          "[http][adaptation]") {
+  // Issue 30: told 38.3 requests/s, a server of 383 per 10 s says "reset 27ms" for one request
+  // out (26.1 ms, rounded up): read as 37.0/s, it lowered the given limit by 3%.
+  asio::io_context io;
+  const auto told = [&] {
+    return limits_type(io.get_executor(), {.requests = weir::limit{weir::per_second(38.3), 1}});
+  };
+  const auto answer = [](const char* reset) {
+    return weir::classification{weir::verdict::success,
+                                hints({{"x-ratelimit-limit-requests", "383"},
+                                       {"x-ratelimit-remaining-requests", "382"},
+                                       {"x-ratelimit-reset-requests", reset}})};
+  };
+  auto within = told();
+  weir::http::server_adaptation<clock_type> a(within);
+  a.observe(answer("27ms"));
+  CHECK(a.state().known->per_second == Approx(38.3));
+  // A report lower than its rounding allows lowers it, as before.
+  auto beyond = told();
+  weir::http::server_adaptation<clock_type> b(beyond);
+  b.observe(answer("30ms"));
+  CHECK(b.state().known->per_second == Approx(1 / 0.030));
+}
+
 namespace {
 // A strict server on virtual time, as nginx's limit_req with no burst: a request is served when it
 // comes at least one interval after the last one served; refusals do not count.

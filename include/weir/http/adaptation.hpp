@@ -133,9 +133,10 @@ class adaptation_core {
                                           &c.hint.output_tokens};
     std::optional<double> reported_requests;
     for (std::size_t d = 0; d < 4; ++d)
-      if (auto per_second = reported_rate(d, *snapshots[d], sent, now)) {
-        if (d == 0) reported_requests = per_second;
-        learn_limit(static_cast<dimension>(d), *per_second, *snapshots[d]->limit, now);
+      if (const auto reported = reported_rate(d, *snapshots[d], sent, now)) {
+        if (d == 0) reported_requests = reported->per_second;
+        learn_limit(static_cast<dimension>(d), reported->per_second, *snapshots[d]->limit, now,
+                    reported->at_most);
       }
     if (c.kind == verdict::success && reported_requests)
       note_share(c.hint.requests, *reported_requests, now);
@@ -283,11 +284,16 @@ class adaptation_core {
   }
   static constexpr double share_decay = 0.95;  // about the last twenty answers
 
+  // A rate read from a server's answer, and the highest its rounding allows.
+  struct reported_limit {
+    double per_second, at_most;
+  };
+
   // The rate a snapshot reports, per second, when its period is known: said (the IETF policy's
   // w), inferred (a continuously refilling limit gives back limit − remaining in `reset`, so its
   // window is reset × limit / (limit − remaining)), or assumed by the options.
-  std::optional<double> reported_rate(std::size_t d, const limit_snapshot& s, time_point sent,
-                                      time_point now) {
+  std::optional<reported_limit> reported_rate(std::size_t d, const limit_snapshot& s,
+                                              time_point sent, time_point now) {
     if (!s.limit || *s.limit <= 0) return std::nullopt;
     std::optional<nanos> window = s.window;
     if (!window && s.refill == refill::continuous && s.remaining && *s.remaining < *s.limit &&
@@ -298,7 +304,9 @@ class adaptation_core {
       else
         infer_window(d, s, outstanding, now);
     }
-    if (!window && inferred_[d].outstanding > 0) window = inferred_[d].window;
+    std::optional<nanos> shortest;
+    if (!window && inferred_[d].outstanding > 0)
+      window = inferred_[d].window, shortest = inferred_[d].shortest;
     if (!window && rounded_[d].trusted)
       window =
           nanos(static_cast<std::int64_t>(std::min(rounded_[d].shortest_ns, longest_window_ns)));
@@ -306,7 +314,12 @@ class adaptation_core {
       window = resets_[d].window(*s.reset_after, s.reset_is_instant, now);
     if (!window) window = options_.assumed_window;
     if (!window || window->count() <= 0) return std::nullopt;
-    return static_cast<double>(*s.limit) / std::chrono::duration<double>(*window).count();
+    const auto per = [&](nanos w) {
+      return w.count() > 0
+                 ? static_cast<double>(*s.limit) / std::chrono::duration<double>(w).count()
+                 : std::numeric_limits<double>::infinity();
+    };
+    return reported_limit{per(*window), per(shortest.value_or(*window))};
   }
 
   // A server error that a gateway in front of the limit answered (a flaky proxy's 502 or 503)
@@ -371,10 +384,17 @@ class adaptation_core {
     const double expected = best.outstanding_at(now);
     if (precise == best.precise && outstanding < expected && outstanding + 1 >= expected / 2)
       return;
-    const double window_ns =
-        static_cast<double>(s.reset_after->count()) * static_cast<double>(*s.limit) / outstanding;
-    best = {outstanding, now, now + *s.reset_after,
-            nanos(static_cast<std::int64_t>(std::min(window_ns, longest_window_ns))), precise};
+    const auto window_ns = [&](nanos reset) {
+      return nanos(static_cast<std::int64_t>(
+          std::min(static_cast<double>(reset.count()) * static_cast<double>(*s.limit) / outstanding,
+                   longest_window_ns)));
+    };
+    best = {outstanding,
+            now,
+            now + *s.reset_after,
+            window_ns(*s.reset_after),
+            precise,
+            window_ns(*s.reset_after - precision)};
   }
 
   // A reset rounded up to whole seconds (Anthropic's) bounds the window from above: counted from
@@ -397,11 +417,13 @@ class adaptation_core {
     r.trusted = r.trusted || *s.reset_after >= 10 * *s.reset_rounded_to;
   }
 
-  void learn_limit(dimension dim, double per_second, std::int64_t per_window, time_point now) {
+  void learn_limit(dimension dim, double per_second, std::int64_t per_window, time_point now,
+                   std::optional<double> at_most = std::nullopt) {
     // A limit the user gave is a cap the server's word can lower but not raise: it may be this
-    // client's share of a limit the server reports whole.
+    // client's share of a limit the server reports whole. A word as rounded as a reset of a few
+    // milliseconds (26.1 ms written "27ms", 3% of a window) lowers it only past its rounding.
     if (const auto& given = given_[static_cast<std::size_t>(dim)])
-      per_second = std::min(per_second, *given);
+      per_second = *given <= at_most.value_or(per_second) ? *given : per_second;
     if (dim != dimension::requests) {
       const auto paced = per_second * (1 - options_.headroom);
       const auto current = limits_.get_limit(dim);
@@ -763,6 +785,7 @@ class adaptation_core {
     time_point taken{}, returned{};
     nanos window{0};
     bool precise = false;  // a reset of twenty units of its writing or more
+    nanos shortest{0};     // the window had the reset been a unit of its writing shorter
 
     double outstanding_at(time_point now) const {
       if (outstanding <= 0 || now >= returned) return 0;
