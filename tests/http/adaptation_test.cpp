@@ -629,6 +629,40 @@ TEST_CASE("under a known limit, random refusals unrelated to the rate cost at mo
   CHECK(halved.refused <= 0.2 * (halved.served + halved.refused));
 }
 
+TEST_CASE("a decrease after one judged congestion is judged against the share at its pace",
+          "[http][adaptation]") {
+  // Issue 30: a limit halved under a given one. Half the answers after the first decrease are
+  // refused: congestion, and the last refusal is the second decrease. That one was judged against
+  // the share before it taken over the last 32 answers, mostly from before the halving (a sixth
+  // refused): 2 of 8 refused after it read as noise, the decrease was undone, and the pace stayed
+  // above the new limit, its refusals from then on within the noise learned.
+  clock_type::reset();
+  asio::io_context io;
+  limits_type limits(io.get_executor(), {.requests = weir::limit{weir::per_second(4), 1}});
+  weir::http::server_adaptation<clock_type> adapt(limits);
+  auto t = clock_type::now();
+  const auto answers = [&](std::string_view pattern) {  // '.' served, 'r' refused
+    for (char c : pattern) {
+      t += 100ms;
+      adapt.observe({c == 'r' ? weir::verdict::rate_limited : weir::verdict::success, {}}, t - 50ms,
+                    t);
+    }
+  };
+  answers(std::string(32, '.'));
+  answers("r");  // the first decrease
+  const auto first = adapt.state().rate.per_second;
+  answers("..r.r.rr");  // half refused: congestion, then the second decrease
+  const auto second = adapt.state().rate.per_second;
+  REQUIRE(second < first * 0.9);
+  answers("..r..r..");  // 2 of 8 refused
+  INFO("paced at " << adapt.state().rate.per_second << "/s after the second decrease to " << second
+                   << "/s");
+  // Recovery climbs a few percent toward the ceiling with each success, not back above the
+  // pace of the first decrease.
+  CHECK(adapt.state().rate.per_second <= second * 1.1);
+  CHECK(adapt.state().rate.per_second < first);
+}
+
 TEST_CASE("told nothing, 5% random refusals leave the pace near an unknown limit",
           "[http][adaptation]") {
   // Before: while discovering, every random 429 was a congestion event: slow start ended at the

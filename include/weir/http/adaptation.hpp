@@ -483,10 +483,19 @@ class adaptation_core {
           (verdict_.answers >= 4 && share >= 0.5))
         judge(share, now);
     }
+    ++answers_;
     answer_bits_ = (answer_bits_ << 1) | (refused ? 1u : 0u);
     answers_seen_ = std::min<unsigned>(answers_seen_ + 1, 32);
     // What is no longer seen fades: a gateway that stopped failing.
     if (!refused && recent_refusals() < noise_) noise_ -= (noise_ - recent_refusals()) / 256;
+  }
+
+  // The share of refusals at the pace now: among the last 32 answers, or what the last decrease
+  // judged congestion left, while fewer answers than that came since.
+  double refusals_at_pace() const {
+    if (answers_ - share_at_pace_.answer < 32)
+      return std::max(recent_refusals(), share_at_pace_.share);
+    return recent_refusals();
   }
 
   // The share of refusals among the last 32 answers (successes and refusals).
@@ -544,6 +553,7 @@ class adaptation_core {
         2 * verdict_.spent >= verdict_.refusals;
     if (followed_the_rate) {
       noise_ = std::min(noise_, share_after);  // what is left after a decrease bounds the noise
+      share_at_pace_ = {share_after, answers_};
       return;
     }
     noise_ = std::max(noise_, share_after);
@@ -607,7 +617,7 @@ class adaptation_core {
                   .ceiling = ceiling_,
                   .slow_start = slow_start_,
                   .since = now,
-                  .refusals_before = recent_refusals(),
+                  .refusals_before = refusals_at_pace(),
                   .needed = known_ ? static_cast<unsigned>(std::clamp(rate_ * 2, 8.0, 32.0)) : 32u,
                   .discovering = !known_};
     // Slow start found where refusals begin. After it, a refusal at the hold point says the
@@ -849,7 +859,15 @@ class adaptation_core {
   std::optional<double> ceiling_, known_;         // per second
   std::array<std::optional<double>, 4> given_{};  // per second, as configured in the limiter
   bool slow_start_ = false;
-  unsigned quiet_ = 0;     // successes at the hold point before probing
+  // The share of refusals the last decrease judged congestion left at the pace it set: the share
+  // before the next decrease, where the last 32 answers mix paces (a limit that halved shows
+  // 3% of them refused at the first decrease, 38% after it).
+  struct share_at_answer {
+    double share = 0;
+    std::uint64_t answer = 0;
+  } share_at_pace_{};
+  std::uint64_t answers_ = 0;  // every success and refusal seen
+  unsigned quiet_ = 0;         // successes at the hold point before probing
   unsigned patience_ = 1;  // probe_after multiplied: isolated refusals at a known limit raise it
   double probe_step_ = 0;  // the last raise while probing; 0: not probing
   time_point last_probe_{};
