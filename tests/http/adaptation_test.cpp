@@ -687,6 +687,55 @@ TEST_CASE("told nothing, 5% random refusals leave the pace near an unknown limit
   }
 }
 
+TEST_CASE("told nothing, 10-20% random refusals do not hold the pace down for good",
+          "[http][adaptation]") {
+  // Before: decrease after decrease read a flaky gateway's refusals as congestion, and most runs
+  // ended at 0.2-0.6/s of a strict 20/s, refused as often as ever (4 of these 18 runs sent 8/s or
+  // more over the last 30 s of 120). Now a pace under a third of the best one, still refused as
+  // often, is noise: 12 of 18. The rest collapsed before slow start's overshoot was past, with
+  // nothing yet to compare with (docs/pacing.md).
+  int near_the_limit = 0;
+  for (double flaky : {0.1, 0.15, 0.2}) {
+    for (std::uint64_t draw = 1; draw <= 6; ++draw) {
+      clock_type::reset();
+      asio::io_context io;
+      limits_type limits(io.get_executor(), {});
+      weir::http::server_adaptation<clock_type> adapt(limits);
+      flaky_strict_server server{{50ms}, flaky, std::mt19937_64(draw)};
+      const auto seen = drive(limits, adapt, server, 120s, 90s, 80ms, 16);
+      const double sent = (seen.served + seen.refused) / 30.0;
+      INFO(flaky * 100 << "% random refusals, draw " << draw << ": sent " << sent << "/s");
+      CHECK(sent <= 20 * 1.1);
+      near_the_limit += sent >= 8 ? 1 : 0;
+    }
+  }
+  CHECK(near_the_limit >= 10);
+}
+
+TEST_CASE("a pace restored as noise and refused as a lockout is forgotten: a limit cut is kept",
+          "[http][adaptation]") {
+  // A strict 20/s behind a gateway refusing 15% at random is cut to 4/s: the pace falls under a
+  // third of its best with a share refused that noise would explain, and is restored once. The
+  // lockout that follows undoes the restore and the noise it learned, so the pace settles under
+  // the new limit (a second restore, or that noise kept, held it at 35-50% refused).
+  for (std::uint64_t draw = 1; draw <= 4; ++draw) {
+    clock_type::reset();
+    asio::io_context io;
+    limits_type limits(io.get_executor(), {});
+    weir::http::server_adaptation<clock_type> adapt(limits);
+    flaky_strict_server server{{50ms}, 0.15, std::mt19937_64(draw)};
+    drive(limits, adapt, server, 60s, 0s, 80ms, 16);
+    server.limit.interval = 250ms;
+    drive(limits, adapt, server, 30s, 0s, 80ms, 16);
+    const auto cut = drive(limits, adapt, server, 30s, 0s, 80ms, 16);
+    const double answered = cut.served + cut.refused;
+    INFO("draw " << draw << ": served " << cut.served / 30.0 << "/s, " << cut.refused
+                 << " refused of " << answered);
+    CHECK(cut.refused <= 0.3 * answered);
+    CHECK(cut.served >= 1.0 * 30);
+  }
+}
+
 TEST_CASE("a limit reported anew ends the judging of a decrease made under the old one",
           "[http][adaptation]") {
   // A decrease judged as noise is undone to the pace before it. Before: a limit that fell

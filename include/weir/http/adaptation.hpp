@@ -488,6 +488,51 @@ class adaptation_core {
     answers_seen_ = std::min<unsigned>(answers_seen_ + 1, 32);
     // What is no longer seen fades: a gateway that stopped failing.
     if (!refused && recent_refusals() < noise_) noise_ -= (noise_ - recent_refusals()) / 256;
+    if (!known_) guard_against_collapse(refused, now);
+  }
+
+  // Discovering, each decrease is judged on few answers, and a flaky gateway's refusals read as
+  // congestion now and then: decrease after decrease, the pace fell to a few percent of the limit
+  // (a strict 20/s behind 10-20% random 429s: 0.1-0.6/s) and stayed there, refused as often as
+  // ever. The check over them: the most successes per second any 32 answers got through since
+  // slow start is remembered with the pace they were sent at. Once the last 32 were sent at under
+  // a third of that pace and a tenth or more are still refused, the refusals do not follow the
+  // rate (a limit that passed that many passes all of a third as many): noise. Back to that pace,
+  // and refusals up to their share no longer count as congestion. Unless the limit did fall that
+  // far: the pace restored is then refused as a lockout (in its first 16 answers), and what was
+  // remembered and learned is undone.
+  void guard_against_collapse(bool refused, time_point now) {
+    if (restore_check_) {
+      ++restore_check_->answers;
+      restore_check_->refusals += refused ? 1 : 0;
+      if (restore_check_->answers < 16) return;
+      if (restore_check_->refusals >= congestion_share * restore_check_->answers) {
+        best_ = {};
+        noise_ = restore_check_->noise_before;
+      }
+      restore_check_.reset();
+    }
+    if (slow_start_ || answers_seen_ < 32 || !ceiling_) return;
+    if (!held_since_) held_since_ = weir::detail::to_nanos(now);
+    const auto oldest = sends_[(next_send_ + sends_.size() - 32) % sends_.size()];
+    const auto span = weir::detail::to_nanos(now) - oldest;
+    // Answers to slow start's overshoot are no measure: a server's burst let them through.
+    if (oldest < *held_since_ || span <= 0) return;
+    const double share = recent_refusals();
+    const double answered = 32e9 / static_cast<double>(span);  // the pace they were sent at
+    if (answered * (1 - share) >= best_.delivered) {
+      best_ = {answered, answered * (1 - share), *ceiling_};
+      return;
+    }
+    if (answered >= best_.rate / 3 || rate_ >= best_.rate / 3 || share < 0.1 ||
+        share >= congestion_share)
+      return;
+    restore_check_ = answers_since{.noise_before = noise_};
+    noise_ = std::max(noise_, share);
+    verdict_.pending = false;
+    ceiling_ = best_.ceiling;
+    rate_ = best_.rate;
+    apply(now);
   }
 
   // The share of refusals at the pace now: among the last 32 answers, or what the last decrease
@@ -517,8 +562,10 @@ class adaptation_core {
     return !within_noise() && !(slow_start_ && refused_of_eight < 3);
   }
 
+  // A lockout's share is never noise, whatever noise was learned.
   bool within_noise() const {
-    return noise_ > 0 && recent_refusals() <= noise_ + std::max(0.05, noise_);
+    const double recent = recent_refusals();
+    return noise_ > 0 && recent <= noise_ + std::max(0.05, noise_) && recent < congestion_share;
   }
 
   // A share of refusals that no flaky gateway shows, and congestion often does: a strict limit
@@ -877,6 +924,15 @@ class adaptation_core {
   unsigned answers_seen_ = 0;      // up to 32
   double noise_ = 0;               // the share of refusals that does not follow the rate
   pending_verdict verdict_{};
+  struct best_pace {
+    double rate = 0, delivered = 0, ceiling = 0;  // sent at, successes per second, its ceiling
+  } best_{};                                      // while discovering (guard_against_collapse)
+  struct answers_since {
+    double noise_before = 0;
+    unsigned answers = 0, refusals = 0;
+  };
+  std::optional<answers_since> restore_check_{};     // the first answers after best_ was restored
+  std::optional<weir::detail::nanos> held_since_{};  // the end of slow start, as the guard saw it
   weir::detail::nanos last_response_ = 0;
   std::array<window_estimate, 4> inferred_{};
   // The shortest window a rounded reset read (ns), used once one read ten roundings or more.
