@@ -39,6 +39,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -129,6 +130,14 @@ class adaptation_core {
     std::lock_guard lock(mutex_);
     engage_locked(now);
     note_timing(sent, now);
+    // An overloaded provider (Anthropic 529, Groq 498, OpenAI 503 Slow Down) says "send less"
+    // as a 429 does, though nothing of the account's limit is spent: a decrease, never a pause.
+    const bool refused =
+        c.kind == verdict::rate_limited || c.reason.cause == refusal_cause::overloaded;
+    // A refusal that says the limit has nothing left is the limit's, whoever spent it (other
+    // clients sharing it, say): never noise.
+    const bool spent = refused && c.hint.exhausted();
+    if (spent) read_count_window(c.hint.requests, sent);
     const limit_snapshot* snapshots[4] = {&c.hint.requests, &c.hint.tokens, &c.hint.input_tokens,
                                           &c.hint.output_tokens};
     std::optional<double> reported_requests;
@@ -142,13 +151,6 @@ class adaptation_core {
       note_share(c.hint.requests, *reported_requests, now);
     if (c.hint.requests.limit && !reported_requests)
       follow_reported_count(*c.hint.requests.limit, now);
-    // An overloaded provider (Anthropic 529, Groq 498, OpenAI 503 Slow Down) says "send less"
-    // as a 429 does, though nothing of the account's limit is spent: a decrease, never a pause.
-    const bool refused =
-        c.kind == verdict::rate_limited || c.reason.cause == refusal_cause::overloaded;
-    // A refusal that says the limit has nothing left is the limit's, whoever spent it (other
-    // clients sharing it, say): never noise.
-    const bool spent = refused && c.hint.exhausted();
     if (refused || c.kind == verdict::success) {
       note_answer(refused, spent, sent, now);
       check_given_back(refused, sent);
@@ -312,6 +314,7 @@ class adaptation_core {
           nanos(static_cast<std::int64_t>(std::min(rounded_[d].shortest_ns, longest_window_ns)));
     if (!window && s.refill != refill::continuous && s.reset_after && s.reset_after->count() > 0)
       window = resets_[d].window(*s.reset_after, s.reset_is_instant, now);
+    if (!window && d == 0) window = count_window_;
     if (!window) window = options_.assumed_window;
     if (!window || window->count() <= 0) return std::nullopt;
     const auto per = [&](nanos w) {
@@ -341,6 +344,31 @@ class adaptation_core {
     g.checking = false;
     ++(refused ? g.refused : g.free);
     g.counted = g.refused >= 2 && g.refused >= g.free;
+  }
+
+  // A bare count (X-RateLimit-Limit with neither window nor reset, as HAProxy sends it) that
+  // refuses with nothing left once this client alone sent more than it within a second, though
+  // over more than half a second, counts per second: its window is no shorter than the span of
+  // the requests it held (they all fitted), and at most a second is taken, so the rate read is
+  // never below what the window allows (a longer one allows less, which refusals then find, as
+  // under any known limit). Before, a pause per refusal (Retry-After 1) while the ceiling came
+  // down by what each window counted cost 10-17% of a real HAProxy's limit.
+  void read_count_window(const limit_snapshot& s, time_point sent) {
+    if (count_window_ || !s.limit || s.window || s.reset_after || *s.limit <= 0 ||
+        *s.limit >= static_cast<std::int64_t>(sends_.size()))
+      return;
+    const auto at = weir::detail::to_nanos(sent);
+    std::array<weir::detail::nanos, std::tuple_size_v<decltype(sends_)>> before{};
+    std::size_t n = 0;
+    for (const auto t : sends_)
+      if (t != 0 && t < at) before[n++] = t;
+    const auto held = static_cast<std::size_t>(*s.limit);  // the refused request made one more
+    if (n < held) return;
+    std::nth_element(before.begin(), before.begin() + (held - 1), before.begin() + n,
+                     std::greater<>{});
+    const auto span = nanos(at - before[held - 1]);
+    if (span >= std::chrono::milliseconds(500) && span <= std::chrono::milliseconds(1500))
+      count_window_ = std::chrono::seconds(1);
   }
 
   // A request limit reported as a bare count (X-RateLimit-Limit with no window, as HAProxy or a
@@ -579,7 +607,10 @@ class adaptation_core {
   // only at this share or above, and never when they fell at all: a decrease that stays above a
   // limit leaves them only a little fewer (38% of a pace 1.5 times the limit, 20% after a
   // decrease of a fifth), which the rule of a known limit (successes up 8%) read as noise,
-  // holding the pace above the limit. Nor are fewer than three refusals: too few to tell.
+  // holding the pace above the limit. Nor are fewer than three refusals: too few to tell. Nor
+  // the refusals that ended slow start: a limit with a burst (nginx's `burst=10 nodelay`) lets
+  // slow start run to twice it, and refills while the pace falls, so the refusals after the
+  // decrease are as many as before it; undone, slow start overshot again, decrease after decrease.
   double closer_to_congestion() const {
     const double before = verdict_.refusals_before;
     const double slowed_by = verdict_.rate / rate_;
@@ -595,7 +626,8 @@ class adaptation_core {
         share_after >= congestion_share || verdict_.refusals_before >= congestion_share ||
         success_after > success_before * 1.08 + 0.01 ||
         (verdict_.discovering &&
-         (share_after < std::max(verdict_.refusals_before, closer_to_congestion()) ||
+         (verdict_.slow_start ||
+          share_after < std::max(verdict_.refusals_before, closer_to_congestion()) ||
           verdict_.refusals < 3)) ||
         2 * verdict_.spent >= verdict_.refusals;
     if (followed_the_rate) {
@@ -942,6 +974,7 @@ class adaptation_core {
   };
   std::array<rounded_bound, 4> rounded_{};
   std::array<window_from_resets, 4> resets_{};
+  std::optional<nanos> count_window_{};           // read_count_window
   std::array<weir::detail::nanos, 128> sends_{};  // when the last answers' requests were sent
   std::size_t next_send_ = 0;
   std::array<rate_change, 32> history_{};
