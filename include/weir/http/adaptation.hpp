@@ -347,12 +347,12 @@ class adaptation_core {
   }
 
   // A bare count (X-RateLimit-Limit with neither window nor reset, as HAProxy sends it) that
-  // refuses with nothing left once this client alone sent more than it within a second, though
-  // over more than half a second, counts per second: its window is no shorter than the span of
-  // the requests it held (they all fitted), and at most a second is taken, so the rate read is
-  // never below what the window allows (a longer one allows less, which refusals then find, as
-  // under any known limit). Before, a pause per refusal (Retry-After 1) while the ceiling came
-  // down by what each window counted cost 10-17% of a real HAProxy's limit.
+  // refuses with nothing left when this client alone sent that many over the last 0.5-1.5 s
+  // counts per second: its window held them all, so it is about a second (a burst, sent in less
+  // than half of one, proves nothing). A second is taken, and a longer window allows less than
+  // the rate read, which refusals then find, as under any known limit. Before, a pause per
+  // refusal (Retry-After 1) while the ceiling came down by what each window counted cost 10-17%
+  // of a real HAProxy's limit.
   void read_count_window(const limit_snapshot& s, time_point sent) {
     if (count_window_ || !s.limit || s.window || s.reset_after || *s.limit <= 0 ||
         *s.limit >= static_cast<std::int64_t>(sends_.size()))
