@@ -1171,8 +1171,8 @@ TEST_CASE("told nothing, a sliding second that reports its count is paced as if 
   // HAProxy's X-RateLimit-Limit has no window. Before, each refusal paused the client a second
   // and the ceiling came down by what each window counted (31, 27, 25, 23, 21 per second for a
   // limit of 20): 83-90% of a real HAProxy's limit (benchmarks/goodput), 84% here at 20/s with
-  // 8 in flight. Now a count that refused a client that sent more than it within a second is
-  // read per second.
+  // 8 in flight. Now a count that refused a client that alone sent that many over the last
+  // 0.5-1.5 s is read per second.
   for (int limit : {20, 40, 100}) {
     for (std::size_t in_flight : {8u, 32u}) {
       const auto [seen, state] = told_nothing(sliding_window_server{limit}, 30s, 2ms, in_flight);
