@@ -39,7 +39,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
-#include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -358,16 +357,16 @@ class adaptation_core {
         *s.limit >= static_cast<std::int64_t>(sends_.size()))
       return;
     const auto at = weir::detail::to_nanos(sent);
-    std::array<weir::detail::nanos, std::tuple_size_v<decltype(sends_)>> before{};
-    std::size_t n = 0;
-    for (const auto t : sends_)
-      if (t != 0 && t < at) before[n++] = t;
-    const auto held = static_cast<std::size_t>(*s.limit);  // the refused request made one more
-    if (n < held) return;
-    std::nth_element(before.begin(), before.begin() + (held - 1), before.begin() + n,
-                     std::greater<>{});
-    const auto span = nanos(at - before[held - 1]);
-    if (span >= std::chrono::milliseconds(500) && span <= std::chrono::milliseconds(1500))
+    constexpr weir::detail::nanos half_second = 500'000'000, one_and_a_half = 1'500'000'000;
+    // The count's requests before the refused one (which made one more) were sent within the
+    // last 1.5 s, and not all within the last 0.5 s.
+    std::int64_t within_half = 0, within_one_and_a_half = 0;
+    for (const auto t : sends_) {
+      if (t == 0 || t >= at) continue;
+      if (t > at - half_second) ++within_half;
+      if (t >= at - one_and_a_half) ++within_one_and_a_half;
+    }
+    if (within_half < *s.limit && within_one_and_a_half >= *s.limit)
       count_window_ = std::chrono::seconds(1);
   }
 
