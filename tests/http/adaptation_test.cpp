@@ -687,29 +687,60 @@ TEST_CASE("told nothing, 5% random refusals leave the pace near an unknown limit
   }
 }
 
-TEST_CASE("told nothing, 10-20% random refusals do not hold the pace down for good",
-          "[http][adaptation]") {
-  // Before: decrease after decrease read a flaky gateway's refusals as congestion, and most runs
-  // ended at 0.2-0.6/s of a strict 20/s, refused as often as ever (4 of these 18 runs sent 8/s or
-  // more over the last 30 s of 120). Now a pace under a third of the best one, still refused as
-  // often, is noise: 12 of 18. In the rest the pace fell within the first 32 answers after slow
-  // start, with no better pace yet to compare with (docs/pacing.md).
-  int near_the_limit = 0;
+namespace {
+// Eighteen runs told nothing against a strict `limit` per second behind a gateway refusing 10,
+// 15 and 20% at random (six draws each), 16 in flight: what each sent per second over the last
+// 30 s of 120.
+std::vector<double> flaky_discoveries(double limit, ns rtt) {
+  std::vector<double> sent;
   for (double flaky : {0.1, 0.15, 0.2}) {
     for (std::uint64_t draw = 1; draw <= 6; ++draw) {
       clock_type::reset();
       asio::io_context io;
       limits_type limits(io.get_executor(), {});
       weir::http::server_adaptation<clock_type> adapt(limits);
-      flaky_strict_server server{{50ms}, flaky, std::mt19937_64(draw)};
-      const auto seen = drive(limits, adapt, server, 120s, 90s, 80ms, 16);
-      const double sent = (seen.served + seen.refused) / 30.0;
-      INFO(flaky * 100 << "% random refusals, draw " << draw << ": sent " << sent << "/s");
-      CHECK(sent <= 20 * 1.1);
-      near_the_limit += sent >= 8 ? 1 : 0;
+      flaky_strict_server server{
+          {std::chrono::duration_cast<ns>(1s / limit)}, flaky, std::mt19937_64(draw)};
+      const auto seen = drive(limits, adapt, server, 120s, 90s, rtt, 16);
+      sent.push_back((seen.served + seen.refused) / 30.0);
     }
   }
+  return sent;
+}
+}  // namespace
+
+TEST_CASE("told nothing, 10-20% random refusals do not hold the pace down for good",
+          "[http][adaptation]") {
+  // Before: decrease after decrease read a flaky gateway's refusals as congestion, and most runs
+  // ended at 0.2-0.6/s of a strict 20/s, refused as often as ever (4 of these 18 runs sent 8/s or
+  // more over the last 30 s of 120). Now a pace under a third of the best one, still refused as
+  // often, is noise: 12 of 18. In the rest the pace fell within the first answers after slow
+  // start, with no better pace yet to compare with (docs/pacing.md).
+  int near_the_limit = 0;
+  for (const double sent : flaky_discoveries(20, 80ms)) {
+    INFO("sent " << sent << "/s");
+    CHECK(sent <= 20 * 1.1);
+    near_the_limit += sent >= 8 ? 1 : 0;
+  }
   CHECK(near_the_limit >= 10);
+}
+
+TEST_CASE("told nothing, random refusals do not hold a slow limit's pace down for good",
+          "[http][adaptation]") {
+  // A strict 4/s behind a gateway refusing 10-20% at random: 32 answers take eight seconds or
+  // more there, and the check against a collapse, which read the last 32, often saw none before
+  // the pace had fallen to a few tenths of a request a second, too slow to fill 32 answers
+  // again (0.13-1.3/s sent over the last 30 s of 120 in 12 of these 18 runs). It reads the last
+  // 16 now: 14 of 18 runs send 2.1-4.0/s, the rest 1.0-1.8/s.
+  int near_the_limit = 0;
+  std::string runs;
+  for (const double sent : flaky_discoveries(4, 200ms)) {
+    runs += fmt::format("{:.2f} ", sent);
+    CHECK(sent <= 4 * 1.1);
+    near_the_limit += sent >= 2 ? 1 : 0;
+  }
+  INFO("sent per second over the last 30 s: " << runs);
+  CHECK(near_the_limit >= 12);
 }
 
 TEST_CASE("a pace restored as noise and refused as a lockout is forgotten: a limit cut is kept",

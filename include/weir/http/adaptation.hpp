@@ -521,13 +521,16 @@ class adaptation_core {
   // Discovering, each decrease is judged on few answers, and a flaky gateway's refusals read as
   // congestion now and then: decrease after decrease, the pace fell to a few percent of the limit
   // (a strict 20/s behind 10-20% random 429s: 0.1-0.6/s) and stayed there, refused as often as
-  // ever. The check over them: the most successes per second any 32 answers got through since
-  // slow start is remembered with the pace they were sent at. Once the last 32 were sent at under
+  // ever. The check over them: the most successes per second any 16 answers got through since
+  // slow start is remembered with the pace they were sent at. Once the last 16 were sent at under
   // a third of that pace and a tenth or more are still refused, the refusals do not follow the
   // rate (a limit that passed that many passes all of a third as many): noise. Back to that pace,
   // and refusals up to their share no longer count as congestion. Unless the limit did fall that
   // far: the pace restored is then refused as a lockout (in its first 16 answers), and what was
-  // remembered and learned is undone.
+  // remembered and learned is undone. Sixteen, not 32: a slow limit (4/s) takes eight seconds to
+  // answer 32, and the pace fell to a few tenths of a request a second before any check, too slow
+  // to answer 32 again within a minute (simulation: a sixth fewer runs behind a flaky gateway
+  // fall below half the limit for 10 s; ten answers instead of 16 read worse).
   void guard_against_collapse(bool refused, time_point now) {
     if (restore_check_) {
       ++restore_check_->answers;
@@ -539,14 +542,16 @@ class adaptation_core {
       }
       restore_check_.reset();
     }
-    if (slow_start_ || answers_seen_ < 32 || !ceiling_) return;
+    constexpr unsigned counted = 16;
+    if (slow_start_ || answers_seen_ < counted || !ceiling_) return;
     if (!held_since_) held_since_ = weir::detail::to_nanos(now);
-    const auto oldest = sends_[(next_send_ + sends_.size() - 32) % sends_.size()];
+    const auto oldest = sends_[(next_send_ + sends_.size() - counted) % sends_.size()];
     const auto span = weir::detail::to_nanos(now) - oldest;
     // Answers to slow start's overshoot are no measure: a server's burst let them through.
     if (oldest < *held_since_ || span <= 0) return;
-    const double share = recent_refusals();
-    const double answered = 32e9 / static_cast<double>(span);  // the pace they were sent at
+    const double share = refusals_among(counted);
+    // The pace they were sent at.
+    const double answered = counted * 1e9 / static_cast<double>(span);
     if (answered * (1 - share) >= best_.delivered) {
       best_ = {answered, answered * (1 - share), *ceiling_};
       return;
@@ -571,10 +576,14 @@ class adaptation_core {
   }
 
   // The share of refusals among the last 32 answers (successes and refusals).
-  double recent_refusals() const {
-    if (answers_seen_ == 0) return 0;
-    const auto mask = answers_seen_ >= 32 ? 0xffffffffu : (1u << answers_seen_) - 1;
-    return std::popcount(answer_bits_ & mask) / static_cast<double>(answers_seen_);
+  double recent_refusals() const { return refusals_among(32); }
+
+  // The share of refusals among the last `n` answers (at most 32), or as many as were seen.
+  double refusals_among(unsigned n) const {
+    n = std::min(n, answers_seen_);
+    if (n == 0) return 0;
+    const auto mask = n >= 32 ? 0xffffffffu : (1u << n) - 1;
+    return std::popcount(answer_bits_ & mask) / static_cast<double>(n);
   }
 
   // Whether a refusal (of a request sent after the last decrease) is a congestion event: not
