@@ -714,15 +714,15 @@ TEST_CASE("told nothing, 10-20% random refusals do not hold the pace down for go
   // Before: decrease after decrease read a flaky gateway's refusals as congestion, and most runs
   // ended at 0.2-0.6/s of a strict 20/s, refused as often as ever (4 of these 18 runs sent 8/s or
   // more over the last 30 s of 120). Now a pace under a third of the best one, still refused as
-  // often, is noise: 12 of 18. In the rest the pace fell within the first answers after slow
-  // start, with no better pace yet to compare with (docs/pacing.md).
+  // often, is noise: 12 of 18 when that check read the last 32 answers (the rest fell within
+  // them, with no better pace yet to compare with), all 18 (9.8-16/s) since it reads 16.
   int near_the_limit = 0;
   for (const double sent : flaky_discoveries(20, 80ms)) {
     INFO("sent " << sent << "/s");
     CHECK(sent <= 20 * 1.1);
     near_the_limit += sent >= 8 ? 1 : 0;
   }
-  CHECK(near_the_limit >= 10);
+  CHECK(near_the_limit >= 16);
 }
 
 TEST_CASE("told nothing, random refusals do not hold a slow limit's pace down for good",
